@@ -1,0 +1,63 @@
+"""Domain-side building blocks: events, aggregates, ids, request context, clocks, errors."""
+
+from qx.core.aggregate import AggregateRoot, RecordedEvent
+from qx.core.clock import Clock, FixedClock, SystemClock, utcnow
+from qx.core.context import RequestContext, current_context, request_context, system_context
+from qx.core.dispatch import EventDispatcher, EventHandler, InProcessDispatcher
+from qx.core.errors import (
+    ConcurrencyConflict,
+    ConfigurationError,
+    Conflict,
+    DatabaseError,
+    DuplicateKey,
+    IntegrityViolation,
+    InvalidCursor,
+    InvalidQuery,
+    NotFound,
+    PublishError,
+    QxError,
+    StatementTimeout,
+    TenantRequired,
+    TenantViolation,
+    TransientError,
+    UnitOfWorkError,
+)
+from qx.core.events import DomainEvent, Event, IntegrationEvent
+from qx.core.ids import new_id, uuid7_timestamp_ms
+
+__all__ = [
+    "AggregateRoot",
+    "Clock",
+    "ConcurrencyConflict",
+    "ConfigurationError",
+    "Conflict",
+    "DatabaseError",
+    "DomainEvent",
+    "DuplicateKey",
+    "Event",
+    "EventDispatcher",
+    "EventHandler",
+    "FixedClock",
+    "InProcessDispatcher",
+    "IntegrationEvent",
+    "IntegrityViolation",
+    "InvalidCursor",
+    "InvalidQuery",
+    "NotFound",
+    "PublishError",
+    "QxError",
+    "RecordedEvent",
+    "RequestContext",
+    "StatementTimeout",
+    "SystemClock",
+    "TenantRequired",
+    "TenantViolation",
+    "TransientError",
+    "UnitOfWorkError",
+    "current_context",
+    "new_id",
+    "request_context",
+    "system_context",
+    "utcnow",
+    "uuid7_timestamp_ms",
+]

@@ -1,0 +1,57 @@
+"""Infrastructure on SQLAlchemy 2 asyncio: engine, mapping, repositories, unit of work."""
+
+from qx.db.engine import create_engine, create_session_factory, parse_database_url
+from qx.db.errors import translate_error, translating
+from qx.db.mapping import (
+    NAMING_CONVENTION,
+    EntityInfo,
+    audit_columns,
+    configure_mappers,
+    entity_info,
+    json_column,
+    make_metadata,
+    make_registry,
+    map_aggregate,
+    map_entity,
+    soft_delete_column,
+    tenant_column,
+    uuid_pk,
+    version_column,
+)
+from qx.db.repository import Repository
+from qx.db.scoping import WITH_DELETED
+from qx.db.session import QxSession
+from qx.db.types import PortableJSON, UtcDateTime
+from qx.db.uow import UnitOfWork, UnitOfWorkFactory, UnitOfWorkState
+from qx.settings import DatabaseSettings
+
+__all__ = [
+    "NAMING_CONVENTION",
+    "WITH_DELETED",
+    "DatabaseSettings",
+    "EntityInfo",
+    "PortableJSON",
+    "QxSession",
+    "Repository",
+    "UnitOfWork",
+    "UnitOfWorkFactory",
+    "UnitOfWorkState",
+    "UtcDateTime",
+    "audit_columns",
+    "configure_mappers",
+    "create_engine",
+    "create_session_factory",
+    "entity_info",
+    "json_column",
+    "make_metadata",
+    "make_registry",
+    "map_aggregate",
+    "map_entity",
+    "parse_database_url",
+    "soft_delete_column",
+    "tenant_column",
+    "translate_error",
+    "translating",
+    "uuid_pk",
+    "version_column",
+]

@@ -1,0 +1,59 @@
+"""Portable column types: timezone-aware UTC timestamps and JSON/JSONB.
+
+SQLite has no timestamp-with-time-zone type; :class:`UtcDateTime` stores UTC there and hands
+back aware datetimes on every backend, so comparisons and arithmetic never mix naive and aware
+values.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, DateTime
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.engine import Dialect
+from sqlalchemy.types import TypeDecorator, TypeEngine
+
+from qx.core.errors import InvalidQuery
+
+__all__ = ["PortableJSON", "UtcDateTime"]
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """A timezone-aware timestamp: ``timestamptz`` on PostgreSQL, UTC text on SQLite.
+
+    Naive datetimes are refused (``InvalidQuery``): guessing their zone loses data silently.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    @property
+    def python_type(self) -> type[datetime]:
+        return datetime
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if not isinstance(value, datetime):
+            raise InvalidQuery(f"expected a datetime, got {value!r}")
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise InvalidQuery(f"naive datetime {value.isoformat()} refused: attach a timezone")
+        value = value.astimezone(UTC)
+        if dialect.name == "sqlite":
+            # SQLite stores text; one fixed zone keeps lexical order equal to time order.
+            return value.replace(tzinfo=None)
+        return value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+def PortableJSON() -> TypeEngine[Any]:  # noqa: N802 - reads like a type at the call site
+    """JSON that becomes JSONB on PostgreSQL."""
+    return JSON().with_variant(JSONB(), "postgresql")

@@ -1,0 +1,387 @@
+"""``UnitOfWork``: one transaction, its repositories, its events and its outbox rows.
+
+``commit()`` runs, in order: collect the events recorded by every aggregate the session has
+seen (new, loaded, deleted) → dispatch them to in-process handlers inside the transaction,
+round after round until no handler records more (bounded by ``max_event_depth``) → flush →
+insert the integration events into ``qx_outbox`` in one statement → COMMIT → after-commit
+hooks. A failure at any step rolls everything back. Leaving the ``async with`` block without
+``commit()`` rolls back.
+
+Example:
+    >>> class OrdersUnitOfWork(UnitOfWork):                        # doctest: +SKIP
+    ...     orders: OrderRepository
+    >>> uow_factory = UnitOfWorkFactory(OrdersUnitOfWork, session_factory,
+    ...                                 dispatcher=dispatcher)     # doctest: +SKIP
+    >>> async with uow_factory() as uow:                            # doctest: +SKIP
+    ...     order = await uow.orders.require(order_id)
+    ...     order.ship()
+    ...     await uow.commit()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import inspect
+import logging
+from collections.abc import Awaitable, Callable
+from itertools import chain
+from types import TracebackType
+from typing import Any, ClassVar, Generic, Self, TypeVar, get_type_hints
+
+from sqlalchemy import insert
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from qx.core.aggregate import AggregateRoot, RecordedEvent, make_record
+from qx.core.clock import Clock, SystemClock
+from qx.core.context import current_context
+from qx.core.dispatch import EventDispatcher
+from qx.core.errors import ConfigurationError, UnitOfWorkError
+from qx.core.events import Event, IntegrationEvent, handling_event
+from qx.core.ids import new_id
+from qx.db.errors import translating
+from qx.db.mapping import entity_info
+from qx.db.repository import Repository
+from qx.db.session import CLOCK, QxSession
+from qx.outbox.recorder import outbox_row
+from qx.outbox.table import outbox_table
+
+__all__ = ["UnitOfWork", "UnitOfWorkFactory", "UnitOfWorkState"]
+
+logger = logging.getLogger("qx.uow")
+
+R = TypeVar("R", bound=Repository[Any])
+U = TypeVar("U", bound="UnitOfWork")
+AfterCommit = Callable[[], Awaitable[None] | None]
+
+
+class UnitOfWorkState(enum.Enum):
+    """Lifecycle: NEW → ACTIVE → COMMITTED | ROLLED_BACK → CLOSED."""
+
+    NEW = "new"
+    ACTIVE = "active"
+    COMMITTED = "committed"
+    ROLLED_BACK = "rolled back"
+    CLOSED = "closed"
+
+
+class UnitOfWork:
+    """One business transaction.
+
+    Declare repositories as annotations on a subclass (``orders: OrderRepository``); they
+    are built, bound to this unit of work's session, when the block is entered.
+
+    Args:
+        session_factory: from :func:`qx.db.create_session_factory`.
+        dispatcher: receives every recorded event inside the transaction.
+        clock: time source for audit columns and soft deletes.
+        max_event_depth: dispatch rounds allowed before ``UnitOfWorkError`` (a handler
+            loop that never settles).
+    """
+
+    _repository_types: ClassVar[dict[str, type[Repository[Any]]] | None] = None
+
+    def __init__(
+        self,
+        session_factory: async_sessionmaker[AsyncSession],
+        *,
+        dispatcher: EventDispatcher | None = None,
+        clock: Clock | None = None,
+        max_event_depth: int = 8,
+    ) -> None:
+        if max_event_depth < 1:
+            raise ConfigurationError(f"max_event_depth must be >= 1, got {max_event_depth}")
+        self._session_factory = session_factory
+        self._dispatcher = dispatcher
+        self._clock = clock or SystemClock()
+        self._max_depth = max_event_depth
+        self._state = UnitOfWorkState.NEW
+        self._session: AsyncSession | None = None
+        self._emitted: list[RecordedEvent] = []
+        self._after_commit: list[AfterCommit] = []
+        self._repositories: dict[type[Repository[Any]], Repository[Any]] = {}
+        self._committing = False
+        self.correlation_id: str = ""
+        self.events: list[Event] = []  # every event collected by the last commit, in order
+
+    # -- declared repositories ---------------------------------------------------------------
+
+    @classmethod
+    def declared_repositories(cls) -> dict[str, type[Repository[Any]]]:
+        """Return the repositories declared as annotations on this class and its bases."""
+        found = cls.__dict__.get("_repository_types")
+        if found is None:
+            try:
+                hints = get_type_hints(cls)
+            except NameError as exc:
+                raise ConfigurationError(
+                    f"cannot resolve the repository annotations of {cls.__qualname__}: {exc}"
+                ) from exc
+            found = {
+                name: hint
+                for name, hint in hints.items()
+                if isinstance(hint, type) and issubclass(hint, Repository)
+            }
+            cls._repository_types = found
+        return found
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached when normal lookup fails: a declared repository before __aenter__.
+        if not name.startswith("_") and name in type(self).declared_repositories():
+            raise UnitOfWorkError(
+                f"{type(self).__qualname__}.{name} is available inside 'async with' only "
+                f"(state: {self._state.value})"
+            )
+        raise AttributeError(name)
+
+    def repository(self, repository_type: type[R]) -> R:
+        """Return this unit of work's instance of ``repository_type`` (built on first use)."""
+        self._require_active()
+        repo = self._repositories.get(repository_type)
+        if repo is None:
+            repo = repository_type(self.session, uow=self)
+            self._repositories[repository_type] = repo
+        return repo  # type: ignore[return-value]
+
+    # -- state -----------------------------------------------------------------------------
+
+    @property
+    def state(self) -> UnitOfWorkState:
+        """The lifecycle state."""
+        return self._state
+
+    @property
+    def session(self) -> AsyncSession:
+        """The SQLAlchemy session (escape hatch; scoping hooks still apply)."""
+        self._require_active()
+        assert self._session is not None
+        return self._session
+
+    def _require_active(self) -> None:
+        if self._state is not UnitOfWorkState.ACTIVE:
+            raise UnitOfWorkError(
+                f"unit of work is {self._state.value}; open a new one with 'async with factory()'"
+            )
+
+    async def __aenter__(self) -> Self:
+        if self._state is not UnitOfWorkState.NEW:
+            raise UnitOfWorkError(f"a unit of work is entered once; this one is {self._state.value}")
+        session = self._session_factory()
+        if not isinstance(session.sync_session, QxSession):
+            await session.close()
+            raise ConfigurationError(
+                "UnitOfWork needs a session factory from qx.db.create_session_factory()"
+            )
+        session.sync_session.info[CLOCK] = self._clock
+        self._session = session
+        self._state = UnitOfWorkState.ACTIVE
+        self.correlation_id = current_context().correlation_id or str(new_id())
+        for name, repo_type in type(self).declared_repositories().items():
+            setattr(self, name, self.repository(repo_type))
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        cleanup = asyncio.ensure_future(self._close())
+        try:
+            await asyncio.shield(cleanup)
+        except asyncio.CancelledError:
+            # Cancelled while cleaning up: finish anyway so the connection returns to the pool
+            # rolled back, then let the cancellation continue.
+            while not cleanup.done():
+                try:
+                    await asyncio.shield(cleanup)
+                except asyncio.CancelledError:
+                    continue
+            raise
+
+    async def _close(self) -> None:
+        session = self._session
+        try:
+            if self._state is UnitOfWorkState.ACTIVE and session is not None:
+                await self._rollback_quietly(session)
+        finally:
+            if session is not None:
+                try:
+                    await session.close()
+                except Exception:  # pragma: no cover - connection already unusable
+                    logger.exception("closing the unit of work's session failed")
+            self._state = UnitOfWorkState.CLOSED
+            self._repositories.clear()
+
+    async def _rollback_quietly(self, session: AsyncSession) -> None:
+        self._state = UnitOfWorkState.ROLLED_BACK
+        try:
+            await session.rollback()
+        except Exception:
+            # A connection broken mid-statement cannot roll back; discard it so the pool
+            # never hands out a connection in an unknown transaction state.
+            logger.warning("rollback failed; invalidating the connection", exc_info=True)
+            try:
+                await session.invalidate()
+            except Exception:  # pragma: no cover - nothing more to do
+                logger.exception("invalidating the connection failed")
+
+    # -- events ----------------------------------------------------------------------------
+
+    def emit(self, event: Event) -> None:
+        """Record an event that belongs to no aggregate (dispatched and outboxed at commit)."""
+        self._require_active()
+        self._emitted.append(make_record(event, None))
+
+    def on_commit(self, callback: AfterCommit) -> None:
+        """Run ``callback`` after a successful COMMIT (errors are logged, not raised)."""
+        self._require_active()
+        self._after_commit.append(callback)
+
+    def _collect(self) -> list[RecordedEvent]:
+        batch, self._emitted = self._emitted, []
+        sync = self.session.sync_session
+        for obj in chain(sync.new, sync.identity_map.values(), sync.deleted):
+            if isinstance(obj, AggregateRoot) and obj.has_pending_events():
+                batch.extend(obj.collect_events())
+        batch.sort(key=lambda record: record.seq)
+        return batch
+
+    async def _drain_events(self) -> list[RecordedEvent]:
+        collected: list[RecordedEvent] = []
+        depth = 0
+        while batch := self._collect():
+            depth += 1
+            if depth > self._max_depth:
+                names = sorted({type(r.event).__qualname__ for r in batch})
+                raise UnitOfWorkError(
+                    f"events still being raised after {self._max_depth} dispatch rounds "
+                    f"(a handler loop?); pending: {', '.join(names)}"
+                )
+            collected.extend(batch)
+            if self._dispatcher is None:
+                continue
+            for record in batch:
+                token = handling_event.set(record.event.event_id)
+                try:
+                    await self._dispatcher.dispatch(record.event, self)
+                finally:
+                    handling_event.reset(token)
+        return collected
+
+    def _outbox_rows(self, records: list[RecordedEvent]) -> list[dict[str, Any]]:
+        ctx = current_context()
+        rows = []
+        for record in records:
+            if not isinstance(record.event, IntegrationEvent):
+                continue
+            aggregate_type = aggregate_id = None
+            tenant = ctx.tenant_id
+            if record.aggregate is not None:
+                info = entity_info(type(record.aggregate))
+                aggregate_type, aggregate_id = info.name, info.identity(record.aggregate)
+                if info.tenant_key is not None:
+                    tenant = getattr(record.aggregate, info.tenant_key)
+            row = outbox_row(
+                record.event,
+                aggregate_type=aggregate_type,
+                aggregate_id=aggregate_id,
+                ctx=ctx,
+                correlation_id=self.correlation_id,
+                causation_id=(
+                    str(record.causation_id) if record.causation_id else ctx.causation_id
+                ),
+            )
+            row["tenant_id"] = tenant
+            rows.append(row)
+        return rows
+
+    # -- transaction -----------------------------------------------------------------------
+
+    async def commit(self) -> None:
+        """Dispatch events, write the outbox, COMMIT, then run after-commit hooks.
+
+        Raises:
+            UnitOfWorkError: not active (committed already, rolled back, closed), called
+                from an event handler, or events that never settle.
+            QxError: translated database errors (``ConcurrencyConflict``,
+                ``DuplicateKey``, ``TransientError``, ...); the transaction is rolled back.
+        """
+        if self._committing:
+            raise UnitOfWorkError("commit() cannot be called while the commit is in progress")
+        self._require_active()
+        session = self.session
+        self._committing = True
+        try:
+            records = await self._drain_events()
+            with translating(session.sync_session):
+                await session.flush()
+            rows = self._outbox_rows(records)
+            if rows:
+                with translating(session.sync_session):
+                    await session.execute(insert(outbox_table), rows)
+            with translating(session.sync_session):
+                await session.commit()
+        except BaseException:
+            await asyncio.shield(self._rollback_quietly(session))
+            raise
+        finally:
+            self._committing = False
+        self._state = UnitOfWorkState.COMMITTED
+        self.events = [record.event for record in records]
+        await self._run_after_commit()
+
+    async def rollback(self) -> None:
+        """Roll back now; the unit of work cannot be used afterwards."""
+        self._require_active()
+        await asyncio.shield(self._rollback_quietly(self.session))
+
+    async def _run_after_commit(self) -> None:
+        callbacks, self._after_commit = self._after_commit, []
+        for callback in callbacks:
+            try:
+                result = callback()
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:
+                # The data is committed: a failing hook must not look like a failed commit.
+                logger.exception("after-commit hook %r failed", callback)
+
+
+class UnitOfWorkFactory(Generic[U]):
+    """Builds a fresh unit of work per use: ``async with factory() as uow``.
+
+    Args:
+        uow_type: the ``UnitOfWork`` subclass declaring the repositories.
+        session_factory: from :func:`qx.db.create_session_factory`.
+        dispatcher: event dispatcher passed to every unit of work.
+        clock: time source passed to every unit of work.
+        max_event_depth: dispatch rounds allowed per commit.
+    """
+
+    def __init__(
+        self,
+        uow_type: type[U],
+        session_factory: async_sessionmaker[AsyncSession],
+        *,
+        dispatcher: EventDispatcher | None = None,
+        clock: Clock | None = None,
+        max_event_depth: int = 8,
+    ) -> None:
+        if not (isinstance(uow_type, type) and issubclass(uow_type, UnitOfWork)):
+            raise ConfigurationError(f"expected a UnitOfWork subclass, got {uow_type!r}")
+        uow_type.declared_repositories()  # fail at wiring time, not on the first request
+        self.uow_type = uow_type
+        self.session_factory = session_factory
+        self.dispatcher = dispatcher
+        self.clock = clock
+        self.max_event_depth = max_event_depth
+
+    def __call__(self) -> U:
+        """Return a new, not yet entered, unit of work."""
+        return self.uow_type(
+            self.session_factory,
+            dispatcher=self.dispatcher,
+            clock=self.clock,
+            max_event_depth=self.max_event_depth,
+        )

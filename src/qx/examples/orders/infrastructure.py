@@ -1,0 +1,81 @@
+"""Orders infrastructure: tables, imperative mapping, repositories and unit of work."""
+
+from __future__ import annotations
+
+from sqlalchemy import Column, ForeignKey, Integer, Numeric, String, Table, Uuid
+from sqlalchemy.orm import relationship
+
+from qx.db import (
+    Repository,
+    UnitOfWork,
+    audit_columns,
+    make_metadata,
+    make_registry,
+    map_aggregate,
+    map_entity,
+    soft_delete_column,
+    tenant_column,
+    uuid_pk,
+    version_column,
+)
+from qx.examples.orders.domain import Order, OrderLine
+from qx.outbox import include_qx_tables
+
+__all__ = [
+    "OrderRepository",
+    "OrdersUnitOfWork",
+    "metadata",
+    "order_lines",
+    "orders",
+]
+
+metadata = make_metadata()
+include_qx_tables(metadata)
+
+orders = Table(
+    "orders",
+    metadata,
+    uuid_pk(),
+    Column("customer", String(200), nullable=False),
+    Column("status", String(20), nullable=False),
+    version_column(),
+    tenant_column(),
+    *audit_columns(),
+    soft_delete_column(),
+)
+
+order_lines = Table(
+    "order_lines",
+    metadata,
+    uuid_pk(),
+    Column("order_id", Uuid(), ForeignKey("orders.id", ondelete="CASCADE"), nullable=False, index=True),
+    Column("sku", String(64), nullable=False),
+    Column("quantity", Integer(), nullable=False),
+    Column("unit_price", Numeric(12, 2), nullable=False),
+    tenant_column(),
+)
+
+_registry = make_registry(metadata)
+map_entity(_registry, OrderLine, order_lines)
+map_aggregate(
+    _registry,
+    Order,
+    orders,
+    properties={
+        "lines": relationship(OrderLine, cascade="all, delete-orphan", order_by=order_lines.c.sku)
+    },
+)
+
+
+class OrderRepository(Repository[Order]):
+    """Orders, filterable by customer and status."""
+
+    filterable = frozenset({"customer", "status", "created_at"})
+    sortable = frozenset({"created_at", "customer", "status"})
+    default_order = ("-created_at",)
+
+
+class OrdersUnitOfWork(UnitOfWork):
+    """The orders context's transaction."""
+
+    orders: OrderRepository

@@ -1,0 +1,117 @@
+"""Settings from the environment: ``QX_`` prefix, ``__`` for nesting.
+
+Example:
+    >>> import os
+    >>> os.environ["QX_DB__POOL_SIZE"] = "7"
+    >>> load_settings().db.pool_size
+    7
+    >>> del os.environ["QX_DB__POOL_SIZE"]
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from qx.core.errors import ConfigurationError
+
+__all__ = ["BrokerSettings", "DatabaseSettings", "QxSettings", "RelaySettings", "load_settings"]
+
+DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./qx.sqlite3"
+
+
+class DatabaseSettings(BaseModel):
+    """Database connection and pool settings (``QX_DB__*``).
+
+    Attributes:
+        url: SQLAlchemy URL; ``postgresql+asyncpg://…`` or ``sqlite+aiosqlite:///path``.
+        pool_size: connections kept open (PostgreSQL).
+        max_overflow: extra connections allowed under load.
+        pool_timeout: seconds to wait for a free connection before ``TransientError``.
+        pool_recycle: seconds after which a connection is replaced; ``-1`` never.
+        pool_pre_ping: test a connection before handing it out.
+        statement_timeout: seconds after which PostgreSQL cancels a statement; ``None`` off.
+        echo: log every SQL statement.
+        sqlite_begin: ``immediate`` takes SQLite's write lock at BEGIN, so concurrent units of
+            work queue on ``busy_timeout`` instead of failing to upgrade a read lock.
+        sqlite_busy_timeout: seconds SQLite waits for a lock.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = DEFAULT_DATABASE_URL
+    pool_size: int = Field(default=10, ge=1)
+    max_overflow: int = Field(default=10, ge=0)
+    pool_timeout: float = Field(default=30.0, gt=0)
+    pool_recycle: int = Field(default=1800, ge=-1)
+    pool_pre_ping: bool = False
+    statement_timeout: float | None = Field(default=None, gt=0)
+    echo: bool = False
+    sqlite_begin: Literal["deferred", "immediate"] = "immediate"
+    sqlite_busy_timeout: float = Field(default=30.0, ge=0)
+
+
+class BrokerSettings(BaseModel):
+    """Message broker settings (``QX_BROKER__*``).
+
+    Attributes:
+        url: ``memory://``, ``log://``, ``nats://…``, ``amqp://…`` or ``redis://…``.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = "memory://"
+
+
+class RelaySettings(BaseModel):
+    """Outbox relay settings (``QX_RELAY__*``).
+
+    Attributes:
+        batch_size: rows claimed per batch.
+        poll_interval: seconds between polls when no notification arrives.
+        max_attempts: failed publishes before a row is dead-lettered.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    batch_size: int = Field(default=200, ge=1, le=10_000)
+    poll_interval: float = Field(default=1.0, gt=0)
+    max_attempts: int = Field(default=10, ge=1)
+
+
+class QxSettings(BaseSettings):
+    """All qx settings, read from ``QX_*`` environment variables (and ``.env``).
+
+    Attributes:
+        db: database settings.
+        broker: broker settings.
+        relay: outbox relay settings.
+        pagination_secret: key that signs keyset pagination cursors.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="QX_", env_nested_delimiter="__", env_file=".env", extra="ignore"
+    )
+
+    db: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    broker: BrokerSettings = Field(default_factory=BrokerSettings)
+    relay: RelaySettings = Field(default_factory=RelaySettings)
+    pagination_secret: SecretStr | None = None
+
+
+def load_settings(**overrides: Any) -> QxSettings:
+    """Read settings from the environment, turning validation errors into qx errors.
+
+    Raises:
+        ConfigurationError: a value is missing or invalid; the message names each field.
+    """
+    try:
+        return QxSettings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"QX_{'__'.join(str(p).upper() for p in err['loc'])}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise ConfigurationError(f"invalid qx settings: {problems}") from exc
