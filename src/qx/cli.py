@@ -19,7 +19,9 @@ __all__ = ["app", "main"]
 
 
 def _build_app() -> typer.Typer:
-    app = typer.Typer(help="qx: persistence toolkit for async Python services.", no_args_is_help=True)
+    app = typer.Typer(
+        help="qx: persistence toolkit for async Python services.", no_args_is_help=True
+    )
     console = Console()
 
     @app.callback()
@@ -28,7 +30,9 @@ def _build_app() -> typer.Typer:
 
     @app.command()
     def demo(
-        orders: Annotated[int, typer.Option("--orders", min=1, max=10_000, help="Orders to place.")] = 5,
+        orders: Annotated[
+            int, typer.Option("--orders", min=1, max=10_000, help="Orders to place.")
+        ] = 5,
     ) -> None:
         """Run the orders example on QX_DB__URL (default: SQLite file ./qx.sqlite3)."""
         from qx.demo import run_demo
@@ -51,7 +55,9 @@ def _build_app() -> typer.Typer:
         for column in ("position", "event_name", "aggregate_id", "correlation_id"):
             outbox.add_column(column)
         for row in report.outbox_rows:
-            outbox.add_row(*(str(row[c]) for c in ("position", "event_name", "aggregate_id", "correlation_id")))
+            outbox.add_row(
+                *(str(row[c]) for c in ("position", "event_name", "aggregate_id", "correlation_id"))
+            )
         console.print(outbox)
         statuses = ", ".join(f"{k}={v}" for k, v in sorted(report.orders_by_status.items()))
         console.print(

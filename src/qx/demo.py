@@ -41,7 +41,9 @@ class DemoReport:
     seconds: float = 0.0
 
 
-async def run_demo(settings: QxSettings, *, orders_count: int = 5, tenant: str = "demo") -> DemoReport:
+async def run_demo(
+    settings: QxSettings, *, orders_count: int = 5, tenant: str = "demo"
+) -> DemoReport:
     """Run the demo and return its report.
 
     Args:
@@ -82,10 +84,11 @@ async def run_demo(settings: QxSettings, *, orders_count: int = 5, tenant: str =
             async with factory() as uow:
                 session = uow.session
                 rows = await session.execute(
-                    select(orders.c.status, func.count()).where(orders.c.tenant_id == tenant)
+                    select(orders.c.status, func.count())
+                    .where(orders.c.tenant_id == tenant)
                     .group_by(orders.c.status)
                 )
-                report.orders_by_status = {status: count for status, count in rows.all()}
+                report.orders_by_status = dict(rows.tuples().all())
                 recent = await session.execute(
                     select(
                         outbox_table.c.position,

@@ -88,8 +88,10 @@ def request_context(
     }
     for key, value in changes.items():
         if not isinstance(value, str) or not value:
-            raise ConfigurationError(f"request_context {key} must be a non-empty str, got {value!r}")
-    ctx = replace(base, **changes) if changes else base
+            raise ConfigurationError(
+                f"request_context {key} must be a non-empty str, got {value!r}"
+            )
+    ctx = replace(base, **changes) if changes else base  # type: ignore[arg-type]
     token = _current.set(ctx)
     try:
         yield ctx

@@ -93,9 +93,7 @@ class InProcessDispatcher:
         found = self._resolved.get(event_type)
         if found is None:
             found = tuple(
-                handler
-                for klass in event_type.__mro__
-                for handler in self._handlers.get(klass, ())  # type: ignore[call-overload]
+                handler for klass in event_type.__mro__ for handler in self._handlers.get(klass, ())
             )
             self._resolved[event_type] = found
         return found

@@ -62,9 +62,7 @@ def parse_database_url(url: str | URL) -> URL:
             f"'{backend}+{driver}'"
         )
     if importlib.util.find_spec(driver) is None:
-        raise ConfigurationError(
-            f"the {driver} driver is not installed: pip install 'qx[{extra}]'"
-        )
+        raise ConfigurationError(f"the {driver} driver is not installed: pip install 'qx[{extra}]'")
     return parsed.set(drivername=f"{backend}+{driver}")
 
 

@@ -143,7 +143,9 @@ class Repository(Generic[T]):
         options = {WITH_DELETED: True} if with_deleted else None
         with translating(self._session.sync_session):
             obj = await self._session.get(self.entity, key, execution_options=options or {})
-        if obj is None or not visible(self._info, obj, current_context(), with_deleted=with_deleted):
+        if obj is None or not visible(
+            self._info, obj, current_context(), with_deleted=with_deleted
+        ):
             return None
         result: T = obj
         return result
@@ -223,9 +225,7 @@ class Repository(Generic[T]):
         )
         stmt = select(func.count(pk)).where(*criteria)
         with translating(self._session.sync_session):
-            value = await self._session.scalar(
-                stmt, execution_options={WITH_DELETED: with_deleted}
-            )
+            value = await self._session.scalar(stmt, execution_options={WITH_DELETED: with_deleted})
         return int(value or 0)
 
     async def exists(self, *, with_deleted: bool = False, **filters: Any) -> bool:

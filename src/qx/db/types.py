@@ -54,6 +54,6 @@ class UtcDateTime(TypeDecorator[datetime]):
         return value.astimezone(UTC)
 
 
-def PortableJSON() -> TypeEngine[Any]:  # noqa: N802 - reads like a type at the call site
+def PortableJSON() -> TypeEngine[Any]:
     """JSON that becomes JSONB on PostgreSQL."""
     return JSON().with_variant(JSONB(), "postgresql")

@@ -165,7 +165,9 @@ class UnitOfWork:
 
     async def __aenter__(self) -> Self:
         if self._state is not UnitOfWorkState.NEW:
-            raise UnitOfWorkError(f"a unit of work is entered once; this one is {self._state.value}")
+            raise UnitOfWorkError(
+                f"a unit of work is entered once; this one is {self._state.value}"
+            )
         session = self._session_factory()
         if not isinstance(session.sync_session, QxSession):
             await session.close()

@@ -8,7 +8,6 @@ in columns, not in the payload.
 
 from __future__ import annotations
 
-from functools import lru_cache
 from typing import Any
 
 from pydantic import TypeAdapter
@@ -20,11 +19,16 @@ from qx.core.events import IntegrationEvent
 
 __all__ = ["event_payload", "outbox_row"]
 
-_ENVELOPE_FIELDS = frozenset({"event_id", "occurred_at"})
+_ENVELOPE_FIELDS = {"event_id", "occurred_at"}
 
 
-@lru_cache(maxsize=None)
+_adapters: dict[type[IntegrationEvent], tuple[TypeAdapter[Any], str, int]] = {}
+
+
 def _adapter(event_type: type[IntegrationEvent]) -> tuple[TypeAdapter[Any], str, int]:
+    found = _adapters.get(event_type)
+    if found is not None:
+        return found
     name = event_type.wire_name()
     try:
         adapter: TypeAdapter[Any] = TypeAdapter(event_type)
@@ -32,7 +36,8 @@ def _adapter(event_type: type[IntegrationEvent]) -> tuple[TypeAdapter[Any], str,
         raise ConfigurationError(
             f"cannot build a serializer for {event_type.__qualname__}: {exc}"
         ) from exc
-    return adapter, name, event_type.version
+    found = _adapters[event_type] = (adapter, name, event_type.version)
+    return found
 
 
 def event_payload(event: IntegrationEvent) -> dict[str, Any]:
@@ -43,9 +48,7 @@ def event_payload(event: IntegrationEvent) -> dict[str, Any]:
     """
     adapter, _, _ = _adapter(type(event))
     try:
-        payload: dict[str, Any] = adapter.dump_python(
-            event, mode="json", exclude=_ENVELOPE_FIELDS
-        )
+        payload: dict[str, Any] = adapter.dump_python(event, mode="json", exclude=_ENVELOPE_FIELDS)
     except PydanticSerializationError as exc:
         raise ConfigurationError(
             f"cannot serialize {type(event).__qualname__} for the outbox: {exc}"

@@ -32,7 +32,7 @@ from sqlalchemy import (
 from qx.db.mapping import make_metadata
 from qx.db.types import PortableJSON, UtcDateTime
 
-__all__ = ["OUTBOX_TABLE", "include_qx_tables", "inbox_table", "outbox_table", "qx_metadata"]
+__all__ = ["OUTBOX_TABLE", "inbox_table", "include_qx_tables", "outbox_table", "qx_metadata"]
 
 OUTBOX_TABLE: Final = "qx_outbox"
 INBOX_TABLE: Final = "qx_inbox"

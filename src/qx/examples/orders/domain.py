@@ -81,7 +81,7 @@ class OrderLine:
 
     @property
     def subtotal(self) -> Decimal:
-        """quantity × unit price."""
+        """Quantity times unit price."""
         return self.unit_price * self.quantity
 
 

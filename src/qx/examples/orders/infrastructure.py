@@ -48,7 +48,9 @@ order_lines = Table(
     "order_lines",
     metadata,
     uuid_pk(),
-    Column("order_id", Uuid(), ForeignKey("orders.id", ondelete="CASCADE"), nullable=False, index=True),
+    Column(
+        "order_id", Uuid(), ForeignKey("orders.id", ondelete="CASCADE"), nullable=False, index=True
+    ),
     Column("sku", String(64), nullable=False),
     Column("quantity", Integer(), nullable=False),
     Column("unit_price", Numeric(12, 2), nullable=False),

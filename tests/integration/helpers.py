@@ -1,0 +1,26 @@
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from qx.examples.orders.domain import Order, OrderLine
+from qx.outbox import outbox_table
+
+
+def new_order(customer: str = "alice", *skus: str) -> Order:
+    lines = [OrderLine(sku=s, quantity=1, unit_price=Decimal("10.00")) for s in skus or ("A",)]
+    return Order.place(customer, lines)
+
+
+async def count_rows(engine: AsyncEngine, table: Any) -> int:
+    async with engine.connect() as conn:
+        return int(await conn.scalar(select(func.count()).select_from(table)) or 0)
+
+
+async def outbox_rows(engine: AsyncEngine) -> list[dict[str, Any]]:
+    async with engine.connect() as conn:
+        result = await conn.execute(select(outbox_table).order_by(outbox_table.c.position))
+        return [dict(row._mapping) for row in result.all()]
