@@ -28,12 +28,13 @@ from qx.db.scoping import (
     tenant_for_write,
 )
 
-__all__ = ["CLOCK", "QxSession", "stale_candidates"]
+__all__ = ["CLOCK", "QxSession", "has_writes", "stale_candidates"]
 
 #: ``Session.info`` key of the Clock used for audit timestamps and soft deletes.
 CLOCK: Final = "qx_clock"
 _BUMPED: Final = "qx_bumped"
 _CANDIDATES: Final = "qx_version_checked"
+_FLUSHED: Final = "qx_flushed"
 _SYSTEM_CLOCK: Final = SystemClock()
 
 
@@ -44,6 +45,11 @@ class QxSession(Session):
         """The clock used for audit columns and soft deletes."""
         clock: Clock = self.info.get(CLOCK, _SYSTEM_CLOCK)
         return clock
+
+
+def has_writes(session: Session) -> bool:
+    """Return whether the transaction flushed, or holds unflushed changes."""
+    return bool(session.info.get(_FLUSHED)) or bool(session.new or session.dirty or session.deleted)
 
 
 def stale_candidates(session: Session) -> tuple[str, ...]:
@@ -125,6 +131,7 @@ def _check_tenant(obj: Any, info: EntityInfo, tenant: str | None, system: bool) 
 
 @event.listens_for(QxSession, "before_flush")
 def _before_flush(session: Session, _flush: UOWTransaction, _instances: Any) -> None:
+    session.info[_FLUSHED] = True
     ctx = current_context()
     now = session.info.get(CLOCK, _SYSTEM_CLOCK).now()
     bumped: set[InstanceState[Any]] = session.info.setdefault(_BUMPED, set())
@@ -206,3 +213,4 @@ def _forget_bumps(session: Session, transaction: Any) -> None:
     if transaction.parent is None:
         session.info.pop(_BUMPED, None)
         session.info.pop(_CANDIDATES, None)
+        session.info.pop(_FLUSHED, None)

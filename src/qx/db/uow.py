@@ -42,7 +42,7 @@ from qx.core.ids import new_id
 from qx.db.errors import translating
 from qx.db.mapping import entity_info
 from qx.db.repository import Repository
-from qx.db.session import CLOCK, QxSession
+from qx.db.session import CLOCK, QxSession, has_writes
 from qx.outbox.recorder import outbox_row
 from qx.outbox.table import outbox_table
 
@@ -205,7 +205,14 @@ class UnitOfWork:
         session = self._session
         try:
             if self._state is UnitOfWorkState.ACTIVE and session is not None:
-                await self._rollback_quietly(session)
+                if has_writes(session.sync_session):
+                    # Discarded writes: rollback also expires the objects, so nobody reads
+                    # values that never reached the database.
+                    await self._rollback_quietly(session)
+                else:
+                    # Read-only: close() alone ends the transaction and leaves what was
+                    # loaded readable after the block.
+                    self._state = UnitOfWorkState.ROLLED_BACK
         finally:
             if session is not None:
                 try:

@@ -1,0 +1,168 @@
+"""Optimistic concurrency: stale writers conflict; a change anywhere in an aggregate counts.
+
+Interleaved writers exist only on PostgreSQL: qx's SQLite default (``BEGIN IMMEDIATE``)
+serializes writers when they begin, so no SQLite transaction can read a stale aggregate. With
+``sqlite_begin="deferred"`` a stale SQLite writer fails with a retryable error instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from qx.core import ConcurrencyConflict, TransientError, request_context
+from qx.db import UnitOfWorkFactory
+from qx.examples.orders.infrastructure import orders
+from tests.integration.helpers import new_order
+from tests.models import AppUnitOfWork, Counter
+
+T = "tenant-a"
+Factory = UnitOfWorkFactory[AppUnitOfWork]
+
+
+async def test_fifty_concurrent_writers_with_retry_make_exactly_fifty_increments(
+    uow_factory: Factory,
+) -> None:
+    async with uow_factory() as uow:
+        counter = Counter(name="hot")
+        await uow.counters.add(counter)
+        await uow.commit()
+    conflicts = 0
+
+    async def writer() -> None:
+        nonlocal conflicts
+        for _ in range(500):
+            try:
+                async with uow_factory() as uow:
+                    current = await uow.counters.require(counter.id)
+                    current.increment()
+                    await asyncio.sleep(0)  # let other writers interleave
+                    await uow.commit()
+                    return
+            except (ConcurrencyConflict, TransientError):
+                conflicts += 1
+        raise AssertionError("writer gave up")
+
+    await asyncio.gather(*(writer() for _ in range(50)))
+    async with uow_factory() as uow:
+        final = await uow.counters.require(counter.id)
+    assert final.value == 50
+    assert final.version == 51  # one bump per committed transaction
+
+
+@pytest.mark.postgres_only
+async def test_stale_aggregate_raises_concurrency_conflict_naming_it(
+    uow_factory: Factory,
+) -> None:
+    async with uow_factory() as uow:
+        counter = Counter(name="stale")
+        await uow.counters.add(counter)
+        await uow.commit()
+    async with uow_factory() as first:
+        mine = await first.counters.require(counter.id)
+        async with uow_factory() as second:
+            theirs = await second.counters.require(counter.id)
+            theirs.increment()
+            await second.commit()
+        mine.increment()
+        with pytest.raises(ConcurrencyConflict) as info:
+            await first.commit()
+    assert info.value.entities == (f"Counter({counter.id})",)
+    assert str(counter.id) in str(info.value)
+
+
+@pytest.mark.postgres_only
+async def test_two_writers_changing_different_lines_of_one_order_conflict(
+    uow_factory: Factory, engine: AsyncEngine
+) -> None:
+    with request_context(tenant_id=T):
+        async with uow_factory() as uow:
+            order = new_order("alice", "A", "B")
+            await uow.orders.add(order)
+            await uow.commit()
+        async with uow_factory() as first, uow_factory() as second:
+            mine = await first.orders.require(order.id)
+            theirs = await second.orders.require(order.id)
+            mine.change_quantity("A", 5)
+            theirs.change_quantity("B", 7)
+            await first.commit()
+            with pytest.raises(ConcurrencyConflict):
+                await second.commit()
+        async with uow_factory() as uow:
+            final = await uow.orders.require(order.id)
+    assert {line.sku: line.quantity for line in final.lines} == {"A": 5, "B": 1}
+    assert final.version == 2
+
+
+async def test_adding_a_line_bumps_the_root_version(
+    uow_factory: Factory, engine: AsyncEngine
+) -> None:
+    from decimal import Decimal
+
+    with request_context(tenant_id=T):
+        async with uow_factory() as uow:
+            order = new_order("alice", "A")
+            await uow.orders.add(order)
+            await uow.commit()
+        async with uow_factory() as uow:
+            loaded = await uow.orders.require(order.id)
+            loaded.add_line("Z", 1, Decimal("1.00"))
+            await uow.session.flush()
+            loaded.change_quantity("Z", 3)  # a second flush in the same transaction
+            await uow.commit()
+    async with engine.connect() as conn:
+        version = await conn.scalar(select(orders.c.version).where(orders.c.id == order.id))
+    assert version == 2  # bumped once per transaction, not once per flush
+
+
+@pytest.mark.postgres_only
+async def test_concurrent_removal_of_a_line_and_quantity_change_conflict(
+    uow_factory: Factory,
+) -> None:
+    with request_context(tenant_id=T):
+        async with uow_factory() as uow:
+            order = new_order("alice", "A", "B")
+            await uow.orders.add(order)
+            await uow.commit()
+        async with uow_factory() as first, uow_factory() as second:
+            mine = await first.orders.require(order.id)
+            theirs = await second.orders.require(order.id)
+            mine.lines.pop()  # delete-orphan removes the row
+            theirs.change_quantity("A", 9)
+            await first.commit()
+            with pytest.raises(ConcurrencyConflict):
+                await second.commit()
+
+
+async def test_sqlite_deferred_stale_writer_gets_a_retryable_error(tmp_path: Path) -> None:
+    from qx.db import create_engine, create_session_factory
+    from qx.examples.orders.infrastructure import metadata as orders_metadata
+    from qx.settings import DatabaseSettings
+    from tests import models
+
+    url = f"sqlite+aiosqlite:///{tmp_path / 'deferred.sqlite3'}"
+    engine = create_engine(DatabaseSettings(url=url, sqlite_begin="deferred", sqlite_busy_timeout=1))
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(orders_metadata.create_all)
+            await conn.run_sync(models.metadata.create_all)
+        factory = UnitOfWorkFactory(AppUnitOfWork, create_session_factory(engine))
+        async with factory() as uow:
+            counter = Counter(name="stale")
+            await uow.counters.add(counter)
+            await uow.commit()
+        async with factory() as first:
+            mine = await first.counters.require(counter.id)
+            async with factory() as second:
+                theirs = await second.counters.require(counter.id)
+                theirs.increment()
+                await second.commit()
+            mine.increment()
+            with pytest.raises((ConcurrencyConflict, TransientError)):
+                await first.commit()
+    finally:
+        await engine.dispose()
