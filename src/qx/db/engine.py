@@ -116,7 +116,16 @@ def create_engine(
         kwargs.update(poolclass=StaticPool)
     else:
         kwargs.update(pool_pre_ping=db.pool_pre_ping, pool_timeout=db.pool_timeout)
+    extra_connect_args = engine_kwargs.pop("connect_args", None)
     kwargs.update(engine_kwargs)
+    if extra_connect_args:
+        # Merge, never replace: a caller's search_path must not drop qx's statement_timeout.
+        merged = dict(kwargs.get("connect_args", {}))
+        extra = dict(extra_connect_args)
+        if "server_settings" in extra and "server_settings" in merged:
+            extra["server_settings"] = {**merged["server_settings"], **extra["server_settings"]}
+        merged.update(extra)
+        kwargs["connect_args"] = merged
     engine = _create_async_engine(parsed, **kwargs)
     if parsed.get_backend_name() == "sqlite":
         _configure_sqlite(engine, db, in_memory=parsed.database in (None, "", ":memory:"))

@@ -85,15 +85,18 @@ def sqlstate_of(error: BaseException) -> str | None:
 
 
 def _driver_detail(error: BaseException) -> tuple[str | None, str | None]:
-    """Return (constraint name, detail) from asyncpg's structured error fields, if present."""
+    """Return (constraint name, detail) from asyncpg's structured error fields, if present.
+
+    SQLAlchemy's adapted error and the asyncpg exception behind it (its ``__cause__``) may
+    each carry some of the fields; take each from wherever it is set.
+    """
+    constraint = detail = None
     for candidate in (error, error.__cause__):
         if candidate is None:
             continue
-        constraint = getattr(candidate, "constraint_name", None)
-        detail = getattr(candidate, "detail", None)
-        if constraint or detail:
-            return constraint, detail
-    return None, None
+        constraint = constraint or getattr(candidate, "constraint_name", None)
+        detail = detail or getattr(candidate, "detail", None)
+    return constraint, detail
 
 
 def error_for_sqlstate(

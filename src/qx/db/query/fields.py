@@ -58,12 +58,12 @@ def parse_sort(spec: str | Sequence[str] | None) -> list[tuple[str, bool]]:
     parsed: list[tuple[str, bool]] = []
     for item in items:
         if not isinstance(item, str):
-            raise InvalidQuery(f"sort key must be a string, got {item!r}", field="order_by")
+            raise InvalidQuery(f"order_by keys must be strings, got {item!r}", field="order_by")
         key = item.strip()
         desc = key.startswith("-")
         key = key.lstrip("+-")
         if not key:
-            raise InvalidQuery(f"empty sort key in {spec!r}", field="order_by")
+            raise InvalidQuery(f"order_by has an empty sort key: {spec!r}", field="order_by")
         parsed.append((key, desc))
     return parsed
 
