@@ -14,6 +14,7 @@ from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from qx.core import request_context
 from qx.db import UnitOfWorkFactory, create_engine, create_session_factory
@@ -42,7 +43,11 @@ class DemoReport:
 
 
 async def run_demo(
-    settings: QxSettings, *, orders_count: int = 5, tenant: str = "demo"
+    settings: QxSettings,
+    *,
+    orders_count: int = 5,
+    tenant: str = "demo",
+    engine: AsyncEngine | None = None,
 ) -> DemoReport:
     """Run the demo and return its report.
 
@@ -50,9 +55,11 @@ async def run_demo(
         settings: where to run (``settings.db.url``).
         orders_count: how many orders to place.
         tenant: the tenant the demo acts for.
+        engine: use this engine (left open) instead of one built from ``settings``.
     """
     started = time.perf_counter()
-    engine = create_engine(settings)
+    owned = engine is None
+    engine = engine if engine is not None else create_engine(settings)
     report = DemoReport(database=engine.url.render_as_string(hide_password=True))
     try:
         async with engine.begin() as conn:
@@ -88,7 +95,7 @@ async def run_demo(
                     .where(orders.c.tenant_id == tenant)
                     .group_by(orders.c.status)
                 )
-                report.orders_by_status = dict(rows.tuples().all())
+                report.orders_by_status = {str(row[0]): int(row[1]) for row in rows.all()}
                 recent = await session.execute(
                     select(
                         outbox_table.c.position,
@@ -106,6 +113,7 @@ async def run_demo(
                 )
         report.orders_placed = len(placed)
     finally:
-        await engine.dispose()
+        if owned:
+            await engine.dispose()
     report.seconds = time.perf_counter() - started
     return report

@@ -47,16 +47,19 @@ def parse_database_url(url: str | URL) -> URL:
         parsed = make_url(url) if isinstance(url, str) else url
     except (ArgumentError, ValueError) as exc:
         raise ConfigurationError(f"invalid database URL {url!r}: {exc}") from exc
-    backend = _ALIASES.get(parsed.get_backend_name(), parsed.get_backend_name())
+    # Read the backend from the raw drivername: get_backend_name() loads the dialect, and
+    # SQLAlchemy has no dialect named "postgres" (Heroku-style URLs use it).
+    raw_backend = parsed.drivername.split("+", 1)[0]
+    backend = _ALIASES.get(raw_backend, raw_backend)
     if backend not in _DRIVERS:
         raise ConfigurationError(
-            f"unsupported database {parsed.get_backend_name()!r} in URL "
+            f"unsupported database {raw_backend!r} in URL "
             f"{parsed.render_as_string(hide_password=True)!r}: qx supports "
             "postgresql+asyncpg and sqlite+aiosqlite"
         )
     driver, extra = _DRIVERS[backend]
-    given = parsed.get_driver_name()
-    if "+" in parsed.drivername and given != driver:
+    given = parsed.drivername.split("+", 1)[1] if "+" in parsed.drivername else driver
+    if given != driver:
         raise ConfigurationError(
             f"unsupported driver {given!r} for {backend}: qx needs the async driver "
             f"'{backend}+{driver}'"

@@ -1,0 +1,64 @@
+"""The README quickstart runs as written; `qx demo` runs on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from qx.demo import run_demo
+from qx.settings import DatabaseSettings, QxSettings
+from tests.integration.conftest import drop_schema, make_backend_engine
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_readme_quickstart_runs(tmp_path: Path) -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Quickstart", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S)
+    assert code is not None
+    script = tmp_path / "quickstart.py"
+    script.write_text(code.group(1))
+    result = subprocess.run(
+        [sys.executable, "-W", "error", str(script)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "handled inside the transaction: AccountOpened" in result.stdout
+    assert "('bank.account_opened', 'acme', 'req-1')" in result.stdout
+
+
+async def test_demo_runs(backend: str, tmp_path: Path) -> None:
+    engine, schema = await make_backend_engine(backend, tmp_path)
+    try:
+        settings = QxSettings(db=DatabaseSettings(url=str(engine.url.render_as_string(False))))
+        report = await run_demo(settings, orders_count=4, engine=engine)
+    finally:
+        await engine.dispose()
+        if schema:
+            await drop_schema(schema)
+    assert report.orders_placed == 4
+    assert report.orders_by_status == {"placed": 2, "paid": 1, "shipped": 1}
+    assert report.events_dispatched == {"OrderPlaced": 4, "OrderShipped": 1}
+    assert report.outbox_total == 5
+    assert [r["event_name"] for r in report.outbox_rows][-1] == "orders.order_shipped"
+
+
+def test_qx_demo_command(tmp_path: Path) -> None:
+    qx = Path(sys.executable).with_name("qx")
+    result = subprocess.run(
+        [str(qx), "demo", "--orders", "3"], cwd=tmp_path, capture_output=True, text=True,
+        timeout=120, check=False, env={"PATH": "/usr/bin:/bin", "QX_DB__URL": "sqlite:///demo.db"},
+    )
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert "placed 3 orders" in result.stdout
+    assert (tmp_path / "demo.db").exists()
+    bad = subprocess.run(
+        [str(qx), "demo"], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+        check=False, env={"PATH": "/usr/bin:/bin", "QX_DB__URL": "mysql://x/y"},
+    )
+    assert bad.returncode == 1
+    assert "unsupported database 'mysql'" in bad.stdout
+    assert "Traceback" not in bad.stdout + bad.stderr

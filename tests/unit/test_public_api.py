@@ -1,0 +1,79 @@
+"""The public names of each package, pinned: a change here is an API change."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+
+EXPECTED = {
+    "qx": [
+        "AggregateRoot", "ConcurrencyConflict", "ConfigurationError", "Conflict", "DomainEvent",
+        "DuplicateKey", "Event", "EventDispatcher", "InProcessDispatcher", "IntegrationEvent",
+        "IntegrityViolation", "InvalidCursor", "InvalidQuery", "NotFound", "QxError",
+        "QxSettings", "Repository", "RequestContext", "TenantRequired", "TenantViolation",
+        "TransientError", "UnitOfWork", "UnitOfWorkError", "UnitOfWorkFactory", "__version__",
+        "create_engine", "create_session_factory", "current_context", "load_settings", "new_id",
+        "request_context", "system_context",
+    ],
+    "qx.core": [
+        "AggregateRoot", "Clock", "ConcurrencyConflict", "ConfigurationError", "Conflict",
+        "DatabaseError", "DomainEvent", "DuplicateKey", "Event", "EventDispatcher",
+        "EventHandler", "FixedClock", "InProcessDispatcher", "IntegrationEvent",
+        "IntegrityViolation", "InvalidCursor", "InvalidQuery", "NotFound", "PublishError",
+        "QxError", "RecordedEvent", "RequestContext", "StatementTimeout", "SystemClock",
+        "TenantRequired", "TenantViolation", "TransientError", "UnitOfWorkError",
+        "current_context", "new_id", "request_context", "system_context", "utcnow",
+        "uuid7_timestamp_ms",
+    ],
+    "qx.errors": [
+        "ConcurrencyConflict", "ConfigurationError", "Conflict", "DatabaseError", "DuplicateKey",
+        "IntegrityViolation", "InvalidCursor", "InvalidQuery", "NotFound", "PublishError",
+        "QxError", "StatementTimeout", "TenantRequired", "TenantViolation", "TransientError",
+        "UnitOfWorkError",
+    ],
+    "qx.db": [
+        "NAMING_CONVENTION", "WITH_DELETED", "DatabaseSettings", "EntityInfo", "PortableJSON",
+        "QxSession", "Repository", "UnitOfWork", "UnitOfWorkFactory", "UnitOfWorkState",
+        "UtcDateTime", "audit_columns", "configure_mappers", "create_engine",
+        "create_session_factory", "entity_info", "json_column", "make_metadata",
+        "make_registry", "map_aggregate", "map_entity", "parse_database_url",
+        "soft_delete_column", "tenant_column", "translate_error", "translating", "uuid_pk",
+        "version_column",
+    ],
+    "qx.outbox": [
+        "OUTBOX_TABLE", "event_payload", "inbox_table", "include_qx_tables", "new_metadata",
+        "outbox_row", "outbox_table", "qx_metadata",
+    ],
+}
+
+
+def _isort_key(name: str) -> tuple[int, str]:
+    kind = 0 if name.isupper() else 1 if name[:1].isupper() else 2
+    return kind, name
+
+
+@pytest.mark.parametrize("module_name", sorted(EXPECTED))
+def test_public_api_is_pinned_and_sorted(module_name: str) -> None:
+    module = importlib.import_module(module_name)
+    assert list(module.__all__) == EXPECTED[module_name]
+    # ruff's RUF022 order: CONSTANTS, then Classes, then functions, each alphabetical.
+    assert sorted(module.__all__, key=_isort_key) == list(module.__all__)
+    for name in module.__all__:
+        assert hasattr(module, name), name
+
+
+def test_error_tree_has_one_root() -> None:
+    import qx.errors as errors
+
+    for name in errors.__all__:
+        assert issubclass(getattr(errors, name), errors.QxError)
+
+
+def test_importing_qx_creates_no_engine() -> None:
+    import gc
+
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+    importlib.import_module("qx")
+    assert not [o for o in gc.get_objects() if isinstance(o, AsyncEngine)]
