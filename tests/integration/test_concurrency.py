@@ -145,7 +145,9 @@ async def test_sqlite_deferred_stale_writer_gets_a_retryable_error(tmp_path: Pat
     from tests import models
 
     url = f"sqlite+aiosqlite:///{tmp_path / 'deferred.sqlite3'}"
-    engine = create_engine(DatabaseSettings(url=url, sqlite_begin="deferred", sqlite_busy_timeout=1))
+    engine = create_engine(
+        DatabaseSettings(url=url, sqlite_begin="deferred", sqlite_busy_timeout=1)
+    )
     try:
         async with engine.begin() as conn:
             await conn.run_sync(orders_metadata.create_all)

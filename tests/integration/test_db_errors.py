@@ -128,7 +128,7 @@ async def test_unreachable_database_is_transient(tmp_path: Path) -> None:
 
     engine = create_engine(DatabaseSettings(url="postgresql+asyncpg://postgres@127.0.0.1:1/x"))
     try:
-        with pytest.raises(TransientError, match="unreachable|connection"), translating():
+        with pytest.raises(TransientError, match=r"unreachable|connection"), translating():
             async with engine.connect() as conn:
                 await conn.execute(text("SELECT 1"))
     finally:

@@ -23,7 +23,11 @@ def test_readme_quickstart_runs(tmp_path: Path) -> None:
     script.write_text(code.group(1))
     result = subprocess.run(
         [sys.executable, "-W", "error", str(script)],
-        cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     assert "handled inside the transaction: AccountOpened" in result.stdout
@@ -49,15 +53,25 @@ async def test_demo_runs(backend: str, tmp_path: Path) -> None:
 def test_qx_demo_command(tmp_path: Path) -> None:
     qx = Path(sys.executable).with_name("qx")
     result = subprocess.run(
-        [str(qx), "demo", "--orders", "3"], cwd=tmp_path, capture_output=True, text=True,
-        timeout=120, check=False, env={"PATH": "/usr/bin:/bin", "QX_DB__URL": "sqlite:///demo.db"},
+        [str(qx), "demo", "--orders", "3"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={"PATH": "/usr/bin:/bin", "QX_DB__URL": "sqlite:///demo.db"},
     )
     assert result.returncode == 0, result.stderr + result.stdout
     assert "placed 3 orders" in result.stdout
     assert (tmp_path / "demo.db").exists()
     bad = subprocess.run(
-        [str(qx), "demo"], cwd=tmp_path, capture_output=True, text=True, timeout=60,
-        check=False, env={"PATH": "/usr/bin:/bin", "QX_DB__URL": "mysql://x/y"},
+        [str(qx), "demo"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={"PATH": "/usr/bin:/bin", "QX_DB__URL": "mysql://x/y"},
     )
     assert bad.returncode == 1
     assert "unsupported database 'mysql'" in bad.stdout

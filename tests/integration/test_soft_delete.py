@@ -43,9 +43,7 @@ async def test_removed_rows_are_invisible_unless_asked_for(
             assert deleted.deleted_at == clock.now()
             listed = await uow.orders.list(with_deleted=True, order_by="customer")
             assert [o.customer for o in listed] == ["gone", "keep"]
-            raw = await uow.session.scalars(
-                select(Order), execution_options={WITH_DELETED: True}
-            )
+            raw = await uow.session.scalars(select(Order), execution_options={WITH_DELETED: True})
             assert len(raw.all()) == 2
     assert await count_rows(engine, orders) == 2  # still in the table
 

@@ -78,7 +78,7 @@ async def test_relationship_loads_are_scoped(uow_factory: Factory) -> None:
 async def test_bulk_update_and_delete_touch_only_the_current_tenant(
     uow_factory: Factory, engine: AsyncEngine
 ) -> None:
-    a, b = await _seed(uow_factory)
+    _, b = await _seed(uow_factory)
     with request_context(tenant_id="A"):
         async with uow_factory() as uow:
             result = await uow.session.execute(update(Order).values(status="cancelled"))
@@ -106,9 +106,8 @@ async def test_writes_to_another_tenants_object_are_refused(uow_factory: Factory
     async with uow_factory() as uow:
         with request_context(tenant_id="A"):
             order = await uow.orders.require(a.id)
-        with request_context(tenant_id="B"):
-            with pytest.raises(NotFound):
-                await uow.orders.remove(order)
+        with request_context(tenant_id="B"), pytest.raises(NotFound):
+            await uow.orders.remove(order)
 
 
 async def test_adding_for_another_tenant_and_changing_tenant_are_refused(

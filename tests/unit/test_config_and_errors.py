@@ -101,17 +101,27 @@ def test_non_database_errors_are_not_translated() -> None:
     [
         (Column("i", Integer()), "42", 42),
         (Column("i", Integer()), -3, -3),
-        (Column("u", Uuid()), "0190b3f2-0000-7000-8000-000000000000", UUID("0190b3f2-0000-7000-8000-000000000000")),
+        (
+            Column("u", Uuid()),
+            "0190b3f2-0000-7000-8000-000000000000",
+            UUID("0190b3f2-0000-7000-8000-000000000000"),
+        ),
         (Column("n", Numeric()), "1.50", Decimal("1.50")),
         (Column("b", Boolean()), "true", True),
         (Column("b", Boolean()), "0", False),
         (Column("d", Date()), "2030-01-02", date(2030, 1, 2)),
-        (Column("t", UtcDateTime()), "2030-01-02T03:04:05Z", datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)),
+        (
+            Column("t", UtcDateTime()),
+            "2030-01-02T03:04:05Z",
+            datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC),
+        ),
         (Column("s", String()), "text", "text"),
         (Column("s", String()), None, None),
     ],
 )
-def test_coerce_accepts_typed_and_string_values(column: Column, raw: object, expected: object) -> None:  # type: ignore[type-arg]
+def test_coerce_accepts_typed_and_string_values(
+    column: Column, raw: object, expected: object
+) -> None:  # type: ignore[type-arg]
     assert coerce_value(column, raw, field=column.name) == expected
 
 
