@@ -67,6 +67,7 @@ class Repository(Generic[T]):
     sortable: ClassVar[frozenset[str]] = frozenset()
     default_order: ClassVar[tuple[str, ...]] = ()
     max_limit: ClassVar[int] = 1000
+    _qx_resolved: ClassVar[tuple[Mapper[Any], EntityInfo] | None] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -96,9 +97,15 @@ class Repository(Generic[T]):
             )
         self._session = session
         self._uow = uow
-        self._mapper: Mapper[Any] = inspect(entity)
-        self._info: EntityInfo = entity_info(entity)
-        self._name = type(self).__qualname__
+        cls = type(self)
+        resolved = cls.__dict__.get("_qx_resolved")
+        if resolved is None:
+            # Resolved once per repository class, not once per unit of work.
+            resolved = (inspect(entity), entity_info(entity))
+            cls._qx_resolved = resolved
+        self._mapper: Mapper[Any] = resolved[0]
+        self._info: EntityInfo = resolved[1]
+        self._name = cls.__qualname__
 
     @property
     def session(self) -> AsyncSession:

@@ -126,12 +126,19 @@ class UnitOfWork:
         return found
 
     def __getattr__(self, name: str) -> Any:
-        # Only reached when normal lookup fails: a declared repository before __aenter__.
-        if not name.startswith("_") and name in type(self).declared_repositories():
-            raise UnitOfWorkError(
-                f"{type(self).__qualname__}.{name} is available inside 'async with' only "
-                f"(state: {self._state.value})"
-            )
+        # Only reached when normal lookup fails: a declared repository not built yet. Building
+        # it on first use keeps units of work that never touch a repository cheap.
+        if not name.startswith("_"):
+            repo_type = type(self).declared_repositories().get(name)
+            if repo_type is not None:
+                if self._state is not UnitOfWorkState.ACTIVE:
+                    raise UnitOfWorkError(
+                        f"{type(self).__qualname__}.{name} is available inside 'async with' "
+                        f"only (state: {self._state.value})"
+                    )
+                repo = self.repository(repo_type)
+                setattr(self, name, repo)
+                return repo
         raise AttributeError(name)
 
     def repository(self, repository_type: type[R]) -> R:
@@ -178,8 +185,6 @@ class UnitOfWork:
         self._session = session
         self._state = UnitOfWorkState.ACTIVE
         self.correlation_id = current_context().correlation_id or str(new_id())
-        for name, repo_type in type(self).declared_repositories().items():
-            setattr(self, name, self.repository(repo_type))
         return self
 
     async def __aexit__(
@@ -188,6 +193,11 @@ class UnitOfWork:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        if self._state is not UnitOfWorkState.ACTIVE and self._session is not None:
+            # Committed or rolled back already: only the session's close is left, which
+            # releases a connection that holds no transaction.
+            await self._close()
+            return
         cleanup = asyncio.ensure_future(self._close())
         try:
             await asyncio.shield(cleanup)
@@ -220,7 +230,6 @@ class UnitOfWork:
                 except Exception:  # pragma: no cover - connection already unusable
                     logger.exception("closing the unit of work's session failed")
             self._state = UnitOfWorkState.CLOSED
-            self._repositories.clear()
 
     async def _rollback_quietly(self, session: AsyncSession) -> None:
         self._state = UnitOfWorkState.ROLLED_BACK

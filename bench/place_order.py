@@ -1,0 +1,278 @@
+"""Benchmark: the "place order" transaction (1 order + 3 lines + 1 outbox event).
+
+Runs qx, hand-written SQLAlchemy ORM (imperative mapping, manual outbox insert), SQLAlchemy
+Core and raw asyncpg against the same PostgreSQL, in one process and one run, at concurrency
+1 and 8, and prints transactions per second and the ratio to the hand-written ORM.
+
+    python bench/place_order.py [--url postgresql+asyncpg://postgres@127.0.0.1:5432/test]
+                                [--transactions 2000] [--rounds 3]
+
+Each implementation writes to its own schema-local copy of the tables (a fresh schema per
+run, dropped at the end). Rounds alternate between implementations so drift in the machine
+affects all of them alike; the best round of each is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from decimal import Decimal
+from uuid import UUID
+
+import asyncpg
+import sqlalchemy
+from sqlalchemy import insert, text
+from sqlalchemy.orm import registry, relationship
+
+from qx.core import new_id, request_context, utcnow
+from qx.db import UnitOfWorkFactory, create_engine, create_session_factory
+from qx.examples.orders.domain import Order, OrderLine, OrderPlacedV1
+from qx.examples.orders.infrastructure import (
+    OrdersUnitOfWork,
+    metadata,
+    order_lines,
+    orders,
+)
+from qx.outbox import event_payload, outbox_table
+from qx.settings import DatabaseSettings
+
+SKUS = (("KB-01", Decimal("49.90")), ("MS-02", Decimal("19.50")), ("HD-03", Decimal("89.00")))
+TENANT = "bench"
+
+
+# -- hand-written ORM: its own plain classes mapped onto the same tables ----------------------
+@dataclass(eq=False, kw_only=True)
+class HLine:
+    id: UUID = field(default_factory=new_id)
+    sku: str
+    quantity: int
+    unit_price: Decimal
+    tenant_id: str = TENANT
+
+
+@dataclass(eq=False, kw_only=True)
+class HOrder:
+    id: UUID = field(default_factory=new_id)
+    customer: str
+    status: str = "placed"
+    version: int = 1
+    tenant_id: str = TENANT
+    created_at: object = None
+    updated_at: object = None
+    lines: list[HLine] = field(default_factory=list)
+
+
+_hand = registry()
+_hand.map_imperatively(HLine, order_lines)
+_hand.map_imperatively(
+    HOrder,
+    orders,
+    version_id_col=orders.c.version,
+    properties={
+        "lines": relationship(
+            HLine, cascade="all, delete-orphan", lazy="selectin", overlaps="lines"
+        )
+    },
+)
+
+
+def _lines() -> list[tuple[str, int, Decimal]]:
+    return [(sku, 1 + i, price) for i, (sku, price) in enumerate(SKUS)]
+
+
+def _outbox(order_id: UUID, customer: str, total: Decimal) -> dict[str, object]:
+    event = OrderPlacedV1(order_id=order_id, customer=customer, total=total, skus=("KB-01",))
+    now = utcnow()
+    return {
+        "id": event.event_id,
+        "event_name": "orders.order_placed",
+        "event_version": 1,
+        "aggregate_type": "Order",
+        "aggregate_id": str(order_id),
+        "payload": event_payload(event),
+        "headers": {},
+        "occurred_at": now,
+        "correlation_id": str(new_id()),
+        "causation_id": None,
+        "tenant_id": TENANT,
+        "next_attempt_at": now,
+    }
+
+
+async def run(workers: int, count: int, one: Callable[[int], Awaitable[None]]) -> float:
+    """Run ``count`` transactions over ``workers`` tasks; return transactions per second."""
+    queue = iter(range(count))
+
+    async def worker() -> None:
+        for n in queue:
+            await one(n)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(workers)))
+    return count / (time.perf_counter() - started)
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--url",
+        default=os.environ.get(
+            "QX_BENCH_DATABASE_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
+        ),
+    )
+    parser.add_argument("--transactions", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+
+    schema = f"qx_bench_{new_id().hex[-8:]}"
+    settings = DatabaseSettings(url=args.url, pool_size=10, max_overflow=0)
+    admin = create_engine(settings)
+    async with admin.begin() as conn:
+        await conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    await admin.dispose()
+    engine = create_engine(settings, connect_args={"server_settings": {"search_path": schema}})
+    async with engine.begin() as conn:
+        await conn.run_sync(metadata.create_all)
+    qx_factory = UnitOfWorkFactory(OrdersUnitOfWork, create_session_factory(engine))
+    plain_sessions = sqlalchemy.ext.asyncio.async_sessionmaker(engine, expire_on_commit=False)
+    dsn = args.url.replace("postgresql+asyncpg", "postgresql")
+    pool = await asyncpg.create_pool(
+        dsn, min_size=10, max_size=10, server_settings={"search_path": schema}
+    )
+
+    async def qx_tx(n: int) -> None:
+        with request_context(tenant_id=TENANT):
+            async with qx_factory() as uow:
+                lines = [OrderLine(sku=s, quantity=q, unit_price=p) for s, q, p in _lines()]
+                await uow.orders.add(Order.place(f"c{n}", lines))
+                await uow.commit()
+
+    async def orm_tx(n: int) -> None:
+        async with plain_sessions() as session:
+            order = HOrder(
+                customer=f"c{n}",
+                lines=[HLine(sku=s, quantity=q, unit_price=p) for s, q, p in _lines()],
+            )
+            now = utcnow()
+            order.created_at = order.updated_at = now
+            session.add(order)
+            total = sum((q * p for _, q, p in _lines()), Decimal(0))
+            await session.flush()
+            await session.execute(insert(outbox_table), [_outbox(order.id, order.customer, total)])
+            await session.commit()
+
+    async def core_tx(n: int) -> None:
+        async with engine.begin() as conn:
+            order_id, now = new_id(), utcnow()
+            await conn.execute(
+                insert(orders),
+                {
+                    "id": order_id,
+                    "customer": f"c{n}",
+                    "status": "placed",
+                    "version": 1,
+                    "tenant_id": TENANT,
+                    "created_at": now,
+                    "updated_at": now,
+                },
+            )
+            await conn.execute(
+                insert(order_lines),
+                [
+                    {
+                        "id": new_id(),
+                        "order_id": order_id,
+                        "sku": s,
+                        "quantity": q,
+                        "unit_price": p,
+                        "tenant_id": TENANT,
+                    }
+                    for s, q, p in _lines()
+                ],
+            )
+            total = sum((q * p for _, q, p in _lines()), Decimal(0))
+            await conn.execute(insert(outbox_table), [_outbox(order_id, f"c{n}", total)])
+
+    async def asyncpg_tx(n: int) -> None:
+        async with pool.acquire() as conn, conn.transaction():
+            order_id, now = new_id(), utcnow()
+            await conn.execute(
+                "INSERT INTO orders (id, customer, status, version, tenant_id, created_at,"
+                " updated_at) VALUES ($1, $2, 'placed', 1, $3, $4, $4)",
+                order_id,
+                f"c{n}",
+                TENANT,
+                now,
+            )
+            await conn.executemany(
+                "INSERT INTO order_lines (id, order_id, sku, quantity, unit_price, tenant_id)"
+                " VALUES ($1, $2, $3, $4, $5, $6)",
+                [(new_id(), order_id, s, q, p, TENANT) for s, q, p in _lines()],
+            )
+            total = sum((q * p for _, q, p in _lines()), Decimal(0))
+            row = _outbox(order_id, f"c{n}", total)
+            await conn.execute(
+                "INSERT INTO qx_outbox (id, event_name, event_version, aggregate_type,"
+                " aggregate_id, payload, headers, occurred_at, correlation_id, tenant_id,"
+                " next_attempt_at) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11)",
+                row["id"],
+                row["event_name"],
+                row["event_version"],
+                row["aggregate_type"],
+                row["aggregate_id"],
+                json.dumps(row["payload"]),
+                json.dumps(row["headers"]),
+                row["occurred_at"],
+                row["correlation_id"],
+                row["tenant_id"],
+                row["next_attempt_at"],
+            )
+
+    impls: dict[str, Callable[[int], Awaitable[None]]] = {
+        "qx": qx_tx,
+        "hand-written ORM": orm_tx,
+        "SQLAlchemy Core": core_tx,
+        "raw asyncpg": asyncpg_tx,
+    }
+    results: dict[tuple[str, int], float] = {}
+    try:
+        for one in impls.values():  # warm up: connections, statement caches
+            await run(8, 200, one)
+        for workers in (1, 8):
+            for _ in range(args.rounds):
+                for name, one in impls.items():
+                    tps = await run(workers, args.transactions, one)
+                    key = (name, workers)
+                    results[key] = max(results.get(key, 0.0), tps)
+    finally:
+        await pool.close()
+        await engine.dispose()
+        admin = create_engine(settings)
+        async with admin.begin() as conn:
+            await conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        await admin.dispose()
+
+    print(
+        f"place order: 1 order + 3 lines + 1 outbox row per transaction; "
+        f"{args.transactions} tx x best of {args.rounds} rounds; {os.cpu_count()} CPUs; "
+        f"Python {platform.python_version()}, SQLAlchemy {sqlalchemy.__version__}, "
+        f"asyncpg {asyncpg.__version__}"
+    )
+    print(f"{'implementation':<20}{'c=1 tx/s':>12}{'vs ORM':>9}{'c=8 tx/s':>12}{'vs ORM':>9}")
+    for name in impls:
+        cells = []
+        for workers in (1, 8):
+            tps = results[(name, workers)]
+            ratio = tps / results[("hand-written ORM", workers)]
+            cells.append(f"{tps:>12.0f}{ratio:>8.2f}x")
+        print(f"{name:<20}{''.join(cells)}")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
