@@ -8,6 +8,11 @@ SQL are checked by :func:`visible` instead.
 
 Scoping reads :func:`qx.core.context.current_context`: no tenant and no system context means
 refusal (``TenantRequired``), never "all tenants".
+
+Known limit: a hand-written statement whose subquery uses a scoped class that is neither the
+statement's entity nor reachable from it through relationships gets no criteria for that
+class. Repositories never build such statements; code using ``uow.session`` directly must
+filter that subquery itself (or use ``select_from``/count shapes, which scope every class).
 """
 
 from __future__ import annotations
