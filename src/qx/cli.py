@@ -52,12 +52,11 @@ def _build_app() -> typer.Typer:
             events.add_row(name, str(count))
         console.print(events)
         outbox = Table(title="Outbox rows written in the same commits (latest)")
-        for column in ("position", "event_name", "aggregate_id", "correlation_id"):
+        columns = ("position", "event_name", "aggregate_id", "correlation_id")
+        for column in columns:
             outbox.add_column(column)
         for row in report.outbox_rows:
-            outbox.add_row(
-                *(str(row[c]) for c in ("position", "event_name", "aggregate_id", "correlation_id"))
-            )
+            outbox.add_row(*(str(row[c]) for c in columns))
         console.print(outbox)
         statuses = ", ".join(f"{k}={v}" for k, v in sorted(report.orders_by_status.items()))
         console.print(

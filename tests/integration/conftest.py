@@ -61,13 +61,18 @@ async def drop_schema(schema: str) -> None:
     await admin.dispose()
 
 
+async def create_tables(engine: AsyncEngine) -> None:
+    """Create the orders example's and the test models' tables."""
+    async with engine.begin() as conn:
+        await conn.run_sync(orders_metadata.create_all)
+        await conn.run_sync(models.metadata.create_all)
+
+
 @pytest.fixture
 async def engine(backend: str, tmp_path: Path) -> AsyncIterator[AsyncEngine]:
     eng, schema = await make_backend_engine(backend, tmp_path)
     try:
-        async with eng.begin() as conn:
-            await conn.run_sync(orders_metadata.create_all)
-            await conn.run_sync(models.metadata.create_all)
+        await create_tables(eng)
         yield eng
     finally:
         await eng.dispose()

@@ -15,8 +15,9 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from qx.core import ConcurrencyConflict, TransientError, request_context
-from qx.db import UnitOfWorkFactory
+from qx.db import UnitOfWorkFactory, create_session_factory
 from qx.examples.orders.infrastructure import orders
+from tests.integration.conftest import create_tables, make_backend_engine
 from tests.integration.helpers import new_order
 from tests.models import AppUnitOfWork, Counter
 
@@ -54,25 +55,32 @@ async def test_fifty_concurrent_writers_with_retry_make_exactly_fifty_increments
     assert final.version == 51  # one bump per committed transaction
 
 
-@pytest.mark.postgres_only
-async def test_stale_aggregate_raises_concurrency_conflict_naming_it(
-    uow_factory: Factory,
-) -> None:
-    async with uow_factory() as uow:
+async def _commit_stale_counter(factory: Factory) -> tuple[Counter, Exception]:
+    """Load a counter, let another unit of work change it, then commit the stale copy."""
+    async with factory() as uow:
         counter = Counter(name="stale")
         await uow.counters.add(counter)
         await uow.commit()
-    async with uow_factory() as first:
+    async with factory() as first:
         mine = await first.counters.require(counter.id)
-        async with uow_factory() as second:
+        async with factory() as second:
             theirs = await second.counters.require(counter.id)
             theirs.increment()
             await second.commit()
         mine.increment()
-        with pytest.raises(ConcurrencyConflict) as info:
+        with pytest.raises(Exception) as info:
             await first.commit()
-    assert info.value.entities == (f"Counter({counter.id})",)
-    assert str(counter.id) in str(info.value)
+    return counter, info.value
+
+
+@pytest.mark.postgres_only
+async def test_stale_aggregate_raises_concurrency_conflict_naming_it(
+    uow_factory: Factory,
+) -> None:
+    counter, error = await _commit_stale_counter(uow_factory)
+    assert isinstance(error, ConcurrencyConflict)
+    assert error.entities == (f"Counter({counter.id})",)
+    assert str(counter.id) in str(error)
 
 
 @pytest.mark.postgres_only
@@ -139,32 +147,13 @@ async def test_concurrent_removal_of_a_line_and_quantity_change_conflict(
 
 
 async def test_sqlite_deferred_stale_writer_gets_a_retryable_error(tmp_path: Path) -> None:
-    from qx.db import create_engine, create_session_factory
-    from qx.examples.orders.infrastructure import metadata as orders_metadata
-    from qx.settings import DatabaseSettings
-    from tests import models
-
-    url = f"sqlite+aiosqlite:///{tmp_path / 'deferred.sqlite3'}"
-    engine = create_engine(
-        DatabaseSettings(url=url, sqlite_begin="deferred", sqlite_busy_timeout=1)
+    engine, _ = await make_backend_engine(
+        "sqlite", tmp_path, sqlite_begin="deferred", sqlite_busy_timeout=1
     )
     try:
-        async with engine.begin() as conn:
-            await conn.run_sync(orders_metadata.create_all)
-            await conn.run_sync(models.metadata.create_all)
+        await create_tables(engine)
         factory = UnitOfWorkFactory(AppUnitOfWork, create_session_factory(engine))
-        async with factory() as uow:
-            counter = Counter(name="stale")
-            await uow.counters.add(counter)
-            await uow.commit()
-        async with factory() as first:
-            mine = await first.counters.require(counter.id)
-            async with factory() as second:
-                theirs = await second.counters.require(counter.id)
-                theirs.increment()
-                await second.commit()
-            mine.increment()
-            with pytest.raises((ConcurrencyConflict, TransientError)):
-                await first.commit()
+        _, error = await _commit_stale_counter(factory)
+        assert isinstance(error, ConcurrencyConflict | TransientError)
     finally:
         await engine.dispose()

@@ -31,6 +31,7 @@ from qx.core.errors import (
     StatementTimeout,
     TransientError,
 )
+from qx.db.session import stale_candidates
 
 __all__ = ["error_for_sqlstate", "sqlstate_of", "translate_error", "translating"]
 
@@ -187,7 +188,7 @@ def translating(session: Session | None = None) -> Iterator[None]:
     except QxError:
         raise
     except Exception as exc:
-        stale = tuple(session.info.get("qx_version_checked", ())) if session is not None else ()
+        stale = stale_candidates(session) if session is not None else ()
         translated = translate_error(exc, stale=stale)
         if translated is None:
             raise
