@@ -12,12 +12,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Any, Final
 
-from sqlalchemy import event, inspect
+from sqlalchemy import event
 from sqlalchemy.orm import InstanceState, ORMExecuteState, Session, UOWTransaction
 from sqlalchemy.orm import attributes as orm_attributes
+from sqlalchemy.orm.attributes import instance_state
 
 from qx.core.clock import Clock, SystemClock
-from qx.core.context import current_context
+from qx.core.context import RequestContext, current_context
 from qx.core.errors import TenantViolation
 from qx.db.mapping import EntityInfo, entity_info
 from qx.db.scoping import (
@@ -86,7 +87,8 @@ def _scope_statement(state: ORMExecuteState) -> None:
 
 
 def _info(obj: Any) -> EntityInfo:
-    return entity_info(type(obj))
+    # Through the instance state: cheaper than resolving the class's mapper each time.
+    return entity_info(instance_state(obj).mapper)
 
 
 def _owned_children(state: InstanceState[Any], info: EntityInfo) -> Iterator[Any]:
@@ -106,16 +108,18 @@ def _aggregate_changed(
     if state.modified and session.is_modified(state.obj(), include_collections=True):
         return True
     for child in _owned_children(state, info):
-        child_state = inspect(child)
+        child_state = instance_state(child)
         if child_state in changed:
             return True
-        child_info = _info(child)
+        child_info = entity_info(child_state.mapper)
         if child_info.owned and _aggregate_changed(session, child_state, child_info, changed):
             return True
     return False
 
 
-def _check_tenant(obj: Any, info: EntityInfo, tenant: str | None, system: bool) -> None:
+def _check_tenant(
+    obj: Any, info: EntityInfo, tenant: str | None, system: bool, *, persistent: bool = True
+) -> None:
     if info.tenant_key is None or system:
         return
     value = getattr(obj, info.tenant_key)
@@ -124,32 +128,30 @@ def _check_tenant(obj: Any, info: EntityInfo, tenant: str | None, system: bool) 
             f"{info.describe(obj)} belongs to tenant {value!r}, not to the current tenant "
             f"{tenant!r}; cross-tenant writes are refused"
         )
+    if not persistent:
+        return  # a new row has no stored tenant to protect
     history = orm_attributes.get_history(obj, info.tenant_key)
     if history.deleted and history.deleted[0] is not None and history.deleted[0] != value:
         raise TenantViolation(f"{info.describe(obj)}: the tenant of a row cannot be changed")
 
 
-@event.listens_for(QxSession, "before_flush")
-def _before_flush(session: Session, _flush: UOWTransaction, _instances: Any) -> None:
-    session.info[_FLUSHED] = True
-    ctx = current_context()
-    now = session.info.get(CLOCK, _SYSTEM_CLOCK).now()
-    bumped: set[InstanceState[Any]] = session.info.setdefault(_BUMPED, set())
-    checked: list[str] = []
+def _stamp_new(
+    session: Session, ctx: RequestContext, now: Any, bumped: set[InstanceState[Any]]
+) -> tuple[set[InstanceState[Any]], bool]:
+    """Stamp tenant, audit and version columns of new objects; return them and whether a
+    new part (not root) is among them."""
     changed: set[InstanceState[Any]] = set()
     child_changed = False
-
     for obj in session.new:
-        info = _info(obj)
-        state = inspect(obj)
+        state = instance_state(obj)
+        info = entity_info(state.mapper)
         changed.add(state)
         if info.tenant_key is not None:
-            current = getattr(obj, info.tenant_key)
-            if current is None:
-                setattr(obj, info.tenant_key, tenant_for_write(info, ctx))
+            tenant = tenant_for_write(info, ctx)
+            if getattr(obj, info.tenant_key) is None:
+                setattr(obj, info.tenant_key, tenant)
             else:
-                tenant = tenant_for_write(info, ctx)
-                _check_tenant(obj, info, tenant, ctx.system)
+                _check_tenant(obj, info, tenant, ctx.system, persistent=False)
         if info.created_key is not None and getattr(obj, info.created_key) is None:
             setattr(obj, info.created_key, now)
         if info.updated_key is not None and getattr(obj, info.updated_key) is None:
@@ -160,17 +162,30 @@ def _before_flush(session: Session, _flush: UOWTransaction, _instances: Any) -> 
                 setattr(obj, info.version_key, 1)
         else:
             child_changed = True
+    return changed, child_changed
+
+
+@event.listens_for(QxSession, "before_flush")
+def _before_flush(session: Session, _flush: UOWTransaction, _instances: Any) -> None:
+    info_dict = session.info
+    info_dict[_FLUSHED] = True
+    ctx = current_context()
+    now = info_dict.get(CLOCK, _SYSTEM_CLOCK).now()
+    bumped: set[InstanceState[Any]] | None = info_dict.get(_BUMPED)
+    if bumped is None:
+        bumped = info_dict[_BUMPED] = set()
+    checked: list[str] = []
+    changed, child_changed = _stamp_new(session, ctx, now, bumped)
 
     dirty_roots: list[Any] = []
     for obj in session.dirty:
         info = _info(obj)
-        state = inspect(obj)
         if info.tenant_key is not None:
             _check_tenant(obj, info, tenant_for_write(info, ctx), ctx.system)
         if info.is_root:
             dirty_roots.append(obj)
         elif session.is_modified(obj, include_collections=False):
-            changed.add(state)
+            changed.add(instance_state(obj))
             child_changed = True
             if info.updated_key is not None:
                 setattr(obj, info.updated_key, now)
@@ -179,24 +194,25 @@ def _before_flush(session: Session, _flush: UOWTransaction, _instances: Any) -> 
         info = _info(obj)
         if info.tenant_key is not None:
             _check_tenant(obj, info, tenant_for_write(info, ctx), ctx.system)
-        changed.add(inspect(obj))
+        changed.add(instance_state(obj))
         if info.is_root and info.version_key is not None:
             checked.append(info.describe(obj))
         else:
             child_changed = True
 
     roots: Iterable[Any] = dirty_roots
-    if child_changed:
+    if child_changed and session.identity_map:
         # A changed part must bump its root; parts hold no link to their root, so look at the
         # loaded roots (the identity map) whose owned collections contain changed parts.
+        # New roots need no look: their INSERT already guards them.
         roots = dict.fromkeys(
             [*dirty_roots, *(o for o in session.identity_map.values() if _info(o).is_root)]
         )
     for root in roots:
-        info = _info(root)
-        state = inspect(root)
+        state = instance_state(root)
         if state in bumped or state.deleted or root in session.deleted:
             continue
+        info = entity_info(state.mapper)
         if not _aggregate_changed(session, state, info, changed):
             continue
         bumped.add(state)
@@ -205,7 +221,8 @@ def _before_flush(session: Session, _flush: UOWTransaction, _instances: Any) -> 
             checked.append(info.describe(root))
         if info.updated_key is not None:
             setattr(root, info.updated_key, now)
-    session.info[_CANDIDATES] = checked
+    if checked or _CANDIDATES in info_dict:
+        info_dict[_CANDIDATES] = checked
 
 
 @event.listens_for(QxSession, "after_transaction_end")

@@ -278,7 +278,7 @@ class UnitOfWork:
                 )
             collected.extend(batch)
             if self._dispatcher is None:
-                continue
+                break  # nothing runs that could record more events
             for record in batch:
                 token = handling_event.set(record.event.event_id)
                 try:
@@ -334,11 +334,9 @@ class UnitOfWork:
             records = await self._drain_events()
             with translating(session.sync_session):
                 await session.flush()
-            rows = self._outbox_rows(records)
-            if rows:
-                with translating(session.sync_session):
+                rows = self._outbox_rows(records)
+                if rows:
                     await session.execute(insert(outbox_table), rows)
-            with translating(session.sync_session):
                 await session.commit()
         except BaseException:
             await asyncio.shield(self._rollback_quietly(session))
