@@ -45,7 +45,8 @@ async def test_list_filters_sorts_and_windows(uow_factory: Factory) -> None:
         ({"value": True}, "value"),  # bool is not an int here
         ({"order_by": "version"}, "version"),  # not sortable
         ({"order_by": "-nope"}, "nope"),
-        ({"order_by": ""}, "order_by"),
+        ({"order_by": ""}, "sort"),
+        ({"sort": ["name", 3]}, "sort"),
         ({"limit": -1}, "limit"),
         ({"limit": 10_000}, "limit"),
         ({"offset": "3"}, "offset"),

@@ -17,19 +17,27 @@ Example:
 from __future__ import annotations
 
 import builtins
-from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar, get_args, get_origin
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Generic, TypeVar, get_args, get_origin
 
-from sqlalchemy import func, inspect, select
+from sqlalchemy import inspect, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapper
 from sqlalchemy.sql import Select
 
+from qx.core.clock import Clock
 from qx.core.context import current_context
-from qx.core.errors import ConfigurationError, InvalidQuery, NotFound
+from qx.core.errors import ConfigurationError, DuplicateKey, InvalidQuery, NotFound
+from qx.db.bulk import delete_owned, upsert_entities
 from qx.db.errors import translating
 from qx.db.mapping import EntityInfo, entity_info
-from qx.db.query import coerce_value, equality_criteria, order_by_clauses
+from qx.db.query.coerce import coerce_value
+from qx.db.query.cursor import CursorCodec
+from qx.db.query.fields import column_attribute
+from qx.db.query.keyset import SortKey, resolve_sort
+from qx.db.query.lookups import in_condition
+from qx.db.query.page import Page
+from qx.db.query.query import Query
 from qx.db.scoping import WITH_DELETED, tenant_for_write, visible
 from qx.db.session import QxSession
 
@@ -39,6 +47,8 @@ if TYPE_CHECKING:
 __all__ = ["Repository"]
 
 T = TypeVar("T")
+
+_IN_BULK_CHUNK: Final = 10_000
 
 
 def _entity_from_bases(cls: type[Any]) -> type[Any] | None:
@@ -68,6 +78,7 @@ class Repository(Generic[T]):
     default_order: ClassVar[tuple[str, ...]] = ()
     max_limit: ClassVar[int] = 1000
     _qx_resolved: ClassVar[tuple[Mapper[Any], EntityInfo] | None] = None
+    _qx_default_sort: ClassVar[tuple[SortKey, ...] | None] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -84,7 +95,13 @@ class Repository(Generic[T]):
         if isinstance(cls.__dict__.get("default_order"), str):
             cls.default_order = (cls.__dict__["default_order"],)
 
-    def __init__(self, session: AsyncSession, *, uow: UnitOfWork | None = None) -> None:
+    def __init__(
+        self,
+        session: AsyncSession,
+        *,
+        uow: UnitOfWork | None = None,
+        cursor_codec: CursorCodec | None = None,
+    ) -> None:
         entity = getattr(type(self), "entity", None)
         if entity is None:
             raise ConfigurationError(
@@ -106,6 +123,8 @@ class Repository(Generic[T]):
         self._mapper: Mapper[Any] = resolved[0]
         self._info: EntityInfo = resolved[1]
         self._name = cls.__qualname__
+        self._codec = cursor_codec
+        self._dialect_name: str | None = None
 
     @property
     def session(self) -> AsyncSession:
@@ -164,90 +183,192 @@ class Repository(Generic[T]):
             raise NotFound(entity=self._info.name, key=ident)
         return found
 
-    def _select(self, filters: dict[str, Any]) -> Select[Any]:
-        criteria = equality_criteria(
-            self._mapper, filters, allowed=self.filterable, owner=self._name
-        )
-        return select(self.entity).where(*criteria)
+    # -- queries ----------------------------------------------------------------------------
 
-    @staticmethod
-    def _check_window(name: str, value: int | None, maximum: int | None = None) -> None:
-        if value is None:
-            return
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise InvalidQuery(f"{name} must be a non-negative integer, got {value!r}", field=name)
-        if maximum is not None and value > maximum:
-            raise InvalidQuery(f"{name} must be at most {maximum}, got {value}", field=name)
+    def query(self) -> Query[T]:
+        """Start a chainable, immutable query (see :class:`qx.db.query.Query`)."""
+        self._guard()
+        return Query(self)
+
+    def _dialect(self) -> str:
+        if self._dialect_name is None:
+            bind = self._session.sync_session.get_bind(self._mapper)
+            self._dialect_name = bind.dialect.name
+        return self._dialect_name
+
+    def _sort_keys(self, spec: str | Sequence[str] | None) -> tuple[SortKey, ...]:
+        return resolve_sort(self._mapper, spec, allowed=self.sortable, owner=self._name)
+
+    def _default_sort(self) -> tuple[SortKey, ...]:
+        cls = type(self)
+        cached = cls.__dict__.get("_qx_default_sort")
+        if cached is None:
+            # The class declared it, so it is trusted beyond ``sortable``.
+            cached = resolve_sort(
+                self._mapper,
+                list(self.default_order),
+                allowed=[key.lstrip("+-") for key in self.default_order],
+                owner=self._name,
+            )
+            cls._qx_default_sort = cached
+        return cached
+
+    def _cursor_codec(self) -> CursorCodec:
+        codec = self._codec or (self._uow.cursor_codec if self._uow is not None else None)
+        if codec is None:
+            raise ConfigurationError(
+                "keyset pagination needs a cursor secret: pass cursor_secret= to "
+                "UnitOfWorkFactory (for example QxSettings().pagination_secret, set with "
+                "QX_PAGINATION_SECRET)"
+            )
+        return codec
+
+    def _clock(self) -> Clock:
+        clock: Clock = self._session.sync_session.clock()  # type: ignore[attr-defined]
+        return clock
+
+    def _filtered(
+        self,
+        filters: Mapping[str, Any] | None,
+        keywords: Mapping[str, Any],
+        *,
+        with_deleted: bool,
+    ) -> Query[T]:
+        if filters is not None and not isinstance(filters, Mapping):
+            raise InvalidQuery(
+                f"filters must be a mapping, got {type(filters).__name__}", field="filters"
+            )
+        query = self.query()
+        merged = {**(filters or {}), **keywords}
+        if merged:
+            query = query.filter(**merged)
+        return query.with_deleted(with_deleted)
 
     async def list(
         self,
         *,
+        filters: Mapping[str, Any] | None = None,
+        sort: str | Sequence[str] | None = None,
         order_by: str | Sequence[str] | None = None,
         limit: int | None = None,
         offset: int | None = None,
         with_deleted: bool = False,
-        **filters: Any,
+        **lookups: Any,
     ) -> builtins.list[T]:
-        """Return entities matching equality ``filters``, sorted, windowed.
+        """Return entities matching the filters, sorted, windowed.
+
+        Filters use the query grammar (``status="paid"``, ``total__gte="100"``,
+        ``lines__sku__in="A,B"``) as keywords or as a ``filters`` mapping of strings from an
+        HTTP request; values are coerced to the column types.
 
         Args:
-            order_by: sort keys (``"-created_at"`` for descending); the primary key is always
-                appended so the order is total.
+            filters: ``{"field__lookup": value}``; fields must be in ``filterable``.
+            sort: sort keys (``"-created_at,customer"`` or a list); ``order_by`` is an alias.
+                The primary key is always appended so the order is total.
             limit: at most this many (``max_limit`` caps it).
             offset: skip this many.
             with_deleted: include soft-deleted rows.
-            **filters: ``field=value`` (``None`` means IS NULL); fields must be in
-                ``filterable``.
+            **lookups: more filters, as keywords.
 
         Raises:
-            InvalidQuery: an unknown or not-allowed field or sort key, or a bad value.
+            InvalidQuery: an unknown or not-allowed field, lookup or sort key, or a bad value.
         """
         self._guard()
-        self._check_window("limit", limit, self.max_limit)
-        self._check_window("offset", offset)
-        stmt = self._select(filters).order_by(
-            *order_by_clauses(
-                self._mapper,
-                order_by if order_by is not None else self.default_order,
-                allowed=self.sortable,
-                owner=self._name,
-            )
-        )
+        query = self._filtered(filters, lookups, with_deleted=with_deleted)
+        spec = sort if sort is not None else order_by
+        if spec is not None:
+            query = query._copy(order=self._sort_keys(spec))
         if limit is not None:
-            stmt = stmt.limit(limit)
-        if offset:
-            stmt = stmt.offset(offset)
-        with translating(self._session.sync_session):
-            result = await self._session.scalars(
-                stmt, execution_options={WITH_DELETED: with_deleted}
-            )
-            return builtins.list(result.all())
+            query = query.limit(limit)
+        if offset is not None:
+            query = query.offset(offset)
+        return await query.all()
 
-    async def count(self, *, with_deleted: bool = False, **filters: Any) -> int:
-        """Return how many entities match equality ``filters``."""
-        self._guard()
-        pk = getattr(self.entity, self._info.pk_keys[0])
-        criteria = equality_criteria(
-            self._mapper, filters, allowed=self.filterable, owner=self._name
+    async def page(
+        self,
+        *,
+        filters: Mapping[str, Any] | None = None,
+        sort: str | Sequence[str] | None = None,
+        page_size: int = 50,
+        cursor: str | None = None,
+        page_number: int | None = None,
+        with_total: bool = False,
+        with_deleted: bool = False,
+    ) -> Page[T]:
+        """One page of entities (keyset with ``cursor``, offset with ``page_number``)."""
+        query = self._filtered(filters, {}, with_deleted=with_deleted)
+        if sort is not None:
+            query = query._copy(order=self._sort_keys(sort))
+        return await query.page(
+            page_size=page_size, cursor=cursor, page_number=page_number, with_total=with_total
         )
-        stmt = select(func.count(pk)).where(*criteria)
-        with translating(self._session.sync_session):
-            value = await self._session.scalar(stmt, execution_options={WITH_DELETED: with_deleted})
-        return int(value or 0)
 
-    async def exists(self, *, with_deleted: bool = False, **filters: Any) -> bool:
-        """Return whether any entity matches equality ``filters``."""
+    async def count(
+        self,
+        *,
+        filters: Mapping[str, Any] | None = None,
+        with_deleted: bool = False,
+        **lookups: Any,
+    ) -> int:
+        """Return how many entities match the filters."""
         self._guard()
-        pk = getattr(self.entity, self._info.pk_keys[0])
-        criteria = equality_criteria(
-            self._mapper, filters, allowed=self.filterable, owner=self._name
-        )
-        with translating(self._session.sync_session):
-            found = await self._session.scalar(
-                select(pk).where(*criteria).limit(1),
-                execution_options={WITH_DELETED: with_deleted},
-            )
-        return found is not None
+        return await self._filtered(filters, lookups, with_deleted=with_deleted).count()
+
+    async def exists(
+        self,
+        *,
+        filters: Mapping[str, Any] | None = None,
+        with_deleted: bool = False,
+        **lookups: Any,
+    ) -> bool:
+        """Return whether any entity matches the filters."""
+        self._guard()
+        return await self._filtered(filters, lookups, with_deleted=with_deleted).exists()
+
+    async def in_bulk(self, ids: Iterable[Any], *, with_deleted: bool = False) -> dict[Any, T]:
+        """Return ``{id: entity}`` for the ids that exist and are visible (others are absent).
+
+        Raises:
+            InvalidQuery: an id that is not a valid primary key value, or a composite key.
+        """
+        self._guard()
+        if len(self._info.pk_keys) != 1:
+            raise InvalidQuery(f"in_bulk() needs a single-column primary key on {self._info.name}")
+        wanted = builtins.list(dict.fromkeys(self._coerce_id(ident) for ident in ids))
+        return await self._load_many(wanted, with_deleted=with_deleted)
+
+    async def _load_many(
+        self, wanted: builtins.list[Any], *, with_deleted: bool = False, refresh: bool = False
+    ) -> dict[Any, T]:
+        if not wanted:
+            return {}
+        pk = self._info.pk_keys[0]
+        column = getattr(self.entity, pk)
+        found: dict[Any, T] = {}
+        query = self.query().with_deleted(with_deleted)
+        for start in range(0, len(wanted), _IN_BULK_CHUNK):
+            chunk = wanted[start : start + _IN_BULK_CHUNK]
+            stmt = select(self.entity).where(in_condition(column, chunk, self._dialect()))
+            if refresh:
+                stmt = stmt.execution_options(populate_existing=True)
+            for obj in await query._scalars(stmt):
+                found[getattr(obj, pk)] = obj
+        return found
+
+    async def stream(
+        self,
+        *,
+        filters: Mapping[str, Any] | None = None,
+        sort: str | Sequence[str] | None = None,
+        chunk_size: int = 1000,
+        with_deleted: bool = False,
+    ) -> AsyncIterator[T]:
+        """Yield every matching entity, ``chunk_size`` rows at a time (flat memory)."""
+        query = self._filtered(filters, {}, with_deleted=with_deleted)
+        if sort is not None:
+            query = query._copy(order=self._sort_keys(sort))
+        async for item in query.stream(chunk_size=chunk_size):
+            yield item
 
     # -- writes -----------------------------------------------------------------------------
 
@@ -282,11 +403,153 @@ class Repository(Generic[T]):
         return entity
 
     async def add_many(self, entities: Iterable[T]) -> builtins.list[T]:
-        """Add several new entities (inserted in batches at flush)."""
+        """Add several new entities: the flush writes each table with one multi-row INSERT."""
+        self._guard()
         added = builtins.list(entities)
+        key = self._info.tenant_key
+        tenant = None
         for entity in added:
-            await self.add(entity)
+            self._check_type(entity)
+            if key is not None and getattr(entity, key) is None:
+                if tenant is None:
+                    tenant = tenant_for_write(self._info, current_context())
+                setattr(entity, key, tenant)
+        self._session.add_all(added)
         return added
+
+    def _key_criteria(self, keys: Mapping[str, Any], what: str) -> builtins.list[Any]:
+        if not keys:
+            raise InvalidQuery(f"{what}() needs at least one field=value to look up", field="keys")
+        criteria = []
+        for name, raw in keys.items():
+            attr = column_attribute(self._mapper, name, owner=self._name)
+            value = coerce_value(attr.expression, raw, field=name)
+            criteria.append(attr.is_(None) if value is None else attr == value)
+        return criteria
+
+    def _build(self, values: Mapping[str, Any], what: str) -> T:
+        for name in values:
+            prop = self._mapper.attrs.get(name) if isinstance(name, str) else None
+            if prop is None:
+                raise InvalidQuery(f"{self._info.name} has no field {name!r}", field=str(name))
+        try:
+            entity: T = self.entity(**values)
+        except TypeError as exc:
+            raise InvalidQuery(
+                f"{what}() cannot build {self._info.name} from {sorted(values)}: {exc}",
+                field="defaults",
+            ) from exc
+        return entity
+
+    async def _lookup(self, criteria: builtins.list[Any], *, lock: bool = False) -> T | None:
+        stmt = select(self.entity).where(*criteria).limit(2)
+        if lock:
+            stmt = stmt.with_for_update()
+        rows = await Query(self)._scalars(stmt)
+        if len(rows) > 1:
+            raise InvalidQuery(f"the lookup keys match more than one {self._info.name}")
+        return rows[0] if rows else None
+
+    async def get_or_create(
+        self, *, defaults: Mapping[str, Any] | None = None, **keys: Any
+    ) -> tuple[T, bool]:
+        """Return ``(entity, created)``: the entity matching ``keys``, or a new one built from
+        ``keys`` and ``defaults`` and inserted now.
+
+        Safe under concurrency when ``keys`` are covered by a unique constraint: the INSERT
+        runs in a SAVEPOINT, and a caller that loses the race reads the winner's row, so
+        exactly one caller sees ``created=True``.
+
+        Raises:
+            InvalidQuery: unknown fields, keys matching several rows, or values that cannot
+                build the entity.
+            DuplicateKey: the insert collides with a row this caller cannot see (another
+                tenant's, or a soft-deleted one).
+        """
+        self._guard()
+        criteria = self._key_criteria(keys, "get_or_create")
+        found = await self._lookup(criteria)
+        if found is not None:
+            return found, False
+        entity = self._build({**(defaults or {}), **keys}, "get_or_create")
+        session = self._session
+        with translating(session.sync_session):
+            await session.flush()  # the caller's pending changes are not part of the SAVEPOINT
+        try:
+            with translating(session.sync_session):
+                async with session.begin_nested():
+                    await self.add(entity)
+                    await session.flush()
+        except DuplicateKey:
+            found = await self._lookup(criteria)
+            if found is None:
+                raise
+            return found, False
+        return entity, True
+
+    async def update_or_create(
+        self, *, defaults: Mapping[str, Any] | None = None, **keys: Any
+    ) -> tuple[T, bool]:
+        """Like :meth:`get_or_create`, then set ``defaults`` on an existing entity.
+
+        The existing row is read ``FOR UPDATE`` (PostgreSQL), so concurrent callers apply
+        their changes one after the other instead of failing on the version check.
+        """
+        self._guard()
+        values = dict(defaults or {})
+        criteria = self._key_criteria(keys, "update_or_create")
+        found = await self._lookup(criteria, lock=True)
+        if found is None:
+            return await self.get_or_create(defaults=values, **keys)
+        self._apply(found, values)
+        return found, False
+
+    def _apply(self, entity: T, values: Mapping[str, Any]) -> None:
+        managed = {
+            k
+            for k in (*self._info.pk_keys, self._info.version_key, self._info.tenant_key)
+            if k is not None
+        }
+        for name, raw in values.items():
+            if name in managed:
+                raise InvalidQuery(f"{self._info.name}.{name} is maintained by qx", field=name)
+            attr = column_attribute(self._mapper, name, owner=self._name)
+            setattr(entity, name, coerce_value(attr.expression, raw, field=name))
+
+    async def upsert(
+        self,
+        entities: Iterable[T],
+        *,
+        conflict: Sequence[str],
+        update: Sequence[str] | None = None,
+    ) -> builtins.list[T]:
+        """INSERT entities, updating the existing row on a ``conflict`` key (ON CONFLICT).
+
+        Works on PostgreSQL and SQLite. Rows are written in multi-row statements; an updated
+        row gets ``version + 1`` and ``updated_at``, and is revived if it was soft-deleted.
+        A row owned by another tenant is never touched: meeting one raises.
+
+        Args:
+            entities: new instances of the entity (their owned parts are not written).
+            conflict: the columns of a primary key or unique constraint (the tenant column is
+                added when the constraint includes it).
+            update: the columns overwritten on conflict; default: every column that is not
+                a key or maintained by qx.
+
+        Returns:
+            The stored entities, as loaded back with RETURNING.
+
+        Raises:
+            InvalidQuery: unknown columns, no matching unique constraint, or entities with
+                owned parts.
+            TenantViolation: a conflicting row belongs to another tenant.
+        """
+        self._guard()
+        return await upsert_entities(self, builtins.list(entities), conflict, update)
+
+    async def _delete_owned(self, mapper: Mapper[Any], parents: Select[Any]) -> None:
+        """Delete the owned parts (and association rows) of the rows ``parents`` selects."""
+        await delete_owned(self, mapper, parents)
 
     async def remove(self, entity: T) -> None:
         """Remove an entity: a soft delete when the table has ``deleted_at``, else a DELETE.

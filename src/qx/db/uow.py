@@ -29,6 +29,7 @@ from itertools import chain
 from types import TracebackType
 from typing import Any, ClassVar, Generic, Self, TypeVar, get_type_hints
 
+from pydantic import SecretStr
 from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -41,6 +42,7 @@ from qx.core.events import Event, IntegrationEvent, handling_event
 from qx.core.ids import new_id
 from qx.db.errors import translating
 from qx.db.mapping import entity_info
+from qx.db.query.cursor import CursorCodec
 from qx.db.repository import Repository
 from qx.db.session import CLOCK, QxSession, has_writes
 from qx.outbox.recorder import outbox_row
@@ -77,6 +79,7 @@ class UnitOfWork:
         clock: time source for audit columns and soft deletes.
         max_event_depth: dispatch rounds allowed before ``UnitOfWorkError`` (a handler
             loop that never settles).
+        cursor_codec: signs keyset-pagination cursors for this unit of work's repositories.
     """
 
     _repository_types: ClassVar[dict[str, type[Repository[Any]]] | None] = None
@@ -88,6 +91,7 @@ class UnitOfWork:
         dispatcher: EventDispatcher | None = None,
         clock: Clock | None = None,
         max_event_depth: int = 8,
+        cursor_codec: CursorCodec | None = None,
     ) -> None:
         if max_event_depth < 1:
             raise ConfigurationError(f"max_event_depth must be >= 1, got {max_event_depth}")
@@ -95,6 +99,7 @@ class UnitOfWork:
         self._dispatcher = dispatcher
         self._clock = clock or SystemClock()
         self._max_depth = max_event_depth
+        self.cursor_codec = cursor_codec
         self._state = UnitOfWorkState.NEW
         self._session: AsyncSession | None = None
         self._emitted: list[RecordedEvent] = []
@@ -373,6 +378,8 @@ class UnitOfWorkFactory(Generic[U]):
         dispatcher: event dispatcher passed to every unit of work.
         clock: time source passed to every unit of work.
         max_event_depth: dispatch rounds allowed per commit.
+        cursor_secret: key signing keyset-pagination cursors (``QxSettings.pagination_secret``,
+            at least 16 characters); keyset ``page()`` needs it.
     """
 
     def __init__(
@@ -383,6 +390,7 @@ class UnitOfWorkFactory(Generic[U]):
         dispatcher: EventDispatcher | None = None,
         clock: Clock | None = None,
         max_event_depth: int = 8,
+        cursor_secret: str | bytes | SecretStr | None = None,
     ) -> None:
         if not (isinstance(uow_type, type) and issubclass(uow_type, UnitOfWork)):
             raise ConfigurationError(f"expected a UnitOfWork subclass, got {uow_type!r}")
@@ -392,6 +400,7 @@ class UnitOfWorkFactory(Generic[U]):
         self.dispatcher = dispatcher
         self.clock = clock
         self.max_event_depth = max_event_depth
+        self.cursor_codec = CursorCodec(cursor_secret) if cursor_secret is not None else None
 
     def __call__(self) -> U:
         """Return a new, not yet entered, unit of work."""
@@ -400,4 +409,5 @@ class UnitOfWorkFactory(Generic[U]):
             dispatcher=self.dispatcher,
             clock=self.clock,
             max_event_depth=self.max_event_depth,
+            cursor_codec=self.cursor_codec,
         )
