@@ -4,9 +4,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
+from decimal import Decimal
 from uuid import UUID
 
-from sqlalchemy import CheckConstraint, Column, ForeignKey, Integer, String, Table, Uuid
+from sqlalchemy import (
+    CheckConstraint,
+    Column,
+    ForeignKey,
+    Integer,
+    Numeric,
+    String,
+    Table,
+    UniqueConstraint,
+    Uuid,
+)
+from sqlalchemy.orm import relationship
 
 from qx.core import AggregateRoot, DomainEvent, IntegrationEvent, new_id
 from qx.db import (
@@ -16,6 +28,9 @@ from qx.db import (
     make_metadata,
     make_registry,
     map_aggregate,
+    map_entity,
+    soft_delete_column,
+    tenant_column,
     uuid_pk,
     version_column,
 )
@@ -101,7 +116,144 @@ class AttachmentRepository(Repository[Attachment]):
     pass
 
 
+# -- a catalog for the query API: nullable sort keys, every kind of relationship -------------
+
+
+@dataclass(eq=False, kw_only=True)
+class Category:
+    """Many-to-one target of Item; tenant-scoped, with a globally unique code."""
+
+    id: UUID = field(default_factory=new_id)
+    code: str
+    name: str
+    tenant_id: str | None = None
+
+
+@dataclass(eq=False, kw_only=True)
+class Group:
+    """Many-to-many partner of Item."""
+
+    id: UUID = field(default_factory=new_id)
+    name: str
+    tenant_id: str | None = None
+
+
+@dataclass(eq=False, kw_only=True)
+class Tag:
+    """Owned part of Item (one-to-many, delete-orphan)."""
+
+    id: UUID = field(default_factory=new_id)
+    label: str
+    weight: int | None = None
+    tenant_id: str | None = None
+
+
+@dataclass(eq=False, kw_only=True)
+class Item(AggregateRoot):
+    id: UUID = field(default_factory=new_id)
+    name: str
+    sku: str
+    rank: int = 0
+    score: int | None = None
+    price: Decimal | None = None
+    category_id: UUID | None = None
+    category: Category | None = None
+    tags: list[Tag] = field(default_factory=list)
+    groups: list[Group] = field(default_factory=list)
+    version: int = 1
+    tenant_id: str | None = None
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+    deleted_at: datetime | None = None
+
+
+categories = Table(
+    "categories",
+    metadata,
+    uuid_pk(),
+    Column("code", String(40), nullable=False, unique=True),
+    Column("name", String(100), nullable=False),
+    tenant_column(),
+)
+groups = Table(
+    "groups", metadata, uuid_pk(), Column("name", String(100), nullable=False), tenant_column()
+)
+items = Table(
+    "items",
+    metadata,
+    uuid_pk(),
+    Column("name", String(100), nullable=False),
+    Column("sku", String(40), nullable=False),
+    Column("rank", Integer(), nullable=False),
+    Column("score", Integer(), nullable=True),
+    Column("price", Numeric(12, 2), nullable=True),
+    Column("category_id", Uuid(), ForeignKey("categories.id"), nullable=True, index=True),
+    version_column(),
+    tenant_column(),
+    *audit_columns(),
+    soft_delete_column(),
+    UniqueConstraint("tenant_id", "sku"),
+)
+item_tags = Table(
+    "item_tags",
+    metadata,
+    uuid_pk(),
+    # No ON DELETE CASCADE: bulk deletes must remove owned parts themselves.
+    Column("item_id", Uuid(), ForeignKey("items.id"), nullable=False, index=True),
+    Column("label", String(40), nullable=False),
+    Column("weight", Integer(), nullable=True),
+    tenant_column(),
+)
+item_groups = Table(
+    "item_groups",
+    metadata,
+    Column("item_id", Uuid(), ForeignKey("items.id"), primary_key=True),
+    Column("group_id", Uuid(), ForeignKey("groups.id"), primary_key=True),
+)
+map_entity(registry, Category, categories)
+map_entity(registry, Group, groups)
+map_entity(registry, Tag, item_tags)
+map_aggregate(
+    registry,
+    Item,
+    items,
+    properties={
+        "category": relationship(Category),
+        "tags": relationship(Tag, cascade="all, delete-orphan", order_by=item_tags.c.label),
+        "groups": relationship(Group, secondary=item_groups),
+    },
+)
+
+
+class ItemRepository(Repository[Item]):
+    filterable = frozenset(
+        {
+            "name",
+            "sku",
+            "rank",
+            "score",
+            "price",
+            "created_at",
+            "category_id",
+            "category__name",
+            "category__code",
+            "tags__label",
+            "tags__weight",
+            "groups__name",
+        }
+    )
+    sortable = frozenset({"name", "sku", "rank", "score", "price", "created_at"})
+    default_order = ("name",)
+
+
+class CategoryRepository(Repository[Category]):
+    filterable = frozenset({"code", "name"})
+    sortable = frozenset({"code", "name"})
+
+
 class AppUnitOfWork(UnitOfWork):
     orders: OrderRepository
     counters: CounterRepository
     attachments: AttachmentRepository
+    items: ItemRepository
+    categories: CategoryRepository

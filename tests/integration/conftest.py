@@ -23,6 +23,9 @@ from tests import models
 from tests.services import POSTGRES, resolve
 
 
+CURSOR_SECRET = "tests-cursor-secret-0123456789"
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def backend(request: pytest.FixtureRequest) -> str:
     if request.param == "sqlite" and request.node.get_closest_marker("postgres_only"):
@@ -94,7 +97,9 @@ def dispatcher() -> InProcessDispatcher:
 def uow_factory(
     session_factory: async_sessionmaker[AsyncSession], dispatcher: InProcessDispatcher
 ) -> UnitOfWorkFactory[models.AppUnitOfWork]:
-    return UnitOfWorkFactory(models.AppUnitOfWork, session_factory, dispatcher=dispatcher)
+    return UnitOfWorkFactory(
+        models.AppUnitOfWork, session_factory, dispatcher=dispatcher, cursor_secret=CURSOR_SECRET
+    )
 
 
 def pg_url_for(engine: AsyncEngine) -> str:

@@ -13,11 +13,11 @@ from sqlalchemy import Column, Table, UniqueConstraint, delete, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Mapper
 from sqlalchemy.orm.attributes import instance_state
-from sqlalchemy.sql import Select
 
 from qx.core.context import current_context
 from qx.core.errors import InvalidQuery, TenantViolation
 from qx.db.errors import translating
+from qx.db.query.lookups import in_condition
 from qx.db.scoping import tenant_for_write
 
 if TYPE_CHECKING:
@@ -198,23 +198,25 @@ def _name(repo: Repository[Any], key: str | None) -> str:
     return _column_of(repo, key, key).name if key is not None else ""
 
 
-async def delete_owned(repo: Repository[Any], mapper: Mapper[Any], parents: Select[Any]) -> None:
-    """Delete owned parts and association rows of the rows whose keys ``parents`` selects.
+async def delete_owned(repo: Repository[Any], mapper: Mapper[Any], parents: list[Any]) -> None:
+    """Delete owned parts and association rows of the rows whose primary keys are ``parents``.
 
     Bulk DELETE bypasses the ORM's cascades, so an aggregate's parts are removed here, deepest
-    first, keyed by ``parent_fk IN (SELECT ...)`` rather than loaded.
+    first. The keys are read before anything is deleted: a filter on an association (``groups
+    __name``) would otherwise stop matching once its rows are gone.
     """
+    if not parents or len(mapper.primary_key) != 1:
+        return  # composite keys: left to the database's ON DELETE rules
     session = repo.session
+    dialect = repo._dialect()
     for rel in mapper.relationships:
         pairs = list(rel.synchronize_pairs)
-        if len(pairs) != 1:
-            continue  # composite links: left to the database's ON DELETE rules
-        parent_column, child_column = pairs[0]
-        if parent_column not in set(mapper.primary_key):
+        if len(pairs) != 1 or pairs[0][0] is not mapper.primary_key[0]:
             continue
+        child_column = pairs[0][1]
         if rel.secondary is not None:
             association: Any = rel.secondary
-            stmt: Any = delete(association).where(child_column.in_(parents))
+            stmt: Any = delete(association).where(in_condition(child_column, parents, dialect))
             with translating(session.sync_session):
                 await session.execute(stmt)
             continue
@@ -222,12 +224,14 @@ async def delete_owned(repo: Repository[Any], mapper: Mapper[Any], parents: Sele
             continue
         child = rel.mapper
         child_fk = getattr(child.class_, child.get_property_by_column(child_column).key)
-        child_pks = [
-            getattr(child.class_, child.get_property_by_column(c).key) for c in child.primary_key
-        ]
-        await delete_owned(repo, child, select(*child_pks).where(child_fk.in_(parents)))
+        matching = in_condition(child_fk, parents, dialect)
+        if len(child.primary_key) == 1 and child.relationships:
+            child_pk = getattr(child.class_, child.get_property_by_column(child.primary_key[0]).key)
+            with translating(session.sync_session):
+                keys = list((await session.scalars(select(child_pk).where(matching))).all())
+            await delete_owned(repo, child, keys)
         with translating(session.sync_session):
             await session.execute(
-                delete(child.class_).where(child_fk.in_(parents)),
+                delete(child.class_).where(matching),
                 execution_options={"synchronize_session": "fetch"},
             )

@@ -147,6 +147,9 @@ def _configure_sqlite(engine: AsyncEngine, db: DatabaseSettings, *, in_memory: b
         try:
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.execute(f"PRAGMA busy_timeout={busy_ms}")
+            # LIKE is case-insensitive in SQLite by default; PostgreSQL's is not. qx's
+            # contains/startswith/endswith must mean the same on both.
+            cursor.execute("PRAGMA case_sensitive_like=ON")
             if not in_memory:
                 cursor.execute("PRAGMA journal_mode=WAL")
                 cursor.execute("PRAGMA synchronous=NORMAL")

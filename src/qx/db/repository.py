@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Any, ClassVar, Final, Generic, TypeVar, get_ar
 from sqlalchemy import inspect, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapper
-from sqlalchemy.sql import Select
 
 from qx.core.clock import Clock
 from qx.core.context import current_context
@@ -547,8 +546,8 @@ class Repository(Generic[T]):
         self._guard()
         return await upsert_entities(self, builtins.list(entities), conflict, update)
 
-    async def _delete_owned(self, mapper: Mapper[Any], parents: Select[Any]) -> None:
-        """Delete the owned parts (and association rows) of the rows ``parents`` selects."""
+    async def _delete_owned(self, mapper: Mapper[Any], parents: builtins.list[Any]) -> None:
+        """Delete the owned parts (and association rows) of the rows keyed ``parents``."""
         await delete_owned(self, mapper, parents)
 
     async def remove(self, entity: T) -> None:

@@ -32,6 +32,7 @@ from qx.db.errors import translating
 from qx.db.query.coerce import coerce_value
 from qx.db.query.compiler import FilterCompiler, _resolve_path
 from qx.db.query.keyset import SortKey, keyset_condition, order_clauses
+from qx.db.query.lookups import in_condition
 from qx.db.query.page import Page
 from qx.db.query.q import Q
 from qx.db.scoping import WITH_DELETED
@@ -540,16 +541,17 @@ class Query(Generic[T]):
         )
         return await self._run_write(stmt, returning)
 
-    async def delete(self, *, returning: bool = False) -> Any:
+    async def delete(self, *, returning: bool = False, hard: bool = False) -> Any:
         """Delete every matching row: a soft delete (``deleted_at``) where the table has one,
-        else a DELETE that removes the aggregates' owned parts first.
+        else (or with ``hard=True``) a DELETE that removes the aggregates' owned parts and
+        association rows first.
 
         Returns the number of aggregates deleted (or the rows, ``returning``).
         """
         repo = self._repo
         info = repo._info
         entity = repo.entity
-        if info.deleted_key is not None:
+        if info.deleted_key is not None and not hard:
             deleted = getattr(entity, info.deleted_key)
             stmt = (
                 update(entity)
@@ -560,11 +562,17 @@ class Query(Generic[T]):
         pks = self._pk_columns()
         roots = self._from(select(*pks))
         if self._limit is not None or self._offset:
-            roots = (
-                roots.order_by(*order_clauses(entity, self._sort()))
-                .limit(self._limit)
-                .offset(self._offset or None)
+            roots = roots.order_by(*order_clauses(entity, self._sort()))
+            roots = roots.limit(self._limit).offset(self._offset or None)
+        if len(pks) != 1:
+            return await self._run_write(delete(entity).where(tuple_(*pks).in_(roots)), returning)
+        session = repo.session
+        with translating(session.sync_session):
+            keys = builtins.list(
+                (await session.scalars(roots, execution_options=self._options())).all()
             )
-        await repo._delete_owned(repo._mapper, roots)
-        target = pks[0] if len(pks) == 1 else tuple_(*pks)
-        return await self._run_write(delete(entity).where(target.in_(roots)), returning)
+        if not keys:
+            return [] if returning else 0
+        await repo._delete_owned(repo._mapper, keys)
+        condition = in_condition(pks[0], keys, repo._dialect())
+        return await self._run_write(delete(entity).where(condition), returning)
