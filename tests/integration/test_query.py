@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import event, func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from qx.core import new_id, request_context
+from qx.core import new_id, request_context, system_context
 from qx.db import UnitOfWorkFactory
 from qx.db.query import Q
 from qx.errors import ConfigurationError, InvalidCursor, InvalidQuery, NotFound
@@ -547,3 +547,25 @@ async def test_tenant_isolation_for_every_terminal(uow_factory: Factory, engine:
             untouched = await uow.items.query().order_by("rank").values_list("rank", flat=True)
             assert untouched == [1, 2, 2, 3, 5, 5, 8, 9]
             assert (await uow.categories.query().filter(code="t2-tools").one()).name == "Tools"
+
+
+async def test_relation_lookups_never_reach_another_tenants_rows(uow_factory: Factory) -> None:
+    theirs = await seed(uow_factory, tenant="t2")
+    ours = await seed(uow_factory, tenant="t1")
+    with system_context():
+        async with uow_factory() as uow:
+            # A corrupt cross-tenant link: our item points at their category, tag and group.
+            delta = await uow.items.require(ours["delta"].id)
+            their_alpha = await uow.items.require(theirs["alpha"].id)
+            delta.category_id = their_alpha.category_id
+            await uow.commit()
+    with request_context(tenant_id="t1"):
+        async with uow_factory() as uow:
+            q = uow.items.query()
+            tools = await q.filter(category__name="Tools").all()
+            assert ours["delta"].id not in {i.id for i in tools}
+            assert await q.filter(category__code="t2-tools").count() == 0
+            codes = await q.filter(sku="D1").values_list("category__code", flat=True)
+            assert codes == [None]
+            # EXISTS subqueries are scoped too: their tags never match our items.
+            assert await q.filter(tags__label="y").count() == 2

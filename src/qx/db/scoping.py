@@ -33,6 +33,7 @@ __all__ = [
     "WITH_DELETED",
     "all_scoped_mappers",
     "criteria_options",
+    "from_clause_mappers",
     "remember_registry",
     "scoped_closure",
     "tenant_for_write",
@@ -95,6 +96,28 @@ def scoped_closure(mapper: Mapper[Any]) -> tuple[Mapper[Any], ...]:
     closure = tuple(m for m in seen if _is_scoped(entity_info(m)))
     notes["qx_scope_closure"] = closure
     return closure
+
+
+def from_clause_mappers(statement: Any) -> tuple[Mapper[Any], ...]:
+    """Scoped mappers named by a statement's explicit ``select_from(...)``.
+
+    SQLAlchemy's ``all_mappers`` only sees the selected columns; ``select(Alias.code)
+    .select_from(Order).join(...)`` reads ``orders`` without naming it, so it is found here.
+    """
+    froms = getattr(statement, "_from_obj", ())
+    if not froms:
+        return ()
+    found: list[Mapper[Any]] = []
+    scoped = all_scoped_mappers()
+    for clause in froms:
+        annotations = getattr(clause, "_annotations", {})
+        mapper = annotations.get("parentmapper")
+        if mapper is not None:
+            found.extend(scoped_closure(mapper))
+            continue
+        table = getattr(clause, "element", clause)  # an alias of a table reads the table
+        found.extend(m for m in scoped if table in m.tables)
+    return tuple(dict.fromkeys(found))
 
 
 def criteria_options(

@@ -25,6 +25,7 @@ from qx.db.scoping import (
     WITH_DELETED,
     all_scoped_mappers,
     criteria_options,
+    from_clause_mappers,
     scoped_closure,
     tenant_for_write,
 )
@@ -75,6 +76,10 @@ def _scope_statement(state: ORMExecuteState) -> None:
         closure = scoped_closure(mapper)
         if closure:
             mappers = closure if not mappers else tuple(dict.fromkeys(mappers + closure))
+    if state.is_select:
+        named = from_clause_mappers(state.statement)
+        if named:
+            mappers = tuple(dict.fromkeys(mappers + named))
     if not mappers:
         return
     options = criteria_options(

@@ -198,6 +198,9 @@ class Query(Generic[T]):
         return self._order if self._order is not None else self._repo._default_sort()
 
     def _from(self, stmt: Select[Any]) -> Select[Any]:
+        if self._joins:
+            # Joins start from the root, whatever the selected columns are.
+            stmt = stmt.select_from(self._repo.entity)
         for alias, parent, key in self._joins.values():
             stmt = stmt.outerjoin(alias, getattr(parent, key).of_type(alias))
         if self._where:
