@@ -22,7 +22,6 @@ from qx.settings import DatabaseSettings
 from tests import models
 from tests.services import POSTGRES, resolve
 
-
 CURSOR_SECRET = "tests-cursor-secret-0123456789"
 
 

@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Callable
 from datetime import UTC, date, datetime
 from decimal import Decimal, InvalidOperation
@@ -21,6 +22,7 @@ from uuid import UUID
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     Date,
     DateTime,
@@ -28,6 +30,7 @@ from sqlalchemy import (
     Float,
     Integer,
     Numeric,
+    SmallInteger,
     String,
     Uuid,
 )
@@ -58,14 +61,29 @@ def _to_uuid(value: Any, field: str) -> UUID:
     raise _bad(field, value, "a UUID")
 
 
-def _to_int(value: Any, field: str) -> int:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if isinstance(value, str):
-        text = value.strip()
-        if text.lstrip("+-").isdigit() and len(text) <= 40:
-            return int(text)
-    raise _bad(field, value, "an integer")
+def _int_parser(bits: int) -> Callable[[Any, str], int]:
+    # The column's own range: a value outside it would fail in the driver (or, in SQLite,
+    # overflow in Python) after the statement was built.
+    low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+    def parse(value: Any, field: str) -> int:
+        result: int | None = None
+        if isinstance(value, int) and not isinstance(value, bool):
+            result = value
+        elif isinstance(value, str):
+            text = value.strip()
+            if text.lstrip("+-").isdigit() and len(text) <= 40:
+                result = int(text)
+        if result is None:
+            raise _bad(field, value, "an integer")
+        if not low <= result <= high:
+            raise _bad(field, value, f"an integer between {low} and {high}")
+        return result
+
+    return parse
+
+
+_to_int = _int_parser(64)
 
 
 def _to_decimal(value: Any, field: str) -> Decimal:
@@ -84,14 +102,32 @@ def _to_decimal(value: Any, field: str) -> Decimal:
 
 
 def _to_float(value: Any, field: str) -> float:
+    result: float | None = None
     if isinstance(value, float | int | Decimal) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, str):
         try:
-            return float(value)
+            result = float(value)
+        except OverflowError:
+            result = None
+    elif isinstance(value, str):
+        try:
+            result = float(value)
         except ValueError:
-            pass
-    raise _bad(field, value, "a number")
+            result = None
+    if result is None or not math.isfinite(result):
+        raise _bad(field, value, "a finite number")
+    return result
+
+
+def _decimal_parser(precision: int | None, scale: int | None) -> Callable[[Any, str], Decimal]:
+    limit = Decimal(10) ** (precision - (scale or 0)) if precision else None
+
+    def parse(value: Any, field: str) -> Decimal:
+        result = _to_decimal(value, field)
+        if limit is not None and abs(result) >= limit:
+            raise _bad(field, value, f"a number below {limit} in magnitude")
+        return result
+
+    return parse
 
 
 def _to_bool(value: Any, field: str) -> bool:
@@ -147,12 +183,17 @@ def _converter(type_: TypeEngine[Any]) -> Callable[[Any, str], Any] | None:
         return None
     if isinstance(type_, Enum):
         return None  # handled with its allowed values below
+    if isinstance(type_, Integer):
+        bits = (
+            16 if isinstance(type_, SmallInteger) else 64 if isinstance(type_, BigInteger) else 32
+        )
+        return _int_parser(bits)
+    if isinstance(type_, Numeric) and not isinstance(type_, Float):
+        return _decimal_parser(type_.precision, type_.scale)
     table: tuple[tuple[type[TypeEngine[Any]], Callable[[Any, str], Any]], ...] = (
         (Uuid, _to_uuid),
         (Boolean, _to_bool),
-        (Integer, _to_int),
         (Float, _to_float),
-        (Numeric, _to_decimal),
         (DateTime, _to_datetime),
         (Date, _to_date),
         (String, _to_str),
