@@ -2,7 +2,8 @@
 
 qx orders ``NULL`` as the *largest* value on every backend (``NULLS LAST`` ascending,
 ``NULLS FIRST`` descending — PostgreSQL's default, made explicit for SQLite), and always ends
-a sort with the primary key so the order is total and a keyset boundary is unique.
+a sort with the primary key (in the direction of the last key) so the order is total and a
+keyset boundary is unique.
 """
 
 from __future__ import annotations
@@ -85,10 +86,14 @@ def resolve_sort(
             raise InvalidQuery(f"sort key {name!r} appears twice", field=name)
         used.add(name)
         keys.append(SortKey(name, desc, bool(getattr(prop.columns[0], "nullable", True))))
+    # The tiebreaker runs in the direction of the last key, so a plain index on
+    # (key, ..., id) serves the whole order (scanned backwards for descending sorts) and the
+    # keyset predicate can be a single row-value comparison.
+    tiebreak_desc = keys[-1].desc if keys else False
     for column in mapper.primary_key:
         key = mapper.get_property_by_column(column).key
         if key not in used:
-            keys.append(SortKey(key, False, False))
+            keys.append(SortKey(key, tiebreak_desc, False))
     return tuple(keys)
 
 
