@@ -17,69 +17,26 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from decimal import Decimal
 from uuid import UUID
 
-import asyncpg
 import sqlalchemy
-from sqlalchemy import insert, text
-from sqlalchemy.orm import registry, relationship
+from common import TENANT, BenchDatabase, HLine, HOrder, add_url_argument, bench_schema, versions
+from sqlalchemy import insert
 
 from qx.core import new_id, request_context, utcnow
-from qx.db import UnitOfWorkFactory, create_engine, create_session_factory
+from qx.db import UnitOfWorkFactory, create_session_factory
 from qx.examples.orders.domain import Order, OrderLine, OrderPlacedV1
 from qx.examples.orders.infrastructure import (
     OrdersUnitOfWork,
-    metadata,
     order_lines,
     orders,
 )
 from qx.outbox import event_payload, outbox_table
-from qx.settings import DatabaseSettings
 
 SKUS = (("KB-01", Decimal("49.90")), ("MS-02", Decimal("19.50")), ("HD-03", Decimal("89.00")))
-TENANT = "bench"
-
-
-# -- hand-written ORM: its own plain classes mapped onto the same tables ----------------------
-@dataclass(eq=False, kw_only=True)
-class HLine:
-    id: UUID = field(default_factory=new_id)
-    sku: str
-    quantity: int
-    unit_price: Decimal
-    tenant_id: str = TENANT
-
-
-@dataclass(eq=False, kw_only=True)
-class HOrder:
-    id: UUID = field(default_factory=new_id)
-    customer: str
-    status: str = "placed"
-    version: int = 1
-    tenant_id: str = TENANT
-    created_at: object = None
-    updated_at: object = None
-    lines: list[HLine] = field(default_factory=list)
-
-
-_hand = registry()
-_hand.map_imperatively(HLine, order_lines)
-_hand.map_imperatively(
-    HOrder,
-    orders,
-    version_id_col=orders.c.version,
-    properties={
-        "lines": relationship(
-            HLine, cascade="all, delete-orphan", lazy="selectin", overlaps="lines"
-        )
-    },
-)
 
 
 def _lines() -> list[tuple[str, int, Decimal]]:
@@ -120,31 +77,20 @@ async def run(workers: int, count: int, one: Callable[[int], Awaitable[None]]) -
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument(
-        "--url",
-        default=os.environ.get(
-            "QX_BENCH_DATABASE_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
-        ),
-    )
+    add_url_argument(parser)
     parser.add_argument("--transactions", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
 
-    schema = f"qx_bench_{new_id().hex[-8:]}"
-    settings = DatabaseSettings(url=args.url, pool_size=10, max_overflow=0)
-    admin = create_engine(settings)
-    async with admin.begin() as conn:
-        await conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    await admin.dispose()
-    engine = create_engine(settings, connect_args={"server_settings": {"search_path": schema}})
-    async with engine.begin() as conn:
-        await conn.run_sync(metadata.create_all)
+    async with bench_schema(args.url) as db:
+        await measure(db, args)
+
+
+async def measure(db: BenchDatabase, args: argparse.Namespace) -> None:
+    engine = db.engine
     qx_factory = UnitOfWorkFactory(OrdersUnitOfWork, create_session_factory(engine))
     plain_sessions = sqlalchemy.ext.asyncio.async_sessionmaker(engine, expire_on_commit=False)
-    dsn = args.url.replace("postgresql+asyncpg", "postgresql")
-    pool = await asyncpg.create_pool(
-        dsn, min_size=10, max_size=10, server_settings={"search_path": schema}
-    )
+    pool = await db.asyncpg_pool()
 
     async def qx_tx(n: int) -> None:
         with request_context(tenant_id=TENANT):
@@ -252,17 +198,10 @@ async def main() -> None:
                     results[key] = max(results.get(key, 0.0), tps)
     finally:
         await pool.close()
-        await engine.dispose()
-        admin = create_engine(settings)
-        async with admin.begin() as conn:
-            await conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        await admin.dispose()
 
     print(
         f"place order: 1 order + 3 lines + 1 outbox row per transaction; "
-        f"{args.transactions} tx x best of {args.rounds} rounds; {os.cpu_count()} CPUs; "
-        f"Python {platform.python_version()}, SQLAlchemy {sqlalchemy.__version__}, "
-        f"asyncpg {asyncpg.__version__}"
+        f"{args.transactions} tx x best of {args.rounds} rounds; {versions()}"
     )
     print(f"{'implementation':<20}{'c=1 tx/s':>12}{'vs ORM':>9}{'c=8 tx/s':>12}{'vs ORM':>9}")
     for name in impls:

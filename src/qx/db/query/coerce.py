@@ -17,6 +17,7 @@ import math
 from collections.abc import Callable
 from datetime import UTC, date, datetime
 from decimal import Decimal, InvalidOperation
+from functools import lru_cache
 from typing import Any
 from uuid import UUID
 
@@ -174,6 +175,7 @@ def _to_str(value: Any, field: str) -> str:
     raise _bad(field, value, "a string")
 
 
+@lru_cache(maxsize=4096)
 def _converter(type_: TypeEngine[Any]) -> Callable[[Any, str], Any] | None:
     if isinstance(type_, TypeDecorator):
         if getattr(type_, "python_type", None) is datetime or isinstance(type_.impl, DateTime):

@@ -84,9 +84,20 @@ class Query(Generic[T]):
         self._with_deleted = False
 
     def _copy(self, **changes: Any) -> Self:
+        # Spelled out rather than looped over __slots__: queries are built on every request.
         clone = object.__new__(type(self))
-        for name in Query.__slots__:
-            object.__setattr__(clone, name, changes.get(name[1:], getattr(self, name)))
+        clone._repo = self._repo
+        clone._qs = self._qs
+        clone._where = self._where
+        clone._joins = self._joins
+        clone._order = self._order
+        clone._limit = self._limit
+        clone._offset = self._offset
+        clone._distinct = self._distinct
+        clone._loads = self._loads
+        clone._with_deleted = self._with_deleted
+        for name, value in changes.items():
+            setattr(clone, "_" + name, value)
         return clone
 
     def __repr__(self) -> str:

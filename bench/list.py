@@ -1,0 +1,127 @@
+"""Benchmark: a filtered, sorted list page — qx's query API vs the same hand-written select.
+
+Each request opens a unit of work (or a plain session), runs
+``query().filter(status=..., customer__startswith=...).order_by("-created_at").limit(50)``
+(lines eager-loaded in both), and closes it. Runs both, in one run, at concurrency 1 and 8,
+and prints requests per second and qx / hand-written (target >= 0.8x).
+
+    python bench/list.py [--url ...] [--orders 20000] [--requests 2000] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+
+from common import TENANT, BenchDatabase, HOrder, add_url_argument, bench_schema, versions
+from sqlalchemy import select, text
+from sqlalchemy.ext.asyncio import async_sessionmaker
+
+from qx.core import request_context
+from qx.db import UnitOfWorkFactory, create_session_factory
+from qx.examples.orders.infrastructure import OrdersUnitOfWork
+
+
+async def fill(db: BenchDatabase, orders: int) -> None:
+    async with db.engine.begin() as conn:
+        await conn.execute(
+            text(
+                "INSERT INTO orders (id, customer, status, version, tenant_id, created_at,"
+                " updated_at) SELECT gen_random_uuid(), 'c' || g,"
+                " CASE WHEN g % 3 = 0 THEN 'paid' ELSE 'placed' END, 1, :tenant,"
+                " now() - g * interval '1 second', now() FROM generate_series(1, :n) AS g"
+            ),
+            {"tenant": TENANT, "n": orders},
+        )
+        await conn.execute(
+            text(
+                "INSERT INTO order_lines (id, order_id, sku, quantity, unit_price, tenant_id)"
+                " SELECT gen_random_uuid(), o.id, 'SKU-' || s, s, 9.90, o.tenant_id"
+                " FROM orders o CROSS JOIN generate_series(1, 3) AS s"
+            )
+        )
+        await conn.execute(
+            text("CREATE INDEX ix_orders_list ON orders (tenant_id, created_at, id)")
+        )
+        await conn.execute(text("ANALYZE"))
+
+
+async def rate(workers: int, count: int, one: Callable[[], Awaitable[int]]) -> float:
+    remaining = iter(range(count))
+
+    async def worker() -> None:
+        for _ in remaining:
+            assert await one() == 50
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(workers)))
+    return count / (time.perf_counter() - started)
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_url_argument(parser)
+    parser.add_argument("--orders", type=int, default=20_000)
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+
+    async with bench_schema(args.url) as db:
+        await fill(db, args.orders)
+        factory = UnitOfWorkFactory(OrdersUnitOfWork, create_session_factory(db.engine))
+        plain = async_sessionmaker(db.engine, expire_on_commit=False)
+
+        async def qx_list() -> int:
+            with request_context(tenant_id=TENANT):
+                async with factory() as uow:
+                    found = await (
+                        uow.orders.query()
+                        .filter(status="placed", customer__startswith="c1")
+                        .order_by("-created_at")
+                        .limit(50)
+                        .all()
+                    )
+                    return len(found)
+
+        async def hand_list() -> int:
+            async with plain() as session:
+                stmt = (
+                    select(HOrder)
+                    .where(
+                        HOrder.tenant_id == TENANT,
+                        HOrder.deleted_at.is_(None),
+                        HOrder.status == "placed",
+                        HOrder.customer.startswith("c1", autoescape=True),
+                    )
+                    .order_by(HOrder.created_at.desc(), HOrder.id.desc())
+                    .limit(50)
+                )
+                return len((await session.scalars(stmt)).all())
+
+        impls = {"qx query API": qx_list, "hand-written select": hand_list}
+        results: dict[tuple[str, int], float] = {}
+        for one in impls.values():
+            await rate(8, 200, one)
+        for workers in (1, 8):
+            for _ in range(args.rounds):
+                for name, one in impls.items():
+                    tps = await rate(workers, args.requests, one)
+                    results[(name, workers)] = max(results.get((name, workers), 0.0), tps)
+
+    print(
+        f"list page: 50 of {args.orders} orders (+3 lines each, eager), filter + sort + limit; "
+        f"{args.requests} requests x best of {args.rounds}; {versions()}"
+    )
+    print(f"{'implementation':<22}{'c=1 req/s':>12}{'ratio':>8}{'c=8 req/s':>12}{'ratio':>8}")
+    for name in impls:
+        cells = []
+        for workers in (1, 8):
+            tps = results[(name, workers)]
+            cells.append(f"{tps:>12.0f}{tps / results[('hand-written select', workers)]:>7.2f}x")
+        print(f"{name:<22}{''.join(cells)}")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
