@@ -30,7 +30,15 @@ from qx.core import (
     request_context,
     system_context,
 )
-from qx.db import Repository, UnitOfWork, UnitOfWorkFactory, create_engine, create_session_factory
+from qx.db import (
+    Page,
+    Q,
+    Repository,
+    UnitOfWork,
+    UnitOfWorkFactory,
+    create_engine,
+    create_session_factory,
+)
 from qx.settings import QxSettings, load_settings
 
 __version__ = "0.1.0"
@@ -50,6 +58,8 @@ __all__ = [
     "InvalidCursor",
     "InvalidQuery",
     "NotFound",
+    "Page",
+    "Q",
     "QxError",
     "QxSettings",
     "Repository",

@@ -18,6 +18,7 @@ from qx.db.mapping import (
     uuid_pk,
     version_column,
 )
+from qx.db.query import CursorCodec, Page, Q, Query
 from qx.db.repository import Repository
 from qx.db.scoping import WITH_DELETED
 from qx.db.session import QxSession
@@ -28,9 +29,13 @@ from qx.settings import DatabaseSettings
 __all__ = [
     "NAMING_CONVENTION",
     "WITH_DELETED",
+    "CursorCodec",
     "DatabaseSettings",
     "EntityInfo",
+    "Page",
     "PortableJSON",
+    "Q",
+    "Query",
     "QxSession",
     "Repository",
     "UnitOfWork",
