@@ -544,6 +544,17 @@ async def test_bulk_delete_soft_and_hard(uow_factory: Factory, engine: AsyncEngi
     with request_context(tenant_id="t1"):
         async with uow_factory() as uow:
             assert await uow.counters.query().delete() == 0  # no deleted_at: a real DELETE
+            await uow.counters.add_many(
+                [models.Counter(name=n, value=v) for n, v in (("a", 0), ("b", 1))]
+            )
+            removed = await uow.counters.query().filter(value=0).delete(returning=True)
+            assert [c.name for c in removed] == ["a"]
+            soft = await uow.items.query().filter(sku="D1").delete(returning=True)
+            assert [i.sku for i in soft] == ["D1"] and soft[0].deleted_at is not None
+            await uow.commit()
+        async with uow_factory() as uow:
+            assert [c.name for c in await uow.counters.list()] == ["b"]
+            assert not await uow.items.exists(sku="D1")
 
 
 async def test_upsert(uow_factory: Factory) -> None:
@@ -698,3 +709,22 @@ async def test_relation_lookups_never_reach_another_tenants_rows(uow_factory: Fa
             assert codes == [None]
             # EXISTS subqueries are scoped too: their tags never match our items.
             assert await q.filter(tags__label="y").count() == 2
+
+
+async def test_stream_keeps_memory_flat(uow_factory: Factory) -> None:
+    import gc
+
+    with request_context(tenant_id="t1"):
+        async with uow_factory() as uow:
+            await uow.orders.add_many([new_order(f"c{i:04}", "A") for i in range(3000)])
+            await uow.commit()
+        async with uow_factory() as uow:
+            tracked, seen = 0, 0
+            async for order in uow.orders.query().order_by("customer").stream(chunk_size=200):
+                seen += 1
+                if seen % 500 == 0:
+                    gc.collect()
+                    tracked = max(tracked, len(uow.session.sync_session.identity_map))
+            assert seen == 3000
+            # Rows already yielded are not kept: at most a chunk or two of orders and lines.
+            assert tracked <= 2 * 200 * 2
