@@ -720,7 +720,7 @@ async def test_stream_keeps_memory_flat(uow_factory: Factory) -> None:
             await uow.commit()
         async with uow_factory() as uow:
             tracked, seen = 0, 0
-            async for order in uow.orders.query().order_by("customer").stream(chunk_size=200):
+            async for _order in uow.orders.query().order_by("customer").stream(chunk_size=200):
                 seen += 1
                 if seen % 500 == 0:
                     gc.collect()
