@@ -232,6 +232,7 @@ class Repository(Generic[T]):
         keywords: Mapping[str, Any],
         *,
         with_deleted: bool,
+        sort: str | Sequence[str] | None = None,
     ) -> Query[T]:
         if filters is not None and not isinstance(filters, Mapping):
             raise InvalidQuery(
@@ -241,6 +242,8 @@ class Repository(Generic[T]):
         merged = {**(filters or {}), **keywords}
         if merged:
             query = query.filter(**merged)
+        if sort is not None:
+            query = query._copy(order=self._sort_keys(sort))
         return query.with_deleted(with_deleted)
 
     async def list(
@@ -273,10 +276,8 @@ class Repository(Generic[T]):
             InvalidQuery: an unknown or not-allowed field, lookup or sort key, or a bad value.
         """
         self._guard()
-        query = self._filtered(filters, lookups, with_deleted=with_deleted)
         spec = sort if sort is not None else order_by
-        if spec is not None:
-            query = query._copy(order=self._sort_keys(spec))
+        query = self._filtered(filters, lookups, with_deleted=with_deleted, sort=spec)
         if limit is not None:
             query = query.limit(limit)
         if offset is not None:
@@ -295,9 +296,7 @@ class Repository(Generic[T]):
         with_deleted: bool = False,
     ) -> Page[T]:
         """One page of entities (keyset with ``cursor``, offset with ``page_number``)."""
-        query = self._filtered(filters, {}, with_deleted=with_deleted)
-        if sort is not None:
-            query = query._copy(order=self._sort_keys(sort))
+        query = self._filtered(filters, {}, with_deleted=with_deleted, sort=sort)
         return await query.page(
             page_size=page_size, cursor=cursor, page_number=page_number, with_total=with_total
         )
@@ -363,9 +362,7 @@ class Repository(Generic[T]):
         with_deleted: bool = False,
     ) -> AsyncIterator[T]:
         """Yield every matching entity, ``chunk_size`` rows at a time (flat memory)."""
-        query = self._filtered(filters, {}, with_deleted=with_deleted)
-        if sort is not None:
-            query = query._copy(order=self._sort_keys(sort))
+        query = self._filtered(filters, {}, with_deleted=with_deleted, sort=sort)
         async for item in query.stream(chunk_size=chunk_size):
             yield item
 
