@@ -91,3 +91,39 @@ POSTGRES = Service(
     default_url="postgresql+asyncpg://postgres@127.0.0.1:5432/test",
     start_container=_postgres_container,
 )
+
+
+def _generic_container(image: str, port: int, scheme: str, command: str | None = None) -> Any:
+    def start() -> tuple[str, Any]:
+        from testcontainers.core.container import DockerContainer
+        from testcontainers.core.waiting_utils import wait_for_logs
+
+        container = DockerContainer(image).with_exposed_ports(port)
+        if command:
+            container = container.with_command(command)
+        container.start()
+        wait_for_logs(container, ".", timeout=60)
+        host, mapped = container.get_container_host_ip(), container.get_exposed_port(port)
+        return f"{scheme}://{host}:{mapped}", container
+
+    return start
+
+
+NATS = Service(
+    name="NATS",
+    env_var="QX_TEST_NATS_URL",
+    default_url="nats://127.0.0.1:4222",
+    start_container=_generic_container("nats:2", 4222, "nats", "-js"),
+)
+AMQP = Service(
+    name="RabbitMQ",
+    env_var="QX_TEST_AMQP_URL",
+    default_url="amqp://guest:guest@127.0.0.1:5672/",
+    start_container=_generic_container("rabbitmq:3", 5672, "amqp"),
+)
+REDIS = Service(
+    name="Redis",
+    env_var="QX_TEST_REDIS_URL",
+    default_url="redis://127.0.0.1:6379/0",
+    start_container=_generic_container("redis:7", 6379, "redis"),
+)

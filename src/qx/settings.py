@@ -58,11 +58,27 @@ class BrokerSettings(BaseModel):
 
     Attributes:
         url: ``memory://``, ``log://``, ``nats://…``, ``amqp://…`` or ``redis://…``.
+        source: the CloudEvents ``source`` of published envelopes (your service's name).
+        subject_prefix: NATS subjects are ``<prefix>.<event name>``.
+        stream: NATS JetStream stream name (holding ``<prefix>.>``).
+        create_stream: create (or update) the JetStream stream on connect.
+        exchange: RabbitMQ topic exchange (declared durable); routing key = event name.
+        redis_stream: Redis stream key the envelopes are appended to.
+        redis_maxlen: approximate ``MAXLEN`` of the Redis stream; ``None`` keeps everything.
+        publish_timeout: seconds to wait for the broker's acknowledgement.
     """
 
     model_config = ConfigDict(extra="forbid")
 
     url: str = "memory://"
+    source: str = "qx"
+    subject_prefix: str = Field(default="qx", pattern=r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*$")
+    stream: str = Field(default="QX_EVENTS", pattern=r"^[A-Za-z0-9_\-]+$")
+    create_stream: bool = True
+    exchange: str = "qx.events"
+    redis_stream: str = "qx:events"
+    redis_maxlen: int | None = Field(default=None, ge=1)
+    publish_timeout: float = Field(default=5.0, gt=0)
 
 
 class RelaySettings(BaseModel):
@@ -72,6 +88,13 @@ class RelaySettings(BaseModel):
         batch_size: rows claimed per batch.
         poll_interval: seconds between polls when no notification arrives.
         max_attempts: failed publishes before a row is dead-lettered.
+        backoff_base: seconds before the first retry; doubles with each attempt.
+        backoff_max: the longest wait between retries.
+        concurrency: aggregates published at the same time within a batch.
+        retention: seconds published rows are kept before the relay purges them; ``None``
+            keeps them.
+        purge_batch: rows deleted per purge statement (small, to keep locks short).
+        reconnect_delay: seconds to wait after losing the database or the broker.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -79,6 +102,12 @@ class RelaySettings(BaseModel):
     batch_size: int = Field(default=200, ge=1, le=10_000)
     poll_interval: float = Field(default=1.0, gt=0)
     max_attempts: int = Field(default=10, ge=1)
+    backoff_base: float = Field(default=1.0, gt=0)
+    backoff_max: float = Field(default=300.0, gt=0)
+    concurrency: int = Field(default=64, ge=1, le=10_000)
+    retention: float | None = Field(default=7 * 24 * 3600.0, gt=0)
+    purge_batch: int = Field(default=1000, ge=1)
+    reconnect_delay: float = Field(default=1.0, gt=0)
 
 
 class QxSettings(BaseSettings):

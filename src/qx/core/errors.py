@@ -23,6 +23,7 @@ __all__ = [
     "DuplicateKey",
     "IntegrityViolation",
     "InvalidCursor",
+    "InvalidMessage",
     "InvalidQuery",
     "NotFound",
     "PublishError",
@@ -176,3 +177,7 @@ class ConfigurationError(QxError):
 
 class PublishError(QxError):
     """A message could not be published to, or acknowledged by, the broker."""
+
+
+class InvalidMessage(QxError):
+    """A received message is not a qx envelope (a consumer cannot decode it)."""

@@ -1,7 +1,13 @@
-"""Transactional outbox: the table and how events become rows."""
+"""Transactional outbox: the tables, how events become rows, the relay, publishers, inbox."""
 
+from qx.outbox.envelope import Envelope
+from qx.outbox.inbox import EventRouter, Inbox
+from qx.outbox.publishers import LogPublisher, MemoryPublisher, Publisher, publisher_from_settings
 from qx.outbox.recorder import event_payload, outbox_row
+from qx.outbox.relay import BatchResult, OutboxRelay, RelayMetrics
+from qx.outbox.store import OutboxStatus, OutboxStore, backoff_delay
 from qx.outbox.table import (
+    NOTIFY_CHANNEL,
     OUTBOX_TABLE,
     inbox_table,
     include_qx_tables,
@@ -11,12 +17,26 @@ from qx.outbox.table import (
 )
 
 __all__ = [
+    "NOTIFY_CHANNEL",
     "OUTBOX_TABLE",
+    "BatchResult",
+    "Envelope",
+    "EventRouter",
+    "Inbox",
+    "LogPublisher",
+    "MemoryPublisher",
+    "OutboxRelay",
+    "OutboxStatus",
+    "OutboxStore",
+    "Publisher",
+    "RelayMetrics",
+    "backoff_delay",
     "event_payload",
     "inbox_table",
     "include_qx_tables",
     "new_metadata",
     "outbox_row",
     "outbox_table",
+    "publisher_from_settings",
     "qx_metadata",
 ]

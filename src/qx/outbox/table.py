@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Final
 
 from sqlalchemy import (
+    DDL,
     BigInteger,
     Column,
     Index,
@@ -26,15 +27,25 @@ from sqlalchemy import (
     Table,
     Text,
     Uuid,
+    event,
     text,
 )
 
 from qx.db.mapping import make_metadata
 from qx.db.types import PortableJSON, UtcDateTime
 
-__all__ = ["OUTBOX_TABLE", "inbox_table", "include_qx_tables", "outbox_table", "qx_metadata"]
+__all__ = [
+    "NOTIFY_CHANNEL",
+    "OUTBOX_TABLE",
+    "inbox_table",
+    "include_qx_tables",
+    "outbox_table",
+    "qx_metadata",
+]
 
 OUTBOX_TABLE: Final = "qx_outbox"
+#: PostgreSQL channel notified when outbox rows commit (relays LISTEN on it).
+NOTIFY_CHANNEL: Final = "qx_outbox"
 INBOX_TABLE: Final = "qx_inbox"
 
 #: The metadata holding qx's own tables (for ``create_all`` and migrations).
@@ -87,6 +98,34 @@ outbox_table: Final = Table(
     sqlite_autoincrement=True,
 )
 
+# A statement-level trigger, not a NOTIFY from the unit of work: the notification is part of
+# the same transaction (delivered at COMMIT, dropped on ROLLBACK, merged when one transaction
+# inserts many rows) and costs the unit of work no extra round trip.
+NOTIFY_FUNCTION_SQL: Final = f"""
+CREATE OR REPLACE FUNCTION qx_outbox_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('{NOTIFY_CHANNEL}', '');
+    RETURN NULL;
+END
+$$"""
+NOTIFY_TRIGGER_SQL: Final = (
+    "CREATE TRIGGER qx_outbox_notify AFTER INSERT ON {table} "
+    "FOR EACH STATEMENT EXECUTE FUNCTION qx_outbox_notify()"
+)
+
+
+def _attach_notify(table: Table) -> None:
+    if getattr(table, "_qx_notify", False):
+        return
+    trigger = NOTIFY_TRIGGER_SQL.replace("{table}", "%(fullname)s")
+    for statement in (NOTIFY_FUNCTION_SQL, trigger):
+        ddl = DDL(statement)  # type: ignore[no-untyped-call]
+        event.listen(table, "after_create", ddl.execute_if(dialect="postgresql"))
+    table._qx_notify = True  # type: ignore[attr-defined]
+
+
+_attach_notify(outbox_table)
+
 inbox_table: Final = Table(
     INBOX_TABLE,
     qx_metadata,
@@ -107,6 +146,7 @@ def include_qx_tables(metadata: MetaData) -> dict[str, Table]:
     for table in (outbox_table, inbox_table):
         key = table.name if metadata.schema is None else f"{metadata.schema}.{table.name}"
         added[table.name] = metadata.tables.get(key) or table.to_metadata(metadata)
+    _attach_notify(added[OUTBOX_TABLE])
     return added
 
 

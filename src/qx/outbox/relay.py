@@ -1,0 +1,304 @@
+"""``OutboxRelay``: moves outbox rows to the broker, at least once, in order per aggregate.
+
+One batch: claim due rows (heads of their aggregates, locked on PostgreSQL) → publish each
+aggregate's rows one after the other, different aggregates concurrently → wait for the
+broker's acknowledgements → mark the published rows, and give failed ones ``attempts``,
+``last_error`` and an exponential, jittered ``next_attempt_at`` (dead-lettered after
+``max_attempts``) → commit. A failed row holds back only the later rows of its own
+aggregate. If the relay dies mid-batch, the transaction rolls back and the rows are
+published again by the next relay: brokers that deduplicate by message id (JetStream) see
+them once, others need the consumer's inbox.
+
+The relay wakes on ``LISTEN qx_outbox`` (a trigger notifies when an outbox insert commits)
+and polls every ``poll_interval`` as a fallback. It survives the database and the broker
+going away, and on SIGTERM/SIGINT finishes the batch in flight before it stops.
+
+Example:
+    >>> relay = OutboxRelay(engine, publisher_from_settings(settings.broker),
+    ...                     settings=settings.relay)          # doctest: +SKIP
+    >>> await relay.serve()                                   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, Protocol
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from qx.core.clock import Clock, SystemClock
+from qx.core.errors import PublishError, QxError
+from qx.db.errors import translate_error
+from qx.outbox.envelope import Envelope
+from qx.outbox.publishers.base import Publisher
+from qx.outbox.store import OutboxStore
+from qx.outbox.table import NOTIFY_CHANNEL
+from qx.settings import RelaySettings
+
+__all__ = ["BatchResult", "OutboxRelay", "RelayMetrics"]
+
+logger = logging.getLogger("qx.outbox.relay")
+
+
+class RelayMetrics(Protocol):
+    """What the relay reports (see :mod:`qx.outbox.metrics` for Prometheus)."""
+
+    def batch(self, result: BatchResult, seconds: float) -> None:
+        """One batch finished."""
+
+
+@dataclass(slots=True)
+class BatchResult:
+    """What one batch did.
+
+    Attributes:
+        claimed: rows claimed.
+        published: rows the broker acknowledged.
+        failed: rows whose publish failed (retried later).
+        dead: of those, rows dead-lettered now.
+        lag_seconds: age of the oldest row published in this batch.
+    """
+
+    claimed: int = 0
+    published: int = 0
+    failed: int = 0
+    dead: int = 0
+    lag_seconds: float = 0.0
+    errors: list[str] = field(default_factory=list)
+
+
+class OutboxRelay:
+    """Publishes ``qx_outbox`` rows.
+
+    Args:
+        engine: the database holding the outbox (PostgreSQL: any number of relays; SQLite:
+            run one).
+        publisher: the broker adapter.
+        settings: batch size, polling, retries, retention.
+        source: the CloudEvents ``source`` of the envelopes.
+        clock: time source (tests).
+        metrics: optional metrics sink.
+    """
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        publisher: Publisher,
+        *,
+        settings: RelaySettings | None = None,
+        source: str = "qx",
+        clock: Clock | None = None,
+        metrics: RelayMetrics | None = None,
+    ) -> None:
+        self.engine = engine
+        self.publisher = publisher
+        self.settings = settings or RelaySettings()
+        self.source = source
+        self.clock = clock or SystemClock()
+        self.metrics = metrics
+        self.store = OutboxStore(engine)
+        self._stop = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._last_purge = 0.0
+
+    # -- one batch --------------------------------------------------------------------------
+
+    async def run_once(self) -> BatchResult:
+        """Claim, publish and mark one batch; return what happened."""
+        started = time.perf_counter()
+        if self.store.locking:
+            # Heads stay locked while publishing, so other relays skip these aggregates.
+            async with self.engine.begin() as conn:
+                now = self.clock.now()
+                rows = await self.store.claim(conn, batch_size=self.settings.batch_size, now=now)
+                result = await self._publish(rows)
+                await self._record(conn, rows, result)
+        else:
+            # SQLite: one relay, and no write lock held while the broker is slow.
+            async with self.engine.begin() as conn:
+                rows = await self.store.claim(
+                    conn, batch_size=self.settings.batch_size, now=self.clock.now()
+                )
+            result = await self._publish(rows)
+            if rows:
+                async with self.engine.begin() as conn:
+                    await self._record(conn, rows, result)
+        if self.metrics is not None and rows:
+            self.metrics.batch(result.summary, time.perf_counter() - started)
+        return result.summary
+
+    async def _publish(self, rows: list[Mapping[str, Any]]) -> _Outcome:
+        outcome = _Outcome(BatchResult(claimed=len(rows)))
+        groups: dict[Any, list[Mapping[str, Any]]] = {}
+        for row in rows:
+            key = (
+                (row["aggregate_type"], row["aggregate_id"])
+                if row["aggregate_id"] is not None
+                else row["position"]
+            )
+            groups.setdefault(key, []).append(row)
+        gate = asyncio.Semaphore(self.settings.concurrency)
+
+        async def publish_group(group: list[Mapping[str, Any]]) -> None:
+            async with gate:
+                for row in group:
+                    try:
+                        await self.publisher.publish(Envelope.from_row(row, source=self.source))
+                    except Exception as exc:  # a failed row holds back its aggregate only
+                        outcome.failed.append((row, _describe(exc)))
+                        return
+                    outcome.published.append(row)
+
+        await asyncio.gather(*(publish_group(group) for group in groups.values()))
+        return outcome
+
+    async def _record(self, conn: Any, rows: list[Mapping[str, Any]], outcome: _Outcome) -> None:
+        now = self.clock.now()
+        summary = outcome.summary
+        await self.store.mark_published(conn, [r["position"] for r in outcome.published], now=now)
+        summary.published = len(outcome.published)
+        if outcome.published:
+            oldest = min(r["occurred_at"] for r in outcome.published)
+            summary.lag_seconds = max((now - oldest).total_seconds(), 0.0)
+        for row, error in outcome.failed:
+            dead = await self.store.mark_failed(
+                conn,
+                row,
+                error,
+                now=now,
+                max_attempts=self.settings.max_attempts,
+                backoff_base=self.settings.backoff_base,
+                backoff_max=self.settings.backoff_max,
+            )
+            summary.failed += 1
+            summary.errors.append(error)
+            if dead:
+                summary.dead += 1
+                logger.error(
+                    "outbox row %s (%s) dead-lettered after %s attempts: %s",
+                    row["id"],
+                    row["event_name"],
+                    int(row["attempts"]) + 1,
+                    error,
+                )
+            else:
+                logger.warning("publishing outbox row %s failed: %s", row["id"], error)
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask the relay to stop after the batch in flight."""
+        self._stop.set()
+        self._wake.set()
+
+    @property
+    def stopping(self) -> bool:
+        """Whether :meth:`stop` was called."""
+        return self._stop.is_set()
+
+    async def serve(self) -> None:
+        """Run until SIGTERM or SIGINT (then finish the batch in flight and return)."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop)
+        try:
+            await self.run()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+
+    async def run(self) -> None:
+        """Relay until :meth:`stop`; reconnect after database or broker failures."""
+        listener = asyncio.create_task(self._listen()) if self.store.locking else None
+        failures = 0
+        try:
+            while not self._stop.is_set():
+                try:
+                    await self.publisher.connect()
+                    result = await self.run_once()
+                    failures = 0
+                    await self._maybe_purge()
+                except Exception as exc:
+                    failures += 1
+                    delay = min(self.settings.reconnect_delay * 2 ** min(failures - 1, 5), 30.0)
+                    logger.warning(
+                        "relay batch failed (%s); retrying in %.1fs", _describe(exc), delay
+                    )
+                    await self._sleep(delay)
+                    continue
+                if result.claimed >= self.settings.batch_size:
+                    continue  # a full batch: more is probably waiting
+                await self._sleep(self.settings.poll_interval)
+        finally:
+            if listener is not None:
+                listener.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await listener
+            await self.publisher.close()
+
+    async def _sleep(self, seconds: float) -> None:
+        self._wake.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout=seconds)
+
+    async def _maybe_purge(self) -> None:
+        retention = self.settings.retention
+        if retention is None or time.monotonic() - self._last_purge < 60.0:
+            return
+        self._last_purge = time.monotonic()
+        cutoff = self.clock.now() - timedelta(seconds=retention)
+        purged = await self.store.purge(older_than=cutoff, batch_size=self.settings.purge_batch)
+        if purged:
+            logger.info("purged %s published outbox rows older than %s", purged, cutoff)
+
+    async def _listen(self) -> None:
+        """Hold a LISTEN connection; re-establish it when it drops."""
+        while not self._stop.is_set():
+            try:
+                async with self.engine.connect() as conn:
+                    raw = await conn.get_raw_connection()
+                    driver = raw.driver_connection
+                    assert driver is not None
+                    lost = asyncio.Event()
+                    driver.add_termination_listener(_setter(lost))
+                    await driver.add_listener(NOTIFY_CHANNEL, self._notified)
+                    self._wake.set()  # catch up on anything committed while not listening
+                    await lost.wait()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                logger.info("LISTEN %s lost (%s); polling meanwhile", NOTIFY_CHANNEL, exc)
+            await asyncio.sleep(self.settings.reconnect_delay)
+
+    def _notified(self, *_args: Any) -> None:
+        self._wake.set()
+
+
+@dataclass(slots=True)
+class _Outcome:
+    summary: BatchResult
+    published: list[Mapping[str, Any]] = field(default_factory=list)
+    failed: list[tuple[Mapping[str, Any], str]] = field(default_factory=list)
+
+
+def _setter(flag: asyncio.Event) -> Any:
+    def callback(*_args: Any) -> None:
+        flag.set()
+
+    return callback
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, QxError | PublishError):
+        return str(exc)
+    translated = translate_error(exc) if isinstance(exc, Exception) else None
+    if translated is not None:
+        return str(translated)
+    return f"{type(exc).__name__}: {exc}"
