@@ -5,8 +5,9 @@ duplicate); a failing handler's message is redelivered (NAK / reject with requeu
 that is not a qx envelope is logged and acknowledged so it cannot block the stream.
 
 Example:
-    >>> subscriber = NatsSubscriber(settings.broker, inbox, router, durable="billing")  # doctest: +SKIP
-    >>> await subscriber.run(stop)                                   # doctest: +SKIP
+    >>> subscriber = NatsSubscriber(
+    ...     settings.broker, inbox, router, durable="billing")  # doctest: +SKIP
+    >>> await subscriber.run(stop)                               # doctest: +SKIP
 """
 
 from __future__ import annotations
