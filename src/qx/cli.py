@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from typing import Annotated
+from datetime import timedelta
+from typing import Annotated, Any
 
 from qx.core.errors import QxError
 
@@ -64,7 +65,140 @@ def _build_app() -> typer.Typer:
             f"outbox rows in total: {report.outbox_total}; took {report.seconds:.2f}s"
         )
 
+    app.add_typer(_outbox_app(console), name="outbox")
     return app
+
+
+def _parse_age(text: str) -> timedelta:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    value, unit = text[:-1], text[-1:].lower()
+    if unit not in units or not value.isdigit():
+        raise typer.BadParameter(f"expected a number and a unit (s, m, h, d), got {text!r}")
+    return timedelta(seconds=int(value) * units[unit])
+
+
+def _outbox_app(console: Console) -> typer.Typer:
+    outbox = typer.Typer(help="Outbox relay and maintenance.", no_args_is_help=True)
+
+    def run(work: Any) -> Any:
+        from qx.db import create_engine
+        from qx.settings import load_settings
+
+        async def main() -> Any:
+            settings = load_settings()
+            engine = create_engine(settings.db)
+            try:
+                return await work(settings, engine)
+            finally:
+                await engine.dispose()
+
+        try:
+            return asyncio.run(main())
+        except QxError as exc:
+            console.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(1) from exc
+        except OSError as exc:
+            console.print(f"[red]cannot reach the database or broker:[/red] {exc}")
+            raise typer.Exit(1) from exc
+
+    @outbox.command("relay")
+    def relay_command(
+        metrics_port: Annotated[
+            int | None, typer.Option("--metrics-port", help="Serve Prometheus /metrics.")
+        ] = None,
+    ) -> None:
+        """Publish outbox rows to QX_BROKER__URL until SIGTERM/SIGINT."""
+        from qx.outbox import OutboxRelay, publisher_from_settings
+
+        async def work(settings: Any, engine: Any) -> None:
+            metrics = None
+            if metrics_port is not None:
+                from qx.outbox.metrics import PrometheusMetrics
+
+                metrics = PrometheusMetrics()
+                metrics.serve(metrics_port)
+            relay = OutboxRelay(
+                engine,
+                publisher_from_settings(settings.broker),
+                settings=settings.relay,
+                source=settings.broker.source,
+                metrics=metrics,
+            )
+            await relay.serve(
+                ready=lambda: console.print(
+                    f"relaying outbox rows to {settings.broker.url}; SIGTERM or Ctrl-C stops",
+                    highlight=False,
+                    soft_wrap=True,
+                )
+            )
+
+        run(work)
+
+    @outbox.command("status")
+    def status_command() -> None:
+        """Pending, oldest pending age, in retry, dead, published in the last minute."""
+        from qx.core import utcnow
+        from qx.outbox import OutboxStore
+
+        async def work(_settings: Any, engine: Any) -> Any:
+            return await OutboxStore(engine).status(now=utcnow())
+
+        status = run(work)
+        table = Table(title="qx_outbox")
+        for column in ("pending", "oldest pending", "in retry", "dead", "published last minute"):
+            table.add_column(column, justify="right")
+        table.add_row(
+            str(status.pending),
+            f"{status.oldest_pending_seconds:.1f}s",
+            str(status.in_retry),
+            str(status.dead),
+            str(status.published_last_minute),
+        )
+        console.print(table)
+
+    @outbox.command("requeue")
+    def requeue_command(
+        ids: Annotated[list[str] | None, typer.Argument(help="Event ids (default: all).")] = None,
+        event_name: Annotated[str | None, typer.Option("--event", help="Only this event.")] = None,
+    ) -> None:
+        """Revive dead-lettered rows (all, by id, or by event name)."""
+        from uuid import UUID
+
+        from qx.core import utcnow
+        from qx.outbox import OutboxStore
+
+        try:
+            parsed = [UUID(i) for i in ids or []]
+        except ValueError as exc:
+            raise typer.BadParameter(f"not an event id: {exc}") from exc
+
+        async def work(_settings: Any, engine: Any) -> int:
+            return await OutboxStore(engine).requeue(
+                now=utcnow(), ids=parsed or None, event_name=event_name
+            )
+
+        console.print(f"requeued {run(work)} dead row(s)")
+
+    @outbox.command("purge")
+    def purge_command(
+        older_than: Annotated[
+            str, typer.Option("--older-than", help="Age such as 7d, 12h, 30m.")
+        ] = "7d",
+    ) -> None:
+        """Delete published rows older than the given age."""
+        from qx.core import utcnow
+        from qx.outbox import OutboxStore
+
+        age = _parse_age(older_than)
+
+        async def work(settings: Any, engine: Any) -> int:
+            return await OutboxStore(engine).purge(
+                older_than=utcnow() - age, batch_size=settings.relay.purge_batch
+            )
+
+        console.print(f"purged {run(work)} published row(s)")
+
+    return outbox
 
 
 def main() -> None:

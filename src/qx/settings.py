@@ -33,6 +33,8 @@ class DatabaseSettings(BaseModel):
         pool_recycle: seconds after which a connection is replaced; ``-1`` never.
         pool_pre_ping: test a connection before handing it out.
         statement_timeout: seconds after which PostgreSQL cancels a statement; ``None`` off.
+        search_path: PostgreSQL schemas to use (``"tenant_a,public"``); ``None`` keeps the
+            server's default.
         echo: log every SQL statement.
         sqlite_begin: ``immediate`` takes SQLite's write lock at BEGIN, so concurrent units of
             work queue on ``busy_timeout`` instead of failing to upgrade a read lock.
@@ -48,6 +50,7 @@ class DatabaseSettings(BaseModel):
     pool_recycle: int = Field(default=1800, ge=-1)
     pool_pre_ping: bool = False
     statement_timeout: float | None = Field(default=None, gt=0)
+    search_path: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_$\", ]+$")
     echo: bool = False
     sqlite_begin: Literal["deferred", "immediate"] = "immediate"
     sqlite_busy_timeout: float = Field(default=30.0, ge=0)

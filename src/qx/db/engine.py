@@ -106,6 +106,8 @@ def create_engine(
         server_settings = {"application_name": "qx"}
         if db.statement_timeout is not None:
             server_settings["statement_timeout"] = str(int(db.statement_timeout * 1000))
+        if db.search_path is not None:
+            server_settings["search_path"] = db.search_path
         kwargs.update(
             pool_size=db.pool_size,
             max_overflow=db.max_overflow,

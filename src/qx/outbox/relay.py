@@ -26,7 +26,7 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Protocol
@@ -203,11 +203,17 @@ class OutboxRelay:
         """Whether :meth:`stop` was called."""
         return self._stop.is_set()
 
-    async def serve(self) -> None:
-        """Run until SIGTERM or SIGINT (then finish the batch in flight and return)."""
+    async def serve(self, *, ready: Callable[[], None] | None = None) -> None:
+        """Run until SIGTERM or SIGINT (then finish the batch in flight and return).
+
+        Args:
+            ready: called once the signal handlers are in place.
+        """
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
+        if ready is not None:
+            ready()
         try:
             await self.run()
         finally:
