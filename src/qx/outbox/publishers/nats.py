@@ -8,7 +8,9 @@ stream's PubAck.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 from typing import Any
 
 from qx.core.errors import ConfigurationError, PublishError
@@ -16,6 +18,14 @@ from qx.outbox.envelope import Envelope
 from qx.settings import BrokerSettings
 
 __all__ = ["NatsPublisher"]
+
+logger = logging.getLogger("qx.outbox.nats")
+
+
+async def _quiet(error: Exception) -> None:
+    # nats-py logs every failed reconnect at ERROR by default; one debug line is enough,
+    # the relay reports the publishes that fail.
+    logger.debug("NATS connection error: %r", error)
 
 
 class NatsPublisher:
@@ -36,8 +46,12 @@ class NatsPublisher:
         return f"{self.settings.subject_prefix}.{envelope.type}"
 
     async def connect(self) -> None:
-        """Connect (reconnecting forever in the background) and ensure the stream."""
-        if self._nc is not None and self._nc.is_connected:
+        """Connect (reconnecting forever in the background) and ensure the stream.
+
+        A client that lost its server keeps reconnecting by itself; meanwhile publishes time
+        out into ``PublishError`` and rows wait for their retry.
+        """
+        if self._nc is not None and not self._nc.is_closed:
             return
         try:
             import nats
@@ -47,12 +61,18 @@ class NatsPublisher:
                 "nats:// needs the nats extra: pip install 'qx[nats]'"
             ) from exc
         try:
-            self._nc = await nats.connect(
-                servers=[self.settings.url],
-                connect_timeout=self.settings.publish_timeout,
-                allow_reconnect=True,
-                max_reconnect_attempts=-1,
-                reconnect_time_wait=0.5,
+            # nats-py retries the first connection as long as later ones: bound it here so
+            # an unreachable broker at start-up is an error the relay retries, not a hang.
+            self._nc = await asyncio.wait_for(
+                nats.connect(
+                    servers=[self.settings.url],
+                    connect_timeout=self.settings.publish_timeout,
+                    allow_reconnect=True,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.5,
+                    error_cb=_quiet,
+                ),
+                timeout=self.settings.publish_timeout * 4,
             )
             self._js = self._nc.jetstream(timeout=self.settings.publish_timeout)
             if self.settings.create_stream:

@@ -1,0 +1,121 @@
+"""The broker goes away and comes back: rows wait with backoff, none dead, all delivered."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from qx.core import new_id
+from qx.db import UnitOfWorkFactory
+from qx.outbox import OutboxRelay, outbox_table, publisher_from_settings
+from qx.settings import BrokerSettings, RelaySettings
+from tests import models
+from tests.integration.proxy import Proxy
+from tests.integration.test_relay_crash import stream_contents
+from tests.services import NATS, resolve
+
+Factory = UnitOfWorkFactory[models.AppUnitOfWork]
+
+
+@pytest.fixture
+def backend() -> str:
+    return "postgresql"
+
+
+@pytest.fixture
+async def proxied_nats() -> AsyncIterator[tuple[Proxy, BrokerSettings, str]]:
+    import nats
+
+    url = resolve(NATS)
+    target = urlsplit(url)
+    proxy = Proxy(target.hostname or "127.0.0.1", target.port or 4222)
+    await proxy.start()
+    tag = new_id().hex[-10:]
+    settings = BrokerSettings(
+        url=f"nats://127.0.0.1:{proxy.port}",
+        subject_prefix=f"qxo{tag}",
+        stream=f"QXO{tag}",
+        publish_timeout=0.5,
+    )
+    yield proxy, settings, url
+    await proxy.stop()
+    nc = await nats.connect(url)
+    with contextlib.suppress(Exception):
+        await nc.jetstream().delete_stream(settings.stream)
+    await nc.close()
+
+
+async def bump_all(factory: Factory, counters: list[models.Counter], rounds: int) -> None:
+    for _ in range(rounds):
+        for counter in counters:
+            async with factory() as uow:
+                (await uow.counters.require(counter.id)).increment(integration=True)
+                await uow.commit()
+
+
+async def outbox(engine: AsyncEngine) -> list[dict[str, object]]:
+    async with engine.connect() as conn:
+        result = await conn.execute(select(outbox_table))
+        return [dict(r._mapping) for r in result.all()]
+
+
+async def until(condition: object, seconds: float) -> None:
+    deadline = asyncio.get_running_loop().time() + seconds
+    while not await condition():  # type: ignore[operator]
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.1)
+
+
+@pytest.mark.timeout(120)
+async def test_broker_outage_then_recovery(
+    engine: AsyncEngine, uow_factory: Factory, proxied_nats: tuple[Proxy, BrokerSettings, str]
+) -> None:
+    proxy, settings, direct_url = proxied_nats
+    async with uow_factory() as uow:
+        counters = [models.Counter(name=f"o{i}") for i in range(5)]
+        await uow.counters.add_many(counters)
+        await uow.commit()
+    relay = OutboxRelay(
+        engine,
+        publisher_from_settings(settings),
+        settings=RelaySettings(
+            max_attempts=8, backoff_base=0.2, backoff_max=1.0, poll_interval=0.1
+        ),
+    )
+    task = asyncio.create_task(relay.run())
+
+    async def all_published() -> bool:
+        return all(r["published_at"] is not None for r in await outbox(engine))
+
+    try:
+        await bump_all(uow_factory, counters, 2)
+        await until(all_published, 15)
+        await proxy.stop()  # the broker is gone
+        await bump_all(uow_factory, counters, 4)
+
+        async def retrying() -> bool:
+            rows = await outbox(engine)
+            return any(int(r["attempts"]) >= 2 for r in rows)  # type: ignore[call-overload]
+
+        await until(retrying, 20)
+        rows = await outbox(engine)
+        assert all(r["dead_at"] is None for r in rows)
+        assert sum(r["published_at"] is None for r in rows) == 20
+        await proxy.start()  # back on the same port
+        await until(all_published, 30)
+    finally:
+        relay.stop()
+        await asyncio.wait_for(task, 15)
+    rows = await outbox(engine)
+    assert all(r["dead_at"] is None for r in rows) and len(rows) == 30
+    envelopes = await stream_contents(direct_url, settings.subject_prefix, settings.stream)
+    assert len(envelopes) == 30 and len({e["id"] for e in envelopes}) == 30
+    for counter in counters:
+        values = [e["data"]["value"] for e in envelopes if e["aggregateid"] == str(counter.id)]
+        assert values == [1, 2, 3, 4, 5, 6]
