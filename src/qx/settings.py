@@ -94,6 +94,8 @@ class RelaySettings(BaseModel):
         backoff_base: seconds before the first retry; doubles with each attempt.
         backoff_max: the longest wait between retries.
         concurrency: aggregates published at the same time within a batch.
+        pipelines: batches one relay process works on at once (PostgreSQL; SQLite runs one),
+            so database round trips overlap waiting for the broker.
         retention: seconds published rows are kept before the relay purges them; ``None``
             keeps them.
         purge_batch: rows deleted per purge statement (small, to keep locks short).
@@ -107,7 +109,8 @@ class RelaySettings(BaseModel):
     max_attempts: int = Field(default=10, ge=1)
     backoff_base: float = Field(default=1.0, gt=0)
     backoff_max: float = Field(default=300.0, gt=0)
-    concurrency: int = Field(default=64, ge=1, le=10_000)
+    concurrency: int = Field(default=256, ge=1, le=10_000)
+    pipelines: int = Field(default=2, ge=1, le=16)
     retention: float | None = Field(default=7 * 24 * 3600.0, gt=0)
     purge_batch: int = Field(default=1000, ge=1)
     reconnect_delay: float = Field(default=1.0, gt=0)

@@ -17,7 +17,8 @@ Example:
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import re
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -25,7 +26,69 @@ from uuid import UUID
 
 from qx.core.errors import InvalidMessage
 
-__all__ = ["Envelope"]
+__all__ = ["Envelope", "RawJson"]
+
+# Strings that need no escaping in JSON: printable ASCII without '"' and '\\'.
+_PLAIN = re.compile(r"[ !#-\[\]-~]*")
+
+
+def _string(value: str) -> str:
+    if _PLAIN.fullmatch(value):
+        return f'"{value}"'
+    return json.dumps(value, ensure_ascii=False)
+
+
+_PREFIXES: dict[tuple[str, str, int], str] = {}
+
+
+def _prefix(source: str, type_: str, version: int) -> str:
+    """The constant start of every envelope of one event type (cached: types are few)."""
+    key = (source, type_, version)
+    found = _PREFIXES.get(key)
+    if found is None:
+        found = (
+            f'{{"specversion":"1.0","source":{_string(source)},"type":{_string(type_)},'
+            f'"datacontenttype":"application/json","eventversion":{int(version)},"id":"'
+        )
+        if len(_PREFIXES) < 4096:
+            _PREFIXES[key] = found
+    return found
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+class RawJson(Mapping[str, Any]):
+    """A JSON object kept as the text it was read as, parsed only when looked into.
+
+    The relay reads payloads as text and writes them into envelopes unchanged: no parse and
+    re-serialisation per message.
+    """
+
+    __slots__ = ("_value", "text")
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self._value: dict[str, Any] | None = None
+
+    def _parsed(self) -> dict[str, Any]:
+        if self._value is None:
+            value = json.loads(self.text)
+            self._value = value if isinstance(value, dict) else {"value": value}
+        return self._value
+
+    def __getitem__(self, key: str) -> Any:
+        return self._parsed()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._parsed())
+
+    def __len__(self) -> int:
+        return len(self._parsed())
+
+    def __repr__(self) -> str:
+        return f"RawJson({self.text!r})"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -62,14 +125,18 @@ class Envelope:
     @classmethod
     def from_row(cls, row: Mapping[str, Any], *, source: str) -> Envelope:
         """Build the envelope of a ``qx_outbox`` row."""
-        headers = dict(row.get("headers") or {})
+        raw_headers = row.get("headers") or {}
+        if isinstance(raw_headers, str):
+            raw_headers = json.loads(raw_headers) if raw_headers not in ("{}", "") else {}
+        headers = dict(raw_headers)
+        payload = row["payload"]
         return cls(
             id=row["id"],
             type=row["event_name"],
             version=row["event_version"],
             time=row["occurred_at"],
             source=source,
-            data=row["payload"],
+            data=RawJson(payload) if isinstance(payload, str) else payload,
             aggregate_type=row.get("aggregate_type"),
             aggregate_id=row.get("aggregate_id"),
             correlation_id=row.get("correlation_id"),
@@ -88,6 +155,11 @@ class Envelope:
 
     def attributes(self) -> dict[str, Any]:
         """The envelope as a CloudEvents-shaped mapping (``None`` attributes left out)."""
+        out = self._head()
+        out["data"] = dict(self.data)
+        return out
+
+    def _head(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "specversion": "1.0",
             "id": str(self.id),
@@ -107,12 +179,38 @@ class Envelope:
         out = {key: value for key, value in out.items() if value is not None}
         if self.headers:
             out["headers"] = dict(self.headers)
-        out["data"] = self.data
         return out
 
     def to_json(self) -> bytes:
-        """The envelope as compact UTF-8 JSON."""
-        return json.dumps(self.attributes(), separators=(",", ":"), ensure_ascii=False).encode()
+        """The envelope as compact UTF-8 JSON (``data`` last).
+
+        Written out by hand: the relay serialises every message, and this is several times
+        faster than ``json.dumps`` of the attribute mapping while producing the same JSON.
+        """
+        parts = [
+            _prefix(self.source, self.type, self.version),
+            str(self.id),
+            '","time":"',
+            self.time.isoformat(),
+            '"',
+        ]
+        subject = self.subject
+        for name, value in (
+            ("subject", subject),
+            ("aggregatetype", self.aggregate_type),
+            ("aggregateid", self.aggregate_id),
+            ("correlationid", self.correlation_id),
+            ("causationid", self.causation_id),
+            ("tenantid", self.tenant_id),
+            ("traceparent", self.traceparent),
+        ):
+            if value is not None:
+                parts += (',"', name, '":', _string(value))
+        if self.headers:
+            parts += (',"headers":', _dumps(dict(self.headers)))
+        data = self.data.text if isinstance(self.data, RawJson) else _dumps(self.data)
+        parts += (',"data":', data, "}")
+        return "".join(parts).encode()
 
     def transport_headers(self) -> dict[str, str]:
         """Short string headers for brokers that carry them beside the body."""

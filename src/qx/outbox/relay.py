@@ -37,8 +37,8 @@ from qx.core.clock import Clock, SystemClock
 from qx.core.errors import PublishError, QxError
 from qx.db.errors import translate_error
 from qx.outbox.envelope import Envelope
-from qx.outbox.publishers.base import Publisher
-from qx.outbox.store import OutboxStore
+from qx.outbox.publishers.base import Publisher, publish_many
+from qx.outbox.store import OutboxBatch, OutboxStore
 from qx.outbox.table import NOTIFY_CHANNEL
 from qx.settings import RelaySettings
 
@@ -105,7 +105,7 @@ class OutboxRelay:
         self.metrics = metrics
         self.store = OutboxStore(engine)
         self._stop = asyncio.Event()
-        self._wake = asyncio.Event()
+        self._wakes: list[asyncio.Event] = []
         self._last_purge = 0.0
 
     # -- one batch --------------------------------------------------------------------------
@@ -113,28 +113,29 @@ class OutboxRelay:
     async def run_once(self) -> BatchResult:
         """Claim, publish and mark one batch; return what happened."""
         started = time.perf_counter()
+        size = self.settings.batch_size
         if self.store.locking:
             # Heads stay locked while publishing, so other relays skip these aggregates.
-            async with self.engine.begin() as conn:
-                now = self.clock.now()
-                rows = await self.store.claim(conn, batch_size=self.settings.batch_size, now=now)
+            async with self.store.batch() as batch:
+                rows = await batch.claim(batch_size=size, now=self.clock.now())
                 result = await self._publish(rows)
-                await self._record(conn, rows, result)
+                await self._record(batch, result)
         else:
             # SQLite: one relay, and no write lock held while the broker is slow.
-            async with self.engine.begin() as conn:
-                rows = await self.store.claim(
-                    conn, batch_size=self.settings.batch_size, now=self.clock.now()
-                )
+            async with self.store.batch() as batch:
+                rows = await batch.claim(batch_size=size, now=self.clock.now())
             result = await self._publish(rows)
             if rows:
-                async with self.engine.begin() as conn:
-                    await self._record(conn, rows, result)
+                async with self.store.batch() as batch:
+                    await self._record(batch, result)
         if self.metrics is not None and rows:
             self.metrics.batch(result.summary, time.perf_counter() - started)
         return result.summary
 
     async def _publish(self, rows: list[Mapping[str, Any]]) -> _Outcome:
+        """Publish in waves: the first pending row of every aggregate, then the second of
+        those whose first was acknowledged, and so on. Each wave goes out as one pipelined
+        batch, and no row is sent before its aggregate's previous row is acknowledged."""
         outcome = _Outcome(BatchResult(claimed=len(rows)))
         groups: dict[Any, list[Mapping[str, Any]]] = {}
         for row in rows:
@@ -144,32 +145,40 @@ class OutboxRelay:
                 else row["position"]
             )
             groups.setdefault(key, []).append(row)
-        gate = asyncio.Semaphore(self.settings.concurrency)
-
-        async def publish_group(group: list[Mapping[str, Any]]) -> None:
-            async with gate:
-                for row in group:
-                    try:
-                        await self.publisher.publish(Envelope.from_row(row, source=self.source))
-                    except Exception as exc:  # a failed row holds back its aggregate only
-                        outcome.failed.append((row, _describe(exc)))
-                        return
-                    outcome.published.append(row)
-
-        await asyncio.gather(*(publish_group(group) for group in groups.values()))
+        active = list(groups.values())
+        depth = 0
+        size = self.settings.concurrency
+        while active:
+            following: list[list[Mapping[str, Any]]] = []
+            for start in range(0, len(active), size):
+                chunk = active[start : start + size]
+                wave = [group[depth] for group in chunk]
+                try:
+                    envelopes = [Envelope.from_row(row, source=self.source) for row in wave]
+                    errors = await publish_many(self.publisher, envelopes)
+                except Exception as exc:  # a broken publisher fails the whole wave
+                    errors = [exc] * len(wave)
+                for group, row, error in zip(chunk, wave, errors, strict=True):
+                    if error is None:
+                        outcome.published.append(row)
+                        if len(group) > depth + 1:
+                            following.append(group)
+                    else:  # a failed row holds back its aggregate only
+                        outcome.failed.append((row, _describe(error)))
+            active = following
+            depth += 1
         return outcome
 
-    async def _record(self, conn: Any, rows: list[Mapping[str, Any]], outcome: _Outcome) -> None:
+    async def _record(self, batch: OutboxBatch, outcome: _Outcome) -> None:
         now = self.clock.now()
         summary = outcome.summary
-        await self.store.mark_published(conn, [r["position"] for r in outcome.published], now=now)
+        await batch.mark_published([r["position"] for r in outcome.published], now=now)
         summary.published = len(outcome.published)
         if outcome.published:
             oldest = min(r["occurred_at"] for r in outcome.published)
             summary.lag_seconds = max((now - oldest).total_seconds(), 0.0)
         for row, error in outcome.failed:
-            dead = await self.store.mark_failed(
-                conn,
+            dead = await batch.mark_failed(
                 row,
                 error,
                 now=now,
@@ -196,7 +205,7 @@ class OutboxRelay:
     def stop(self) -> None:
         """Ask the relay to stop after the batch in flight."""
         self._stop.set()
-        self._wake.set()
+        self._notified()
 
     @property
     def stopping(self) -> bool:
@@ -221,27 +230,17 @@ class OutboxRelay:
                 loop.remove_signal_handler(sig)
 
     async def run(self) -> None:
-        """Relay until :meth:`stop`; reconnect after database or broker failures."""
+        """Relay until :meth:`stop`; reconnect after database or broker failures.
+
+        On PostgreSQL ``pipelines`` batch loops run side by side (each claims aggregates the
+        others have not locked), so one batch's database round trips overlap another's wait
+        for broker acknowledgements.
+        """
         listener = asyncio.create_task(self._listen()) if self.store.locking else None
-        failures = 0
+        count = self.settings.pipelines if self.store.locking else 1
+        self._wakes = [asyncio.Event() for _ in range(count)]
         try:
-            while not self._stop.is_set():
-                try:
-                    await self.publisher.connect()
-                    result = await self.run_once()
-                    failures = 0
-                    await self._maybe_purge()
-                except Exception as exc:
-                    failures += 1
-                    delay = min(self.settings.reconnect_delay * 2 ** min(failures - 1, 5), 30.0)
-                    logger.warning(
-                        "relay batch failed (%s); retrying in %.1fs", _describe(exc), delay
-                    )
-                    await self._sleep(delay)
-                    continue
-                if result.claimed >= self.settings.batch_size:
-                    continue  # a full batch: more is probably waiting
-                await self._sleep(self.settings.poll_interval)
+            await asyncio.gather(*(self._loop(index) for index in range(count)))
         finally:
             if listener is not None:
                 listener.cancel()
@@ -249,10 +248,30 @@ class OutboxRelay:
                     await listener
             await self.publisher.close()
 
-    async def _sleep(self, seconds: float) -> None:
-        self._wake.clear()
+    async def _loop(self, index: int) -> None:
+        failures = 0
+        while not self._stop.is_set():
+            try:
+                await self.publisher.connect()
+                result = await self.run_once()
+                failures = 0
+                if index == 0:
+                    await self._maybe_purge()
+            except Exception as exc:
+                failures += 1
+                delay = min(self.settings.reconnect_delay * 2 ** min(failures - 1, 5), 30.0)
+                logger.warning("relay batch failed (%s); retrying in %.1fs", _describe(exc), delay)
+                await self._sleep(index, delay)
+                continue
+            if result.claimed >= self.settings.batch_size:
+                continue  # a full batch: more is probably waiting
+            await self._sleep(index, self.settings.poll_interval)
+
+    async def _sleep(self, index: int, seconds: float) -> None:
+        wake = self._wakes[index]
+        wake.clear()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), timeout=seconds)
+            await asyncio.wait_for(wake.wait(), timeout=seconds)
 
     async def _maybe_purge(self) -> None:
         retention = self.settings.retention
@@ -275,7 +294,7 @@ class OutboxRelay:
                     lost = asyncio.Event()
                     driver.add_termination_listener(_setter(lost))
                     await driver.add_listener(NOTIFY_CHANNEL, self._notified)
-                    self._wake.set()  # catch up on anything committed while not listening
+                    self._notified()  # catch up on anything committed while not listening
                     await lost.wait()
             except asyncio.CancelledError:
                 raise
@@ -284,7 +303,8 @@ class OutboxRelay:
             await asyncio.sleep(self.settings.reconnect_delay)
 
     def _notified(self, *_args: Any) -> None:
-        self._wake.set()
+        for wake in self._wakes:
+            wake.set()
 
 
 @dataclass(slots=True)

@@ -16,24 +16,86 @@ Example:
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 from uuid import UUID
 
-from sqlalchemy import and_, delete, exists, func, literal, or_, select, tuple_, update
+from sqlalchemy import (
+    Integer,
+    Text,
+    and_,
+    bindparam,
+    cast,
+    delete,
+    exists,
+    func,
+    literal_column,
+    or_,
+    select,
+    tuple_,
+    update,
+)
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from qx.db.query.lookups import in_condition
 from qx.outbox.table import outbox_table
 
 __all__ = ["OutboxStatus", "OutboxStore", "backoff_delay"]
 
 _o = outbox_table
+# What a relay needs of a row; payload and headers as JSON text, which envelopes embed as is.
+_CLAIMED = (
+    _o.c.position,
+    _o.c.id,
+    _o.c.event_name,
+    _o.c.event_version,
+    _o.c.aggregate_type,
+    _o.c.aggregate_id,
+    cast(_o.c.payload, Text).label("payload"),
+    cast(_o.c.headers, Text).label("headers"),
+    _o.c.occurred_at,
+    _o.c.correlation_id,
+    _o.c.causation_id,
+    _o.c.tenant_id,
+    _o.c.attempts,
+)
 
 
 def _pending(table: Any = _o) -> Any:
     return and_(table.c.published_at.is_(None), table.c.dead_at.is_(None))
+
+
+def _failure(
+    row: Mapping[str, Any], now: datetime, max_attempts: int, base: float, maximum: float
+) -> tuple[int, bool, datetime]:
+    attempts = int(row["attempts"]) + 1
+    delay = backoff_delay(attempts, base=base, maximum=maximum)
+    return attempts, attempts >= max_attempts, now + timedelta(seconds=delay)
+
+
+class OutboxBatch(Protocol):
+    """The statements of one relay batch, inside one transaction."""
+
+    async def claim(self, *, batch_size: int, now: datetime) -> list[Mapping[str, Any]]:
+        """Claim due rows (see :meth:`OutboxStore.claim`)."""
+
+    async def mark_published(self, positions: Sequence[int], *, now: datetime) -> None:
+        """Mark rows published."""
+
+    async def mark_failed(
+        self,
+        row: Mapping[str, Any],
+        error: str,
+        *,
+        now: datetime,
+        max_attempts: int,
+        backoff_base: float,
+        backoff_max: float,
+    ) -> bool:
+        """Record a failed attempt; return whether the row is dead now."""
 
 
 def backoff_delay(attempts: int, *, base: float, maximum: float) -> float:
@@ -72,6 +134,14 @@ class OutboxStore:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
         self.locking = engine.dialect.name == "postgresql"
+        self._claim_sql: tuple[str, tuple[str, ...]] | None = None
+        self._mark_sql = (
+            f"UPDATE {_o.fullname} SET published_at = $1 WHERE position = ANY($2::bigint[])"
+        )
+        self._fail_sql = (
+            f"UPDATE {_o.fullname} SET attempts = $1, last_error = $2, next_attempt_at = $3,"
+            " dead_at = $4 WHERE position = $5"
+        )
 
     async def claim(
         self, conn: AsyncConnection, *, batch_size: int, now: datetime
@@ -80,9 +150,21 @@ class OutboxStore:
 
         On PostgreSQL the heads stay locked until ``conn``'s transaction ends.
         """
+        result = await conn.execute(self._claim_statement(), {"now": now, "batch": batch_size})
+        return [dict(row._mapping) for row in result.all()]
+
+    def _compiled_claim(self) -> tuple[str, tuple[str, ...]]:
+        if self._claim_sql is None:
+            compiled = self._claim_statement().compile(dialect=self.engine.dialect)
+            self._claim_sql = (compiled.string, tuple(compiled.positiontup or ()))
+        return self._claim_sql
+
+    def _claim_statement(self) -> Any:
+        now = bindparam("now", type_=_o.c.next_attempt_at.type)
+        batch = bindparam("batch", type_=Integer())
         o, earlier = _o.alias("o"), _o.alias("e")
         blocked = exists(
-            select(literal(1)).where(
+            select(literal_column("1")).where(
                 earlier.c.aggregate_type == o.c.aggregate_type,
                 earlier.c.aggregate_id == o.c.aggregate_id,
                 earlier.c.position < o.c.position,
@@ -97,27 +179,30 @@ class OutboxStore:
                 ~blocked,
             )
             .order_by(o.c.position)
-            .limit(batch_size)
+            .limit(batch)
         )
         if self.locking:
             heads_stmt = heads_stmt.with_for_update(skip_locked=True, of=o)
-        heads = (await conn.execute(heads_stmt)).all()
-        if not heads:
-            return []
-        keys = list(
-            {(h.aggregate_type, h.aggregate_id) for h in heads if h.aggregate_id is not None}
+        # One round trip: the locked heads, then every pending row of their aggregates.
+        heads = heads_stmt.cte("heads")
+        return (
+            select(*_CLAIMED)
+            .where(
+                _pending(),
+                or_(
+                    tuple_(_o.c.aggregate_type, _o.c.aggregate_id).in_(
+                        select(heads.c.aggregate_type, heads.c.aggregate_id).where(
+                            heads.c.aggregate_id.is_not(None)
+                        )
+                    ),
+                    _o.c.position.in_(
+                        select(heads.c.position).where(heads.c.aggregate_id.is_(None))
+                    ),
+                ),
+            )
+            .order_by(_o.c.position)
+            .limit(batch)
         )
-        loose = [h.position for h in heads if h.aggregate_id is None]
-        clauses = []
-        if keys:
-            clauses.append(tuple_(_o.c.aggregate_type, _o.c.aggregate_id).in_(keys))
-        if loose:
-            clauses.append(_o.c.position.in_(loose))
-        rows_stmt = (
-            select(_o).where(_pending(), or_(*clauses)).order_by(_o.c.position).limit(batch_size)
-        )
-        result = await conn.execute(rows_stmt)
-        return [dict(row._mapping) for row in result.all()]
 
     async def mark_published(
         self, conn: AsyncConnection, positions: Sequence[int], *, now: datetime
@@ -125,7 +210,9 @@ class OutboxStore:
         """Mark rows published."""
         if positions:
             await conn.execute(
-                update(_o).where(_o.c.position.in_(list(positions))).values(published_at=now)
+                update(_o)
+                .where(in_condition(_o.c.position, list(positions), self.engine.dialect.name))
+                .values(published_at=now)
             )
 
     async def mark_failed(
@@ -140,20 +227,41 @@ class OutboxStore:
         backoff_max: float,
     ) -> bool:
         """Record a failed attempt; return whether the row is now dead-lettered."""
-        attempts = int(row["attempts"]) + 1
-        dead = attempts >= max_attempts
-        delay = backoff_delay(attempts, base=backoff_base, maximum=backoff_max)
+        attempts, dead, retry_at = _failure(row, now, max_attempts, backoff_base, backoff_max)
         await conn.execute(
             update(_o)
             .where(_o.c.position == row["position"])
             .values(
                 attempts=attempts,
                 last_error=error[:2000],
-                next_attempt_at=now + timedelta(seconds=delay),
+                next_attempt_at=retry_at,
                 dead_at=now if dead else None,
             )
         )
         return dead
+
+    @asynccontextmanager
+    async def batch(self) -> AsyncIterator[OutboxBatch]:
+        """One relay batch's transaction: ``claim`` → ``mark_published`` / ``mark_failed``
+        → COMMIT on leaving (ROLLBACK on error).
+
+        On PostgreSQL the batch runs on the asyncpg connection itself with statements
+        compiled once: the relay's hot path skips SQLAlchemy's per-statement work.
+        """
+        if not self.locking:
+            async with self.engine.begin() as conn:
+                yield _CoreBatch(self, conn)
+            return
+        async with self.engine.connect() as conn:
+            raw = await conn.get_raw_connection()
+            driver: Any = raw.driver_connection
+            try:
+                async with driver.transaction():
+                    yield _DriverBatch(self, driver)
+            except BaseException:
+                # SQLAlchemy did not see this connection fail; never pool it again.
+                await conn.invalidate()
+                raise
 
     async def status(self, *, now: datetime) -> OutboxStatus:
         """Counts for ``qx outbox status``."""
@@ -211,3 +319,56 @@ class OutboxStore:
             total += deleted
             if deleted < batch_size:
                 return total
+
+
+class _CoreBatch:
+    """A batch through SQLAlchemy Core (SQLite)."""
+
+    def __init__(self, store: OutboxStore, conn: AsyncConnection) -> None:
+        self.store, self.conn = store, conn
+
+    async def claim(self, *, batch_size: int, now: datetime) -> list[Mapping[str, Any]]:
+        return await self.store.claim(self.conn, batch_size=batch_size, now=now)
+
+    async def mark_published(self, positions: Sequence[int], *, now: datetime) -> None:
+        await self.store.mark_published(self.conn, positions, now=now)
+
+    async def mark_failed(self, row: Mapping[str, Any], error: str, **options: Any) -> bool:
+        return await self.store.mark_failed(self.conn, row, error, **options)
+
+
+class _DriverBatch:
+    """A batch on the asyncpg connection (PostgreSQL), statements compiled once."""
+
+    def __init__(self, store: OutboxStore, driver: Any) -> None:
+        self.store, self.driver = store, driver
+
+    async def claim(self, *, batch_size: int, now: datetime) -> list[Mapping[str, Any]]:
+        sql, order = self.store._compiled_claim()
+        params = {"now": now, "batch": batch_size}
+        return list(await self.driver.fetch(sql, *(params[name] for name in order)))
+
+    async def mark_published(self, positions: Sequence[int], *, now: datetime) -> None:
+        if positions:
+            await self.driver.execute(self.store._mark_sql, now, list(positions))
+
+    async def mark_failed(
+        self,
+        row: Mapping[str, Any],
+        error: str,
+        *,
+        now: datetime,
+        max_attempts: int,
+        backoff_base: float,
+        backoff_max: float,
+    ) -> bool:
+        attempts, dead, retry_at = _failure(row, now, max_attempts, backoff_base, backoff_max)
+        await self.driver.execute(
+            self.store._fail_sql,
+            attempts,
+            error[:2000],
+            retry_at,
+            now if dead else None,
+            row["position"],
+        )
+        return dead

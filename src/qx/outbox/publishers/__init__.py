@@ -4,7 +4,14 @@ from qx.outbox.publishers.base import (
     LogPublisher,
     MemoryPublisher,
     Publisher,
+    publish_many,
     publisher_from_settings,
 )
 
-__all__ = ["LogPublisher", "MemoryPublisher", "Publisher", "publisher_from_settings"]
+__all__ = [
+    "LogPublisher",
+    "MemoryPublisher",
+    "Publisher",
+    "publish_many",
+    "publisher_from_settings",
+]

@@ -12,7 +12,9 @@ Example:
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
@@ -20,7 +22,13 @@ from qx.core.errors import ConfigurationError, PublishError
 from qx.outbox.envelope import Envelope
 from qx.settings import BrokerSettings
 
-__all__ = ["LogPublisher", "MemoryPublisher", "Publisher", "publisher_from_settings"]
+__all__ = [
+    "LogPublisher",
+    "MemoryPublisher",
+    "Publisher",
+    "publish_many",
+    "publisher_from_settings",
+]
 
 logger = logging.getLogger("qx.outbox.publish")
 
@@ -41,6 +49,24 @@ class Publisher(Protocol):
 
     async def close(self) -> None:
         """Release connections."""
+
+
+async def publish_many(
+    publisher: Publisher, envelopes: Sequence[Envelope]
+) -> list[BaseException | None]:
+    """Publish envelopes concurrently; return ``None`` or the error for each, in order.
+
+    Uses the publisher's own ``publish_many`` when it has one (NATS pipelines the messages
+    and awaits all acknowledgements together; Redis sends one pipeline).
+    """
+    batch = getattr(publisher, "publish_many", None)
+    if batch is not None:
+        results: list[BaseException | None] = await batch(envelopes)
+        return results
+    outcomes = await asyncio.gather(
+        *(publisher.publish(envelope) for envelope in envelopes), return_exceptions=True
+    )
+    return [outcome if isinstance(outcome, BaseException) else None for outcome in outcomes]
 
 
 class MemoryPublisher:

@@ -91,7 +91,9 @@ class NatsPublisher:
         """Publish and wait for the PubAck."""
         if self._js is None:
             await self.connect()
-        headers = {"Nats-Msg-Id": str(envelope.id), **envelope.transport_headers()}
+        # The body is the whole envelope (CloudEvents structured mode): the only header
+        # JetStream needs is the id it deduplicates on.
+        headers = {"Nats-Msg-Id": str(envelope.id)}
         try:
             await self._js.publish(
                 self.subject(envelope),

@@ -1,0 +1,276 @@
+"""Benchmark: the outbox relay into NATS JetStream.
+
+In one run:
+1. drain a backlog of ``--backlog`` events (spread over ``--aggregates`` aggregates) with the
+   qx relay and with a hand-written relay (asyncpg + nats-py, same batch size, ``FOR UPDATE
+   SKIP LOCKED``, everything published concurrently, no ordering guarantee), both in this
+   process, and print events/s and qx / hand-written (target >= 1.0x);
+2. drain the same backlog with 1, 2 and 4 qx relays as separate processes (``qx outbox
+   relay``) and print the scaling (target: 2 relays >= 1.6x one);
+3. commit events at a steady ``--rate`` per second for ``--seconds`` with one qx relay woken
+   by LISTEN/NOTIFY, and print commit -> consumer latency p50 / p99 (target <= 10 / 50 ms).
+
+    python bench/relay.py [--url ...] [--nats nats://127.0.0.1:4222] [--backlog 50000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import statistics
+import sys
+import time
+from typing import Any
+
+import nats
+from common import BenchDatabase, add_url_argument, bench_schema, versions
+from sqlalchemy import text
+
+from qx.core import new_id, request_context
+from qx.db import UnitOfWorkFactory, create_session_factory
+from qx.examples.orders.domain import Order, OrderLine
+from qx.examples.orders.infrastructure import OrdersUnitOfWork
+from qx.outbox import OutboxRelay, publisher_from_settings
+from qx.settings import BrokerSettings, RelaySettings
+
+BATCH = 200
+
+
+async def fill_backlog(db: BenchDatabase, events: int, aggregates: int) -> None:
+    async with db.engine.begin() as conn:
+        await conn.execute(text("TRUNCATE qx_outbox"))
+        await conn.execute(
+            text(
+                "INSERT INTO qx_outbox (id, event_name, event_version, aggregate_type,"
+                " aggregate_id, payload, headers, occurred_at, next_attempt_at,"
+                " correlation_id, tenant_id)"
+                " SELECT gen_random_uuid(), 'bench.happened', 1, 'Thing',"
+                " (g % :aggregates)::text, jsonb_build_object('n', g, 'note', 'benchmark'),"
+                " '{}'::jsonb, now(), now(), 'bench', 'bench'"
+                " FROM generate_series(1, :events) AS g"
+            ),
+            {"events": events, "aggregates": aggregates},
+        )
+        await conn.execute(text("ANALYZE qx_outbox"))
+
+
+async def pending(db: BenchDatabase) -> bool:
+    """Whether any row is unpublished (an index probe, cheap enough to poll)."""
+    async with db.engine.connect() as conn:
+        found = await conn.scalar(
+            text("SELECT 1 FROM qx_outbox WHERE published_at IS NULL AND dead_at IS NULL LIMIT 1")
+        )
+        return found is not None
+
+
+async def fresh_stream(url: str, prefix: str, stream: str) -> None:
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    with contextlib.suppress(Exception):
+        await js.delete_stream(stream)
+    await js.add_stream(name=stream, subjects=[f"{prefix}.>"])
+    await nc.close()
+
+
+async def qx_in_process(db: BenchDatabase, broker: BrokerSettings) -> None:
+    relay = OutboxRelay(
+        db.engine, publisher_from_settings(broker), settings=RelaySettings(batch_size=BATCH)
+    )
+    publisher = relay.publisher
+    await publisher.connect()
+
+    async def pipeline() -> None:
+        # What relay.run() does with its pipelines, stopping when the backlog is gone
+        # (instead of polling the database for completion).
+        idle = 0
+        while idle < 2:
+            idle = 0 if (await relay.run_once()).claimed else idle + 1
+
+    try:
+        await asyncio.gather(*(pipeline() for _ in range(relay.settings.pipelines)))
+    finally:
+        await publisher.close()
+
+
+async def hand_written(db: BenchDatabase, broker: BrokerSettings) -> None:
+    pool = await db.asyncpg_pool(2)
+    nc = await nats.connect(broker.url)
+    js = nc.jetstream()
+    try:
+        while True:
+            async with pool.acquire() as conn, conn.transaction():
+                rows = await conn.fetch(
+                    "SELECT position, id, event_name, payload FROM qx_outbox"
+                    " WHERE published_at IS NULL AND dead_at IS NULL ORDER BY position"
+                    " LIMIT $1 FOR UPDATE SKIP LOCKED",
+                    BATCH,
+                )
+                if not rows:
+                    return
+                await asyncio.gather(
+                    *(
+                        js.publish(
+                            f"{broker.subject_prefix}.{row['event_name']}",
+                            row["payload"].encode(),
+                            headers={"Nats-Msg-Id": str(row["id"])},
+                        )
+                        for row in rows
+                    )
+                )
+                await conn.execute(
+                    "UPDATE qx_outbox SET published_at = now() WHERE position = ANY($1)",
+                    [row["position"] for row in rows],
+                )
+    finally:
+        await nc.close()
+        await pool.close()
+
+
+async def drain_with_processes(db: BenchDatabase, broker: BrokerSettings, relays: int) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QX_")}
+    env.update(
+        QX_DB__URL=db.url,
+        QX_DB__SEARCH_PATH=db.schema,
+        QX_BROKER__URL=broker.url,
+        QX_BROKER__SUBJECT_PREFIX=broker.subject_prefix,
+        QX_BROKER__STREAM=broker.stream,
+        QX_BROKER__CREATE_STREAM="false",
+        QX_RELAY__BATCH_SIZE=str(BATCH),
+        QX_RELAY__POLL_INTERVAL="0.05",
+    )
+    processes = [
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            "from qx.cli import main; main()",
+            "outbox",
+            "relay",
+            env=env,
+            stdout=asyncio.subprocess.DEVNULL,
+        )
+        for _ in range(relays)
+    ]
+    try:
+        while await pending(db):
+            await asyncio.sleep(0.25)
+    finally:
+        for process in processes:
+            process.send_signal(signal.SIGTERM)
+        for process in processes:
+            await process.wait()
+
+
+async def timed_drain(
+    db: BenchDatabase, broker: BrokerSettings, args: argparse.Namespace, run: Any
+) -> float:
+    await fill_backlog(db, args.backlog, args.aggregates)
+    await fresh_stream(broker.url, broker.subject_prefix, broker.stream)
+    started = time.perf_counter()
+    await run()
+    elapsed = time.perf_counter() - started
+    assert await pending(db) == 0
+    return args.backlog / elapsed
+
+
+async def latency(
+    db: BenchDatabase, broker: BrokerSettings, args: argparse.Namespace
+) -> list[float]:
+    async with db.engine.begin() as conn:
+        await conn.execute(text("TRUNCATE qx_outbox"))
+    await fresh_stream(broker.url, broker.subject_prefix, broker.stream)
+    committed: dict[str, float] = {}
+    received: dict[str, float] = {}
+    nc = await nats.connect(broker.url)
+
+    async def on_message(message: Any) -> None:
+        received[message.headers["Nats-Msg-Id"]] = time.perf_counter()
+
+    await nc.subscribe(f"{broker.subject_prefix}.>", cb=on_message)
+    publisher = publisher_from_settings(broker)
+    relay = OutboxRelay(
+        db.engine, publisher, settings=RelaySettings(batch_size=BATCH, poll_interval=1.0)
+    )
+    task = asyncio.create_task(relay.run())
+    factory = UnitOfWorkFactory(OrdersUnitOfWork, create_session_factory(db.engine))
+    await asyncio.sleep(0.5)  # the relay is listening
+    interval = 1.0 / args.rate
+    total = int(args.rate * args.seconds)
+    start = time.perf_counter()
+    for n in range(total):
+        await asyncio.sleep(max(0.0, start + n * interval - time.perf_counter()))
+        with request_context(tenant_id="bench"):
+            async with factory() as uow:
+                order = Order.place(f"c{n}", [OrderLine(sku="A", quantity=1, unit_price=1)])
+                await uow.orders.add(order)
+                await uow.commit()
+        placed = next(e for e in uow.events if type(e).__name__ == "OrderPlacedV1")
+        committed[str(placed.event_id)] = time.perf_counter()
+    deadline = time.perf_counter() + 10
+    while len(received) < total and time.perf_counter() < deadline:
+        await asyncio.sleep(0.05)
+    relay.stop()
+    await task
+    await nc.close()
+    return sorted((received[k] - committed[k]) * 1000 for k in committed if k in received)
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_url_argument(parser)
+    parser.add_argument(
+        "--nats", default=os.environ.get("QX_BENCH_NATS_URL", "nats://127.0.0.1:4222")
+    )
+    parser.add_argument("--backlog", type=int, default=50_000)
+    parser.add_argument("--aggregates", type=int, default=1000)
+    parser.add_argument("--rate", type=float, default=200.0)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    args = parser.parse_args()
+    tag = new_id().hex[-8:]
+    broker = BrokerSettings(
+        url=args.nats, subject_prefix=f"bench{tag}", stream=f"BENCH{tag}", create_stream=False
+    )
+    results: dict[str, float] = {}
+    async with bench_schema(args.url) as db:
+        try:
+            results["qx relay"] = await timed_drain(
+                db, broker, args, lambda: qx_in_process(db, broker)
+            )
+            results["hand-written relay"] = await timed_drain(
+                db, broker, args, lambda: hand_written(db, broker)
+            )
+            for relays in (1, 2, 4):
+                results[f"qx, {relays} relay process(es)"] = await timed_drain(
+                    db, broker, args, lambda n=relays: drain_with_processes(db, broker, n)
+                )
+            latencies = await latency(db, broker, args)
+        finally:
+            nc = await nats.connect(args.nats)
+            with contextlib.suppress(Exception):
+                await nc.jetstream().delete_stream(broker.stream)
+            await nc.close()
+
+    print(
+        f"relay into JetStream: backlog {args.backlog} events over {args.aggregates} aggregates, "
+        f"batch {BATCH}; {versions()}"
+    )
+    print(f"{'drain':<30}{'events/s':>10}{'ratio':>9}")
+    hand = results["hand-written relay"]
+    one = results["qx, 1 relay process(es)"]
+    for name, rate in results.items():
+        base = hand if "process" not in name else one
+        print(f"{name:<30}{rate:>10.0f}{rate / base:>8.2f}x")
+    print("(in-process rows compare with the hand-written relay; process rows with 1 process)")
+    if latencies:
+        p50 = statistics.median(latencies)
+        p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
+        print(
+            f"commit -> consumer latency at {args.rate:.0f} events/s for {args.seconds:.0f}s: "
+            f"p50 {p50:.1f} ms, p99 {p99:.1f} ms ({len(latencies)} events)"
+        )
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
