@@ -154,7 +154,7 @@ async def drain_with_processes(db: BenchDatabase, broker: BrokerSettings, relays
         for _ in range(relays)
     ]
     try:
-        while await pending(db):
+        while await pending(db):  # noqa: ASYNC110 - other processes drain it
             await asyncio.sleep(0.25)
     finally:
         for process in processes:
@@ -209,7 +209,7 @@ async def latency(
         placed = next(e for e in uow.events if type(e).__name__ == "OrderPlacedV1")
         committed[str(placed.event_id)] = time.perf_counter()
     deadline = time.perf_counter() + 10
-    while len(received) < total and time.perf_counter() < deadline:
+    while len(received) < total and time.perf_counter() < deadline:  # noqa: ASYNC110
         await asyncio.sleep(0.05)
     relay.stop()
     await task

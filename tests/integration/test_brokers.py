@@ -128,7 +128,7 @@ async def test_nats_without_a_stream_leaves_rows_pending(
         await publisher.close()
     assert (result.published, result.failed, result.dead) == (0, 1, 0)
     (row,) = await pending(engine)
-    assert row["attempts"] == 1 and "NATS did not acknowledge" in row["last_error"]
+    assert row["attempts"] == 1 and "NATS refused the message" in row["last_error"]
 
 
 # -- RabbitMQ ----------------------------------------------------------------------------------
