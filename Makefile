@@ -43,6 +43,7 @@ bench: $(VENV)/.dev-installed
 	$(BIN)/python bench/place_order.py
 	$(BIN)/python bench/list.py
 	$(BIN)/python bench/pagination.py
+	$(BIN)/python bench/relay.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis qx.sqlite3*
