@@ -66,6 +66,8 @@ class BrokerSettings(BaseModel):
         stream: NATS JetStream stream name (holding ``<prefix>.>``).
         create_stream: create (or update) the JetStream stream on connect.
         exchange: RabbitMQ topic exchange (declared durable); routing key = event name.
+        mandatory: RabbitMQ returns messages no queue is bound for, and the relay retries
+            (then dead-letters) them instead of losing them silently.
         redis_stream: Redis stream key the envelopes are appended to.
         redis_maxlen: approximate ``MAXLEN`` of the Redis stream; ``None`` keeps everything.
         publish_timeout: seconds to wait for the broker's acknowledgement.
@@ -79,6 +81,7 @@ class BrokerSettings(BaseModel):
     stream: str = Field(default="QX_EVENTS", pattern=r"^[A-Za-z0-9_\-]+$")
     create_stream: bool = True
     exchange: str = "qx.events"
+    mandatory: bool = True
     redis_stream: str = "qx:events"
     redis_maxlen: int | None = Field(default=None, ge=1)
     publish_timeout: float = Field(default=5.0, gt=0)

@@ -270,3 +270,17 @@ async def test_unreachable_broker_is_a_publish_error() -> None:
     )
     with pytest.raises(PublishError):
         await asyncio.wait_for(publisher.connect(), 10)
+
+
+async def test_rabbitmq_unroutable_messages_are_not_lost(
+    engine: AsyncEngine, uow_factory: Factory, amqp_settings: BrokerSettings
+) -> None:
+    await produce(uow_factory, 1)  # no queue is bound to the exchange
+    publisher = publisher_from_settings(amqp_settings)
+    try:
+        result = await OutboxRelay(engine, publisher).run_once()
+    finally:
+        await publisher.close()
+    assert (result.published, result.failed) == (0, 1)
+    (row,) = await pending(engine)
+    assert "RabbitMQ did not confirm" in row["last_error"]

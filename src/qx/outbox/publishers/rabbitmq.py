@@ -1,9 +1,10 @@
 """RabbitMQ publisher (``amqp://``; needs the ``rabbitmq`` extra: aio-pika).
 
-Envelopes go to a durable topic exchange with the event name as routing key, as persistent
-messages whose ``message_id`` is the event id; the channel runs in publisher-confirm mode,
-so ``publish`` returns only when the broker has taken responsibility for the message (and
-raises on a nack, e.g. a queue refusing it).
+Envelopes go to a durable topic exchange with the event name as routing key, as persistent,
+``mandatory`` messages whose ``message_id`` is the event id; the channel runs in
+publisher-confirm mode, so ``publish`` returns only when the broker has taken responsibility
+for the message, and raises on a nack (a queue refusing it) or a return (no queue bound).
+A batch is published concurrently and its confirms awaited together.
 """
 
 from __future__ import annotations
@@ -44,7 +45,9 @@ class RabbitPublisher:
             self._connection = await aio_pika.connect_robust(
                 self.settings.url, timeout=self.settings.publish_timeout
             )
-            channel = await self._connection.channel(publisher_confirms=True)
+            channel = await self._connection.channel(
+                publisher_confirms=True, on_return_raises=self.settings.mandatory
+            )
             self._exchange = await channel.declare_exchange(
                 self.settings.exchange, aio_pika.ExchangeType.TOPIC, durable=True
             )
@@ -70,7 +73,10 @@ class RabbitPublisher:
         )
         try:
             await self._exchange.publish(
-                message, routing_key=envelope.type, timeout=self.settings.publish_timeout
+                message,
+                routing_key=envelope.type,
+                mandatory=self.settings.mandatory,
+                timeout=self.settings.publish_timeout,
             )
         except Exception as exc:
             raise PublishError(f"RabbitMQ did not confirm {envelope.id}: {exc!r}") from exc
