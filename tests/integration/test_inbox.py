@@ -151,3 +151,56 @@ async def test_nats_subscriber_through_the_inbox(uow_factory: Factory) -> None:
     assert seen == [str(envelope.id)]
     with request_context(tenant_id="t-1"):
         assert await value_of(uow_factory, ident) == 1
+
+
+@pytest.mark.postgres_only
+async def test_rabbitmq_subscriber_through_the_inbox(uow_factory: Factory) -> None:
+    import aio_pika
+
+    from qx.outbox.subscribers import RabbitSubscriber
+    from tests.services import AMQP
+
+    url = resolve(AMQP)
+    tag = new_id().hex[-10:]
+    settings = BrokerSettings(url=url, exchange=f"qxi.{tag}")
+    ident = await new_counter(uow_factory)
+    envelope = envelope_for(ident)
+    router, seen = router_incrementing()
+    subscriber = RabbitSubscriber(
+        settings, Inbox(uow_factory, consumer="rabbit"), router, queue=f"qxi-{tag}"
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(subscriber.run(stop))
+    connection = await aio_pika.connect(url)
+    try:
+        channel = await connection.channel()
+        exchange = await channel.declare_exchange(
+            settings.exchange, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+        queue_ready = asyncio.get_running_loop().time() + 10
+        while asyncio.get_running_loop().time() < queue_ready:  # the subscriber binds its queue
+            try:
+                await channel.get_queue(f"qxi-{tag}", ensure=True)
+                break
+            except aio_pika.exceptions.ChannelClosed:
+                channel = await connection.channel()
+                exchange = await channel.get_exchange(settings.exchange)
+                await asyncio.sleep(0.05)
+        for body in (envelope.to_json(),) * 3 + (b"garbage",):
+            await exchange.publish(aio_pika.Message(body), routing_key=envelope.type)
+        deadline = asyncio.get_running_loop().time() + 10
+        while asyncio.get_running_loop().time() < deadline:
+            queue = await channel.declare_queue(f"qxi-{tag}", durable=True, passive=True)
+            if queue.declaration_result.message_count == 0 and seen:
+                await asyncio.sleep(0.3)  # let the last deliveries be acknowledged
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+        channel = await connection.channel()
+        await channel.queue_delete(f"qxi-{tag}")
+        await channel.exchange_delete(settings.exchange)
+        await connection.close()
+    assert seen == [str(envelope.id)]
+    assert await value_of(uow_factory, ident) == 1
