@@ -20,7 +20,8 @@ from qx.core import request_context
 from qx.db import UnitOfWorkFactory, create_engine, create_session_factory
 from qx.examples.orders.domain import Order, OrderLine
 from qx.examples.orders.handlers import build_dispatcher
-from qx.examples.orders.infrastructure import OrdersUnitOfWork, metadata, orders
+from qx.examples.orders.infrastructure import OrdersUnitOfWork, orders
+from qx.migrations import upgrade
 from qx.outbox import outbox_table
 from qx.settings import QxSettings
 
@@ -62,8 +63,9 @@ async def run_demo(
     engine = engine if engine is not None else create_engine(settings)
     report = DemoReport(database=engine.url.render_as_string(hide_password=True))
     try:
-        async with engine.begin() as conn:
-            await conn.run_sync(metadata.create_all)
+        # The schema comes from qx's migrations (qx_outbox, qx_inbox, orders), as in
+        # production; `qx db upgrade` does the same from the command line.
+        await upgrade(engine)
         factory = UnitOfWorkFactory(
             OrdersUnitOfWork,
             create_session_factory(engine),

@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from qx.core import InProcessDispatcher, new_id
 from qx.db import UnitOfWorkFactory, create_engine, create_session_factory
-from qx.examples.orders.infrastructure import metadata as orders_metadata
+from qx.migrations import upgrade
 from qx.settings import DatabaseSettings
 from tests import models
 from tests.services import POSTGRES, resolve
@@ -64,9 +64,10 @@ async def drop_schema(schema: str) -> None:
 
 
 async def create_tables(engine: AsyncEngine) -> None:
-    """Create the orders example's and the test models' tables."""
+    """qx's and the orders example's tables through the project's migrations, then the
+    test-only models' tables."""
+    await upgrade(engine)
     async with engine.begin() as conn:
-        await conn.run_sync(orders_metadata.create_all)
         await conn.run_sync(models.metadata.create_all)
 
 

@@ -20,7 +20,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.ext.asyncio import create_async_engine as _create_async_engine
-from sqlalchemy.pool import StaticPool
+from sqlalchemy.pool import NullPool, StaticPool
 
 from qx.core.errors import ConfigurationError
 from qx.db.session import QxSession
@@ -122,6 +122,10 @@ def create_engine(
     else:
         kwargs.update(pool_pre_ping=db.pool_pre_ping, pool_timeout=db.pool_timeout)
     extra_connect_args = engine_kwargs.pop("connect_args", None)
+    if engine_kwargs.get("poolclass") in (NullPool, StaticPool):
+        # Pools without a size (migrations use NullPool) refuse the sizing options.
+        for key in ("pool_size", "max_overflow", "pool_timeout"):
+            kwargs.pop(key, None)
     kwargs.update(engine_kwargs)
     if extra_connect_args:
         # Merge, never replace: a caller's search_path must not drop qx's statement_timeout.

@@ -145,7 +145,8 @@ def include_qx_tables(metadata: MetaData) -> dict[str, Table]:
     added: dict[str, Table] = {}
     for table in (outbox_table, inbox_table):
         key = table.name if metadata.schema is None else f"{metadata.schema}.{table.name}"
-        added[table.name] = metadata.tables.get(key) or table.to_metadata(metadata)
+        existing = metadata.tables.get(key)
+        added[table.name] = existing if existing is not None else table.to_metadata(metadata)
     _attach_notify(added[OUTBOX_TABLE])
     return added
 

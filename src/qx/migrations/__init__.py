@@ -1,0 +1,35 @@
+"""Alembic integration: the ``env.py`` helper, programmatic upgrades, drift checks.
+
+Example:
+    >>> # env.py
+    >>> from alembic import context                                  # doctest: +SKIP
+    >>> from qx.migrations import run_migrations                      # doctest: +SKIP
+    >>> run_migrations(context, metadata)                             # doctest: +SKIP
+"""
+
+from qx.migrations.commands import (
+    alembic_config,
+    current,
+    downgrade,
+    project_migrations,
+    upgrade,
+)
+from qx.migrations.drift import assert_schema_current, describe_difference, schema_differences
+from qx.migrations.environment import compare_type, configure_context, render_item, run_migrations
+from qx.migrations.scaffold import init_environment
+
+__all__ = [
+    "alembic_config",
+    "assert_schema_current",
+    "compare_type",
+    "configure_context",
+    "current",
+    "describe_difference",
+    "downgrade",
+    "init_environment",
+    "project_migrations",
+    "render_item",
+    "run_migrations",
+    "schema_differences",
+    "upgrade",
+]
