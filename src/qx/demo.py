@@ -13,15 +13,15 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, inspect, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from qx.core import request_context
 from qx.db import UnitOfWorkFactory, create_engine, create_session_factory
 from qx.examples.orders.domain import Order, OrderLine
 from qx.examples.orders.handlers import build_dispatcher
-from qx.examples.orders.infrastructure import OrdersUnitOfWork, orders
-from qx.migrations import upgrade
+from qx.examples.orders.infrastructure import OrdersUnitOfWork, metadata, orders
+from qx.migrations import assert_schema_current, current, stamp, upgrade
 from qx.outbox import outbox_table
 from qx.settings import QxSettings
 
@@ -41,6 +41,20 @@ class DemoReport:
     outbox_rows: list[dict[str, Any]] = field(default_factory=list)
     outbox_total: int = 0
     seconds: float = 0.0
+
+
+async def _migrate(engine: AsyncEngine) -> None:
+    """The schema comes from qx's migrations (qx_outbox, qx_inbox, orders), as in
+    production; ``qx db upgrade`` does the same from the command line."""
+    if await current(engine) is None:
+        async with engine.connect() as conn:
+            names = await conn.run_sync(lambda c: inspect(c).get_table_names())
+        if "qx_outbox" in names:
+            # A database file from a qx that created tables without migrations: adopt it
+            # if it matches, rather than failing on "table already exists".
+            await assert_schema_current(engine, metadata)
+            await stamp(engine)
+    await upgrade(engine)
 
 
 async def run_demo(
@@ -63,9 +77,7 @@ async def run_demo(
     engine = engine if engine is not None else create_engine(settings)
     report = DemoReport(database=engine.url.render_as_string(hide_password=True))
     try:
-        # The schema comes from qx's migrations (qx_outbox, qx_inbox, orders), as in
-        # production; `qx db upgrade` does the same from the command line.
-        await upgrade(engine)
+        await _migrate(engine)
         factory = UnitOfWorkFactory(
             OrdersUnitOfWork,
             create_session_factory(engine),

@@ -9,6 +9,22 @@ import sys
 import pytest
 
 EXPECTED = {
+    "qx.migrations": [
+        "alembic_config",
+        "assert_schema_current",
+        "compare_type",
+        "configure_context",
+        "current",
+        "describe_difference",
+        "downgrade",
+        "init_environment",
+        "project_migrations",
+        "render_item",
+        "run_migrations",
+        "schema_differences",
+        "stamp",
+        "upgrade",
+    ],
     "qx": [
         "AggregateRoot",
         "ConcurrencyConflict",

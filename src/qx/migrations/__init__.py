@@ -12,6 +12,7 @@ from qx.migrations.commands import (
     current,
     downgrade,
     project_migrations,
+    stamp,
     upgrade,
 )
 from qx.migrations.drift import assert_schema_current, describe_difference, schema_differences
@@ -31,5 +32,6 @@ __all__ = [
     "render_item",
     "run_migrations",
     "schema_differences",
+    "stamp",
     "upgrade",
 ]

@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -24,7 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from qx.core.errors import ConfigurationError
 
-__all__ = ["alembic_config", "current", "downgrade", "project_migrations", "upgrade"]
+__all__ = ["alembic_config", "current", "downgrade", "project_migrations", "stamp", "upgrade"]
 
 T = TypeVar("T")
 
@@ -57,14 +58,14 @@ def alembic_config(location: str | Path | None = None, *, url: str | None = None
     if path.is_dir():
         ini = path / "alembic.ini"
         if ini.is_file():
-            config = Config(str(ini))
+            config = Config(str(ini), stdout=sys.stdout)
         elif (path / "env.py").is_file():
-            config = Config()
+            config = Config(stdout=sys.stdout)
             config.set_main_option("script_location", str(path))
         else:
             raise ConfigurationError(f"{path} holds neither alembic.ini nor env.py")
     elif path.is_file():
-        config = Config(str(path))
+        config = Config(str(path), stdout=sys.stdout)
     else:
         raise ConfigurationError(f"no Alembic configuration at {path}; run `qx db init`")
     if url is not None:
@@ -98,6 +99,14 @@ async def downgrade(
     """``alembic downgrade`` on ``engine``."""
     cfg = config or alembic_config()
     await _on_connection(engine, cfg, lambda c: command.downgrade(c, revision))
+
+
+async def stamp(
+    engine: AsyncEngine, revision: str = "head", *, config: Config | None = None
+) -> None:
+    """``alembic stamp``: record ``revision`` without running migrations."""
+    cfg = config or alembic_config()
+    await _on_connection(engine, cfg, lambda c: command.stamp(c, revision))
 
 
 async def current(engine: AsyncEngine, *, version_table_schema: str | None = None) -> str | None:

@@ -105,7 +105,6 @@ def configure_context(
         "compare_server_default": True,
         "render_item": render_item,
         "version_table_schema": version_table_schema,
-        "include_schemas": version_table_schema is not None,
         **options,
     }
 
@@ -127,7 +126,8 @@ def run_migrations(
         settings: database settings; default: ``QX_DB__*`` from the environment, or the
             ``sqlalchemy.url`` of ``alembic.ini`` when set.
         include_qx: add ``qx_outbox`` and ``qx_inbox`` to the target metadata.
-        version_table_schema: keep ``alembic_version`` in this schema.
+        version_table_schema: keep ``alembic_version`` in this schema (or set
+            ``version_table_schema`` in ``alembic.ini``).
         **configure: more ``context.configure`` options.
 
     Raises:
@@ -136,6 +136,8 @@ def run_migrations(
     if include_qx:
         include_qx_tables(metadata)
     config = context.config
+    if version_table_schema is None:
+        version_table_schema = config.get_main_option("version_table_schema") or None
     shared = config.attributes.get("connection")
     if shared is None and config.config_file_name and Path(config.config_file_name).is_file():
         # The command line's logging, as alembic.ini configures it (not when embedded).
