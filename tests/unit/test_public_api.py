@@ -9,6 +9,21 @@ import sys
 import pytest
 
 EXPECTED = {
+    "qx.cqrs": [
+        "Command",
+        "HandlerContext",
+        "Message",
+        "MessageBus",
+        "Middleware",
+        "Next",
+        "Query",
+        "RetryPolicy",
+        "idempotency_middleware",
+        "logging_middleware",
+        "read_only_middleware",
+        "retry_middleware",
+        "unit_of_work_middleware",
+    ],
     "qx.migrations": [
         "alembic_config",
         "assert_schema_current",
@@ -74,6 +89,7 @@ EXPECTED = {
         "EventDispatcher",
         "EventHandler",
         "FixedClock",
+        "HandlerNotFound",
         "InProcessDispatcher",
         "IntegrationEvent",
         "IntegrityViolation",
@@ -104,6 +120,7 @@ EXPECTED = {
         "Conflict",
         "DatabaseError",
         "DuplicateKey",
+        "HandlerNotFound",
         "IntegrityViolation",
         "InvalidCursor",
         "InvalidMessage",

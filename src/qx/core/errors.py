@@ -21,6 +21,7 @@ __all__ = [
     "Conflict",
     "DatabaseError",
     "DuplicateKey",
+    "HandlerNotFound",
     "IntegrityViolation",
     "InvalidCursor",
     "InvalidMessage",
@@ -177,6 +178,10 @@ class ConfigurationError(QxError):
 
 class PublishError(QxError):
     """A message could not be published to, or acknowledged by, the broker."""
+
+
+class HandlerNotFound(ConfigurationError):
+    """A command or query was sent that no handler is registered for."""
 
 
 class InvalidMessage(QxError):

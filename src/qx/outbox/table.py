@@ -37,6 +37,7 @@ from qx.db.types import PortableJSON, UtcDateTime
 __all__ = [
     "NOTIFY_CHANNEL",
     "OUTBOX_TABLE",
+    "idempotency_table",
     "inbox_table",
     "include_qx_tables",
     "outbox_table",
@@ -136,6 +137,16 @@ inbox_table: Final = Table(
 )
 
 
+idempotency_table: Final = Table(
+    "qx_idempotency",
+    qx_metadata,
+    Column("key", String(200), primary_key=True),
+    Column("command", String(200), primary_key=True),
+    Column("result", PortableJSON(), nullable=True),
+    Column("created_at", UtcDateTime(), nullable=False),
+)
+
+
 def include_qx_tables(metadata: MetaData) -> dict[str, Table]:
     """Add qx's own tables to an application's metadata (for Alembic autogenerate).
 
@@ -143,7 +154,7 @@ def include_qx_tables(metadata: MetaData) -> dict[str, Table]:
         The added tables by name. Calling it twice is harmless.
     """
     added: dict[str, Table] = {}
-    for table in (outbox_table, inbox_table):
+    for table in (outbox_table, inbox_table, idempotency_table):
         key = table.name if metadata.schema is None else f"{metadata.schema}.{table.name}"
         existing = metadata.tables.get(key)
         added[table.name] = existing if existing is not None else table.to_metadata(metadata)
