@@ -18,7 +18,7 @@ $(BIN)/python:
 
 # Stamp files re-run the install when pyproject.toml changes.
 $(VENV)/.demo-installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[cli,sqlite,postgres,brokers]'
+	$(BIN)/python -m pip install --quiet -e '.[cli,sqlite,postgres,brokers,api]'
 	@touch $@
 
 $(VENV)/.dev-installed: pyproject.toml | $(BIN)/python

@@ -11,6 +11,7 @@ from qx.core import AggregateRoot, DomainEvent, IntegrationEvent, new_id
 
 __all__ = [
     "Order",
+    "OrderCancelled",
     "OrderError",
     "OrderLine",
     "OrderPlaced",
@@ -18,11 +19,17 @@ __all__ = [
     "OrderShipped",
     "OrderShippedV1",
     "OrderStatus",
+    "OutOfStock",
+    "Product",
 ]
 
 
 class OrderError(Exception):
     """A business rule of orders was broken."""
+
+
+class OutOfStock(OrderError):
+    """A product has fewer items in stock than an order asks for."""
 
 
 class OrderStatus:
@@ -40,6 +47,7 @@ class OrderPlaced(DomainEvent):
 
     order_id: UUID
     total: Decimal
+    lines: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -47,6 +55,14 @@ class OrderShipped(DomainEvent):
     """An order was shipped (in-process)."""
 
     order_id: UUID
+
+
+@dataclass(frozen=True, kw_only=True)
+class OrderCancelled(DomainEvent):
+    """An order was cancelled (in-process): its reserved stock goes back."""
+
+    order_id: UUID
+    lines: tuple[tuple[str, int], ...]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -110,7 +126,13 @@ class Order(AggregateRoot):
             if line.quantity <= 0:
                 raise OrderError(f"quantity of {line.sku} must be positive")
         order = cls(customer=customer, lines=list(lines))
-        order.record(OrderPlaced(order_id=order.id, total=order.total))
+        order.record(
+            OrderPlaced(
+                order_id=order.id,
+                total=order.total,
+                lines=tuple((line.sku, line.quantity) for line in lines),
+            )
+        )
         order.record(
             OrderPlacedV1(
                 order_id=order.id,
@@ -163,3 +185,41 @@ class Order(AggregateRoot):
         if self.status in (OrderStatus.SHIPPED, OrderStatus.CANCELLED):
             raise OrderError(f"cannot cancel a {self.status} order")
         self.status = OrderStatus.CANCELLED
+        self.record(
+            OrderCancelled(
+                order_id=self.id, lines=tuple((line.sku, line.quantity) for line in self.lines)
+            )
+        )
+
+
+@dataclass(eq=False, kw_only=True)
+class Product(AggregateRoot):
+    """A product and its stock: orders reserve items, cancellations release them."""
+
+    id: UUID = field(default_factory=new_id)
+    sku: str
+    name: str
+    price: Decimal
+    stock: int = 0
+    version: int = 1
+    tenant_id: str | None = None
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+
+    def reserve(self, quantity: int) -> None:
+        """Take ``quantity`` items out of stock for an order."""
+        if quantity <= 0:
+            raise OrderError(f"quantity of {self.sku} must be positive")
+        if quantity > self.stock:
+            raise OutOfStock(f"{self.sku}: {quantity} wanted, {self.stock} in stock")
+        self.stock -= quantity
+
+    def release(self, quantity: int) -> None:
+        """Put items of a cancelled order back in stock."""
+        self.stock += quantity
+
+    def restock(self, quantity: int) -> None:
+        """Add delivered items to the stock."""
+        if quantity <= 0:
+            raise OrderError(f"restocking {self.sku} needs a positive quantity")
+        self.stock += quantity

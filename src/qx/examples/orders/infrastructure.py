@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Column, ForeignKey, Integer, Numeric, String, Table, Uuid
+from sqlalchemy import (
+    CheckConstraint,
+    Column,
+    ForeignKey,
+    Integer,
+    Numeric,
+    String,
+    Table,
+    UniqueConstraint,
+    Uuid,
+)
 from sqlalchemy.orm import relationship
 
 from qx.db import (
@@ -18,15 +28,17 @@ from qx.db import (
     uuid_pk,
     version_column,
 )
-from qx.examples.orders.domain import Order, OrderLine
+from qx.examples.orders.domain import Order, OrderLine, Product
 from qx.outbox import include_qx_tables
 
 __all__ = [
     "OrderRepository",
     "OrdersUnitOfWork",
+    "ProductRepository",
     "metadata",
     "order_lines",
     "orders",
+    "products",
 ]
 
 metadata = make_metadata()
@@ -57,7 +69,23 @@ order_lines = Table(
     tenant_column(),
 )
 
+products = Table(
+    "products",
+    metadata,
+    uuid_pk(),
+    Column("sku", String(64), nullable=False),
+    Column("name", String(200), nullable=False),
+    Column("price", Numeric(12, 2), nullable=False),
+    Column("stock", Integer(), nullable=False),
+    version_column(),
+    tenant_column(),
+    *audit_columns(),
+    UniqueConstraint("tenant_id", "sku"),
+    CheckConstraint("stock >= 0", name="stock_not_negative"),
+)
+
 _registry = make_registry(metadata)
+map_aggregate(_registry, Product, products)
 map_entity(_registry, OrderLine, order_lines)
 map_aggregate(
     _registry,
@@ -70,14 +98,23 @@ map_aggregate(
 
 
 class OrderRepository(Repository[Order]):
-    """Orders, filterable by customer and status."""
+    """Orders, filterable by customer, status, creation time and the SKUs of their lines."""
 
-    filterable = frozenset({"customer", "status", "created_at"})
+    filterable = frozenset({"customer", "status", "created_at", "lines__sku"})
     sortable = frozenset({"created_at", "customer", "status"})
     default_order = ("-created_at",)
+
+
+class ProductRepository(Repository[Product]):
+    """Products by SKU."""
+
+    filterable = frozenset({"sku", "name", "stock"})
+    sortable = frozenset({"sku", "name", "stock"})
+    default_order = ("sku",)
 
 
 class OrdersUnitOfWork(UnitOfWork):
     """The orders context's transaction."""
 
     orders: OrderRepository
+    products: ProductRepository

@@ -1,0 +1,272 @@
+"""An HTTP service over the orders context (needs the ``api`` extra: FastAPI, uvicorn).
+
+Endpoints: ``POST /products`` (stock), ``POST /orders``, ``GET /orders?status=&sort=&cursor=``,
+``GET /orders/{id}``, ``POST /orders/{id}/pay``, ``POST /orders/{id}/ship``,
+``POST /orders/{id}/cancel``. Each request runs in a request context built from
+``X-Tenant-ID`` and ``X-Correlation-ID`` (echoed back, generated when absent); an
+``Idempotency-Key`` header makes ``POST /orders`` safe to repeat. qx and domain errors become
+``application/problem+json`` responses: 404 not found, 409 conflicts and broken business
+rules, 422 invalid input, 400 without a tenant.
+
+Example:
+    >>> app = create_app(settings=load_settings())     # doctest: +SKIP
+    >>> uvicorn.run(app)                               # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from decimal import Decimal
+from typing import Any
+from uuid import UUID
+
+from fastapi import FastAPI, Header, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from qx.core.context import request_context
+from qx.core.errors import (
+    Conflict,
+    InvalidQuery,
+    NotFound,
+    QxError,
+    TenantRequired,
+    TenantViolation,
+    TransientError,
+)
+from qx.core.ids import new_id
+from qx.db import UnitOfWorkFactory, create_engine, create_session_factory
+from qx.examples.orders.application import (
+    CancelOrder,
+    GetOrder,
+    LineRequest,
+    ListOrders,
+    OrderView,
+    PayOrder,
+    PlaceOrder,
+    ShipOrder,
+    StockProduct,
+    build_bus,
+)
+from qx.examples.orders.domain import OrderError
+from qx.examples.orders.infrastructure import OrdersUnitOfWork
+from qx.settings import QxSettings, load_settings
+
+__all__ = ["create_app"]
+
+logger = logging.getLogger("qx.examples.orders.api")
+
+PROBLEM = "application/problem+json"
+
+
+class LineIn(BaseModel):
+    sku: str = Field(min_length=1, max_length=64)
+    quantity: int = Field(gt=0, le=10_000)
+
+
+class OrderIn(BaseModel):
+    customer: str = Field(min_length=1, max_length=200)
+    lines: list[LineIn] = Field(min_length=1, max_length=100)
+
+
+class ProductIn(BaseModel):
+    sku: str = Field(min_length=1, max_length=64)
+    name: str = Field(min_length=1, max_length=200)
+    price: Decimal = Field(gt=0, max_digits=12, decimal_places=2)
+    quantity: int = Field(gt=0)
+
+
+class LineOut(BaseModel):
+    sku: str
+    quantity: int
+    unit_price: Decimal
+
+
+class OrderOut(BaseModel):
+    id: UUID
+    customer: str
+    status: str
+    total: Decimal
+    lines: list[LineOut]
+    version: int
+
+    @classmethod
+    def of(cls, view: OrderView) -> OrderOut:
+        return cls(
+            id=view.id,
+            customer=view.customer,
+            status=view.status,
+            total=view.total,
+            lines=[LineOut(sku=s, quantity=q, unit_price=p) for s, q, p in view.lines],
+            version=view.version,
+        )
+
+
+class OrderPageOut(BaseModel):
+    items: list[OrderOut]
+    next_cursor: str | None
+    prev_cursor: str | None
+
+
+def _problem(status: int, title: str, detail: str, **extra: Any) -> JSONResponse:
+    body = {"type": "about:blank", "title": title, "status": status, "detail": detail, **extra}
+    return JSONResponse(body, status_code=status, media_type=PROBLEM)
+
+
+def _status_of(exc: Exception) -> tuple[int, str]:
+    if isinstance(exc, NotFound):
+        return 404, "Not Found"
+    if isinstance(exc, TenantRequired):
+        return 400, "Tenant Required"
+    if isinstance(exc, TenantViolation):
+        return 403, "Forbidden"
+    if isinstance(exc, Conflict | OrderError):
+        return 409, "Conflict"
+    if isinstance(exc, InvalidQuery):
+        return 422, "Unprocessable Content"
+    if isinstance(exc, TransientError):
+        return 503, "Service Unavailable"
+    return 500, "Internal Server Error"
+
+
+def create_app(
+    *,
+    settings: QxSettings | None = None,
+    engine: AsyncEngine | None = None,
+) -> FastAPI:
+    """Build the orders service.
+
+    Args:
+        settings: database, pagination secret (``QX_PAGINATION_SECRET``); default: from the
+            environment.
+        engine: use this engine (left open on shutdown) instead of one from ``settings``.
+    """
+    config = settings or load_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        own = engine is None
+        active = engine if engine is not None else create_engine(config)
+        secret = config.pagination_secret
+        if secret is None:
+            # An example service: cursors from a previous process will read as invalid.
+            logger.warning("QX_PAGINATION_SECRET is not set; using a per-process secret")
+        bus = build_bus()
+        factory = UnitOfWorkFactory(
+            OrdersUnitOfWork,
+            create_session_factory(active),
+            dispatcher=bus,
+            cursor_secret=secret or secrets.token_urlsafe(32),
+        )
+        bus.provide(uow_factory=factory)
+        app.state.bus = bus
+        try:
+            yield
+        finally:
+            if own:
+                await active.dispose()
+
+    app = FastAPI(title="qx orders example", lifespan=lifespan)
+
+    @app.middleware("http")
+    async def context_from_headers(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        correlation = request.headers.get("x-correlation-id") or str(new_id())
+        tenant = request.headers.get("x-tenant-id") or None
+        with request_context(correlation_id=correlation, tenant_id=tenant):
+            response = await call_next(request)
+        response.headers["X-Correlation-ID"] = correlation
+        return response
+
+    @app.exception_handler(QxError)
+    async def qx_error(_request: Request, exc: QxError) -> JSONResponse:
+        status, title = _status_of(exc)
+        extra = {"field": exc.field} if isinstance(exc, InvalidQuery) and exc.field else {}
+        return _problem(status, title, str(exc), **extra)
+
+    @app.exception_handler(OrderError)
+    async def order_error(_request: Request, exc: OrderError) -> JSONResponse:
+        return _problem(409, "Conflict", str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [
+            {"field": ".".join(str(p) for p in error["loc"]), "message": error["msg"]}
+            for error in exc.errors()
+        ]
+        return _problem(422, "Unprocessable Content", "the request is not valid", errors=errors)
+
+    @app.post("/products", status_code=201)
+    async def stock(product: ProductIn, request: Request) -> dict[str, UUID]:
+        ident = await request.app.state.bus.execute(
+            StockProduct(
+                sku=product.sku, name=product.name, price=product.price, quantity=product.quantity
+            )
+        )
+        return {"id": ident}
+
+    @app.post("/orders", status_code=201)
+    async def place(
+        order: OrderIn,
+        request: Request,
+        response: Response,
+        idempotency_key: str | None = Header(default=None, max_length=200),
+    ) -> OrderOut:
+        bus = request.app.state.bus
+        ident = await bus.execute(
+            PlaceOrder(
+                customer=order.customer,
+                lines=tuple(
+                    LineRequest(sku=line.sku, quantity=line.quantity) for line in order.lines
+                ),
+                idempotency_key=idempotency_key,
+            )
+        )
+        response.headers["Location"] = f"/orders/{ident}"
+        return OrderOut.of(await bus.ask(GetOrder(order_id=ident)))
+
+    @app.get("/orders")
+    async def list_orders(
+        request: Request,
+        status: str | None = None,
+        sort: str = "-created_at",
+        cursor: str | None = None,
+        page_size: int = 20,
+    ) -> OrderPageOut:
+        page = await request.app.state.bus.ask(
+            ListOrders(status=status, sort=sort, cursor=cursor, page_size=page_size)
+        )
+        return OrderPageOut(
+            items=[OrderOut.of(view) for view in page.items],
+            next_cursor=page.next_cursor,
+            prev_cursor=page.prev_cursor,
+        )
+
+    @app.get("/orders/{order_id}")
+    async def get_order(order_id: UUID, request: Request) -> OrderOut:
+        return OrderOut.of(await request.app.state.bus.ask(GetOrder(order_id=order_id)))
+
+    async def transition(request: Request, command: Any) -> OrderOut:
+        bus = request.app.state.bus
+        await bus.execute(command)
+        return OrderOut.of(await bus.ask(GetOrder(order_id=command.order_id)))
+
+    @app.post("/orders/{order_id}/pay")
+    async def pay(order_id: UUID, request: Request) -> OrderOut:
+        return await transition(request, PayOrder(order_id=order_id))
+
+    @app.post("/orders/{order_id}/ship")
+    async def ship(order_id: UUID, request: Request) -> OrderOut:
+        return await transition(request, ShipOrder(order_id=order_id))
+
+    @app.post("/orders/{order_id}/cancel")
+    async def cancel(order_id: UUID, request: Request) -> OrderOut:
+        return await transition(request, CancelOrder(order_id=order_id))
+
+    return app
