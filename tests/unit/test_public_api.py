@@ -9,6 +9,14 @@ import sys
 import pytest
 
 EXPECTED = {
+    "qx.testing": [
+        "InMemoryQuery",
+        "InMemoryRepository",
+        "InMemoryStore",
+        "InMemoryUnitOfWork",
+        "InMemoryUnitOfWorkFactory",
+        "MemoryPublisher",
+    ],
     "qx.cqrs": [
         "Command",
         "HandlerContext",

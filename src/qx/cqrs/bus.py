@@ -41,6 +41,7 @@ from qx.core.errors import ConcurrencyConflict, ConfigurationError, HandlerNotFo
 from qx.core.events import Event
 from qx.core.ids import new_id
 from qx.cqrs.messages import Command, Message, Query
+from qx.db.uow import UnitOfWorkState
 from qx.outbox.table import idempotency_table
 
 __all__ = ["HandlerContext", "MessageBus", "Middleware", "Next", "RetryPolicy"]
@@ -285,7 +286,7 @@ async def unit_of_work_middleware(
         ctx.uow = uow
         try:
             result = await call_next(message, ctx)
-            if uow.state.value == "active":
+            if uow.state is UnitOfWorkState.ACTIVE:  # the handler may have committed itself
                 await uow.commit()
             return result
         finally:
