@@ -37,38 +37,54 @@ def _build_app() -> typer.Typer:
     @app.command()
     def demo(
         orders: Annotated[
-            int, typer.Option("--orders", min=1, max=10_000, help="Orders to place.")
-        ] = 5,
+            int, typer.Option("--orders", min=1, max=100_000, help="Orders to place.")
+        ] = 200,
+        concurrency: Annotated[
+            int, typer.Option("--concurrency", min=1, max=256, help="Commands in flight.")
+        ] = 8,
+        serve: Annotated[
+            bool, typer.Option("--serve", help="Run the orders HTTP service instead.")
+        ] = False,
+        port: Annotated[int, typer.Option("--port", help="Port for --serve.")] = 8000,
     ) -> None:
-        """Run the orders example on QX_DB__URL (default: SQLite file ./qx.sqlite3)."""
+        """Run the orders example on QX_DB__URL (default: SQLite file ./qx.sqlite3) and the
+        broker of QX_BROKER__URL (default: in memory)."""
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
         from qx.demo import run_demo
         from qx.settings import load_settings
 
         try:
             settings = load_settings()
-            report = asyncio.run(run_demo(settings, orders_count=orders))
+            if serve:
+                _serve(settings, port)
+                return
+            with Progress(
+                TextColumn("{task.description:<22}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                console=console,
+                transient=True,
+            ) as bar:
+                tasks: dict[str, Any] = {}
+
+                def progress(stage: str, done: int, total: int) -> None:
+                    if stage not in tasks:
+                        tasks[stage] = bar.add_task(stage, total=max(total, 1))
+                    bar.update(tasks[stage], completed=done, total=max(total, 1))
+
+                report = asyncio.run(
+                    run_demo(
+                        settings, orders_count=orders, concurrency=concurrency, progress=progress
+                    )
+                )
         except QxError as exc:
-            console.print(f"[red]qx demo failed:[/red] {exc}")
+            console.print(f"[red]qx demo failed:[/red] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from exc
-        console.print(f"[bold]qx demo[/bold] on {report.database}")
-        events = Table(title="Domain events dispatched inside the transactions")
-        events.add_column("event")
-        events.add_column("handled", justify="right")
-        for name, count in sorted(report.events_dispatched.items()):
-            events.add_row(name, str(count))
-        console.print(events)
-        outbox = Table(title="Outbox rows written in the same commits (latest)")
-        columns = ("position", "event_name", "aggregate_id", "correlation_id")
-        for column in columns:
-            outbox.add_column(column)
-        for row in report.outbox_rows:
-            outbox.add_row(*(str(row[c]) for c in columns))
-        console.print(outbox)
-        statuses = ", ".join(f"{k}={v}" for k, v in sorted(report.orders_by_status.items()))
-        console.print(
-            f"placed {report.orders_placed} orders; orders by status: {statuses}; "
-            f"outbox rows in total: {report.outbox_total}; took {report.seconds:.2f}s"
-        )
+        except OSError as exc:
+            console.print(f"[red]cannot reach the database or broker:[/red] {exc}")
+            raise typer.Exit(1) from exc
+        _print_report(console, report)
 
     app.add_typer(_outbox_app(console), name="outbox")
     app.add_typer(_db_app(console), name="db")
@@ -169,6 +185,54 @@ def _db_app(console: Console) -> typer.Typer:
             console.print(f"wrote {path}", highlight=False)
 
     return db
+
+
+def _serve(settings: Any, port: int) -> None:
+    import uvicorn
+
+    from qx.demo import run_demo
+    from qx.examples.orders.api import create_app
+
+    asyncio.run(run_demo(settings, orders_count=1))  # migrate and stock the catalogue
+    uvicorn.run(create_app(settings=settings), host="127.0.0.1", port=port)
+
+
+def _print_report(console: Console, report: Any) -> None:
+    console.print(f"[bold]qx demo[/bold] on {report.database}, broker {report.broker}")
+    statuses = Table(title="Orders by status")
+    statuses.add_column("status")
+    statuses.add_column("orders", justify="right")
+    for status, count in sorted(report.orders_by_status.items()):
+        statuses.add_row(status, str(count))
+    console.print(statuses)
+    events = Table(title="Domain events dispatched inside the transactions")
+    events.add_column("event")
+    events.add_column("handled", justify="right")
+    for name, count in sorted(report.events_dispatched.items()):
+        events.add_row(name, str(count))
+    console.print(events)
+    race = Table(title="Commands raced against one order")
+    race.add_column("outcome")
+    race.add_column("commands", justify="right")
+    for name, count in sorted(report.race_outcomes.items()):
+        race.add_row(name, str(count))
+    console.print(race)
+    outbox = Table(title="Outbox (latest rows)")
+    columns = ("position", "event_name", "aggregate_id", "published_at")
+    for column in columns:
+        outbox.add_column(column)
+    for row in report.outbox_rows:
+        when = row["published_at"]
+        cells = [str(row[c]) for c in columns[:-1]]
+        outbox.add_row(*cells, when.strftime("%H:%M:%S.%f")[:-3] if when else "pending")
+    console.print(outbox)
+    console.print(
+        f"placed {report.orders_placed} orders in {report.seconds:.2f}s "
+        f"({report.throughput:.0f} orders/s); optimistic-concurrency conflicts retried by "
+        f"the bus: {report.retried_conflicts}; outbox rows: {report.outbox_total}, "
+        f"published to {report.broker}: {report.published}",
+        highlight=False,
+    )
 
 
 def _parse_age(text: str) -> timedelta:

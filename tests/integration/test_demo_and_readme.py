@@ -7,9 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from qx.demo import run_demo
 from qx.settings import DatabaseSettings, QxSettings
-from tests.integration.conftest import drop_schema, make_backend_engine
+from tests.integration.conftest import drop_schema, make_backend_engine, pg_url_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -44,10 +46,45 @@ async def test_demo_runs(backend: str, tmp_path: Path) -> None:
         if schema:
             await drop_schema(schema)
     assert report.orders_placed == 4
-    assert report.orders_by_status == {"placed": 2, "paid": 1, "shipped": 1}
-    assert report.events_dispatched == {"OrderPlaced": 4, "OrderShipped": 1}
-    assert report.outbox_total == 5
+    assert report.orders_by_status == {"placed": 1, "shipped": 2, "cancelled": 1}
+    assert report.events_dispatched == {"OrderPlaced": 4, "OrderShipped": 2, "OrderCancelled": 1}
+    assert report.outbox_total == 6 and report.published == 6
     assert [r["event_name"] for r in report.outbox_rows][-1] == "orders.order_shipped"
+    # Eight commands raced on one paid order: one ship succeeds, the rest break a rule.
+    assert report.race_outcomes == {
+        "ShipOrder: done": 1,
+        "ShipOrder: refused by the domain": 3,
+        "PayOrder: refused by the domain": 4,
+    }
+
+
+@pytest.mark.postgres_only
+async def test_demo_on_postgresql_publishes_to_jetstream(backend: str, tmp_path: Path) -> None:
+    import nats
+
+    from qx.core import new_id
+    from qx.settings import BrokerSettings
+    from tests.services import NATS, resolve
+
+    url = resolve(NATS)
+    tag = new_id().hex[-10:]
+    broker = BrokerSettings(url=url, subject_prefix=f"qxd{tag}", stream=f"QXD{tag}")
+    engine, schema = await make_backend_engine(backend, tmp_path)
+    try:
+        settings = QxSettings(db=DatabaseSettings(url=pg_url_for(engine)), broker=broker)
+        report = await run_demo(settings, orders_count=40, engine=engine)
+    finally:
+        await engine.dispose()
+        if schema:
+            await drop_schema(schema)
+    nc = await nats.connect(url)
+    try:
+        info = await nc.jetstream().stream_info(broker.stream)
+        await nc.jetstream().delete_stream(broker.stream)
+    finally:
+        await nc.close()
+    assert report.published == report.outbox_total == 40 + 2
+    assert info.state.messages == report.published
 
 
 def test_qx_demo_command(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ cancellation releases the stock the same way. ``orders.order_placed`` and
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -15,7 +16,7 @@ from typing import Any
 from uuid import UUID
 
 from qx.core.errors import NotFound
-from qx.cqrs import Command, MessageBus, Query
+from qx.cqrs import Command, MessageBus, Middleware, Query
 from qx.db.query import Page
 from qx.examples.orders.domain import Order, OrderCancelled, OrderLine, OrderPlaced, Product
 from qx.examples.orders.infrastructure import OrdersUnitOfWork
@@ -124,9 +125,13 @@ class ListOrders(Query[Page[OrderView]]):
     page_size: int = 20
 
 
-def build_bus() -> MessageBus:
-    """A bus with the orders handlers (``bus.provide(uow_factory=...)`` before use)."""
-    bus = MessageBus()
+def build_bus(*, middleware: Sequence[Middleware] = ()) -> MessageBus:
+    """A bus with the orders handlers (``bus.provide(uow_factory=...)`` before use).
+
+    Args:
+        middleware: extra middleware, outermost first.
+    """
+    bus = MessageBus(middleware=middleware)
 
     @bus.handler(PlaceOrder)
     async def place_order(command: PlaceOrder, uow: OrdersUnitOfWork) -> UUID:
