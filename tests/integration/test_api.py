@@ -73,6 +73,11 @@ async def test_place_get_pay_ship_list(client: httpx.AsyncClient) -> None:
     assert len(rest.json()["items"]) == 1 and rest.json()["next_cursor"] is None
     ids = {o["id"] for o in page["items"]} | {o["id"] for o in rest.json()["items"]}
     assert len(ids) == 4 and order["id"] not in ids
+    victim = page["items"][0]["id"]
+    cancelled = await client.post(f"/orders/{victim}/cancel")
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+    again = await client.post(f"/orders/{victim}/cancel")
+    assert again.status_code == 409 and again.headers["content-type"] == PROBLEM
 
 
 async def test_error_mapping_is_problem_json(client: httpx.AsyncClient) -> None:

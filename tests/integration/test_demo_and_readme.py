@@ -113,3 +113,43 @@ def test_qx_demo_command(tmp_path: Path) -> None:
     assert bad.returncode == 1
     assert "unsupported database 'mysql'" in bad.stdout
     assert "Traceback" not in bad.stdout + bad.stderr
+
+
+def test_qx_demo_serve_answers_http(tmp_path: Path) -> None:
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    qx = Path(sys.executable).with_name("qx")
+    server = subprocess.Popen(
+        [str(qx), "demo", "--serve", "--port", str(port)],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port}/orders", headers={"X-Tenant-ID": "demo"}
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=2) as response:
+                    assert response.status == 200
+                    assert b'"items"' in response.read()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "qx demo --serve did not answer"
+                time.sleep(0.2)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_examples_entry_point_builds_the_app() -> None:
+    from examples.orders.main import app
+
+    assert {route.path for route in app.routes} >= {"/orders", "/orders/{order_id}"}
