@@ -284,40 +284,11 @@ class UnitOfWork:
             collected.extend(batch)
             if self._dispatcher is None:
                 break  # nothing runs that could record more events
-            for record in batch:
-                token = handling_event.set(record.event.event_id)
-                try:
-                    await self._dispatcher.dispatch(record.event, self)
-                finally:
-                    handling_event.reset(token)
+            await dispatch_round(self._dispatcher, batch, self)
         return collected
 
     def _outbox_rows(self, records: list[RecordedEvent]) -> list[dict[str, Any]]:
-        ctx = current_context()
-        rows = []
-        for record in records:
-            if not isinstance(record.event, IntegrationEvent):
-                continue
-            aggregate_type = aggregate_id = None
-            tenant = ctx.tenant_id
-            if record.aggregate is not None:
-                info = entity_info(type(record.aggregate))
-                aggregate_type, aggregate_id = info.name, info.identity(record.aggregate)
-                if info.tenant_key is not None:
-                    tenant = getattr(record.aggregate, info.tenant_key)
-            row = outbox_row(
-                record.event,
-                aggregate_type=aggregate_type,
-                aggregate_id=aggregate_id,
-                ctx=ctx,
-                correlation_id=self.correlation_id,
-                causation_id=(
-                    str(record.causation_id) if record.causation_id else ctx.causation_id
-                ),
-            )
-            row["tenant_id"] = tenant
-            rows.append(row)
-        return rows
+        return build_outbox_rows(records, correlation_id=self.correlation_id)
 
     # -- transaction -----------------------------------------------------------------------
 
@@ -367,6 +338,44 @@ class UnitOfWork:
             except Exception:
                 # The data is committed: a failing hook must not look like a failed commit.
                 logger.exception("after-commit hook %r failed", callback)
+
+
+async def dispatch_round(dispatcher: EventDispatcher, batch: list[RecordedEvent], uow: Any) -> None:
+    """Dispatch one round of recorded events, each marked as the cause of what it raises."""
+    for record in batch:
+        token = handling_event.set(record.event.event_id)
+        try:
+            await dispatcher.dispatch(record.event, uow)
+        finally:
+            handling_event.reset(token)
+
+
+def build_outbox_rows(records: list[RecordedEvent], *, correlation_id: str) -> list[dict[str, Any]]:
+    """The ``qx_outbox`` rows of the integration events among ``records``: stamped with the
+    context's ids, the aggregate's type, id and tenant."""
+    ctx = current_context()
+    rows = []
+    for record in records:
+        if not isinstance(record.event, IntegrationEvent):
+            continue
+        aggregate_type = aggregate_id = None
+        tenant = ctx.tenant_id
+        if record.aggregate is not None:
+            info = entity_info(type(record.aggregate))
+            aggregate_type, aggregate_id = info.name, info.identity(record.aggregate)
+            if info.tenant_key is not None:
+                tenant = getattr(record.aggregate, info.tenant_key)
+        row = outbox_row(
+            record.event,
+            aggregate_type=aggregate_type,
+            aggregate_id=aggregate_id,
+            ctx=ctx,
+            correlation_id=correlation_id,
+            causation_id=(str(record.causation_id) if record.causation_id else ctx.causation_id),
+        )
+        row["tenant_id"] = tenant
+        rows.append(row)
+    return rows
 
 
 class UnitOfWorkFactory(Generic[U]):

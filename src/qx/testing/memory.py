@@ -42,7 +42,7 @@ from qx.core.errors import (
     TenantViolation,
     UnitOfWorkError,
 )
-from qx.core.events import Event, IntegrationEvent, handling_event
+from qx.core.events import Event
 from qx.core.ids import new_id
 from qx.db.mapping import EntityInfo, entity_info
 from qx.db.query.compiler import evaluate
@@ -51,8 +51,7 @@ from qx.db.query.page import Page
 from qx.db.query.q import Q
 from qx.db.repository import Repository
 from qx.db.scoping import tenant_for_write, visible
-from qx.db.uow import UnitOfWork, UnitOfWorkState
-from qx.outbox.recorder import outbox_row
+from qx.db.uow import UnitOfWork, UnitOfWorkState, build_outbox_rows, dispatch_round
 
 __all__ = [
     "InMemoryQuery",
@@ -613,12 +612,7 @@ class InMemoryUnitOfWork:
                 raise UnitOfWorkError(f"events still being raised after {self._max_depth} rounds")
             collected += batch
             if self._dispatcher is not None:
-                for record in batch:
-                    token = handling_event.set(record.event.event_id)
-                    try:
-                        await self._dispatcher.dispatch(record.event, self)
-                    finally:
-                        handling_event.reset(token)
+                await dispatch_round(self._dispatcher, batch, self)
         try:
             self._cascade()
             writes = self._writes()
@@ -630,23 +624,9 @@ class InMemoryUnitOfWork:
                 self._store.table(cls).pop(key, None)
             else:
                 self._store.table(cls)[key] = data
-        ctx = current_context()
-        for record in collected:
-            if isinstance(record.event, IntegrationEvent):
-                aggregate_type = aggregate_id = None
-                if record.aggregate is not None:
-                    info = entity_info(type(record.aggregate))
-                    aggregate_type, aggregate_id = info.name, info.identity(record.aggregate)
-                row = outbox_row(
-                    record.event,
-                    aggregate_type=aggregate_type,
-                    aggregate_id=aggregate_id,
-                    ctx=ctx,
-                    correlation_id=self.correlation_id,
-                    causation_id=str(record.causation_id) if record.causation_id else None,
-                )
-                row["position"] = len(self._store.outbox) + 1
-                self._store.outbox.append(row)
+        for row in build_outbox_rows(collected, correlation_id=self.correlation_id):
+            row["position"] = len(self._store.outbox) + 1
+            self._store.outbox.append(row)
         self.events = [record.event for record in collected]
         self._state = UnitOfWorkState.COMMITTED
 
