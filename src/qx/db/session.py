@@ -30,13 +30,14 @@ from qx.db.scoping import (
     tenant_for_write,
 )
 
-__all__ = ["CLOCK", "QxSession", "has_writes", "stale_candidates"]
+__all__ = ["CLOCK", "FLUSHED", "QxSession", "has_writes", "stale_candidates", "stamp_new"]
 
 #: ``Session.info`` key of the Clock used for audit timestamps and soft deletes.
 CLOCK: Final = "qx_clock"
 _BUMPED: Final = "qx_bumped"
 _CANDIDATES: Final = "qx_version_checked"
-_FLUSHED: Final = "qx_flushed"
+#: ``Session.info`` key set once the transaction has written something.
+FLUSHED: Final = "qx_flushed"
 _SYSTEM_CLOCK: Final = SystemClock()
 
 
@@ -51,7 +52,7 @@ class QxSession(Session):
 
 def has_writes(session: Session) -> bool:
     """Return whether the transaction flushed, or holds unflushed changes."""
-    return bool(session.info.get(_FLUSHED)) or bool(session.new or session.dirty or session.deleted)
+    return bool(session.info.get(FLUSHED)) or bool(session.new or session.dirty or session.deleted)
 
 
 def stale_candidates(session: Session) -> tuple[str, ...]:
@@ -140,7 +141,7 @@ def _check_tenant(
         raise TenantViolation(f"{info.describe(obj)}: the tenant of a row cannot be changed")
 
 
-def _stamp_new(
+def stamp_new(
     session: Session, ctx: RequestContext, now: Any, bumped: set[InstanceState[Any]]
 ) -> tuple[set[InstanceState[Any]], bool]:
     """Stamp tenant, audit and version columns of new objects; return them and whether a
@@ -173,14 +174,14 @@ def _stamp_new(
 @event.listens_for(QxSession, "before_flush")
 def _before_flush(session: Session, _flush: UOWTransaction, _instances: Any) -> None:
     info_dict = session.info
-    info_dict[_FLUSHED] = True
+    info_dict[FLUSHED] = True
     ctx = current_context()
     now = info_dict.get(CLOCK, _SYSTEM_CLOCK).now()
     bumped: set[InstanceState[Any]] | None = info_dict.get(_BUMPED)
     if bumped is None:
         bumped = info_dict[_BUMPED] = set()
     checked: list[str] = []
-    changed, child_changed = _stamp_new(session, ctx, now, bumped)
+    changed, child_changed = stamp_new(session, ctx, now, bumped)
 
     dirty_roots: list[Any] = []
     for obj in session.dirty:
@@ -235,4 +236,4 @@ def _forget_bumps(session: Session, transaction: Any) -> None:
     if transaction.parent is None:
         session.info.pop(_BUMPED, None)
         session.info.pop(_CANDIDATES, None)
-        session.info.pop(_FLUSHED, None)
+        session.info.pop(FLUSHED, None)

@@ -41,6 +41,7 @@ from qx.core.errors import ConfigurationError, UnitOfWorkError
 from qx.core.events import Event, IntegrationEvent, handling_event
 from qx.core.ids import new_id
 from qx.db.errors import translating
+from qx.db.fastpath import insert_new_aggregates
 from qx.db.mapping import entity_info
 from qx.db.query.cursor import CursorCodec
 from qx.db.repository import Repository
@@ -309,7 +310,8 @@ class UnitOfWork:
         try:
             records = await self._drain_events()
             with translating(session.sync_session):
-                await session.flush()
+                if not await insert_new_aggregates(session):
+                    await session.flush()
                 rows = self._outbox_rows(records)
                 if rows:
                     await session.execute(insert(outbox_table), rows)
