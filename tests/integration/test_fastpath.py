@@ -84,6 +84,7 @@ async def test_falls_back_when_the_session_holds_more_than_new_objects(
             await uow.orders.add(new_order("bob"))
             assert not await insert_new_aggregates(uow.session)
             await uow.commit()
+        async with uow_factory() as uow:
             assert await uow.orders.count() == 2 and len(kept) == 1
 
 
