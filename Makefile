@@ -39,11 +39,10 @@ pytest: $(VENV)/.dev-installed
 
 test: lint pytest
 
+# Every benchmark in one run; writes bench/RESULTS.md. Needs PostgreSQL and NATS (see README).
 bench: $(VENV)/.dev-installed
-	$(BIN)/python bench/place_order.py
-	$(BIN)/python bench/list.py
-	$(BIN)/python bench/pagination.py
-	$(BIN)/python bench/relay.py
+	$(BIN)/python -m pip install --quiet -e '.[bench]'
+	$(BIN)/python bench/run_all.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis qx.sqlite3*

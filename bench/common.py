@@ -124,3 +124,13 @@ _hand.map_imperatively(
         )
     },
 )
+
+
+def save_table(path: str | None, title: str, columns: list[str], rows: list[list[object]]) -> None:
+    """Write one results table as JSON (``bench/run_all.py`` renders them into RESULTS.md)."""
+    if path is None:
+        return
+    import json
+
+    with open(path, "w", encoding="utf-8") as out:
+        json.dump({"title": title, "columns": columns, "rows": rows}, out, default=str)

@@ -15,7 +15,15 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
-from common import TENANT, BenchDatabase, HOrder, add_url_argument, bench_schema, versions
+from common import (
+    TENANT,
+    BenchDatabase,
+    HOrder,
+    add_url_argument,
+    bench_schema,
+    save_table,
+    versions,
+)
 from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
@@ -66,6 +74,7 @@ async def main() -> None:
     parser.add_argument("--orders", type=int, default=20_000)
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args()
 
     async with bench_schema(args.url) as db:
@@ -115,12 +124,23 @@ async def main() -> None:
         f"{args.requests} requests x best of {args.rounds}; {versions()}"
     )
     print(f"{'implementation':<22}{'c=1 req/s':>12}{'ratio':>8}{'c=8 req/s':>12}{'ratio':>8}")
+    table: list[list[object]] = []
     for name in impls:
         cells = []
+        row: list[object] = [name]
         for workers in (1, 8):
             tps = results[(name, workers)]
-            cells.append(f"{tps:>12.0f}{tps / results[('hand-written select', workers)]:>7.2f}x")
+            ratio = tps / results[("hand-written select", workers)]
+            cells.append(f"{tps:>12.0f}{ratio:>7.2f}x")
+            row += [f"{tps:.0f}", f"{ratio:.2f}x"]
         print(f"{name:<22}{''.join(cells)}")
+        table.append(row)
+    save_table(
+        args.json,
+        f"List page of 50 (filter + sort + limit, lines eager) over {args.orders} orders",
+        ["implementation", "c=1 req/s", "vs select", "c=8 req/s", "vs select"],
+        table,
+    )
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from common import TENANT, BenchDatabase, add_url_argument, bench_schema, versions
+from common import TENANT, BenchDatabase, add_url_argument, bench_schema, save_table, versions
 from sqlalchemy import text
 
 from qx.core import request_context
@@ -100,6 +100,7 @@ async def main() -> None:
     parser.add_argument("--rows", type=int, default=500_000)
     parser.add_argument("--depth", type=int, default=10_000)
     parser.add_argument("--repeat", type=int, default=30)
+    parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args()
     if args.depth * PAGE > args.rows:
         parser.error(f"--depth {args.depth} needs at least {args.depth * PAGE} rows")
@@ -111,10 +112,18 @@ async def main() -> None:
         f"{args.repeat}; {versions()}"
     )
     print(f"{'page':<24}{'ms':>10}{'vs page 1':>12}")
+    table: list[list[object]] = []
     for kind in ("keyset", "offset"):
         first = timings[f"{kind} page 1"]
         for label in (f"{kind} page 1", f"{kind} page {args.depth}"):
             print(f"{label:<24}{timings[label]:>10.2f}{timings[label] / first:>11.2f}x")
+            table.append([label, f"{timings[label]:.2f}", f"{timings[label] / first:.2f}x"])
+    save_table(
+        args.json,
+        f"Pagination depth over {args.rows} orders (page size {PAGE}, median of {args.repeat})",
+        ["page", "ms", "vs page 1"],
+        table,
+    )
 
 
 if __name__ == "__main__":

@@ -23,7 +23,16 @@ from decimal import Decimal
 from uuid import UUID
 
 import sqlalchemy
-from common import TENANT, BenchDatabase, HLine, HOrder, add_url_argument, bench_schema, versions
+from common import (
+    TENANT,
+    BenchDatabase,
+    HLine,
+    HOrder,
+    add_url_argument,
+    bench_schema,
+    save_table,
+    versions,
+)
 from sqlalchemy import insert
 
 from qx.core import new_id, request_context, utcnow
@@ -80,6 +89,7 @@ async def main() -> None:
     add_url_argument(parser)
     parser.add_argument("--transactions", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args()
 
     async with bench_schema(args.url) as db:
@@ -186,6 +196,31 @@ async def measure(db: BenchDatabase, args: argparse.Namespace) -> None:
         "SQLAlchemy Core": core_tx,
         "raw asyncpg": asyncpg_tx,
     }
+    try:
+        import aa_models
+    except ImportError:  # pragma: no cover - the bench extra is not installed
+        aa_models = None
+    if aa_models is not None:
+        async with engine.begin() as conn:
+            await conn.run_sync(aa_models.metadata.create_all)
+
+        async def advanced_alchemy_tx(n: int) -> None:
+            async with plain_sessions() as session:
+                repository = aa_models.AAOrderRepository(session=session)
+                order = aa_models.AAOrder(
+                    customer=f"c{n}",
+                    lines=[
+                        aa_models.AALine(sku=s, quantity=q, unit_price=p) for s, q, p in _lines()
+                    ],
+                )
+                await repository.add(order)
+                total = sum((q * p for _, q, p in _lines()), Decimal(0))
+                await session.execute(
+                    insert(outbox_table), [_outbox(order.id, order.customer, total)]
+                )
+                await session.commit()
+
+        impls["advanced-alchemy"] = advanced_alchemy_tx
     results: dict[tuple[str, int], float] = {}
     try:
         for one in impls.values():  # warm up: connections, statement caches
@@ -204,13 +239,28 @@ async def measure(db: BenchDatabase, args: argparse.Namespace) -> None:
         f"{args.transactions} tx x best of {args.rounds} rounds; {versions()}"
     )
     print(f"{'implementation':<20}{'c=1 tx/s':>12}{'vs ORM':>9}{'c=8 tx/s':>12}{'vs ORM':>9}")
+    table: list[list[object]] = []
     for name in impls:
         cells = []
+        row: list[object] = [name]
         for workers in (1, 8):
             tps = results[(name, workers)]
             ratio = tps / results[("hand-written ORM", workers)]
             cells.append(f"{tps:>12.0f}{ratio:>8.2f}x")
+            row += [f"{tps:.0f}", f"{ratio:.2f}x"]
         print(f"{name:<20}{''.join(cells)}")
+        table.append(row)
+    aa = results.get(("advanced-alchemy", 8))
+    if aa:
+        print(f"qx / advanced-alchemy at c=8: {results[('qx', 8)] / aa:.2f}x")
+        table.append(["qx / advanced-alchemy (c=8)", "", "", "", f"{results[('qx', 8)] / aa:.2f}x"])
+    save_table(
+        args.json,
+        f"Place order (1 order + 3 lines + 1 outbox row), {args.transactions} tx, best of "
+        f"{args.rounds}",
+        ["implementation", "c=1 tx/s", "vs ORM", "c=8 tx/s", "vs ORM"],
+        table,
+    )
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import time
 from typing import Any
 
 import nats
-from common import BenchDatabase, add_url_argument, bench_schema, versions
+from common import BenchDatabase, add_url_argument, bench_schema, save_table, versions
 from sqlalchemy import text
 
 from qx.core import new_id, request_context
@@ -227,6 +227,7 @@ async def main() -> None:
     parser.add_argument("--aggregates", type=int, default=1000)
     parser.add_argument("--rate", type=float, default=200.0)
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args()
     tag = new_id().hex[-8:]
     broker = BrokerSettings(
@@ -259,9 +260,11 @@ async def main() -> None:
     print(f"{'drain':<30}{'events/s':>10}{'ratio':>9}")
     hand = results["hand-written relay"]
     one = results["qx, 1 relay process(es)"]
+    table: list[list[object]] = []
     for name, rate in results.items():
         base = hand if "process" not in name else one
         print(f"{name:<30}{rate:>10.0f}{rate / base:>8.2f}x")
+        table.append([name, f"{rate:.0f}", f"{rate / base:.2f}x"])
     print("(in-process rows compare with the hand-written relay; process rows with 1 process)")
     if latencies:
         p50 = statistics.median(latencies)
@@ -270,6 +273,16 @@ async def main() -> None:
             f"commit -> consumer latency at {args.rate:.0f} events/s for {args.seconds:.0f}s: "
             f"p50 {p50:.1f} ms, p99 {p99:.1f} ms ({len(latencies)} events)"
         )
+        table.append(
+            [f"latency at {args.rate:.0f} events/s: p50 / p99", f"{p50:.1f} ms", f"{p99:.1f} ms"]
+        )
+    save_table(
+        args.json,
+        f"Relay into JetStream: {args.backlog} events over {args.aggregates} aggregates, "
+        f"batch {BATCH} (in-process rows vs the hand-written relay; process rows vs 1 process)",
+        ["drain", "events/s", "ratio"],
+        table,
+    )
 
 
 if __name__ == "__main__":
