@@ -199,24 +199,22 @@ def _serve(settings: Any, port: int) -> None:
 
 def _print_report(console: Console, report: Any) -> None:
     console.print(f"[bold]qx demo[/bold] on {report.database}, broker {report.broker}")
-    statuses = Table(title="Orders by status")
-    statuses.add_column("status")
-    statuses.add_column("orders", justify="right")
-    for status, count in sorted(report.orders_by_status.items()):
-        statuses.add_row(status, str(count))
-    console.print(statuses)
-    events = Table(title="Domain events dispatched inside the transactions")
-    events.add_column("event")
-    events.add_column("handled", justify="right")
-    for name, count in sorted(report.events_dispatched.items()):
-        events.add_row(name, str(count))
-    console.print(events)
-    race = Table(title="Commands raced against one order")
-    race.add_column("outcome")
-    race.add_column("commands", justify="right")
-    for name, count in sorted(report.race_outcomes.items()):
-        race.add_row(name, str(count))
-    console.print(race)
+    for title, label, unit, counts in (
+        ("Orders by status", "status", "orders", report.orders_by_status),
+        (
+            "Domain events handled in committed transactions",
+            "event",
+            "handled",
+            report.events_dispatched,
+        ),
+        ("Commands raced against one order", "outcome", "commands", report.race_outcomes),
+    ):
+        table = Table(title=title)
+        table.add_column(label)
+        table.add_column(unit, justify="right")
+        for name, count in sorted(counts.items()):
+            table.add_row(name, str(count))
+        console.print(table)
     outbox = Table(title="Outbox (latest rows)")
     columns = ("position", "event_name", "aggregate_id", "published_at")
     for column in columns:
