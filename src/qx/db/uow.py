@@ -314,7 +314,10 @@ class UnitOfWork:
                     await session.flush()
                 rows = self._outbox_rows(records)
                 if rows:
-                    await session.execute(insert(outbox_table), rows)
+                    # Core on the session's connection: the outbox is a table, not a mapped
+                    # class, so the ORM's execute machinery would only add overhead.
+                    connection = await session.connection()
+                    await connection.execute(insert(outbox_table), rows)
                 await session.commit()
         except BaseException:
             await asyncio.shield(self._rollback_quietly(session))
