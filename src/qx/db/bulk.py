@@ -73,7 +73,14 @@ def _column_of(repo: Repository[Any], key: str, what: str) -> Column[Any]:
     return column
 
 
-def _row(repo: Repository[Any], entity: Any, tenant: str | None, now: Any) -> dict[str, Any]:
+def _row(
+    repo: Repository[Any],
+    entity: Any,
+    tenant: tuple[str, str | None, bool] | None,
+    stamps: dict[str, Any],
+) -> dict[str, Any]:
+    """One entity's INSERT values. ``tenant`` is ``(column, value, system)`` for tenanted
+    tables; ``stamps`` are the values qx maintains (audit, version, soft delete)."""
     info = repo._info
     state = instance_state(entity)
     for key in info.owned:
@@ -93,19 +100,13 @@ def _row(repo: Repository[Any], entity: Any, tenant: str | None, now: Any) -> di
             elif getattr(default, "is_callable", False):
                 value = default.arg(None)  # type: ignore[attr-defined]
         row[column.name] = value
-    if info.tenant_key is not None:
-        name = _column_of(repo, info.tenant_key, "tenant").name
+    if tenant is not None:
+        name, value, system = tenant
         if row[name] is None:
-            row[name] = tenant
-        elif row[name] != tenant and not current_context().system:
+            row[name] = value
+        elif row[name] != value and not system:
             raise TenantViolation(f"{info.describe(entity)} belongs to tenant {row[name]!r}")
-    for stamp in (info.created_key, info.updated_key):
-        if stamp is not None:
-            row[_column_of(repo, stamp, stamp).name] = now
-    if info.version_key is not None:
-        row[_column_of(repo, info.version_key, "version").name] = 1
-    if info.deleted_key is not None:
-        row[_column_of(repo, info.deleted_key, "deleted").name] = None
+    row.update(stamps)
     return row
 
 
@@ -151,7 +152,19 @@ async def upsert_entities(
     ctx = current_context()
     tenant = tenant_for_write(info, ctx) if info.tenant_key is not None else None
     now = repo._clock().now()
-    rows = [_row(repo, entity, tenant, now) for entity in entities]
+    # What qx maintains, resolved once for the whole batch.
+    stamps: dict[str, Any] = {}
+    for stamp in (info.created_key, info.updated_key):
+        if stamp is not None:
+            stamps[_name(repo, stamp)] = now
+    if info.version_key is not None:
+        stamps[_name(repo, info.version_key)] = 1
+    if info.deleted_key is not None:
+        stamps[_name(repo, info.deleted_key)] = None
+    tenancy = None
+    if info.tenant_key is not None:
+        tenancy = (_name(repo, info.tenant_key), tenant, ctx.system)
+    rows = [_row(repo, entity, tenancy, stamps) for entity in entities]
     dialect = repo._dialect()
     if dialect == "postgresql":
         insert_fn: Any = postgresql.insert

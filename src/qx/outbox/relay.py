@@ -34,7 +34,7 @@ from typing import Any, Protocol
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from qx.core.clock import Clock, SystemClock
-from qx.core.errors import PublishError, QxError
+from qx.core.errors import QxError
 from qx.db.errors import translate_error
 from qx.outbox.envelope import Envelope
 from qx.outbox.publishers.base import Publisher, publish_many
@@ -322,7 +322,7 @@ def _setter(flag: asyncio.Event) -> Any:
 
 
 def _describe(exc: BaseException) -> str:
-    if isinstance(exc, QxError | PublishError):
+    if isinstance(exc, QxError):
         return str(exc)
     translated = translate_error(exc) if isinstance(exc, Exception) else None
     if translated is not None:

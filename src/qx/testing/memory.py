@@ -37,6 +37,7 @@ from qx.core.errors import (
     ConcurrencyConflict,
     ConfigurationError,
     DuplicateKey,
+    InvalidCursor,
     InvalidQuery,
     NotFound,
     TenantViolation,
@@ -45,7 +46,7 @@ from qx.core.errors import (
 from qx.core.events import Event
 from qx.core.ids import new_id
 from qx.db.mapping import EntityInfo, entity_info
-from qx.db.query.compiler import evaluate
+from qx.db.query.compiler import check, evaluate
 from qx.db.query.keyset import resolve_sort
 from qx.db.query.page import Page
 from qx.db.query.q import Q
@@ -187,7 +188,7 @@ class InMemoryQuery(Generic[T]):
         if not keys:
             return self._copy(order=None)
         spec = [part for key in keys for part in key.split(",")]
-        return self._copy(order=self._repo._sort(spec))
+        return self._copy(order=self._repo._sort_keys(spec))
 
     def limit(self, count: int | None) -> InMemoryQuery[T]:
         if count is not None and (not isinstance(count, int) or count < 0):
@@ -268,8 +269,6 @@ class InMemoryQuery(Generic[T]):
             try:
                 start = int(cursor)
             except ValueError:
-                from qx.core.errors import InvalidCursor
-
                 raise InvalidCursor("invalid cursor", field="cursor") from None
         if page_number is not None:
             start = (page_number - 1) * page_size
@@ -338,14 +337,11 @@ class InMemoryRepository(Repository[T]):
 
     def _check(self, q: Q) -> None:
         for key, value in q.leaves():
-            from qx.db.query.compiler import check
-
             check(self._mapper, key, value, allowed=self.filterable, owner=self._name)
 
-    def _sort(self, spec: Sequence[str] | str | None) -> tuple[Any, ...]:
-        return resolve_sort(self._mapper, spec, allowed=self.sortable, owner=self._name)
-
     def _default_sort(self) -> tuple[Any, ...]:
+        # Not the base class's per-class cache: one InMemoryRepository class serves every
+        # entity.
         allowed = [key.lstrip("+-") for key in self.default_order]
         return resolve_sort(
             self._mapper, list(self.default_order), allowed=allowed, owner=self._name
@@ -391,7 +387,7 @@ class InMemoryRepository(Repository[T]):
         query = self.query().filter(**{**(filters or {}), **lookups}).with_deleted(with_deleted)
         spec = sort if sort is not None else order_by
         if spec is not None:
-            query = query._copy(order=self._sort(spec))
+            query = query._copy(order=self._sort_keys(spec))
         if limit is not None:
             query = query.limit(limit)
         if offset:

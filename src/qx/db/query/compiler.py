@@ -196,24 +196,22 @@ class FilterCompiler:
 
     def compile(self, q: Q) -> ColumnElement[bool]:
         """Return the two-valued SQL condition of ``q`` on the root entity."""
-        return self._node(q, self.mapper.class_, (), 0, joinable=True)
+        return self._node(q)
 
-    def _node(
-        self, q: Q, base: Any, prefix: tuple[str, ...], depth: int, *, joinable: bool
-    ) -> ColumnElement[bool]:
+    def _node(self, q: Q) -> ColumnElement[bool]:
+        # Q nodes always apply to the root entity; relationship hops happen in _group.
+        root = self.mapper.class_
         parts: list[ColumnElement[bool]] = []
         leaves: list[Condition] = []
         for child in q.children:
             if isinstance(child, Q):
-                parts.append(self._node(child, base, prefix, depth, joinable=joinable))
+                parts.append(self._node(child))
             else:
-                key, value = child
-                condition = self.check("__".join((*prefix, key)) if prefix else key, value)
-                leaves.append(condition)
+                leaves.append(self.check(*child))
         if q.connector == Q.AND:
-            parts[:0] = self._group(leaves, base, depth, joinable=joinable)
+            parts[:0] = self._group(leaves, root, 0, joinable=True)
         else:
-            parts[:0] = [self._group([c], base, depth, joinable=joinable)[0] for c in leaves]
+            parts[:0] = [self._group([c], root, 0, joinable=True)[0] for c in leaves]
         if not parts:
             combined: ColumnElement[bool] = true()
         elif len(parts) == 1:
@@ -272,37 +270,26 @@ def evaluate(
     ``None``); hops inside a to-many group behave like ``EXISTS`` (a missing target fails).
     """
     allowed_set = None if allowed is None else frozenset(allowed)
-    return _eval_node(q, obj, mapper, allowed_set, owner or mapper.class_.__name__, (), 0, True)
+    return _eval_node(q, obj, mapper, allowed_set, owner or mapper.class_.__name__)
 
 
 def _eval_node(
-    q: Q,
-    obj: Any,
-    mapper: Mapper[Any],
-    allowed: frozenset[str] | None,
-    owner: str,
-    prefix: tuple[str, ...],
-    depth: int,
-    joinable: bool,
+    q: Q, obj: Any, mapper: Mapper[Any], allowed: frozenset[str] | None, owner: str
 ) -> bool:
     results: list[bool] = []
     leaves: list[Condition] = []
     for child in q.children:
         if isinstance(child, Q):
-            results.append(_eval_node(child, obj, mapper, allowed, owner, prefix, depth, joinable))
+            results.append(_eval_node(child, obj, mapper, allowed, owner))
         else:
-            key = "__".join((*prefix, child[0])) if prefix else child[0]
-            leaves.append(check(mapper, key, child[1], allowed=allowed, owner=owner))
+            leaves.append(check(mapper, child[0], child[1], allowed=allowed, owner=owner))
     if q.connector == Q.AND:
-        results.extend(_eval_group(leaves, obj, depth, joinable))
+        results.extend(_eval_group(leaves, obj, 0, True))
         value = all(results)
     else:
-        results.extend(_eval_group([leaf], obj, depth, joinable)[0] for leaf in leaves)
+        results.extend(_eval_group([leaf], obj, 0, True)[0] for leaf in leaves)
         value = any(results)
     return not value if q.negated else value
-
-
-_MISSING = object()
 
 
 def _eval_group(conditions: list[Condition], obj: Any, depth: int, joinable: bool) -> list[bool]:

@@ -22,7 +22,7 @@ import builtins
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Generic, Self, TypeVar
 
-from sqlalchemy import Select, delete, func, select, true, tuple_, update
+from sqlalchemy import Select, and_, delete, func, select, true, tuple_, update
 from sqlalchemy.orm import RelationshipProperty, selectinload
 from sqlalchemy.orm.interfaces import ORMOption
 from sqlalchemy.sql.elements import ColumnElement
@@ -252,21 +252,23 @@ class Query(Generic[T]):
 
     def _matching_pks(self) -> ColumnElement[bool]:
         """``pk IN (SELECT pk ... )``: the rows of this query, usable in UPDATE/DELETE."""
-        pks = self._pk_columns()
         if not self._joins and self._limit is None and not self._offset:
             return self._where_clause()
-        inner = self._from(select(*pks))
-        if self._limit is not None or self._offset:
-            inner = inner.order_by(*order_clauses(self._repo.entity, self._sort()))
-            inner = inner.limit(self._limit).offset(self._offset or None)
+        pks = self._pk_columns()
         target = pks[0] if len(pks) == 1 else tuple_(*pks)
-        return target.in_(inner)
+        return target.in_(self._pk_select())
+
+    def _pk_select(self) -> Select[Any]:
+        """The primary keys of this query's rows, honouring ``limit``/``offset``."""
+        stmt = self._from(select(*self._pk_columns()))
+        if self._limit is not None or self._offset:
+            stmt = stmt.order_by(*order_clauses(self._repo.entity, self._sort()))
+            stmt = stmt.limit(self._limit).offset(self._offset or None)
+        return stmt
 
     def _where_clause(self) -> ColumnElement[bool]:
         if not self._where:
             return true()
-        from sqlalchemy import and_
-
         return and_(*self._where) if len(self._where) > 1 else self._where[0]
 
     # -- terminals --------------------------------------------------------------------------
@@ -574,10 +576,7 @@ class Query(Generic[T]):
             )
             return await self._run_write(stmt, returning)
         pks = self._pk_columns()
-        roots = self._from(select(*pks))
-        if self._limit is not None or self._offset:
-            roots = roots.order_by(*order_clauses(entity, self._sort()))
-            roots = roots.limit(self._limit).offset(self._offset or None)
+        roots = self._pk_select()
         if len(pks) != 1:
             return await self._run_write(delete(entity).where(tuple_(*pks).in_(roots)), returning)
         session = repo.session
