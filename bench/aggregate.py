@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import random
-import time
 from collections.abc import Awaitable, Callable
 from decimal import Decimal
 from uuid import UUID
@@ -26,6 +24,7 @@ from common import (
     HOrder,
     add_url_argument,
     bench_schema,
+    best_of,
     save_table,
     versions,
 )
@@ -35,23 +34,6 @@ from qx.core import request_context, utcnow
 from qx.db import UnitOfWorkFactory, create_session_factory
 from qx.examples.orders.domain import Order, OrderLine
 from qx.examples.orders.infrastructure import OrdersUnitOfWork
-
-
-async def rate(
-    workers: int, count: int, one: Callable[[UUID], Awaitable[None]], ids: list[UUID]
-) -> float:
-    remaining = iter(range(count))
-    rng = random.Random(workers)
-
-    async def worker(offset: int) -> None:
-        # Each worker owns a slice of the orders: writers do not fight over one row.
-        mine = ids[offset::workers]
-        for _ in remaining:
-            await one(rng.choice(mine))
-
-    started = time.perf_counter()
-    await asyncio.gather(*(worker(w) for w in range(workers)))
-    return count / (time.perf_counter() - started)
 
 
 async def main() -> None:
@@ -113,21 +95,19 @@ async def main() -> None:
                 order.updated_at = utcnow()
                 await session.commit()
 
+        def on(work: Callable[[UUID], Awaitable[None]]) -> Callable[[int], Awaitable[None]]:
+            # Call n touches order n: concurrent writers never share an order.
+            return lambda n: work(ids[n % len(ids)])
+
         cases = {
-            "get by id": {"qx": qx_get, "hand-written ORM": orm_get},
-            "load-modify-save": {"qx": qx_save, "hand-written ORM": orm_save},
+            "get by id": {"qx": on(qx_get), "hand-written ORM": on(orm_get)},
+            "load-modify-save": {"qx": on(qx_save), "hand-written ORM": on(orm_save)},
         }
         results: dict[tuple[str, str, int], float] = {}
-        for impls in cases.values():
-            for one in impls.values():
-                await rate(8, 200, one, ids)
         for case, impls in cases.items():
-            for workers in (1, 8):
-                for _ in range(args.rounds):
-                    for name, one in impls.items():
-                        ops = await rate(workers, args.operations, one, ids)
-                        key = (case, name, workers)
-                        results[key] = max(results.get(key, 0.0), ops)
+            measured = await best_of(impls, count=args.operations, rounds=args.rounds)
+            for (name, workers), rate in measured.items():
+                results[(case, name, workers)] = rate
 
     print(
         f"aggregate: {args.orders} orders with 3 lines; {args.operations} operations x best of "

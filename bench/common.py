@@ -7,9 +7,11 @@ Scripts run as ``python bench/<name>.py``, so this module is imported as ``commo
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import platform
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -134,3 +136,54 @@ def save_table(path: str | None, title: str, columns: list[str], rows: list[list
 
     with open(path, "w", encoding="utf-8") as out:
         json.dump({"title": title, "columns": columns, "rows": rows}, out, default=str)
+
+
+async def throughput(workers: int, count: int, one: Callable[[int], Awaitable[object]]) -> float:
+    """Run ``one(n)`` for ``n`` in ``range(count)`` over ``workers`` tasks; return calls/s.
+
+    Concurrent calls always get different ``n``, so a benchmark can map ``n`` to rows that
+    concurrent writers never share.
+    """
+    queue = iter(range(count))
+
+    async def worker() -> None:
+        for n in queue:
+            await one(n)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(workers)))
+    return count / (time.perf_counter() - started)
+
+
+async def best_of(
+    impls: Mapping[str, Callable[[int], Awaitable[object]]], *, count: int, rounds: int
+) -> dict[tuple[str, int], float]:
+    """Warm every implementation up, then measure each at concurrency 1 and 8, ``rounds``
+    times, alternating between them so machine drift affects all alike; keep the best."""
+    for one in impls.values():  # connections, statement caches
+        await throughput(8, 200, one)
+    results: dict[tuple[str, int], float] = {}
+    for workers in (1, 8):
+        for _ in range(rounds):
+            for name, one in impls.items():
+                rate = await throughput(workers, count, one)
+                results[(name, workers)] = max(results.get((name, workers), 0.0), rate)
+    return results
+
+
+def ratio_rows(
+    names: Iterable[str], results: Mapping[tuple[str, int], float], baseline: str, width: int
+) -> list[list[object]]:
+    """Print ``name  c=1 rate  ratio  c=8 rate  ratio`` lines; return them as table rows."""
+    table: list[list[object]] = []
+    for name in names:
+        cells = []
+        row: list[object] = [name]
+        for workers in (1, 8):
+            rate = results[(name, workers)]
+            ratio = rate / results[(baseline, workers)]
+            cells.append(f"{rate:>12.0f}{ratio:>8.2f}x")
+            row += [f"{rate:.0f}", f"{ratio:.2f}x"]
+        print(f"{name:<{width}}{''.join(cells)}")
+        table.append(row)
+    return table

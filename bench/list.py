@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import time
-from collections.abc import Awaitable, Callable
 
 from common import (
     TENANT,
@@ -21,6 +19,8 @@ from common import (
     HOrder,
     add_url_argument,
     bench_schema,
+    best_of,
+    ratio_rows,
     save_table,
     versions,
 )
@@ -56,18 +56,6 @@ async def fill(db: BenchDatabase, orders: int) -> None:
         await conn.execute(text("ANALYZE"))
 
 
-async def rate(workers: int, count: int, one: Callable[[], Awaitable[int]]) -> float:
-    remaining = iter(range(count))
-
-    async def worker() -> None:
-        for _ in remaining:
-            assert await one() == 50
-
-    started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(workers)))
-    return count / (time.perf_counter() - started)
-
-
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_url_argument(parser)
@@ -82,7 +70,7 @@ async def main() -> None:
         factory = UnitOfWorkFactory(OrdersUnitOfWork, create_session_factory(db.engine))
         plain = async_sessionmaker(db.engine, expire_on_commit=False)
 
-        async def qx_list() -> int:
+        async def qx_list(_n: int) -> None:
             with request_context(tenant_id=TENANT):
                 async with factory() as uow:
                     found = await (
@@ -92,9 +80,9 @@ async def main() -> None:
                         .limit(50)
                         .all()
                     )
-                    return len(found)
+                    assert len(found) == 50
 
-        async def hand_list() -> int:
+        async def hand_list(_n: int) -> None:
             async with plain() as session:
                 stmt = (
                     select(HOrder)
@@ -107,34 +95,17 @@ async def main() -> None:
                     .order_by(HOrder.created_at.desc(), HOrder.id.desc())
                     .limit(50)
                 )
-                return len((await session.scalars(stmt)).all())
+                assert len((await session.scalars(stmt)).all()) == 50
 
         impls = {"qx query API": qx_list, "hand-written select": hand_list}
-        results: dict[tuple[str, int], float] = {}
-        for one in impls.values():
-            await rate(8, 200, one)
-        for workers in (1, 8):
-            for _ in range(args.rounds):
-                for name, one in impls.items():
-                    tps = await rate(workers, args.requests, one)
-                    results[(name, workers)] = max(results.get((name, workers), 0.0), tps)
+        results = await best_of(impls, count=args.requests, rounds=args.rounds)
 
     print(
         f"list page: 50 of {args.orders} orders (+3 lines each, eager), filter + sort + limit; "
         f"{args.requests} requests x best of {args.rounds}; {versions()}"
     )
     print(f"{'implementation':<22}{'c=1 req/s':>12}{'ratio':>8}{'c=8 req/s':>12}{'ratio':>8}")
-    table: list[list[object]] = []
-    for name in impls:
-        cells = []
-        row: list[object] = [name]
-        for workers in (1, 8):
-            tps = results[(name, workers)]
-            ratio = tps / results[("hand-written select", workers)]
-            cells.append(f"{tps:>12.0f}{ratio:>7.2f}x")
-            row += [f"{tps:.0f}", f"{ratio:.2f}x"]
-        print(f"{name:<22}{''.join(cells)}")
-        table.append(row)
+    table = ratio_rows(impls, results, "hand-written select", 22)
     save_table(
         args.json,
         f"List page of 50 (filter + sort + limit, lines eager) over {args.orders} orders",

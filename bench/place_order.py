@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import time
 from collections.abc import Awaitable, Callable
 from decimal import Decimal
 from uuid import UUID
@@ -30,6 +29,8 @@ from common import (
     HOrder,
     add_url_argument,
     bench_schema,
+    best_of,
+    ratio_rows,
     save_table,
     versions,
 )
@@ -69,19 +70,6 @@ def _outbox(order_id: UUID, customer: str, total: Decimal) -> dict[str, object]:
         "tenant_id": TENANT,
         "next_attempt_at": now,
     }
-
-
-async def run(workers: int, count: int, one: Callable[[int], Awaitable[None]]) -> float:
-    """Run ``count`` transactions over ``workers`` tasks; return transactions per second."""
-    queue = iter(range(count))
-
-    async def worker() -> None:
-        for n in queue:
-            await one(n)
-
-    started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(workers)))
-    return count / (time.perf_counter() - started)
 
 
 async def main() -> None:
@@ -221,16 +209,8 @@ async def measure(db: BenchDatabase, args: argparse.Namespace) -> None:
                 await session.commit()
 
         impls["advanced-alchemy"] = advanced_alchemy_tx
-    results: dict[tuple[str, int], float] = {}
     try:
-        for one in impls.values():  # warm up: connections, statement caches
-            await run(8, 200, one)
-        for workers in (1, 8):
-            for _ in range(args.rounds):
-                for name, one in impls.items():
-                    tps = await run(workers, args.transactions, one)
-                    key = (name, workers)
-                    results[key] = max(results.get(key, 0.0), tps)
+        results = await best_of(impls, count=args.transactions, rounds=args.rounds)
     finally:
         await pool.close()
 
@@ -239,17 +219,7 @@ async def measure(db: BenchDatabase, args: argparse.Namespace) -> None:
         f"{args.transactions} tx x best of {args.rounds} rounds; {versions()}"
     )
     print(f"{'implementation':<20}{'c=1 tx/s':>12}{'vs ORM':>9}{'c=8 tx/s':>12}{'vs ORM':>9}")
-    table: list[list[object]] = []
-    for name in impls:
-        cells = []
-        row: list[object] = [name]
-        for workers in (1, 8):
-            tps = results[(name, workers)]
-            ratio = tps / results[("hand-written ORM", workers)]
-            cells.append(f"{tps:>12.0f}{ratio:>8.2f}x")
-            row += [f"{tps:.0f}", f"{ratio:.2f}x"]
-        print(f"{name:<20}{''.join(cells)}")
-        table.append(row)
+    table = ratio_rows(impls, results, "hand-written ORM", 20)
     aa = results.get(("advanced-alchemy", 8))
     if aa:
         print(f"qx / advanced-alchemy at c=8: {results[('qx', 8)] / aa:.2f}x")
