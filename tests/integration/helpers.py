@@ -24,3 +24,27 @@ async def outbox_rows(engine: AsyncEngine) -> list[dict[str, Any]]:
     async with engine.connect() as conn:
         result = await conn.execute(select(outbox_table).order_by(outbox_table.c.position))
         return [dict(row._mapping) for row in result.all()]
+
+
+async def drop_stream(url: str, stream: str) -> None:
+    """Delete a JetStream stream a test created (absent streams are fine)."""
+    import contextlib
+
+    import nats
+
+    nc = await nats.connect(url)
+    try:
+        with contextlib.suppress(Exception):
+            await nc.jetstream().delete_stream(stream)
+    finally:
+        await nc.close()
+
+
+async def relay_once(engine: AsyncEngine, publisher: Any, **options: Any) -> Any:
+    """One relay batch through ``publisher``, which is closed afterwards."""
+    from qx.outbox import OutboxRelay
+
+    try:
+        return await OutboxRelay(engine, publisher, **options).run_once()
+    finally:
+        await publisher.close()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -18,6 +17,7 @@ from qx.errors import PublishError
 from qx.outbox import Envelope, OutboxRelay, outbox_table, publisher_from_settings
 from qx.settings import BrokerSettings, RelaySettings
 from tests import models
+from tests.integration.helpers import drop_stream, relay_once
 from tests.services import AMQP, NATS, REDIS, resolve
 
 Factory = UnitOfWorkFactory[models.AppUnitOfWork]
@@ -69,7 +69,6 @@ def check_envelope(body: bytes, counter: models.Counter, value: int) -> dict[str
 
 @pytest.fixture
 async def nats_settings() -> AsyncIterator[BrokerSettings]:
-    import nats
 
     url = resolve(NATS)
     tag = new_id().hex[-10:]
@@ -77,10 +76,7 @@ async def nats_settings() -> AsyncIterator[BrokerSettings]:
         url=url, source="qx-tests", subject_prefix=f"qxt{tag}", stream=f"QXT{tag}"
     )
     yield settings
-    nc = await nats.connect(url)
-    with contextlib.suppress(Exception):
-        await nc.jetstream().delete_stream(settings.stream)
-    await nc.close()
+    await drop_stream(url, settings.stream)
 
 
 async def test_nats_publishes_with_msg_id_and_deduplicates(
@@ -120,12 +116,7 @@ async def test_nats_without_a_stream_leaves_rows_pending(
     await produce(uow_factory, 1)
     settings = nats_settings.model_copy(update={"create_stream": False, "publish_timeout": 1.0})
     publisher = publisher_from_settings(settings)
-    relay = OutboxRelay(engine, publisher, settings=RelaySettings(max_attempts=5))
-    await publisher.connect()
-    try:
-        result = await relay.run_once()
-    finally:
-        await publisher.close()
+    result = await relay_once(engine, publisher, settings=RelaySettings(max_attempts=5))
     assert (result.published, result.failed, result.dead) == (0, 1, 0)
     (row,) = await pending(engine)
     assert row["attempts"] == 1 and "NATS refused the message" in row["last_error"]
@@ -162,12 +153,7 @@ async def test_rabbitmq_confirms_persistent_messages(
         await queue.bind(exchange, routing_key="tests.#")
         counter = await produce(uow_factory, 2)
         publisher = publisher_from_settings(amqp_settings)
-        try:
-            assert (
-                await OutboxRelay(engine, publisher, source="qx-tests").run_once()
-            ).published == 2
-        finally:
-            await publisher.close()
+        assert (await relay_once(engine, publisher, source="qx-tests")).published == 2
         for value in (1, 2):
             message = await queue.get(timeout=5)
             assert message is not None
@@ -195,11 +181,7 @@ async def test_rabbitmq_nack_leaves_rows_pending(
         )
         await queue.bind(exchange, routing_key="#")
         await produce(uow_factory, 1)
-        publisher = publisher_from_settings(amqp_settings)
-        try:
-            result = await OutboxRelay(engine, publisher).run_once()
-        finally:
-            await publisher.close()
+        result = await relay_once(engine, publisher_from_settings(amqp_settings))
     assert (result.published, result.failed) == (0, 1)
     (row,) = await pending(engine)
     assert row["attempts"] == 1 and "RabbitMQ did not confirm" in row["last_error"]
@@ -229,10 +211,7 @@ async def test_redis_streams_xadd(
 
     counter = await produce(uow_factory, 2)
     publisher = publisher_from_settings(redis_settings)
-    try:
-        assert (await OutboxRelay(engine, publisher, source="qx-tests").run_once()).published == 2
-    finally:
-        await publisher.close()
+    assert (await relay_once(engine, publisher, source="qx-tests")).published == 2
     client = redis.from_url(redis_settings.url)
     try:
         entries = await client.xrange(redis_settings.redis_stream)
@@ -254,11 +233,7 @@ async def test_redis_refusal_leaves_rows_pending(
     await client.set(redis_settings.redis_stream, "not a stream")  # XADD: WRONGTYPE
     await client.aclose()
     await produce(uow_factory, 1)
-    publisher = publisher_from_settings(redis_settings)
-    try:
-        result = await OutboxRelay(engine, publisher).run_once()
-    finally:
-        await publisher.close()
+    result = await relay_once(engine, publisher_from_settings(redis_settings))
     assert (result.published, result.failed) == (0, 1)
     (row,) = await pending(engine)
     assert "Redis did not take" in row["last_error"]
@@ -276,11 +251,7 @@ async def test_rabbitmq_unroutable_messages_are_not_lost(
     engine: AsyncEngine, uow_factory: Factory, amqp_settings: BrokerSettings
 ) -> None:
     await produce(uow_factory, 1)  # no queue is bound to the exchange
-    publisher = publisher_from_settings(amqp_settings)
-    try:
-        result = await OutboxRelay(engine, publisher).run_once()
-    finally:
-        await publisher.close()
+    result = await relay_once(engine, publisher_from_settings(amqp_settings))
     assert (result.published, result.failed) == (0, 1)
     (row,) = await pending(engine)
     assert "RabbitMQ did not confirm" in row["last_error"]

@@ -15,13 +15,13 @@ from tests import models
 from tests.integration.property_support import Database, prepared
 from tests.integration.test_query_properties import (
     TENANT,
+    add_items,
     expr_strategy,
     insert,
     rows_strategy,
     sort_strategy,
     to_q,
 )
-from tests.models import Category, Item, Tag
 
 
 @pytest.fixture(scope="module")
@@ -31,22 +31,7 @@ def pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Database]:
 
 async def in_memory(rows: list[dict[str, Any]]) -> InMemoryUnitOfWorkFactory[Any]:
     factory: InMemoryUnitOfWorkFactory[Any] = InMemoryUnitOfWorkFactory(models.AppUnitOfWork)
-    with request_context(tenant_id=TENANT):
-        async with factory() as uow:
-            cats = {name: Category(code=name, name=name) for name in ("Tools", "Toys")}
-            for i, row in enumerate(rows):
-                data = dict(row)
-                tags = [Tag(label=label) for label in data.pop("tags")]
-                category = data.pop("category")
-                await uow.items.add(
-                    Item(
-                        **data,
-                        sku=f"s{i}",
-                        tags=tags,
-                        category=cats[category] if category else None,
-                    )
-                )
-            await uow.commit()
+    await add_items(factory, rows)
     return factory
 
 

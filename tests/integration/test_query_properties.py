@@ -49,6 +49,11 @@ rows_strategy = st.lists(
 
 async def insert(factory: Any, rows: list[dict[str, Any]]) -> None:
     await clear_catalog(factory)
+    await add_items(factory, rows)
+
+
+async def add_items(factory: Any, rows: list[dict[str, Any]]) -> None:
+    """Commit one Item (sku ``s<i>``) per generated row, with its tags and category."""
     with request_context(tenant_id=TENANT):
         async with factory() as uow:
             cats = {name: Category(code=name, name=name) for name in ("Tools", "Toys")}

@@ -4,7 +4,6 @@ four at once; every event arrives exactly once and in order per aggregate."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import random
@@ -23,6 +22,7 @@ from qx.db import UnitOfWorkFactory
 from qx.outbox import outbox_table
 from tests import models
 from tests.integration.conftest import pg_url_for
+from tests.integration.helpers import drop_stream
 from tests.services import NATS, resolve
 
 Factory = UnitOfWorkFactory[models.AppUnitOfWork]
@@ -37,16 +37,12 @@ def backend() -> str:
 
 @pytest.fixture
 async def jetstream() -> AsyncIterator[tuple[str, str, str]]:
-    import nats
 
     url = resolve(NATS)
     tag = new_id().hex[-10:]
     prefix, stream = f"qxc{tag}", f"QXC{tag}"
     yield url, prefix, stream
-    nc = await nats.connect(url)
-    with contextlib.suppress(Exception):
-        await nc.jetstream().delete_stream(stream)
-    await nc.close()
+    await drop_stream(url, stream)
 
 
 def relay_env(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
@@ -16,6 +15,7 @@ from qx.db import UnitOfWorkFactory
 from qx.outbox import OutboxRelay, outbox_table, publisher_from_settings
 from qx.settings import BrokerSettings, RelaySettings
 from tests import models
+from tests.integration.helpers import drop_stream
 from tests.integration.proxy import Proxy
 from tests.integration.test_relay_crash import stream_contents
 from tests.services import NATS, resolve
@@ -30,7 +30,6 @@ def backend() -> str:
 
 @pytest.fixture
 async def proxied_nats() -> AsyncIterator[tuple[Proxy, BrokerSettings, str]]:
-    import nats
 
     url = resolve(NATS)
     target = urlsplit(url)
@@ -45,10 +44,7 @@ async def proxied_nats() -> AsyncIterator[tuple[Proxy, BrokerSettings, str]]:
     )
     yield proxy, settings, url
     await proxy.stop()
-    nc = await nats.connect(url)
-    with contextlib.suppress(Exception):
-        await nc.jetstream().delete_stream(settings.stream)
-    await nc.close()
+    await drop_stream(url, settings.stream)
 
 
 async def bump_all(factory: Factory, counters: list[models.Counter], rounds: int) -> None:
