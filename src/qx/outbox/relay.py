@@ -38,7 +38,7 @@ from qx.core.errors import QxError
 from qx.db.errors import translate_error
 from qx.outbox.envelope import Envelope
 from qx.outbox.publishers.base import Publisher, publish_many
-from qx.outbox.store import OutboxBatch, OutboxStore
+from qx.outbox.store import Failure, OutboxBatch, OutboxStore
 from qx.outbox.table import NOTIFY_CHANNEL
 from qx.settings import RelaySettings
 
@@ -178,23 +178,17 @@ class OutboxRelay:
             oldest = min(r["occurred_at"] for r in outcome.published)
             summary.lag_seconds = max((now - oldest).total_seconds(), 0.0)
         for row, error in outcome.failed:
-            dead = await batch.mark_failed(
-                row,
-                error,
-                now=now,
-                max_attempts=self.settings.max_attempts,
-                backoff_base=self.settings.backoff_base,
-                backoff_max=self.settings.backoff_max,
-            )
+            failure = Failure.of(row, error, now=now, settings=self.settings)
+            await batch.mark_failed(failure)
             summary.failed += 1
             summary.errors.append(error)
-            if dead:
+            if failure.dead_at is not None:
                 summary.dead += 1
                 logger.error(
                     "outbox row %s (%s) dead-lettered after %s attempts: %s",
                     row["id"],
                     row["event_name"],
-                    int(row["attempts"]) + 1,
+                    failure.attempts,
                     error,
                 )
             else:

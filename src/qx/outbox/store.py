@@ -42,8 +42,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from qx.db.query.lookups import in_condition
 from qx.outbox.table import outbox_table
+from qx.settings import RelaySettings
 
-__all__ = ["OutboxStatus", "OutboxStore", "backoff_delay"]
+__all__ = ["Failure", "OutboxBatch", "OutboxStatus", "OutboxStore", "backoff_delay"]
 
 _o = outbox_table
 # What a relay needs of a row; payload and headers as JSON text, which envelopes embed as is.
@@ -68,12 +69,38 @@ def _pending(table: Any = _o) -> Any:
     return and_(table.c.published_at.is_(None), table.c.dead_at.is_(None))
 
 
-def _failure(
-    row: Mapping[str, Any], now: datetime, max_attempts: int, base: float, maximum: float
-) -> tuple[int, bool, datetime]:
-    attempts = int(row["attempts"]) + 1
-    delay = backoff_delay(attempts, base=base, maximum=maximum)
-    return attempts, attempts >= max_attempts, now + timedelta(seconds=delay)
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """What a failed publish does to its row: decided once, written by either batch kind.
+
+    Attributes:
+        position: the row.
+        attempts: attempts so far, this one included.
+        error: the error text (truncated).
+        retry_at: when the row is due again (jittered exponential backoff).
+        dead_at: set when ``attempts`` reached ``max_attempts``: the row is dead-lettered.
+    """
+
+    position: int
+    attempts: int
+    error: str
+    retry_at: datetime
+    dead_at: datetime | None
+
+    @classmethod
+    def of(
+        cls, row: Mapping[str, Any], error: str, *, now: datetime, settings: RelaySettings
+    ) -> Failure:
+        """The failure of ``row`` under a relay's ``RelaySettings``."""
+        attempts = int(row["attempts"]) + 1
+        delay = backoff_delay(attempts, base=settings.backoff_base, maximum=settings.backoff_max)
+        return cls(
+            position=row["position"],
+            attempts=attempts,
+            error=error[:2000],
+            retry_at=now + timedelta(seconds=delay),
+            dead_at=now if attempts >= settings.max_attempts else None,
+        )
 
 
 class OutboxBatch(Protocol):
@@ -85,17 +112,8 @@ class OutboxBatch(Protocol):
     async def mark_published(self, positions: Sequence[int], *, now: datetime) -> None:
         """Mark rows published."""
 
-    async def mark_failed(
-        self,
-        row: Mapping[str, Any],
-        error: str,
-        *,
-        now: datetime,
-        max_attempts: int,
-        backoff_base: float,
-        backoff_max: float,
-    ) -> bool:
-        """Record a failed attempt; return whether the row is dead now."""
+    async def mark_failed(self, failure: Failure) -> None:
+        """Record a failed attempt."""
 
 
 def backoff_delay(attempts: int, *, base: float, maximum: float) -> float:
@@ -215,30 +233,18 @@ class OutboxStore:
                 .values(published_at=now)
             )
 
-    async def mark_failed(
-        self,
-        conn: AsyncConnection,
-        row: Mapping[str, Any],
-        error: str,
-        *,
-        now: datetime,
-        max_attempts: int,
-        backoff_base: float,
-        backoff_max: float,
-    ) -> bool:
-        """Record a failed attempt; return whether the row is now dead-lettered."""
-        attempts, dead, retry_at = _failure(row, now, max_attempts, backoff_base, backoff_max)
+    async def mark_failed(self, conn: AsyncConnection, failure: Failure) -> None:
+        """Record a failed attempt."""
         await conn.execute(
             update(_o)
-            .where(_o.c.position == row["position"])
+            .where(_o.c.position == failure.position)
             .values(
-                attempts=attempts,
-                last_error=error[:2000],
-                next_attempt_at=retry_at,
-                dead_at=now if dead else None,
+                attempts=failure.attempts,
+                last_error=failure.error,
+                next_attempt_at=failure.retry_at,
+                dead_at=failure.dead_at,
             )
         )
-        return dead
 
     @asynccontextmanager
     async def batch(self) -> AsyncIterator[OutboxBatch]:
@@ -333,8 +339,8 @@ class _CoreBatch:
     async def mark_published(self, positions: Sequence[int], *, now: datetime) -> None:
         await self.store.mark_published(self.conn, positions, now=now)
 
-    async def mark_failed(self, row: Mapping[str, Any], error: str, **options: Any) -> bool:
-        return await self.store.mark_failed(self.conn, row, error, **options)
+    async def mark_failed(self, failure: Failure) -> None:
+        await self.store.mark_failed(self.conn, failure)
 
 
 class _DriverBatch:
@@ -352,23 +358,12 @@ class _DriverBatch:
         if positions:
             await self.driver.execute(self.store._mark_sql, now, list(positions))
 
-    async def mark_failed(
-        self,
-        row: Mapping[str, Any],
-        error: str,
-        *,
-        now: datetime,
-        max_attempts: int,
-        backoff_base: float,
-        backoff_max: float,
-    ) -> bool:
-        attempts, dead, retry_at = _failure(row, now, max_attempts, backoff_base, backoff_max)
+    async def mark_failed(self, failure: Failure) -> None:
         await self.driver.execute(
             self.store._fail_sql,
-            attempts,
-            error[:2000],
-            retry_at,
-            now if dead else None,
-            row["position"],
+            failure.attempts,
+            failure.error,
+            failure.retry_at,
+            failure.dead_at,
+            failure.position,
         )
-        return dead
