@@ -41,7 +41,7 @@ async def main() -> None:
     add_url_argument(parser)
     parser.add_argument("--orders", type=int, default=2000)
     parser.add_argument("--operations", type=int, default=2000)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args()
 

@@ -159,13 +159,16 @@ async def best_of(
     impls: Mapping[str, Callable[[int], Awaitable[object]]], *, count: int, rounds: int
 ) -> dict[tuple[str, int], float]:
     """Warm every implementation up, then measure each at concurrency 1 and 8, ``rounds``
-    times, alternating between them so machine drift affects all alike; keep the best."""
+    times, keeping the best. Rounds alternate the order (A B, B A, A B, ...) so that neither
+    drift nor the after-effects of the previous implementation's writes (autovacuum,
+    checkpoints) fall on one implementation only."""
     for one in impls.values():  # connections, statement caches
         await throughput(8, 200, one)
     results: dict[tuple[str, int], float] = {}
+    order = list(impls.items())
     for workers in (1, 8):
-        for _ in range(rounds):
-            for name, one in impls.items():
+        for round_number in range(rounds):
+            for name, one in order if round_number % 2 == 0 else reversed(order):
                 rate = await throughput(workers, count, one)
                 results[(name, workers)] = max(results.get((name, workers), 0.0), rate)
     return results

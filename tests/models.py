@@ -251,9 +251,114 @@ class CategoryRepository(Repository[Category]):
     sortable = frozenset({"code", "name"})
 
 
+# -- two shapes for Repository.get: parts that are soft-deleted themselves (loaded selectin,
+#    so get() reads the root by primary key and scopes the parts' load), and parts loaded
+#    with a JOIN (get() keeps loader criteria on the one statement) ---------------------------
+
+
+@dataclass(eq=False, kw_only=True)
+class Note:
+    id: UUID = field(default_factory=new_id)
+    text: str
+    tenant_id: str | None = None
+    deleted_at: datetime | None = None
+
+
+@dataclass(eq=False, kw_only=True)
+class Folder(AggregateRoot):
+    id: UUID = field(default_factory=new_id)
+    name: str
+    notes: list[Note] = field(default_factory=list)
+    version: int = 1
+    tenant_id: str | None = None
+    deleted_at: datetime | None = None
+
+
+folders = Table(
+    "folders",
+    metadata,
+    uuid_pk(),
+    Column("name", String(50), nullable=False),
+    version_column(),
+    tenant_column(),
+    soft_delete_column(),
+)
+notes = Table(
+    "notes",
+    metadata,
+    uuid_pk(),
+    Column("folder_id", Uuid(), ForeignKey("folders.id"), nullable=False, index=True),
+    Column("text", String(50), nullable=False),
+    tenant_column(),
+    soft_delete_column(),
+)
+map_entity(registry, Note, notes)
+map_aggregate(
+    registry,
+    Folder,
+    folders,
+    properties={"notes": relationship(Note, cascade="all, delete-orphan", order_by=notes.c.text)},
+)
+
+
+@dataclass(eq=False, kw_only=True)
+class Book:
+    id: UUID = field(default_factory=new_id)
+    title: str
+    tenant_id: str | None = None
+
+
+@dataclass(eq=False, kw_only=True)
+class Shelf(AggregateRoot):
+    id: UUID = field(default_factory=new_id)
+    name: str
+    books: list[Book] = field(default_factory=list)
+    version: int = 1
+    tenant_id: str | None = None
+
+
+shelves = Table(
+    "shelves",
+    metadata,
+    uuid_pk(),
+    Column("name", String(50), nullable=False),
+    version_column(),
+    tenant_column(),
+)
+books = Table(
+    "books",
+    metadata,
+    uuid_pk(),
+    Column("shelf_id", Uuid(), ForeignKey("shelves.id"), nullable=False, index=True),
+    Column("title", String(50), nullable=False),
+    tenant_column(),
+)
+map_entity(registry, Book, books)
+map_aggregate(
+    registry,
+    Shelf,
+    shelves,
+    properties={
+        "books": relationship(
+            Book, cascade="all, delete-orphan", lazy="joined", order_by=books.c.title
+        )
+    },
+)
+
+
+class FolderRepository(Repository[Folder]):
+    pass
+
+
+class ShelfRepository(Repository[Shelf]):
+    pass
+
+
 class AppUnitOfWork(UnitOfWork):
     orders: OrderRepository
     counters: CounterRepository
     attachments: AttachmentRepository
     items: ItemRepository
     categories: CategoryRepository
+    folders: FolderRepository
+    shelves: ShelfRepository

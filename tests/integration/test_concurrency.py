@@ -8,6 +8,8 @@ serializes writers when they begin, so no SQLite transaction can read a stale ag
 from __future__ import annotations
 
 import asyncio
+import gc
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from qx.core import ConcurrencyConflict, TransientError, request_context
 from qx.db import UnitOfWorkFactory, create_session_factory
+from qx.examples.orders.domain import Order
 from qx.examples.orders.infrastructure import orders
 from tests.integration.conftest import create_tables, make_backend_engine
 from tests.integration.helpers import new_order
@@ -157,3 +160,70 @@ async def test_sqlite_deferred_stale_writer_gets_a_retryable_error(tmp_path: Pat
         assert isinstance(error, ConcurrencyConflict | TransientError)
     finally:
         await engine.dispose()
+
+
+async def test_only_net_changes_bump_the_root_version(uow_factory: Factory) -> None:
+    with request_context(tenant_id=T):
+        async with uow_factory() as uow:
+            order = new_order("alice", "A", "B")
+            await uow.orders.add(order)
+            await uow.commit()
+
+        async def version_after(change: Callable[[Order], None]) -> int:
+            async with uow_factory() as uow:
+                # No reference to the loaded root survives change(): the identity map holds
+                # objects weakly, yet a changed part must still bump its root.
+                change(await uow.orders.require(order.id))
+                gc.collect()
+                await uow.commit()
+            async with uow_factory() as uow:
+                return (await uow.orders.require(order.id)).version
+
+        def same_values(o: Order) -> None:
+            o.customer = o.customer
+            o.lines[0].quantity = o.lines[0].quantity
+
+        def reassign_then_restore(o: Order) -> None:
+            original = o.lines[1].quantity
+            o.lines[1].quantity = original + 7
+            o.lines[1].quantity = original
+
+        def change_a_line(o: Order) -> None:
+            o.lines[1].quantity += 1
+
+        def drop_a_line(o: Order) -> None:
+            o.lines.pop()
+
+        assert await version_after(same_values) == 1
+        assert await version_after(reassign_then_restore) == 1
+        assert await version_after(change_a_line) == 2
+        assert await version_after(drop_a_line) == 3
+
+
+async def test_parts_changed_while_streaming_still_bump_their_roots(
+    uow_factory: Factory,
+) -> None:
+    with request_context(tenant_id=T):
+        async with uow_factory() as uow:
+            await uow.orders.add_many([new_order(f"c{i:03}", "A") for i in range(30)])
+            await uow.commit()
+        async with uow_factory() as uow:
+            changed_lines = []
+            stream = uow.orders.query().order_by("customer").stream(chunk_size=4)
+            async for position, streamed in _enumerate(stream):
+                if position % 3 == 0:
+                    streamed.lines[0].quantity += 1
+                    changed_lines.append(streamed.lines[0])  # the part only, not the root
+                del streamed
+                gc.collect()
+            await uow.commit()
+        async with uow_factory() as uow:
+            versions = [o.version for o in await uow.orders.query().order_by("customer").all()]
+    assert versions == [2 if i % 3 == 0 else 1 for i in range(30)]
+
+
+async def _enumerate(items: AsyncIterator[Order]) -> AsyncIterator[tuple[int, Order]]:
+    position = 0
+    async for item in items:
+        yield position, item
+        position += 1

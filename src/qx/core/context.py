@@ -14,10 +14,11 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
-from dataclasses import dataclass, replace
+from contextlib import AbstractContextManager
+from contextvars import ContextVar, Token
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Final
 
 from qx.core.errors import ConfigurationError
 
@@ -54,7 +55,47 @@ def current_context() -> RequestContext:
     return _current.get()
 
 
-@contextmanager
+class _ContextBlock:
+    """The ``with`` block of :func:`request_context` / :func:`system_context`.
+
+    A plain class rather than ``@contextmanager``: every unit of work of a request runs
+    inside one, and a generator-based manager costs a generator and two resumptions.
+    """
+
+    __slots__ = ("_changes", "_token")
+
+    def __init__(self, changes: tuple[str | bool | None, ...]) -> None:
+        self._changes = changes  # one value per RequestContext field, None = keep
+        self._token: Token[RequestContext] | None = None
+
+    def __enter__(self) -> RequestContext:
+        if self._token is not None:
+            raise ConfigurationError("a request_context block cannot be entered twice at once")
+        ctx = _layered(_current.get(), self._changes)
+        self._token = _current.set(ctx)
+        return ctx
+
+    def __exit__(self, *exc_info: object) -> None:
+        token, self._token = self._token, None
+        if token is not None:
+            _current.reset(token)
+
+
+@lru_cache(maxsize=1024)
+def _layered(base: RequestContext, changes: tuple[str | bool | None, ...]) -> RequestContext:
+    # Contexts are immutable values, and a service sees the same few (tenant, user) pairs
+    # again and again: building each once keeps the per-request cost to a dict lookup.
+    correlation_id, causation_id, tenant_id, user_id, traceparent, system = changes
+    return RequestContext(
+        correlation_id=base.correlation_id if correlation_id is None else str(correlation_id),
+        causation_id=base.causation_id if causation_id is None else str(causation_id),
+        tenant_id=base.tenant_id if tenant_id is None else str(tenant_id),
+        user_id=base.user_id if user_id is None else str(user_id),
+        traceparent=base.traceparent if traceparent is None else str(traceparent),
+        system=base.system if system is None else bool(system),
+    )
+
+
 def request_context(
     *,
     correlation_id: str | None = None,
@@ -62,11 +103,14 @@ def request_context(
     tenant_id: str | None = None,
     user_id: str | None = None,
     traceparent: str | None = None,
-) -> Iterator[RequestContext]:
+) -> AbstractContextManager[RequestContext]:
     """Run a block with the given ids layered over the current context.
 
     Arguments left as ``None`` keep the value of the enclosing context, so nested blocks can
     refine one id without repeating the others.
+
+    Raises:
+        ConfigurationError: an id is given but is not a non-empty string.
 
     Example:
         >>> with request_context(tenant_id="t1"):
@@ -74,33 +118,20 @@ def request_context(
         ...         (ctx.tenant_id, ctx.user_id)
         ('t1', 'u1')
     """
-    base = _current.get()
-    changes = {
-        key: value
-        for key, value in (
-            ("correlation_id", correlation_id),
-            ("causation_id", causation_id),
-            ("tenant_id", tenant_id),
-            ("user_id", user_id),
-            ("traceparent", traceparent),
-        )
-        if value is not None
-    }
-    for key, value in changes.items():
-        if not isinstance(value, str) or not value:
+    changes = (correlation_id, causation_id, tenant_id, user_id, traceparent)
+    for key, value in zip(_ID_FIELDS, changes, strict=True):
+        if value is not None and (not isinstance(value, str) or not value):
             raise ConfigurationError(
                 f"request_context {key} must be a non-empty str, got {value!r}"
             )
-    ctx = replace(base, **changes) if changes else base  # type: ignore[arg-type]
-    token = _current.set(ctx)
-    try:
-        yield ctx
-    finally:
-        _current.reset(token)
+    return _ContextBlock((*changes, None))
 
 
-@contextmanager
-def system_context() -> Iterator[RequestContext]:
+_ID_FIELDS: Final = ("correlation_id", "causation_id", "tenant_id", "user_id", "traceparent")
+_SYSTEM: Final = (None, None, None, None, None, True)
+
+
+def system_context() -> AbstractContextManager[RequestContext]:
     """Run a block as the system: tenant scoping is bypassed, explicitly.
 
     Use it for operators' jobs (migrations, relays, admin scripts), never for a request.
@@ -110,8 +141,4 @@ def system_context() -> Iterator[RequestContext]:
         ...     ctx.system
         True
     """
-    token = _current.set(replace(_current.get(), system=True))
-    try:
-        yield _current.get()
-    finally:
-        _current.reset(token)
+    return _ContextBlock(_SYSTEM)

@@ -14,8 +14,7 @@ Example:
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from typing import Final
 
 from sqlalchemy import exc as sa_exc
@@ -176,22 +175,36 @@ def translate_error(error: BaseException, *, stale: tuple[str, ...] = ()) -> QxE
     return None
 
 
-@contextmanager
-def translating(session: Session | None = None) -> Iterator[None]:
+class _Translating:
+    __slots__ = ("_session",)
+
+    def __init__(self, session: Session | None) -> None:
+        self._session = session
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> None:
+        if exc is None or isinstance(exc, QxError) or not isinstance(exc, Exception):
+            return  # nothing to translate: the exception, if any, propagates unchanged
+        stale = stale_candidates(self._session) if self._session is not None else ()
+        translated = translate_error(exc, stale=stale)
+        if translated is None:
+            return
+        if isinstance(exc, sa_exc.StatementError) and translated is exc.orig:
+            raise translated from exc.orig.__cause__ or exc
+        raise translated from exc
+
+
+def translating(session: Session | None = None) -> AbstractContextManager[None]:
     """Run a block, re-raising database errors as qx errors chained to the original.
+
+    A plain class rather than ``@contextmanager``: it wraps every repository call, and a
+    generator-based manager costs a generator and two resumptions each time.
 
     Args:
         session: the session whose flush may fail, to name stale aggregates precisely.
     """
-    try:
-        yield
-    except QxError:
-        raise
-    except Exception as exc:
-        stale = stale_candidates(session) if session is not None else ()
-        translated = translate_error(exc, stale=stale)
-        if translated is None:
-            raise
-        if isinstance(exc, sa_exc.StatementError) and translated is exc.orig:
-            raise translated from exc.orig.__cause__ or exc
-        raise translated from exc
+    return _Translating(session)

@@ -29,9 +29,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
-from weakref import WeakKeyDictionary
 
-from sqlalchemy import Column, Integer, MetaData, String, Table, Uuid
+from sqlalchemy import Column, Integer, MetaData, String, Table, Uuid, event
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.exc import NoInspectionAvailable
 from sqlalchemy.orm import Mapper, RelationshipProperty, registry
@@ -167,15 +166,17 @@ class EntityInfo:
 
 _INFO_KEY: Final = "qx_entity"
 # qx's notes about each mapper (root flag, cached EntityInfo, scope closure). SQLAlchemy 2.1
-# mappers have no ``info`` dict; weak keys let a discarded mapping take its notes with it.
-_notes: WeakKeyDictionary[Mapper[Any], dict[str, Any]] = WeakKeyDictionary()
+# mappers have no ``info`` dict, so the notes live in the mapper's own ``__dict__``: they go
+# with a discarded mapping, and reading them is one dict lookup (a WeakKeyDictionary made a
+# weak reference per lookup, several times per flush).
+_NOTES: Final = "_qx_notes"
 
 
 def mapper_notes(mapper: Mapper[Any]) -> dict[str, Any]:
     """Return qx's private notes for ``mapper`` (created on first use)."""
-    notes = _notes.get(mapper)
+    notes: dict[str, Any] | None = mapper.__dict__.get(_NOTES)
     if notes is None:
-        notes = _notes[mapper] = {}
+        notes = mapper.__dict__[_NOTES] = {}
     return notes
 
 
@@ -284,8 +285,30 @@ def map_aggregate(
         cls, table, properties=_prepare_properties(properties), **mapper_kwargs
     )
     mapper_notes(mapper)["qx_root"] = True
+    if any(
+        isinstance(prop, RelationshipProperty) and prop.cascade.delete_orphan
+        for prop in (properties or {}).values()
+    ):
+        event.listen(mapper, "load", _hold_loaded_root)
     _remember(reg)
     return mapper
+
+
+#: ``Session.info`` key of the loaded roots a qx session holds until its transaction ends.
+HELD_ROOTS: Final = "qx_held_roots"
+
+
+def _hold_loaded_root(target: Any, context: Any) -> None:
+    # The identity map holds objects weakly. A caller may keep only a part it changed
+    # (``order.lines[0]``) and drop the root; the root must still be in the map at flush, or
+    # its version bump - the aggregate's concurrency guard - would silently not happen. A
+    # load event on the roots that own parts costs one call per root, not one per object.
+    session = context.session
+    if session is not None and getattr(session, "holds_loaded_roots", False):
+        held = session.info.get(HELD_ROOTS)
+        if held is None:
+            held = session.info[HELD_ROOTS] = []
+        held.append(target)
 
 
 def map_entity(

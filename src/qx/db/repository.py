@@ -19,8 +19,9 @@ from __future__ import annotations
 import builtins
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Final, Generic, TypeVar, get_args, get_origin
+from uuid import UUID
 
-from sqlalchemy import inspect, select
+from sqlalchemy import Uuid, inspect, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapper
 
@@ -37,7 +38,16 @@ from qx.db.query.keyset import SortKey, resolve_sort
 from qx.db.query.lookups import in_condition
 from qx.db.query.page import Page
 from qx.db.query.query import Query
-from qx.db.scoping import WITH_DELETED, tenant_for_write, visible
+from qx.db.scoping import (
+    ROWS_CHECKED,
+    WITH_DELETED,
+    RowsChecked,
+    checks_rows_in_python,
+    scope_tenant,
+    scoped_closure,
+    tenant_for_write,
+    visible,
+)
 from qx.db.session import QxSession
 
 if TYPE_CHECKING:
@@ -76,7 +86,7 @@ class Repository(Generic[T]):
     sortable: ClassVar[frozenset[str]] = frozenset()
     default_order: ClassVar[tuple[str, ...]] = ()
     max_limit: ClassVar[int] = 1000
-    _qx_resolved: ClassVar[tuple[Mapper[Any], EntityInfo] | None] = None
+    _qx_resolved: ClassVar[tuple[Mapper[Any], EntityInfo, bool, bool] | None] = None
     _qx_default_sort: ClassVar[tuple[SortKey, ...] | None] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -117,10 +127,15 @@ class Repository(Generic[T]):
         resolved = cls.__dict__.get("_qx_resolved")
         if resolved is None:
             # Resolved once per repository class, not once per unit of work.
-            resolved = (inspect(entity), entity_info(entity))
+            mapper = inspect(entity)
+            keys = mapper.primary_key
+            uuid_pk = len(keys) == 1 and isinstance(keys[0].type, Uuid) and keys[0].type.as_uuid
+            resolved = (mapper, entity_info(entity), uuid_pk, checks_rows_in_python(mapper))
             cls._qx_resolved = resolved
         self._mapper: Mapper[Any] = resolved[0]
         self._info: EntityInfo = resolved[1]
+        self._uuid_pk: bool = resolved[2]
+        self._rows_checked: bool = resolved[3]
         self._name = cls.__qualname__
         self._codec = cursor_codec
         self._dialect_name: str | None = None
@@ -138,6 +153,8 @@ class Repository(Generic[T]):
     # -- reads ------------------------------------------------------------------------------
 
     def _coerce_id(self, ident: Any) -> Any:
+        if type(ident) is UUID and self._uuid_pk:
+            return ident  # the common case needs no conversion or range check
         columns = self._mapper.primary_key
         values = ident if isinstance(ident, tuple) else (ident,)
         if len(values) != len(columns):
@@ -165,12 +182,27 @@ class Repository(Generic[T]):
         """
         self._guard()
         key = self._coerce_id(ident)
-        options = {WITH_DELETED: True} if with_deleted else None
-        with translating(self._session.sync_session):
-            obj = await self._session.get(self.entity, key, execution_options=options or {})
-        if obj is None or not visible(
-            self._info, obj, current_context(), with_deleted=with_deleted
-        ):
+        ctx = current_context()
+        if ctx.tenant_id is None and not ctx.system:
+            scope_tenant(scoped_closure(self._mapper), ctx)  # fail closed, found or not
+        sync = self._session.sync_session
+        with translating(sync):
+            if self._rows_checked:
+                # The aggregate's relationships load in statements of their own, so
+                # SQLAlchemy's cached primary-key load reads the row as is (loader criteria
+                # would be processed again on every execution) and visible() checks it
+                # below. The note lets exactly that one load through unscoped and gives each
+                # eager load it triggers a tenant/soft-delete WHERE of its own.
+                info = sync.info
+                info[ROWS_CHECKED] = RowsChecked(with_deleted=with_deleted)
+                try:
+                    obj = await self._session.get(self.entity, key)
+                finally:
+                    del info[ROWS_CHECKED]
+            else:
+                options = {WITH_DELETED: True} if with_deleted else {}
+                obj = await self._session.get(self.entity, key, execution_options=options)
+        if obj is None or not visible(self._info, obj, ctx, with_deleted=with_deleted):
             return None
         result: T = obj
         return result

@@ -1,10 +1,11 @@
 """Tenant and soft-delete scoping, applied to every ORM statement a session runs.
 
-The session's ``do_orm_execute`` hook adds ``with_loader_criteria`` for every scoped class a
-statement can reach — the classes in the statement and every class reachable from them
-through relationships — so SELECTs, relationship loads (which inherit the criteria), and
-ORM-enabled bulk UPDATE/DELETE are all filtered. Objects the identity map returns without
-SQL are checked by :func:`visible` instead.
+:func:`scope_statement` (called by ``QxSession.execute``/``scalar``/``scalars``) adds
+``with_loader_criteria`` for every scoped class a statement can reach — the classes in the
+statement and every class reachable from them through relationships — so SELECTs,
+relationship loads (which inherit the criteria), and ORM-enabled bulk UPDATE/DELETE are all
+filtered. Objects the identity map returns without SQL are checked by :func:`visible`
+instead; ``Repository.get`` reads its row that way too (see :class:`RowsChecked`).
 
 Scoping reads :func:`qx.core.context.current_context`: no tenant and no system context means
 refusal (``TenantRequired``), never "all tenants".
@@ -21,20 +22,27 @@ from functools import lru_cache
 from typing import Any, Final
 from weakref import WeakSet
 
-from sqlalchemy import and_
-from sqlalchemy.orm import Mapper, registry, with_loader_criteria
+from sqlalchemy import Select, and_
+from sqlalchemy import inspect as sa_inspect
+from sqlalchemy.orm import Mapper, Session, registry, with_loader_criteria
 from sqlalchemy.orm.interfaces import ORMOption
 
-from qx.core.context import RequestContext
+from qx.core.context import RequestContext, current_context
 from qx.core.errors import TenantRequired
 from qx.db.mapping import EntityInfo, entity_info, mapper_notes
 
 __all__ = [
+    "ROWS_CHECKED",
     "WITH_DELETED",
+    "RowsChecked",
     "all_scoped_mappers",
+    "checks_rows_in_python",
     "criteria_options",
     "from_clause_mappers",
+    "loader_where",
     "remember_registry",
+    "scope_statement",
+    "scope_tenant",
     "scoped_closure",
     "tenant_for_write",
     "visible",
@@ -42,6 +50,32 @@ __all__ = [
 
 #: Execution option that lifts soft-delete filtering for one statement.
 WITH_DELETED: Final = "qx_with_deleted"
+
+#: ``Session.info`` key holding a :class:`RowsChecked` while ``Repository.get`` loads.
+ROWS_CHECKED: Final = "qx_rows_checked"
+
+
+class RowsChecked:
+    """Note kept in ``Session.info`` while ``Repository.get`` loads one row by primary key.
+
+    The first ORM statement the session then executes (the primary-key load) runs without
+    criteria; get() checks its row with :func:`visible`. Relationship loads executed
+    meanwhile get their WHERE from :func:`loader_where`. Any other statement (one a flush
+    listener runs, say) is scoped as usual.
+    """
+
+    __slots__ = ("root_pending", "with_deleted")
+
+    def __init__(self, *, with_deleted: bool) -> None:
+        self.with_deleted = with_deleted
+        self.root_pending = True
+
+
+# Loader strategies that never read related rows inside the root statement nor later on
+# their own: with these, checking the root in Python and scoping each eager relationship
+# load is complete. Joined loads read children inside the root statement and lazy loads run
+# after the root's context is gone, so classes using them keep the criteria path.
+_SEPARATE_LOADS: Final = frozenset({"selectin", "raise", "raise_on_sql", "noload", "write_only"})
 
 
 # Registries that qx's mapping helpers were used with; filled by user code, never at import.
@@ -98,6 +132,34 @@ def scoped_closure(mapper: Mapper[Any]) -> tuple[Mapper[Any], ...]:
     return closure
 
 
+def checks_rows_in_python(mapper: Mapper[Any]) -> bool:
+    """Return whether loads of ``mapper`` may use :data:`ROWS_CHECKED` (cached per mapper).
+
+    True when every relationship reachable from it loads related rows in statements of their
+    own while the root load runs (``selectin``) or never (``raise``, ``noload``, ...).
+    """
+    notes = mapper_notes(mapper)
+    cached: bool | None = notes.get("qx_rows_checked")
+    if cached is None:
+        seen: set[Mapper[Any]] = set()
+        stack = [mapper]
+        cached = True
+        while stack and cached:
+            current = stack.pop()
+            if current in seen:
+                continue
+            seen.add(current)
+            # Inheritance brings joined/polymorphic loading shapes: keep the criteria path.
+            if current.inherits is not None or current.polymorphic_on is not None:
+                cached = False
+            for rel in current.relationships:
+                if rel.lazy not in _SEPARATE_LOADS:
+                    cached = False
+                stack.append(rel.mapper)
+        notes["qx_rows_checked"] = cached
+    return cached
+
+
 def from_clause_mappers(statement: Any) -> tuple[Mapper[Any], ...]:
     """Scoped mappers named by a statement's explicit ``select_from(...)``.
 
@@ -120,6 +182,25 @@ def from_clause_mappers(statement: Any) -> tuple[Mapper[Any], ...]:
     return tuple(dict.fromkeys(found))
 
 
+def scope_tenant(mappers: tuple[Mapper[Any], ...], ctx: RequestContext) -> str | None:
+    """Return the tenant that statements over ``mappers`` are scoped to in ``ctx``.
+
+    ``None`` in a system context.
+
+    Raises:
+        TenantRequired: a tenant-scoped class is among ``mappers`` and ``ctx`` has no tenant
+            and is not a system context.
+    """
+    if ctx.system:
+        return None
+    if ctx.tenant_id is None:
+        for mapper in mappers:
+            info = entity_info(mapper)
+            if info.tenant_key is not None:
+                raise TenantRequired(info.name)
+    return ctx.tenant_id
+
+
 def criteria_options(
     mappers: tuple[Mapper[Any], ...], ctx: RequestContext, *, with_deleted: bool
 ) -> tuple[ORMOption, ...]:
@@ -129,15 +210,22 @@ def criteria_options(
         TenantRequired: a tenant-scoped class is involved and ``ctx`` has no tenant and is
             not a system context.
     """
-    tenant = None
-    if not ctx.system:
-        tenant = ctx.tenant_id
-        if tenant is None:
-            for mapper in mappers:
-                info = entity_info(mapper)
-                if info.tenant_key is not None:
-                    raise TenantRequired(info.name)
-    return _options(mappers, tenant, ctx.system, with_deleted)
+    return _options(mappers, scope_tenant(mappers, ctx), ctx.system, with_deleted)
+
+
+def loader_where(
+    mappers: tuple[Mapper[Any], ...], ctx: RequestContext, *, with_deleted: bool
+) -> tuple[Any, ...]:
+    """Return plain WHERE clauses scoping ``mappers`` for ``ctx`` (no loader options).
+
+    Used for the relationship loads under :data:`ROWS_CHECKED`: one statement, one entity,
+    so a WHERE costs SQLAlchemy far less per execution than ``with_loader_criteria``.
+
+    Raises:
+        TenantRequired: a tenant-scoped class is involved and ``ctx`` has no tenant and is
+            not a system context.
+    """
+    return _where(mappers, scope_tenant(mappers, ctx), ctx.system, with_deleted)
 
 
 @lru_cache(maxsize=4096)
@@ -148,21 +236,116 @@ def _options(
     # the tenant value becomes a bound parameter and the statement cache still hits.
     options: list[ORMOption] = []
     for mapper in mappers:
-        info = entity_info(mapper)
-        clauses = []
-        if info.tenant_key is not None and not system:
-            clauses.append(getattr(info.cls, info.tenant_key) == tenant)
-        if info.deleted_key is not None and not with_deleted:
-            clauses.append(getattr(info.cls, info.deleted_key).is_(None))
+        clauses = _where((mapper,), tenant, system, with_deleted)
         if clauses:
             options.append(
                 with_loader_criteria(
-                    info.cls,
+                    mapper.class_,
                     and_(*clauses) if len(clauses) > 1 else clauses[0],
                     include_aliases=True,
                 )
             )
     return tuple(options)
+
+
+@lru_cache(maxsize=4096)
+def _where(
+    mappers: tuple[Mapper[Any], ...], tenant: str | None, system: bool, with_deleted: bool
+) -> tuple[Any, ...]:
+    clauses: list[Any] = []
+    for mapper in mappers:
+        info = entity_info(mapper)
+        if info.tenant_key is not None and not system:
+            clauses.append(getattr(info.cls, info.tenant_key) == tenant)
+        if info.deleted_key is not None and not with_deleted:
+            clauses.append(getattr(info.cls, info.deleted_key).is_(None))
+    return tuple(clauses)
+
+
+def scope_statement(session: Session, statement: Any, execution_options: Any) -> Any:
+    """Return ``statement`` with the tenant and soft-delete scoping of ``current_context()``.
+
+    Statements that are not ORM SELECT/UPDATE/DELETE come back unchanged (criteria for mapped
+    classes cannot apply to them), as do column loads (a refresh of an object loaded, and
+    scoped, before) and relationship loads (they inherit the criteria of the statement that
+    loaded their parent) - except under :class:`RowsChecked`, where the parent's statement
+    carried none and each relationship load gets a WHERE of its own.
+
+    Raises:
+        TenantRequired: a tenant-scoped class is involved and the context has no tenant.
+    """
+    if not (statement.is_select or statement.is_update or statement.is_delete):
+        return statement
+    if statement._propagate_attrs.get("compile_state_plugin") != "orm":
+        return statement  # Core on tables: loader criteria never apply to it
+    note: RowsChecked | None = session.info.get(ROWS_CHECKED)
+    if statement.is_select:
+        # SQLAlchemy marks its own loads in the statement's ORM compile options: a path below
+        # the root for relationship loads, the refreshed state for column loads.
+        compile_options = getattr(statement, "_compile_options", None)
+        path = getattr(compile_options, "_current_path", None)
+        if path is not None and not path.is_root:
+            if note is not None:
+                return _where_scoped(statement, note.with_deleted)
+            return statement
+        if getattr(compile_options, "_for_refresh_state", False):
+            return statement
+        if note is not None and note.root_pending:
+            note.root_pending = False
+            return statement  # Repository.get's primary-key load: get() checks the row
+    with_deleted = bool(
+        (execution_options and execution_options.get(WITH_DELETED))
+        or statement._execution_options.get(WITH_DELETED)
+    )
+    mappers = _involved_mappers(statement)
+    if not mappers:
+        return statement
+    criteria = criteria_options(mappers, current_context(), with_deleted=with_deleted)
+    return statement.options(*criteria) if criteria else statement
+
+
+def _involved_mappers(statement: Any) -> tuple[Mapper[Any], ...]:
+    # Every scoped class the statement names or can reach through relationships; all scoped
+    # classes when SQLAlchemy cannot name its entities (count/exists shapes).
+    if statement.is_select:
+        entities = [d["entity"] for d in statement.column_descriptions]
+    else:
+        entities = [statement.entity_description["entity"]]
+    involved = dict.fromkeys(
+        insp.mapper
+        for insp in (sa_inspect(e, raiseerr=False) for e in entities if e is not None)
+        if insp is not None and getattr(insp, "mapper", None) is not None
+    )
+    if not involved:
+        mappers: tuple[Mapper[Any], ...] = all_scoped_mappers()
+    else:
+        mappers = ()
+        for mapper in involved:
+            closure = scoped_closure(mapper)
+            if closure:
+                mappers = closure if not mappers else tuple(dict.fromkeys(mappers + closure))
+    if statement.is_select:
+        named = from_clause_mappers(statement)
+        if named:
+            mappers = tuple(dict.fromkeys(mappers + named))
+    return mappers
+
+
+def _where_scoped(statement: Any, with_deleted: bool) -> Any:
+    # A relationship load under RowsChecked selects the related class itself
+    # (checks_rows_in_python admits no inheritance or aliasing shapes), so a plain WHERE on
+    # that class scopes it; a joined-in parent alias was checked already. Loads it triggers
+    # in turn come back here while the note is still set.
+    subject = statement._propagate_attrs.get("plugin_subject")  # the loaded entity
+    mapper = getattr(subject, "mapper", None)
+    ctx = current_context()
+    if mapper is not None and isinstance(statement, Select):
+        clauses = loader_where((mapper,), ctx, with_deleted=with_deleted)
+        return statement.where(*clauses) if clauses else statement
+    # Not a shape SQLAlchemy's eager loads take today; fail closed all the same.
+    mappers = (mapper,) if mapper is not None else all_scoped_mappers()  # pragma: no cover
+    criteria = criteria_options(mappers, ctx, with_deleted=with_deleted)  # pragma: no cover
+    return statement.options(*criteria) if criteria else statement  # pragma: no cover
 
 
 def visible(info: EntityInfo, obj: Any, ctx: RequestContext, *, with_deleted: bool) -> bool:

@@ -107,7 +107,7 @@ class UnitOfWork:
         self._after_commit: list[AfterCommit] = []
         self._repositories: dict[type[Repository[Any]], Repository[Any]] = {}
         self._committing = False
-        self.correlation_id: str = ""
+        self._correlation_id: str | None = None
         self.events: list[Event] = []  # every event collected by the last commit, in order
 
     # -- declared repositories ---------------------------------------------------------------
@@ -190,8 +190,16 @@ class UnitOfWork:
         session.sync_session.info[CLOCK] = self._clock
         self._session = session
         self._state = UnitOfWorkState.ACTIVE
-        self.correlation_id = current_context().correlation_id or str(new_id())
+        self._correlation_id = current_context().correlation_id
         return self
+
+    @property
+    def correlation_id(self) -> str:
+        """The request context's correlation id at entry, or one generated on first use."""
+        if self._correlation_id is None:
+            # Generated lazily: most units of work that read never need one.
+            self._correlation_id = str(new_id())
+        return self._correlation_id
 
     async def __aexit__(
         self,
@@ -289,6 +297,8 @@ class UnitOfWork:
         return collected
 
     def _outbox_rows(self, records: list[RecordedEvent]) -> list[dict[str, Any]]:
+        if not records:
+            return []
         return build_outbox_rows(records, correlation_id=self.correlation_id)
 
     # -- transaction -----------------------------------------------------------------------
@@ -310,14 +320,16 @@ class UnitOfWork:
         try:
             records = await self._drain_events()
             with translating(session.sync_session):
-                if not await insert_new_aggregates(session):
-                    await session.flush()
-                rows = self._outbox_rows(records)
-                if rows:
-                    # Core on the session's connection: the outbox is a table, not a mapped
-                    # class, so the ORM's execute machinery would only add overhead.
-                    connection = await session.connection()
-                    await connection.execute(insert(outbox_table), rows)
+                if records or session.sync_session.new:
+                    if not await insert_new_aggregates(session):
+                        await session.flush()  # outbox rows may need flushed keys
+                    rows = self._outbox_rows(records)
+                    if rows:
+                        # Core on the session's connection: the outbox is a table, not a
+                        # mapped class, so the ORM's execute machinery would only add overhead.
+                        connection = await session.connection()
+                        await connection.execute(insert(outbox_table), rows)
+                # Nothing new and no events: COMMIT flushes the changes itself, one call.
                 await session.commit()
         except BaseException:
             await asyncio.shield(self._rollback_quietly(session))

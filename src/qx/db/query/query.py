@@ -36,6 +36,7 @@ from qx.db.query.lookups import in_condition
 from qx.db.query.page import Page
 from qx.db.query.q import Q
 from qx.db.scoping import WITH_DELETED
+from qx.db.session import held_roots, release_roots
 
 if TYPE_CHECKING:
     from qx.db.repository import Repository
@@ -474,10 +475,18 @@ class Query(Generic[T]):
         size = _check_count("chunk_size", chunk_size, 100_000, minimum=1)
         session = self._repo.session
         options = {**self._options(), "yield_per": size}
-        with translating(session.sync_session):
+        sync = session.sync_session
+        mark = held_roots(sync)
+        with translating(sync):
             result = await session.stream_scalars(self._select(), execution_options=options)
             try:
+                count = 0
                 async for row in result:
+                    if count and count % size == 0:
+                        # A new chunk has just been loaded: let go of the yielded roots that
+                        # nobody changed, so memory stays flat.
+                        release_roots(sync, after=mark, keep_last=size)
+                    count += 1
                     yield row
             finally:
                 await result.close()

@@ -1,0 +1,107 @@
+"""``Repository.get`` scoping on both of its paths.
+
+Aggregates whose parts load in statements of their own (selectin) are read by primary key
+and checked in Python, and each part load gets its own tenant/soft-delete WHERE; aggregates
+with joined parts keep loader criteria on their one statement. Both must hide exactly what
+a scoped query hides.
+"""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import inspect, update
+
+from qx.core import TenantRequired, new_id, request_context, system_context, utcnow
+from qx.db import UnitOfWorkFactory
+from qx.db.scoping import checks_rows_in_python
+from qx.examples.orders.domain import Order
+from tests.models import AppUnitOfWork, Book, Folder, Item, Note, Shelf, notes
+
+Factory = UnitOfWorkFactory[AppUnitOfWork]
+
+
+def test_the_path_follows_the_loader_strategies() -> None:
+    assert checks_rows_in_python(inspect(Folder))  # selectin parts
+    assert checks_rows_in_python(inspect(Order))
+    assert checks_rows_in_python(inspect(Item))  # selectin parts, raise_on_sql links
+    assert not checks_rows_in_python(inspect(Shelf))  # joined parts read in the root SELECT
+
+
+async def _folder_with_foreign_and_deleted_notes(uow_factory: Factory) -> Folder:
+    with request_context(tenant_id="A"):
+        async with uow_factory() as uow:
+            folder = Folder(name="f", notes=[Note(text="a1"), Note(text="a2-deleted")])
+            await uow.folders.add(folder)
+            await uow.commit()
+    with system_context():
+        async with uow_factory() as uow:
+            loaded = await uow.folders.require(folder.id)
+            loaded.notes.append(Note(text="b-secret", tenant_id="B"))  # B's row under A's root
+            await uow.session.execute(
+                update(notes).where(notes.c.text == "a2-deleted").values(deleted_at=utcnow())
+            )
+            await uow.commit()
+    return folder
+
+
+async def test_selectin_parts_are_scoped_by_tenant_and_soft_delete(uow_factory: Factory) -> None:
+    folder = await _folder_with_foreign_and_deleted_notes(uow_factory)
+    with request_context(tenant_id="A"):
+        async with uow_factory() as uow:
+            loaded = await uow.folders.require(folder.id)
+            assert [n.text for n in loaded.notes] == ["a1"]
+        async with uow_factory() as uow:
+            loaded = await uow.folders.require(folder.id, with_deleted=True)
+            assert [n.text for n in loaded.notes] == ["a1", "a2-deleted"]
+    with request_context(tenant_id="B"):
+        async with uow_factory() as uow:
+            assert await uow.folders.get(folder.id) is None
+    with system_context():
+        async with uow_factory() as uow:
+            loaded = await uow.folders.require(folder.id)
+            assert [n.text for n in loaded.notes] == ["a1", "b-secret"]
+
+
+async def test_a_soft_deleted_root_is_found_only_with_deleted(uow_factory: Factory) -> None:
+    with request_context(tenant_id="A"):
+        async with uow_factory() as uow:
+            folder = Folder(name="gone", notes=[Note(text="n")])
+            await uow.folders.add(folder)
+            await uow.commit()
+        async with uow_factory() as uow:
+            await uow.folders.remove(await uow.folders.require(folder.id))
+            await uow.commit()
+        async with uow_factory() as uow:
+            assert await uow.folders.get(folder.id) is None
+            found = await uow.folders.get(folder.id, with_deleted=True)
+            assert found is not None and found.deleted_at is not None
+
+
+async def test_joined_parts_keep_the_criteria(uow_factory: Factory) -> None:
+    with request_context(tenant_id="A"):
+        async with uow_factory() as uow:
+            shelf = Shelf(name="s", books=[Book(title="a")])
+            await uow.shelves.add(shelf)
+            await uow.commit()
+    with system_context():
+        async with uow_factory() as uow:
+            loaded = await uow.shelves.require(shelf.id)
+            loaded.books.append(Book(title="b-secret", tenant_id="B"))
+            await uow.commit()
+    with request_context(tenant_id="A"):
+        async with uow_factory() as uow:
+            loaded = await uow.shelves.require(shelf.id)
+            assert [b.title for b in loaded.books] == ["a"]
+    with request_context(tenant_id="B"):
+        async with uow_factory() as uow:
+            assert await uow.shelves.get(shelf.id) is None
+
+
+async def test_get_fails_closed_without_a_tenant_even_for_unknown_ids(
+    uow_factory: Factory,
+) -> None:
+    async with uow_factory() as uow:
+        with pytest.raises(TenantRequired, match="Folder"):
+            await uow.folders.get(new_id())
+        with pytest.raises(TenantRequired, match="Shelf"):
+            await uow.shelves.get(new_id())
