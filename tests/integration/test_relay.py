@@ -212,3 +212,68 @@ async def _until(condition: Any, seconds: float) -> None:
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(0.02)
+
+
+class GatedPublisher(MemoryPublisher):
+    """Holds every publish until ``gate`` opens; ``entered`` tells that one is waiting."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = asyncio.Event()
+        self.gate = asyncio.Event()
+
+    async def publish(self, envelope: Envelope) -> None:
+        self.entered.set()
+        await self.gate.wait()
+        await super().publish(envelope)
+
+
+async def test_stop_during_a_batch_ends_the_run_after_that_batch(
+    engine: AsyncEngine, uow_factory: Factory
+) -> None:
+    (ident,) = await make_counters(uow_factory, 1)
+    await bump(uow_factory, ident)
+    publisher = GatedPublisher()
+    relay = OutboxRelay(engine, publisher, settings=RelaySettings(poll_interval=30))
+    task = asyncio.create_task(relay.run())
+    await asyncio.wait_for(publisher.entered.wait(), 5)
+    relay.stop()  # mid-batch: the loop must not then sleep a whole poll_interval
+    publisher.gate.set()
+    await asyncio.wait_for(task, 5)
+    assert [e.data["value"] for e in publisher.published] == [1]
+    assert all(r["published_at"] is not None for r in await rows(engine))
+
+
+@pytest.mark.postgres_only
+async def test_a_notification_during_a_batch_is_not_lost(
+    engine: AsyncEngine, uow_factory: Factory
+) -> None:
+    a, b = await make_counters(uow_factory, 2)
+    await bump(uow_factory, a)
+    publisher = GatedPublisher()
+    settings = RelaySettings(poll_interval=30, pipelines=1)
+    relay = OutboxRelay(engine, publisher, settings=settings)
+    task = asyncio.create_task(relay.run())
+    try:
+        await asyncio.wait_for(publisher.entered.wait(), 5)
+        await bump(uow_factory, b)  # committed (and notified) after the batch's claim
+        publisher.gate.set()
+        await _until(lambda: len(publisher.published) == 2, 5.0)  # far below poll_interval
+    finally:
+        relay.stop()
+        await asyncio.wait_for(task, 5)
+    assert [e.data["counter_id"] for e in publisher.published] == [str(a), str(b)]
+
+
+@pytest.mark.postgres_only
+async def test_claim_probes_the_aggregate_index_before_any_analyze(engine: AsyncEngine) -> None:
+    # A fresh outbox has no statistics; the "earlier pending row?" test must still be an
+    # index probe per candidate head, never an anti-join that scans every pending row.
+    store = OutboxStore(engine)
+    sql, _names = store._compiled_claim()
+    async with engine.connect() as conn:
+        raw = await conn.get_raw_connection()
+        driver: Any = raw.driver_connection
+        plan = "\n".join(r[0] for r in await driver.fetch("EXPLAIN " + sql, utcnow(), 200))
+    assert "Anti Join" not in plan, plan
+    assert "ix_qx_outbox_aggregate_pending" in plan and "Index Cond" in plan, plan

@@ -243,8 +243,12 @@ class OutboxRelay:
             await self.publisher.close()
 
     async def _loop(self, index: int) -> None:
+        wake = self._wakes[index]
         failures = 0
         while not self._stop.is_set():
+            # Cleared before the claim, never after it: a row committed (and notified) while
+            # this batch runs leaves the flag set, so the wait below returns at once.
+            wake.clear()
             try:
                 await self.publisher.connect()
                 result = await self.run_once()
@@ -255,17 +259,11 @@ class OutboxRelay:
                 failures += 1
                 delay = min(self.settings.reconnect_delay * 2 ** min(failures - 1, 5), 30.0)
                 logger.warning("relay batch failed (%s); retrying in %.1fs", _describe(exc), delay)
-                await self._sleep(index, delay)
+                await _wait(self._stop, delay)  # back off: only stop() cuts it short
                 continue
             if result.claimed >= self.settings.batch_size:
                 continue  # a full batch: more is probably waiting
-            await self._sleep(index, self.settings.poll_interval)
-
-    async def _sleep(self, index: int, seconds: float) -> None:
-        wake = self._wakes[index]
-        wake.clear()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(wake.wait(), timeout=seconds)
+            await _wait(wake, self.settings.poll_interval)
 
     async def _maybe_purge(self) -> None:
         retention = self.settings.retention
@@ -306,6 +304,13 @@ class _Outcome:
     summary: BatchResult
     published: list[Mapping[str, Any]] = field(default_factory=list)
     failed: list[tuple[Mapping[str, Any], str]] = field(default_factory=list)
+
+
+async def _wait(flag: asyncio.Event, seconds: float) -> None:
+    """Wait until ``flag`` is set or ``seconds`` pass."""
+    if not flag.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(flag.wait(), timeout=seconds)
 
 
 def _setter(flag: asyncio.Event) -> Any:

@@ -188,6 +188,11 @@ class OutboxStore:
                 earlier.c.position < o.c.position,
                 _pending(earlier),
             )
+            # OFFSET 0 keeps this a per-row subplan probing ix_qx_outbox_aggregate_pending.
+            # Pulled up into an anti-join, PostgreSQL plans it from the table's statistics,
+            # and before the first ANALYZE of a fresh outbox it scans every pending row
+            # for every candidate head: quadratic, minutes for a 10,000-row backlog.
+            .offset(literal_column("0", Integer()))
         )
         heads_stmt = (
             select(o.c.position, o.c.aggregate_type, o.c.aggregate_id)
