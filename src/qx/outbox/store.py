@@ -182,7 +182,8 @@ class OutboxStore:
         batch = bindparam("batch", type_=Integer())
         o, earlier = _o.alias("o"), _o.alias("e")
         blocked = exists(
-            select(literal_column("1")).where(
+            select(literal_column("1"))
+            .where(
                 earlier.c.aggregate_type == o.c.aggregate_type,
                 earlier.c.aggregate_id == o.c.aggregate_id,
                 earlier.c.position < o.c.position,
