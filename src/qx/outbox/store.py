@@ -189,10 +189,14 @@ class OutboxStore:
                 earlier.c.position < o.c.position,
                 _pending(earlier),
             )
+            # Backwards from the row: a blocked row meets its pending predecessor first,
+            # not the dead index entries of the aggregate's published rows.
             # OFFSET 0 keeps this a per-row subplan probing ix_qx_outbox_aggregate_pending.
             # Pulled up into an anti-join, PostgreSQL plans it from the table's statistics,
             # and before the first ANALYZE of a fresh outbox it scans every pending row
             # for every candidate head: quadratic, minutes for a 10,000-row backlog.
+            .order_by(earlier.c.position.desc())
+            .limit(literal_column("1", Integer()))
             .offset(literal_column("0", Integer()))
         )
         heads_stmt = (
