@@ -46,6 +46,13 @@ class UtcDateTime(TypeDecorator[datetime]):
             return value.replace(tzinfo=None)
         return value
 
+    def result_processor(self, dialect: Dialect, coltype: object) -> Any:
+        if dialect.name == "postgresql" and dialect.driver == "asyncpg":
+            # asyncpg decodes timestamptz to aware UTC datetimes whatever the session's
+            # TimeZone, so there is nothing to convert: no per-value call on the read path.
+            return None
+        return super().result_processor(dialect, coltype)
+
     def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         if value is None:
             return None
