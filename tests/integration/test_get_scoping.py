@@ -8,12 +8,15 @@ a scoped query hides.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
-from sqlalchemy import inspect, update
+from sqlalchemy import event, inspect, select, update
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from qx.core import TenantRequired, new_id, request_context, system_context, utcnow
 from qx.db import UnitOfWorkFactory
-from qx.db.scoping import checks_rows_in_python
+from qx.db.scoping import checks_rows_in_python, joined_part
 from qx.examples.orders.domain import Order
 from tests.models import AppUnitOfWork, Book, Folder, Item, Note, Shelf, notes
 
@@ -25,6 +28,9 @@ def test_the_path_follows_the_loader_strategies() -> None:
     assert checks_rows_in_python(inspect(Order))
     assert checks_rows_in_python(inspect(Item))  # selectin parts, raise_on_sql links
     assert not checks_rows_in_python(inspect(Shelf))  # joined parts read in the root SELECT
+    folder_part = joined_part(inspect(Folder))
+    assert folder_part is not None and folder_part.key == "notes"
+    assert joined_part(inspect(Shelf)) is None  # the criteria path joins on its own terms
 
 
 async def _folder_with_foreign_and_deleted_notes(uow_factory: Factory) -> Folder:
@@ -105,3 +111,48 @@ async def test_get_fails_closed_without_a_tenant_even_for_unknown_ids(
             await uow.folders.get(new_id())
         with pytest.raises(TenantRequired, match="Shelf"):
             await uow.shelves.get(new_id())
+
+
+async def test_get_reads_root_and_parts_in_one_statement(
+    engine: AsyncEngine, uow_factory: Factory
+) -> None:
+    await _folder_with_foreign_and_deleted_notes(uow_factory)
+    statements: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        statements.append(statement)
+
+    event.listen(engine.sync_engine, "before_cursor_execute", record)
+    try:
+        with request_context(tenant_id="A"):
+            async with uow_factory() as uow:
+                (ident,) = (await uow.session.scalars(select(Folder.id))).all()
+                statements.clear()
+                loaded = await uow.folders.require(ident)
+                assert [n.text for n in loaded.notes] == ["a1"]
+                assert len(statements) == 1 and "JOIN notes" in statements[0], statements
+    finally:
+        event.remove(engine.sync_engine, "before_cursor_execute", record)
+
+
+async def test_hidden_parts_are_left_alone_when_the_aggregate_changes(
+    uow_factory: Factory,
+) -> None:
+    folder = await _folder_with_foreign_and_deleted_notes(uow_factory)
+    with request_context(tenant_id="A"):
+        async with uow_factory() as uow:
+            loaded = await uow.folders.require(folder.id)
+            loaded.notes[0].text = "a1-edited"
+            loaded.notes.append(Note(text="a3"))
+            await uow.commit()
+        async with uow_factory() as uow:
+            loaded = await uow.folders.require(folder.id)
+            assert [n.text for n in loaded.notes] == ["a1-edited", "a3"]
+            loaded.notes.remove(loaded.notes[0])  # an orphan now: deleted, and only it
+            await uow.commit()
+    with system_context():
+        async with uow_factory() as uow:
+            stored = await uow.session.execute(
+                select(notes.c.text, notes.c.deleted_at.is_not(None)).order_by(notes.c.text)
+            )
+            assert stored.all() == [("a2-deleted", True), ("a3", False), ("b-secret", False)]

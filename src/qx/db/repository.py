@@ -41,12 +41,15 @@ from qx.db.query.query import Query
 from qx.db.scoping import (
     ROWS_CHECKED,
     WITH_DELETED,
+    JoinedPart,
     RowsChecked,
     checks_rows_in_python,
+    joined_part,
     scope_tenant,
     scoped_closure,
     tenant_for_write,
     visible,
+    visible_parts,
 )
 from qx.db.session import QxSession
 
@@ -86,7 +89,9 @@ class Repository(Generic[T]):
     sortable: ClassVar[frozenset[str]] = frozenset()
     default_order: ClassVar[tuple[str, ...]] = ()
     max_limit: ClassVar[int] = 1000
-    _qx_resolved: ClassVar[tuple[Mapper[Any], EntityInfo, bool, bool] | None] = None
+    _qx_resolved: ClassVar[tuple[Mapper[Any], EntityInfo, bool, bool, JoinedPart | None] | None] = (
+        None
+    )
     _qx_default_sort: ClassVar[tuple[SortKey, ...] | None] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -130,12 +135,19 @@ class Repository(Generic[T]):
             mapper = inspect(entity)
             keys = mapper.primary_key
             uuid_pk = len(keys) == 1 and isinstance(keys[0].type, Uuid) and keys[0].type.as_uuid
-            resolved = (mapper, entity_info(entity), uuid_pk, checks_rows_in_python(mapper))
+            resolved = (
+                mapper,
+                entity_info(entity),
+                uuid_pk,
+                checks_rows_in_python(mapper),
+                joined_part(mapper),
+            )
             cls._qx_resolved = resolved
         self._mapper: Mapper[Any] = resolved[0]
         self._info: EntityInfo = resolved[1]
         self._uuid_pk: bool = resolved[2]
         self._rows_checked: bool = resolved[3]
+        self._joined = resolved[4]
         self._name = cls.__qualname__
         self._codec = cursor_codec
         self._dialect_name: str | None = None
@@ -193,10 +205,16 @@ class Repository(Generic[T]):
                 # would be processed again on every execution) and visible() checks it
                 # below. The note lets exactly that one load through unscoped and gives each
                 # eager load it triggers a tenant/soft-delete WHERE of its own.
+                # One owned relationship is joined into that load (see JoinedPart); its
+                # rows are checked by visible_parts() below.
                 info = sync.info
                 info[ROWS_CHECKED] = RowsChecked(with_deleted=with_deleted)
+                joined = self._joined
                 try:
-                    obj = await self._session.get(self.entity, key)
+                    if joined is None:
+                        obj = await self._session.get(self.entity, key)
+                    else:
+                        obj = await self._session.get(self.entity, key, options=joined.options)
                 finally:
                     del info[ROWS_CHECKED]
             else:
@@ -204,6 +222,8 @@ class Repository(Generic[T]):
                 obj = await self._session.get(self.entity, key, execution_options=options)
         if obj is None or not visible(self._info, obj, ctx, with_deleted=with_deleted):
             return None
+        if self._joined is not None and self._rows_checked:
+            visible_parts(obj, self._joined, ctx, with_deleted=with_deleted)
         result: T = obj
         return result
 
