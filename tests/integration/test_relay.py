@@ -188,6 +188,9 @@ async def test_relay_wakes_on_notify_and_survives_a_killed_connection(
         await asyncio.sleep(0.3)  # listening
         await bump(uow_factory, ident)
         await _until(lambda: len(publisher.published) == 1, 3.0)  # far below poll_interval
+        # Kill only once the batch committed: killed before its COMMIT, the row is rightly
+        # published again (at least once), which is not what this test is about.
+        await _until_async(lambda: _all_published(engine), 5.0)
         async with engine.connect() as conn:
             killed = await conn.scalar(
                 text(
@@ -204,6 +207,18 @@ async def test_relay_wakes_on_notify_and_survives_a_killed_connection(
         relay.stop()
         await asyncio.wait_for(task, 10)
     assert [e.data["value"] for e in publisher.published] == [1, 2]
+
+
+async def _all_published(engine: AsyncEngine) -> bool:
+    return all(r["published_at"] is not None for r in await rows(engine))
+
+
+async def _until_async(condition: Any, seconds: float) -> None:
+    deadline = asyncio.get_running_loop().time() + seconds
+    while not await condition():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.02)
 
 
 async def _until(condition: Any, seconds: float) -> None:
