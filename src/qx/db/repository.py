@@ -148,6 +148,7 @@ class Repository(Generic[T]):
         self._uuid_pk: bool = resolved[2]
         self._rows_checked: bool = resolved[3]
         self._joined = resolved[4]
+        self._get_options = self._joined.options if self._joined is not None else ()
         self._name = cls.__qualname__
         self._codec = cursor_codec
         self._dialect_name: str | None = None
@@ -209,12 +210,8 @@ class Repository(Generic[T]):
                 # rows are checked by visible_parts() below.
                 info = sync.info
                 info[ROWS_CHECKED] = RowsChecked(with_deleted=with_deleted)
-                joined = self._joined
                 try:
-                    if joined is None:
-                        obj = await self._session.get(self.entity, key)
-                    else:
-                        obj = await self._session.get(self.entity, key, options=joined.options)
+                    obj = await self._session.get(self.entity, key, options=self._get_options)
                 finally:
                     del info[ROWS_CHECKED]
             else:
@@ -222,7 +219,7 @@ class Repository(Generic[T]):
                 obj = await self._session.get(self.entity, key, execution_options=options)
         if obj is None or not visible(self._info, obj, ctx, with_deleted=with_deleted):
             return None
-        if self._joined is not None and self._rows_checked:
+        if self._joined is not None:  # only ever set under _rows_checked (joined_part)
             visible_parts(obj, self._joined, ctx, with_deleted=with_deleted)
         result: T = obj
         return result
