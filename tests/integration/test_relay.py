@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 from datetime import timedelta
 from typing import Any
 from uuid import UUID
@@ -85,7 +86,7 @@ async def test_relay_publishes_envelopes_and_marks_rows(
     attributes = first.attributes()
     assert attributes["specversion"] == "1.0" and attributes["subject"] == f"Counter/{ident}"
     assert Envelope.from_json(first.to_json()) == first
-    assert all(r["published_at"] is not None for r in await rows(engine))
+    assert await _all_published(engine)
     assert (await relay.run_once()).claimed == 0
 
 
@@ -190,7 +191,7 @@ async def test_relay_wakes_on_notify_and_survives_a_killed_connection(
         await _until(lambda: len(publisher.published) == 1, 3.0)  # far below poll_interval
         # Kill only once the batch committed: killed before its COMMIT, the row is rightly
         # published again (at least once), which is not what this test is about.
-        await _until_async(lambda: _all_published(engine), 5.0)
+        await _until(lambda: _all_published(engine), 5.0)
         async with engine.connect() as conn:
             killed = await conn.scalar(
                 text(
@@ -213,20 +214,18 @@ async def _all_published(engine: AsyncEngine) -> bool:
     return all(r["published_at"] is not None for r in await rows(engine))
 
 
-async def _until_async(condition: Any, seconds: float) -> None:
-    deadline = asyncio.get_running_loop().time() + seconds
-    while not await condition():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.02)
-
-
 async def _until(condition: Any, seconds: float) -> None:
+    """Poll ``condition`` (plain or async) until it holds; fail after ``seconds``."""
     deadline = asyncio.get_running_loop().time() + seconds
-    while not condition():
+    while not await _holds(condition):
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(0.02)
+
+
+async def _holds(condition: Any) -> bool:
+    outcome = condition()
+    return bool(await outcome if inspect.isawaitable(outcome) else outcome)
 
 
 class GatedPublisher(MemoryPublisher):
@@ -256,7 +255,7 @@ async def test_stop_during_a_batch_ends_the_run_after_that_batch(
     publisher.gate.set()
     await asyncio.wait_for(task, 5)
     assert [e.data["value"] for e in publisher.published] == [1]
-    assert all(r["published_at"] is not None for r in await rows(engine))
+    assert await _all_published(engine)
 
 
 @pytest.mark.postgres_only
