@@ -25,15 +25,27 @@ Example:
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable, Iterable
 from typing import NamedTuple
 from uuid import UUID
 
 from qx.core.errors import ConfigurationError
 from qx.core.events import Event, handling_event
 
-__all__ = ["AggregateRoot", "RecordedEvent"]
+__all__ = [
+    "AggregateRoot",
+    "RecordedEvent",
+    "discard_events",
+    "make_record",
+    "next_sequence",
+    "restore_events",
+    "set_observer",
+]
 
 _PENDING = "_qx_pending_events"
+# Called with the aggregate when it records an event: how a unit of work that stopped holding
+# a clean aggregate (a long stream) holds it again before the event could be lost.
+_OBSERVER = "_qx_observer"
 # One process-wide sequence orders events across aggregates in the order they were recorded.
 _sequence = itertools.count()
 
@@ -52,6 +64,11 @@ class RecordedEvent(NamedTuple):
     event: Event
     aggregate: AggregateRoot | None
     causation_id: UUID | None
+
+
+def next_sequence() -> int:
+    """A recording-order mark: every event recorded afterwards has a larger ``seq``."""
+    return next(_sequence)
 
 
 def make_record(event: Event, aggregate: AggregateRoot | None) -> RecordedEvent:
@@ -74,6 +91,9 @@ class AggregateRoot:
         if pending is None:
             pending = self.__dict__[_PENDING] = []
         pending.append(make_record(event, self))
+        observer = self.__dict__.get(_OBSERVER)
+        if observer is not None:
+            observer(self)
 
     @property
     def pending_events(self) -> tuple[Event, ...]:
@@ -89,3 +109,28 @@ class AggregateRoot:
     def has_pending_events(self) -> bool:
         """Return whether events are waiting to be collected."""
         return bool(self.__dict__.get(_PENDING))
+
+
+def set_observer(aggregate: AggregateRoot, observer: Callable[[AggregateRoot], None]) -> None:
+    """Have ``observer(aggregate)`` called each time ``aggregate`` records an event."""
+    aggregate.__dict__[_OBSERVER] = observer
+
+
+def restore_events(records: Iterable[RecordedEvent]) -> None:
+    """Give collected events back to the aggregates that recorded them, in recording order,
+    replacing whatever they hold now (used when a commit fails)."""
+    by_aggregate: dict[int, tuple[AggregateRoot, list[RecordedEvent]]] = {}
+    for record in records:
+        if record.aggregate is not None:
+            entry = by_aggregate.setdefault(id(record.aggregate), (record.aggregate, []))
+            entry[1].append(record)
+    for aggregate, pending in by_aggregate.values():
+        pending.sort(key=lambda record: record.seq)
+        aggregate.__dict__[_PENDING] = pending
+
+
+def discard_events(aggregates: Iterable[object]) -> None:
+    """Drop the pending events of ``aggregates`` (those that are aggregate roots)."""
+    for aggregate in aggregates:
+        if isinstance(aggregate, AggregateRoot):
+            aggregate.__dict__.pop(_PENDING, None)

@@ -20,7 +20,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.ext.asyncio import create_async_engine as _create_async_engine
-from sqlalchemy.pool import NullPool, StaticPool
+from sqlalchemy.pool import AsyncAdaptedQueuePool, NullPool, StaticPool
 
 from qx.core.errors import ConfigurationError
 from qx.db.session import QxSession
@@ -116,9 +116,18 @@ def create_engine(
             pool_pre_ping=db.pool_pre_ping,
             connect_args={"server_settings": server_settings},
         )
-    elif parsed.database in (None, "", ":memory:"):
-        # One shared connection, or every checkout would see a fresh empty database.
-        kwargs.update(poolclass=StaticPool)
+    elif _in_memory(parsed):
+        # The database lives in its one connection, so there is exactly one, handed to one
+        # unit of work at a time: the others wait for it (pool_timeout) rather than share
+        # its transaction, as StaticPool would - a concurrent reader's rollback would then
+        # undo a writer's flushed rows.
+        kwargs.update(
+            poolclass=AsyncAdaptedQueuePool,
+            pool_size=1,
+            max_overflow=0,
+            pool_timeout=db.pool_timeout,
+            pool_recycle=-1,
+        )
     else:
         kwargs.update(pool_pre_ping=db.pool_pre_ping, pool_timeout=db.pool_timeout)
     extra_connect_args = engine_kwargs.pop("connect_args", None)
@@ -137,8 +146,12 @@ def create_engine(
         kwargs["connect_args"] = merged
     engine = _create_async_engine(parsed, **kwargs)
     if parsed.get_backend_name() == "sqlite":
-        _configure_sqlite(engine, db, in_memory=parsed.database in (None, "", ":memory:"))
+        _configure_sqlite(engine, db, in_memory=_in_memory(parsed))
     return engine
+
+
+def _in_memory(url: URL) -> bool:
+    return url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:")
 
 
 def _configure_sqlite(engine: AsyncEngine, db: DatabaseSettings, *, in_memory: bool) -> None:

@@ -14,8 +14,9 @@ Example:
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable
 from contextlib import AbstractContextManager
-from typing import Final
+from typing import Any, Final
 
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
@@ -30,9 +31,14 @@ from qx.core.errors import (
     StatementTimeout,
     TransientError,
 )
-from qx.db.session import stale_candidates
 
-__all__ = ["error_for_sqlstate", "sqlstate_of", "translate_error", "translating"]
+__all__ = [
+    "error_for_sqlstate",
+    "raise_translated",
+    "sqlstate_of",
+    "translate_error",
+    "translating",
+]
 
 # SQLite extended result codes → the SQLSTATE PostgreSQL would report for the same failure.
 SQLITE_TO_SQLSTATE: Final[dict[str, str]] = {
@@ -175,6 +181,34 @@ def translate_error(error: BaseException, *, stale: tuple[str, ...] = ()) -> QxE
     return None
 
 
+def _no_stale() -> tuple[str, ...]:
+    return ()
+
+
+def raise_translated(
+    error: BaseException, stale: Callable[[], tuple[str, ...]] = _no_stale
+) -> None:
+    """Raise the qx error for ``error``, chained to it; return if there is nothing to do.
+
+    The caller re-raises ``error`` itself afterwards (``except Exception as exc:
+    raise_translated(exc); raise``). Nothing to do: ``error`` is a qx error already (an
+    inner layer translated it) or not a database error at all.
+
+    Args:
+        error: the exception being handled.
+        stale: returns descriptions of the aggregates whose version the failing flush
+            checked; called only for a stale-data error.
+    """
+    if isinstance(error, QxError) or not isinstance(error, Exception):
+        return
+    translated = translate_error(error, stale=stale() if isinstance(error, StaleDataError) else ())
+    if translated is None:
+        return
+    if isinstance(error, sa_exc.StatementError) and translated is error.orig:
+        raise translated from error.orig.__cause__ or error
+    raise translated from error
+
+
 class _Translating:
     __slots__ = ("_session",)
 
@@ -187,15 +221,9 @@ class _Translating:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object
     ) -> None:
-        if exc is None or isinstance(exc, QxError) or not isinstance(exc, Exception):
-            return  # nothing to translate: the exception, if any, propagates unchanged
-        stale = stale_candidates(self._session) if self._session is not None else ()
-        translated = translate_error(exc, stale=stale)
-        if translated is None:
-            return
-        if isinstance(exc, sa_exc.StatementError) and translated is exc.orig:
-            raise translated from exc.orig.__cause__ or exc
-        raise translated from exc
+        if exc is not None:
+            state: Any = getattr(self._session, "tx_state", None)
+            raise_translated(exc, _no_stale if state is None else state.stale)
 
 
 def translating(session: Session | None = None) -> AbstractContextManager[None]:

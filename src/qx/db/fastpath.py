@@ -18,17 +18,16 @@ from typing import Any, Final
 
 from sqlalchemy import Table, insert
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import Mapper, make_transient_to_detached
+from sqlalchemy.orm import Mapper, make_transient, make_transient_to_detached
 from sqlalchemy.orm.attributes import instance_state
 from sqlalchemy.orm.interfaces import ONETOMANY
 from sqlalchemy.sql.util import sort_tables
 
-from qx.core.clock import utcnow
 from qx.core.context import current_context
 from qx.db.mapping import entity_info, mapper_notes
-from qx.db.session import FLUSHED, QxSession, stamp_new
+from qx.db.session import QxSession, stamp_new
 
-__all__ = ["insert_new_aggregates"]
+__all__ = ["forget_inserted", "insert_new_aggregates"]
 
 _PLAN: Final = "qx_fast_insert_plan"
 _MISSING: Final = object()
@@ -112,31 +111,31 @@ def _eligible_session(sync: Any) -> bool:
     )
 
 
-async def insert_new_aggregates(session: AsyncSession) -> bool:
-    """Insert the session's new objects without a flush; ``False`` when not applicable.
+async def insert_new_aggregates(session: AsyncSession) -> list[Any] | None:
+    """Insert the session's new objects without a flush; ``None`` when not applicable.
 
-    Called by the unit of work at commit, before the regular flush. On ``True`` the objects
+    Called by the unit of work at commit, before the regular flush. On success the objects
     are written (in this transaction) and detached-with-identity, like flushed rows after the
-    session closes.
+    session closes, and returned: if the transaction then fails, the caller makes them
+    transient again (:func:`forget_inserted`), as a rolled-back flush would.
     """
     sync = session.sync_session
-    if not _eligible_session(sync):
-        return False
+    if not isinstance(sync, QxSession) or not _eligible_session(sync):
+        return None
     new = list(sync.new)
     plans: dict[Any, _Plan] = {}
     for obj in new:
         state = instance_state(obj)
         plan = _plan(state.mapper)
         if plan is None:
-            return False
+            return None
         for key in plan.links:
             value = state.dict.get(key)
             if value:  # a link to another object needs the flush's dependency handling
-                return False
+                return None
         plans[id(obj)] = plan
     # What the before_flush hook does: tenant, audit and version stamps.
-    clock = sync.clock() if isinstance(sync, QxSession) else None
-    stamp_new(sync, current_context(), clock.now() if clock else utcnow(), set())
+    stamp_new(sync, current_context(), sync.clock.now(), sync.tx_state)
     # What the flush's foreign-key sync does: children take their parent's key.
     for obj in new:
         state = instance_state(obj)
@@ -153,16 +152,24 @@ async def insert_new_aggregates(session: AsyncSession) -> bool:
         for attr, column, defaulted in plan.columns:
             value = values.get(attr, _MISSING)
             if value is _MISSING or (value is None and defaulted):
-                return False  # the flush would apply a default we cannot see here
+                return None  # the flush would apply a default we cannot see here
             row[column] = value
         if any(row.get(key) is None for key in plan.pk):
-            return False
+            return None
         rows.setdefault(plan.table, []).append(row)
     connection = await session.connection()
     for table in sort_tables(rows):  # parents before children
         await connection.execute(insert(table), rows[table])
-    sync.info[FLUSHED] = True
+    sync.tx_state.flushed = True
     sync.expunge_all()
     for obj in new:
         make_transient_to_detached(obj)
-    return True
+    return new
+
+
+def forget_inserted(objects: list[Any]) -> None:
+    """Make objects written by :func:`insert_new_aggregates` transient again (their
+    transaction failed), so the same objects can be added to a new unit of work."""
+    for obj in objects:
+        if instance_state(obj).key is not None:
+            make_transient(obj)

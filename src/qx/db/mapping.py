@@ -26,15 +26,18 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+import typing
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 from sqlalchemy import Column, Integer, MetaData, String, Table, Uuid, event
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.exc import NoInspectionAvailable
 from sqlalchemy.orm import Mapper, RelationshipProperty, registry
 from sqlalchemy.orm import configure_mappers as _configure_mappers
+from sqlalchemy.orm.attributes import instance_state
 from sqlalchemy.orm.exc import UnmappedClassError
 
 from qx.core.aggregate import AggregateRoot
@@ -244,6 +247,9 @@ def _prepare_properties(properties: Mapping[str, Any] | None) -> dict[str, Any]:
     return prepared
 
 
+PostInit = Literal["run", "skip"]
+
+
 def map_aggregate(
     reg: registry,
     cls: type[Any],
@@ -251,13 +257,18 @@ def map_aggregate(
     *,
     version: str | None = "version",
     properties: Mapping[str, Any] | None = None,
+    post_init: PostInit | None = None,
     **mapper_kwargs: Any,
 ) -> Mapper[Any]:
     """Map an aggregate root class onto ``table`` with an optimistic-concurrency version.
 
     qx bumps the version itself (``version_id_generator=False``) once per transaction for any
-    change inside the aggregate, including changes to child entities, so two writers changing
-    different lines of one order conflict.
+    change inside the aggregate - its columns, its collections, its parts' columns and
+    collections - so two writers changing different lines of one order conflict. If domain
+    code changes the version itself, qx writes that value instead of bumping it again.
+
+    Loaded instances get the defaults of their unmapped dataclass fields (SQLAlchemy does not
+    call ``__init__`` when it loads a row).
 
     Args:
         reg: the registry from :func:`make_registry`.
@@ -266,10 +277,15 @@ def map_aggregate(
         version: the version column's name, or ``None`` for an unversioned aggregate.
         properties: extra mapper properties, typically ``relationship()`` to child entities;
             owned children (``cascade="all, delete-orphan"``) load eagerly with the root.
+        post_init: required when the class defines ``__post_init__``: ``"run"`` calls it on
+            every loaded instance (after the column values are set, before relationships
+            load; what it assigns counts as loaded state, and it may not record events),
+            ``"skip"`` never calls it for loaded instances.
         **mapper_kwargs: passed to ``registry.map_imperatively``.
 
     Raises:
-        ConfigurationError: the version column is not in the table.
+        ConfigurationError: the version column is not in the table, or ``post_init`` is
+            missing for a class with ``__post_init__``.
     """
     if not isinstance(cls, type):
         raise ConfigurationError(f"map_aggregate expects a class, got {cls!r}")
@@ -281,34 +297,12 @@ def map_aggregate(
             )
         mapper_kwargs.setdefault("version_id_col", table.c[version])
         mapper_kwargs.setdefault("version_id_generator", False)
-    mapper = reg.map_imperatively(
-        cls, table, properties=_prepare_properties(properties), **mapper_kwargs
-    )
+    mapper = _map(reg, cls, table, properties, post_init, mapper_kwargs)
     mapper_notes(mapper)["qx_root"] = True
-    if any(
-        isinstance(prop, RelationshipProperty) and prop.cascade.delete_orphan
-        for prop in (properties or {}).values()
-    ):
-        event.listen(mapper, "load", _hold_loaded_root)
-    _remember(reg)
+    if not issubclass(cls, AggregateRoot):
+        # AggregateRoot subclasses are tracked by the listener on AggregateRoot itself.
+        event.listen(mapper, "load", _track_loaded_root)
     return mapper
-
-
-#: ``Session.info`` key of the loaded roots a qx session holds until its transaction ends.
-HELD_ROOTS: Final = "qx_held_roots"
-
-
-def _hold_loaded_root(target: Any, context: Any) -> None:
-    # The identity map holds objects weakly. A caller may keep only a part it changed
-    # (``order.lines[0]``) and drop the root; the root must still be in the map at flush, or
-    # its version bump - the aggregate's concurrency guard - would silently not happen. A
-    # load event on the roots that own parts costs one call per root, not one per object.
-    session = context.session
-    if session is not None and getattr(session, "holds_loaded_roots", False):
-        held = session.info.get(HELD_ROOTS)
-        if held is None:
-            held = session.info[HELD_ROOTS] = []
-        held.append(target)
 
 
 def map_entity(
@@ -317,16 +311,167 @@ def map_entity(
     table: Table,
     *,
     properties: Mapping[str, Any] | None = None,
+    post_init: PostInit | None = None,
     **mapper_kwargs: Any,
 ) -> Mapper[Any]:
-    """Map a non-root entity (a part of an aggregate, or a plain read model)."""
+    """Map a non-root entity (a part of an aggregate, or a plain read model).
+
+    ``post_init`` as in :func:`map_aggregate`.
+    """
     if not isinstance(cls, type):
         raise ConfigurationError(f"map_entity expects a class, got {cls!r}")
+    return _map(reg, cls, table, properties, post_init, mapper_kwargs)
+
+
+def _map(
+    reg: registry,
+    cls: type[Any],
+    table: Table,
+    properties: Mapping[str, Any] | None,
+    post_init: PostInit | None,
+    mapper_kwargs: dict[str, Any],
+) -> Mapper[Any]:
+    if post_init not in (None, "run", "skip"):
+        raise ConfigurationError(f"post_init must be 'run' or 'skip', got {post_init!r}")
+    defines_post_init = dataclasses.is_dataclass(cls) and hasattr(cls, "__post_init__")
+    if defines_post_init and post_init is None:
+        raise ConfigurationError(
+            f"{cls.__qualname__} defines __post_init__, which SQLAlchemy never calls for "
+            "loaded rows: pass post_init='run' (qx calls it on each loaded instance, column "
+            "values set, relationships not yet loaded) or post_init='skip' to map_aggregate()/"
+            "map_entity()"
+        )
     mapper = reg.map_imperatively(
         cls, table, properties=_prepare_properties(properties), **mapper_kwargs
     )
+    if dataclasses.is_dataclass(cls):
+        run_post_init = defines_post_init and post_init == "run"
+        mapper_notes(mapper)[_POST_INIT] = run_post_init
+        if run_post_init or _may_have_unmapped_fields(cls, table, properties, mapper_kwargs):
+            event.listen(mapper, "load", _apply_load_defaults)
     _remember(reg)
     return mapper
+
+
+def _may_have_unmapped_fields(
+    cls: type[Any],
+    table: Table,
+    properties: Mapping[str, Any] | None,
+    mapper_kwargs: Mapping[str, Any],
+) -> bool:
+    # A cheap over-estimate made at mapping time, so most classes pay no load listener: the
+    # exact set is known at the first load (see _load_plan).
+    if any(k in mapper_kwargs for k in ("include_properties", "exclude_properties")):
+        return True
+    if "column_prefix" in mapper_kwargs:
+        return True
+    named = set(table.c.keys()) | set(properties or ())
+    return any(f.name not in named for f in dataclasses.fields(cls))
+
+
+_POST_INIT: Final = "qx_post_init"
+_LOAD_PLAN: Final = "qx_load_plan"
+
+
+@dataclass(frozen=True, slots=True)
+class _LoadPlan:
+    """What a loaded instance of a dataclass needs that ``__init__`` would have given it."""
+
+    values: tuple[tuple[str, Any], ...]
+    factories: tuple[tuple[str, Callable[[], Any]], ...]
+    post_init: Callable[..., None] | None
+    init_vars: tuple[Any, ...]
+
+    def apply(self, obj: Any) -> None:
+        given = obj.__dict__
+        for name, value in self.values:
+            if name not in given:
+                given[name] = value  # dataclasses refuse mutable plain defaults: safe to share
+        for name, factory in self.factories:
+            if name not in given:
+                given[name] = factory()
+        if self.post_init is not None:
+            had_events = isinstance(obj, AggregateRoot) and obj.has_pending_events()
+            self.post_init(obj, *self.init_vars)
+            if not had_events and isinstance(obj, AggregateRoot) and obj.has_pending_events():
+                obj.collect_events()
+                raise ConfigurationError(
+                    f"{type(obj).__qualname__}.__post_init__ recorded events while a stored "
+                    "row was loaded; record creation events in a factory method instead"
+                )
+
+
+def _load_plan(mapper: Mapper[Any]) -> _LoadPlan | None:
+    notes = mapper_notes(mapper)
+    if _LOAD_PLAN in notes:
+        found: _LoadPlan | None = notes[_LOAD_PLAN]
+        return found
+    cls = mapper.class_
+    # Known only now, at the first load: backrefs of other mappers add attributes late.
+    mapped = set(mapper.all_orm_descriptors.keys()) | set(mapper.attrs.keys())
+    values: list[tuple[str, Any]] = []
+    factories: list[tuple[str, Callable[[], Any]]] = []
+    for f in dataclasses.fields(cls):
+        if f.name in mapped:
+            continue
+        if f.default is not dataclasses.MISSING:
+            values.append((f.name, f.default))
+        elif f.default_factory is not dataclasses.MISSING:
+            factories.append((f.name, f.default_factory))
+        else:
+            raise ConfigurationError(
+                f"{cls.__qualname__}.{f.name} has no default and is not mapped to a column or "
+                "relationship, so a loaded instance cannot have it: map it, or give it a "
+                "default or default_factory"
+            )
+    post_init = None
+    init_vars: list[Any] = []
+    if notes.get(_POST_INIT):
+        post_init = cls.__post_init__
+        regular = {f.name for f in dataclasses.fields(cls)}
+        for pseudo in cls.__dataclass_fields__.values():
+            # fields() leaves out InitVar and ClassVar pseudo-fields; a ClassVar has no
+            # parameter in __init__, so it is not passed to __post_init__ either.
+            if pseudo.name in regular or _is_class_var(pseudo):
+                continue
+            if pseudo.default is not dataclasses.MISSING:
+                init_vars.append(pseudo.default)
+            elif pseudo.default_factory is not dataclasses.MISSING:
+                init_vars.append(pseudo.default_factory())
+            else:
+                raise ConfigurationError(
+                    f"{cls.__qualname__}.__post_init__ takes the InitVar {pseudo.name!r}, which "
+                    "has no default: qx cannot call it on loaded instances (use post_init='skip')"
+                )
+    plan = None
+    if values or factories or post_init is not None:
+        plan = _LoadPlan(tuple(values), tuple(factories), post_init, tuple(init_vars))
+    notes[_LOAD_PLAN] = plan
+    return plan
+
+
+def _is_class_var(pseudo: dataclasses.Field[Any]) -> bool:
+    annotation = pseudo.type
+    if isinstance(annotation, str):
+        return annotation.startswith(("ClassVar", "typing.ClassVar"))
+    return typing.get_origin(annotation) is typing.ClassVar or annotation is typing.ClassVar
+
+
+def _apply_load_defaults(target: Any, _context: Any) -> None:
+    plan = _load_plan(instance_state(target).mapper)
+    if plan is not None:
+        plan.apply(target)
+
+
+def _track_loaded_root(target: Any, context: Any) -> None:
+    # The identity map holds unmodified objects weakly: the transaction's own record holds
+    # every loaded root (with its events and its parts) until it ends.
+    tx = getattr(context.session, "tx_state", None)
+    if tx is not None:
+        tx.track(target)
+
+
+event.listen(AggregateRoot, "load", _track_loaded_root, propagate=True)
 
 
 def _remember(reg: registry) -> None:

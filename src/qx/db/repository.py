@@ -39,7 +39,6 @@ from qx.db.query.lookups import in_condition
 from qx.db.query.page import Page
 from qx.db.query.query import Query
 from qx.db.scoping import (
-    ROWS_CHECKED,
     WITH_DELETED,
     JoinedPart,
     RowsChecked,
@@ -198,7 +197,7 @@ class Repository(Generic[T]):
         ctx = current_context()
         if ctx.tenant_id is None and not ctx.system:
             scope_tenant(scoped_closure(self._mapper), ctx)  # fail closed, found or not
-        sync = self._session.sync_session
+        sync: QxSession = self._session.sync_session  # type: ignore[assignment]
         with translating(sync):
             if self._rows_checked:
                 # The aggregate's relationships load in statements of their own, so
@@ -208,12 +207,11 @@ class Repository(Generic[T]):
                 # eager load it triggers a tenant/soft-delete WHERE of its own.
                 # One owned relationship is joined into that load (see JoinedPart); its
                 # rows are checked by visible_parts() below.
-                info = sync.info
-                info[ROWS_CHECKED] = RowsChecked(with_deleted=with_deleted)
+                sync.rows_checked = RowsChecked(with_deleted=with_deleted)
                 try:
                     obj = await self._session.get(self.entity, key, options=self._get_options)
                 finally:
-                    del info[ROWS_CHECKED]
+                    sync.rows_checked = None
             else:
                 options = {WITH_DELETED: True} if with_deleted else {}
                 obj = await self._session.get(self.entity, key, execution_options=options)
@@ -272,7 +270,7 @@ class Repository(Generic[T]):
         return codec
 
     def _clock(self) -> Clock:
-        clock: Clock = self._session.sync_session.clock()  # type: ignore[attr-defined]
+        clock: Clock = self._session.sync_session.clock  # type: ignore[attr-defined]
         return clock
 
     def _filtered(
@@ -423,6 +421,19 @@ class Repository(Generic[T]):
                 f"{self._name} stores {self._info.name}, got {type(entity).__qualname__}"
             )
 
+    def _check_new(self, entity: Any) -> None:
+        self._check_type(entity)
+        state = inspect(entity)
+        if state.key is not None and state.session is not self._session.sync_session:
+            # Committed by, or loaded in, another unit of work (one that rolled back expired
+            # its changes): saving it here would silently write nothing or stale values.
+            ident = ":".join(str(v) for v in state.identity or ())  # attributes may be expired
+            raise InvalidQuery(
+                f"{self._info.name}({ident}) is already stored (loaded or committed by "
+                "another unit of work); load it in this one with get()/require() and change "
+                "that copy"
+            )
+
     def _check_own(self, entity: Any) -> None:
         self._check_type(entity)
         state = inspect(entity)
@@ -441,7 +452,7 @@ class Repository(Generic[T]):
         tenant is refused at flush.
         """
         self._guard()
-        self._check_type(entity)
+        self._check_new(entity)
         if self._info.tenant_key is not None and getattr(entity, self._info.tenant_key) is None:
             setattr(entity, self._info.tenant_key, tenant_for_write(self._info, current_context()))
         self._session.add(entity)
@@ -454,7 +465,7 @@ class Repository(Generic[T]):
         key = self._info.tenant_key
         tenant = None
         for entity in added:
-            self._check_type(entity)
+            self._check_new(entity)
             if key is not None and getattr(entity, key) is None:
                 if tenant is None:
                     tenant = tenant_for_write(self._info, current_context())
@@ -608,8 +619,7 @@ class Repository(Generic[T]):
             await self._session.delete(entity)
             return
         if getattr(entity, key) is None:
-            clock = self._session.sync_session.clock()  # type: ignore[attr-defined]
-            setattr(entity, key, clock.now())
+            setattr(entity, key, self._clock().now())
 
     async def hard_remove(self, entity: T) -> None:
         """DELETE the entity's row (and its owned parts), even on a soft-delete table."""

@@ -40,7 +40,6 @@ from qx.core.errors import TenantRequired
 from qx.db.mapping import EntityInfo, entity_info, mapper_notes
 
 __all__ = [
-    "ROWS_CHECKED",
     "WITH_DELETED",
     "JoinedPart",
     "RowsChecked",
@@ -62,12 +61,10 @@ __all__ = [
 #: Execution option that lifts soft-delete filtering for one statement.
 WITH_DELETED: Final = "qx_with_deleted"
 
-#: ``Session.info`` key holding a :class:`RowsChecked` while ``Repository.get`` loads.
-ROWS_CHECKED: Final = "qx_rows_checked"
-
 
 class RowsChecked:
-    """Note kept in ``Session.info`` while ``Repository.get`` loads one row by primary key.
+    """Note kept in ``QxSession.rows_checked`` while ``Repository.get`` loads one row by
+    primary key.
 
     The first ORM statement the session then executes (the primary-key load) runs without
     criteria; get() checks its row with :func:`visible`. Relationship loads executed
@@ -144,7 +141,7 @@ def scoped_closure(mapper: Mapper[Any]) -> tuple[Mapper[Any], ...]:
 
 
 def checks_rows_in_python(mapper: Mapper[Any]) -> bool:
-    """Return whether loads of ``mapper`` may use :data:`ROWS_CHECKED` (cached per mapper).
+    """Return whether loads of ``mapper`` may use :class:`RowsChecked` (cached per mapper).
 
     True when every relationship reachable from it loads related rows in statements of their
     own while the root load runs (``selectin``) or never (``raise``, ``noload``, ...).
@@ -293,7 +290,7 @@ def loader_where(
 ) -> tuple[Any, ...]:
     """Return plain WHERE clauses scoping ``mappers`` for ``ctx`` (no loader options).
 
-    Used for the relationship loads under :data:`ROWS_CHECKED`: one statement, one entity,
+    Used for the relationship loads under :class:`RowsChecked`: one statement, one entity,
     so a WHERE costs SQLAlchemy far less per execution than ``with_loader_criteria``.
 
     Raises:
@@ -353,7 +350,7 @@ def scope_statement(session: Session, statement: Any, execution_options: Any) ->
         return statement
     if statement._propagate_attrs.get("compile_state_plugin") != "orm":
         return statement  # Core on tables: loader criteria never apply to it
-    note: RowsChecked | None = session.info.get(ROWS_CHECKED)
+    note: RowsChecked | None = getattr(session, "rows_checked", None)
     if statement.is_select:
         # SQLAlchemy marks its own loads in the statement's ORM compile options: a path below
         # the root for relationship loads, the refreshed state for column loads.

@@ -2,16 +2,21 @@
 
 * ``execute`` / ``scalar`` / ``scalars``: tenant and soft-delete criteria on every ORM
   statement, SQLAlchemy's own loads included (:func:`qx.db.scoping.scope_statement`).
+* ``execute`` / ``scalar`` / ``scalars`` / ``flush`` / ``commit``: driver and ORM errors
+  leave as qx errors (:mod:`qx.db.errors`), whoever runs the statement - a repository, a
+  query, an event handler using ``uow.session`` directly, or an autoflush.
+* ``tx_state``: the transaction's own record of every aggregate root it has seen, held
+  strongly until it ends (:class:`qx.db._tracking.TransactionState`).
 * ``before_flush``: tenant stamping and cross-tenant write refusal, audit timestamps, and the
-  aggregate version bump: any change inside an aggregate (its own columns, its collections,
-  or a child entity) bumps the root's version once per transaction, so the root's
-  ``UPDATE … WHERE version = :loaded`` detects every concurrent change to the aggregate.
+  aggregate version bump: any change inside an aggregate (its own columns and collections,
+  its parts' columns and collections, new or deleted parts) bumps the root's version once per
+  transaction, so the root's ``UPDATE … WHERE version = :loaded`` detects every concurrent
+  change to the aggregate.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from sqlalchemy import event
 from sqlalchemy.orm import InstanceState, PassiveFlag, Session, UOWTransaction
@@ -20,33 +25,23 @@ from sqlalchemy.orm.attributes import instance_state
 
 from qx.core.clock import Clock, SystemClock
 from qx.core.context import RequestContext, current_context
-from qx.core.errors import TenantViolation
-from qx.db.mapping import HELD_ROOTS, EntityInfo, entity_info, mapper_notes
+from qx.core.errors import TenantViolation, UnitOfWorkError
+from qx.db._tracking import TransactionState, linked_root, owned_parts
+from qx.db.errors import raise_translated
+from qx.db.mapping import EntityInfo, entity_info
 from qx.db.scoping import scope_statement, tenant_for_write
 
-__all__ = [
-    "CLOCK",
-    "FLUSHED",
-    "QxSession",
-    "has_writes",
-    "held_roots",
-    "release_roots",
-    "stale_candidates",
-    "stamp_new",
-]
+if TYPE_CHECKING:
+    from qx.db.scoping import RowsChecked
 
-#: ``Session.info`` key of the Clock used for audit timestamps and soft deletes.
-CLOCK: Final = "qx_clock"
-_BUMPED: Final = "qx_bumped"
-_CANDIDATES: Final = "qx_version_checked"
-#: ``Session.info`` key set once the transaction has written something.
-FLUSHED: Final = "qx_flushed"
+__all__ = ["QxSession", "has_writes", "stamp_new"]
+
 _SYSTEM_CLOCK: Final = SystemClock()
 _NO_LOAD: Final = PassiveFlag.PASSIVE_NO_INITIALIZE
 
 
 class QxSession(Session):
-    """A SQLAlchemy ``Session`` carrying qx's scoping and versioning hooks.
+    """A SQLAlchemy ``Session`` carrying qx's scoping, tracking and versioning hooks.
 
     Statements are scoped in ``execute``, ``scalar`` and ``scalars`` - the methods every
     statement passes through, SQLAlchemy's own primary-key, relationship and refresh loads
@@ -54,106 +49,97 @@ class QxSession(Session):
     SQLAlchemy prepares every ORM statement twice, which cost a primary-key load of an order
     with its lines about 5% of its CPU time. Users' own ``do_orm_execute`` listeners still
     run, and see the scoped statement.
+
+    Attributes:
+        tx_state: the aggregates the current transaction has seen (a new one per
+            transaction).
+        clock: the clock used for audit columns and soft deletes.
+        rows_checked: set while ``Repository.get`` reads one row it checks itself.
     """
 
-    #: Roots mapped with owned parts are held while a transaction runs (see
-    #: ``qx.db.mapping.map_aggregate``): a changed part must find its root at flush.
-    holds_loaded_roots: Final = True
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.tx_state = TransactionState()
+        self.clock: Clock = _SYSTEM_CLOCK
+        self.rows_checked: RowsChecked | None = None
 
     def execute(self, statement: Any, params: Any = None, **kw: Any) -> Any:
         """``Session.execute`` of the statement with qx's scoping applied."""
         scoped = scope_statement(self, statement, kw.get("execution_options"))
-        return super().execute(scoped, params, **kw)
+        try:
+            return super().execute(scoped, params, **kw)
+        except Exception as exc:
+            raise_translated(exc, self.tx_state.stale)
+            raise
 
     def scalar(self, statement: Any, params: Any = None, **kw: Any) -> Any:
         """``Session.scalar`` of the statement with qx's scoping applied."""
         scoped = scope_statement(self, statement, kw.get("execution_options"))
-        return super().scalar(scoped, params, **kw)
+        try:
+            return super().scalar(scoped, params, **kw)
+        except Exception as exc:
+            raise_translated(exc, self.tx_state.stale)
+            raise
 
     def scalars(self, statement: Any, params: Any = None, **kw: Any) -> Any:
         """``Session.scalars`` of the statement with qx's scoping applied."""
         scoped = scope_statement(self, statement, kw.get("execution_options"))
-        return super().scalars(scoped, params, **kw)
+        try:
+            return super().scalars(scoped, params, **kw)
+        except Exception as exc:
+            raise_translated(exc, self.tx_state.stale)
+            raise
 
-    def clock(self) -> Clock:
-        """The clock used for audit columns and soft deletes."""
-        clock: Clock = self.info.get(CLOCK, _SYSTEM_CLOCK)
-        return clock
+    def flush(self, objects: Any = None) -> None:
+        """``Session.flush``; a stale version is ``ConcurrencyConflict`` naming the roots."""
+        try:
+            super().flush(objects)
+        except Exception as exc:
+            raise_translated(exc, self.tx_state.stale)
+            raise
+
+    def commit(self) -> None:
+        """``Session.commit``; errors at COMMIT (deferred constraints) are qx errors too."""
+        try:
+            super().commit()
+        except Exception as exc:
+            raise_translated(exc, self.tx_state.stale)
+            raise
 
 
-def has_writes(session: Session) -> bool:
+def has_writes(session: QxSession) -> bool:
     """Return whether the transaction flushed, or holds unflushed changes."""
     # check_modified() reads the identity map's modified set; ``session.dirty`` would diff
     # every loaded object's attributes, which a read-only unit of work pays on every exit.
     return (
-        bool(session.info.get(FLUSHED))
+        session.tx_state.flushed
         or session.identity_map.check_modified()
         or bool(session.new or session.deleted)
     )
 
 
-def stale_candidates(session: Session) -> tuple[str, ...]:
-    """Describe the aggregates whose version the last flush checked (for error messages)."""
-    # Built from identity keys: after a failed flush the objects are expired, and reading
-    # their attributes would try to load them again.
-    return tuple(
-        f"{info.name}({':'.join(str(v) for v in state.identity or ())})"
-        for info, state in session.info.get(_CANDIDATES, ())
-    )
-
-
-def _info(obj: Any) -> EntityInfo:
-    # Through the instance state: cheaper than resolving the class's mapper each time.
-    return entity_info(instance_state(obj).mapper)
-
-
-def _owned_children(state: InstanceState[Any], info: EntityInfo) -> Iterator[Any]:
-    for key in info.owned:
-        value = state.dict.get(key)  # only what is loaded: unloaded parts cannot have changed
-        if value is None:
-            continue
-        if isinstance(value, Iterable) and not isinstance(value, str | bytes):
-            yield from value
-        else:
-            yield value
-
-
-def _collection_keys(mapper: Any) -> frozenset[str]:
-    notes = mapper_notes(mapper)
-    keys: frozenset[str] | None = notes.get("qx_collections")
-    if keys is None:
-        keys = notes["qx_collections"] = frozenset(
-            rel.key for rel in mapper.relationships if rel.uselist
-        )
-    return keys
-
-
-def _net_modified(state: InstanceState[Any], *, include_collections: bool) -> bool:
+def _net_modified(state: InstanceState[Any]) -> bool:
     # What session.is_modified() answers, looking only at the attributes touched since the
-    # last flush (the committed_state keys): is_modified() diffs every attribute.
+    # last flush (the committed_state keys): is_modified() diffs every attribute. Columns and
+    # collections alike - a many-to-many set changed on a part is a change to the aggregate.
     if not state.modified:
         return False
     obj = state.obj()
-    skip = frozenset() if include_collections else _collection_keys(state.mapper)
     for key in list(state.committed_state):
-        if key in skip:
-            continue
         if orm_attributes.get_history(obj, key, passive=_NO_LOAD).has_changes():
             return True
     return False
 
 
-def _aggregate_changed(
-    session: Session, state: InstanceState[Any], info: EntityInfo, changed: set[Any]
-) -> bool:
-    if _net_modified(state, include_collections=True):
+def _aggregate_changed(state: InstanceState[Any], info: EntityInfo, changed: set[Any]) -> bool:
+    if _net_modified(state):
         return True
-    for child in _owned_children(state, info):
-        child_state = instance_state(child)
-        if child_state in changed:
+    for part in owned_parts(state, info):
+        part_state = instance_state(part)
+        if part_state in changed:
             return True
-        child_info = entity_info(child_state.mapper)
-        if child_info.owned and _aggregate_changed(session, child_state, child_info, changed):
+        part_info = entity_info(part_state.mapper)
+        if part_info.owned and _aggregate_changed(part_state, part_info, changed):
             return True
     return False
 
@@ -177,7 +163,7 @@ def _check_tenant(
 
 
 def stamp_new(
-    session: Session, ctx: RequestContext, now: Any, bumped: set[InstanceState[Any]]
+    session: Session, ctx: RequestContext, now: Any, tx: TransactionState
 ) -> tuple[set[InstanceState[Any]], bool]:
     """Stamp tenant, audit and version columns of new objects; return them and whether a
     new part (not root) is among them."""
@@ -198,109 +184,112 @@ def stamp_new(
         if info.updated_key is not None and getattr(obj, info.updated_key) is None:
             setattr(obj, info.updated_key, now)
         if info.is_root:
-            bumped.add(state)  # a new row needs no bump: its INSERT is its own guard
+            tx.mark_bumped(state)  # a new row needs no bump: its INSERT is its own guard
             if info.version_key is not None and getattr(obj, info.version_key) is None:
                 setattr(obj, info.version_key, 1)
         else:
             child_changed = True
+            _hold_linked_root(tx, state)
     return changed, child_changed
 
 
+def _hold_linked_root(tx: TransactionState, state: InstanceState[Any]) -> None:
+    root = linked_root(state)
+    if root is not None:
+        tx.track(root)  # a part of a released root changed: its root must be versioned
+
+
+def _bump(root: Any, state: InstanceState[Any], info: EntityInfo, now: Any) -> None:
+    key = info.version_key
+    if key is not None:
+        history = orm_attributes.get_history(root, key, passive=_NO_LOAD)
+        if history.added and history.deleted:
+            # Domain code changed the version itself: write its value, do not bump again.
+            # Going backwards would let a writer holding an older copy pass the check.
+            old, new = history.deleted[0], history.added[0]
+            if not (isinstance(new, int) and isinstance(old, int) and new > old):
+                raise UnitOfWorkError(
+                    f"{info.describe(root)}.{key} went from {old!r} to {new!r}: a version "
+                    "may only grow (qx bumps it itself when the aggregate changes)"
+                )
+        else:
+            setattr(root, key, (getattr(root, key) or 0) + 1)
+    if info.updated_key is not None:
+        setattr(root, info.updated_key, now)
+
+
 @event.listens_for(QxSession, "before_flush")
-def _before_flush(session: Session, _flush: UOWTransaction, _instances: Any) -> None:
-    info_dict = session.info
-    info_dict[FLUSHED] = True
+def _before_flush(session: QxSession, _flush: UOWTransaction, _instances: Any) -> None:
+    tx = session.tx_state
+    tx.flushed = True
     ctx = current_context()
-    now = info_dict.get(CLOCK, _SYSTEM_CLOCK).now()
-    bumped: set[InstanceState[Any]] | None = info_dict.get(_BUMPED)
-    if bumped is None:
-        bumped = info_dict[_BUMPED] = set()
+    now = session.clock.now()
     # (info, state) of each version-checked root, described only if the check fails.
     checked: list[tuple[EntityInfo, InstanceState[Any]]] = []
-    changed, child_changed = stamp_new(session, ctx, now, bumped)
+    changed, child_changed = stamp_new(session, ctx, now, tx)
 
     dirty_roots: list[Any] = []
     for obj in session.dirty:
-        info = _info(obj)
+        state = instance_state(obj)
+        info = entity_info(state.mapper)
         if info.tenant_key is not None:
             _check_tenant(obj, info, tenant_for_write(info, ctx), ctx.system)
         if info.is_root:
             dirty_roots.append(obj)
-        elif _net_modified(instance_state(obj), include_collections=False):
-            changed.add(instance_state(obj))
+            tx.track(obj)
+        elif _net_modified(state):
+            changed.add(state)
             child_changed = True
+            _hold_linked_root(tx, state)
             if info.updated_key is not None:
                 setattr(obj, info.updated_key, now)
 
     for obj in session.deleted:
-        info = _info(obj)
+        state = instance_state(obj)
+        info = entity_info(state.mapper)
         if info.tenant_key is not None:
             _check_tenant(obj, info, tenant_for_write(info, ctx), ctx.system)
-        deleted_state = instance_state(obj)
-        changed.add(deleted_state)
-        if info.is_root and info.version_key is not None:
-            checked.append((info, deleted_state))
+        changed.add(state)
+        if info.is_root:
+            tx.track(obj)  # its events must outlive the flush that deletes it
+            if info.version_key is not None:
+                checked.append((info, state))
         else:
             child_changed = True
+            _hold_linked_root(tx, state)
 
-    roots: Iterable[Any] = dirty_roots
-    if child_changed and session.identity_map:
-        # A changed part must bump its root; parts hold no link to their root, so look at the
-        # loaded roots (the identity map) whose owned collections contain changed parts.
-        # New roots need no look: their INSERT already guards them.
-        roots = dict.fromkeys(
-            [*dirty_roots, *(o for o in session.identity_map.values() if _info(o).is_root)]
-        )
+    # A changed part must bump its root; parts hold no link to their root, so look at the
+    # roots this transaction holds whose owned parts include changed ones.
+    roots = dict.fromkeys([*dirty_roots, *tx.roots.values()]) if child_changed else dirty_roots
+    session_id = session.hash_key
     for root in roots:
         state = instance_state(root)
-        if state in bumped or state.deleted or root in session.deleted:
-            continue
+        if state.key is None or state.session_id != session_id or state.deleted:
+            continue  # new (its INSERT guards it), no longer in this session, or deleted
         info = entity_info(state.mapper)
-        if not _aggregate_changed(session, state, info, changed):
+        if root in session.deleted or not info.is_root:
             continue
-        bumped.add(state)
+        if tx.has_bumped(state):
+            if info.version_key is not None and state.modified:
+                checked.append((info, state))
+            continue
+        if not _aggregate_changed(state, info, changed):
+            continue
+        tx.mark_bumped(state)
+        _bump(root, state, info, now)
         if info.version_key is not None:
-            setattr(root, info.version_key, (getattr(root, info.version_key) or 0) + 1)
             checked.append((info, state))
-        if info.updated_key is not None:
-            setattr(root, info.updated_key, now)
-    if checked or _CANDIDATES in info_dict:
-        info_dict[_CANDIDATES] = checked
+    tx.checked = checked
 
 
-def held_roots(session: Session) -> int:
-    """Return how many loaded roots the session holds now (a mark for :func:`release_roots`)."""
-    return len(session.info.get(HELD_ROOTS, ()))
-
-
-def release_roots(session: Session, *, after: int, keep_last: int) -> None:
-    """Stop holding the roots loaded after mark ``after`` that are untouched, except the last
-    ``keep_last`` (loaded but not yet handed to the caller).
-
-    ``Query.stream`` calls it per chunk so memory stays flat; a root whose part was changed
-    stays held, so its version bump still happens.
-    """
-    held: list[Any] | None = session.info.get(HELD_ROOTS)
-    if not held or len(held) - after <= keep_last:
-        return
-    end = len(held) - keep_last
-    kept = [root for root in held[after:end] if _touched(instance_state(root))]
-    held[after:end] = kept
-
-
-def _touched(state: InstanceState[Any]) -> bool:
-    if state.modified:
-        return True
-    return any(
-        _touched(instance_state(child))
-        for child in _owned_children(state, entity_info(state.mapper))
-    )
+@event.listens_for(QxSession, "after_attach")
+def _track_attached(session: QxSession, obj: Any) -> None:
+    # Added, merged or re-attached roots: held like loaded ones (see TransactionState).
+    if entity_info(instance_state(obj).mapper).is_root:
+        session.tx_state.track(obj)
 
 
 @event.listens_for(QxSession, "after_transaction_end")
-def _forget_bumps(session: Session, transaction: Any) -> None:
+def _forget_transaction(session: QxSession, transaction: Any) -> None:
     if transaction.parent is None:
-        session.info.pop(HELD_ROOTS, None)
-        session.info.pop(_BUMPED, None)
-        session.info.pop(_CANDIDATES, None)
-        session.info.pop(FLUSHED, None)
+        session.tx_state = TransactionState()

@@ -25,27 +25,35 @@ import enum
 import inspect
 import logging
 from collections.abc import Awaitable, Callable
-from itertools import chain
 from types import TracebackType
 from typing import Any, ClassVar, Generic, Self, TypeVar, get_type_hints
 
 from pydantic import SecretStr
 from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.orm.attributes import instance_state
 
-from qx.core.aggregate import AggregateRoot, RecordedEvent, make_record
+from qx.core.aggregate import (
+    AggregateRoot,
+    RecordedEvent,
+    discard_events,
+    make_record,
+    next_sequence,
+    restore_events,
+)
 from qx.core.clock import Clock, SystemClock
 from qx.core.context import current_context
 from qx.core.dispatch import EventDispatcher
 from qx.core.errors import ConfigurationError, UnitOfWorkError
 from qx.core.events import Event, IntegrationEvent, handling_event
 from qx.core.ids import new_id
+from qx.db._tracking import renew_transient
 from qx.db.errors import translating
-from qx.db.fastpath import insert_new_aggregates
+from qx.db.fastpath import forget_inserted, insert_new_aggregates
 from qx.db.mapping import entity_info
 from qx.db.query.cursor import CursorCodec
 from qx.db.repository import Repository
-from qx.db.session import CLOCK, QxSession, has_writes
+from qx.db.session import QxSession, has_writes
 from qx.outbox.recorder import outbox_row
 from qx.outbox.table import outbox_table
 
@@ -187,7 +195,7 @@ class UnitOfWork:
             raise ConfigurationError(
                 "UnitOfWork needs a session factory from qx.db.create_session_factory()"
             )
-        session.sync_session.info[CLOCK] = self._clock
+        session.sync_session.clock = self._clock
         self._session = session
         self._state = UnitOfWorkState.ACTIVE
         self._correlation_id = current_context().correlation_id
@@ -229,7 +237,7 @@ class UnitOfWork:
         session = self._session
         try:
             if self._state is UnitOfWorkState.ACTIVE and session is not None:
-                if has_writes(session.sync_session):
+                if has_writes(session.sync_session):  # type: ignore[arg-type]
                     # Discarded writes: rollback also expires the objects, so nobody reads
                     # values that never reached the database.
                     await self._rollback_quietly(session)
@@ -271,16 +279,23 @@ class UnitOfWork:
         self._after_commit.append(callback)
 
     def _collect(self) -> list[RecordedEvent]:
+        # From the transaction's own record of the roots it has seen (held strongly), never
+        # from the identity map, which may already have let go of an unmodified root.
         batch, self._emitted = self._emitted, []
         sync = self.session.sync_session
-        for obj in chain(sync.new, sync.identity_map.values(), sync.deleted):
-            if isinstance(obj, AggregateRoot) and obj.has_pending_events():
+        session_id = sync.hash_key
+        for obj in sync.tx_state.roots.values():  # type: ignore[attr-defined]
+            if (
+                isinstance(obj, AggregateRoot)
+                and obj.has_pending_events()
+                and instance_state(obj).session_id == session_id
+            ):
                 batch.extend(obj.collect_events())
         batch.sort(key=lambda record: record.seq)
         return batch
 
-    async def _drain_events(self) -> list[RecordedEvent]:
-        collected: list[RecordedEvent] = []
+    async def _drain_events(self, collected: list[RecordedEvent]) -> None:
+        # Appends to ``collected`` as it goes, so a failing round leaves what was taken.
         depth = 0
         while batch := self._collect():
             depth += 1
@@ -294,7 +309,6 @@ class UnitOfWork:
             if self._dispatcher is None:
                 break  # nothing runs that could record more events
             await dispatch_round(self._dispatcher, batch, self)
-        return collected
 
     def _outbox_rows(self, records: list[RecordedEvent]) -> list[dict[str, Any]]:
         if not records:
@@ -316,12 +330,17 @@ class UnitOfWork:
             raise UnitOfWorkError("commit() cannot be called while the commit is in progress")
         self._require_active()
         session = self.session
+        sync: QxSession = session.sync_session  # type: ignore[assignment]
         self._committing = True
+        before_commit = next_sequence()  # events recorded earlier have a smaller seq
+        records: list[RecordedEvent] = []
+        inserted: list[Any] | None = None
         try:
-            records = await self._drain_events()
-            with translating(session.sync_session):
-                if records or session.sync_session.new:
-                    if not await insert_new_aggregates(session):
+            await self._drain_events(records)
+            with translating(sync):
+                if records or sync.new:
+                    inserted = await insert_new_aggregates(session)
+                    if inserted is None:
                         await session.flush()  # outbox rows may need flushed keys
                     rows = self._outbox_rows(records)
                     if rows:
@@ -332,7 +351,12 @@ class UnitOfWork:
                 # Nothing new and no events: COMMIT flushes the changes itself, one call.
                 await session.commit()
         except BaseException:
+            roots = list(sync.tx_state.roots.values())  # the rollback starts a new record
+            _restore_events(roots, records, before_commit)
             await asyncio.shield(self._rollback_quietly(session))
+            if inserted is not None:
+                forget_inserted(inserted)
+            renew_transient(roots)
             raise
         finally:
             self._committing = False
@@ -355,6 +379,14 @@ class UnitOfWork:
             except Exception:
                 # The data is committed: a failing hook must not look like a failed commit.
                 logger.exception("after-commit hook %r failed", callback)
+
+
+def _restore_events(roots: list[Any], records: list[RecordedEvent], before_commit: int) -> None:
+    # A failed commit leaves the aggregates as they were before commit(), so the same
+    # objects can be retried: the events they had recorded go back on them, and those that
+    # handlers recorded during the commit are dropped (the handlers run again on retry).
+    discard_events(roots)
+    restore_events(record for record in records if record.seq < before_commit)
 
 
 async def dispatch_round(dispatcher: EventDispatcher, batch: list[RecordedEvent], uow: Any) -> None:

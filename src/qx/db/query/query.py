@@ -36,7 +36,6 @@ from qx.db.query.lookups import in_condition
 from qx.db.query.page import Page
 from qx.db.query.q import Q
 from qx.db.scoping import WITH_DELETED
-from qx.db.session import held_roots, release_roots
 
 if TYPE_CHECKING:
     from qx.db.repository import Repository
@@ -470,23 +469,28 @@ class Query(Generic[T]):
         """Yield every row, fetched ``chunk_size`` at a time (a server-side cursor on
         PostgreSQL), so memory stays flat however many rows match.
 
-        Use ``async for order in query.stream(): ...`` inside the unit of work.
+        Use ``async for order in query.stream(): ...`` inside the unit of work. Once per
+        chunk, pending changes are flushed (as an autoflush would) and the roots already
+        yielded are let go of - except those still holding recorded events; a root let go of
+        is held again if it records an event or a part of it changes (see
+        ``qx.db._tracking.TransactionState.release``).
         """
         size = _check_count("chunk_size", chunk_size, 100_000, minimum=1)
         session = self._repo.session
         options = {**self._options(), "yield_per": size}
         sync = session.sync_session
-        mark = held_roots(sync)
+        yielded: builtins.list[Any] = []
         with translating(sync):
             result = await session.stream_scalars(self._select(), execution_options=options)
             try:
-                count = 0
                 async for row in result:
-                    if count and count % size == 0:
-                        # A new chunk has just been loaded: let go of the yielded roots that
-                        # nobody changed, so memory stays flat.
-                        release_roots(sync, after=mark, keep_last=size)
-                    count += 1
+                    if len(yielded) == size:
+                        # A new chunk has just been loaded. Writing what the caller changed
+                        # lets the chunk before go: memory stays flat.
+                        await session.flush()
+                        sync.tx_state.release(yielded)  # type: ignore[attr-defined]
+                        yielded = []
+                    yielded.append(row)
                     yield row
             finally:
                 await result.close()

@@ -1,0 +1,156 @@
+"""What one transaction knows about the aggregates it has seen.
+
+SQLAlchemy's identity map holds unmodified objects weakly, and autoflush moves changes out of
+``session.dirty``. So nothing qx must remember about an aggregate - its recorded events, that
+its version was bumped, that a part changed - may depend on the identity map or on who keeps
+a reference. :class:`TransactionState` is the unit of work's own record (cosmicpython's
+``seen``): every aggregate root added to, loaded by or deleted through the session, by any
+path, is held strongly until the transaction ends, and events are collected from it.
+
+The one exception is :meth:`TransactionState.release`, which ``Query.stream`` uses to keep
+memory flat: it lets go of a root only when nothing about it can be lost - no unflushed
+change, no pending event - and arranges that the root is held again the moment that stops
+being true (it records an event, or a part of it is changed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any, Final
+
+from sqlalchemy.orm import InstanceState
+from sqlalchemy.orm.attributes import flag_modified, instance_state
+
+from qx.core.aggregate import AggregateRoot, set_observer
+from qx.db.mapping import EntityInfo, entity_info
+
+__all__ = ["TransactionState", "linked_root", "owned_parts", "renew_transient", "touched"]
+
+#: Key, in a part's ``__dict__``, of the root a released aggregate's parts point back to.
+ROOT_LINK: Final = "_qx_root"
+
+
+def owned_parts(state: InstanceState[Any], info: EntityInfo) -> Iterator[Any]:
+    """Yield the loaded parts directly owned by ``state``'s object (unloaded ones never
+    changed)."""
+    for key in info.owned:
+        value = state.dict.get(key)
+        if value is None:
+            continue
+        if isinstance(value, Iterable) and not isinstance(value, str | bytes):
+            yield from value
+        else:
+            yield value
+
+
+def touched(state: InstanceState[Any]) -> bool:
+    """Whether an aggregate (root or part) holds anything not yet flushed or collected:
+    changed columns or collections, new or deleted parts, pending events."""
+    if state.modified or state.key is None or state.deleted:
+        return True
+    obj = state.obj()
+    if isinstance(obj, AggregateRoot) and obj.has_pending_events():
+        return True
+    return any(
+        touched(instance_state(part)) for part in owned_parts(state, entity_info(state.mapper))
+    )
+
+
+class TransactionState:
+    """The aggregates one transaction has seen and the version bumps it made.
+
+    One instance per outermost transaction (``QxSession.tx``); a new one replaces it when
+    the transaction ends, so nothing leaks into the next.
+
+    Attributes:
+        roots: every aggregate root seen, held strongly, in the order first seen.
+        bumped: identity keys (persistent roots) and states (roots inserted in this
+            transaction) whose version needs no further bump until the transaction ends.
+        checked: ``(info, state)`` of the roots whose version the last flush checked, to
+            name them if the check fails.
+        flushed: whether the transaction has written anything.
+    """
+
+    __slots__ = ("bumped", "checked", "flushed", "roots")
+
+    def __init__(self) -> None:
+        self.roots: dict[int, Any] = {}
+        self.bumped: set[Any] = set()
+        self.checked: list[tuple[EntityInfo, InstanceState[Any]]] = []
+        self.flushed = False
+
+    def track(self, root: Any) -> None:
+        """Hold ``root`` until the transaction ends."""
+        self.roots[id(root)] = root
+
+    def has_bumped(self, state: InstanceState[Any]) -> bool:
+        """Whether the root of ``state`` was versioned (bumped or inserted) already."""
+        return state in self.bumped or (state.key is not None and state.key in self.bumped)
+
+    def mark_bumped(self, state: InstanceState[Any]) -> None:
+        """Note that the root of ``state`` needs no further bump in this transaction."""
+        self.bumped.add(state.key if state.key is not None else state)
+
+    def release(self, roots: Iterable[Any]) -> None:
+        """Stop holding each of ``roots`` that has nothing left to lose.
+
+        A released root is held again as soon as it records an event (its observer) or one
+        of its parts is changed (the parts point back to it), so a caller who kept a
+        reference can still use it normally.
+        """
+        for root in roots:
+            state = instance_state(root)
+            if touched(state):
+                continue
+            if state in self.bumped and state.key is not None:
+                self.bumped.add(state.key)  # a reload of the same row is the same aggregate
+            self.roots.pop(id(root), None)
+            if isinstance(root, AggregateRoot):
+                set_observer(root, self.track)
+            _link_parts(state, root)
+
+    def stale(self) -> tuple[str, ...]:
+        """``Type(id)`` of the roots the last flush version-checked (for error messages)."""
+        # From identity keys: after a failed flush the objects are expired, and reading
+        # their attributes would try to load them again.
+        return tuple(
+            f"{info.name}({':'.join(str(v) for v in state.identity or ())})"
+            for info, state in self.checked
+        )
+
+
+def _link_parts(state: InstanceState[Any], root: Any) -> None:
+    for part in owned_parts(state, entity_info(state.mapper)):
+        part_state = instance_state(part)
+        part_state.dict[ROOT_LINK] = root
+        _link_parts(part_state, root)
+
+
+def linked_root(state: InstanceState[Any]) -> Any:
+    """The released root a part points back to, or ``None``."""
+    return state.dict.get(ROOT_LINK)
+
+
+def renew_transient(objects: Iterable[Any]) -> None:
+    """Make new objects that a rolled-back transaction had written look new again.
+
+    A rollback makes them transient, but their relationships still remember what the failed
+    flush wrote: added to a new unit of work, a many-to-many collection would then insert no
+    association rows. Marking every loaded relationship of every transient object reachable
+    from ``objects`` as changed makes the next flush write all of it, as for a new object.
+    """
+    seen: set[int] = set()
+    stack = list(objects)
+    while stack:
+        obj = stack.pop()
+        state = instance_state(obj)
+        if id(obj) in seen or state.key is not None or state.session_id is not None:
+            continue  # stored, or still in a session: not a rolled-back new object
+        seen.add(id(obj))
+        for rel in state.mapper.relationships:
+            if rel.key not in state.dict:
+                continue
+            value = state.dict[rel.key]
+            flag_modified(obj, rel.key)
+            if value is not None:
+                stack.extend(value if rel.uselist else (value,))
