@@ -613,6 +613,29 @@ async def test_changing_only_a_parts_many_to_many_set_bumps_the_root_once(
     assert (await versions(warehouse, products))[product_id] == start + 2
 
 
+async def test_a_part_changed_without_its_root_is_refused(
+    factory: Factory, warehouse: AsyncEngine
+) -> None:
+    product_id = await seed_product(factory, batches_=1)
+    before = await versions(warehouse, products)
+    async with factory() as uow:
+        batch = (await uow.session.scalars(select(Batch))).one()  # no Product loaded
+        batch.purchased += 1
+        with pytest.raises(UnitOfWorkError, match="load the root"):
+            await uow.commit()
+    async with factory() as uow:
+        stray = Batch(reference="stray", purchased=1)
+        uow.session.add(stray)
+        with pytest.raises(UnitOfWorkError, match="part of an aggregate"):
+            await uow.session.flush()
+    assert await versions(warehouse, products) == before
+    async with factory() as uow:  # through the root it is a guarded change
+        product = await uow.products.require(product_id)
+        product.batches[0].purchased += 1
+        await uow.commit()
+    assert (await versions(warehouse, products))[product_id] == before[product_id] + 1
+
+
 @pytest.mark.postgres_only  # SQLite's BEGIN IMMEDIATE serialises the two transactions
 async def test_two_concurrent_allocations_against_one_batch_conflict(
     factory: Factory, warehouse: AsyncEngine

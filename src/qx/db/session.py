@@ -16,10 +16,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+from itertools import chain
 from typing import TYPE_CHECKING, Any, Final
 
 from sqlalchemy import event
-from sqlalchemy.orm import InstanceState, PassiveFlag, Session, UOWTransaction
+from sqlalchemy.orm import InstanceState, Mapper, PassiveFlag, Session, UOWTransaction
 from sqlalchemy.orm import attributes as orm_attributes
 from sqlalchemy.orm.attributes import instance_state
 
@@ -28,7 +30,7 @@ from qx.core.context import RequestContext, current_context
 from qx.core.errors import TenantViolation, UnitOfWorkError
 from qx.db._tracking import TransactionState, linked_root, owned_parts
 from qx.db.errors import raise_translated
-from qx.db.mapping import EntityInfo, entity_info
+from qx.db.mapping import EntityInfo, entity_info, mapper_notes
 from qx.db.scoping import scope_statement, tenant_for_write
 
 if TYPE_CHECKING:
@@ -131,17 +133,62 @@ def _net_modified(state: InstanceState[Any]) -> bool:
     return False
 
 
-def _aggregate_changed(state: InstanceState[Any], info: EntityInfo, changed: set[Any]) -> bool:
-    if _net_modified(state):
-        return True
-    for part in owned_parts(state, info):
+def _walk_parts(
+    state: InstanceState[Any], info: EntityInfo, changed: set[Any], claimed: set[Any]
+) -> bool:
+    """Whether a part of the aggregate (at any depth) is among ``changed``; every part
+    visited is added to ``claimed``."""
+    found = False
+    for part in chain(owned_parts(state, info), _removed_parts(state, info)):
         part_state = instance_state(part)
+        claimed.add(part_state)
         if part_state in changed:
-            return True
+            found = True
         part_info = entity_info(part_state.mapper)
-        if part_info.owned and _aggregate_changed(part_state, part_info, changed):
-            return True
-    return False
+        if part_info.owned and _walk_parts(part_state, part_info, changed, claimed):
+            found = True
+    return found
+
+
+def _removed_parts(state: InstanceState[Any], info: EntityInfo) -> Iterator[Any]:
+    # Parts taken out of a collection since the last flush: they are changes of this
+    # aggregate too (orphans, deleted at flush), though no longer reachable from it.
+    committed = state.committed_state
+    if not committed:
+        return
+    for key in info.owned:
+        original = committed.get(key)
+        if original is None or not isinstance(original, Iterable) or isinstance(original, str):
+            if original is not None and hasattr(original, "_sa_instance_state"):
+                yield original  # a scalar owned relationship's previous part
+            continue
+        current = state.dict.get(key)
+        kept = {id(item) for item in current} if isinstance(current, Iterable) else set()
+        yield from (item for item in original if id(item) not in kept)
+
+
+def _in_aggregate(mapper: Mapper[Any]) -> bool:
+    """Whether ``mapper``'s objects are parts of an aggregate: owned (delete-orphan) by a
+    root, or by a part of one (cached per mapper)."""
+    notes = mapper_notes(mapper)
+    found: bool | None = notes.get("qx_in_aggregate")
+    if found is None:
+        found = False
+        seen = {mapper}
+        stack = [mapper]
+        while stack and not found:
+            current = stack.pop()
+            for owner in current.registry.mappers:
+                for rel in owner.relationships:
+                    if not rel.cascade.delete_orphan or not current.isa(rel.mapper):
+                        continue
+                    if entity_info(owner).is_root:
+                        found = True
+                    elif owner not in seen:
+                        seen.add(owner)
+                        stack.append(owner)
+        notes["qx_in_aggregate"] = found
+    return found
 
 
 def _check_tenant(
@@ -166,7 +213,7 @@ def stamp_new(
     session: Session, ctx: RequestContext, now: Any, tx: TransactionState
 ) -> tuple[set[InstanceState[Any]], bool]:
     """Stamp tenant, audit and version columns of new objects; return them and whether a
-    new part (not root) is among them."""
+    new part of an aggregate is among them."""
     changed: set[InstanceState[Any]] = set()
     child_changed = False
     for obj in session.new:
@@ -188,7 +235,7 @@ def stamp_new(
             if info.version_key is not None and getattr(obj, info.version_key) is None:
                 setattr(obj, info.version_key, 1)
         else:
-            child_changed = True
+            child_changed = child_changed or _in_aggregate(state.mapper)
             _hold_linked_root(tx, state)
     return changed, child_changed
 
@@ -239,7 +286,7 @@ def _before_flush(session: QxSession, _flush: UOWTransaction, _instances: Any) -
             tx.track(obj)
         elif _net_modified(state):
             changed.add(state)
-            child_changed = True
+            child_changed = child_changed or _in_aggregate(state.mapper)
             _hold_linked_root(tx, state)
             if info.updated_key is not None:
                 setattr(obj, info.updated_key, now)
@@ -255,31 +302,87 @@ def _before_flush(session: QxSession, _flush: UOWTransaction, _instances: Any) -
             if info.version_key is not None:
                 checked.append((info, state))
         else:
-            child_changed = True
+            child_changed = child_changed or _in_aggregate(state.mapper)
             _hold_linked_root(tx, state)
 
-    # A changed part must bump its root; parts hold no link to their root, so look at the
-    # roots this transaction holds whose owned parts include changed ones.
-    roots = dict.fromkeys([*dirty_roots, *tx.roots.values()]) if child_changed else dirty_roots
+    if child_changed:
+        _bump_for_parts(session, tx, dirty_roots, changed, now, checked)
+    else:
+        for root in dirty_roots:
+            _consider_bump(session, tx, root, False, now, checked)
+    tx.checked = checked
+
+
+def _consider_bump(
+    session: QxSession,
+    tx: TransactionState,
+    root: Any,
+    part_changed: bool,
+    now: Any,
+    checked: list[tuple[EntityInfo, InstanceState[Any]]],
+) -> None:
+    state = instance_state(root)
+    if state.key is None or state.deleted or root in session.deleted:
+        return  # new (its INSERT guards it) or deleted (its DELETE checks the version)
+    info = entity_info(state.mapper)
+    if tx.has_bumped(state):
+        if info.version_key is not None and state.modified:
+            checked.append((info, state))
+        return
+    if not (part_changed or _net_modified(state)):
+        return
+    tx.mark_bumped(state)
+    _bump(root, state, info, now)
+    if info.version_key is not None:
+        checked.append((info, state))
+
+
+def _bump_for_parts(
+    session: QxSession,
+    tx: TransactionState,
+    dirty_roots: list[Any],
+    changed: set[Any],
+    now: Any,
+    checked: list[tuple[EntityInfo, InstanceState[Any]]],
+) -> None:
+    # Parts hold no link to their root: walk the parts of every root this transaction holds
+    # (new and deleted ones too, whose parts are new or deleted with them) to find the roots
+    # of changed parts - and the changed parts no root claims.
+    claimed: set[Any] = set()
     session_id = session.hash_key
+    roots = dict.fromkeys([*dirty_roots, *tx.roots.values()])
     for root in roots:
         state = instance_state(root)
-        if state.key is None or state.session_id != session_id or state.deleted:
-            continue  # new (its INSERT guards it), no longer in this session, or deleted
+        if state.session_id != session_id:
+            continue  # released to, or taken by, another session
         info = entity_info(state.mapper)
-        if root in session.deleted or not info.is_root:
-            continue
-        if tx.has_bumped(state):
-            if info.version_key is not None and state.modified:
-                checked.append((info, state))
-            continue
-        if not _aggregate_changed(state, info, changed):
-            continue
-        tx.mark_bumped(state)
-        _bump(root, state, info, now)
-        if info.version_key is not None:
-            checked.append((info, state))
-    tx.checked = checked
+        if info.is_root:
+            part_changed = _walk_parts(state, info, changed, claimed)
+            _consider_bump(session, tx, root, part_changed, now, checked)
+    unclaimed = [
+        s
+        for s in changed
+        if s not in claimed and not entity_info(s.mapper).is_root and _in_aggregate(s.mapper)
+    ]
+    if not unclaimed:
+        return
+    # A root kept from an earlier transaction of this session is still in its identity map.
+    for obj in list(session.identity_map.values()):
+        state = instance_state(obj)
+        info = entity_info(state.mapper)
+        if info.is_root and id(obj) not in tx.roots:
+            tx.track(obj)
+            if _walk_parts(state, info, changed, claimed):
+                _consider_bump(session, tx, obj, True, now, checked)
+    for part_state in unclaimed:
+        if part_state not in claimed:
+            info = entity_info(part_state.mapper)
+            ident = ":".join(str(v) for v in part_state.identity or ()) or "new"
+            raise UnitOfWorkError(
+                f"{info.name}({ident}) is a part of an aggregate whose root this unit of work "
+                "has not loaded, so no version guards the change: load the root and change "
+                "the part through it"
+            )
 
 
 @event.listens_for(QxSession, "after_attach")

@@ -1,0 +1,194 @@
+"""Client CPU per operation, counted in instructions: for differences wall-clock cannot see.
+
+Wall-clock on a shared 2-core machine swings 20-30% between runs; callgrind's instruction
+counts repeat exactly for the same code and inputs. This script runs one case ``--ops``
+times after the same set-up; run it under callgrind with ``--ops N`` and ``--ops 0`` and
+divide the difference by N::
+
+    PYTHONHASHSEED=0 valgrind --tool=callgrind --callgrind-out-file=/dev/null \\
+        python bench/instructions.py --case get --impl qx --ops 300
+
+``--all`` does that for every case and implementation and prints instructions per operation
+and qx / hand-written ORM (lower is better for qx).
+
+Cases (PostgreSQL, the orders example, one order with 3 lines):
+    place: qx unit of work adding ``Order.place(...)`` (the insert fast path) vs the
+        hand-written ORM adding the order and writing its outbox row;
+    get: load one order with its lines; save: load, change a line, commit (qx bumps the
+        order's version itself; the hand-written ORM does it explicitly).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import subprocess
+import sys
+from decimal import Decimal
+from uuid import UUID
+
+from common import TENANT, HLine, HOrder, add_url_argument, bench_schema
+from sqlalchemy import insert
+from sqlalchemy.ext.asyncio import async_sessionmaker
+
+from qx.core import new_id, request_context, utcnow
+from qx.db import UnitOfWorkFactory, create_session_factory
+from qx.examples.orders.domain import Order, OrderLine
+from qx.examples.orders.infrastructure import OrdersUnitOfWork
+from qx.outbox import outbox_table
+
+CASES = ("place", "get", "save")
+IMPLS = ("qx", "orm")
+
+
+def _lines() -> list[OrderLine]:
+    return [OrderLine(sku=f"S{k}", quantity=1, unit_price=Decimal("9.90")) for k in range(3)]
+
+
+async def run(url: str, case: str, impl: str, ops: int) -> None:
+    async with bench_schema(url, pool_size=2) as db:
+        factory = UnitOfWorkFactory(OrdersUnitOfWork, create_session_factory(db.engine))
+        plain = async_sessionmaker(db.engine, expire_on_commit=False)
+        with request_context(tenant_id=TENANT):
+            async with factory() as uow:
+                seeded = await uow.orders.add_many(
+                    Order.place(f"c{n}", _lines()) for n in range(50)
+                )
+                await uow.commit()
+        ids: list[UUID] = [order.id for order in seeded]
+
+        async def qx_place(n: int) -> None:
+            with request_context(tenant_id=TENANT):
+                async with factory() as uow:
+                    await uow.orders.add(Order.place(f"c{n}", _lines()))
+                    await uow.commit()
+
+        async def orm_place(n: int) -> None:
+            async with plain() as session:
+                order = HOrder(
+                    customer=f"c{n}",
+                    lines=[
+                        HLine(sku=f"S{k}", quantity=1, unit_price=Decimal("9.90")) for k in range(3)
+                    ],
+                )
+                order.created_at = order.updated_at = utcnow()
+                session.add(order)
+                await session.flush()
+                row = {
+                    "id": new_id(),
+                    "event_name": "orders.order_placed",
+                    "event_version": 1,
+                    "aggregate_type": "Order",
+                    "aggregate_id": str(order.id),
+                    "payload": {"order_id": str(order.id)},
+                    "headers": {},
+                    "occurred_at": utcnow(),
+                    "correlation_id": str(new_id()),
+                    "tenant_id": TENANT,
+                    "next_attempt_at": utcnow(),
+                }
+                await session.execute(insert(outbox_table), [row])
+                await session.commit()
+
+        async def qx_get(n: int) -> None:
+            with request_context(tenant_id=TENANT):
+                async with factory() as uow:
+                    order = await uow.orders.require(ids[n % len(ids)])
+                    assert len(order.lines) == 3
+
+        async def orm_get(n: int) -> None:
+            async with plain() as session:
+                order = await session.get(HOrder, ids[n % len(ids)])
+                assert order is not None and order.tenant_id == TENANT
+                assert len(order.lines) == 3
+
+        async def qx_save(n: int) -> None:
+            with request_context(tenant_id=TENANT):
+                async with factory() as uow:
+                    order = await uow.orders.require(ids[n % len(ids)])
+                    order.lines[0].quantity += 1
+                    await uow.commit()
+
+        async def orm_save(n: int) -> None:
+            async with plain() as session:
+                order = await session.get(HOrder, ids[n % len(ids)])
+                assert order is not None
+                order.lines[0].quantity += 1
+                order.version += 1
+                order.updated_at = utcnow()
+                await session.commit()
+
+        work = {
+            ("place", "qx"): qx_place,
+            ("place", "orm"): orm_place,
+            ("get", "qx"): qx_get,
+            ("get", "orm"): orm_get,
+            ("save", "qx"): qx_save,
+            ("save", "orm"): orm_save,
+        }[(case, impl)]
+        for n in range(20):  # warm caches (statement cache, type adapters) in every run
+            await work(n)
+        for n in range(ops):
+            await work(n)
+
+
+def count(case: str, impl: str, ops: int, url: str) -> int:
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    completed = subprocess.run(
+        [
+            "valgrind",
+            "--tool=callgrind",
+            "--callgrind-out-file=/dev/null",
+            sys.executable,
+            __file__,
+            "--case",
+            case,
+            "--impl",
+            impl,
+            "--ops",
+            str(ops),
+            "--url",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    )
+    found = re.search(r"Collected : (\d+)", completed.stderr)
+    if found is None:
+        raise RuntimeError(completed.stderr[-2000:])
+    return int(found.group(1))
+
+
+def measure_all(url: str, ops: int) -> None:
+    per_op: dict[tuple[str, str], float] = {}
+    for case in CASES:
+        for impl in IMPLS:
+            base = count(case, impl, 0, url)
+            total = count(case, impl, ops, url)
+            per_op[(case, impl)] = (total - base) / ops
+            print(f"{case:<6}{impl:<5}{per_op[(case, impl)] / 1000:>10.0f}K instructions/op")
+    print(f"{'case':<6}{'qx / ORM':>10}")
+    for case in CASES:
+        print(f"{case:<6}{per_op[(case, 'qx')] / per_op[(case, 'orm')]:>9.3f}x")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_url_argument(parser)
+    parser.add_argument("--case", choices=CASES)
+    parser.add_argument("--impl", choices=IMPLS)
+    parser.add_argument("--ops", type=int, default=300)
+    parser.add_argument("--all", action="store_true", help="count every case under callgrind")
+    args = parser.parse_args()
+    if args.all:
+        measure_all(args.url, args.ops)
+    else:
+        asyncio.run(run(args.url, args.case, args.impl, args.ops))
+
+
+if __name__ == "__main__":
+    main()
