@@ -101,7 +101,8 @@ async def run(url: str, case: str, impl: str, ops: int) -> None:
         async def orm_get(n: int) -> None:
             async with plain() as session:
                 order = await session.get(HOrder, ids[n % len(ids)])
-                assert order is not None and order.tenant_id == TENANT
+                assert order is not None
+                assert order.tenant_id == TENANT
                 assert len(order.lines) == 3
 
         async def qx_save(n: int) -> None:
