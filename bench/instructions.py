@@ -15,7 +15,8 @@ Cases (PostgreSQL, the orders example, one order with 3 lines):
     place: qx unit of work adding ``Order.place(...)`` (the insert fast path) vs the
         hand-written ORM adding the order and writing its outbox row;
     get: load one order with its lines; save: load, change a line, commit (qx bumps the
-        order's version itself; the hand-written ORM does it explicitly).
+        order's version itself; the hand-written ORM does it explicitly);
+    list: a filtered, sorted page of 50 orders with their lines (as ``bench/list.py``).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from decimal import Decimal
 from uuid import UUID
 
 from common import TENANT, HLine, HOrder, add_url_argument, bench_schema
-from sqlalchemy import insert
+from sqlalchemy import insert, select
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from qx.core import new_id, request_context, utcnow
@@ -39,7 +40,7 @@ from qx.examples.orders.domain import Order, OrderLine
 from qx.examples.orders.infrastructure import OrdersUnitOfWork
 from qx.outbox import outbox_table
 
-CASES = ("place", "get", "save")
+CASES = ("place", "get", "save", "list")
 IMPLS = ("qx", "orm")
 
 
@@ -54,7 +55,7 @@ async def run(url: str, case: str, impl: str, ops: int) -> None:
         with request_context(tenant_id=TENANT):
             async with factory() as uow:
                 seeded = await uow.orders.add_many(
-                    Order.place(f"c{n}", _lines()) for n in range(50)
+                    Order.place(f"c1{n}", _lines()) for n in range(120)
                 )
                 await uow.commit()
         ids: list[UUID] = [order.id for order in seeded]
@@ -121,6 +122,34 @@ async def run(url: str, case: str, impl: str, ops: int) -> None:
                 order.updated_at = utcnow()
                 await session.commit()
 
+        async def qx_list(n: int) -> None:
+            with request_context(tenant_id=TENANT):
+                async with factory() as uow:
+                    found = await (
+                        uow.orders.query()
+                        .filter(status="placed", customer__startswith="c1")
+                        .order_by("-created_at")
+                        .limit(50)
+                        .all()
+                    )
+                    assert len(found) == 50, len(found)
+
+        async def orm_list(n: int) -> None:
+            async with plain() as session:
+                stmt = (
+                    select(HOrder)
+                    .where(
+                        HOrder.tenant_id == TENANT,
+                        HOrder.deleted_at.is_(None),
+                        HOrder.status == "placed",
+                        HOrder.customer.startswith("c1", autoescape=True),
+                    )
+                    .order_by(HOrder.created_at.desc(), HOrder.id.desc())
+                    .limit(50)
+                )
+                found = (await session.scalars(stmt)).all()
+                assert len(found) == 50
+
         work = {
             ("place", "qx"): qx_place,
             ("place", "orm"): orm_place,
@@ -128,6 +157,8 @@ async def run(url: str, case: str, impl: str, ops: int) -> None:
             ("get", "orm"): orm_get,
             ("save", "qx"): qx_save,
             ("save", "orm"): orm_save,
+            ("list", "qx"): qx_list,
+            ("list", "orm"): orm_list,
         }[(case, impl)]
         for n in range(20):  # warm caches (statement cache, type adapters) in every run
             await work(n)
@@ -164,16 +195,16 @@ def count(case: str, impl: str, ops: int, url: str) -> int:
     return int(found.group(1))
 
 
-def measure_all(url: str, ops: int) -> None:
+def measure_all(url: str, ops: int, cases: tuple[str, ...]) -> None:
     per_op: dict[tuple[str, str], float] = {}
-    for case in CASES:
+    for case in cases:
         for impl in IMPLS:
             base = count(case, impl, 0, url)
             total = count(case, impl, ops, url)
             per_op[(case, impl)] = (total - base) / ops
             print(f"{case:<6}{impl:<5}{per_op[(case, impl)] / 1000:>10.0f}K instructions/op")
     print(f"{'case':<6}{'qx / ORM':>10}")
-    for case in CASES:
+    for case in cases:
         print(f"{case:<6}{per_op[(case, 'qx')] / per_op[(case, 'orm')]:>9.3f}x")
 
 
@@ -183,10 +214,12 @@ def main() -> None:
     parser.add_argument("--case", choices=CASES)
     parser.add_argument("--impl", choices=IMPLS)
     parser.add_argument("--ops", type=int, default=300)
-    parser.add_argument("--all", action="store_true", help="count every case under callgrind")
+    parser.add_argument(
+        "--all", action="store_true", help="count every case (or --case) under callgrind"
+    )
     args = parser.parse_args()
     if args.all:
-        measure_all(args.url, args.ops)
+        measure_all(args.url, args.ops, (args.case,) if args.case else CASES)
     else:
         asyncio.run(run(args.url, args.case, args.impl, args.ops))
 
