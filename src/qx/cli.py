@@ -7,7 +7,7 @@ import sys
 from datetime import timedelta
 from typing import Annotated, Any
 
-from qx.core.errors import QxError
+from qx.core._errors import QxError
 
 try:
     import typer
@@ -51,7 +51,7 @@ def _build_app() -> typer.Typer:
         broker of QX_BROKER__URL (default: in memory)."""
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-        from qx.demo import run_demo
+        from qx._demo import run_demo
         from qx.settings import load_settings
 
         try:
@@ -105,7 +105,7 @@ def _db_app(console: Console) -> typer.Typer:
             console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from exc
         except Exception as exc:
-            from qx.db.errors import translate_error
+            from qx.db._translate import translate_error
 
             translated = translate_error(exc) if isinstance(exc, Exception) else None
             if translated is None and not isinstance(exc, OSError):
@@ -190,7 +190,7 @@ def _db_app(console: Console) -> typer.Typer:
 def _serve(settings: Any, port: int) -> None:
     import uvicorn
 
-    from qx.demo import run_demo
+    from qx._demo import run_demo
     from qx.examples.orders.api import create_app
 
     asyncio.run(run_demo(settings, orders_count=1))  # migrate and stock the catalogue
@@ -277,7 +277,7 @@ def _outbox_app(console: Console) -> typer.Typer:
         async def work(settings: Any, engine: Any) -> None:
             metrics = None
             if metrics_port is not None:
-                from qx.outbox.metrics import PrometheusMetrics
+                from qx.outbox._metrics import PrometheusMetrics
 
                 metrics = PrometheusMetrics()
                 metrics.serve(metrics_port)

@@ -1,6 +1,6 @@
-"""The qx error tree (re-exported from :mod:`qx.core.errors`)."""
+"""The qx error tree (re-exported from :mod:`qx.core._errors`)."""
 
-from qx.core.errors import (
+from qx.core._errors import (
     ConcurrencyConflict,
     ConfigurationError,
     Conflict,

@@ -15,7 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from qx.core.errors import ConfigurationError
+from qx.core._errors import ConfigurationError
 
 __all__ = ["BrokerSettings", "DatabaseSettings", "QxSettings", "RelaySettings", "load_settings"]
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from qx.demo import run_demo
+from qx._demo import run_demo
 from qx.settings import DatabaseSettings, QxSettings
 from tests.integration.conftest import drop_schema, make_backend_engine, pg_url_for
 

@@ -12,7 +12,7 @@ from sqlalchemy.orm.attributes import instance_state
 
 from qx.core import request_context
 from qx.db import UnitOfWorkFactory
-from qx.db.fastpath import insert_new_aggregates
+from qx.db._insert_new import insert_new_aggregates
 from qx.examples.orders.domain import Order, OrderLine
 from qx.examples.orders.infrastructure import order_lines, orders
 from tests import models
@@ -98,7 +98,7 @@ async def test_falls_back_for_mapper_listeners_and_links(uow_factory: Factory) -
     try:
         from sqlalchemy import inspect
 
-        from qx.db.fastpath import _build_plan
+        from qx.db._insert_new import _build_plan
 
         assert _build_plan(inspect(models.Counter)) is None
     finally:

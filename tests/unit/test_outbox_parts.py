@@ -15,10 +15,10 @@ from qx.outbox import (
     backoff_delay,
     publisher_from_settings,
 )
-from qx.outbox.publishers.nats import NatsPublisher
-from qx.outbox.publishers.rabbitmq import RabbitPublisher
-from qx.outbox.publishers.redis import RedisPublisher
-from qx.outbox.relay import BatchResult
+from qx.outbox._relay import BatchResult
+from qx.outbox.publishers._nats import NatsPublisher
+from qx.outbox.publishers._rabbitmq import RabbitPublisher
+from qx.outbox.publishers._redis import RedisPublisher
 from qx.settings import BrokerSettings
 
 
@@ -100,7 +100,7 @@ async def test_memory_publisher_can_fail() -> None:
 def test_prometheus_metrics() -> None:
     from prometheus_client import CollectorRegistry
 
-    from qx.outbox.metrics import PrometheusMetrics
+    from qx.outbox._metrics import PrometheusMetrics
 
     registry = CollectorRegistry()
     metrics = PrometheusMetrics(registry=registry)

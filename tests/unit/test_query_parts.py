@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import BigInteger, Column, Float, Integer, Numeric, SmallInteger
 
 from qx.db.query import LOOKUPS, CursorCodec, Q, coerce_value, evaluate, parse_sort
-from qx.db.query.keyset import SortKey, keyset_condition
+from qx.db.query._keyset import SortKey, keyset_condition
 from qx.errors import ConfigurationError, InvalidCursor, InvalidQuery
 from tests.models import Category, Item, Tag
 

@@ -1,10 +1,10 @@
 """Domain-side building blocks: events, aggregates, ids, request context, clocks, errors."""
 
-from qx.core.aggregate import AggregateRoot, RecordedEvent
-from qx.core.clock import Clock, FixedClock, SystemClock, utcnow
-from qx.core.context import RequestContext, current_context, request_context, system_context
-from qx.core.dispatch import EventDispatcher, EventHandler, InProcessDispatcher
-from qx.core.errors import (
+from qx.core._aggregate import AggregateRoot, RecordedEvent
+from qx.core._clock import Clock, FixedClock, SystemClock, utcnow
+from qx.core._context import RequestContext, current_context, request_context, system_context
+from qx.core._dispatch import EventDispatcher, EventHandler, InProcessDispatcher
+from qx.core._errors import (
     ConcurrencyConflict,
     ConfigurationError,
     Conflict,
@@ -24,8 +24,8 @@ from qx.core.errors import (
     TransientError,
     UnitOfWorkError,
 )
-from qx.core.events import DomainEvent, Event, IntegrationEvent
-from qx.core.ids import new_id, uuid7_timestamp_ms
+from qx.core._events import DomainEvent, Event, IntegrationEvent
+from qx.core._ids import new_id, uuid7_timestamp_ms
 
 __all__ = [
     "AggregateRoot",

@@ -1,6 +1,6 @@
 """CQRS: commands, queries and the message bus that runs them in units of work."""
 
-from qx.cqrs.bus import (
+from qx.cqrs._bus import (
     HandlerContext,
     MessageBus,
     Middleware,
@@ -12,7 +12,7 @@ from qx.cqrs.bus import (
     retry_middleware,
     unit_of_work_middleware,
 )
-from qx.cqrs.messages import Command, Message, Query
+from qx.cqrs._messages import Command, Message, Query
 
 __all__ = [
     "Command",

@@ -1,8 +1,7 @@
 """Infrastructure on SQLAlchemy 2 asyncio: engine, mapping, repositories, unit of work."""
 
-from qx.db.engine import create_engine, create_session_factory, parse_database_url
-from qx.db.errors import translate_error, translating
-from qx.db.mapping import (
+from qx.db._engine import create_engine, create_session_factory, parse_database_url
+from qx.db._mapping import (
     NAMING_CONVENTION,
     EntityInfo,
     audit_columns,
@@ -18,12 +17,13 @@ from qx.db.mapping import (
     uuid_pk,
     version_column,
 )
+from qx.db._repository import Repository
+from qx.db._scoping import WITH_DELETED
+from qx.db._session import QxSession
+from qx.db._translate import translate_error, translating
+from qx.db._uow import UnitOfWork, UnitOfWorkFactory, UnitOfWorkState
 from qx.db.query import CursorCodec, Page, Q, Query
-from qx.db.repository import Repository
-from qx.db.scoping import WITH_DELETED
-from qx.db.session import QxSession
 from qx.db.types import PortableJSON, UtcDateTime
-from qx.db.uow import UnitOfWork, UnitOfWorkFactory, UnitOfWorkState
 from qx.settings import DatabaseSettings
 
 __all__ = [

@@ -21,8 +21,8 @@ from typing import Any, Final
 from sqlalchemy.orm import InstanceState
 from sqlalchemy.orm.attributes import flag_modified, instance_state
 
-from qx.core.aggregate import AggregateRoot, set_observer
-from qx.db.mapping import EntityInfo, entity_info
+from qx.core._aggregate import AggregateRoot, set_observer
+from qx.db._mapping import EntityInfo, entity_info
 
 __all__ = ["TransactionState", "linked_root", "owned_parts", "renew_transient", "touched"]
 

@@ -15,7 +15,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
-from qx.core.errors import InvalidQuery
+from qx.core._errors import InvalidQuery
 
 __all__ = ["PortableJSON", "UtcDateTime"]
 

@@ -7,7 +7,7 @@ Example:
     >>> run_migrations(context, metadata)                             # doctest: +SKIP
 """
 
-from qx.migrations.commands import (
+from qx.migrations._commands import (
     alembic_config,
     current,
     downgrade,
@@ -15,9 +15,9 @@ from qx.migrations.commands import (
     stamp,
     upgrade,
 )
-from qx.migrations.drift import assert_schema_current, describe_difference, schema_differences
-from qx.migrations.environment import compare_type, configure_context, render_item, run_migrations
-from qx.migrations.scaffold import init_environment
+from qx.migrations._drift import assert_schema_current, describe_difference, schema_differences
+from qx.migrations._environment import compare_type, configure_context, render_item, run_migrations
+from qx.migrations._scaffold import init_environment
 
 __all__ = [
     "alembic_config",

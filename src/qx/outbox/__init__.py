@@ -1,12 +1,11 @@
 """Transactional outbox: the tables, how events become rows, the relay, publishers, inbox."""
 
-from qx.outbox.envelope import Envelope
-from qx.outbox.inbox import EventRouter, Inbox
-from qx.outbox.publishers import LogPublisher, MemoryPublisher, Publisher, publisher_from_settings
-from qx.outbox.recorder import event_payload, outbox_row
-from qx.outbox.relay import BatchResult, OutboxRelay, RelayMetrics
-from qx.outbox.store import OutboxStatus, OutboxStore, backoff_delay
-from qx.outbox.table import (
+from qx.outbox._envelope import Envelope
+from qx.outbox._inbox import EventRouter, Inbox
+from qx.outbox._recorder import event_payload, outbox_row
+from qx.outbox._relay import BatchResult, OutboxRelay, RelayMetrics
+from qx.outbox._store import OutboxStatus, OutboxStore, backoff_delay
+from qx.outbox._table import (
     NOTIFY_CHANNEL,
     OUTBOX_TABLE,
     inbox_table,
@@ -15,6 +14,7 @@ from qx.outbox.table import (
     outbox_table,
     qx_metadata,
 )
+from qx.outbox.publishers import LogPublisher, MemoryPublisher, Publisher, publisher_from_settings
 
 __all__ = [
     "NOTIFY_CHANNEL",

@@ -5,7 +5,7 @@ The pytest plugin (``qx.testing.plugin``) is registered by installing qx; its fi
 """
 
 from qx.outbox.publishers import MemoryPublisher
-from qx.testing.memory import (
+from qx.testing._memory import (
     InMemoryQuery,
     InMemoryRepository,
     InMemoryStore,

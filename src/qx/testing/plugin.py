@@ -24,7 +24,7 @@ from sqlalchemy import MetaData
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 
 from qx.db import UnitOfWorkFactory, create_engine
-from qx.db.session import QxSession
+from qx.db._session import QxSession
 from qx.settings import DatabaseSettings
 
 __all__ = [

@@ -29,8 +29,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from qx.core.context import request_context
-from qx.core.errors import (
+from qx.core._context import request_context
+from qx.core._errors import (
     Conflict,
     InvalidQuery,
     NotFound,
@@ -39,7 +39,7 @@ from qx.core.errors import (
     TenantViolation,
     TransientError,
 )
-from qx.core.ids import new_id
+from qx.core._ids import new_id
 from qx.db import UnitOfWorkFactory, create_engine, create_session_factory
 from qx.examples.orders.application import (
     CancelOrder,

@@ -15,7 +15,7 @@ from decimal import Decimal
 from typing import Any
 from uuid import UUID
 
-from qx.core.errors import NotFound
+from qx.core._errors import NotFound
 from qx.cqrs import Command, MessageBus, Middleware, Query
 from qx.db.query import Page
 from qx.examples.orders.domain import Order, OrderCancelled, OrderLine, OrderPlaced, Product

@@ -1,6 +1,6 @@
 """Publishers: one ``Publisher`` protocol, one adapter per broker, chosen by URL scheme."""
 
-from qx.outbox.publishers.base import (
+from qx.outbox.publishers._port import (
     LogPublisher,
     MemoryPublisher,
     Publisher,

@@ -1,0 +1,188 @@
+"""The qx error tree.
+
+Every error qx raises derives from :class:`QxError`, so callers can catch one root. Driver
+errors are translated by SQLSTATE (see :mod:`qx.db._translate`) and the original exception is
+always chained as ``__cause__``.
+
+Example:
+    >>> from qx.core._errors import NotFound, QxError
+    >>> err = NotFound(entity="Order", key="42")
+    >>> isinstance(err, QxError), str(err)
+    (True, "Order '42' not found")
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "ConcurrencyConflict",
+    "ConfigurationError",
+    "Conflict",
+    "DatabaseError",
+    "DuplicateKey",
+    "HandlerNotFound",
+    "IntegrityViolation",
+    "InvalidCursor",
+    "InvalidMessage",
+    "InvalidQuery",
+    "NotFound",
+    "PublishError",
+    "QxError",
+    "StatementTimeout",
+    "TenantRequired",
+    "TenantViolation",
+    "TransientError",
+    "UnitOfWorkError",
+]
+
+
+class QxError(Exception):
+    """Root of every error raised by qx."""
+
+
+class NotFound(QxError):
+    """An entity does not exist, belongs to another tenant, or is soft-deleted.
+
+    Attributes:
+        entity: the entity (class) name.
+        key: the identifier that was looked up.
+    """
+
+    def __init__(self, *, entity: str, key: Any) -> None:
+        self.entity = entity
+        self.key = key
+        super().__init__(f"{entity} {str(key)!r} not found")
+
+
+class Conflict(QxError):
+    """The write conflicts with the current state of the database."""
+
+
+class DuplicateKey(Conflict):
+    """A unique or primary-key constraint was violated (SQLSTATE 23505).
+
+    Attributes:
+        constraint: the violated constraint's name, when the driver reports it.
+        sqlstate: the SQLSTATE code.
+    """
+
+    def __init__(self, message: str, *, constraint: str | None = None, sqlstate: str = "23505"):
+        self.constraint = constraint
+        self.sqlstate = sqlstate
+        super().__init__(message)
+
+
+class ConcurrencyConflict(Conflict):
+    """An aggregate was changed by someone else since it was loaded (optimistic concurrency).
+
+    Attributes:
+        entities: ``"Type(id)"`` descriptions of the aggregates that may be stale.
+    """
+
+    def __init__(self, message: str, *, entities: tuple[str, ...] = ()) -> None:
+        self.entities = entities
+        super().__init__(message)
+
+
+class IntegrityViolation(QxError):
+    """A foreign-key, check or not-null constraint was violated (SQLSTATE class 23).
+
+    Attributes:
+        constraint: the violated constraint's name, when the driver reports it.
+        sqlstate: the SQLSTATE code (``23503`` FK, ``23514`` check, ``23502`` not-null, ...).
+    """
+
+    def __init__(self, message: str, *, constraint: str | None = None, sqlstate: str = "23000"):
+        self.constraint = constraint
+        self.sqlstate = sqlstate
+        super().__init__(message)
+
+
+class TransientError(QxError):
+    """A failure that is safe to retry as a whole unit of work.
+
+    Serialization failure (40001), deadlock (40P01), a busy SQLite database, a lost
+    connection or an exhausted pool.
+
+    Attributes:
+        sqlstate: the SQLSTATE code, when there is one.
+    """
+
+    def __init__(self, message: str, *, sqlstate: str | None = None) -> None:
+        self.sqlstate = sqlstate
+        super().__init__(message)
+
+
+class DatabaseError(QxError):
+    """A database error that qx has no more specific class for.
+
+    Attributes:
+        sqlstate: the SQLSTATE code, when the driver reports one.
+    """
+
+    def __init__(self, message: str, *, sqlstate: str | None = None) -> None:
+        self.sqlstate = sqlstate
+        super().__init__(message)
+
+
+class StatementTimeout(DatabaseError):
+    """A statement ran longer than the configured ``statement_timeout`` (SQLSTATE 57014)."""
+
+
+class InvalidQuery(QxError):
+    """A filter, lookup, sort key or value is not allowed or not valid.
+
+    Attributes:
+        field: the offending field or parameter name, when there is one.
+    """
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        self.field = field
+        super().__init__(message)
+
+
+class InvalidCursor(InvalidQuery):
+    """A pagination cursor is malformed, tampered with, or belongs to another query."""
+
+
+class UnitOfWorkError(QxError):
+    """A unit of work was used in a state that does not allow the operation."""
+
+
+class TenantViolation(QxError):
+    """A tenant-scoped entity was touched outside the tenant that owns it."""
+
+
+class TenantRequired(TenantViolation):
+    """A tenant-scoped entity was used with no tenant in the request context.
+
+    qx fails closed: use ``request_context(tenant_id=...)``, or ``system_context()`` for an
+    explicit operator bypass.
+
+    Attributes:
+        entity: the tenant-scoped entity name.
+    """
+
+    def __init__(self, entity: str) -> None:
+        self.entity = entity
+        super().__init__(
+            f"{entity} is tenant-scoped but the request context has no tenant_id; "
+            "use request_context(tenant_id=...) or system_context()"
+        )
+
+
+class ConfigurationError(QxError):
+    """qx or the application is configured wrongly (settings, mapping, wiring)."""
+
+
+class PublishError(QxError):
+    """A message could not be published to, or acknowledged by, the broker."""
+
+
+class HandlerNotFound(ConfigurationError):
+    """A command or query was sent that no handler is registered for."""
+
+
+class InvalidMessage(QxError):
+    """A received message is not a qx envelope (a consumer cannot decode it)."""

@@ -1,0 +1,175 @@
+"""The insert fast path: a transaction that only creates aggregates skips the ORM flush.
+
+Creating an order with its lines is the hottest write path of most services. When a unit of
+work holds nothing but new objects of plainly mapped classes, qx writes them with one
+multi-row Core INSERT per table (parents first, foreign keys copied from the parents as the
+flush would), then hands the objects back to the session's bookkeeping as persistent rows —
+the same rows, stamps and errors as the flush, without its per-object machinery.
+
+Anything unusual falls back to the regular flush: loaded, changed or deleted objects in the
+session, mapper or flush event listeners, inheritance, links other than owned one-to-many
+collections, primary keys left to the database, or ``None`` in a column that has a default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Final
+
+from sqlalchemy import Table, insert
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Mapper, make_transient, make_transient_to_detached
+from sqlalchemy.orm.attributes import instance_state
+from sqlalchemy.orm.interfaces import ONETOMANY
+from sqlalchemy.sql.util import sort_tables
+
+from qx.core._context import current_context
+from qx.db._mapping import entity_info, mapper_notes
+from qx.db._session import QxSession, stamp_new
+
+__all__ = ["forget_inserted", "insert_new_aggregates"]
+
+_PLAN: Final = "qx_fast_insert_plan"
+_MISSING: Final = object()
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    table: Table
+    #: (attribute key, column key, column has a default or server default)
+    columns: tuple[tuple[str, str, bool], ...]
+    #: (relationship key, ((parent attribute, child attribute), ...)) for owned collections
+    owned: tuple[tuple[str, tuple[tuple[str, str], ...]], ...]
+    #: other relationships: they must be empty for the fast path
+    links: tuple[str, ...]
+    pk: tuple[str, ...]
+
+
+def _plan(mapper: Mapper[Any]) -> _Plan | None:
+    notes = mapper_notes(mapper)
+    if _PLAN in notes:
+        plan: _Plan | None = notes[_PLAN]
+        return plan
+    notes[_PLAN] = plan = _build_plan(mapper)
+    return plan
+
+
+def _build_plan(mapper: Mapper[Any]) -> _Plan | None:
+    table = mapper.local_table
+    if (
+        not isinstance(table, Table)
+        or mapper.inherits is not None
+        or mapper.polymorphic_on is not None
+        or len(mapper.tables) != 1
+        or mapper.dispatch.before_insert
+        or mapper.dispatch.after_insert
+    ):
+        return None
+    columns = []
+    for prop in mapper.column_attrs:
+        if len(prop.columns) != 1 or prop.columns[0].table is not table:
+            return None
+        column = prop.columns[0]
+        if column.computed is not None or column.identity is not None:
+            return None
+        defaulted = column.default is not None or column.server_default is not None
+        columns.append((prop.key, column.key, defaulted))
+    owned, links = [], []
+    info = entity_info(mapper)
+    for rel in mapper.relationships:
+        pairs = rel.synchronize_pairs
+        if (
+            rel.key in info.owned
+            and rel.direction is ONETOMANY
+            and rel.secondary is None
+            and pairs
+            and all(parent.table is table for parent, _ in pairs)
+        ):
+            sync = tuple(
+                (
+                    mapper.get_property_by_column(parent).key,
+                    rel.mapper.get_property_by_column(child).key,
+                )
+                for parent, child in pairs
+            )
+            owned.append((rel.key, sync))
+        else:
+            links.append(rel.key)
+    pk = tuple(mapper.get_property_by_column(column).key for column in mapper.primary_key)
+    return _Plan(table, tuple(columns), tuple(owned), tuple(links), pk)
+
+
+def _eligible_session(sync: Any) -> bool:
+    if sync.identity_map or sync.dirty or sync.deleted or not sync.new:
+        return False
+    dispatch = sync.dispatch
+    # qx's own before_flush is the only flush listener the fast path reproduces.
+    return (
+        len(dispatch.before_flush) == 1
+        and not dispatch.after_flush
+        and not (dispatch.after_flush_postexec)
+    )
+
+
+async def insert_new_aggregates(session: AsyncSession) -> list[Any] | None:
+    """Insert the session's new objects without a flush; ``None`` when not applicable.
+
+    Called by the unit of work at commit, before the regular flush. On success the objects
+    are written (in this transaction) and detached-with-identity, like flushed rows after the
+    session closes, and returned: if the transaction then fails, the caller makes them
+    transient again (:func:`forget_inserted`), as a rolled-back flush would.
+    """
+    sync = session.sync_session
+    if not isinstance(sync, QxSession) or not _eligible_session(sync):
+        return None
+    new = list(sync.new)
+    plans: dict[Any, _Plan] = {}
+    for obj in new:
+        state = instance_state(obj)
+        plan = _plan(state.mapper)
+        if plan is None:
+            return None
+        for key in plan.links:
+            value = state.dict.get(key)
+            if value:  # a link to another object needs the flush's dependency handling
+                return None
+        plans[id(obj)] = plan
+    # What the before_flush hook does: tenant, audit and version stamps.
+    stamp_new(sync, current_context(), sync.clock.now(), sync.tx_state)
+    # What the flush's foreign-key sync does: children take their parent's key.
+    for obj in new:
+        state = instance_state(obj)
+        for key, pairs in plans[id(obj)].owned:
+            children = state.dict.get(key) or ()
+            for child in children:
+                for parent_key, child_key in pairs:
+                    setattr(child, child_key, state.dict.get(parent_key))
+    rows: dict[Table, list[dict[str, Any]]] = {}
+    for obj in new:
+        plan = plans[id(obj)]
+        values = instance_state(obj).dict
+        row: dict[str, Any] = {}
+        for attr, column, defaulted in plan.columns:
+            value = values.get(attr, _MISSING)
+            if value is _MISSING or (value is None and defaulted):
+                return None  # the flush would apply a default we cannot see here
+            row[column] = value
+        if any(row.get(key) is None for key in plan.pk):
+            return None
+        rows.setdefault(plan.table, []).append(row)
+    connection = await session.connection()
+    for table in sort_tables(rows):  # parents before children
+        await connection.execute(insert(table), rows[table])
+    sync.tx_state.flushed = True
+    sync.expunge_all()
+    for obj in new:
+        make_transient_to_detached(obj)
+    return new
+
+
+def forget_inserted(objects: list[Any]) -> None:
+    """Make objects written by :func:`insert_new_aggregates` transient again (their
+    transaction failed), so the same objects can be added to a new unit of work."""
+    for obj in objects:
+        if instance_state(obj).key is not None:
+            make_transient(obj)

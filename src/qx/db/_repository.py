@@ -1,0 +1,628 @@
+"""``Repository[T]``: typed, scoped access to one aggregate type inside a unit of work.
+
+A repository never commits: it works in the unit of work's session and transaction. Every
+statement it emits is tenant- and soft-delete-scoped by the session hooks; objects found in
+the identity map without SQL are checked the same way, so no path returns another tenant's
+row or a deleted one.
+
+Example:
+    >>> class OrderRepository(Repository[Order]):          # doctest: +SKIP
+    ...     filterable = {"customer", "status"}
+    ...     sortable = {"created_at", "customer"}
+    >>> async with uow_factory() as uow:                     # doctest: +SKIP
+    ...     order = await uow.orders.require(order_id)
+    ...     paid = await uow.orders.list(status="paid", order_by="-created_at", limit=20)
+"""
+
+from __future__ import annotations
+
+import builtins
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Generic, TypeVar, get_args, get_origin
+from uuid import UUID
+
+from sqlalchemy import Uuid, inspect, select
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Mapper
+
+from qx.core._clock import Clock
+from qx.core._context import current_context
+from qx.core._errors import ConfigurationError, DuplicateKey, InvalidQuery, NotFound
+from qx.db._bulk import delete_owned, upsert_entities
+from qx.db._mapping import EntityInfo, entity_info
+from qx.db._scoping import (
+    WITH_DELETED,
+    JoinedPart,
+    RowsChecked,
+    checks_rows_in_python,
+    joined_part,
+    scope_tenant,
+    scoped_closure,
+    tenant_for_write,
+    visible,
+    visible_parts,
+)
+from qx.db._session import QxSession
+from qx.db._translate import translating
+from qx.db.query._coerce import coerce_value
+from qx.db.query._cursor import CursorCodec
+from qx.db.query._fields import column_attribute
+from qx.db.query._keyset import SortKey, resolve_sort
+from qx.db.query._lookups import in_condition
+from qx.db.query._page import Page
+from qx.db.query._queryset import Query
+
+if TYPE_CHECKING:
+    from qx.db._uow import UnitOfWork
+
+__all__ = ["Repository"]
+
+T = TypeVar("T")
+
+_IN_BULK_CHUNK: Final = 10_000
+
+
+def _entity_from_bases(cls: type[Any]) -> type[Any] | None:
+    for base in getattr(cls, "__orig_bases__", ()):
+        origin = get_origin(base)
+        if isinstance(origin, type) and issubclass(origin, Repository):
+            args = get_args(base)
+            if args and isinstance(args[0], type):
+                return args[0]
+    return None
+
+
+class Repository(Generic[T]):
+    """Generic repository of one mapped aggregate type.
+
+    Class attributes:
+        entity: the mapped class; inferred from ``Repository[Order]``.
+        filterable: field names accepted as filters (an allow-list: empty means none).
+        sortable: field names accepted as sort keys.
+        default_order: sort applied by :meth:`list` when none is given.
+        max_limit: the largest ``limit`` a caller may ask for.
+    """
+
+    entity: ClassVar[type[Any]]
+    filterable: ClassVar[frozenset[str]] = frozenset()
+    sortable: ClassVar[frozenset[str]] = frozenset()
+    default_order: ClassVar[tuple[str, ...]] = ()
+    max_limit: ClassVar[int] = 1000
+    _qx_resolved: ClassVar[tuple[Mapper[Any], EntityInfo, bool, bool, JoinedPart | None] | None] = (
+        None
+    )
+    _qx_default_sort: ClassVar[tuple[SortKey, ...] | None] = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "entity" not in cls.__dict__:
+            found = _entity_from_bases(cls)
+            if found is not None:
+                cls.entity = found
+        for name in ("filterable", "sortable"):
+            value = cls.__dict__.get(name)
+            if value is not None:
+                if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+                    raise ConfigurationError(f"{cls.__qualname__}.{name} must be a set of names")
+                setattr(cls, name, frozenset(value))
+        if isinstance(cls.__dict__.get("default_order"), str):
+            cls.default_order = (cls.__dict__["default_order"],)
+
+    def __init__(
+        self,
+        session: AsyncSession,
+        *,
+        uow: UnitOfWork | None = None,
+        cursor_codec: CursorCodec | None = None,
+    ) -> None:
+        entity = getattr(type(self), "entity", None)
+        if entity is None:
+            raise ConfigurationError(
+                f"{type(self).__qualname__} has no entity: subclass Repository[YourClass]"
+            )
+        if not isinstance(session.sync_session, QxSession):
+            raise ConfigurationError(
+                "repositories need a session from qx.db.create_session_factory() "
+                "(its hooks enforce tenant scoping and versioning)"
+            )
+        self._session = session
+        self._uow = uow
+        cls = type(self)
+        resolved = cls.__dict__.get("_qx_resolved")
+        if resolved is None:
+            # Resolved once per repository class, not once per unit of work.
+            mapper = inspect(entity)
+            keys = mapper.primary_key
+            uuid_pk = len(keys) == 1 and isinstance(keys[0].type, Uuid) and keys[0].type.as_uuid
+            resolved = (
+                mapper,
+                entity_info(entity),
+                uuid_pk,
+                checks_rows_in_python(mapper),
+                joined_part(mapper),
+            )
+            cls._qx_resolved = resolved
+        self._mapper: Mapper[Any] = resolved[0]
+        self._info: EntityInfo = resolved[1]
+        self._uuid_pk: bool = resolved[2]
+        self._rows_checked: bool = resolved[3]
+        self._joined = resolved[4]
+        self._get_options = self._joined.options if self._joined is not None else ()
+        self._name = cls.__qualname__
+        self._codec = cursor_codec
+        self._dialect_name: str | None = None
+
+    @property
+    def session(self) -> AsyncSession:
+        """The session this repository works in."""
+        self._guard()
+        return self._session
+
+    def _guard(self) -> None:
+        if self._uow is not None:
+            self._uow._require_active()
+
+    # -- reads ------------------------------------------------------------------------------
+
+    def _coerce_id(self, ident: Any) -> Any:
+        if type(ident) is UUID and self._uuid_pk:
+            return ident  # the common case needs no conversion or range check
+        columns = self._mapper.primary_key
+        values = ident if isinstance(ident, tuple) else (ident,)
+        if len(values) != len(columns):
+            raise InvalidQuery(
+                f"{self._info.name} has a {len(columns)}-column primary key, got {ident!r}",
+                field="id",
+            )
+        coerced = tuple(
+            coerce_value(column, value, field=self._info.pk_keys[i])
+            for i, (column, value) in enumerate(zip(columns, values, strict=True))
+        )
+        if any(v is None for v in coerced):
+            raise InvalidQuery(f"{self._info.name} id cannot be None", field="id")
+        return coerced if len(coerced) > 1 else coerced[0]
+
+    async def get(self, ident: Any, *, with_deleted: bool = False) -> T | None:
+        """Return the entity with this primary key, or ``None``.
+
+        ``None`` also for another tenant's row or a soft-deleted one (unless
+        ``with_deleted``).
+
+        Raises:
+            InvalidQuery: ``ident`` is not a valid primary key value.
+            TenantRequired: the entity is tenant-scoped and there is no tenant in context.
+        """
+        self._guard()
+        key = self._coerce_id(ident)
+        ctx = current_context()
+        if ctx.tenant_id is None and not ctx.system:
+            scope_tenant(scoped_closure(self._mapper), ctx)  # fail closed, found or not
+        sync: QxSession = self._session.sync_session  # type: ignore[assignment]
+        with translating(sync):
+            if self._rows_checked:
+                # The aggregate's relationships load in statements of their own, so
+                # SQLAlchemy's cached primary-key load reads the row as is (loader criteria
+                # would be processed again on every execution) and visible() checks it
+                # below. The note lets exactly that one load through unscoped and gives each
+                # eager load it triggers a tenant/soft-delete WHERE of its own.
+                # One owned relationship is joined into that load (see JoinedPart); its
+                # rows are checked by visible_parts() below.
+                sync.rows_checked = RowsChecked(with_deleted=with_deleted)
+                try:
+                    obj = await self._session.get(self.entity, key, options=self._get_options)
+                finally:
+                    sync.rows_checked = None
+            else:
+                options = {WITH_DELETED: True} if with_deleted else {}
+                obj = await self._session.get(self.entity, key, execution_options=options)
+        if obj is None or not visible(self._info, obj, ctx, with_deleted=with_deleted):
+            return None
+        if self._joined is not None:  # only ever set under _rows_checked (joined_part)
+            visible_parts(obj, self._joined, ctx, with_deleted=with_deleted)
+        result: T = obj
+        return result
+
+    async def require(self, ident: Any, *, with_deleted: bool = False) -> T:
+        """Like :meth:`get`, but raise ``NotFound`` naming the entity and id."""
+        found = await self.get(ident, with_deleted=with_deleted)
+        if found is None:
+            raise NotFound(entity=self._info.name, key=ident)
+        return found
+
+    # -- queries ----------------------------------------------------------------------------
+
+    def query(self) -> Query[T]:
+        """Start a chainable, immutable query (see :class:`qx.db.query.Query`)."""
+        self._guard()
+        return Query(self)
+
+    def _dialect(self) -> str:
+        if self._dialect_name is None:
+            bind = self._session.sync_session.get_bind(self._mapper)
+            self._dialect_name = bind.dialect.name
+        return self._dialect_name
+
+    def _sort_keys(self, spec: str | Sequence[str] | None) -> tuple[SortKey, ...]:
+        return resolve_sort(self._mapper, spec, allowed=self.sortable, owner=self._name)
+
+    def _default_sort(self) -> tuple[SortKey, ...]:
+        cls = type(self)
+        cached = cls.__dict__.get("_qx_default_sort")
+        if cached is None:
+            # The class declared it, so it is trusted beyond ``sortable``.
+            cached = resolve_sort(
+                self._mapper,
+                list(self.default_order),
+                allowed=[key.lstrip("+-") for key in self.default_order],
+                owner=self._name,
+            )
+            cls._qx_default_sort = cached
+        return cached
+
+    def _cursor_codec(self) -> CursorCodec:
+        codec = self._codec or (self._uow.cursor_codec if self._uow is not None else None)
+        if codec is None:
+            raise ConfigurationError(
+                "keyset pagination needs a cursor secret: pass cursor_secret= to "
+                "UnitOfWorkFactory (for example QxSettings().pagination_secret, set with "
+                "QX_PAGINATION_SECRET)"
+            )
+        return codec
+
+    def _clock(self) -> Clock:
+        clock: Clock = self._session.sync_session.clock  # type: ignore[attr-defined]
+        return clock
+
+    def _filtered(
+        self,
+        filters: Mapping[str, Any] | None,
+        keywords: Mapping[str, Any],
+        *,
+        with_deleted: bool,
+        sort: str | Sequence[str] | None = None,
+    ) -> Query[T]:
+        if filters is not None and not isinstance(filters, Mapping):
+            raise InvalidQuery(
+                f"filters must be a mapping, got {type(filters).__name__}", field="filters"
+            )
+        query = self.query()
+        merged = {**(filters or {}), **keywords}
+        if merged:
+            query = query.filter(**merged)
+        if sort is not None:
+            query = query._copy(order=self._sort_keys(sort))
+        return query.with_deleted(with_deleted)
+
+    async def list(
+        self,
+        *,
+        filters: Mapping[str, Any] | None = None,
+        sort: str | Sequence[str] | None = None,
+        order_by: str | Sequence[str] | None = None,
+        limit: int | None = None,
+        offset: int | None = None,
+        with_deleted: bool = False,
+        **lookups: Any,
+    ) -> builtins.list[T]:
+        """Return entities matching the filters, sorted, windowed.
+
+        Filters use the query grammar (``status="paid"``, ``total__gte="100"``,
+        ``lines__sku__in="A,B"``) as keywords or as a ``filters`` mapping of strings from an
+        HTTP request; values are coerced to the column types.
+
+        Args:
+            filters: ``{"field__lookup": value}``; fields must be in ``filterable``.
+            sort: sort keys (``"-created_at,customer"`` or a list); ``order_by`` is an alias.
+                The primary key is always appended so the order is total.
+            limit: at most this many (``max_limit`` caps it).
+            offset: skip this many.
+            with_deleted: include soft-deleted rows.
+            **lookups: more filters, as keywords.
+
+        Raises:
+            InvalidQuery: an unknown or not-allowed field, lookup or sort key, or a bad value.
+        """
+        self._guard()
+        spec = sort if sort is not None else order_by
+        query = self._filtered(filters, lookups, with_deleted=with_deleted, sort=spec)
+        if limit is not None:
+            query = query.limit(limit)
+        if offset is not None:
+            query = query.offset(offset)
+        return await query.all()
+
+    async def page(
+        self,
+        *,
+        filters: Mapping[str, Any] | None = None,
+        sort: str | Sequence[str] | None = None,
+        page_size: int = 50,
+        cursor: str | None = None,
+        page_number: int | None = None,
+        with_total: bool = False,
+        with_deleted: bool = False,
+    ) -> Page[T]:
+        """One page of entities (keyset with ``cursor``, offset with ``page_number``)."""
+        query = self._filtered(filters, {}, with_deleted=with_deleted, sort=sort)
+        return await query.page(
+            page_size=page_size, cursor=cursor, page_number=page_number, with_total=with_total
+        )
+
+    async def count(
+        self,
+        *,
+        filters: Mapping[str, Any] | None = None,
+        with_deleted: bool = False,
+        **lookups: Any,
+    ) -> int:
+        """Return how many entities match the filters."""
+        self._guard()
+        return await self._filtered(filters, lookups, with_deleted=with_deleted).count()
+
+    async def exists(
+        self,
+        *,
+        filters: Mapping[str, Any] | None = None,
+        with_deleted: bool = False,
+        **lookups: Any,
+    ) -> bool:
+        """Return whether any entity matches the filters."""
+        self._guard()
+        return await self._filtered(filters, lookups, with_deleted=with_deleted).exists()
+
+    async def in_bulk(self, ids: Iterable[Any], *, with_deleted: bool = False) -> dict[Any, T]:
+        """Return ``{id: entity}`` for the ids that exist and are visible (others are absent).
+
+        Raises:
+            InvalidQuery: an id that is not a valid primary key value, or a composite key.
+        """
+        self._guard()
+        if len(self._info.pk_keys) != 1:
+            raise InvalidQuery(f"in_bulk() needs a single-column primary key on {self._info.name}")
+        wanted = builtins.list(dict.fromkeys(self._coerce_id(ident) for ident in ids))
+        return await self._load_many(wanted, with_deleted=with_deleted)
+
+    async def _load_many(
+        self, wanted: builtins.list[Any], *, with_deleted: bool = False, refresh: bool = False
+    ) -> dict[Any, T]:
+        if not wanted:
+            return {}
+        pk = self._info.pk_keys[0]
+        column = getattr(self.entity, pk)
+        found: dict[Any, T] = {}
+        query = self.query().with_deleted(with_deleted)
+        for start in range(0, len(wanted), _IN_BULK_CHUNK):
+            chunk = wanted[start : start + _IN_BULK_CHUNK]
+            stmt = select(self.entity).where(in_condition(column, chunk, self._dialect()))
+            if refresh:
+                stmt = stmt.execution_options(populate_existing=True)
+            for obj in await query._scalars(stmt):
+                found[getattr(obj, pk)] = obj
+        return found
+
+    async def stream(
+        self,
+        *,
+        filters: Mapping[str, Any] | None = None,
+        sort: str | Sequence[str] | None = None,
+        chunk_size: int = 1000,
+        with_deleted: bool = False,
+    ) -> AsyncIterator[T]:
+        """Yield every matching entity, ``chunk_size`` rows at a time (flat memory)."""
+        query = self._filtered(filters, {}, with_deleted=with_deleted, sort=sort)
+        async for item in query.stream(chunk_size=chunk_size):
+            yield item
+
+    # -- writes -----------------------------------------------------------------------------
+
+    def _check_type(self, entity: Any) -> None:
+        if not isinstance(entity, self.entity):
+            raise InvalidQuery(
+                f"{self._name} stores {self._info.name}, got {type(entity).__qualname__}"
+            )
+
+    def _check_new(self, entity: Any) -> None:
+        self._check_type(entity)
+        state = inspect(entity)
+        if state.key is not None and state.session is not self._session.sync_session:
+            # Committed by, or loaded in, another unit of work (one that rolled back expired
+            # its changes): saving it here would silently write nothing or stale values.
+            ident = ":".join(str(v) for v in state.identity or ())  # attributes may be expired
+            raise InvalidQuery(
+                f"{self._info.name}({ident}) is already stored (loaded or committed by "
+                "another unit of work); load it in this one with get()/require() and change "
+                "that copy"
+            )
+
+    def _check_own(self, entity: Any) -> None:
+        self._check_type(entity)
+        state = inspect(entity)
+        if state.session is not self._session.sync_session or not state.persistent:
+            raise InvalidQuery(
+                f"{self._info.describe(entity)} was not loaded through this unit of work; "
+                "load it with get()/require() before removing it"
+            )
+        if not visible(self._info, entity, current_context(), with_deleted=True):
+            raise NotFound(entity=self._info.name, key=self._info.identity(entity))
+
+    async def add(self, entity: T) -> T:
+        """Add a new entity; it is inserted at the next flush or commit.
+
+        A tenant-scoped entity with no tenant gets the context's tenant; one with another
+        tenant is refused at flush.
+        """
+        self._guard()
+        self._check_new(entity)
+        if self._info.tenant_key is not None and getattr(entity, self._info.tenant_key) is None:
+            setattr(entity, self._info.tenant_key, tenant_for_write(self._info, current_context()))
+        self._session.add(entity)
+        return entity
+
+    async def add_many(self, entities: Iterable[T]) -> builtins.list[T]:
+        """Add several new entities: the flush writes each table with one multi-row INSERT."""
+        self._guard()
+        added = builtins.list(entities)
+        key = self._info.tenant_key
+        tenant = None
+        for entity in added:
+            self._check_new(entity)
+            if key is not None and getattr(entity, key) is None:
+                if tenant is None:
+                    tenant = tenant_for_write(self._info, current_context())
+                setattr(entity, key, tenant)
+        self._session.add_all(added)
+        return added
+
+    def _key_criteria(self, keys: Mapping[str, Any], what: str) -> builtins.list[Any]:
+        if not keys:
+            raise InvalidQuery(f"{what}() needs at least one field=value to look up", field="keys")
+        criteria = []
+        for name, raw in keys.items():
+            attr = column_attribute(self._mapper, name, owner=self._name)
+            value = coerce_value(attr.expression, raw, field=name)
+            criteria.append(attr.is_(None) if value is None else attr == value)
+        return criteria
+
+    def _build(self, values: Mapping[str, Any], what: str) -> T:
+        for name in values:
+            prop = self._mapper.attrs.get(name) if isinstance(name, str) else None
+            if prop is None:
+                raise InvalidQuery(f"{self._info.name} has no field {name!r}", field=str(name))
+        try:
+            entity: T = self.entity(**values)
+        except TypeError as exc:
+            raise InvalidQuery(
+                f"{what}() cannot build {self._info.name} from {sorted(values)}: {exc}",
+                field="defaults",
+            ) from exc
+        return entity
+
+    async def _lookup(self, criteria: builtins.list[Any], *, lock: bool = False) -> T | None:
+        stmt = select(self.entity).where(*criteria).limit(2)
+        if lock:
+            stmt = stmt.with_for_update()
+        rows = await Query(self)._scalars(stmt)
+        if len(rows) > 1:
+            raise InvalidQuery(f"the lookup keys match more than one {self._info.name}")
+        return rows[0] if rows else None
+
+    async def get_or_create(
+        self, *, defaults: Mapping[str, Any] | None = None, **keys: Any
+    ) -> tuple[T, bool]:
+        """Return ``(entity, created)``: the entity matching ``keys``, or a new one built from
+        ``keys`` and ``defaults`` and inserted now.
+
+        Safe under concurrency when ``keys`` are covered by a unique constraint: the INSERT
+        runs in a SAVEPOINT, and a caller that loses the race reads the winner's row, so
+        exactly one caller sees ``created=True``.
+
+        Raises:
+            InvalidQuery: unknown fields, keys matching several rows, or values that cannot
+                build the entity.
+            DuplicateKey: the insert collides with a row this caller cannot see (another
+                tenant's, or a soft-deleted one).
+        """
+        self._guard()
+        criteria = self._key_criteria(keys, "get_or_create")
+        found = await self._lookup(criteria)
+        if found is not None:
+            return found, False
+        entity = self._build({**(defaults or {}), **keys}, "get_or_create")
+        session = self._session
+        with translating(session.sync_session):
+            await session.flush()  # the caller's pending changes are not part of the SAVEPOINT
+        try:
+            with translating(session.sync_session):
+                async with session.begin_nested():
+                    await self.add(entity)
+                    await session.flush()
+        except DuplicateKey:
+            found = await self._lookup(criteria)
+            if found is None:
+                raise
+            return found, False
+        return entity, True
+
+    async def update_or_create(
+        self, *, defaults: Mapping[str, Any] | None = None, **keys: Any
+    ) -> tuple[T, bool]:
+        """Like :meth:`get_or_create`, then set ``defaults`` on an existing entity.
+
+        The existing row is read ``FOR UPDATE`` (PostgreSQL), so concurrent callers apply
+        their changes one after the other instead of failing on the version check.
+        """
+        self._guard()
+        values = dict(defaults or {})
+        criteria = self._key_criteria(keys, "update_or_create")
+        found = await self._lookup(criteria, lock=True)
+        if found is None:
+            return await self.get_or_create(defaults=values, **keys)
+        self._apply(found, values)
+        return found, False
+
+    def _apply(self, entity: T, values: Mapping[str, Any]) -> None:
+        managed = {
+            k
+            for k in (*self._info.pk_keys, self._info.version_key, self._info.tenant_key)
+            if k is not None
+        }
+        for name, raw in values.items():
+            if name in managed:
+                raise InvalidQuery(f"{self._info.name}.{name} is maintained by qx", field=name)
+            attr = column_attribute(self._mapper, name, owner=self._name)
+            setattr(entity, name, coerce_value(attr.expression, raw, field=name))
+
+    async def upsert(
+        self,
+        entities: Iterable[T],
+        *,
+        conflict: Sequence[str],
+        update: Sequence[str] | None = None,
+    ) -> builtins.list[T]:
+        """INSERT entities, updating the existing row on a ``conflict`` key (ON CONFLICT).
+
+        Works on PostgreSQL and SQLite. Rows are written in multi-row statements; an updated
+        row gets ``version + 1`` and ``updated_at``, and is revived if it was soft-deleted.
+        A row owned by another tenant is never touched: meeting one raises.
+
+        Args:
+            entities: new instances of the entity (their owned parts are not written).
+            conflict: the columns of a primary key or unique constraint (the tenant column is
+                added when the constraint includes it).
+            update: the columns overwritten on conflict; default: every column that is not
+                a key or maintained by qx.
+
+        Returns:
+            The stored entities, as loaded back with RETURNING.
+
+        Raises:
+            InvalidQuery: unknown columns, no matching unique constraint, or entities with
+                owned parts.
+            TenantViolation: a conflicting row belongs to another tenant.
+        """
+        self._guard()
+        return await upsert_entities(self, builtins.list(entities), conflict, update)
+
+    async def _delete_owned(self, mapper: Mapper[Any], parents: builtins.list[Any]) -> None:
+        """Delete the owned parts (and association rows) of the rows keyed ``parents``."""
+        await delete_owned(self, mapper, parents)
+
+    async def remove(self, entity: T) -> None:
+        """Remove an entity: a soft delete when the table has ``deleted_at``, else a DELETE.
+
+        Removing an already soft-deleted entity keeps its first ``deleted_at``.
+        """
+        self._guard()
+        self._check_own(entity)
+        key = self._info.deleted_key
+        if key is None:
+            await self._session.delete(entity)
+            return
+        if getattr(entity, key) is None:
+            setattr(entity, key, self._clock().now())
+
+    async def hard_remove(self, entity: T) -> None:
+        """DELETE the entity's row (and its owned parts), even on a soft-delete table."""
+        self._guard()
+        self._check_own(entity)
+        await self._session.delete(entity)

@@ -1,0 +1,471 @@
+"""``UnitOfWork``: one transaction, its repositories, its events and its outbox rows.
+
+``commit()`` runs, in order: collect the events recorded by every aggregate the session has
+seen (new, loaded, deleted) → dispatch them to in-process handlers inside the transaction,
+round after round until no handler records more (bounded by ``max_event_depth``) → flush →
+insert the integration events into ``qx_outbox`` in one statement → COMMIT → after-commit
+hooks. A failure at any step rolls everything back. Leaving the ``async with`` block without
+``commit()`` rolls back.
+
+Example:
+    >>> class OrdersUnitOfWork(UnitOfWork):                        # doctest: +SKIP
+    ...     orders: OrderRepository
+    >>> uow_factory = UnitOfWorkFactory(OrdersUnitOfWork, session_factory,
+    ...                                 dispatcher=dispatcher)     # doctest: +SKIP
+    >>> async with uow_factory() as uow:                            # doctest: +SKIP
+    ...     order = await uow.orders.require(order_id)
+    ...     order.ship()
+    ...     await uow.commit()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import inspect
+import logging
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+from typing import Any, ClassVar, Generic, Self, TypeVar, get_type_hints
+
+from pydantic import SecretStr
+from sqlalchemy import insert
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.orm.attributes import instance_state
+
+from qx.core._aggregate import (
+    AggregateRoot,
+    RecordedEvent,
+    discard_events,
+    make_record,
+    next_sequence,
+    restore_events,
+)
+from qx.core._clock import Clock, SystemClock
+from qx.core._context import current_context
+from qx.core._dispatch import EventDispatcher
+from qx.core._errors import ConfigurationError, UnitOfWorkError
+from qx.core._events import Event, IntegrationEvent, handling_event
+from qx.core._ids import new_id
+from qx.db._insert_new import forget_inserted, insert_new_aggregates
+from qx.db._mapping import entity_info
+from qx.db._repository import Repository
+from qx.db._session import QxSession, has_writes
+from qx.db._tracking import renew_transient
+from qx.db._translate import translating
+from qx.db.query._cursor import CursorCodec
+from qx.outbox._recorder import outbox_row
+from qx.outbox._table import outbox_table
+
+__all__ = ["UnitOfWork", "UnitOfWorkFactory", "UnitOfWorkState"]
+
+logger = logging.getLogger("qx.uow")
+
+R = TypeVar("R", bound=Repository[Any])
+U = TypeVar("U", bound="UnitOfWork")
+AfterCommit = Callable[[], Awaitable[None] | None]
+
+
+class UnitOfWorkState(enum.Enum):
+    """Lifecycle: NEW → ACTIVE → COMMITTED | ROLLED_BACK → CLOSED."""
+
+    NEW = "new"
+    ACTIVE = "active"
+    COMMITTED = "committed"
+    ROLLED_BACK = "rolled back"
+    CLOSED = "closed"
+
+
+class UnitOfWork:
+    """One business transaction.
+
+    Declare repositories as annotations on a subclass (``orders: OrderRepository``); they
+    are built, bound to this unit of work's session, when the block is entered.
+
+    Args:
+        session_factory: from :func:`qx.db.create_session_factory`.
+        dispatcher: receives every recorded event inside the transaction.
+        clock: time source for audit columns and soft deletes.
+        max_event_depth: dispatch rounds allowed before ``UnitOfWorkError`` (a handler
+            loop that never settles).
+        cursor_codec: signs keyset-pagination cursors for this unit of work's repositories.
+    """
+
+    _repository_types: ClassVar[dict[str, type[Repository[Any]]] | None] = None
+
+    def __init__(
+        self,
+        session_factory: async_sessionmaker[AsyncSession],
+        *,
+        dispatcher: EventDispatcher | None = None,
+        clock: Clock | None = None,
+        max_event_depth: int = 8,
+        cursor_codec: CursorCodec | None = None,
+    ) -> None:
+        if max_event_depth < 1:
+            raise ConfigurationError(f"max_event_depth must be >= 1, got {max_event_depth}")
+        self._session_factory = session_factory
+        self._dispatcher = dispatcher
+        self._clock = clock or SystemClock()
+        self._max_depth = max_event_depth
+        self.cursor_codec = cursor_codec
+        self._state = UnitOfWorkState.NEW
+        self._session: AsyncSession | None = None
+        self._emitted: list[RecordedEvent] = []
+        self._after_commit: list[AfterCommit] = []
+        self._repositories: dict[type[Repository[Any]], Repository[Any]] = {}
+        self._committing = False
+        self._correlation_id: str | None = None
+        self.events: list[Event] = []  # every event collected by the last commit, in order
+
+    # -- declared repositories ---------------------------------------------------------------
+
+    @classmethod
+    def declared_repositories(cls) -> dict[str, type[Repository[Any]]]:
+        """Return the repositories declared as annotations on this class and its bases."""
+        found = cls.__dict__.get("_repository_types")
+        if found is None:
+            try:
+                hints = get_type_hints(cls)
+            except NameError as exc:
+                raise ConfigurationError(
+                    f"cannot resolve the repository annotations of {cls.__qualname__}: {exc}"
+                ) from exc
+            found = {
+                name: hint
+                for name, hint in hints.items()
+                if isinstance(hint, type) and issubclass(hint, Repository)
+            }
+            cls._repository_types = found
+        return found
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached when normal lookup fails: a declared repository not built yet. Building
+        # it on first use keeps units of work that never touch a repository cheap.
+        if not name.startswith("_"):
+            repo_type = type(self).declared_repositories().get(name)
+            if repo_type is not None:
+                if self._state is not UnitOfWorkState.ACTIVE:
+                    raise UnitOfWorkError(
+                        f"{type(self).__qualname__}.{name} is available inside 'async with' "
+                        f"only (state: {self._state.value})"
+                    )
+                repo = self.repository(repo_type)
+                setattr(self, name, repo)
+                return repo
+        raise AttributeError(name)
+
+    def repository(self, repository_type: type[R]) -> R:
+        """Return this unit of work's instance of ``repository_type`` (built on first use)."""
+        self._require_active()
+        repo = self._repositories.get(repository_type)
+        if repo is None:
+            repo = repository_type(self.session, uow=self)
+            self._repositories[repository_type] = repo
+        return repo  # type: ignore[return-value]
+
+    # -- state -----------------------------------------------------------------------------
+
+    @property
+    def state(self) -> UnitOfWorkState:
+        """The lifecycle state."""
+        return self._state
+
+    @property
+    def session(self) -> AsyncSession:
+        """The SQLAlchemy session (escape hatch; scoping hooks still apply)."""
+        self._require_active()
+        assert self._session is not None
+        return self._session
+
+    def _require_active(self) -> None:
+        if self._state is not UnitOfWorkState.ACTIVE:
+            raise UnitOfWorkError(
+                f"unit of work is {self._state.value}; open a new one with 'async with factory()'"
+            )
+
+    async def __aenter__(self) -> Self:
+        if self._state is not UnitOfWorkState.NEW:
+            raise UnitOfWorkError(
+                f"a unit of work is entered once; this one is {self._state.value}"
+            )
+        session = self._session_factory()
+        if not isinstance(session.sync_session, QxSession):
+            await session.close()
+            raise ConfigurationError(
+                "UnitOfWork needs a session factory from qx.db.create_session_factory()"
+            )
+        session.sync_session.clock = self._clock
+        self._session = session
+        self._state = UnitOfWorkState.ACTIVE
+        self._correlation_id = current_context().correlation_id
+        return self
+
+    @property
+    def correlation_id(self) -> str:
+        """The request context's correlation id at entry, or one generated on first use."""
+        if self._correlation_id is None:
+            # Generated lazily: most units of work that read never need one.
+            self._correlation_id = str(new_id())
+        return self._correlation_id
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._state is not UnitOfWorkState.ACTIVE and self._session is not None:
+            # Committed or rolled back already: only the session's close is left, which
+            # releases a connection that holds no transaction.
+            await self._close()
+            return
+        cleanup = asyncio.ensure_future(self._close())
+        try:
+            await asyncio.shield(cleanup)
+        except asyncio.CancelledError:
+            # Cancelled while cleaning up: finish anyway so the connection returns to the pool
+            # rolled back, then let the cancellation continue.
+            while not cleanup.done():
+                try:
+                    await asyncio.shield(cleanup)
+                except asyncio.CancelledError:
+                    continue
+            raise
+
+    async def _close(self) -> None:
+        session = self._session
+        try:
+            if self._state is UnitOfWorkState.ACTIVE and session is not None:
+                if has_writes(session.sync_session):  # type: ignore[arg-type]
+                    # Discarded writes: rollback also expires the objects, so nobody reads
+                    # values that never reached the database.
+                    await self._rollback_quietly(session)
+                else:
+                    # Read-only: close() alone ends the transaction and leaves what was
+                    # loaded readable after the block.
+                    self._state = UnitOfWorkState.ROLLED_BACK
+        finally:
+            if session is not None:
+                try:
+                    await session.close()
+                except Exception:  # pragma: no cover - connection already unusable
+                    logger.exception("closing the unit of work's session failed")
+            self._state = UnitOfWorkState.CLOSED
+
+    async def _rollback_quietly(self, session: AsyncSession) -> None:
+        self._state = UnitOfWorkState.ROLLED_BACK
+        try:
+            await session.rollback()
+        except Exception:
+            # A connection broken mid-statement cannot roll back; discard it so the pool
+            # never hands out a connection in an unknown transaction state.
+            logger.warning("rollback failed; invalidating the connection", exc_info=True)
+            try:
+                await session.invalidate()
+            except Exception:  # pragma: no cover - nothing more to do
+                logger.exception("invalidating the connection failed")
+
+    # -- events ----------------------------------------------------------------------------
+
+    def emit(self, event: Event) -> None:
+        """Record an event that belongs to no aggregate (dispatched and outboxed at commit)."""
+        self._require_active()
+        self._emitted.append(make_record(event, None))
+
+    def on_commit(self, callback: AfterCommit) -> None:
+        """Run ``callback`` after a successful COMMIT (errors are logged, not raised)."""
+        self._require_active()
+        self._after_commit.append(callback)
+
+    def _collect(self) -> list[RecordedEvent]:
+        # From the transaction's own record of the roots it has seen (held strongly), never
+        # from the identity map, which may already have let go of an unmodified root.
+        batch, self._emitted = self._emitted, []
+        sync = self.session.sync_session
+        session_id = sync.hash_key
+        for obj in sync.tx_state.roots.values():  # type: ignore[attr-defined]
+            if (
+                isinstance(obj, AggregateRoot)
+                and obj.has_pending_events()
+                and instance_state(obj).session_id == session_id
+            ):
+                batch.extend(obj.collect_events())
+        batch.sort(key=lambda record: record.seq)
+        return batch
+
+    async def _drain_events(self, collected: list[RecordedEvent]) -> None:
+        # Appends to ``collected`` as it goes, so a failing round leaves what was taken.
+        depth = 0
+        while batch := self._collect():
+            depth += 1
+            if depth > self._max_depth:
+                names = sorted({type(r.event).__qualname__ for r in batch})
+                raise UnitOfWorkError(
+                    f"events still being raised after {self._max_depth} dispatch rounds "
+                    f"(a handler loop?); pending: {', '.join(names)}"
+                )
+            collected.extend(batch)
+            if self._dispatcher is None:
+                break  # nothing runs that could record more events
+            await dispatch_round(self._dispatcher, batch, self)
+
+    def _outbox_rows(self, records: list[RecordedEvent]) -> list[dict[str, Any]]:
+        if not records:
+            return []
+        return build_outbox_rows(records, correlation_id=self.correlation_id)
+
+    # -- transaction -----------------------------------------------------------------------
+
+    async def commit(self) -> None:
+        """Dispatch events, write the outbox, COMMIT, then run after-commit hooks.
+
+        Raises:
+            UnitOfWorkError: not active (committed already, rolled back, closed), called
+                from an event handler, or events that never settle.
+            QxError: translated database errors (``ConcurrencyConflict``,
+                ``DuplicateKey``, ``TransientError``, ...); the transaction is rolled back.
+        """
+        if self._committing:
+            raise UnitOfWorkError("commit() cannot be called while the commit is in progress")
+        self._require_active()
+        session = self.session
+        sync: QxSession = session.sync_session  # type: ignore[assignment]
+        self._committing = True
+        before_commit = next_sequence()  # events recorded earlier have a smaller seq
+        records: list[RecordedEvent] = []
+        inserted: list[Any] | None = None
+        try:
+            await self._drain_events(records)
+            with translating(sync):
+                if records or sync.new:
+                    inserted = await insert_new_aggregates(session)
+                    if inserted is None:
+                        await session.flush()  # outbox rows may need flushed keys
+                    rows = self._outbox_rows(records)
+                    if rows:
+                        # Core on the session's connection: the outbox is a table, not a
+                        # mapped class, so the ORM's execute machinery would only add overhead.
+                        connection = await session.connection()
+                        await connection.execute(insert(outbox_table), rows)
+                # Nothing new and no events: COMMIT flushes the changes itself, one call.
+                await session.commit()
+        except BaseException:
+            roots = list(sync.tx_state.roots.values())  # the rollback starts a new record
+            _restore_events(roots, records, before_commit)
+            await asyncio.shield(self._rollback_quietly(session))
+            if inserted is not None:
+                forget_inserted(inserted)
+            renew_transient(roots)
+            raise
+        finally:
+            self._committing = False
+        self._state = UnitOfWorkState.COMMITTED
+        self.events = [record.event for record in records]
+        await self._run_after_commit()
+
+    async def rollback(self) -> None:
+        """Roll back now; the unit of work cannot be used afterwards."""
+        self._require_active()
+        await asyncio.shield(self._rollback_quietly(self.session))
+
+    async def _run_after_commit(self) -> None:
+        callbacks, self._after_commit = self._after_commit, []
+        for callback in callbacks:
+            try:
+                result = callback()
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:
+                # The data is committed: a failing hook must not look like a failed commit.
+                logger.exception("after-commit hook %r failed", callback)
+
+
+def _restore_events(roots: list[Any], records: list[RecordedEvent], before_commit: int) -> None:
+    # A failed commit leaves the aggregates as they were before commit(), so the same
+    # objects can be retried: the events they had recorded go back on them, and those that
+    # handlers recorded during the commit are dropped (the handlers run again on retry).
+    discard_events(roots)
+    restore_events(record for record in records if record.seq < before_commit)
+
+
+async def dispatch_round(dispatcher: EventDispatcher, batch: list[RecordedEvent], uow: Any) -> None:
+    """Dispatch one round of recorded events, each marked as the cause of what it raises."""
+    for record in batch:
+        token = handling_event.set(record.event.event_id)
+        try:
+            await dispatcher.dispatch(record.event, uow)
+        finally:
+            handling_event.reset(token)
+
+
+def build_outbox_rows(records: list[RecordedEvent], *, correlation_id: str) -> list[dict[str, Any]]:
+    """The ``qx_outbox`` rows of the integration events among ``records``: stamped with the
+    context's ids, the aggregate's type, id and tenant."""
+    ctx = current_context()
+    rows = []
+    for record in records:
+        if not isinstance(record.event, IntegrationEvent):
+            continue
+        aggregate_type = aggregate_id = None
+        tenant = ctx.tenant_id
+        if record.aggregate is not None:
+            info = entity_info(type(record.aggregate))
+            aggregate_type, aggregate_id = info.name, info.identity(record.aggregate)
+            if info.tenant_key is not None:
+                tenant = getattr(record.aggregate, info.tenant_key)
+        row = outbox_row(
+            record.event,
+            aggregate_type=aggregate_type,
+            aggregate_id=aggregate_id,
+            ctx=ctx,
+            correlation_id=correlation_id,
+            causation_id=(str(record.causation_id) if record.causation_id else ctx.causation_id),
+        )
+        row["tenant_id"] = tenant
+        rows.append(row)
+    return rows
+
+
+class UnitOfWorkFactory(Generic[U]):
+    """Builds a fresh unit of work per use: ``async with factory() as uow``.
+
+    Args:
+        uow_type: the ``UnitOfWork`` subclass declaring the repositories.
+        session_factory: from :func:`qx.db.create_session_factory`.
+        dispatcher: event dispatcher passed to every unit of work.
+        clock: time source passed to every unit of work.
+        max_event_depth: dispatch rounds allowed per commit.
+        cursor_secret: key signing keyset-pagination cursors (``QxSettings.pagination_secret``,
+            at least 16 characters); keyset ``page()`` needs it.
+    """
+
+    def __init__(
+        self,
+        uow_type: type[U],
+        session_factory: async_sessionmaker[AsyncSession],
+        *,
+        dispatcher: EventDispatcher | None = None,
+        clock: Clock | None = None,
+        max_event_depth: int = 8,
+        cursor_secret: str | bytes | SecretStr | None = None,
+    ) -> None:
+        if not (isinstance(uow_type, type) and issubclass(uow_type, UnitOfWork)):
+            raise ConfigurationError(f"expected a UnitOfWork subclass, got {uow_type!r}")
+        uow_type.declared_repositories()  # fail at wiring time, not on the first request
+        self.uow_type = uow_type
+        self.session_factory = session_factory
+        self.dispatcher = dispatcher
+        self.clock = clock
+        self.max_event_depth = max_event_depth
+        self.cursor_codec = CursorCodec(cursor_secret) if cursor_secret is not None else None
+
+    def __call__(self) -> U:
+        """Return a new, not yet entered, unit of work."""
+        return self.uow_type(
+            self.session_factory,
+            dispatcher=self.dispatcher,
+            clock=self.clock,
+            max_event_depth=self.max_event_depth,
+            cursor_codec=self.cursor_codec,
+        )

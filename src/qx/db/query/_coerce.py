@@ -1,0 +1,237 @@
+"""Checking and coercing filter values against column types before any SQL is built.
+
+HTTP-facing code passes strings; Python callers pass typed values. Both end up as the
+column's Python type, or as ``InvalidQuery`` naming the field and the value — never as a
+driver error halfway through a statement.
+
+Example:
+    >>> from sqlalchemy import Column, Integer
+    >>> coerce_value(Column("n", Integer()), "42", field="n")
+    42
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Callable
+from datetime import UTC, date, datetime
+from decimal import Decimal, InvalidOperation
+from functools import lru_cache
+from typing import Any
+from uuid import UUID
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Date,
+    DateTime,
+    Enum,
+    Float,
+    Integer,
+    Numeric,
+    SmallInteger,
+    String,
+    Uuid,
+)
+from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.types import TypeDecorator, TypeEngine
+
+from qx.core._errors import InvalidQuery
+
+__all__ = ["coerce_value"]
+
+_TRUE = frozenset({"true", "1", "yes", "on"})
+_FALSE = frozenset({"false", "0", "no", "off"})
+
+
+def _bad(field: str, value: Any, expected: str) -> InvalidQuery:
+    shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+    return InvalidQuery(f"invalid value {shown} for {field!r}: expected {expected}", field=field)
+
+
+def _to_uuid(value: Any, field: str) -> UUID:
+    if isinstance(value, UUID):
+        return value
+    if isinstance(value, str):
+        try:
+            return UUID(value)
+        except ValueError:
+            pass
+    raise _bad(field, value, "a UUID")
+
+
+def _int_parser(bits: int) -> Callable[[Any, str], int]:
+    # The column's own range: a value outside it would fail in the driver (or, in SQLite,
+    # overflow in Python) after the statement was built.
+    low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+    def parse(value: Any, field: str) -> int:
+        result: int | None = None
+        if isinstance(value, int) and not isinstance(value, bool):
+            result = value
+        elif isinstance(value, str):
+            text = value.strip()
+            if text.lstrip("+-").isdigit() and len(text) <= 40:
+                result = int(text)
+        if result is None:
+            raise _bad(field, value, "an integer")
+        if not low <= result <= high:
+            raise _bad(field, value, f"an integer between {low} and {high}")
+        return result
+
+    return parse
+
+
+_to_int = _int_parser(64)
+
+
+def _to_decimal(value: Any, field: str) -> Decimal:
+    if isinstance(value, Decimal):
+        result = value
+    elif isinstance(value, int | float | str) and not isinstance(value, bool):
+        try:
+            result = Decimal(str(value).strip())
+        except InvalidOperation:
+            raise _bad(field, value, "a number") from None
+    else:
+        raise _bad(field, value, "a number")
+    if not result.is_finite():
+        raise _bad(field, value, "a finite number")
+    return result
+
+
+def _to_float(value: Any, field: str) -> float:
+    result: float | None = None
+    if isinstance(value, float | int | Decimal) and not isinstance(value, bool):
+        try:
+            result = float(value)
+        except OverflowError:
+            result = None
+    elif isinstance(value, str):
+        try:
+            result = float(value)
+        except ValueError:
+            result = None
+    if result is None or not math.isfinite(result):
+        raise _bad(field, value, "a finite number")
+    return result
+
+
+def _decimal_parser(precision: int | None, scale: int | None) -> Callable[[Any, str], Decimal]:
+    limit = Decimal(10) ** (precision - (scale or 0)) if precision else None
+
+    def parse(value: Any, field: str) -> Decimal:
+        result = _to_decimal(value, field)
+        if limit is not None and abs(result) >= limit:
+            raise _bad(field, value, f"a number below {limit} in magnitude")
+        return result
+
+    return parse
+
+
+def _to_bool(value: Any, field: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise _bad(field, value, "true or false")
+
+
+def _to_datetime(value: Any, field: str) -> datetime:
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+        except ValueError:
+            raise _bad(field, value, "an ISO 8601 timestamp with a time zone") from None
+    if isinstance(value, datetime):
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise _bad(field, value, "a timezone-aware timestamp")
+        return value.astimezone(UTC)
+    raise _bad(field, value, "an ISO 8601 timestamp with a time zone")
+
+
+def _to_date(value: Any, field: str) -> date:
+    if isinstance(value, datetime):
+        raise _bad(field, value, "a date (not a datetime)")
+    if isinstance(value, date):
+        return value
+    if isinstance(value, str):
+        try:
+            return date.fromisoformat(value.strip())
+        except ValueError:
+            pass
+    raise _bad(field, value, "an ISO 8601 date")
+
+
+def _to_str(value: Any, field: str) -> str:
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise _bad(field, value, "text without NUL characters")
+        return value
+    if isinstance(value, enum.Enum) and isinstance(value.value, str):
+        return value.value
+    raise _bad(field, value, "a string")
+
+
+@lru_cache(maxsize=4096)
+def _converter(type_: TypeEngine[Any]) -> Callable[[Any, str], Any] | None:
+    if isinstance(type_, TypeDecorator):
+        if getattr(type_, "python_type", None) is datetime or isinstance(type_.impl, DateTime):
+            return _to_datetime
+        return _converter(type_.impl_instance)
+    if isinstance(type_, JSON):
+        return None
+    if isinstance(type_, Enum):
+        return None  # handled with its allowed values below
+    if isinstance(type_, Integer):
+        bits = (
+            16 if isinstance(type_, SmallInteger) else 64 if isinstance(type_, BigInteger) else 32
+        )
+        return _int_parser(bits)
+    if isinstance(type_, Numeric) and not isinstance(type_, Float):
+        return _decimal_parser(type_.precision, type_.scale)
+    table: tuple[tuple[type[TypeEngine[Any]], Callable[[Any, str], Any]], ...] = (
+        (Uuid, _to_uuid),
+        (Boolean, _to_bool),
+        (Float, _to_float),
+        (DateTime, _to_datetime),
+        (Date, _to_date),
+        (String, _to_str),
+    )
+    for klass, convert in table:
+        if isinstance(type_, klass):
+            return convert
+    return None
+
+
+def coerce_value(column: ColumnElement[Any], value: Any, *, field: str) -> Any:
+    """Return ``value`` converted to ``column``'s Python type.
+
+    ``None`` is returned unchanged (callers turn it into ``IS NULL``).
+
+    Raises:
+        InvalidQuery: the value cannot represent a value of the column's type, or the column
+            is JSON (not filterable by value).
+    """
+    if value is None:
+        return None
+    type_ = column.type
+    if isinstance(type_, JSON) or (
+        isinstance(type_, TypeDecorator) and isinstance(type_.impl_instance, JSON)
+    ):
+        raise InvalidQuery(f"field {field!r} is JSON and cannot be filtered by value", field=field)
+    if isinstance(type_, Enum):
+        allowed = list(type_.enums)
+        raw = value.name if isinstance(value, enum.Enum) and type_.enum_class else value
+        if isinstance(value, enum.Enum) and not type_.enum_class:
+            raw = value.value
+        if raw not in allowed:
+            raise _bad(field, value, f"one of {allowed}")
+        return type_.enum_class[raw] if type_.enum_class else raw
+    convert = _converter(type_)
+    if convert is None:
+        # PostgreSQL dialect variants resolve through with_variant's base type.
+        return value
+    return convert(value, field)

@@ -1,0 +1,318 @@
+"""Turning ``Q`` trees and ``field__lookup`` keys into SQL, and evaluating them in Python.
+
+Paths walk relationships with ``__``: a many-to-one step at the top of a query becomes a
+``LEFT OUTER JOIN`` to an alias (one per path, reused by every condition on that path), so the
+root rows are never duplicated; a one-to-many or many-to-many step becomes a correlated
+``EXISTS`` (``relationship.any()``), also never duplicating roots. Conditions on the same
+to-many path inside one AND node share one ``EXISTS``, so they must hold for the same related
+row, as in Django.
+
+Every key is checked before SQL is built: the field (path without lookup) must be in the
+repository's allow-list, exist in the mapping, and end at a column; the lookup must exist; the
+value must fit the column. Anything else is ``InvalidQuery`` naming the key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+from sqlalchemy import and_, or_, true
+from sqlalchemy.orm import ColumnProperty, Mapper, RelationshipProperty, aliased
+from sqlalchemy.orm.interfaces import ONETOMANY
+from sqlalchemy.sql.elements import ColumnElement
+
+from qx.core._errors import InvalidQuery
+from qx.db.query._lookups import LOOKUPS, Lookup
+from qx.db.query._q import Q
+
+__all__ = ["Condition", "FieldPath", "FilterCompiler", "Step", "evaluate", "resolve_key"]
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One relationship hop of a path."""
+
+    key: str
+    to_many: bool
+    target: Mapper[Any]
+
+
+@dataclass(frozen=True, slots=True)
+class FieldPath:
+    """A resolved ``a__b__column`` path.
+
+    Attributes:
+        name: the path as written (``"lines__sku"``), what allow-lists name.
+        steps: the relationship hops.
+        column_key: the attribute of the column at the end.
+        nullable: whether the column itself is nullable.
+    """
+
+    name: str
+    steps: tuple[Step, ...]
+    column_key: str
+    nullable: bool
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        """The path split on ``__``."""
+        return tuple(self.name.split("__"))
+
+
+@dataclass(frozen=True, slots=True)
+class Condition:
+    """A checked leaf: a field path, a lookup and the coerced value."""
+
+    field: FieldPath
+    lookup: Lookup
+    value: Any
+    key: str
+
+
+def _relationship_step(prop: RelationshipProperty[Any]) -> Step:
+    to_many = prop.uselist or prop.direction is ONETOMANY or prop.secondary is not None
+    return Step(prop.key, bool(to_many), prop.mapper)
+
+
+@lru_cache(maxsize=4096)
+def _resolve_path(mapper: Mapper[Any], parts: tuple[str, ...], owner: str) -> FieldPath:
+    steps: list[Step] = []
+    current = mapper
+    for index, part in enumerate(parts):
+        prop = current.attrs.get(part)
+        last = index == len(parts) - 1
+        if isinstance(prop, RelationshipProperty):
+            if last:
+                example = "__".join((*parts, "id"))
+                raise InvalidQuery(
+                    f"{'__'.join(parts)!r} is a relationship of {owner}; filter on one of its "
+                    f"fields (e.g. {example!r})",
+                    field="__".join(parts),
+                )
+            step = _relationship_step(prop)
+            steps.append(step)
+            current = step.target
+            continue
+        if isinstance(prop, ColumnProperty) and last and len(prop.columns) == 1:
+            column = prop.columns[0]
+            return FieldPath(
+                name="__".join(parts),
+                steps=tuple(steps),
+                column_key=prop.key,
+                nullable=bool(getattr(column, "nullable", True)),
+            )
+        raise InvalidQuery(f"{owner} has no field {'__'.join(parts)!r}", field="__".join(parts))
+    raise InvalidQuery(f"{owner}: empty field name", field="")  # pragma: no cover - parts >= 1
+
+
+def resolve_key(
+    mapper: Mapper[Any], key: str, *, allowed: Iterable[str] | None, owner: str
+) -> tuple[FieldPath, Lookup]:
+    """Split ``field__lookup`` and resolve it against ``mapper`` and the allow-list.
+
+    Args:
+        allowed: field names accepted; ``None`` accepts every mapped field.
+
+    Raises:
+        InvalidQuery: unknown field or lookup, or a field outside ``allowed``.
+    """
+    if not isinstance(key, str) or not key or len(key) > 300:
+        raise InvalidQuery(f"invalid filter key {key!r}", field=str(key)[:300])
+    parts = tuple(key.split("__"))
+    if any(not part for part in parts):
+        raise InvalidQuery(f"invalid filter key {key!r}", field=key)
+    lookup = LOOKUPS["exact"]
+    if len(parts) > 1 and parts[-1] in LOOKUPS:
+        lookup = LOOKUPS[parts[-1]]
+        parts = parts[:-1]
+    name = "__".join(parts)
+    if allowed is not None and name not in allowed:
+        # Checked before resolution so a caller learns nothing about fields they cannot use.
+        listed = ", ".join(sorted(allowed)) or "none"
+        if len(parts) > 1 and _looks_like_lookup(mapper, parts, owner):
+            raise InvalidQuery(
+                f"unknown lookup {parts[-1]!r} in {key!r} (lookups: {', '.join(sorted(LOOKUPS))})",
+                field=key,
+            )
+        raise InvalidQuery(
+            f"filter {name!r} is not allowed on {owner} (allowed: {listed})", field=name
+        )
+    return _resolve_path(mapper, parts, owner), lookup
+
+
+def _looks_like_lookup(mapper: Mapper[Any], parts: tuple[str, ...], owner: str) -> bool:
+    try:
+        _resolve_path(mapper, parts[:-1], owner)
+    except InvalidQuery:
+        return False
+    return True
+
+
+def check(
+    mapper: Mapper[Any], key: str, value: Any, *, allowed: Iterable[str] | None, owner: str
+) -> Condition:
+    """Resolve ``key`` and coerce ``value``: a leaf ready for SQL or Python evaluation."""
+    field, lookup = resolve_key(mapper, key, allowed=allowed, owner=owner)
+    target = mapper
+    for step in field.steps:
+        target = step.target
+    column = target.attrs[field.column_key].columns[0]
+    return Condition(field, lookup, lookup.prepare(column, value, field.name), key)
+
+
+class FilterCompiler:
+    """Compiles ``Q`` trees for one root entity, collecting the joins they need.
+
+    Args:
+        mapper: the root mapper.
+        allowed: the allow-list of field paths (``None``: every mapped field).
+        owner: name used in error messages (the repository).
+        dialect: ``"postgresql"``, ``"sqlite"``, ... (large ``in`` lists differ).
+        joins: aliases already joined, by path (copied, never mutated).
+    """
+
+    def __init__(
+        self,
+        mapper: Mapper[Any],
+        *,
+        allowed: Iterable[str] | None,
+        owner: str,
+        dialect: str,
+        joins: Mapping[tuple[str, ...], tuple[Any, Any, str]] | None = None,
+    ) -> None:
+        self.mapper = mapper
+        self.allowed = None if allowed is None else frozenset(allowed)
+        self.owner = owner
+        self.dialect = dialect
+        #: path -> (alias, parent entity or alias, relationship key), in join order.
+        self.joins: dict[tuple[str, ...], tuple[Any, Any, str]] = dict(joins or {})
+
+    def check(self, key: str, value: Any) -> Condition:
+        """Resolve and coerce one leaf."""
+        return check(self.mapper, key, value, allowed=self.allowed, owner=self.owner)
+
+    def compile(self, q: Q) -> ColumnElement[bool]:
+        """Return the two-valued SQL condition of ``q`` on the root entity."""
+        return self._node(q)
+
+    def _node(self, q: Q) -> ColumnElement[bool]:
+        # Q nodes always apply to the root entity; relationship hops happen in _group.
+        root = self.mapper.class_
+        parts: list[ColumnElement[bool]] = []
+        leaves: list[Condition] = []
+        for child in q.children:
+            if isinstance(child, Q):
+                parts.append(self._node(child))
+            else:
+                leaves.append(self.check(*child))
+        if q.connector == Q.AND:
+            parts[:0] = self._group(leaves, root, 0, joinable=True)
+        else:
+            parts[:0] = [self._group([c], root, 0, joinable=True)[0] for c in leaves]
+        if not parts:
+            combined: ColumnElement[bool] = true()
+        elif len(parts) == 1:
+            combined = parts[0]
+        else:
+            combined = and_(*parts) if q.connector == Q.AND else or_(*parts)
+        return ~combined if q.negated else combined
+
+    def _advance(
+        self, condition: Condition, base: Any, depth: int, joinable: bool
+    ) -> tuple[Any, int]:
+        steps = condition.field.steps
+        while joinable and depth < len(steps) and not steps[depth].to_many:
+            base = self._join(condition.field.parts[: depth + 1], base, steps[depth])
+            depth += 1
+        return base, depth
+
+    def _join(self, path: tuple[str, ...], parent: Any, step: Step) -> Any:
+        found = self.joins.get(path)
+        if found is None:
+            alias = aliased(step.target.class_, name="qx_" + "_".join(path))
+            found = (alias, parent, step.key)
+            self.joins[path] = found
+        return found[0]
+
+    def _group(
+        self, conditions: list[Condition], base: Any, depth: int, *, joinable: bool
+    ) -> list[ColumnElement[bool]]:
+        out: list[ColumnElement[bool]] = []
+        groups: dict[tuple[str, ...], tuple[Any, int, list[Condition]]] = {}
+        for condition in conditions:
+            at, index = self._advance(condition, base, depth, joinable)
+            steps = condition.field.steps
+            if index == len(steps):
+                column = getattr(at, condition.field.column_key)
+                nullable = condition.field.nullable or index > depth  # outer-joined: may be NULL
+                out.append(condition.lookup.build(column, condition.value, nullable, self.dialect))
+                continue
+            path = condition.field.parts[: index + 1]
+            groups.setdefault(path, (at, index, []))[2].append(condition)
+        for at, index, members in groups.values():
+            step = members[0].field.steps[index]
+            inner = self._group(members, step.target.class_, index + 1, joinable=False)
+            criterion = and_(*inner) if len(inner) > 1 else inner[0]
+            relationship = getattr(at, step.key)
+            out.append(relationship.any(criterion) if step.to_many else relationship.has(criterion))
+        return out
+
+
+def evaluate(
+    q: Q, obj: Any, mapper: Mapper[Any], *, allowed: Iterable[str] | None = None, owner: str = ""
+) -> bool:
+    """Evaluate ``q`` on a Python object with the meaning the SQL has.
+
+    Many-to-one hops at the top behave like the outer joins (a missing target reads as
+    ``None``); hops inside a to-many group behave like ``EXISTS`` (a missing target fails).
+    """
+    allowed_set = None if allowed is None else frozenset(allowed)
+    return _eval_node(q, obj, mapper, allowed_set, owner or mapper.class_.__name__)
+
+
+def _eval_node(
+    q: Q, obj: Any, mapper: Mapper[Any], allowed: frozenset[str] | None, owner: str
+) -> bool:
+    results: list[bool] = []
+    leaves: list[Condition] = []
+    for child in q.children:
+        if isinstance(child, Q):
+            results.append(_eval_node(child, obj, mapper, allowed, owner))
+        else:
+            leaves.append(check(mapper, child[0], child[1], allowed=allowed, owner=owner))
+    if q.connector == Q.AND:
+        results.extend(_eval_group(leaves, obj, 0, True))
+        value = all(results)
+    else:
+        results.extend(_eval_group([leaf], obj, 0, True)[0] for leaf in leaves)
+        value = any(results)
+    return not value if q.negated else value
+
+
+def _eval_group(conditions: list[Condition], obj: Any, depth: int, joinable: bool) -> list[bool]:
+    out: list[bool] = []
+    groups: dict[tuple[str, ...], tuple[Any, int, list[Condition]]] = {}
+    for condition in conditions:
+        at, index = obj, depth
+        steps = condition.field.steps
+        while joinable and index < len(steps) and not steps[index].to_many:
+            at = getattr(at, steps[index].key) if at is not None else None
+            index += 1
+        if index == len(steps):
+            value = getattr(at, condition.field.column_key) if at is not None else None
+            out.append(bool(condition.lookup.evaluate(value, condition.value)))
+            continue
+        path = condition.field.parts[: index + 1]
+        groups.setdefault(path, (at, index, []))[2].append(condition)
+    for at, index, members in groups.values():
+        step = members[0].field.steps[index]
+        related = getattr(at, step.key, None) if at is not None else None
+        if related is None:
+            out.append(False)
+            continue
+        candidates = related if step.to_many else [related]
+        out.append(any(all(_eval_group(members, item, index + 1, False)) for item in candidates))
+    return out

@@ -1,0 +1,604 @@
+"""``Query[T]``: a chainable, immutable query over one repository's aggregate.
+
+Every builder method returns a new query and leaves its parent unchanged; keys, lookups,
+values and sort keys are checked when the builder method is called, so a bad one fails where
+it is written, not when the query runs. Terminals are awaited and run in the repository's
+unit of work, under the same tenant and soft-delete scoping as every other statement.
+
+Example:
+    >>> paid = (
+    ...     uow.orders.query()                                  # doctest: +SKIP
+    ...     .filter(status="paid", created_at__gte=since)
+    ...     .exclude(Q(customer__startswith="test") | Q(lines__sku="X"))
+    ...     .order_by("-created_at")
+    ...     .load("lines")
+    ... )
+    >>> page = await paid.page(page_size=20, cursor=request_cursor)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import builtins
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Generic, Self, TypeVar
+
+from sqlalchemy import Select, and_, delete, func, select, true, tuple_, update
+from sqlalchemy.orm import RelationshipProperty, selectinload
+from sqlalchemy.orm.interfaces import ORMOption
+from sqlalchemy.sql.elements import ColumnElement
+
+from qx.core._errors import InvalidCursor, InvalidQuery, NotFound
+from qx.db._scoping import WITH_DELETED
+from qx.db._translate import translating
+from qx.db.query._coerce import coerce_value
+from qx.db.query._compiler import FilterCompiler, _resolve_path
+from qx.db.query._keyset import SortKey, keyset_condition, order_clauses
+from qx.db.query._lookups import in_condition
+from qx.db.query._page import Page
+from qx.db.query._q import Q
+
+if TYPE_CHECKING:
+    from qx.db._repository import Repository
+
+__all__ = ["Query"]
+
+T = TypeVar("T")
+
+_UNSET: Any = object()
+
+
+def _check_count(name: str, value: Any, maximum: int | None = None, minimum: int = 0) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise InvalidQuery(f"{name} must be an integer >= {minimum}, got {value!r}", field=name)
+    if maximum is not None and value > maximum:
+        raise InvalidQuery(f"{name} must be at most {maximum}, got {value}", field=name)
+    return value
+
+
+class Query(Generic[T]):
+    """An immutable query; build it with :meth:`qx.db.Repository.query`."""
+
+    __slots__ = (
+        "_distinct",
+        "_joins",
+        "_limit",
+        "_loads",
+        "_offset",
+        "_order",
+        "_qs",
+        "_repo",
+        "_where",
+        "_with_deleted",
+    )
+
+    def __init__(self, repository: Repository[T]) -> None:
+        self._repo = repository
+        self._qs: tuple[Q, ...] = ()
+        self._where: tuple[ColumnElement[bool], ...] = ()
+        self._joins: Mapping[tuple[str, ...], tuple[Any, Any, str]] = {}
+        self._order: tuple[SortKey, ...] | None = None
+        self._limit: int | None = None
+        self._offset: int = 0
+        self._distinct = False
+        self._loads: tuple[ORMOption, ...] = ()
+        self._with_deleted = False
+
+    def _copy(self, **changes: Any) -> Self:
+        # Spelled out rather than looped over __slots__: queries are built on every request.
+        clone = object.__new__(type(self))
+        clone._repo = self._repo
+        clone._qs = self._qs
+        clone._where = self._where
+        clone._joins = self._joins
+        clone._order = self._order
+        clone._limit = self._limit
+        clone._offset = self._offset
+        clone._distinct = self._distinct
+        clone._loads = self._loads
+        clone._with_deleted = self._with_deleted
+        for name, value in changes.items():
+            setattr(clone, "_" + name, value)
+        return clone
+
+    def __repr__(self) -> str:
+        parts = [repr(q) for q in self._qs]
+        if self._order is not None:
+            parts.append("order_by=" + ",".join(str(k) for k in self._order))
+        if self._limit is not None:
+            parts.append(f"limit={self._limit}")
+        if self._offset:
+            parts.append(f"offset={self._offset}")
+        return f"<Query {self._repo._info.name} {' '.join(parts)}>"
+
+    # -- builders ---------------------------------------------------------------------------
+
+    def _compiler(self) -> FilterCompiler:
+        repo = self._repo
+        return FilterCompiler(
+            repo._mapper,
+            allowed=repo.filterable,
+            owner=repo._name,
+            dialect=repo._dialect(),
+            joins=self._joins,
+        )
+
+    def _add(self, q: Q) -> Self:
+        if not q:
+            return self
+        compiler = self._compiler()
+        condition = compiler.compile(q)
+        return self._copy(qs=(*self._qs, q), where=(*self._where, condition), joins=compiler.joins)
+
+    def filter(self, *conditions: Q, **lookups: Any) -> Self:
+        """Keep rows matching every condition (``field__lookup=value`` or ``Q`` objects).
+
+        Raises:
+            InvalidQuery: an unknown field or lookup, a field outside ``filterable``, or a
+                value that does not fit the column.
+        """
+        return self._add(Q(*conditions, **lookups))
+
+    def exclude(self, *conditions: Q, **lookups: Any) -> Self:
+        """Drop rows matching all the conditions (``NOT (...)``; NULLs never leak through)."""
+        q = Q(*conditions, **lookups)
+        return self._add(~q) if q else self
+
+    def order_by(self, *keys: str) -> Self:
+        """Sort by ``keys`` (``"-created_at"`` descending); no keys: back to the default.
+
+        The primary key is always appended, so the order is total.
+
+        Raises:
+            InvalidQuery: a key outside ``sortable`` or not a column.
+        """
+        if not keys:
+            return self._copy(order=None)
+        spec = [
+            part for key in keys for part in (key.split(",") if isinstance(key, str) else [key])
+        ]
+        return self._copy(order=self._repo._sort_keys(spec))
+
+    def limit(self, count: int | None) -> Self:
+        """Return at most ``count`` rows (capped by the repository's ``max_limit``)."""
+        if count is None:
+            return self._copy(limit=None)
+        return self._copy(limit=_check_count("limit", count, self._repo.max_limit))
+
+    def offset(self, count: int) -> Self:
+        """Skip ``count`` rows."""
+        return self._copy(offset=_check_count("offset", count))
+
+    def distinct(self, flag: bool = True) -> Self:
+        """SELECT DISTINCT (roots are never duplicated by relation filters anyway)."""
+        return self._copy(distinct=bool(flag))
+
+    def with_deleted(self, flag: bool = True) -> Self:
+        """Include soft-deleted rows."""
+        return self._copy(with_deleted=bool(flag))
+
+    def load(self, *paths: str) -> Self:
+        """Eager-load relationships (``"lines"``, ``"lines__product"``): one SELECT per level.
+
+        Raises:
+            InvalidQuery: a path that is not a chain of relationships.
+        """
+        options = list(self._loads)
+        mapper = self._repo._mapper
+        for path in paths:
+            if not isinstance(path, str) or not path:
+                raise InvalidQuery(f"invalid load path {path!r}", field=str(path))
+            current, option, entity = mapper, None, mapper.class_
+            for part in path.split("__"):
+                prop = current.attrs.get(part)
+                if not isinstance(prop, RelationshipProperty):
+                    raise InvalidQuery(
+                        f"{current.class_.__name__} has no relationship {part!r} (in {path!r})",
+                        field=path,
+                    )
+                attr = getattr(entity, part)
+                option = selectinload(attr) if option is None else option.selectinload(attr)
+                current = prop.mapper
+                entity = current.class_
+            assert option is not None
+            options.append(option)
+        return self._copy(loads=tuple(options))
+
+    # -- statements -------------------------------------------------------------------------
+
+    def _sort(self) -> tuple[SortKey, ...]:
+        return self._order if self._order is not None else self._repo._default_sort()
+
+    def _from(self, stmt: Select[Any]) -> Select[Any]:
+        if self._joins:
+            # Joins start from the root, whatever the selected columns are.
+            stmt = stmt.select_from(self._repo.entity)
+        for alias, parent, key in self._joins.values():
+            stmt = stmt.outerjoin(alias, getattr(parent, key).of_type(alias))
+        if self._where:
+            stmt = stmt.where(*self._where)
+        return stmt
+
+    def _select(
+        self, *, sort: Sequence[SortKey] | None = None, reverse: bool = False, window: bool = True
+    ) -> Select[Any]:
+        entity = self._repo.entity
+        stmt = self._from(select(entity))
+        if self._distinct:
+            stmt = stmt.distinct()
+        stmt = stmt.order_by(
+            *order_clauses(entity, self._sort() if sort is None else sort, reverse=reverse)
+        )
+        if window:
+            if self._limit is not None:
+                stmt = stmt.limit(self._limit)
+            if self._offset:
+                stmt = stmt.offset(self._offset)
+        if self._loads:
+            stmt = stmt.options(*self._loads)
+        return stmt
+
+    def _options(self) -> dict[str, Any]:
+        return {WITH_DELETED: self._with_deleted}
+
+    async def _scalars(self, stmt: Any) -> builtins.list[Any]:
+        session = self._repo.session
+        with translating(session.sync_session):
+            result = await session.scalars(stmt, execution_options=self._options())
+            return builtins.list(result.all())
+
+    def _pk_columns(self) -> builtins.list[Any]:
+        entity = self._repo.entity
+        return [getattr(entity, key) for key in self._repo._info.pk_keys]
+
+    def _matching_pks(self) -> ColumnElement[bool]:
+        """``pk IN (SELECT pk ... )``: the rows of this query, usable in UPDATE/DELETE."""
+        if not self._joins and self._limit is None and not self._offset:
+            return self._where_clause()
+        pks = self._pk_columns()
+        target = pks[0] if len(pks) == 1 else tuple_(*pks)
+        return target.in_(self._pk_select())
+
+    def _pk_select(self) -> Select[Any]:
+        """The primary keys of this query's rows, honouring ``limit``/``offset``."""
+        stmt = self._from(select(*self._pk_columns()))
+        if self._limit is not None or self._offset:
+            stmt = stmt.order_by(*order_clauses(self._repo.entity, self._sort()))
+            stmt = stmt.limit(self._limit).offset(self._offset or None)
+        return stmt
+
+    def _where_clause(self) -> ColumnElement[bool]:
+        if not self._where:
+            return true()
+        return and_(*self._where) if len(self._where) > 1 else self._where[0]
+
+    # -- terminals --------------------------------------------------------------------------
+
+    async def all(self) -> builtins.list[T]:
+        """Run the query and return every row."""
+        return await self._scalars(self._select())
+
+    async def first(self) -> T | None:
+        """Return the first row in order, or ``None``."""
+        rows = await self._scalars(self.limit(1)._select())
+        return rows[0] if rows else None
+
+    async def one(self) -> T:
+        """Return the only matching row.
+
+        Raises:
+            NotFound: no row matches.
+            InvalidQuery: more than one row matches.
+        """
+        rows = await self._scalars(self._copy(limit=2)._select())
+        if not rows:
+            raise NotFound(entity=self._repo._info.name, key=" & ".join(map(repr, self._qs)) or "*")
+        if len(rows) > 1:
+            raise InvalidQuery(f"more than one {self._repo._info.name} matches {self!r}")
+        return rows[0]  # type: ignore[no-any-return]
+
+    async def count(self) -> int:
+        """Return how many rows the query yields (respecting ``limit``/``offset``)."""
+        pks = self._pk_columns()
+        counted = func.count(pks[0].distinct() if self._distinct else pks[0])
+        stmt = self._from(select(counted))
+        session = self._repo.session
+        with translating(session.sync_session):
+            total = int(await session.scalar(stmt, execution_options=self._options()) or 0)
+        total = max(total - self._offset, 0)
+        return total if self._limit is None else min(total, self._limit)
+
+    async def exists(self) -> bool:
+        """Return whether the query yields any row."""
+        stmt = self._from(select(self._pk_columns()[0])).limit(1)
+        if self._offset:
+            stmt = stmt.order_by(*order_clauses(self._repo.entity, self._sort())).offset(
+                self._offset
+            )
+        session = self._repo.session
+        with translating(session.sync_session):
+            found = await session.scalar(stmt, execution_options=self._options())
+        return found is not None
+
+    async def values_list(self, *fields: str, flat: bool = False) -> builtins.list[Any]:
+        """Return tuples of column values (many-to-one paths allowed: ``"customer__name"``).
+
+        Args:
+            flat: with exactly one field, return plain values instead of 1-tuples.
+
+        Raises:
+            InvalidQuery: no fields, an unknown field, a to-many path, or ``flat`` with
+                several fields.
+        """
+        if not fields:
+            raise InvalidQuery("values_list() needs at least one field", field="fields")
+        if flat and len(fields) != 1:
+            raise InvalidQuery("flat=True needs exactly one field", field="fields")
+        repo = self._repo
+        compiler = self._compiler()
+        columns = []
+        for name in fields:
+            if not isinstance(name, str) or not name:
+                raise InvalidQuery(f"invalid field {name!r}", field=str(name))
+            path = _resolve_path(repo._mapper, tuple(name.split("__")), repo._name)
+            base: Any = repo.entity
+            for i, step in enumerate(path.steps):
+                if step.to_many:
+                    raise InvalidQuery(
+                        f"values_list() cannot follow to-many relationship {step.key!r}",
+                        field=name,
+                    )
+                base = compiler._join(path.parts[: i + 1], base, step)
+            columns.append(getattr(base, path.column_key))
+        query = self._copy(joins=compiler.joins)
+        stmt = query._from(select(*columns))
+        if self._distinct:
+            stmt = stmt.distinct()
+        else:
+            stmt = stmt.order_by(*order_clauses(repo.entity, self._sort()))
+        if self._limit is not None:
+            stmt = stmt.limit(self._limit)
+        if self._offset:
+            stmt = stmt.offset(self._offset)
+        session = repo.session
+        with translating(session.sync_session):
+            result = await session.execute(stmt, execution_options=self._options())
+            rows = result.all()
+        if flat:
+            return [row[0] for row in rows]
+        return [tuple(row) for row in rows]
+
+    async def page(
+        self,
+        *,
+        page_size: int = 50,
+        cursor: str | None = None,
+        page_number: int | None = None,
+        with_total: bool = False,
+    ) -> Page[T]:
+        """Return one page: keyset pagination with ``cursor`` (default), or offset pagination
+        with ``page_number``.
+
+        Keyset pages are stable under inserts and cost the same at any depth; follow
+        ``next_cursor`` / ``prev_cursor``. The cursor is signed and bound to this sort.
+
+        Raises:
+            InvalidCursor: the cursor is malformed, tampered with, signed with another secret
+                or made for another sort.
+            InvalidQuery: bad ``page_size`` / ``page_number``, both a cursor and a page
+                number, or ``limit``/``offset`` already set on the query.
+            ConfigurationError: keyset pagination without a cursor secret.
+        """
+        repo = self._repo
+        size = _check_count("page_size", page_size, repo.max_limit, minimum=1)
+        if self._limit is not None or self._offset:
+            raise InvalidQuery("page() cannot be combined with limit()/offset()", field="page")
+        total = await self.count() if with_total else None
+        if page_number is not None:
+            if cursor is not None:
+                raise InvalidQuery("give a cursor or a page_number, not both", field="page_number")
+            number = _check_count("page_number", page_number, minimum=1)
+            rows = await self._scalars(
+                self._copy(limit=size + 1, offset=(number - 1) * size)._select()
+            )
+            return Page(
+                items=rows[:size],
+                page_size=size,
+                has_next=len(rows) > size,
+                has_previous=number > 1,
+                page_number=number,
+                total=total,
+            )
+        keys = self._sort()
+        signature = f"{repo._info.name}:{','.join(str(k) for k in keys)}"
+        codec = repo._cursor_codec()
+        backward = False
+        stmt_query = self
+        if cursor is not None:
+            backward, raw = codec.decode(cursor, sort=signature)
+            values = self._cursor_values(keys, raw)
+            stmt_query = self._copy(
+                where=(*self._where, keyset_condition(repo.entity, keys, values, backward=backward))
+            )
+        stmt = stmt_query._copy(limit=size + 1)._select(reverse=backward)
+        rows = await self._scalars(stmt)
+        more = len(rows) > size
+        rows = rows[:size]
+        if backward:
+            rows.reverse()
+        has_next = True if backward else more
+        has_previous = more if backward else cursor is not None
+        if not rows:
+            has_next = has_previous = False
+
+        def boundary(row: Any, back: bool) -> str:
+            return codec.encode(
+                sort=signature, backward=back, values=[getattr(row, k.key) for k in keys]
+            )
+
+        return Page(
+            items=rows,
+            page_size=size,
+            has_next=has_next,
+            has_previous=has_previous,
+            next_cursor=boundary(rows[-1], False) if has_next else None,
+            prev_cursor=boundary(rows[0], True) if has_previous else None,
+            total=total,
+        )
+
+    def _cursor_values(
+        self, keys: Sequence[SortKey], raw: builtins.list[Any]
+    ) -> builtins.list[Any]:
+        if len(raw) != len(keys):
+            raise InvalidCursor("cursor does not match the sort keys", field="cursor")
+        mapper = self._repo._mapper
+        values = []
+        for key, value in zip(keys, raw, strict=True):
+            column = mapper.attrs[key.key].columns[0]
+            try:
+                coerced = coerce_value(column, value, field=key.key)
+            except InvalidQuery:
+                raise InvalidCursor(
+                    "cursor values do not fit the sort keys", field="cursor"
+                ) from None
+            if coerced is None and not key.nullable:
+                raise InvalidCursor("cursor values do not fit the sort keys", field="cursor")
+            values.append(coerced)
+        return values
+
+    async def stream(self, *, chunk_size: int = 1000) -> AsyncIterator[T]:
+        """Yield every row, fetched ``chunk_size`` at a time (a server-side cursor on
+        PostgreSQL), so memory stays flat however many rows match.
+
+        Use ``async for order in query.stream(): ...`` inside the unit of work. Once per
+        chunk, pending changes are flushed (as an autoflush would) and the roots already
+        yielded are let go of - except those still holding recorded events; a root let go of
+        is held again if it records an event or a part of it changes (see
+        ``qx.db._tracking.TransactionState.release``).
+        """
+        size = _check_count("chunk_size", chunk_size, 100_000, minimum=1)
+        session = self._repo.session
+        options = {**self._options(), "yield_per": size}
+        sync = session.sync_session
+        yielded: builtins.list[Any] = []
+        with translating(sync):
+            result = await session.stream_scalars(self._select(), execution_options=options)
+            try:
+                async for row in result:
+                    if len(yielded) == size:
+                        # A new chunk has just been loaded. Writing what the caller changed
+                        # lets the chunk before go: memory stays flat.
+                        await session.flush()
+                        sync.tx_state.release(yielded)  # type: ignore[attr-defined]
+                        yielded = []
+                    yielded.append(row)
+                    yield row
+            finally:
+                await result.close()
+
+    # -- bulk writes ------------------------------------------------------------------------
+
+    def _bulk_values(self, values: Mapping[str, Any]) -> dict[str, Any]:
+        repo = self._repo
+        info = repo._info
+        managed = {
+            key
+            for key in (
+                *info.pk_keys,
+                info.version_key,
+                info.tenant_key,
+                info.created_key,
+                info.updated_key,
+                info.deleted_key,
+            )
+            if key is not None
+        }
+        if not values:
+            raise InvalidQuery("update() needs at least one field=value", field="values")
+        checked: dict[str, Any] = {}
+        for key, raw in values.items():
+            prop = repo._mapper.attrs.get(key)
+            column = getattr(prop, "columns", [None])[0] if prop is not None else None
+            if column is None or isinstance(prop, RelationshipProperty):
+                raise InvalidQuery(f"{info.name} has no column field {key!r}", field=key)
+            if key in managed:
+                raise InvalidQuery(
+                    f"{info.name}.{key} is maintained by qx and cannot be updated", field=key
+                )
+            value = coerce_value(column, raw, field=key)
+            if value is None and not column.nullable:
+                raise InvalidQuery(f"{info.name}.{key} cannot be None", field=key)
+            checked[key] = value
+        return checked
+
+    def _stamps(self) -> dict[str, Any]:
+        repo = self._repo
+        info = repo._info
+        entity = repo.entity
+        stamps: dict[str, Any] = {}
+        if info.version_key is not None:
+            stamps[info.version_key] = getattr(entity, info.version_key) + 1
+        if info.updated_key is not None:
+            stamps[info.updated_key] = repo._clock().now()
+        return stamps
+
+    async def _run_write(self, stmt: Any, returning: bool) -> int | builtins.list[T]:
+        session = self._repo.session
+        options = {**self._options(), "synchronize_session": "fetch"}
+        with translating(session.sync_session):
+            if returning:
+                result = await session.scalars(
+                    stmt.returning(self._repo.entity), execution_options=options
+                )
+                return builtins.list(result.all())
+            outcome = await session.execute(stmt, execution_options=options)
+            return int(outcome.rowcount)  # type: ignore[attr-defined]
+
+    async def update(self, *, returning: bool = False, **values: Any) -> Any:
+        """UPDATE every matching row; return the number of rows (or the rows, ``returning``).
+
+        Versioned tables get ``version = version + 1`` and audit tables ``updated_at``, so
+        writers holding a loaded copy see a ``ConcurrencyConflict`` on their next save.
+
+        Raises:
+            InvalidQuery: no values, an unknown or qx-managed field, or a bad value.
+        """
+        checked = self._bulk_values(values)
+        stmt = (
+            update(self._repo.entity)
+            .where(self._matching_pks())
+            .values(**checked, **self._stamps())
+        )
+        return await self._run_write(stmt, returning)
+
+    async def delete(self, *, returning: bool = False, hard: bool = False) -> Any:
+        """Delete every matching row: a soft delete (``deleted_at``) where the table has one,
+        else (or with ``hard=True``) a DELETE that removes the aggregates' owned parts and
+        association rows first.
+
+        Returns the number of aggregates deleted (or the rows, ``returning``).
+        """
+        repo = self._repo
+        info = repo._info
+        entity = repo.entity
+        if info.deleted_key is not None and not hard:
+            deleted = getattr(entity, info.deleted_key)
+            stmt = (
+                update(entity)
+                .where(self._matching_pks(), deleted.is_(None))
+                .values({info.deleted_key: repo._clock().now(), **self._stamps()})
+            )
+            return await self._run_write(stmt, returning)
+        pks = self._pk_columns()
+        roots = self._pk_select()
+        if len(pks) != 1:
+            return await self._run_write(delete(entity).where(tuple_(*pks).in_(roots)), returning)
+        session = repo.session
+        with translating(session.sync_session):
+            keys = builtins.list(
+                (await session.scalars(roots, execution_options=self._options())).all()
+            )
+        if not keys:
+            return [] if returning else 0
+        await repo._delete_owned(repo._mapper, keys)
+        condition = in_condition(pks[0], keys, repo._dialect())
+        return await self._run_write(delete(entity).where(condition), returning)

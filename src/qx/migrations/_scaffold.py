@@ -1,0 +1,60 @@
+"""``qx db init``: the Alembic files a new service copies, pointing at its metadata."""
+
+from __future__ import annotations
+
+import re
+from importlib import resources
+from pathlib import Path
+
+from qx.core._errors import ConfigurationError
+
+__all__ = ["init_environment"]
+
+_TARGET = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+def _template(name: str) -> str:
+    return (resources.files("qx.migrations") / "templates" / name).read_text(encoding="utf-8")
+
+
+def init_environment(
+    directory: str | Path, *, metadata: str, scripts: str = "migrations"
+) -> list[Path]:
+    """Write ``alembic.ini``, ``<scripts>/env.py``, ``<scripts>/script.py.mako`` and
+    ``<scripts>/versions/`` under ``directory``.
+
+    Args:
+        directory: the service's root (where ``alembic.ini`` goes).
+        metadata: ``"package.module:attribute"`` of the service's ``MetaData``.
+        scripts: the migrations directory name.
+
+    Returns:
+        The files written.
+
+    Raises:
+        ConfigurationError: a bad ``metadata`` target, or files that already exist.
+    """
+    if not _TARGET.match(metadata):
+        raise ConfigurationError(
+            f"metadata must look like 'package.module:metadata', got {metadata!r}"
+        )
+    if not re.fullmatch(r"[\w\-]+", scripts):
+        raise ConfigurationError(f"invalid migrations directory name {scripts!r}")
+    module, attribute = metadata.split(":")
+    root = Path(directory)
+    files = {
+        root / "alembic.ini": _template("alembic.ini.tmpl").replace("{directory}", scripts),
+        root / scripts / "env.py": _template("env.py.tmpl")
+        .replace("{module}", module)
+        .replace("{attribute}", attribute),
+        root / scripts / "script.py.mako": _template("script.py.mako"),
+    }
+    existing = [str(path) for path in files if path.exists()]
+    if existing:
+        raise ConfigurationError(f"refusing to overwrite {', '.join(existing)}")
+    for path, content in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(content, encoding="utf-8")
+    versions = root / scripts / "versions"
+    versions.mkdir(parents=True, exist_ok=True)
+    return [*files, versions]

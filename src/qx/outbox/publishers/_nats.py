@@ -1,0 +1,182 @@
+"""NATS JetStream publisher (``nats://``; needs the ``nats`` extra: nats-py).
+
+Each envelope goes to ``<subject_prefix>.<event name>`` with ``Nats-Msg-Id`` set to the event
+id, so JetStream drops a redelivery inside its duplicate window: a relay that crashed after
+publishing but before marking the row causes no second message. ``publish`` waits for the
+stream's PubAck.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from qx.core._errors import ConfigurationError, PublishError
+from qx.outbox._envelope import Envelope
+from qx.settings import BrokerSettings
+
+__all__ = ["NatsPublisher"]
+
+logger = logging.getLogger("qx.outbox.nats")
+
+
+async def _quiet(error: Exception) -> None:
+    # nats-py logs every failed reconnect at ERROR by default; one debug line is enough,
+    # the relay reports the publishes that fail.
+    logger.debug("NATS connection error: %r", error)
+
+
+class NatsPublisher:
+    """Publishes to JetStream and waits for each PubAck.
+
+    Args:
+        settings: ``url``, ``subject_prefix``, ``stream``, ``create_stream``,
+            ``publish_timeout``.
+    """
+
+    def __init__(self, settings: BrokerSettings) -> None:
+        self.settings = settings
+        self._nc: Any = None
+        self._js: Any = None
+        self._acks: Any = None
+        self._reply_prefix = ""
+        self._token = 0
+        self._pending: dict[str, asyncio.Future[None]] = {}
+
+    def subject(self, envelope: Envelope) -> str:
+        """The subject an envelope is published on."""
+        return f"{self.settings.subject_prefix}.{envelope.type}"
+
+    async def connect(self) -> None:
+        """Connect (reconnecting forever in the background) and ensure the stream.
+
+        A client that lost its server keeps reconnecting by itself; meanwhile publishes time
+        out into ``PublishError`` and rows wait for their retry.
+        """
+        if self._nc is not None and not self._nc.is_closed:
+            return
+        try:
+            import nats
+            from nats.js.api import StreamConfig
+        except ImportError as exc:  # pragma: no cover - depends on the install
+            raise ConfigurationError(
+                "nats:// needs the nats extra: pip install 'qx[nats]'"
+            ) from exc
+        try:
+            # nats-py retries the first connection as long as later ones: bound it here so
+            # an unreachable broker at start-up is an error the relay retries, not a hang.
+            self._nc = await asyncio.wait_for(
+                nats.connect(
+                    servers=[self.settings.url],
+                    connect_timeout=self.settings.publish_timeout,
+                    allow_reconnect=True,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.5,
+                    error_cb=_quiet,
+                ),
+                timeout=self.settings.publish_timeout * 4,
+            )
+            self._js = self._nc.jetstream(timeout=self.settings.publish_timeout)
+            if self.settings.create_stream:
+                config = StreamConfig(
+                    name=self.settings.stream, subjects=[f"{self.settings.subject_prefix}.>"]
+                )
+                try:
+                    await self._js.add_stream(config)
+                except Exception:
+                    await self._js.update_stream(config)
+        except Exception as exc:
+            await self.close()
+            raise PublishError(f"cannot connect to NATS at {self.settings.url}: {exc}") from exc
+
+    async def publish(self, envelope: Envelope) -> None:
+        """Publish and wait for the PubAck."""
+        if self._js is None:
+            await self.connect()
+        # The body is the whole envelope (CloudEvents structured mode): the only header
+        # JetStream needs is the id it deduplicates on.
+        headers = {"Nats-Msg-Id": str(envelope.id)}
+        try:
+            await self._js.publish(
+                self.subject(envelope),
+                envelope.to_json(),
+                timeout=self.settings.publish_timeout,
+                headers=headers,
+            )
+        except Exception as exc:
+            raise PublishError(f"NATS did not acknowledge {envelope.id}: {exc!r}") from exc
+
+    async def publish_many(self, envelopes: Sequence[Envelope]) -> list[BaseException | None]:
+        """Send every envelope, then wait for all their PubAcks together.
+
+        JetStream answers each message on its reply subject; one subscription on this
+        publisher's reply prefix resolves a future per message. Compared with one request
+        per message this halves the client's work per event, and the order in which
+        messages reach the stream is the order they are sent.
+        """
+        if self._js is None:
+            await self.connect()
+        if self._acks is None:
+            self._reply_prefix = self._nc.new_inbox() + "."
+            self._acks = await self._nc.subscribe(self._reply_prefix + "*", cb=self._on_ack)
+        loop = asyncio.get_running_loop()
+        sent: list[asyncio.Future[None] | BaseException] = []
+        for envelope in envelopes:
+            self._token += 1
+            token = str(self._token)
+            future: asyncio.Future[None] = loop.create_future()
+            self._pending[token] = future
+            try:
+                await self._nc.publish(
+                    self.subject(envelope),
+                    envelope.to_json(),
+                    reply=self._reply_prefix + token,
+                    headers={"Nats-Msg-Id": str(envelope.id)},
+                )
+            except Exception as exc:
+                self._pending.pop(token, None)
+                sent.append(PublishError(f"NATS did not take {envelope.id}: {exc!r}"))
+                continue
+            sent.append(future)
+        futures = [item for item in sent if isinstance(item, asyncio.Future)]
+        if futures:
+            await asyncio.wait(futures, timeout=self.settings.publish_timeout)
+        results: list[BaseException | None] = []
+        for envelope, item in zip(envelopes, sent, strict=True):
+            if isinstance(item, BaseException):
+                results.append(item)
+            elif not item.done():
+                item.cancel()
+                results.append(PublishError(f"NATS did not acknowledge {envelope.id} in time"))
+            elif item.exception() is not None:
+                results.append(item.exception())
+            else:
+                results.append(None)
+        self._pending = {k: f for k, f in self._pending.items() if not f.done()}
+        return results
+
+    async def _on_ack(self, message: Any) -> None:
+        future = self._pending.pop(message.subject[len(self._reply_prefix) :], None)
+        if future is None or future.done():
+            return
+        data: bytes = message.data or b""
+        if b'"error"' in data or b'"stream"' not in data:
+            # An API error, or a 503 "no responders" status: no stream holds the subject.
+            status = (message.headers or {}).get("Status", "")
+            detail = data.decode(errors="replace") or f"status {status or 'unknown'}"
+            future.set_exception(PublishError(f"NATS refused the message: {detail}"))
+        else:
+            future.set_result(None)
+
+    async def close(self) -> None:
+        """Drain and close the connection."""
+        nc, self._nc, self._js, self._acks = self._nc, None, None, None
+        for future in self._pending.values():
+            future.cancel()
+        self._pending = {}
+        if nc is not None:
+            with contextlib.suppress(Exception):  # closing a broken connection
+                await nc.close()
