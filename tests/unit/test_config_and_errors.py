@@ -21,7 +21,7 @@ from qx.core import (
 )
 from qx.db import UtcDateTime, json_column, parse_database_url
 from qx.db._translate import error_for_sqlstate, translate_error
-from qx.db.query import coerce_value
+from qx.db.query._coerce import coerce_value
 from qx.settings import load_settings
 
 

@@ -9,14 +9,7 @@ import sys
 import pytest
 
 EXPECTED = {
-    "qx.testing": [
-        "InMemoryQuery",
-        "InMemoryRepository",
-        "InMemoryStore",
-        "InMemoryUnitOfWork",
-        "InMemoryUnitOfWorkFactory",
-        "MemoryPublisher",
-    ],
+    "qx.testing": ["InMemoryStore", "InMemoryUnitOfWorkFactory", "MemoryPublisher"],
     "qx.cqrs": [
         "Command",
         "HandlerContext",
@@ -142,17 +135,7 @@ EXPECTED = {
         "TransientError",
         "UnitOfWorkError",
     ],
-    "qx.db.query": [
-        "LOOKUPS",
-        "CursorCodec",
-        "Page",
-        "Q",
-        "Query",
-        "coerce_value",
-        "column_attribute",
-        "evaluate",
-        "parse_sort",
-    ],
+    "qx.db.query": ["CursorCodec", "Page", "Q", "QuerySet"],
     "qx.db": [
         "NAMING_CONVENTION",
         "WITH_DELETED",
@@ -162,7 +145,7 @@ EXPECTED = {
         "Page",
         "PortableJSON",
         "Q",
-        "Query",
+        "QuerySet",
         "QxSession",
         "Repository",
         "UnitOfWork",

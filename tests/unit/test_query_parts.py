@@ -1,4 +1,4 @@
-"""The query API's parts that need no database: Q trees, cursors, coercion, Python evaluation."""
+"""The query API's parts that need no database: Q trees, cursors, coercion, sort keys."""
 
 from __future__ import annotations
 
@@ -7,10 +7,12 @@ from decimal import Decimal
 import pytest
 from sqlalchemy import BigInteger, Column, Float, Integer, Numeric, SmallInteger
 
-from qx.db.query import LOOKUPS, CursorCodec, Q, coerce_value, evaluate, parse_sort
-from qx.db.query._keyset import SortKey, keyset_condition
+from qx.db.query import CursorCodec, Q
+from qx.db.query._coerce import coerce_value
+from qx.db.query._keyset import SortKey, keyset_condition, parse_sort
+from qx.db.query._lookups import LOOKUPS
 from qx.errors import ConfigurationError, InvalidCursor, InvalidQuery
-from tests.models import Category, Item, Tag
+from tests.models import Item
 
 SECRET = "unit-test-secret-0123456789"
 
@@ -83,33 +85,6 @@ def test_lookup_table_is_complete() -> None:
         "exact", "iexact", "ne", "contains", "icontains", "startswith", "istartswith",
         "endswith", "iendswith", "in", "gt", "gte", "lt", "lte", "range", "isnull",
     }  # fmt: skip
-
-
-def test_python_evaluation_follows_sql_semantics() -> None:
-    from sqlalchemy import inspect
-
-    mapper = inspect(Item)
-    tools = Category(code="c", name="Tools")
-    item = Item(name="Alpha", sku="A", rank=2, score=None, category=tools,
-                tags=[Tag(label="x", weight=1), Tag(label="y", weight=2)])  # fmt: skip
-    bare = Item(name="beta", sku="B", rank=5, score=3)
-    cases = [
-        (Q(name__iexact="alpha"), True, False),
-        (Q(score__gt=1), False, True),
-        (~Q(score__gt=1), True, False),  # NULL never satisfies a comparison, so NOT does
-        (Q(score__ne=3), True, False),
-        (Q(category__name="Tools"), True, False),
-        (Q(category__name__isnull=True), False, True),  # outer join: no category reads NULL
-        (Q(tags__label="x", tags__weight=2), False, False),  # one tag must match both
-        (Q(tags__label="x") & Q(tags__weight=2), True, False),  # separate: any tags
-        (Q(rank__in=[2, 5]) & ~Q(name__startswith="b"), True, False),
-        (Q(rank__range=(3, 5)) | Q(name__contains="lph"), True, True),
-    ]
-    for q, on_item, on_bare in cases:
-        assert evaluate(q, item, mapper) is on_item, q
-        assert evaluate(q, bare, mapper) is on_bare, q
-    with pytest.raises(InvalidQuery):
-        evaluate(Q(version=1), item, mapper, allowed={"rank"})
 
 
 def test_keyset_condition_uses_row_values_when_it_can() -> None:

@@ -1,4 +1,5 @@
-"""qx.testing without a database: in-memory units of work keep qx's semantics."""
+"""qx.testing without a database server: the real unit of work on a private in-memory
+database."""
 
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ async def test_commit_writes_rows_and_outbox_rollback_writes_nothing() -> None:
             assert found is not placed and found.customer == "ada" and found.tenant_id == "acme"
             assert found.version == 1 and found.created_at is not None
             assert await uow.orders.count() == 1
-    (row,) = factory.store.outbox
+    (row,) = await factory.store.outbox_rows()
     assert (row["event_name"], row["correlation_id"], row["aggregate_id"]) == (
         "orders.order_placed",
         "c-1",
@@ -146,4 +147,6 @@ async def test_the_bus_runs_on_in_memory_units_of_work() -> None:
             )
         with pytest.raises(Exception, match="cannot ship"):
             await bus.execute(ShipOrder(order_id=ident))
-    assert [row["event_name"] for row in factory.store.outbox] == ["orders.order_placed"]
+    assert [row["event_name"] for row in await factory.store.outbox_rows()] == [
+        "orders.order_placed"
+    ]

@@ -22,7 +22,7 @@ from qx.db._scoping import WITH_DELETED
 from qx.db._session import QxSession
 from qx.db._translate import translate_error, translating
 from qx.db._uow import UnitOfWork, UnitOfWorkFactory, UnitOfWorkState
-from qx.db.query import CursorCodec, Page, Q, Query
+from qx.db.query import CursorCodec, Page, Q, QuerySet
 from qx.db.types import PortableJSON, UtcDateTime
 from qx.settings import DatabaseSettings
 
@@ -35,7 +35,7 @@ __all__ = [
     "Page",
     "PortableJSON",
     "Q",
-    "Query",
+    "QuerySet",
     "QxSession",
     "Repository",
     "UnitOfWork",

@@ -180,11 +180,15 @@ def _configure_sqlite(engine: AsyncEngine, db: DatabaseSettings, *, in_memory: b
         connection.exec_driver_sql(begin)
 
 
-def create_session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
-    """Return the session factory units of work use.
+#: How qx's sessions are made: objects stay usable after commit (``expire_on_commit=False``:
+#: touching an expired attribute in asyncio raises ``MissingGreenlet``), and the session class
+#: carries qx's scoping, tracking and versioning hooks (:class:`qx.db.QxSession`).
+SESSION_OPTIONS: Final[dict[str, Any]] = {
+    "expire_on_commit": False,
+    "sync_session_class": QxSession,
+}
 
-    Sessions keep objects usable after commit (``expire_on_commit=False``: touching an
-    expired attribute in asyncio raises ``MissingGreenlet``) and carry qx's scoping and
-    versioning hooks (:class:`qx.db._session.QxSession`).
-    """
-    return async_sessionmaker(engine, expire_on_commit=False, sync_session_class=QxSession)
+
+def create_session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    """Return the session factory units of work use (see :data:`SESSION_OPTIONS`)."""
+    return async_sessionmaker(engine, **SESSION_OPTIONS)

@@ -18,18 +18,18 @@ from __future__ import annotations
 
 import builtins
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar, Final, Generic, TypeVar, get_args, get_origin
+from dataclasses import dataclass
+from typing import Any, ClassVar, Generic, TypeVar, get_args, get_origin
 from uuid import UUID
 
 from sqlalchemy import Uuid, inspect, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapper
+from sqlalchemy.orm.interfaces import ORMOption
 
-from qx.core._clock import Clock
 from qx.core._context import current_context
 from qx.core._errors import ConfigurationError, DuplicateKey, InvalidQuery, NotFound
-from qx.db._bulk import delete_owned, upsert_entities
-from qx.db._mapping import EntityInfo, entity_info
+from qx.db._mapping import entity_info
 from qx.db._scoping import (
     WITH_DELETED,
     JoinedPart,
@@ -44,22 +44,18 @@ from qx.db._scoping import (
 )
 from qx.db._session import QxSession
 from qx.db._translate import translating
+from qx.db.query._bulk import upsert_rows
 from qx.db.query._coerce import coerce_value
 from qx.db.query._cursor import CursorCodec
 from qx.db.query._fields import column_attribute
-from qx.db.query._keyset import SortKey, resolve_sort
-from qx.db.query._lookups import in_condition
+from qx.db.query._keyset import resolve_sort
 from qx.db.query._page import Page
-from qx.db.query._queryset import Query
-
-if TYPE_CHECKING:
-    from qx.db._uow import UnitOfWork
+from qx.db.query._queryset import QuerySet
+from qx.db.query._spec import Bound, Owner, QuerySpec
 
 __all__ = ["Repository"]
 
 T = TypeVar("T")
-
-_IN_BULK_CHUNK: Final = 10_000
 
 
 def _entity_from_bases(cls: type[Any]) -> type[Any] | None:
@@ -72,6 +68,54 @@ def _entity_from_bases(cls: type[Any]) -> type[Any] | None:
     return None
 
 
+@dataclass(frozen=True, slots=True)
+class _Resolved:
+    """What a repository class needs to know about its entity, worked out once."""
+
+    spec: QuerySpec
+    uuid_pk: bool
+    rows_checked: bool
+    joined: JoinedPart | None
+    get_options: tuple[ORMOption, ...]
+
+
+def _resolve(cls: type[Repository[Any]]) -> _Resolved:
+    entity = getattr(cls, "entity", None)
+    if entity is None:
+        raise ConfigurationError(
+            f"{cls.__qualname__} has no entity: subclass Repository[YourClass]"
+        )
+    info = entity_info(entity)  # a clear ConfigurationError for an unmapped class
+    mapper: Mapper[Any] = inspect(entity)
+    keys = mapper.primary_key
+    owner = cls.__qualname__
+    default_sort = resolve_sort(
+        mapper,
+        list(cls.default_order),
+        # The class declared it, so it is trusted beyond ``sortable``.
+        allowed=[key.lstrip("+-") for key in cls.default_order],
+        owner=owner,
+    )
+    spec = QuerySpec(
+        entity=entity,
+        mapper=mapper,
+        info=info,
+        owner=owner,
+        filterable=cls.filterable,
+        sortable=cls.sortable,
+        default_sort=default_sort,
+        max_limit=cls.max_limit,
+    )
+    joined = joined_part(mapper)
+    return _Resolved(
+        spec=spec,
+        uuid_pk=len(keys) == 1 and isinstance(keys[0].type, Uuid) and keys[0].type.as_uuid,
+        rows_checked=checks_rows_in_python(mapper),
+        joined=joined,
+        get_options=joined.options if joined is not None else (),
+    )
+
+
 class Repository(Generic[T]):
     """Generic repository of one mapped aggregate type.
 
@@ -81,6 +125,9 @@ class Repository(Generic[T]):
         sortable: field names accepted as sort keys.
         default_order: sort applied by :meth:`list` when none is given.
         max_limit: the largest ``limit`` a caller may ask for.
+
+    Subclasses add their own methods; ``self.session`` and ``self.query()`` are what they
+    build on.
     """
 
     entity: ClassVar[type[Any]]
@@ -88,10 +135,7 @@ class Repository(Generic[T]):
     sortable: ClassVar[frozenset[str]] = frozenset()
     default_order: ClassVar[tuple[str, ...]] = ()
     max_limit: ClassVar[int] = 1000
-    _qx_resolved: ClassVar[tuple[Mapper[Any], EntityInfo, bool, bool, JoinedPart | None] | None] = (
-        None
-    )
-    _qx_default_sort: ClassVar[tuple[SortKey, ...] | None] = None
+    _qx_resolved: ClassVar[_Resolved | None] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -112,62 +156,34 @@ class Repository(Generic[T]):
         self,
         session: AsyncSession,
         *,
-        uow: UnitOfWork | None = None,
+        uow: Owner | None = None,
         cursor_codec: CursorCodec | None = None,
     ) -> None:
-        entity = getattr(type(self), "entity", None)
-        if entity is None:
-            raise ConfigurationError(
-                f"{type(self).__qualname__} has no entity: subclass Repository[YourClass]"
-            )
+        cls = type(self)
+        resolved = cls.__dict__.get("_qx_resolved")
+        if resolved is None:
+            resolved = cls._qx_resolved = _resolve(cls)  # once per class, not per unit of work
         if not isinstance(session.sync_session, QxSession):
             raise ConfigurationError(
                 "repositories need a session from qx.db.create_session_factory() "
                 "(its hooks enforce tenant scoping and versioning)"
             )
-        self._session = session
-        self._uow = uow
-        cls = type(self)
-        resolved = cls.__dict__.get("_qx_resolved")
-        if resolved is None:
-            # Resolved once per repository class, not once per unit of work.
-            mapper = inspect(entity)
-            keys = mapper.primary_key
-            uuid_pk = len(keys) == 1 and isinstance(keys[0].type, Uuid) and keys[0].type.as_uuid
-            resolved = (
-                mapper,
-                entity_info(entity),
-                uuid_pk,
-                checks_rows_in_python(mapper),
-                joined_part(mapper),
-            )
-            cls._qx_resolved = resolved
-        self._mapper: Mapper[Any] = resolved[0]
-        self._info: EntityInfo = resolved[1]
-        self._uuid_pk: bool = resolved[2]
-        self._rows_checked: bool = resolved[3]
-        self._joined = resolved[4]
-        self._get_options = self._joined.options if self._joined is not None else ()
-        self._name = cls.__qualname__
-        self._codec = cursor_codec
-        self._dialect_name: str | None = None
+        self._resolved: _Resolved = resolved
+        self._spec = resolved.spec
+        self._info = resolved.spec.info
+        self._bound = Bound(session, uow, cursor_codec)
 
     @property
     def session(self) -> AsyncSession:
-        """The session this repository works in."""
-        self._guard()
-        return self._session
-
-    def _guard(self) -> None:
-        if self._uow is not None:
-            self._uow._require_active()
+        """The session this repository works in (its unit of work must be active)."""
+        return self._bound.session
 
     # -- reads ------------------------------------------------------------------------------
 
     def _coerce_id(self, ident: Any) -> Any:
-        if type(ident) is UUID and self._uuid_pk:
+        if type(ident) is UUID and self._resolved.uuid_pk:
             return ident  # the common case needs no conversion or range check
-        columns = self._mapper.primary_key
+        columns = self._spec.mapper.primary_key
         values = ident if isinstance(ident, tuple) else (ident,)
         if len(values) != len(columns):
             raise InvalidQuery(
@@ -192,33 +208,33 @@ class Repository(Generic[T]):
             InvalidQuery: ``ident`` is not a valid primary key value.
             TenantRequired: the entity is tenant-scoped and there is no tenant in context.
         """
-        self._guard()
+        session = self._bound.session
         key = self._coerce_id(ident)
         ctx = current_context()
+        resolved = self._resolved
         if ctx.tenant_id is None and not ctx.system:
-            scope_tenant(scoped_closure(self._mapper), ctx)  # fail closed, found or not
-        sync: QxSession = self._session.sync_session  # type: ignore[assignment]
-        with translating(sync):
-            if self._rows_checked:
-                # The aggregate's relationships load in statements of their own, so
-                # SQLAlchemy's cached primary-key load reads the row as is (loader criteria
-                # would be processed again on every execution) and visible() checks it
-                # below. The note lets exactly that one load through unscoped and gives each
-                # eager load it triggers a tenant/soft-delete WHERE of its own.
-                # One owned relationship is joined into that load (see JoinedPart); its
-                # rows are checked by visible_parts() below.
-                sync.rows_checked = RowsChecked(with_deleted=with_deleted)
-                try:
-                    obj = await self._session.get(self.entity, key, options=self._get_options)
-                finally:
-                    sync.rows_checked = None
-            else:
-                options = {WITH_DELETED: True} if with_deleted else {}
-                obj = await self._session.get(self.entity, key, execution_options=options)
+            scope_tenant(scoped_closure(self._spec.mapper), ctx)  # fail closed, found or not
+        sync: QxSession = session.sync_session  # type: ignore[assignment]
+        if resolved.rows_checked:
+            # The aggregate's relationships load in statements of their own, so
+            # SQLAlchemy's cached primary-key load reads the row as is (loader criteria
+            # would be processed again on every execution) and visible() checks it below.
+            # The note lets exactly that one load through unscoped and gives each eager load
+            # it triggers a tenant/soft-delete WHERE of its own. One owned relationship is
+            # joined into that load (see JoinedPart); its rows are checked by
+            # visible_parts() below.
+            sync.rows_checked = RowsChecked(with_deleted=with_deleted)
+            try:
+                obj = await session.get(self._spec.entity, key, options=resolved.get_options)
+            finally:
+                sync.rows_checked = None
+        else:
+            options = {WITH_DELETED: True} if with_deleted else {}
+            obj = await session.get(self._spec.entity, key, execution_options=options)
         if obj is None or not visible(self._info, obj, ctx, with_deleted=with_deleted):
             return None
-        if self._joined is not None:  # only ever set under _rows_checked (joined_part)
-            visible_parts(obj, self._joined, ctx, with_deleted=with_deleted)
+        if resolved.joined is not None:  # only ever set under rows_checked (joined_part)
+            visible_parts(obj, resolved.joined, ctx, with_deleted=with_deleted)
         result: T = obj
         return result
 
@@ -231,47 +247,9 @@ class Repository(Generic[T]):
 
     # -- queries ----------------------------------------------------------------------------
 
-    def query(self) -> Query[T]:
-        """Start a chainable, immutable query (see :class:`qx.db.query.Query`)."""
-        self._guard()
-        return Query(self)
-
-    def _dialect(self) -> str:
-        if self._dialect_name is None:
-            bind = self._session.sync_session.get_bind(self._mapper)
-            self._dialect_name = bind.dialect.name
-        return self._dialect_name
-
-    def _sort_keys(self, spec: str | Sequence[str] | None) -> tuple[SortKey, ...]:
-        return resolve_sort(self._mapper, spec, allowed=self.sortable, owner=self._name)
-
-    def _default_sort(self) -> tuple[SortKey, ...]:
-        cls = type(self)
-        cached = cls.__dict__.get("_qx_default_sort")
-        if cached is None:
-            # The class declared it, so it is trusted beyond ``sortable``.
-            cached = resolve_sort(
-                self._mapper,
-                list(self.default_order),
-                allowed=[key.lstrip("+-") for key in self.default_order],
-                owner=self._name,
-            )
-            cls._qx_default_sort = cached
-        return cached
-
-    def _cursor_codec(self) -> CursorCodec:
-        codec = self._codec or (self._uow.cursor_codec if self._uow is not None else None)
-        if codec is None:
-            raise ConfigurationError(
-                "keyset pagination needs a cursor secret: pass cursor_secret= to "
-                "UnitOfWorkFactory (for example QxSettings().pagination_secret, set with "
-                "QX_PAGINATION_SECRET)"
-            )
-        return codec
-
-    def _clock(self) -> Clock:
-        clock: Clock = self._session.sync_session.clock  # type: ignore[attr-defined]
-        return clock
+    def query(self) -> QuerySet[T]:
+        """Start a chainable, immutable query (see :class:`qx.db.query.QuerySet`)."""
+        return QuerySet(self._spec, self._bound)
 
     def _filtered(
         self,
@@ -280,7 +258,7 @@ class Repository(Generic[T]):
         *,
         with_deleted: bool,
         sort: str | Sequence[str] | None = None,
-    ) -> Query[T]:
+    ) -> QuerySet[T]:
         if filters is not None and not isinstance(filters, Mapping):
             raise InvalidQuery(
                 f"filters must be a mapping, got {type(filters).__name__}", field="filters"
@@ -290,7 +268,7 @@ class Repository(Generic[T]):
         if merged:
             query = query.filter(**merged)
         if sort is not None:
-            query = query._copy(order=self._sort_keys(sort))
+            query = query.order_by(*([sort] if isinstance(sort, str) else sort))
         return query.with_deleted(with_deleted)
 
     async def list(
@@ -322,7 +300,6 @@ class Repository(Generic[T]):
         Raises:
             InvalidQuery: an unknown or not-allowed field, lookup or sort key, or a bad value.
         """
-        self._guard()
         spec = sort if sort is not None else order_by
         query = self._filtered(filters, lookups, with_deleted=with_deleted, sort=spec)
         if limit is not None:
@@ -356,7 +333,6 @@ class Repository(Generic[T]):
         **lookups: Any,
     ) -> int:
         """Return how many entities match the filters."""
-        self._guard()
         return await self._filtered(filters, lookups, with_deleted=with_deleted).count()
 
     async def exists(
@@ -367,7 +343,6 @@ class Repository(Generic[T]):
         **lookups: Any,
     ) -> bool:
         """Return whether any entity matches the filters."""
-        self._guard()
         return await self._filtered(filters, lookups, with_deleted=with_deleted).exists()
 
     async def in_bulk(self, ids: Iterable[Any], *, with_deleted: bool = False) -> dict[Any, T]:
@@ -376,29 +351,10 @@ class Repository(Generic[T]):
         Raises:
             InvalidQuery: an id that is not a valid primary key value, or a composite key.
         """
-        self._guard()
         if len(self._info.pk_keys) != 1:
             raise InvalidQuery(f"in_bulk() needs a single-column primary key on {self._info.name}")
         wanted = builtins.list(dict.fromkeys(self._coerce_id(ident) for ident in ids))
-        return await self._load_many(wanted, with_deleted=with_deleted)
-
-    async def _load_many(
-        self, wanted: builtins.list[Any], *, with_deleted: bool = False, refresh: bool = False
-    ) -> dict[Any, T]:
-        if not wanted:
-            return {}
-        pk = self._info.pk_keys[0]
-        column = getattr(self.entity, pk)
-        found: dict[Any, T] = {}
-        query = self.query().with_deleted(with_deleted)
-        for start in range(0, len(wanted), _IN_BULK_CHUNK):
-            chunk = wanted[start : start + _IN_BULK_CHUNK]
-            stmt = select(self.entity).where(in_condition(column, chunk, self._dialect()))
-            if refresh:
-                stmt = stmt.execution_options(populate_existing=True)
-            for obj in await query._scalars(stmt):
-                found[getattr(obj, pk)] = obj
-        return found
+        return await self.query().with_deleted(with_deleted).by_keys(wanted)
 
     async def stream(
         self,
@@ -416,15 +372,15 @@ class Repository(Generic[T]):
     # -- writes -----------------------------------------------------------------------------
 
     def _check_type(self, entity: Any) -> None:
-        if not isinstance(entity, self.entity):
+        if not isinstance(entity, self._spec.entity):
             raise InvalidQuery(
-                f"{self._name} stores {self._info.name}, got {type(entity).__qualname__}"
+                f"{self._spec.owner} stores {self._info.name}, got {type(entity).__qualname__}"
             )
 
     def _check_new(self, entity: Any) -> None:
         self._check_type(entity)
         state = inspect(entity)
-        if state.key is not None and state.session is not self._session.sync_session:
+        if state.key is not None and state.session is not self._bound.sync:
             # Committed by, or loaded in, another unit of work (one that rolled back expired
             # its changes): saving it here would silently write nothing or stale values.
             ident = ":".join(str(v) for v in state.identity or ())  # attributes may be expired
@@ -437,7 +393,7 @@ class Repository(Generic[T]):
     def _check_own(self, entity: Any) -> None:
         self._check_type(entity)
         state = inspect(entity)
-        if state.session is not self._session.sync_session or not state.persistent:
+        if state.session is not self._bound.sync or not state.persistent:
             raise InvalidQuery(
                 f"{self._info.describe(entity)} was not loaded through this unit of work; "
                 "load it with get()/require() before removing it"
@@ -451,16 +407,14 @@ class Repository(Generic[T]):
         A tenant-scoped entity with no tenant gets the context's tenant; one with another
         tenant is refused at flush.
         """
-        self._guard()
         self._check_new(entity)
         if self._info.tenant_key is not None and getattr(entity, self._info.tenant_key) is None:
             setattr(entity, self._info.tenant_key, tenant_for_write(self._info, current_context()))
-        self._session.add(entity)
+        self._bound.session.add(entity)
         return entity
 
     async def add_many(self, entities: Iterable[T]) -> builtins.list[T]:
         """Add several new entities: the flush writes each table with one multi-row INSERT."""
-        self._guard()
         added = builtins.list(entities)
         key = self._info.tenant_key
         tenant = None
@@ -470,7 +424,7 @@ class Repository(Generic[T]):
                 if tenant is None:
                     tenant = tenant_for_write(self._info, current_context())
                 setattr(entity, key, tenant)
-        self._session.add_all(added)
+        self._bound.session.add_all(added)
         return added
 
     def _key_criteria(self, keys: Mapping[str, Any], what: str) -> builtins.list[Any]:
@@ -478,18 +432,18 @@ class Repository(Generic[T]):
             raise InvalidQuery(f"{what}() needs at least one field=value to look up", field="keys")
         criteria = []
         for name, raw in keys.items():
-            attr = column_attribute(self._mapper, name, owner=self._name)
+            attr = column_attribute(self._spec.mapper, name, owner=self._spec.owner)
             value = coerce_value(attr.expression, raw, field=name)
             criteria.append(attr.is_(None) if value is None else attr == value)
         return criteria
 
     def _build(self, values: Mapping[str, Any], what: str) -> T:
         for name in values:
-            prop = self._mapper.attrs.get(name) if isinstance(name, str) else None
+            prop = self._spec.mapper.attrs.get(name) if isinstance(name, str) else None
             if prop is None:
                 raise InvalidQuery(f"{self._info.name} has no field {name!r}", field=str(name))
         try:
-            entity: T = self.entity(**values)
+            entity: T = self._spec.entity(**values)
         except TypeError as exc:
             raise InvalidQuery(
                 f"{what}() cannot build {self._info.name} from {sorted(values)}: {exc}",
@@ -498,10 +452,11 @@ class Repository(Generic[T]):
         return entity
 
     async def _lookup(self, criteria: builtins.list[Any], *, lock: bool = False) -> T | None:
-        stmt = select(self.entity).where(*criteria).limit(2)
+        stmt = select(self._spec.entity).where(*criteria).limit(2)
+        session = self._bound.session
         if lock:
-            stmt = stmt.with_for_update()
-        rows = await Query(self)._scalars(stmt)
+            stmt = self._bound.dialect(self._spec.mapper).for_update(stmt)
+        rows = builtins.list((await session.scalars(stmt)).all())
         if len(rows) > 1:
             raise InvalidQuery(f"the lookup keys match more than one {self._info.name}")
         return rows[0] if rows else None
@@ -522,13 +477,12 @@ class Repository(Generic[T]):
             DuplicateKey: the insert collides with a row this caller cannot see (another
                 tenant's, or a soft-deleted one).
         """
-        self._guard()
         criteria = self._key_criteria(keys, "get_or_create")
         found = await self._lookup(criteria)
         if found is not None:
             return found, False
         entity = self._build({**(defaults or {}), **keys}, "get_or_create")
-        session = self._session
+        session = self._bound.session
         with translating(session.sync_session):
             await session.flush()  # the caller's pending changes are not part of the SAVEPOINT
         try:
@@ -551,7 +505,6 @@ class Repository(Generic[T]):
         The existing row is read ``FOR UPDATE`` (PostgreSQL), so concurrent callers apply
         their changes one after the other instead of failing on the version check.
         """
-        self._guard()
         values = dict(defaults or {})
         criteria = self._key_criteria(keys, "update_or_create")
         found = await self._lookup(criteria, lock=True)
@@ -569,7 +522,7 @@ class Repository(Generic[T]):
         for name, raw in values.items():
             if name in managed:
                 raise InvalidQuery(f"{self._info.name}.{name} is maintained by qx", field=name)
-            attr = column_attribute(self._mapper, name, owner=self._name)
+            attr = column_attribute(self._spec.mapper, name, owner=self._spec.owner)
             setattr(entity, name, coerce_value(attr.expression, raw, field=name))
 
     async def upsert(
@@ -600,29 +553,29 @@ class Repository(Generic[T]):
                 owned parts.
             TenantViolation: a conflicting row belongs to another tenant.
         """
-        self._guard()
-        return await upsert_entities(self, builtins.list(entities), conflict, update)
-
-    async def _delete_owned(self, mapper: Mapper[Any], parents: builtins.list[Any]) -> None:
-        """Delete the owned parts (and association rows) of the rows keyed ``parents``."""
-        await delete_owned(self, mapper, parents)
+        rows = builtins.list(entities)
+        for entity in rows:
+            self._check_type(entity)
+        stored = await upsert_rows(self._spec, self._bound, rows, conflict, update)
+        # Loaded back through the ORM so callers get tracked entities (and identity-map
+        # copies are refreshed).
+        found = await self.query().by_keys(stored, refresh=True)
+        return [found[key] for key in stored if key in found]
 
     async def remove(self, entity: T) -> None:
         """Remove an entity: a soft delete when the table has ``deleted_at``, else a DELETE.
 
         Removing an already soft-deleted entity keeps its first ``deleted_at``.
         """
-        self._guard()
         self._check_own(entity)
         key = self._info.deleted_key
         if key is None:
-            await self._session.delete(entity)
+            await self._bound.session.delete(entity)
             return
         if getattr(entity, key) is None:
-            setattr(entity, key, self._clock().now())
+            setattr(entity, key, self._bound.clock().now())
 
     async def hard_remove(self, entity: T) -> None:
         """DELETE the entity's row (and its owned parts), even on a soft-delete table."""
-        self._guard()
         self._check_own(entity)
-        await self._session.delete(entity)
+        await self._bound.session.delete(entity)

@@ -157,7 +157,7 @@ class UnitOfWork:
 
     def repository(self, repository_type: type[R]) -> R:
         """Return this unit of work's instance of ``repository_type`` (built on first use)."""
-        self._require_active()
+        self.require_active()
         repo = self._repositories.get(repository_type)
         if repo is None:
             repo = repository_type(self.session, uow=self)
@@ -174,11 +174,13 @@ class UnitOfWork:
     @property
     def session(self) -> AsyncSession:
         """The SQLAlchemy session (escape hatch; scoping hooks still apply)."""
-        self._require_active()
+        self.require_active()
         assert self._session is not None
         return self._session
 
-    def _require_active(self) -> None:
+    def require_active(self) -> None:
+        """Raise ``UnitOfWorkError`` unless inside ``async with`` and not yet committed or
+        rolled back (what every repository call checks first)."""
         if self._state is not UnitOfWorkState.ACTIVE:
             raise UnitOfWorkError(
                 f"unit of work is {self._state.value}; open a new one with 'async with factory()'"
@@ -270,12 +272,12 @@ class UnitOfWork:
 
     def emit(self, event: Event) -> None:
         """Record an event that belongs to no aggregate (dispatched and outboxed at commit)."""
-        self._require_active()
+        self.require_active()
         self._emitted.append(make_record(event, None))
 
     def on_commit(self, callback: AfterCommit) -> None:
         """Run ``callback`` after a successful COMMIT (errors are logged, not raised)."""
-        self._require_active()
+        self.require_active()
         self._after_commit.append(callback)
 
     def _collect(self) -> list[RecordedEvent]:
@@ -328,7 +330,7 @@ class UnitOfWork:
         """
         if self._committing:
             raise UnitOfWorkError("commit() cannot be called while the commit is in progress")
-        self._require_active()
+        self.require_active()
         session = self.session
         sync: QxSession = session.sync_session  # type: ignore[assignment]
         self._committing = True
@@ -366,7 +368,7 @@ class UnitOfWork:
 
     async def rollback(self) -> None:
         """Roll back now; the unit of work cannot be used afterwards."""
-        self._require_active()
+        self.require_active()
         await asyncio.shield(self._rollback_quietly(self.session))
 
     async def _run_after_commit(self) -> None:

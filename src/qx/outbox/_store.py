@@ -40,7 +40,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from qx.db.query._lookups import in_condition
+from qx.db._dialect import dialect_named
 from qx.outbox._table import outbox_table
 from qx.settings import RelaySettings
 
@@ -239,7 +239,7 @@ class OutboxStore:
         if positions:
             await conn.execute(
                 update(_o)
-                .where(in_condition(_o.c.position, list(positions), self.engine.dialect.name))
+                .where(dialect_named(self.engine.dialect.name).in_(_o.c.position, list(positions)))
                 .values(published_at=now)
             )
 

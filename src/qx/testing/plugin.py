@@ -24,7 +24,7 @@ from sqlalchemy import MetaData
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 
 from qx.db import UnitOfWorkFactory, create_engine
-from qx.db._session import QxSession
+from qx.db._engine import SESSION_OPTIONS
 from qx.settings import DatabaseSettings
 
 __all__ = [
@@ -80,8 +80,7 @@ async def qx_connection(qx_engine: AsyncEngine) -> AsyncIterator[AsyncConnection
 def _sessions(connection: AsyncConnection) -> async_sessionmaker[AsyncSession]:
     return async_sessionmaker(
         bind=connection,
-        expire_on_commit=False,
-        sync_session_class=QxSession,
+        **SESSION_OPTIONS,
         join_transaction_mode="create_savepoint",
     )
 

@@ -1,4 +1,4 @@
-"""Turning ``Q`` trees and ``field__lookup`` keys into SQL, and evaluating them in Python.
+"""Turning ``Q`` trees and ``field__lookup`` keys into SQL.
 
 Paths walk relationships with ``__``: a many-to-one step at the top of a query becomes a
 ``LEFT OUTER JOIN`` to an alias (one per path, reused by every condition on that path), so the
@@ -28,7 +28,7 @@ from qx.core._errors import InvalidQuery
 from qx.db.query._lookups import LOOKUPS, Lookup
 from qx.db.query._q import Q
 
-__all__ = ["Condition", "FieldPath", "FilterCompiler", "Step", "evaluate", "resolve_key"]
+__all__ = ["Condition", "FieldPath", "FilterCompiler", "Step", "check", "resolve_key"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,7 +154,7 @@ def _looks_like_lookup(mapper: Mapper[Any], parts: tuple[str, ...], owner: str) 
 def check(
     mapper: Mapper[Any], key: str, value: Any, *, allowed: Iterable[str] | None, owner: str
 ) -> Condition:
-    """Resolve ``key`` and coerce ``value``: a leaf ready for SQL or Python evaluation."""
+    """Resolve ``key`` and coerce ``value``: a leaf ready for SQL."""
     field, lookup = resolve_key(mapper, key, allowed=allowed, owner=owner)
     target = mapper
     for step in field.steps:
@@ -259,60 +259,3 @@ class FilterCompiler:
             relationship = getattr(at, step.key)
             out.append(relationship.any(criterion) if step.to_many else relationship.has(criterion))
         return out
-
-
-def evaluate(
-    q: Q, obj: Any, mapper: Mapper[Any], *, allowed: Iterable[str] | None = None, owner: str = ""
-) -> bool:
-    """Evaluate ``q`` on a Python object with the meaning the SQL has.
-
-    Many-to-one hops at the top behave like the outer joins (a missing target reads as
-    ``None``); hops inside a to-many group behave like ``EXISTS`` (a missing target fails).
-    """
-    allowed_set = None if allowed is None else frozenset(allowed)
-    return _eval_node(q, obj, mapper, allowed_set, owner or mapper.class_.__name__)
-
-
-def _eval_node(
-    q: Q, obj: Any, mapper: Mapper[Any], allowed: frozenset[str] | None, owner: str
-) -> bool:
-    results: list[bool] = []
-    leaves: list[Condition] = []
-    for child in q.children:
-        if isinstance(child, Q):
-            results.append(_eval_node(child, obj, mapper, allowed, owner))
-        else:
-            leaves.append(check(mapper, child[0], child[1], allowed=allowed, owner=owner))
-    if q.connector == Q.AND:
-        results.extend(_eval_group(leaves, obj, 0, True))
-        value = all(results)
-    else:
-        results.extend(_eval_group([leaf], obj, 0, True)[0] for leaf in leaves)
-        value = any(results)
-    return not value if q.negated else value
-
-
-def _eval_group(conditions: list[Condition], obj: Any, depth: int, joinable: bool) -> list[bool]:
-    out: list[bool] = []
-    groups: dict[tuple[str, ...], tuple[Any, int, list[Condition]]] = {}
-    for condition in conditions:
-        at, index = obj, depth
-        steps = condition.field.steps
-        while joinable and index < len(steps) and not steps[index].to_many:
-            at = getattr(at, steps[index].key) if at is not None else None
-            index += 1
-        if index == len(steps):
-            value = getattr(at, condition.field.column_key) if at is not None else None
-            out.append(bool(condition.lookup.evaluate(value, condition.value)))
-            continue
-        path = condition.field.parts[: index + 1]
-        groups.setdefault(path, (at, index, []))[2].append(condition)
-    for at, index, members in groups.values():
-        step = members[0].field.steps[index]
-        related = getattr(at, step.key, None) if at is not None else None
-        if related is None:
-            out.append(False)
-            continue
-        candidates = related if step.to_many else [related]
-        out.append(any(all(_eval_group(members, item, index + 1, False)) for item in candidates))
-    return out

@@ -1,4 +1,4 @@
-"""``Query[T]``: a chainable, immutable query over one repository's aggregate.
+"""``QuerySet[T]``: a chainable, immutable query over one repository's aggregate.
 
 Every builder method returns a new query and leaves its parent unchanged; keys, lookups,
 values and sort keys are checked when the builder method is called, so a bad one fails where
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import builtins
 from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Generic, Self, TypeVar
+from typing import Any, Final, Generic, Literal, Self, TypeVar, overload
 
 from sqlalchemy import Select, and_, delete, func, select, true, tuple_, update
 from sqlalchemy.orm import RelationshipProperty, selectinload
@@ -30,21 +30,19 @@ from sqlalchemy.sql.elements import ColumnElement
 from qx.core._errors import InvalidCursor, InvalidQuery, NotFound
 from qx.db._scoping import WITH_DELETED
 from qx.db._translate import translating
+from qx.db.query._bulk import delete_owned
 from qx.db.query._coerce import coerce_value
 from qx.db.query._compiler import FilterCompiler, _resolve_path
 from qx.db.query._keyset import SortKey, keyset_condition, order_clauses
-from qx.db.query._lookups import in_condition
 from qx.db.query._page import Page
 from qx.db.query._q import Q
+from qx.db.query._spec import Bound, QuerySpec
 
-if TYPE_CHECKING:
-    from qx.db._repository import Repository
-
-__all__ = ["Query"]
+__all__ = ["QuerySet"]
 
 T = TypeVar("T")
 
-_UNSET: Any = object()
+_BY_KEYS_CHUNK: Final = 10_000
 
 
 def _check_count(name: str, value: Any, maximum: int | None = None, minimum: int = 0) -> int:
@@ -55,10 +53,11 @@ def _check_count(name: str, value: Any, maximum: int | None = None, minimum: int
     return value
 
 
-class Query(Generic[T]):
+class QuerySet(Generic[T]):
     """An immutable query; build it with :meth:`qx.db.Repository.query`."""
 
     __slots__ = (
+        "_bound",
         "_distinct",
         "_joins",
         "_limit",
@@ -66,13 +65,14 @@ class Query(Generic[T]):
         "_offset",
         "_order",
         "_qs",
-        "_repo",
+        "_spec",
         "_where",
         "_with_deleted",
     )
 
-    def __init__(self, repository: Repository[T]) -> None:
-        self._repo = repository
+    def __init__(self, spec: QuerySpec, bound: Bound) -> None:
+        self._spec = spec
+        self._bound = bound
         self._qs: tuple[Q, ...] = ()
         self._where: tuple[ColumnElement[bool], ...] = ()
         self._joins: Mapping[tuple[str, ...], tuple[Any, Any, str]] = {}
@@ -86,7 +86,8 @@ class Query(Generic[T]):
     def _copy(self, **changes: Any) -> Self:
         # Spelled out rather than looped over __slots__: queries are built on every request.
         clone = object.__new__(type(self))
-        clone._repo = self._repo
+        clone._spec = self._spec
+        clone._bound = self._bound
         clone._qs = self._qs
         clone._where = self._where
         clone._joins = self._joins
@@ -108,17 +109,17 @@ class Query(Generic[T]):
             parts.append(f"limit={self._limit}")
         if self._offset:
             parts.append(f"offset={self._offset}")
-        return f"<Query {self._repo._info.name} {' '.join(parts)}>"
+        return f"<QuerySet {self._spec.info.name} {' '.join(parts)}>"
 
     # -- builders ---------------------------------------------------------------------------
 
     def _compiler(self) -> FilterCompiler:
-        repo = self._repo
+        spec = self._spec
         return FilterCompiler(
-            repo._mapper,
-            allowed=repo.filterable,
-            owner=repo._name,
-            dialect=repo._dialect(),
+            spec.mapper,
+            allowed=spec.filterable,
+            owner=spec.owner,
+            dialect=self._bound.dialect(spec.mapper).name,
             joins=self._joins,
         )
 
@@ -156,13 +157,13 @@ class Query(Generic[T]):
         spec = [
             part for key in keys for part in (key.split(",") if isinstance(key, str) else [key])
         ]
-        return self._copy(order=self._repo._sort_keys(spec))
+        return self._copy(order=self._spec.sort_keys(spec))
 
     def limit(self, count: int | None) -> Self:
         """Return at most ``count`` rows (capped by the repository's ``max_limit``)."""
         if count is None:
             return self._copy(limit=None)
-        return self._copy(limit=_check_count("limit", count, self._repo.max_limit))
+        return self._copy(limit=_check_count("limit", count, self._spec.max_limit))
 
     def offset(self, count: int) -> Self:
         """Skip ``count`` rows."""
@@ -183,7 +184,7 @@ class Query(Generic[T]):
             InvalidQuery: a path that is not a chain of relationships.
         """
         options = list(self._loads)
-        mapper = self._repo._mapper
+        mapper = self._spec.mapper
         for path in paths:
             if not isinstance(path, str) or not path:
                 raise InvalidQuery(f"invalid load path {path!r}", field=str(path))
@@ -206,12 +207,12 @@ class Query(Generic[T]):
     # -- statements -------------------------------------------------------------------------
 
     def _sort(self) -> tuple[SortKey, ...]:
-        return self._order if self._order is not None else self._repo._default_sort()
+        return self._order if self._order is not None else self._spec.default_sort
 
     def _from(self, stmt: Select[Any]) -> Select[Any]:
         if self._joins:
             # Joins start from the root, whatever the selected columns are.
-            stmt = stmt.select_from(self._repo.entity)
+            stmt = stmt.select_from(self._spec.entity)
         for alias, parent, key in self._joins.values():
             stmt = stmt.outerjoin(alias, getattr(parent, key).of_type(alias))
         if self._where:
@@ -221,7 +222,7 @@ class Query(Generic[T]):
     def _select(
         self, *, sort: Sequence[SortKey] | None = None, reverse: bool = False, window: bool = True
     ) -> Select[Any]:
-        entity = self._repo.entity
+        entity = self._spec.entity
         stmt = self._from(select(entity))
         if self._distinct:
             stmt = stmt.distinct()
@@ -241,14 +242,32 @@ class Query(Generic[T]):
         return {WITH_DELETED: self._with_deleted}
 
     async def _scalars(self, stmt: Any) -> builtins.list[Any]:
-        session = self._repo.session
+        session = self._bound.session
         with translating(session.sync_session):
             result = await session.scalars(stmt, execution_options=self._options())
             return builtins.list(result.all())
 
+    async def by_keys(self, keys: builtins.list[Any], *, refresh: bool = False) -> dict[Any, T]:
+        """``{primary key: row}`` of the rows with these (single-column) keys, in chunks;
+        ``refresh`` overwrites identity-map copies with the stored values."""
+        if not keys:
+            return {}
+        pk = self._spec.info.pk_keys[0]
+        column = getattr(self._spec.entity, pk)
+        dialect = self._bound.dialect(self._spec.mapper)
+        found: dict[Any, T] = {}
+        for start in range(0, len(keys), _BY_KEYS_CHUNK):
+            chunk = keys[start : start + _BY_KEYS_CHUNK]
+            stmt = select(self._spec.entity).where(dialect.in_(column, chunk))
+            if refresh:
+                stmt = stmt.execution_options(populate_existing=True)
+            for obj in await self._scalars(stmt):
+                found[getattr(obj, pk)] = obj
+        return found
+
     def _pk_columns(self) -> builtins.list[Any]:
-        entity = self._repo.entity
-        return [getattr(entity, key) for key in self._repo._info.pk_keys]
+        entity = self._spec.entity
+        return [getattr(entity, key) for key in self._spec.info.pk_keys]
 
     def _matching_pks(self) -> ColumnElement[bool]:
         """``pk IN (SELECT pk ... )``: the rows of this query, usable in UPDATE/DELETE."""
@@ -262,7 +281,7 @@ class Query(Generic[T]):
         """The primary keys of this query's rows, honouring ``limit``/``offset``."""
         stmt = self._from(select(*self._pk_columns()))
         if self._limit is not None or self._offset:
-            stmt = stmt.order_by(*order_clauses(self._repo.entity, self._sort()))
+            stmt = stmt.order_by(*order_clauses(self._spec.entity, self._sort()))
             stmt = stmt.limit(self._limit).offset(self._offset or None)
         return stmt
 
@@ -291,9 +310,9 @@ class Query(Generic[T]):
         """
         rows = await self._scalars(self._copy(limit=2)._select())
         if not rows:
-            raise NotFound(entity=self._repo._info.name, key=" & ".join(map(repr, self._qs)) or "*")
+            raise NotFound(entity=self._spec.info.name, key=" & ".join(map(repr, self._qs)) or "*")
         if len(rows) > 1:
-            raise InvalidQuery(f"more than one {self._repo._info.name} matches {self!r}")
+            raise InvalidQuery(f"more than one {self._spec.info.name} matches {self!r}")
         return rows[0]  # type: ignore[no-any-return]
 
     async def count(self) -> int:
@@ -301,7 +320,7 @@ class Query(Generic[T]):
         pks = self._pk_columns()
         counted = func.count(pks[0].distinct() if self._distinct else pks[0])
         stmt = self._from(select(counted))
-        session = self._repo.session
+        session = self._bound.session
         with translating(session.sync_session):
             total = int(await session.scalar(stmt, execution_options=self._options()) or 0)
         total = max(total - self._offset, 0)
@@ -311,15 +330,25 @@ class Query(Generic[T]):
         """Return whether the query yields any row."""
         stmt = self._from(select(self._pk_columns()[0])).limit(1)
         if self._offset:
-            stmt = stmt.order_by(*order_clauses(self._repo.entity, self._sort())).offset(
+            stmt = stmt.order_by(*order_clauses(self._spec.entity, self._sort())).offset(
                 self._offset
             )
-        session = self._repo.session
+        session = self._bound.session
         with translating(session.sync_session):
             found = await session.scalar(stmt, execution_options=self._options())
         return found is not None
 
-    async def values_list(self, *fields: str, flat: bool = False) -> builtins.list[Any]:
+    @overload
+    async def values_list(
+        self, *fields: str, flat: Literal[False] = False
+    ) -> builtins.list[tuple[Any, ...]]: ...
+
+    @overload
+    async def values_list(self, *fields: str, flat: Literal[True]) -> builtins.list[Any]: ...
+
+    async def values_list(
+        self, *fields: str, flat: bool = False
+    ) -> builtins.list[tuple[Any, ...]] | builtins.list[Any]:
         """Return tuples of column values (many-to-one paths allowed: ``"customer__name"``).
 
         Args:
@@ -333,14 +362,14 @@ class Query(Generic[T]):
             raise InvalidQuery("values_list() needs at least one field", field="fields")
         if flat and len(fields) != 1:
             raise InvalidQuery("flat=True needs exactly one field", field="fields")
-        repo = self._repo
+        spec = self._spec
         compiler = self._compiler()
         columns = []
         for name in fields:
             if not isinstance(name, str) or not name:
                 raise InvalidQuery(f"invalid field {name!r}", field=str(name))
-            path = _resolve_path(repo._mapper, tuple(name.split("__")), repo._name)
-            base: Any = repo.entity
+            path = _resolve_path(spec.mapper, tuple(name.split("__")), spec.owner)
+            base: Any = spec.entity
             for i, step in enumerate(path.steps):
                 if step.to_many:
                     raise InvalidQuery(
@@ -354,12 +383,12 @@ class Query(Generic[T]):
         if self._distinct:
             stmt = stmt.distinct()
         else:
-            stmt = stmt.order_by(*order_clauses(repo.entity, self._sort()))
+            stmt = stmt.order_by(*order_clauses(spec.entity, self._sort()))
         if self._limit is not None:
             stmt = stmt.limit(self._limit)
         if self._offset:
             stmt = stmt.offset(self._offset)
-        session = repo.session
+        session = self._bound.session
         with translating(session.sync_session):
             result = await session.execute(stmt, execution_options=self._options())
             rows = result.all()
@@ -388,8 +417,8 @@ class Query(Generic[T]):
                 number, or ``limit``/``offset`` already set on the query.
             ConfigurationError: keyset pagination without a cursor secret.
         """
-        repo = self._repo
-        size = _check_count("page_size", page_size, repo.max_limit, minimum=1)
+        spec = self._spec
+        size = _check_count("page_size", page_size, spec.max_limit, minimum=1)
         if self._limit is not None or self._offset:
             raise InvalidQuery("page() cannot be combined with limit()/offset()", field="page")
         total = await self.count() if with_total else None
@@ -409,15 +438,15 @@ class Query(Generic[T]):
                 total=total,
             )
         keys = self._sort()
-        signature = f"{repo._info.name}:{','.join(str(k) for k in keys)}"
-        codec = repo._cursor_codec()
+        signature = f"{spec.info.name}:{','.join(str(k) for k in keys)}"
+        codec = self._bound.cursor_codec()
         backward = False
         stmt_query = self
         if cursor is not None:
             backward, raw = codec.decode(cursor, sort=signature)
             values = self._cursor_values(keys, raw)
             stmt_query = self._copy(
-                where=(*self._where, keyset_condition(repo.entity, keys, values, backward=backward))
+                where=(*self._where, keyset_condition(spec.entity, keys, values, backward=backward))
             )
         stmt = stmt_query._copy(limit=size + 1)._select(reverse=backward)
         rows = await self._scalars(stmt)
@@ -450,7 +479,7 @@ class Query(Generic[T]):
     ) -> builtins.list[Any]:
         if len(raw) != len(keys):
             raise InvalidCursor("cursor does not match the sort keys", field="cursor")
-        mapper = self._repo._mapper
+        mapper = self._spec.mapper
         values = []
         for key, value in zip(keys, raw, strict=True):
             column = mapper.attrs[key.key].columns[0]
@@ -476,9 +505,9 @@ class Query(Generic[T]):
         ``qx.db._tracking.TransactionState.release``).
         """
         size = _check_count("chunk_size", chunk_size, 100_000, minimum=1)
-        session = self._repo.session
+        session = self._bound.session
         options = {**self._options(), "yield_per": size}
-        sync = session.sync_session
+        sync = self._bound.sync
         yielded: builtins.list[Any] = []
         with translating(sync):
             result = await session.stream_scalars(self._select(), execution_options=options)
@@ -488,7 +517,7 @@ class Query(Generic[T]):
                         # A new chunk has just been loaded. Writing what the caller changed
                         # lets the chunk before go: memory stays flat.
                         await session.flush()
-                        sync.tx_state.release(yielded)  # type: ignore[attr-defined]
+                        sync.tx_state.release(yielded)
                         yielded = []
                     yielded.append(row)
                     yield row
@@ -498,8 +527,8 @@ class Query(Generic[T]):
     # -- bulk writes ------------------------------------------------------------------------
 
     def _bulk_values(self, values: Mapping[str, Any]) -> dict[str, Any]:
-        repo = self._repo
-        info = repo._info
+        spec = self._spec
+        info = spec.info
         managed = {
             key
             for key in (
@@ -516,7 +545,7 @@ class Query(Generic[T]):
             raise InvalidQuery("update() needs at least one field=value", field="values")
         checked: dict[str, Any] = {}
         for key, raw in values.items():
-            prop = repo._mapper.attrs.get(key)
+            prop = spec.mapper.attrs.get(key)
             column = getattr(prop, "columns", [None])[0] if prop is not None else None
             if column is None or isinstance(prop, RelationshipProperty):
                 raise InvalidQuery(f"{info.name} has no column field {key!r}", field=key)
@@ -531,29 +560,35 @@ class Query(Generic[T]):
         return checked
 
     def _stamps(self) -> dict[str, Any]:
-        repo = self._repo
-        info = repo._info
-        entity = repo.entity
+        spec = self._spec
+        info = spec.info
+        entity = spec.entity
         stamps: dict[str, Any] = {}
         if info.version_key is not None:
             stamps[info.version_key] = getattr(entity, info.version_key) + 1
         if info.updated_key is not None:
-            stamps[info.updated_key] = repo._clock().now()
+            stamps[info.updated_key] = self._bound.clock().now()
         return stamps
 
     async def _run_write(self, stmt: Any, returning: bool) -> int | builtins.list[T]:
-        session = self._repo.session
+        session = self._bound.session
         options = {**self._options(), "synchronize_session": "fetch"}
         with translating(session.sync_session):
             if returning:
                 result = await session.scalars(
-                    stmt.returning(self._repo.entity), execution_options=options
+                    stmt.returning(self._spec.entity), execution_options=options
                 )
                 return builtins.list(result.all())
             outcome = await session.execute(stmt, execution_options=options)
             return int(outcome.rowcount)  # type: ignore[attr-defined]
 
-    async def update(self, *, returning: bool = False, **values: Any) -> Any:
+    @overload
+    async def update(self, *, returning: Literal[False] = False, **values: Any) -> int: ...
+
+    @overload
+    async def update(self, *, returning: Literal[True], **values: Any) -> builtins.list[T]: ...
+
+    async def update(self, *, returning: bool = False, **values: Any) -> int | builtins.list[T]:
         """UPDATE every matching row; return the number of rows (or the rows, ``returning``).
 
         Versioned tables get ``version = version + 1`` and audit tables ``updated_at``, so
@@ -564,41 +599,49 @@ class Query(Generic[T]):
         """
         checked = self._bulk_values(values)
         stmt = (
-            update(self._repo.entity)
+            update(self._spec.entity)
             .where(self._matching_pks())
             .values(**checked, **self._stamps())
         )
         return await self._run_write(stmt, returning)
 
-    async def delete(self, *, returning: bool = False, hard: bool = False) -> Any:
+    @overload
+    async def delete(self, *, returning: Literal[False] = False, hard: bool = False) -> int: ...
+
+    @overload
+    async def delete(self, *, returning: Literal[True], hard: bool = False) -> builtins.list[T]: ...
+
+    async def delete(
+        self, *, returning: bool = False, hard: bool = False
+    ) -> int | builtins.list[T]:
         """Delete every matching row: a soft delete (``deleted_at``) where the table has one,
         else (or with ``hard=True``) a DELETE that removes the aggregates' owned parts and
         association rows first.
 
         Returns the number of aggregates deleted (or the rows, ``returning``).
         """
-        repo = self._repo
-        info = repo._info
-        entity = repo.entity
+        spec = self._spec
+        info = spec.info
+        entity = spec.entity
         if info.deleted_key is not None and not hard:
             deleted = getattr(entity, info.deleted_key)
             stmt = (
                 update(entity)
                 .where(self._matching_pks(), deleted.is_(None))
-                .values({info.deleted_key: repo._clock().now(), **self._stamps()})
+                .values({info.deleted_key: self._bound.clock().now(), **self._stamps()})
             )
             return await self._run_write(stmt, returning)
         pks = self._pk_columns()
         roots = self._pk_select()
         if len(pks) != 1:
             return await self._run_write(delete(entity).where(tuple_(*pks).in_(roots)), returning)
-        session = repo.session
+        session = self._bound.session
         with translating(session.sync_session):
             keys = builtins.list(
                 (await session.scalars(roots, execution_options=self._options())).all()
             )
         if not keys:
             return [] if returning else 0
-        await repo._delete_owned(repo._mapper, keys)
-        condition = in_condition(pks[0], keys, repo._dialect())
+        await delete_owned(self._bound, spec.mapper, keys)
+        condition = self._bound.dialect(spec.mapper).in_(pks[0], keys)
         return await self._run_write(delete(entity).where(condition), returning)

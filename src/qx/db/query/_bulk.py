@@ -1,16 +1,16 @@
 """Set-based writes for repositories: ``upsert`` (ON CONFLICT) and deleting owned parts.
 
 Kept apart from the repository so its class stays about the single-entity API; both
-functions take the repository for its session, mapping and scoping.
+functions take the repository's :class:`~qx.db.query._spec.QuerySpec` (its mapping) and
+:class:`~qx.db.query._spec.Bound` (its session, dialect and clock).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 from sqlalchemy import Column, Table, UniqueConstraint, delete, select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Mapper
 from sqlalchemy.orm.attributes import instance_state
 
@@ -18,12 +18,9 @@ from qx.core._context import current_context
 from qx.core._errors import InvalidQuery, TenantViolation
 from qx.db._scoping import tenant_for_write
 from qx.db._translate import translating
-from qx.db.query._lookups import in_condition
+from qx.db.query._spec import Bound, QuerySpec
 
-if TYPE_CHECKING:
-    from qx.db._repository import Repository
-
-__all__ = ["delete_owned", "upsert_entities"]
+__all__ = ["delete_owned", "upsert_rows"]
 
 #: Bind parameters per statement stay under the drivers' 32,767 limit.
 _MAX_PARAMS: Final = 30_000
@@ -43,15 +40,15 @@ def _unique_sets(table: Table) -> list[frozenset[str]]:
     return sets
 
 
-def _conflict_columns(repo: Repository[Any], table: Table, conflict: Sequence[str]) -> list[str]:
+def _conflict_columns(spec: QuerySpec, table: Table, conflict: Sequence[str]) -> list[str]:
     if isinstance(conflict, str) or not conflict:
         raise InvalidQuery("upsert() needs conflict=[column, ...]", field="conflict")
     names = []
     for key in conflict:
-        names.append(_column_of(repo, key, "conflict").name)
+        names.append(_column_of(spec, key, "conflict").name)
     wanted = frozenset(names)
-    tenant = repo._info.tenant_key
-    tenant_name = _column_of(repo, tenant, "conflict").name if tenant else None
+    tenant = spec.info.tenant_key
+    tenant_name = _column_of(spec, tenant, "conflict").name if tenant else None
     for candidate in _unique_sets(table):
         if candidate == wanted:
             return sorted(candidate)
@@ -64,24 +61,24 @@ def _conflict_columns(repo: Repository[Any], table: Table, conflict: Sequence[st
     )
 
 
-def _column_of(repo: Repository[Any], key: str, what: str) -> Column[Any]:
-    prop = repo._mapper.attrs.get(key) if isinstance(key, str) else None
+def _column_of(spec: QuerySpec, key: str, what: str) -> Column[Any]:
+    prop = spec.mapper.attrs.get(key) if isinstance(key, str) else None
     columns = getattr(prop, "columns", None)
     if not columns or len(columns) != 1 or not isinstance(columns[0], Column):
-        raise InvalidQuery(f"{repo._info.name} has no column field {key!r}", field=what)
+        raise InvalidQuery(f"{spec.info.name} has no column field {key!r}", field=what)
     column: Column[Any] = columns[0]
     return column
 
 
 def _row(
-    repo: Repository[Any],
+    spec: QuerySpec,
     entity: Any,
     tenant: tuple[str, str | None, bool] | None,
     stamps: dict[str, Any],
 ) -> dict[str, Any]:
     """One entity's INSERT values. ``tenant`` is ``(column, value, system)`` for tenanted
     tables; ``stamps`` are the values qx maintains (audit, version, soft delete)."""
-    info = repo._info
+    info = spec.info
     state = instance_state(entity)
     for key in info.owned:
         if state.dict.get(key):
@@ -90,7 +87,7 @@ def _row(
                 field=key,
             )
     row: dict[str, Any] = {}
-    for prop in repo._mapper.column_attrs:
+    for prop in spec.mapper.column_attrs:
         column = prop.columns[0]
         value = state.dict.get(prop.key)
         if value is None and isinstance(column, Column) and column.default is not None:
@@ -110,24 +107,23 @@ def _row(
     return row
 
 
-async def upsert_entities(
-    repo: Repository[Any],
+async def upsert_rows(
+    spec: QuerySpec,
+    bound: Bound,
     entities: list[Any],
     conflict: Sequence[str],
     update: Sequence[str] | None,
 ) -> list[Any]:
-    """Implementation of :meth:`qx.db.Repository.upsert`."""
-    info = repo._info
-    table = repo._mapper.local_table
+    """The statements of :meth:`qx.db.Repository.upsert`; returns the stored primary keys."""
+    info = spec.info
+    table = spec.mapper.local_table
     if not isinstance(table, Table):  # pragma: no cover - qx maps tables only
         raise InvalidQuery(f"{info.name} is not mapped to a table")
-    for entity in entities:
-        repo._check_type(entity)
     if not entities:
         return []
-    keys = _conflict_columns(repo, table, conflict)
+    keys = _conflict_columns(spec, table, conflict)
     managed = {
-        _column_of(repo, k, k).name
+        _column_of(spec, k, k).name
         for k in (*info.pk_keys, info.version_key, info.tenant_key, info.created_key)
         if k is not None
     }
@@ -137,63 +133,57 @@ async def upsert_entities(
             for c in table.columns
             if c.name not in managed
             and c.name not in keys
-            and c.name != _name(repo, info.updated_key)
-            and c.name != _name(repo, info.deleted_key)
+            and c.name != _name(spec, info.updated_key)
+            and c.name != _name(spec, info.deleted_key)
         ]
     else:
         if isinstance(update, str):
             raise InvalidQuery("update must be a list of column names", field="update")
         targets = []
         for key in update:
-            name = _column_of(repo, key, "update").name
+            name = _column_of(spec, key, "update").name
             if name in managed or name in keys:
                 raise InvalidQuery(f"upsert() cannot overwrite {key!r}", field="update")
             targets.append(name)
     ctx = current_context()
     tenant = tenant_for_write(info, ctx) if info.tenant_key is not None else None
-    now = repo._clock().now()
+    now = bound.clock().now()
     # What qx maintains, resolved once for the whole batch.
     stamps: dict[str, Any] = {}
     for stamp in (info.created_key, info.updated_key):
         if stamp is not None:
-            stamps[_name(repo, stamp)] = now
+            stamps[_name(spec, stamp)] = now
     if info.version_key is not None:
-        stamps[_name(repo, info.version_key)] = 1
+        stamps[_name(spec, info.version_key)] = 1
     if info.deleted_key is not None:
-        stamps[_name(repo, info.deleted_key)] = None
+        stamps[_name(spec, info.deleted_key)] = None
     tenancy = None
     if info.tenant_key is not None:
-        tenancy = (_name(repo, info.tenant_key), tenant, ctx.system)
-    rows = [_row(repo, entity, tenancy, stamps) for entity in entities]
-    dialect = repo._dialect()
-    if dialect == "postgresql":
-        insert_fn: Any = postgresql.insert
-    elif dialect == "sqlite":
-        insert_fn = sqlite.insert
-    else:  # pragma: no cover - qx supports these two
-        raise InvalidQuery(f"upsert() is not supported on {dialect}")
+        tenancy = (_name(spec, info.tenant_key), tenant, ctx.system)
+    rows = [_row(spec, entity, tenancy, stamps) for entity in entities]
+    dialect = bound.dialect(spec.mapper)
     per_statement = max(1, _MAX_PARAMS // max(1, len(table.columns)))
-    session = repo.session
+    session = bound.session
     stored: list[Any] = []
     for start in range(0, len(rows), per_statement):
         chunk = rows[start : start + per_statement]
-        stmt = insert_fn(table).values(chunk)
+        stmt = dialect.insert(table).values(chunk)
         excluded = stmt.excluded
         values: dict[str, Any] = {name: excluded[name] for name in targets}
         if info.version_key is not None:
-            version = table.c[_name(repo, info.version_key)]
+            version = table.c[_name(spec, info.version_key)]
             values[version.name] = version + 1
         for stamp in (info.updated_key, info.deleted_key):
             if stamp is not None:
-                values[_name(repo, stamp)] = excluded[_name(repo, stamp)]
+                values[_name(spec, stamp)] = excluded[_name(spec, stamp)]
         where = None
         if info.tenant_key is not None:
-            tenant_column = table.c[_name(repo, info.tenant_key)]
+            tenant_column = table.c[_name(spec, info.tenant_key)]
             where = tenant_column == excluded[tenant_column.name]
-        stmt = stmt.on_conflict_do_update(index_elements=keys, set_=values, where=where)
-        pks = [table.c[_name(repo, k)] for k in info.pk_keys]
+        upsert = stmt.on_conflict_do_update(index_elements=keys, set_=values, where=where)
+        pks = [table.c[_name(spec, k)] for k in info.pk_keys]
         with translating(session.sync_session):
-            result = await session.execute(stmt.returning(*pks))
+            result = await session.execute(upsert.returning(*pks))
             ids = [row[0] if len(row) == 1 else tuple(row) for row in result.all()]
         if len(ids) != len(chunk):
             raise TenantViolation(
@@ -201,17 +191,14 @@ async def upsert_entities(
                 f"on {keys}; nothing of theirs was changed"
             )
         stored.extend(ids)
-    # Load the stored rows through the ORM so callers get tracked entities (and identity-map
-    # copies are refreshed).
-    found = await repo._load_many(stored, refresh=True)
-    return [found[i] for i in stored if i in found]
+    return stored
 
 
-def _name(repo: Repository[Any], key: str | None) -> str:
-    return _column_of(repo, key, key).name if key is not None else ""
+def _name(spec: QuerySpec, key: str | None) -> str:
+    return _column_of(spec, key, key).name if key is not None else ""
 
 
-async def delete_owned(repo: Repository[Any], mapper: Mapper[Any], parents: list[Any]) -> None:
+async def delete_owned(bound: Bound, mapper: Mapper[Any], parents: list[Any]) -> None:
     """Delete owned parts and association rows of the rows whose primary keys are ``parents``.
 
     Bulk DELETE bypasses the ORM's cascades, so an aggregate's parts are removed here, deepest
@@ -220,8 +207,8 @@ async def delete_owned(repo: Repository[Any], mapper: Mapper[Any], parents: list
     """
     if not parents or len(mapper.primary_key) != 1:
         return  # composite keys: left to the database's ON DELETE rules
-    session = repo.session
-    dialect = repo._dialect()
+    session = bound.session
+    dialect = bound.dialect(mapper)
     for rel in mapper.relationships:
         pairs = list(rel.synchronize_pairs)
         if len(pairs) != 1 or pairs[0][0] is not mapper.primary_key[0]:
@@ -229,7 +216,7 @@ async def delete_owned(repo: Repository[Any], mapper: Mapper[Any], parents: list
         child_column = pairs[0][1]
         if rel.secondary is not None:
             association: Any = rel.secondary
-            stmt: Any = delete(association).where(in_condition(child_column, parents, dialect))
+            stmt: Any = delete(association).where(dialect.in_(child_column, parents))
             with translating(session.sync_session):
                 await session.execute(stmt)
             continue
@@ -237,12 +224,12 @@ async def delete_owned(repo: Repository[Any], mapper: Mapper[Any], parents: list
             continue
         child = rel.mapper
         child_fk = getattr(child.class_, child.get_property_by_column(child_column).key)
-        matching = in_condition(child_fk, parents, dialect)
+        matching = dialect.in_(child_fk, parents)
         if len(child.primary_key) == 1 and child.relationships:
             child_pk = getattr(child.class_, child.get_property_by_column(child.primary_key[0]).key)
             with translating(session.sync_session):
                 keys = list((await session.scalars(select(child_pk).where(matching))).all())
-            await delete_owned(repo, child, keys)
+            await delete_owned(bound, child, keys)
         with translating(session.sync_session):
             await session.execute(
                 delete(child.class_).where(matching),

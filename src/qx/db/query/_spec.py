@@ -1,0 +1,123 @@
+"""What a query may touch (:class:`QuerySpec`) and where it runs (:class:`Bound`).
+
+A ``QuerySet`` and the set-based writes get these two explicit objects from their repository
+instead of reaching into it: the spec is fixed per repository class (mapping, entity info,
+allow-lists, limits, default sort), the binding per unit of work (its session, checked
+alive on every use, the dialect, the clock, the cursor codec).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Mapper
+
+from qx.core._clock import Clock
+from qx.core._errors import ConfigurationError
+from qx.db._dialect import Dialect, dialect_named
+from qx.db._mapping import EntityInfo
+from qx.db.query._cursor import CursorCodec
+from qx.db.query._keyset import SortKey, resolve_sort
+
+if TYPE_CHECKING:
+    from qx.db._session import QxSession
+
+__all__ = ["Bound", "Owner", "QuerySpec"]
+
+
+class Owner(Protocol):
+    """What a repository needs of the unit of work that owns its session."""
+
+    cursor_codec: CursorCodec | None
+
+    def require_active(self) -> None:
+        """Raise ``UnitOfWorkError`` unless the unit of work is inside its ``async with``."""
+
+
+@dataclass(frozen=True, slots=True)
+class QuerySpec:
+    """Everything about one repository class that its queries depend on.
+
+    Attributes:
+        entity: the mapped class.
+        mapper: its mapper.
+        info: qx's roles of its columns and relationships.
+        owner: the repository's name, for messages.
+        filterable: field paths accepted as filters.
+        sortable: fields accepted as sort keys.
+        default_sort: the sort when none is given (the primary key last).
+        max_limit: the largest ``limit`` or page size.
+    """
+
+    entity: type[Any]
+    mapper: Mapper[Any]
+    info: EntityInfo
+    owner: str
+    filterable: frozenset[str]
+    sortable: frozenset[str]
+    default_sort: tuple[SortKey, ...]
+    max_limit: int
+
+    def sort_keys(self, spec: str | Sequence[str] | None) -> tuple[SortKey, ...]:
+        """Resolve a caller's sort (``"-created_at,name"``) against ``sortable``."""
+        return resolve_sort(self.mapper, spec, allowed=self.sortable, owner=self.owner)
+
+
+class Bound:
+    """Where one repository's statements run: a unit of work's session and what goes with it.
+
+    The session is reached through :attr:`session` only, which checks that the owning unit
+    of work is still active: the one lifecycle check every read and write passes.
+    """
+
+    __slots__ = ("_codec", "_dialect", "_owner", "_session")
+
+    def __init__(
+        self, session: AsyncSession, owner: Owner | None, codec: CursorCodec | None
+    ) -> None:
+        self._session = session
+        self._owner = owner
+        self._codec = codec
+        self._dialect: Dialect | None = None
+
+    @property
+    def session(self) -> AsyncSession:
+        """The session, once the owning unit of work is known to be active."""
+        if self._owner is not None:
+            self._owner.require_active()
+        return self._session
+
+    @property
+    def sync(self) -> QxSession:
+        """The session's synchronous ``QxSession`` (after the same check)."""
+        found: QxSession = self.session.sync_session  # type: ignore[assignment]
+        return found
+
+    def dialect(self, mapper: Mapper[Any]) -> Dialect:
+        """The dialect the session's statements on ``mapper`` run on."""
+        if self._dialect is None:
+            bind = self._session.sync_session.get_bind(mapper)
+            self._dialect = dialect_named(bind.dialect.name)
+        return self._dialect
+
+    def clock(self) -> Clock:
+        """The clock of audit columns and soft deletes."""
+        return self.sync.clock
+
+    def cursor_codec(self) -> CursorCodec:
+        """The codec signing keyset cursors.
+
+        Raises:
+            ConfigurationError: no cursor secret was configured.
+        """
+        codec = self._codec or (self._owner.cursor_codec if self._owner is not None else None)
+        if codec is None:
+            raise ConfigurationError(
+                "keyset pagination needs a cursor secret: pass cursor_secret= to "
+                "UnitOfWorkFactory (for example QxSettings().pagination_secret, set with "
+                "QX_PAGINATION_SECRET)"
+            )
+        return codec
