@@ -1,7 +1,13 @@
-"""Backends for integration tests: every test runs on SQLite and on PostgreSQL.
+"""Backends for integration tests: every test runs on the testing kit's in-memory database
+(``memory``), on an SQLite file and on PostgreSQL.
 
-PostgreSQL tests get a schema of their own (created and dropped around the test, selected
-with ``search_path``), so parallel and repeated runs never collide.
+``memory`` is what ``qx.testing`` gives an application's domain tests: the same unit of work
+on a private in-memory SQLite database whose tables come from the metadata. PostgreSQL tests
+get a schema of their own (created and dropped around the test, selected with
+``search_path``), so parallel and repeated runs never collide.
+
+A test that cannot run on a backend says why: ``@pytest.mark.postgres_only`` (PostgreSQL
+semantics), ``@pytest.mark.skip_on("memory", reason=...)``.
 """
 
 from __future__ import annotations
@@ -11,25 +17,39 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import MetaData, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from qx.core import InProcessDispatcher, new_id
 from qx.db import UnitOfWorkFactory, create_engine, create_session_factory
+from qx.examples.orders.infrastructure import metadata as orders_metadata
 from qx.migrations import upgrade
 from qx.settings import DatabaseSettings
+from qx.testing import InMemoryStore, InMemoryUnitOfWorkFactory
 from tests import models
 from tests.services import POSTGRES, resolve
 
 CURSOR_SECRET = "tests-cursor-secret-0123456789"
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+BACKENDS = ["memory", "sqlite", "postgresql"]
+
+
+@pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest) -> str:
-    if request.param == "sqlite" and request.node.get_closest_marker("postgres_only"):
+    name = str(request.param)
+    skip_unless_runs_on(request.node, name)
+    return name
+
+
+def skip_unless_runs_on(node: pytest.Item, backend: str) -> None:
+    """Skip ``node`` on ``backend`` when one of its markers says it cannot run there."""
+    if backend != "postgresql" and node.get_closest_marker("postgres_only"):
         pytest.skip("needs PostgreSQL semantics")
-    return str(request.param)
+    for marker in node.iter_markers("skip_on"):
+        if backend in marker.args:
+            pytest.skip(marker.kwargs["reason"])
 
 
 def _pg_base_url() -> str:
@@ -37,9 +57,15 @@ def _pg_base_url() -> str:
 
 
 async def make_backend_engine(
-    backend: str, tmp_path: Path, **settings: Any
+    backend: str, tmp_path: Path, *metadata: MetaData, **settings: Any
 ) -> tuple[AsyncEngine, str | None]:
-    """Create an engine on a fresh database (SQLite file) or schema (PostgreSQL)."""
+    """Create an engine on a fresh database (in memory, SQLite file) or schema (PostgreSQL).
+
+    The in-memory database has the tables of ``metadata`` (and qx's) already; the others get
+    theirs from the caller. ``settings`` do not apply to it.
+    """
+    if backend == "memory":
+        return InMemoryStore(*metadata).engine, None
     if backend == "sqlite":
         url = f"sqlite+aiosqlite:///{tmp_path / 'qx-test.sqlite3'}"
         return create_engine(DatabaseSettings(url=url, **settings)), None
@@ -53,6 +79,20 @@ async def make_backend_engine(
         DatabaseSettings(url=base, **settings),
         connect_args={"server_settings": {"search_path": schema, "application_name": "qx-test"}},
     )
+    return engine, schema
+
+
+async def engine_with_tables(
+    backend: str, tmp_path: Path, *metadata: MetaData, **settings: Any
+) -> tuple[AsyncEngine, str | None]:
+    """:func:`make_backend_engine`, then qx's tables (through its migrations; in memory, from
+    the metadata as the testing kit does) and those of ``metadata``."""
+    engine, schema = await make_backend_engine(backend, tmp_path, *metadata, **settings)
+    if backend != "memory":
+        await upgrade(engine)
+        async with engine.begin() as conn:
+            for md in metadata:
+                await conn.run_sync(md.create_all)
     return engine, schema
 
 
@@ -72,7 +112,22 @@ async def create_tables(engine: AsyncEngine) -> None:
 
 
 @pytest.fixture
-async def engine(backend: str, tmp_path: Path) -> AsyncIterator[AsyncEngine]:
+async def store(backend: str) -> AsyncIterator[InMemoryStore | None]:
+    """The testing kit's database on the ``memory`` backend (``None`` on the others)."""
+    if backend != "memory":
+        yield None
+        return
+    async with InMemoryStore(models.metadata, orders_metadata) as found:
+        yield found
+
+
+@pytest.fixture
+async def engine(
+    backend: str, tmp_path: Path, store: InMemoryStore | None
+) -> AsyncIterator[AsyncEngine]:
+    if store is not None:
+        yield store.engine  # its tables come from the metadata, as in an application's tests
+        return
     eng, schema = await make_backend_engine(backend, tmp_path)
     try:
         await create_tables(eng)
@@ -84,8 +139,10 @@ async def engine(backend: str, tmp_path: Path) -> AsyncIterator[AsyncEngine]:
 
 
 @pytest.fixture
-def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
-    return create_session_factory(engine)
+def session_factory(
+    engine: AsyncEngine, store: InMemoryStore | None
+) -> async_sessionmaker[AsyncSession]:
+    return store.session_factory if store is not None else create_session_factory(engine)
 
 
 @pytest.fixture
@@ -95,8 +152,14 @@ def dispatcher() -> InProcessDispatcher:
 
 @pytest.fixture
 def uow_factory(
-    session_factory: async_sessionmaker[AsyncSession], dispatcher: InProcessDispatcher
+    session_factory: async_sessionmaker[AsyncSession],
+    dispatcher: InProcessDispatcher,
+    store: InMemoryStore | None,
 ) -> UnitOfWorkFactory[models.AppUnitOfWork]:
+    if store is not None:
+        return InMemoryUnitOfWorkFactory(
+            models.AppUnitOfWork, store, dispatcher=dispatcher, cursor_secret=CURSOR_SECRET
+        )
     return UnitOfWorkFactory(
         models.AppUnitOfWork, session_factory, dispatcher=dispatcher, cursor_secret=CURSOR_SECRET
     )

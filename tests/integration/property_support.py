@@ -1,14 +1,16 @@
 """Running hypothesis examples against a real database.
 
 Hypothesis drives synchronous tests, so each example runs its own event loop
-(``asyncio.run``) with its own engine on a database prepared once per module.
+(``asyncio.run``) with its own engine on a database prepared once per module. The testing
+kit's in-memory database lives with one event loop, so on ``memory`` each example gets a new
+one, seeded first by the module's ``seed`` (when there is one).
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -18,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from qx.core import system_context
 from qx.db import UnitOfWorkFactory, create_engine, create_session_factory
 from qx.settings import DatabaseSettings
+from qx.testing import InMemoryUnitOfWorkFactory
 from tests import models
 from tests.integration.conftest import (
     CURSOR_SECRET,
@@ -29,16 +32,35 @@ from tests.integration.conftest import (
 T = TypeVar("T")
 
 
+Body = Callable[[UnitOfWorkFactory[models.AppUnitOfWork]], Awaitable[Any]]
+
+
 @dataclass(frozen=True)
 class Database:
     url: str
     connect_args: dict[str, Any]
+    memory: bool = False
+    seed: Body | None = None
 
     def engine(self) -> AsyncEngine:
         return create_engine(DatabaseSettings(url=self.url), connect_args=self.connect_args)
 
+    def seeded(self, seed: Body) -> Database:
+        """This database, first filled by ``seed`` (at once, or per example in memory)."""
+        if not self.memory:
+            self.run(seed)
+            return self
+        return replace(self, seed=seed)
+
     def run(self, body: Callable[[UnitOfWorkFactory[models.AppUnitOfWork]], Awaitable[T]]) -> T:
         async def main() -> T:
+            if self.memory:
+                memory = InMemoryUnitOfWorkFactory(
+                    models.AppUnitOfWork, cursor_secret=CURSOR_SECRET
+                )
+                if self.seed is not None:
+                    await self.seed(memory)
+                return await body(memory)
             engine = self.engine()
             try:
                 factory = UnitOfWorkFactory(
@@ -55,6 +77,9 @@ class Database:
 
 def prepared(backend: str, tmp_path: Path) -> Iterator[Database]:
     """Create the schema (SQLite file or PostgreSQL schema), yield it, drop it."""
+    if backend == "memory":
+        yield Database("", {}, memory=True)
+        return
 
     async def setup() -> tuple[Database, str | None]:
         engine, schema = await make_backend_engine(backend, tmp_path)

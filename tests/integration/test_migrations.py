@@ -32,7 +32,19 @@ from qx.migrations import (
     upgrade,
 )
 from qx.settings import load_settings
-from tests.integration.conftest import drop_schema, make_backend_engine, pg_url_for
+from tests.integration.conftest import (
+    BACKENDS,
+    drop_schema,
+    make_backend_engine,
+    pg_url_for,
+    skip_unless_runs_on,
+)
+
+pytestmark = pytest.mark.skip_on(
+    "memory",
+    reason="migrations build a database's schema; the testing kit makes its tables from the "
+    "metadata",
+)
 
 QX_TABLES = {"qx_outbox", "qx_inbox", "qx_idempotency", "orders", "order_lines"}
 
@@ -118,10 +130,12 @@ def test_offline_sql_contains_the_outbox_ddl(monkeypatch: pytest.MonkeyPatch) ->
 # -- the command line (synchronous tests: `qx db` runs its own event loop) -------------------
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=BACKENDS)
 def empty_url(
     request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[str]:
+    skip_unless_runs_on(request.node, request.param)
+
     async def make() -> tuple[str, str | None]:
         engine, schema = await make_backend_engine(request.param, tmp_path)
         url = pg_url_for(engine)

@@ -16,6 +16,7 @@ from sqlalchemy import select
 from qx.core import request_context, system_context
 from qx.errors import QxError
 from tests import models
+from tests.integration.conftest import BACKENDS
 from tests.integration.property_support import Database, prepared
 from tests.models import Item, Tag
 
@@ -24,7 +25,7 @@ FIELDS = sorted(models.ItemRepository.filterable | {"version", "tenant_id", "tag
 LOOKUP_NAMES = ["", "exact", "in", "range", "isnull", "gt", "icontains", "ne", "bogus", "lines"]
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+@pytest.fixture(scope="module", params=BACKENDS)
 def database(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Database]:
@@ -46,8 +47,7 @@ def database(
                         )
                     await uow.commit()
 
-        database.run(seed)
-        yield database
+        yield database.seeded(seed)
 
 
 keys = st.one_of(

@@ -1,5 +1,5 @@
-"""Property tests on PostgreSQL: keyset pages tile the full result; SQL filters agree with an
-independent Python evaluation of the same expression."""
+"""Property tests on every backend: keyset pages tile the full result; SQL filters agree with
+an independent Python evaluation of the same expression."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from qx.core import request_context
 from qx.db.query import Q
+from tests.integration.conftest import BACKENDS
 from tests.integration.property_support import Database, clear_catalog, prepared
 from tests.models import Category, Item, Tag
 
@@ -27,9 +28,11 @@ EXAMPLES = settings(
 )
 
 
-@pytest.fixture(scope="module")
-def pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Database]:
-    yield from prepared("postgresql", Path(tmp_path_factory.mktemp("prop")))
+@pytest.fixture(scope="module", params=BACKENDS)
+def database(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Database]:
+    yield from prepared(request.param, Path(tmp_path_factory.mktemp(f"prop-{request.param}")))
 
 
 rows_strategy = st.lists(
@@ -82,7 +85,7 @@ sort_strategy = st.lists(
 @EXAMPLES
 @given(rows=rows_strategy, sort=sort_strategy, size=st.integers(1, 6))
 def test_keyset_pages_tile_the_unpaginated_result(
-    pg: Database, rows: list[dict[str, Any]], sort: list[str], size: int
+    database: Database, rows: list[dict[str, Any]], sort: list[str], size: int
 ) -> None:
     async def body(factory: Any) -> None:
         await insert(factory, rows)
@@ -110,7 +113,7 @@ def test_keyset_pages_tile_the_unpaginated_result(
                     cursor = page.prev_cursor if page.has_previous else None
                 assert backward + [item.sku for item in pages[-1].items] == expected
 
-    pg.run(body)
+    database.run(body)
 
 
 # -- random filter expressions vs an independent Python oracle ------------------------------
@@ -235,7 +238,7 @@ def oracle(expr: Any, row: dict[str, Any]) -> bool:
 @EXAMPLES
 @given(rows=rows_strategy, expr=expr_strategy)
 def test_filters_agree_with_python_evaluation(
-    pg: Database, rows: list[dict[str, Any]], expr: Any
+    database: Database, rows: list[dict[str, Any]], expr: Any
 ) -> None:
     async def body(factory: Any) -> None:
         await insert(factory, rows)
@@ -246,4 +249,4 @@ def test_filters_agree_with_python_evaluation(
         assert set(found) == expected
         assert len(found) == len(set(found))  # relation filters never duplicate roots
 
-    pg.run(body)
+    database.run(body)

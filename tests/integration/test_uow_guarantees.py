@@ -72,7 +72,7 @@ from qx.db import (
 )
 from qx.migrations import upgrade
 from qx.settings import DatabaseSettings
-from tests.integration.conftest import make_backend_engine
+from tests.integration.conftest import engine_with_tables, make_backend_engine
 from tests.integration.helpers import outbox_rows
 
 # -- the domain ---------------------------------------------------------------------------
@@ -792,18 +792,24 @@ async def test_bus_retries_a_conflict_raised_by_an_autoflush(warehouse: AsyncEng
 # -- 6. the in-memory SQLite default gives each unit of work its own transaction -----------
 
 
+@pytest.mark.skip_on(
+    "memory",
+    reason="the testing kit's shared in-memory database lets readers see rows another unit "
+    "of work flushed and has not committed (read_uncommitted); the sqlite case runs qx's "
+    "plain :memory: engine",
+)
 async def test_concurrent_units_of_work_on_in_memory_sqlite_never_share_a_transaction(
     backend: str, tmp_path: Path
 ) -> None:
     if backend == "sqlite":
         engine = create_engine(DatabaseSettings(url="sqlite+aiosqlite:///:memory:"))
         schema = None
-    else:
-        engine, schema = await make_backend_engine(backend, tmp_path)
-    try:
         await upgrade(engine)
         async with engine.begin() as conn:
             await conn.run_sync(metadata.create_all)
+    else:
+        engine, schema = await engine_with_tables(backend, tmp_path, metadata)
+    try:
         factory = UnitOfWorkFactory(WarehouseUnitOfWork, create_session_factory(engine))
         writer_flushed = asyncio.Event()
         seen: list[int] = []
@@ -872,11 +878,8 @@ async def test_loaded_aggregates_get_unmapped_defaults_and_a_chosen_post_init(
     class Shelves(Repository[Shelf]):
         pass
 
-    engine, schema = await make_backend_engine(backend, tmp_path)
+    engine, schema = await engine_with_tables(backend, tmp_path, md)
     try:
-        await upgrade(engine)
-        async with engine.begin() as conn:
-            await conn.run_sync(shelves.create)
         factory = UnitOfWorkFactory(UnitOfWork, create_session_factory(engine))
         async with factory() as uow:
             shelf = Shelf(label="  Top ", colour="red")

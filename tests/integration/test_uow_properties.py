@@ -55,10 +55,10 @@ from qx.db import (
     uuid_pk,
     version_column,
 )
-from qx.migrations import upgrade
 from qx.outbox import outbox_table
 from qx.settings import DatabaseSettings
-from tests.integration.conftest import drop_schema, make_backend_engine
+from qx.testing import InMemoryUnitOfWorkFactory
+from tests.integration.conftest import BACKENDS, drop_schema, engine_with_tables
 
 # -- the domain ---------------------------------------------------------------------------
 
@@ -219,7 +219,7 @@ STEPS = (
 )
 programs = st.lists(st.tuples(st.sampled_from(STEPS), st.integers(0, 255)), max_size=30)
 EXAMPLES = settings(
-    max_examples=60,
+    max_examples=30,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
@@ -516,11 +516,18 @@ class Run:
 
 @dataclass(frozen=True)
 class Database:
-    url: str
+    url: str  # empty: the testing kit's in-memory database, new for each program
     connect_args: dict[str, Any]
 
     def run(self, program: list[tuple[str, int]]) -> None:
         async def main() -> None:
+            if not self.url:
+                factory: UnitOfWorkFactory[LibraryUnitOfWork] = InMemoryUnitOfWorkFactory(
+                    LibraryUnitOfWork, dispatcher=dispatcher()
+                )
+                async with factory.store:
+                    await Run(factory, factory.store.engine).run(program)
+                return
             engine = create_engine(DatabaseSettings(url=self.url), connect_args=self.connect_args)
             try:
                 factory = UnitOfWorkFactory(
@@ -533,18 +540,18 @@ class Database:
         asyncio.run(main())
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+@pytest.fixture(scope="module", params=BACKENDS)
 def database(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Database]:
+    if request.param == "memory":
+        yield Database("", {})
+        return
     tmp_path = Path(tmp_path_factory.mktemp("uow-props"))
 
     async def setup() -> tuple[Database, str | None]:
-        engine, schema = await make_backend_engine(request.param, tmp_path)
+        engine, schema = await engine_with_tables(request.param, tmp_path, metadata)
         try:
-            await upgrade(engine)
-            async with engine.begin() as conn:
-                await conn.run_sync(metadata.create_all)
             url = engine.url.render_as_string(hide_password=False)
             args = {"server_settings": {"search_path": schema}} if schema else {}
             return Database(url, args), schema
