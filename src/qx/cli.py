@@ -277,7 +277,7 @@ def _outbox_app(console: Console) -> typer.Typer:
         async def work(settings: Any, engine: Any) -> None:
             metrics = None
             if metrics_port is not None:
-                from qx.outbox._metrics import PrometheusMetrics
+                from qx.outbox import PrometheusMetrics
 
                 metrics = PrometheusMetrics()
                 metrics.serve(metrics_port)

@@ -12,8 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from qx.core import new_id, request_context, utcnow
 from qx.db import UnitOfWorkFactory
 from qx.errors import ConfigurationError
-from qx.outbox import Envelope, EventRouter, Inbox, inbox_table
-from qx.outbox._subscribers import NatsSubscriber
+from qx.outbox import Envelope, EventRouter, Inbox, NatsSubscriber, inbox_table
 from qx.settings import BrokerSettings
 from tests import models
 from tests.services import NATS, resolve
@@ -157,7 +156,7 @@ async def test_nats_subscriber_through_the_inbox(uow_factory: Factory) -> None:
 async def test_rabbitmq_subscriber_through_the_inbox(uow_factory: Factory) -> None:
     import aio_pika
 
-    from qx.outbox._subscribers import RabbitSubscriber
+    from qx.outbox import RabbitSubscriber
     from tests.services import AMQP
 
     url = resolve(AMQP)

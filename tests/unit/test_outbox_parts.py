@@ -9,16 +9,14 @@ import pytest
 
 from qx.errors import ConfigurationError, InvalidMessage, PublishError
 from qx.outbox import (
+    BatchResult,
     Envelope,
     LogPublisher,
     MemoryPublisher,
     backoff_delay,
     publisher_from_settings,
 )
-from qx.outbox._relay import BatchResult
-from qx.outbox.publishers._nats import NatsPublisher
-from qx.outbox.publishers._rabbitmq import RabbitPublisher
-from qx.outbox.publishers._redis import RedisPublisher
+from qx.outbox.publishers import NatsPublisher, RabbitPublisher, RedisPublisher
 from qx.settings import BrokerSettings
 
 
@@ -100,7 +98,7 @@ async def test_memory_publisher_can_fail() -> None:
 def test_prometheus_metrics() -> None:
     from prometheus_client import CollectorRegistry
 
-    from qx.outbox._metrics import PrometheusMetrics
+    from qx.outbox import PrometheusMetrics
 
     registry = CollectorRegistry()
     metrics = PrometheusMetrics(registry=registry)

@@ -41,8 +41,8 @@ from qx.core._errors import ConcurrencyConflict, ConfigurationError, HandlerNotF
 from qx.core._events import Event
 from qx.core._ids import new_id
 from qx.cqrs._messages import Command, Message, Query
-from qx.db._uow import UnitOfWorkState
-from qx.outbox._table import idempotency_table
+from qx.cqrs._table import idempotency_table
+from qx.db._state import UnitOfWorkState
 
 __all__ = ["HandlerContext", "MessageBus", "Middleware", "Next", "RetryPolicy"]
 

@@ -31,6 +31,7 @@ import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal
+from weakref import WeakSet
 
 from sqlalchemy import Column, Integer, MetaData, String, Table, Uuid, event
 from sqlalchemy import inspect as sa_inspect
@@ -80,6 +81,11 @@ NAMING_CONVENTION: Final[dict[str, str]] = {
 def make_metadata(*, schema: str | None = None) -> MetaData:
     """Return a ``MetaData`` with deterministic constraint names (stable migrations)."""
     return MetaData(schema=schema, naming_convention=NAMING_CONVENTION)
+
+
+#: The metadata of qx's own tables (outbox, inbox, idempotency keys); each table is defined
+#: by the package that owns it, and ``qx.outbox.include_qx_tables`` copies them all.
+qx_metadata: Final = MetaData(naming_convention=NAMING_CONVENTION)
 
 
 def make_registry(metadata: MetaData | None = None) -> registry:
@@ -474,10 +480,17 @@ def _track_loaded_root(target: Any, context: Any) -> None:
 event.listen(AggregateRoot, "load", _track_loaded_root, propagate=True)
 
 
-def _remember(reg: registry) -> None:
-    from qx.db._scoping import remember_registry  # scoping depends on this module
+# Registries that qx's mapping helpers were used with; filled by user code, never at import.
+_registries: WeakSet[registry] = WeakSet()
 
-    remember_registry(reg)
+
+def _remember(reg: registry) -> None:
+    _registries.add(reg)
+
+
+def known_registries() -> tuple[registry, ...]:
+    """The registries qx's mapping helpers mapped classes into (scoping guards them all)."""
+    return tuple(_registries)
 
 
 def configure_mappers() -> None:

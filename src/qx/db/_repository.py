@@ -570,7 +570,7 @@ class Repository(Generic[T]):
         self._check_own(entity)
         key = self._info.deleted_key
         if key is None:
-            await self._bound.session.delete(entity)
+            await self._delete(entity)
             return
         if getattr(entity, key) is None:
             setattr(entity, key, self._bound.clock().now())
@@ -578,4 +578,12 @@ class Repository(Generic[T]):
     async def hard_remove(self, entity: T) -> None:
         """DELETE the entity's row (and its owned parts), even on a soft-delete table."""
         self._check_own(entity)
-        await self._bound.session.delete(entity)
+        await self._delete(entity)
+
+    async def _delete(self, entity: T) -> None:
+        # The DELETE runs now, as Django's does: SQLAlchemy's flush would INSERT before it
+        # DELETEs, so adding a replacement with the same unique key in the same unit of work
+        # would collide with the row being removed.
+        session = self._bound.session
+        await session.delete(entity)
+        await session.flush()

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from functools import lru_cache
 from typing import Any, Final
-from weakref import WeakSet
 
 from sqlalchemy import Select, and_
 from sqlalchemy import inspect as sa_inspect
@@ -29,7 +28,6 @@ from sqlalchemy.orm import (
     RelationshipProperty,
     Session,
     joinedload,
-    registry,
     with_loader_criteria,
 )
 from sqlalchemy.orm.attributes import instance_state, set_committed_value
@@ -37,7 +35,7 @@ from sqlalchemy.orm.interfaces import ORMOption
 
 from qx.core._context import RequestContext, current_context
 from qx.core._errors import TenantRequired
-from qx.db._mapping import EntityInfo, entity_info, mapper_notes
+from qx.db._mapping import EntityInfo, entity_info, known_registries, mapper_notes
 
 __all__ = [
     "WITH_DELETED",
@@ -49,7 +47,6 @@ __all__ = [
     "from_clause_mappers",
     "joined_part",
     "loader_where",
-    "remember_registry",
     "scope_statement",
     "scope_tenant",
     "scoped_closure",
@@ -86,15 +83,7 @@ class RowsChecked:
 _SEPARATE_LOADS: Final = frozenset({"selectin", "raise", "raise_on_sql", "noload", "write_only"})
 
 
-# Registries that qx's mapping helpers were used with; filled by user code, never at import.
-_registries: WeakSet[registry] = WeakSet()
 _all_scoped: dict[int, tuple[Mapper[Any], ...]] = {}
-
-
-def remember_registry(reg: registry) -> None:
-    """Note a registry whose scoped classes guard statements qx cannot attribute."""
-    _registries.add(reg)
-    _all_scoped.clear()
 
 
 def all_scoped_mappers() -> tuple[Mapper[Any], ...]:
@@ -103,12 +92,13 @@ def all_scoped_mappers() -> tuple[Mapper[Any], ...]:
     Used for ORM statements whose entities SQLAlchemy cannot name (``select(func.count())
     .select_from(Order)``, bare ``exists()``): scoping them all costs more, but never leaks.
     """
-    size = sum(len(reg.mappers) for reg in _registries)
+    registries = known_registries()
+    size = sum(len(reg.mappers) for reg in registries)
     cached = _all_scoped.get(size)
     if cached is None:
         cached = tuple(
             mapper
-            for reg in list(_registries)
+            for reg in registries
             for mapper in reg.mappers
             if _is_scoped(entity_info(mapper))
         )

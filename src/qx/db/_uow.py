@@ -21,7 +21,6 @@ Example:
 from __future__ import annotations
 
 import asyncio
-import enum
 import inspect
 import logging
 from collections.abc import Awaitable, Callable
@@ -51,6 +50,7 @@ from qx.db._insert_new import forget_inserted, insert_new_aggregates
 from qx.db._mapping import entity_info
 from qx.db._repository import Repository
 from qx.db._session import QxSession, has_writes
+from qx.db._state import UnitOfWorkState
 from qx.db._tracking import renew_transient
 from qx.db._translate import translating
 from qx.db.query._cursor import CursorCodec
@@ -64,16 +64,6 @@ logger = logging.getLogger("qx.uow")
 R = TypeVar("R", bound=Repository[Any])
 U = TypeVar("U", bound="UnitOfWork")
 AfterCommit = Callable[[], Awaitable[None] | None]
-
-
-class UnitOfWorkState(enum.Enum):
-    """Lifecycle: NEW → ACTIVE → COMMITTED | ROLLED_BACK → CLOSED."""
-
-    NEW = "new"
-    ACTIVE = "active"
-    COMMITTED = "committed"
-    ROLLED_BACK = "rolled back"
-    CLOSED = "closed"
 
 
 class UnitOfWork:

@@ -38,9 +38,9 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
+from qx._schema import include_qx_tables
 from qx.core._errors import ConfigurationError
 from qx.db._engine import create_engine, parse_database_url
-from qx.outbox._table import include_qx_tables
 from qx.settings import DatabaseSettings, load_settings
 
 __all__ = ["compare_type", "configure_context", "render_item", "run_migrations"]

@@ -1,23 +1,27 @@
 """Transactional outbox: the tables, how events become rows, the relay, publishers, inbox."""
 
+from qx._schema import include_qx_tables, new_metadata, qx_metadata
 from qx.outbox._envelope import Envelope
 from qx.outbox._inbox import EventRouter, Inbox
+from qx.outbox._metrics import PrometheusMetrics
 from qx.outbox._recorder import event_payload, outbox_row
 from qx.outbox._relay import BatchResult, OutboxRelay, RelayMetrics
 from qx.outbox._store import OutboxStatus, OutboxStore, backoff_delay
+from qx.outbox._subscribers import NatsSubscriber, RabbitSubscriber
 from qx.outbox._table import (
     NOTIFY_CHANNEL,
+    NOTIFY_FUNCTION_SQL,
+    NOTIFY_TRIGGER_SQL,
     OUTBOX_TABLE,
     inbox_table,
-    include_qx_tables,
-    new_metadata,
     outbox_table,
-    qx_metadata,
 )
 from qx.outbox.publishers import LogPublisher, MemoryPublisher, Publisher, publisher_from_settings
 
 __all__ = [
     "NOTIFY_CHANNEL",
+    "NOTIFY_FUNCTION_SQL",
+    "NOTIFY_TRIGGER_SQL",
     "OUTBOX_TABLE",
     "BatchResult",
     "Envelope",
@@ -25,10 +29,13 @@ __all__ = [
     "Inbox",
     "LogPublisher",
     "MemoryPublisher",
+    "NatsSubscriber",
     "OutboxRelay",
     "OutboxStatus",
     "OutboxStore",
+    "PrometheusMetrics",
     "Publisher",
+    "RabbitSubscriber",
     "RelayMetrics",
     "backoff_delay",
     "event_payload",

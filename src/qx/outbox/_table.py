@@ -1,4 +1,4 @@
-"""The ``qx_outbox`` and ``qx_inbox`` tables.
+"""The ``qx_outbox`` and ``qx_inbox`` tables (in qx's own metadata, :data:`qx_metadata`).
 
 The outbox's primary key is ``position``, a monotonic integer (BIGSERIAL on PostgreSQL,
 AUTOINCREMENT rowid on SQLite) that orders rows; ``id`` is the event's UUIDv7 and the
@@ -22,7 +22,6 @@ from sqlalchemy import (
     Column,
     Index,
     Integer,
-    MetaData,
     String,
     Table,
     Text,
@@ -31,26 +30,23 @@ from sqlalchemy import (
     text,
 )
 
-from qx.db._mapping import make_metadata
+from qx.db._mapping import qx_metadata
 from qx.db.types import PortableJSON, UtcDateTime
 
 __all__ = [
     "NOTIFY_CHANNEL",
+    "NOTIFY_FUNCTION_SQL",
+    "NOTIFY_TRIGGER_SQL",
     "OUTBOX_TABLE",
-    "idempotency_table",
+    "attach_notify",
     "inbox_table",
-    "include_qx_tables",
     "outbox_table",
-    "qx_metadata",
 ]
 
 OUTBOX_TABLE: Final = "qx_outbox"
 #: PostgreSQL channel notified when outbox rows commit (relays LISTEN on it).
 NOTIFY_CHANNEL: Final = "qx_outbox"
 INBOX_TABLE: Final = "qx_inbox"
-
-#: The metadata holding qx's own tables (for ``create_all`` and migrations).
-qx_metadata: Final = make_metadata()
 
 _UNPUBLISHED = "published_at IS NULL AND dead_at IS NULL"
 
@@ -115,7 +111,8 @@ NOTIFY_TRIGGER_SQL: Final = (
 )
 
 
-def _attach_notify(table: Table) -> None:
+def attach_notify(table: Table) -> None:
+    """Have PostgreSQL create the NOTIFY trigger with ``table`` (a copy of the outbox)."""
     if getattr(table, "_qx_notify", False):
         return
     trigger = NOTIFY_TRIGGER_SQL.replace("{table}", "%(fullname)s")
@@ -125,7 +122,7 @@ def _attach_notify(table: Table) -> None:
     table._qx_notify = True  # type: ignore[attr-defined]
 
 
-_attach_notify(outbox_table)
+attach_notify(outbox_table)
 
 inbox_table: Final = Table(
     INBOX_TABLE,
@@ -135,35 +132,3 @@ inbox_table: Final = Table(
     Column("event_name", String(200), nullable=True),
     Column("received_at", UtcDateTime(), nullable=False),
 )
-
-
-idempotency_table: Final = Table(
-    "qx_idempotency",
-    qx_metadata,
-    Column("key", String(200), primary_key=True),
-    Column("command", String(200), primary_key=True),
-    Column("result", PortableJSON(), nullable=True),
-    Column("created_at", UtcDateTime(), nullable=False),
-)
-
-
-def include_qx_tables(metadata: MetaData) -> dict[str, Table]:
-    """Add qx's own tables to an application's metadata (for Alembic autogenerate).
-
-    Returns:
-        The added tables by name. Calling it twice is harmless.
-    """
-    added: dict[str, Table] = {}
-    for table in (outbox_table, inbox_table, idempotency_table):
-        key = table.name if metadata.schema is None else f"{metadata.schema}.{table.name}"
-        existing = metadata.tables.get(key)
-        added[table.name] = existing if existing is not None else table.to_metadata(metadata)
-    _attach_notify(added[OUTBOX_TABLE])
-    return added
-
-
-def new_metadata() -> MetaData:
-    """Return a fresh metadata with only qx's tables (for tests and tools)."""
-    metadata = make_metadata()
-    include_qx_tables(metadata)
-    return metadata

@@ -39,13 +39,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Mapper
 from sqlalchemy.pool import AsyncAdaptedQueuePool, StaticPool
 
+from qx._schema import qx_metadata
 from qx.core._clock import Clock
 from qx.core._dispatch import EventDispatcher
 from qx.core._errors import ConfigurationError
 from qx.db._engine import SESSION_OPTIONS, create_engine
 from qx.db._mapping import entity_info
 from qx.db._uow import UnitOfWork, UnitOfWorkFactory
-from qx.outbox._table import outbox_table, qx_metadata
+from qx.outbox._table import outbox_table
 from qx.settings import DatabaseSettings
 
 __all__ = ["InMemoryStore", "InMemoryUnitOfWorkFactory"]

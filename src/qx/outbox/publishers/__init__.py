@@ -1,17 +1,23 @@
-"""Publishers: one ``Publisher`` protocol, one adapter per broker, chosen by URL scheme."""
+"""Publishers: one ``Publisher`` protocol, one adapter per broker, chosen by URL scheme.
 
-from qx.outbox.publishers._port import (
-    LogPublisher,
-    MemoryPublisher,
-    Publisher,
-    publish_many,
-    publisher_from_settings,
-)
+The broker adapters import their client library when they connect, so each needs its extra
+installed only when it is used (``qx[nats]``, ``qx[rabbitmq]``, ``qx[redis]``).
+"""
+
+from qx.outbox.publishers._inprocess import LogPublisher, MemoryPublisher
+from qx.outbox.publishers._nats import NatsPublisher
+from qx.outbox.publishers._port import Publisher, publish_many
+from qx.outbox.publishers._rabbitmq import RabbitPublisher
+from qx.outbox.publishers._redis import RedisPublisher
+from qx.outbox.publishers._select import publisher_from_settings
 
 __all__ = [
     "LogPublisher",
     "MemoryPublisher",
+    "NatsPublisher",
     "Publisher",
+    "RabbitPublisher",
+    "RedisPublisher",
     "publish_many",
     "publisher_from_settings",
 ]

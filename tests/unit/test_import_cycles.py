@@ -1,0 +1,67 @@
+"""No module of ``qx.db`` imports, at run time or for type checking, a module that imports it
+back: each layer depends on the ones below it only."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import qx
+
+SRC = Path(qx.__file__).resolve().parent.parent
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(SRC).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def imports_of(path: Path, package: str) -> set[str]:
+    """Every ``qx.*`` module a module imports anywhere (module level, ``TYPE_CHECKING``
+    blocks, functions), with the packages whose ``__init__`` that import runs."""
+    tree = ast.parse(path.read_text())
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        names: list[str] = []
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.append(node.module)
+            names.extend(f"{node.module}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Import):
+            names.extend(alias.name for alias in node.names)
+        for name in names:
+            if not name.startswith("qx."):
+                continue
+            parts = name.split(".")
+            for end in range(2, len(parts) + 1):
+                candidate = ".".join(parts[:end])
+                if package == candidate or package.startswith(candidate + "."):
+                    continue  # the importer's own packages are initialised already
+                found.add(candidate)
+    return found
+
+
+def test_no_import_cycle_inside_qx_db() -> None:
+    modules = {module_name(p): p for p in (SRC / "qx" / "db").rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        graph[name] = {m for m in imports_of(path, package) if m in modules and m != name}
+
+    cycles: list[list[str]] = []
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for target in sorted(graph[node]):
+            if state.get(target) == 1:
+                cycles.append([*path[path.index(target) :], target])
+            elif target not in state:
+                visit(target, [*path, target])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    assert cycles == [], "\n".join(" -> ".join(cycle) for cycle in cycles)
