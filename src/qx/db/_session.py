@@ -16,9 +16,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import functools
+from collections.abc import Callable, Iterable, Iterator
 from itertools import chain
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from sqlalchemy import event
 from sqlalchemy.orm import InstanceState, Mapper, PassiveFlag, Session, UOWTransaction
@@ -40,6 +41,23 @@ __all__ = ["QxSession", "has_writes", "stamp_new"]
 
 _SYSTEM_CLOCK: Final = SystemClock()
 _NO_LOAD: Final = PassiveFlag.PASSIVE_NO_INITIALIZE
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _translated(method: F) -> F:
+    """Have a session method raise qx errors for the driver and ORM errors it meets."""
+
+    @functools.wraps(method)
+    def run(self: QxSession, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as exc:
+            raise_translated(exc, self.tx_state.stale)
+            raise
+
+    return run  # type: ignore[return-value]
 
 
 class QxSession(Session):
@@ -65,48 +83,33 @@ class QxSession(Session):
         self.clock: Clock = _SYSTEM_CLOCK
         self.rows_checked: RowsChecked | None = None
 
+    @_translated
     def execute(self, statement: Any, params: Any = None, **kw: Any) -> Any:
         """``Session.execute`` of the statement with qx's scoping applied."""
         scoped = scope_statement(self, statement, kw.get("execution_options"))
-        try:
-            return super().execute(scoped, params, **kw)
-        except Exception as exc:
-            raise_translated(exc, self.tx_state.stale)
-            raise
+        return super().execute(scoped, params, **kw)
 
+    @_translated
     def scalar(self, statement: Any, params: Any = None, **kw: Any) -> Any:
         """``Session.scalar`` of the statement with qx's scoping applied."""
         scoped = scope_statement(self, statement, kw.get("execution_options"))
-        try:
-            return super().scalar(scoped, params, **kw)
-        except Exception as exc:
-            raise_translated(exc, self.tx_state.stale)
-            raise
+        return super().scalar(scoped, params, **kw)
 
+    @_translated
     def scalars(self, statement: Any, params: Any = None, **kw: Any) -> Any:
         """``Session.scalars`` of the statement with qx's scoping applied."""
         scoped = scope_statement(self, statement, kw.get("execution_options"))
-        try:
-            return super().scalars(scoped, params, **kw)
-        except Exception as exc:
-            raise_translated(exc, self.tx_state.stale)
-            raise
+        return super().scalars(scoped, params, **kw)
 
+    @_translated
     def flush(self, objects: Any = None) -> None:
         """``Session.flush``; a stale version is ``ConcurrencyConflict`` naming the roots."""
-        try:
-            super().flush(objects)
-        except Exception as exc:
-            raise_translated(exc, self.tx_state.stale)
-            raise
+        super().flush(objects)
 
+    @_translated
     def commit(self) -> None:
         """``Session.commit``; errors at COMMIT (deferred constraints) are qx errors too."""
-        try:
-            super().commit()
-        except Exception as exc:
-            raise_translated(exc, self.tx_state.stale)
-            raise
+        super().commit()
 
 
 def has_writes(session: QxSession) -> bool:

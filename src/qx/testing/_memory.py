@@ -27,7 +27,6 @@ import contextlib
 import sqlite3
 import uuid
 from collections.abc import Iterable
-from types import TracebackType
 from typing import Any, Final, Self, TypeVar
 
 from pydantic import SecretStr
@@ -155,12 +154,7 @@ class InMemoryStore:
     async def __aenter__(self) -> Self:
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
 
