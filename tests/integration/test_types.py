@@ -8,10 +8,11 @@ from sqlalchemy import Column, Integer, MetaData, Table, insert, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from qx.db import UtcDateTime
+from qx.testing import InMemoryStore
 
 
 async def test_utc_datetime_reads_back_aware_utc_whatever_the_session_zone(
-    engine: AsyncEngine,
+    engine: AsyncEngine, store: InMemoryStore | None
 ) -> None:
     metadata = MetaData()
     stamps = Table(
@@ -21,8 +22,11 @@ async def test_utc_datetime_reads_back_aware_utc_whatever_the_session_zone(
         Column("at", UtcDateTime()),
     )
     written = datetime(2026, 3, 29, 1, 30, tzinfo=timezone(timedelta(hours=-5)))
+    if store is not None:
+        store.include(metadata)
     async with engine.begin() as conn:
-        await conn.run_sync(metadata.create_all)
+        if store is None:
+            await conn.run_sync(metadata.create_all)
         if engine.dialect.name == "postgresql":
             # The driver, not the session's TimeZone, decides what comes back.
             await conn.execute(text("SET LOCAL TIME ZONE 'Asia/Kathmandu'"))

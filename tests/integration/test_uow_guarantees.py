@@ -72,6 +72,7 @@ from qx.db import (
 )
 from qx.migrations import upgrade
 from qx.settings import DatabaseSettings
+from qx.testing import InMemoryStore
 from tests.integration.conftest import engine_with_tables, make_backend_engine
 from tests.integration.helpers import outbox_rows
 
@@ -242,7 +243,10 @@ Factory = UnitOfWorkFactory[WarehouseUnitOfWork]
 
 
 @pytest.fixture
-async def warehouse(engine: AsyncEngine) -> AsyncEngine:
+async def warehouse(engine: AsyncEngine, store: InMemoryStore | None) -> AsyncEngine:
+    if store is not None:
+        store.include(metadata)  # the testing kit makes tables from the metadata
+        return engine
     async with engine.begin() as conn:
         await conn.run_sync(metadata.create_all)
     return engine
@@ -908,7 +912,9 @@ async def test_loaded_aggregates_get_unmapped_defaults_and_a_chosen_post_init(
             await drop_schema(schema)
 
 
-async def test_post_init_that_records_events_is_refused_on_load(factory: Factory) -> None:
+async def test_post_init_that_records_events_is_refused_on_load(
+    factory: Factory, store: InMemoryStore | None
+) -> None:
     md = make_metadata()
     reg = make_registry(md)
 
@@ -939,10 +945,13 @@ async def test_post_init_that_records_events_is_refused_on_load(factory: Factory
         post_init="skip",
     )
 
+    if store is not None:
+        store.include(md, skip_md)
     async with factory() as uow:
         conn = await uow.session.connection()
-        await conn.run_sync(md.create_all)
-        await conn.run_sync(skip_md.create_all)
+        if store is None:
+            await conn.run_sync(md.create_all)
+            await conn.run_sync(skip_md.create_all)
         await conn.execute(table.insert().values(id=new_id(), version=1))
         await conn.execute(skip_md.tables["g_quiet"].insert().values(id=new_id(), version=1))
         with pytest.raises(ConfigurationError, match="recorded events"):

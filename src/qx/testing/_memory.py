@@ -6,10 +6,10 @@ the tables of the application's metadata, so a test runs the very repositories (
 methods included), queries, version checks, event dispatch and outbox rows that production
 runs - only the database is SQLite in memory instead of PostgreSQL.
 
-The database belongs to the event loop it is first used in: it is created then, with the
-tables, and closed when that loop shuts down (``asyncio.run`` and pytest-asyncio cancel the
-loop's remaining tasks, one of which holds it) or by :meth:`InMemoryStore.close`. A new loop
-(the next test) starts from an empty database.
+How it stays fast: every store's database is a named, shared-cache in-memory SQLite database,
+kept alive by one plain connection of the store's own and filled from a template made once
+per set of tables. All stores share one engine, attached to a store's database per
+transaction, so SQLAlchemy compiles each statement once per process, not once per test.
 
 Example:
     >>> factory = InMemoryUnitOfWorkFactory(OrdersUnitOfWork)          # doctest: +SKIP
@@ -23,9 +23,10 @@ Example:
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import atexit
 import sqlite3
 import uuid
+import weakref
 from collections.abc import Iterable
 from typing import Any, Final, Self, TypeVar
 
@@ -54,10 +55,16 @@ U = TypeVar("U", bound=UnitOfWork)
 
 #: Signs keyset cursors in tests (so ``page()`` works without configuration).
 TEST_CURSOR_SECRET: Final = "qx-testing-cursor-secret"
+#: The execution option naming the store whose database a connection attaches.
+_STORE: Final = "qx_memory_store"
+_ATTACHED: Final = "qx_memory_attached"
 
 
 class InMemoryStore:
     """A private in-memory SQLite database with the tables of the given metadata.
+
+    The database lives as long as this object (or until :meth:`close`); factories given the
+    same store share its data.
 
     Args:
         *metadata: whose tables the database holds (qx's own tables are always there);
@@ -66,33 +73,41 @@ class InMemoryStore:
 
     def __init__(self, *metadata: MetaData) -> None:
         self._metadata: list[MetaData] = [qx_metadata]
-        self.include(*metadata)
-        self._engine: AsyncEngine | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._keeper: asyncio.Task[None] | None = None  # holds the database open
         self._created: set[int] = set()
+        self._name = f"file:qx-memory-{uuid.uuid4().hex}?mode=memory&cache=shared"
+        # The database exists while a connection to it is open: this one, closed with the
+        # store (check_same_thread: a finalizer may run on any thread).
+        self._keeper: sqlite3.Connection | None = sqlite3.connect(
+            self._name, uri=True, check_same_thread=False
+        )
+        self._close_keeper = weakref.finalize(self, self._keeper.close)
+        self._engine: AsyncEngine | None = None
         self._sessions = _StoreSessions(self)
+        self.include(*metadata)
 
     def include(self, *metadata: MetaData) -> None:
-        """Hold these tables too (created before the database's next transaction)."""
+        """Hold these tables too (created now)."""
         for md in metadata:
             if not isinstance(md, MetaData):
                 raise ConfigurationError(f"InMemoryStore needs MetaData objects, got {md!r}")
             if all(md is not known for known in self._metadata):
                 self._metadata.append(md)
+        self._create_tables(self._open_keeper())
+
+    def _open_keeper(self) -> sqlite3.Connection:
+        if self._keeper is None:
+            raise ConfigurationError("this InMemoryStore is closed; make a new one")
+        return self._keeper
 
     @property
     def engine(self) -> AsyncEngine:
-        """The database's engine, made on first use in the running event loop."""
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            raise ConfigurationError(
-                "the in-memory database is used from async code (inside an event loop)"
-            ) from None
-        if self._engine is None or self._loop is not loop:
-            self._open(loop)
-        assert self._engine is not None
+        """An engine on this database (statements run on the kit's one shared engine).
+
+        DDL through it is refused: the tables come from the metadata (:meth:`include`).
+        """
+        self._open_keeper()
+        if self._engine is None:
+            self._engine = _shared_engine().execution_options(**{_STORE: self._name})
         return self._engine
 
     @property
@@ -100,40 +115,20 @@ class InMemoryStore:
         """Sessions on this database, made like :func:`qx.db.create_session_factory`'s."""
         return self._sessions
 
-    def _open(self, loop: asyncio.AbstractEventLoop) -> None:
-        # A named, shared-cache in-memory database: several connections see one database, so
-        # units of work may interleave as they do in production (two writers of one
-        # aggregate: the second gets ConcurrencyConflict). Reads take no locks
-        # (read_uncommitted), and a second concurrent writer is told at once
-        # (SQLITE_LOCKED: TransientError, retried by the bus) instead of waiting. A plain
-        # connection keeps the database alive while the pool opens and closes its own.
-        name = f"file:qx-memory-{uuid.uuid4().hex}?mode=memory&cache=shared"
-        keeper = sqlite3.connect(name, uri=True, check_same_thread=False)
-        # The tables come from a template built once per set of metadata: copying it is
-        # microseconds, compiling and running the DDL each time cost tens of milliseconds.
-        _template(self._metadata).backup(keeper)
-        engine = create_engine(
-            DatabaseSettings(url=f"sqlite+aiosqlite:///{name}&uri=true", sqlite_begin="deferred"),
-            poolclass=AsyncAdaptedQueuePool,
-            pool_size=5,
-            max_overflow=10,
-        )
-        event.listen(engine.sync_engine, "connect", _read_uncommitted)
-        # Before qx's own "begin" listener issues BEGIN: DDL outside a transaction.
-        event.listen(engine.sync_engine, "begin", self._create_tables, insert=True)
-        self._engine, self._loop = engine, loop
-        self._created = {id(md) for md in self._metadata}
-        self._keeper = task = loop.create_task(_hold(engine, keeper), name="qx in-memory database")
-        # The loop holds tasks weakly: without this, dropping the factory would let the task
-        # be collected unfinished, its connections never closed.
-        _HOLDING.add(task)
-        task.add_done_callback(_HOLDING.discard)
-
-    def _create_tables(self, connection: Connection) -> None:
-        for md in self._metadata:
-            if id(md) not in self._created:
-                md.create_all(connection, checkfirst=True)
-                self._created.add(id(md))
+    def _create_tables(self, keeper: sqlite3.Connection) -> None:
+        pending = [md for md in self._metadata if id(md) not in self._created]
+        if not pending:
+            return
+        if not self._created:
+            # A new database: copy the template (microseconds; compiling and running the DDL
+            # each time cost tens of milliseconds).
+            _template(self._metadata).backup(keeper)
+        else:
+            engine = sa_create_engine("sqlite://", creator=lambda: keeper, poolclass=StaticPool)
+            with engine.begin() as conn:
+                for md in pending:
+                    md.create_all(conn, checkfirst=True)
+        self._created.update(id(md) for md in self._metadata)
 
     async def outbox_rows(self) -> list[dict[str, Any]]:
         """The committed ``qx_outbox`` rows, in position order."""
@@ -143,13 +138,8 @@ class InMemoryStore:
 
     async def close(self) -> None:
         """Close the database now (everything in it is gone)."""
-        keeper, self._keeper = self._keeper, None
-        self._engine = self._loop = None
-        if keeper is not None and not keeper.done():
-            keeper.cancel()
-            if keeper.get_loop() is asyncio.get_running_loop():
-                with contextlib.suppress(asyncio.CancelledError):
-                    await keeper
+        self._keeper = None
+        self._close_keeper()
 
     async def __aenter__(self) -> Self:
         return self
@@ -158,21 +148,88 @@ class InMemoryStore:
         await self.close()
 
 
-async def _hold(engine: AsyncEngine, keeper: sqlite3.Connection) -> None:
-    # Sleeps until cancelled - when the loop shuts down, or by InMemoryStore.close() - then
-    # closes every connection, so the database is gone and nothing is left for the garbage
-    # collector.
-    try:
-        await asyncio.Event().wait()
-    finally:
-        try:
-            await engine.dispose()
-        finally:
-            keeper.close()
+class _StoreSessions(async_sessionmaker[AsyncSession]):
+    """The session factory of one store (sessions made like create_session_factory's)."""
+
+    def __init__(self, store: InMemoryStore) -> None:
+        super().__init__(**SESSION_OPTIONS)
+        self._store = store
+
+    def __call__(self, **local_kw: Any) -> AsyncSession:
+        if self.kw.get("bind") is None:
+            self.configure(bind=self._store.engine)
+        return super().__call__(**local_kw)
 
 
-_HOLDING: set[asyncio.Task[None]] = set()
+_ENGINE: list[AsyncEngine] = []
 _TEMPLATES: dict[tuple[tuple[int, tuple[str, ...]], ...], sqlite3.Connection] = {}
+
+
+def _shared_engine() -> AsyncEngine:
+    """The one engine every store's statements run on, made on first use.
+
+    Its connections open a private, empty main database and attach the database of the
+    store a transaction is for (unqualified table names then resolve to it). Connections are
+    not tied to an event loop (aiosqlite's worker threads), and the pool never waits, so the
+    engine serves every test's loop; it is disposed when the process exits.
+    """
+    if not _ENGINE:
+        engine = create_engine(
+            DatabaseSettings(
+                url="sqlite+aiosqlite:///file:qx-memory-main?mode=memory&uri=true",
+                # Several stores' units of work may interleave: BEGIN takes no lock, the
+                # first write does (a second concurrent writer gets TransientError at once).
+                sqlite_begin="deferred",
+            ),
+            poolclass=AsyncAdaptedQueuePool,
+            pool_size=5,
+            max_overflow=-1,
+        )
+        event.listen(engine.sync_engine, "connect", _read_uncommitted)
+        event.listen(engine.sync_engine, "before_cursor_execute", _refuse_ddl)
+        # Before qx's own "begin" listener issues BEGIN: ATTACH is refused in a transaction.
+        event.listen(engine.sync_engine, "begin", _attach_store, insert=True)
+        atexit.register(_dispose, engine)
+        _ENGINE.append(engine)
+    return _ENGINE[0]
+
+
+def _dispose(engine: AsyncEngine) -> None:
+    # At exit, on a loop of its own: every pooled connection closed, no warning left for the
+    # garbage collector.
+    asyncio.run(engine.dispose())
+
+
+def _read_uncommitted(dbapi_connection: Any, _record: Any) -> None:
+    # Readers take no table locks in the shared cache, so two units of work that read the
+    # same aggregate can both go on to write it - and the second gets ConcurrencyConflict,
+    # as on PostgreSQL - instead of the first writer being refused.
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA read_uncommitted=1")
+    finally:
+        cursor.close()
+
+
+def _refuse_ddl(connection: Connection, _cursor: Any, statement: str, *_args: Any) -> None:
+    # Unqualified DDL would land in the connection's private main database and vanish.
+    if statement.lstrip()[:6].upper() in ("CREATE", "ALTER ", "DROP T", "DROP I"):
+        raise ConfigurationError(
+            "an InMemoryStore makes its tables from its metadata: pass the MetaData to "
+            "InMemoryStore(...), InMemoryUnitOfWorkFactory(metadata=[...]) or "
+            "store.include(...) instead of running DDL"
+        )
+
+
+def _attach_store(connection: Connection) -> None:
+    name = connection.get_execution_options().get(_STORE)
+    if name is None or connection.info.get(_ATTACHED) == name:
+        return
+    if connection.info.get(_ATTACHED) is not None:
+        connection.exec_driver_sql("DETACH DATABASE qx_store")
+        connection.info[_ATTACHED] = None
+    connection.exec_driver_sql("ATTACH DATABASE ? AS qx_store", (name,))
+    connection.info[_ATTACHED] = name
 
 
 def _template(metadata: list[MetaData]) -> sqlite3.Connection:
@@ -188,28 +245,6 @@ def _template(metadata: list[MetaData]) -> sqlite3.Connection:
                 md.create_all(conn, checkfirst=True)
         _TEMPLATES[key] = found
     return found
-
-
-def _read_uncommitted(dbapi_connection: Any, _record: Any) -> None:
-    cursor = dbapi_connection.cursor()
-    try:
-        cursor.execute("PRAGMA read_uncommitted=1")
-    finally:
-        cursor.close()
-
-
-class _StoreSessions(async_sessionmaker[AsyncSession]):
-    """A session factory that binds each session to the store's engine of the running loop."""
-
-    def __init__(self, store: InMemoryStore) -> None:
-        super().__init__(**SESSION_OPTIONS)
-        self._store = store
-
-    def __call__(self, **local_kw: Any) -> AsyncSession:
-        engine = self._store.engine
-        if self.kw.get("bind") is not engine:
-            self.configure(bind=engine)
-        return super().__call__(**local_kw)
 
 
 def metadata_of(uow_type: type[UnitOfWork]) -> list[MetaData]:
@@ -263,8 +298,12 @@ class InMemoryUnitOfWorkFactory(UnitOfWorkFactory[U]):
     ) -> None:
         if not (isinstance(uow_type, type) and issubclass(uow_type, UnitOfWork)):
             raise ConfigurationError(f"expected a UnitOfWork subclass, got {uow_type!r}")
-        self.store = store if store is not None else InMemoryStore()
-        self.store.include(*metadata_of(uow_type), *metadata)
+        tables = [*metadata_of(uow_type), *metadata]
+        if store is None:
+            store = InMemoryStore(*tables)  # a new database: all tables from one template
+        else:
+            store.include(*tables)
+        self.store = store
         super().__init__(
             uow_type,
             self.store.session_factory,
