@@ -13,7 +13,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
 __all__ = [
     "ConcurrencyConflict",
@@ -130,15 +130,35 @@ class StatementTimeout(DatabaseError):
     """A statement ran longer than the configured ``statement_timeout`` (SQLSTATE 57014)."""
 
 
+#: How much of an offending input an error message quotes.
+QUOTE_LIMIT: Final = 200
+_MESSAGE_LIMIT: Final = 1000
+
+
+def shown(value: object, limit: int = QUOTE_LIMIT) -> str:
+    """``repr(value)``, cut to about ``limit`` characters: errors quote input, bounded.
+
+    Example:
+        >>> shown("x" * 1000, 12)
+        "'xxxxxxx...'"
+    """
+    text = repr(value)
+    return text if len(text) <= limit else text[: max(limit - 5, 1)] + "...'"
+
+
 class InvalidQuery(QxError):
     """A filter, lookup, sort key or value is not allowed or not valid.
+
+    The message and ``field`` are bounded in length whatever the input was.
 
     Attributes:
         field: the offending field or parameter name, when there is one.
     """
 
     def __init__(self, message: str, *, field: str | None = None) -> None:
-        self.field = field
+        self.field = field if field is None or len(field) <= QUOTE_LIMIT else field[:QUOTE_LIMIT]
+        if len(message) > _MESSAGE_LIMIT:
+            message = message[: _MESSAGE_LIMIT - 3] + "..."
         super().__init__(message)
 
 

@@ -15,11 +15,12 @@ Example:
 from __future__ import annotations
 
 import json
+import unicodedata
 from collections.abc import Sequence
 from functools import cache
 from typing import Any, Final
 
-from sqlalchemy import Table, any_, bindparam, false, func, literal, select
+from sqlalchemy import Table, any_, bindparam, false, func, literal, literal_column, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.sqlite import aiosqlite
 from sqlalchemy.sql import Select
@@ -27,7 +28,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from qx.core._errors import ConfigurationError
 
-__all__ = ["LARGE_IN", "Dialect", "dialect_named", "dialect_of"]
+__all__ = ["LARGE_IN", "Dialect", "dialect_named", "dialect_of", "sqlite_fold"]
 
 #: Above this many values, ``IN`` binds one array (PostgreSQL) or one JSON document (SQLite)
 #: instead of one parameter per value: drivers cap parameters at 32,767.
@@ -70,6 +71,20 @@ class Dialect:
         each = func.json_each(literal(json.dumps(stored, default=str))).table_valued("value")
         return column.in_(select(each.c.value))
 
+    def fold(self, expr: ColumnElement[Any]) -> ColumnElement[Any]:
+        """``expr`` case-folded for case-insensitive comparison; applied to both sides.
+
+        SQLite's ``lower()`` knows ASCII only and PostgreSQL's case rules differ from
+        Python's (``İ``, final sigma), so lowering one side in SQL and the other in Python
+        misses rows. SQLite calls Python's own folding (``qx_fold``, registered on every
+        connection qx makes); PostgreSQL decomposes (NFKD), then upper- and lower-cases, so
+        ``İ``/``i̇``, ``Σ``/``ς`` and ``ß``/``ẞ``/``ss`` meet.
+        """
+        if self.name == "sqlite":
+            return func.qx_fold(expr)
+        decomposed = func.normalize(expr, literal_column("NFKD"))
+        return func.replace(func.lower(func.upper(decomposed)), "ß", "ss")
+
     def for_update(
         self, stmt: Select[Any], *, skip_locked: bool = False, of: Any = None
     ) -> Select[Any]:
@@ -100,3 +115,11 @@ def dialect_of(bind: Any) -> Dialect:
 def _sqlite_dialect() -> Any:
     # Built on first use: no dialect objects at import time.
     return aiosqlite.dialect()
+
+
+def sqlite_fold(text: str | None) -> str | None:
+    """``qx_fold``, the SQL function :meth:`Dialect.fold` uses on SQLite: Unicode
+    decomposition, then full case folding."""
+    if text is None:
+        return None
+    return unicodedata.normalize("NFKD", text).casefold()

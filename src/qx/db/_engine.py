@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import create_async_engine as _create_async_engine
 from sqlalchemy.pool import AsyncAdaptedQueuePool, NullPool, StaticPool
 
 from qx.core._errors import ConfigurationError
+from qx.db._dialect import sqlite_fold
 from qx.db._session import QxSession
 from qx.settings import DatabaseSettings, QxSettings
 
@@ -169,6 +170,8 @@ def _configure_sqlite(engine: AsyncEngine, db: DatabaseSettings, *, in_memory: b
             # LIKE is case-insensitive in SQLite by default; PostgreSQL's is not. qx's
             # contains/startswith/endswith must mean the same on both.
             cursor.execute("PRAGMA case_sensitive_like=ON")
+            # Case-insensitive lookups fold both sides with Python's rules (Dialect.fold).
+            dbapi_connection.create_function("qx_fold", 1, sqlite_fold, deterministic=True)
             if not in_memory:
                 cursor.execute("PRAGMA journal_mode=WAL")
                 cursor.execute("PRAGMA synchronous=NORMAL")

@@ -28,7 +28,7 @@ from sqlalchemy.orm import Mapper
 from sqlalchemy.orm.interfaces import ORMOption
 
 from qx.core._context import current_context
-from qx.core._errors import ConfigurationError, DuplicateKey, InvalidQuery, NotFound
+from qx.core._errors import ConfigurationError, DuplicateKey, InvalidQuery, NotFound, shown
 from qx.db._mapping import entity_info
 from qx.db._scoping import (
     WITH_DELETED,
@@ -187,7 +187,7 @@ class Repository(Generic[T]):
         values = ident if isinstance(ident, tuple) else (ident,)
         if len(values) != len(columns):
             raise InvalidQuery(
-                f"{self._info.name} has a {len(columns)}-column primary key, got {ident!r}",
+                f"{self._info.name} has a {len(columns)}-column primary key, got {shown(ident)}",
                 field="id",
             )
         coerced = tuple(
@@ -265,6 +265,9 @@ class Repository(Generic[T]):
             )
         query = self.query()
         merged = {**(filters or {}), **keywords}
+        for key in merged:
+            if not isinstance(key, str):
+                raise InvalidQuery(f"filter keys are strings, got {shown(key)}", field="filters")
         if merged:
             query = query.filter(**merged)
         if sort is not None:
@@ -441,7 +444,7 @@ class Repository(Generic[T]):
         for name in values:
             prop = self._spec.mapper.attrs.get(name) if isinstance(name, str) else None
             if prop is None:
-                raise InvalidQuery(f"{self._info.name} has no field {name!r}", field=str(name))
+                raise InvalidQuery(f"{self._info.name} has no field {shown(name)}", field=str(name))
         try:
             entity: T = self._spec.entity(**values)
         except TypeError as exc:

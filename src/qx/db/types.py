@@ -15,7 +15,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
-from qx.core._errors import InvalidQuery
+from qx.core._errors import InvalidQuery, shown
 
 __all__ = ["PortableJSON", "UtcDateTime"]
 
@@ -37,7 +37,7 @@ class UtcDateTime(TypeDecorator[datetime]):
         if value is None:
             return None
         if not isinstance(value, datetime):
-            raise InvalidQuery(f"expected a datetime, got {value!r}")
+            raise InvalidQuery(f"expected a datetime, got {shown(value)}")
         if value.tzinfo is None or value.utcoffset() is None:
             raise InvalidQuery(f"naive datetime {value.isoformat()} refused: attach a timezone")
         value = value.astimezone(UTC)

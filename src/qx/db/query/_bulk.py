@@ -15,7 +15,7 @@ from sqlalchemy.orm import Mapper
 from sqlalchemy.orm.attributes import instance_state
 
 from qx.core._context import current_context
-from qx.core._errors import InvalidQuery, TenantViolation
+from qx.core._errors import InvalidQuery, TenantViolation, shown
 from qx.db._scoping import tenant_for_write
 from qx.db._translate import translating
 from qx.db.query._spec import Bound, QuerySpec
@@ -65,7 +65,7 @@ def _column_of(spec: QuerySpec, key: str, what: str) -> Column[Any]:
     prop = spec.mapper.attrs.get(key) if isinstance(key, str) else None
     columns = getattr(prop, "columns", None)
     if not columns or len(columns) != 1 or not isinstance(columns[0], Column):
-        raise InvalidQuery(f"{spec.info.name} has no column field {key!r}", field=what)
+        raise InvalidQuery(f"{spec.info.name} has no column field {shown(key)}", field=what)
     column: Column[Any] = columns[0]
     return column
 
@@ -83,7 +83,7 @@ def _row(
     for key in info.owned:
         if state.dict.get(key):
             raise InvalidQuery(
-                f"upsert() writes {info.name} rows only; its {key!r} would be lost",
+                f"upsert() writes {info.name} rows only; its {shown(key)} would be lost",
                 field=key,
             )
     row: dict[str, Any] = {}
@@ -102,7 +102,7 @@ def _row(
         if row[name] is None:
             row[name] = value
         elif row[name] != value and not system:
-            raise TenantViolation(f"{info.describe(entity)} belongs to tenant {row[name]!r}")
+            raise TenantViolation(f"{info.describe(entity)} belongs to tenant {shown(row[name])}")
     row.update(stamps)
     return row
 
@@ -143,7 +143,7 @@ async def upsert_rows(
         for key in update:
             name = _column_of(spec, key, "update").name
             if name in managed or name in keys:
-                raise InvalidQuery(f"upsert() cannot overwrite {key!r}", field="update")
+                raise InvalidQuery(f"upsert() cannot overwrite {shown(key)}", field="update")
             targets.append(name)
     ctx = current_context()
     tenant = tenant_for_write(info, ctx) if info.tenant_key is not None else None

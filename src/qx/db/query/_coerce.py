@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import enum
 import math
+import re
 from collections.abc import Callable
 from datetime import UTC, date, datetime
 from decimal import Decimal, InvalidOperation
 from functools import lru_cache
-from typing import Any
+from typing import Any, Final
 from uuid import UUID
 
 from sqlalchemy import (
@@ -38,23 +39,30 @@ from sqlalchemy import (
 from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
-from qx.core._errors import InvalidQuery
+from qx.core._errors import InvalidQuery, shown
 
 __all__ = ["coerce_value"]
 
 _TRUE = frozenset({"true", "1", "yes", "on"})
+# ASCII digits only: str.isdigit() and int() also take "²", "١٢" and other Unicode digits.
+_INTEGER: Final = re.compile(r"[+-]?[0-9]{1,40}")
+#: Decimal text longer than this is refused before it is parsed (a megabyte of digits).
+_MAX_NUMBER_TEXT: Final = 100
+#: Decimal exponents beyond this overflow the databases' numeric types.
+_MAX_EXPONENT: Final = 1000
 _FALSE = frozenset({"false", "0", "no", "off"})
 
 
 def _bad(field: str, value: Any, expected: str) -> InvalidQuery:
-    shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
-    return InvalidQuery(f"invalid value {shown} for {field!r}: expected {expected}", field=field)
+    return InvalidQuery(
+        f"invalid value {shown(value, 80)} for {shown(field)}: expected {expected}", field=field
+    )
 
 
 def _to_uuid(value: Any, field: str) -> UUID:
     if isinstance(value, UUID):
         return value
-    if isinstance(value, str):
+    if isinstance(value, str) and value.isascii():
         try:
             return UUID(value)
         except ValueError:
@@ -73,7 +81,7 @@ def _int_parser(bits: int) -> Callable[[Any, str], int]:
             result = value
         elif isinstance(value, str):
             text = value.strip()
-            if text.lstrip("+-").isdigit() and len(text) <= 40:
+            if _INTEGER.fullmatch(text):
                 result = int(text)
         if result is None:
             raise _bad(field, value, "an integer")
@@ -91,14 +99,19 @@ def _to_decimal(value: Any, field: str) -> Decimal:
     if isinstance(value, Decimal):
         result = value
     elif isinstance(value, int | float | str) and not isinstance(value, bool):
+        text = value.strip() if isinstance(value, str) else str(value)
+        if len(text) > _MAX_NUMBER_TEXT or not text.isascii():
+            raise _bad(field, value, f"a number of at most {_MAX_NUMBER_TEXT} characters")
         try:
-            result = Decimal(str(value).strip())
-        except InvalidOperation:
+            result = Decimal(text)
+        except (InvalidOperation, ArithmeticError):
             raise _bad(field, value, "a number") from None
     else:
         raise _bad(field, value, "a number")
     if not result.is_finite():
         raise _bad(field, value, "a finite number")
+    if abs(result.adjusted()) > _MAX_EXPONENT:
+        raise _bad(field, value, f"a number below 1e{_MAX_EXPONENT} in magnitude")
     return result
 
 
@@ -109,7 +122,7 @@ def _to_float(value: Any, field: str) -> float:
             result = float(value)
         except OverflowError:
             result = None
-    elif isinstance(value, str):
+    elif isinstance(value, str) and value.isascii() and len(value) <= _MAX_NUMBER_TEXT:
         try:
             result = float(value)
         except ValueError:
@@ -140,16 +153,21 @@ def _to_bool(value: Any, field: str) -> bool:
 
 
 def _to_datetime(value: Any, field: str) -> datetime:
+    raw = value
     if isinstance(value, str):
         try:
             value = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
-        except ValueError:
-            raise _bad(field, value, "an ISO 8601 timestamp with a time zone") from None
+        except (ValueError, UnicodeError):
+            raise _bad(field, raw, "an ISO 8601 timestamp with a time zone") from None
     if isinstance(value, datetime):
         if value.tzinfo is None or value.utcoffset() is None:
-            raise _bad(field, value, "a timezone-aware timestamp")
-        return value.astimezone(UTC)
-    raise _bad(field, value, "an ISO 8601 timestamp with a time zone")
+            raise _bad(field, raw, "a timezone-aware timestamp")
+        try:
+            return value.astimezone(UTC)
+        except OverflowError:
+            # 0001-01-01T00:00+01:00 is before the first moment Python can hold in UTC.
+            raise _bad(field, raw, "a timestamp between year 1 and 9999 in UTC") from None
+    raise _bad(field, raw, "an ISO 8601 timestamp with a time zone")
 
 
 def _to_date(value: Any, field: str) -> date:
@@ -160,7 +178,7 @@ def _to_date(value: Any, field: str) -> date:
     if isinstance(value, str):
         try:
             return date.fromisoformat(value.strip())
-        except ValueError:
+        except (ValueError, UnicodeError):
             pass
     raise _bad(field, value, "an ISO 8601 date")
 
@@ -169,10 +187,20 @@ def _to_str(value: Any, field: str) -> str:
     if isinstance(value, str):
         if "\x00" in value:
             raise _bad(field, value, "text without NUL characters")
+        if not _utf8(value):
+            raise _bad(field, value, "text without lone surrogates (valid UTF-8)")
         return value
     if isinstance(value, enum.Enum) and isinstance(value.value, str):
         return value.value
     raise _bad(field, value, "a string")
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 @lru_cache(maxsize=4096)
@@ -221,7 +249,9 @@ def coerce_value(column: ColumnElement[Any], value: Any, *, field: str) -> Any:
     if isinstance(type_, JSON) or (
         isinstance(type_, TypeDecorator) and isinstance(type_.impl_instance, JSON)
     ):
-        raise InvalidQuery(f"field {field!r} is JSON and cannot be filtered by value", field=field)
+        raise InvalidQuery(
+            f"field {shown(field)} is JSON and cannot be filtered by value", field=field
+        )
     if isinstance(type_, Enum):
         allowed = list(type_.enums)
         raw = value.name if isinstance(value, enum.Enum) and type_.enum_class else value

@@ -24,7 +24,7 @@ from sqlalchemy.orm import ColumnProperty, Mapper, RelationshipProperty, aliased
 from sqlalchemy.orm.interfaces import ONETOMANY
 from sqlalchemy.sql.elements import ColumnElement
 
-from qx.core._errors import InvalidQuery
+from qx.core._errors import InvalidQuery, shown
 from qx.db.query._lookups import LOOKUPS, Lookup
 from qx.db.query._q import Q
 
@@ -89,7 +89,7 @@ def _resolve_path(mapper: Mapper[Any], parts: tuple[str, ...], owner: str) -> Fi
                 example = "__".join((*parts, "id"))
                 raise InvalidQuery(
                     f"{'__'.join(parts)!r} is a relationship of {owner}; filter on one of its "
-                    f"fields (e.g. {example!r})",
+                    f"fields (e.g. {shown(example)})",
                     field="__".join(parts),
                 )
             step = _relationship_step(prop)
@@ -120,10 +120,10 @@ def resolve_key(
         InvalidQuery: unknown field or lookup, or a field outside ``allowed``.
     """
     if not isinstance(key, str) or not key or len(key) > 300:
-        raise InvalidQuery(f"invalid filter key {key!r}", field=str(key)[:300])
+        raise InvalidQuery(f"invalid filter key {shown(key)}", field=str(key)[:300])
     parts = tuple(key.split("__"))
     if any(not part for part in parts):
-        raise InvalidQuery(f"invalid filter key {key!r}", field=key)
+        raise InvalidQuery(f"invalid filter key {shown(key)}", field=key)
     lookup = LOOKUPS["exact"]
     if len(parts) > 1 and parts[-1] in LOOKUPS:
         lookup = LOOKUPS[parts[-1]]
@@ -134,11 +134,12 @@ def resolve_key(
         listed = ", ".join(sorted(allowed)) or "none"
         if len(parts) > 1 and _looks_like_lookup(mapper, parts, owner):
             raise InvalidQuery(
-                f"unknown lookup {parts[-1]!r} in {key!r} (lookups: {', '.join(sorted(LOOKUPS))})",
+                f"unknown lookup {shown(parts[-1])} in {shown(key)} "
+                f"(lookups: {', '.join(sorted(LOOKUPS))})",
                 field=key,
             )
         raise InvalidQuery(
-            f"filter {name!r} is not allowed on {owner} (allowed: {listed})", field=name
+            f"filter {shown(name)} is not allowed on {owner} (allowed: {listed})", field=name
         )
     return _resolve_path(mapper, parts, owner), lookup
 

@@ -6,7 +6,7 @@ from typing import Any
 
 from sqlalchemy.orm import ColumnProperty, InstrumentedAttribute, Mapper
 
-from qx.core._errors import InvalidQuery
+from qx.core._errors import InvalidQuery, shown
 
 __all__ = ["column_attribute"]
 
@@ -19,6 +19,6 @@ def column_attribute(mapper: Mapper[Any], name: str, *, owner: str) -> Instrumen
     """
     prop = mapper.attrs.get(name) if isinstance(name, str) else None
     if not isinstance(prop, ColumnProperty):
-        raise InvalidQuery(f"{owner} has no column field {name!r}", field=str(name))
+        raise InvalidQuery(f"{owner} has no column field {shown(name)}", field=str(name))
     attr: InstrumentedAttribute[Any] = getattr(mapper.class_, name)
     return attr

@@ -16,9 +16,16 @@ from sqlalchemy import and_, false, or_, tuple_
 from sqlalchemy.orm import ColumnProperty, Mapper
 from sqlalchemy.sql.elements import ColumnElement
 
-from qx.core._errors import InvalidQuery
+from qx.core._errors import InvalidQuery, shown
 
-__all__ = ["SortKey", "keyset_condition", "order_clauses", "parse_sort", "resolve_sort"]
+__all__ = [
+    "SortKey",
+    "keyset_condition",
+    "keyset_segments",
+    "order_clauses",
+    "parse_sort",
+    "resolve_sort",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,17 +50,17 @@ def parse_sort(spec: str | Sequence[str] | None) -> list[tuple[str, bool]]:
         items = list(spec)
     else:
         raise InvalidQuery(
-            f"sort must be a string or a list of strings, got {spec!r}", field="sort"
+            f"sort must be a string or a list of strings, got {shown(spec)}", field="sort"
         )
     parsed: list[tuple[str, bool]] = []
     for item in items:
         if not isinstance(item, str):
-            raise InvalidQuery(f"sort keys must be strings, got {item!r}", field="sort")
+            raise InvalidQuery(f"sort keys must be strings, got {shown(item)}", field="sort")
         key = item.strip()
         desc = key.startswith("-")
         key = key[1:] if key[:1] in "+-" and key else key
         if not key:
-            raise InvalidQuery(f"sort has an empty key: {spec!r}", field="sort")
+            raise InvalidQuery(f"sort has an empty key: {shown(spec)}", field="sort")
         parsed.append((key, desc))
     return parsed
 
@@ -77,13 +84,13 @@ def resolve_sort(
         if name not in allowed_set:
             listed = ", ".join(sorted(allowed_set)) or "none"
             raise InvalidQuery(
-                f"sort key {name!r} is not allowed on {owner} (allowed: {listed})", field=name
+                f"sort key {shown(name)} is not allowed on {owner} (allowed: {listed})", field=name
             )
         prop = mapper.attrs.get(name)
         if not isinstance(prop, ColumnProperty) or len(prop.columns) != 1:
-            raise InvalidQuery(f"{owner} has no column field {name!r} to sort on", field=name)
+            raise InvalidQuery(f"{owner} has no column field {shown(name)} to sort on", field=name)
         if name in used:
-            raise InvalidQuery(f"sort key {name!r} appears twice", field=name)
+            raise InvalidQuery(f"sort key {shown(name)} appears twice", field=name)
         used.add(name)
         keys.append(SortKey(name, desc, bool(getattr(prop.columns[0], "nullable", True))))
     # The tiebreaker runs in the direction of the last key, so a plain index on
@@ -153,3 +160,33 @@ def keyset_condition(
         larger = (not first.desc) != backward
         condition = and_(columns[0] >= value if larger else columns[0] <= value, condition)
     return condition
+
+
+def keyset_segments(
+    entity: Any, keys: Sequence[SortKey], values: Sequence[Any], *, backward: bool
+) -> list[ColumnElement[bool]]:
+    """The rows after (``backward``: before) the boundary, as conditions to read in turn.
+
+    With a nullable leading key one condition cannot be an index range - its NULLs sort
+    apart from its values - and would cost what OFFSET costs. So the rows come in two
+    segments, each a range: the values beyond the boundary, then the NULLs (moving towards
+    the NULL end), or the NULLs beyond the boundary, then the values (moving away from it).
+    """
+    first, value = keys[0], values[0]
+    if not first.nullable:
+        return [keyset_condition(entity, keys, values, backward=backward)]
+    column = getattr(entity, first.key)
+    towards_nulls = (not first.desc) != backward  # NULL is the largest value
+    if value is None:
+        after = (
+            keyset_condition(entity, keys[1:], values[1:], backward=backward)
+            if len(keys) > 1
+            else false()
+        )
+        same_nulls = and_(column.is_(None), after)
+        return [same_nulls] if towards_nulls else [same_nulls, column.is_not(None)]
+    within = and_(
+        column >= value if towards_nulls else column <= value,
+        keyset_condition(entity, keys, values, backward=backward),
+    )
+    return [within, column.is_(None)] if towards_nulls else [within]

@@ -14,27 +14,24 @@ Example:
 
 from __future__ import annotations
 
+import json
 import operator
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Final
 
-from sqlalchemy import (
-    String,
-    Text,
-    and_,
-    false,
-    func,
-    true,
-)
+from sqlalchemy import String, Text, and_, false, literal, true
 from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
-from qx.core._errors import InvalidQuery
+from qx.core._errors import InvalidQuery, shown
 from qx.db._dialect import dialect_named
 from qx.db.query._coerce import coerce_value
 
-__all__ = ["LOOKUPS", "Lookup", "is_text"]
+__all__ = ["LOOKUPS", "MAX_PATTERN", "Lookup", "is_text"]
+
+#: The longest text a contains/startswith/endswith (or case-insensitive) lookup takes.
+MAX_PATTERN: Final = 10_000
 
 
 def is_text(type_: TypeEngine[Any]) -> bool:
@@ -61,11 +58,32 @@ def _text(column: ColumnElement[Any], value: Any, field: str, lookup: str) -> st
     coerced = _scalar(column, value, field, lookup)
     if not isinstance(coerced, str):  # pragma: no cover - text columns coerce to str
         raise InvalidQuery(f"lookup {field}__{lookup} needs a string", field=field)
+    if len(coerced) > MAX_PATTERN:
+        # SQLite refuses LIKE patterns over 50,000 characters; nobody types one.
+        raise InvalidQuery(
+            f"lookup {field}__{lookup} takes at most {MAX_PATTERN} characters", field=field
+        )
     return coerced
 
 
 def _sequence(value: Any, field: str, lookup: str) -> list[Any]:
     if isinstance(value, str):
+        if value.lstrip().startswith("["):
+            # HTTP-facing form that can carry commas: a JSON array of scalars.
+            try:
+                parsed = json.loads(value)
+            except ValueError:
+                raise InvalidQuery(
+                    f"lookup {field}__{lookup}: {shown(value, 80)} is not a JSON array",
+                    field=field,
+                ) from None
+            if not isinstance(parsed, list) or any(
+                isinstance(item, list | dict) for item in parsed
+            ):
+                raise InvalidQuery(
+                    f"lookup {field}__{lookup} needs a JSON array of values", field=field
+                )
+            return parsed
         # HTTP-facing form: "a,b,c"; an empty string is an empty list.
         return [item for item in value.split(",") if item != ""] if value else []
     if isinstance(value, bytes | bytearray) or not isinstance(value, Iterable):
@@ -127,7 +145,9 @@ def _prep_isnull(column: ColumnElement[Any], value: Any, field: str) -> bool:
         return value
     if isinstance(value, str) and value.strip().lower() in {"true", "1", "yes", "false", "0", "no"}:
         return value.strip().lower() in {"true", "1", "yes"}
-    raise InvalidQuery(f"lookup {field}__isnull needs true or false, got {value!r}", field=field)
+    raise InvalidQuery(
+        f"lookup {field}__isnull needs true or false, got {shown(value)}", field=field
+    )
 
 
 def _prep(lookup: str) -> Callable[[ColumnElement[Any], Any, str], Any]:
@@ -177,18 +197,29 @@ def _compare(op: str) -> Callable[[ColumnElement[Any], Any, bool, str], Any]:
 
 
 def _like(kind: str, insensitive: bool) -> Callable[[ColumnElement[Any], Any, bool, str], Any]:
-    def build(column: ColumnElement[Any], value: str, nullable: bool, _d: str) -> Any:
-        target = func.lower(column) if insensitive else column
-        needle = value.lower() if insensitive else value
+    def build(column: ColumnElement[Any], value: str, nullable: bool, dialect: str) -> Any:
+        if not insensitive:
+            if kind == "contains":
+                condition = column.contains(value, autoescape=True)
+            elif kind == "startswith":
+                condition = column.startswith(value, autoescape=True)
+            else:
+                condition = column.endswith(value, autoescape=True)
+            return _not_null(column, nullable, condition)
+        # Both sides folded by the same SQL function (see Dialect.fold): a stored value
+        # always matches itself, whatever the backend's or Python's case rules are.
+        fold = dialect_named(dialect).fold
+        target = fold(column)
         if kind == "exact":
-            condition = target == needle
-        elif kind == "contains":
-            condition = target.contains(needle, autoescape=True)
-        elif kind == "startswith":
-            condition = target.startswith(needle, autoescape=True)
-        else:
-            condition = target.endswith(needle, autoescape=True)
-        return _not_null(column, nullable, condition)
+            return _not_null(column, nullable, target == fold(literal(value, String())))
+        escaped = value.replace("/", "//").replace("%", "/%").replace("_", "/_")
+        needle = fold(literal(escaped, String()))
+        pattern = {
+            "contains": literal("%") + needle + literal("%"),
+            "startswith": needle + literal("%"),
+            "endswith": literal("%") + needle,
+        }[kind]
+        return _not_null(column, nullable, target.like(pattern, escape="/"))
 
     return build
 

@@ -27,15 +27,16 @@ from sqlalchemy.orm import RelationshipProperty, selectinload
 from sqlalchemy.orm.interfaces import ORMOption
 from sqlalchemy.sql.elements import ColumnElement
 
-from qx.core._errors import InvalidCursor, InvalidQuery, NotFound
+from qx.core._errors import InvalidCursor, InvalidQuery, NotFound, shown
 from qx.db._scoping import WITH_DELETED
 from qx.db._translate import translating
 from qx.db.query._bulk import delete_owned
 from qx.db.query._coerce import coerce_value
 from qx.db.query._compiler import FilterCompiler, _resolve_path
-from qx.db.query._keyset import SortKey, keyset_condition, order_clauses
+from qx.db.query._cursor import Boundary
+from qx.db.query._keyset import SortKey, keyset_segments, order_clauses
 from qx.db.query._page import Page
-from qx.db.query._q import Q
+from qx.db.query._q import Q, normalized
 from qx.db.query._spec import Bound, QuerySpec
 
 __all__ = ["QuerySet"]
@@ -43,13 +44,17 @@ __all__ = ["QuerySet"]
 T = TypeVar("T")
 
 _BY_KEYS_CHUNK: Final = 10_000
+#: The largest offset (a 32-bit count: beyond it, keyset pages are the way).
+MAX_OFFSET: Final = 2**31 - 1
 
 
 def _check_count(name: str, value: Any, maximum: int | None = None, minimum: int = 0) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise InvalidQuery(f"{name} must be an integer >= {minimum}, got {value!r}", field=name)
+        raise InvalidQuery(
+            f"{name} must be an integer >= {minimum}, got {shown(value)}", field=name
+        )
     if maximum is not None and value > maximum:
-        raise InvalidQuery(f"{name} must be at most {maximum}, got {value}", field=name)
+        raise InvalidQuery(f"{name} must be at most {maximum}, got {shown(value)}", field=name)
     return value
 
 
@@ -126,6 +131,7 @@ class QuerySet(Generic[T]):
     def _add(self, q: Q) -> Self:
         if not q:
             return self
+        q = normalized(q)
         compiler = self._compiler()
         condition = compiler.compile(q)
         return self._copy(qs=(*self._qs, q), where=(*self._where, condition), joins=compiler.joins)
@@ -167,7 +173,7 @@ class QuerySet(Generic[T]):
 
     def offset(self, count: int) -> Self:
         """Skip ``count`` rows."""
-        return self._copy(offset=_check_count("offset", count))
+        return self._copy(offset=_check_count("offset", count, MAX_OFFSET))
 
     def distinct(self, flag: bool = True) -> Self:
         """SELECT DISTINCT (roots are never duplicated by relation filters anyway)."""
@@ -187,13 +193,14 @@ class QuerySet(Generic[T]):
         mapper = self._spec.mapper
         for path in paths:
             if not isinstance(path, str) or not path:
-                raise InvalidQuery(f"invalid load path {path!r}", field=str(path))
+                raise InvalidQuery(f"invalid load path {shown(path)}", field=str(path))
             current, option, entity = mapper, None, mapper.class_
             for part in path.split("__"):
                 prop = current.attrs.get(part)
                 if not isinstance(prop, RelationshipProperty):
                     raise InvalidQuery(
-                        f"{current.class_.__name__} has no relationship {part!r} (in {path!r})",
+                        f"{current.class_.__name__} has no relationship {shown(part)} "
+                        f"(in {shown(path)})",
                         field=path,
                     )
                 attr = getattr(entity, part)
@@ -312,7 +319,7 @@ class QuerySet(Generic[T]):
         if not rows:
             raise NotFound(entity=self._spec.info.name, key=" & ".join(map(repr, self._qs)) or "*")
         if len(rows) > 1:
-            raise InvalidQuery(f"more than one {self._spec.info.name} matches {self!r}")
+            raise InvalidQuery(f"more than one {self._spec.info.name} matches {shown(self)}")
         return rows[0]  # type: ignore[no-any-return]
 
     async def count(self) -> int:
@@ -351,12 +358,15 @@ class QuerySet(Generic[T]):
     ) -> builtins.list[tuple[Any, ...]] | builtins.list[Any]:
         """Return tuples of column values (many-to-one paths allowed: ``"customer__name"``).
 
+        Fields must be in the repository's ``filterable`` or ``sortable`` (or the primary
+        key), as for ``filter()`` and ``order_by()``.
+
         Args:
             flat: with exactly one field, return plain values instead of 1-tuples.
 
         Raises:
-            InvalidQuery: no fields, an unknown field, a to-many path, or ``flat`` with
-                several fields.
+            InvalidQuery: no fields, a field outside the allow-lists, an unknown field, a
+                to-many path, or ``flat`` with several fields.
         """
         if not fields:
             raise InvalidQuery("values_list() needs at least one field", field="fields")
@@ -365,15 +375,23 @@ class QuerySet(Generic[T]):
         spec = self._spec
         compiler = self._compiler()
         columns = []
+        readable = spec.filterable | spec.sortable | set(spec.info.pk_keys)
         for name in fields:
             if not isinstance(name, str) or not name:
-                raise InvalidQuery(f"invalid field {name!r}", field=str(name))
+                raise InvalidQuery(f"invalid field {shown(name)}", field=str(name))
+            if name not in readable:
+                # The same allow-lists as filter() and order_by(): values_list() faces HTTP too.
+                listed = ", ".join(sorted(readable))
+                raise InvalidQuery(
+                    f"field {shown(name)} is not allowed on {spec.owner} (allowed: {listed})",
+                    field=name,
+                )
             path = _resolve_path(spec.mapper, tuple(name.split("__")), spec.owner)
             base: Any = spec.entity
             for i, step in enumerate(path.steps):
                 if step.to_many:
                     raise InvalidQuery(
-                        f"values_list() cannot follow to-many relationship {step.key!r}",
+                        f"values_list() cannot follow to-many relationship {shown(step.key)}",
                         field=name,
                     )
                 base = compiler._join(path.parts[: i + 1], base, step)
@@ -425,7 +443,7 @@ class QuerySet(Generic[T]):
         if page_number is not None:
             if cursor is not None:
                 raise InvalidQuery("give a cursor or a page_number, not both", field="page_number")
-            number = _check_count("page_number", page_number, minimum=1)
+            number = _check_count("page_number", page_number, MAX_OFFSET // size + 1, 1)
             rows = await self._scalars(
                 self._copy(limit=size + 1, offset=(number - 1) * size)._select()
             )
@@ -441,15 +459,25 @@ class QuerySet(Generic[T]):
         signature = f"{spec.info.name}:{','.join(str(k) for k in keys)}"
         codec = self._bound.cursor_codec()
         backward = False
-        stmt_query = self
+        segments: builtins.list[QuerySet[T]] = [self]
         if cursor is not None:
-            backward, raw = codec.decode(cursor, sort=signature)
-            values = self._cursor_values(keys, raw)
-            stmt_query = self._copy(
-                where=(*self._where, keyset_condition(spec.entity, keys, values, backward=backward))
+            found = codec.decode(cursor, sort=signature)
+            backward = found.backward
+            values = await self._boundary_values(keys, found)
+            # One condition, or (a nullable leading key) two, each an index range: the rows
+            # beyond the boundary, then the NULLs (or the reverse) - never a scan of what lies
+            # before the boundary.
+            segments = [
+                self._copy(where=(*self._where, condition))
+                for condition in keyset_segments(spec.entity, keys, values, backward=backward)
+            ]
+        rows = []
+        for segment in segments:
+            rows += await self._scalars(
+                segment._copy(limit=size + 1 - len(rows))._select(reverse=backward)
             )
-        stmt = stmt_query._copy(limit=size + 1)._select(reverse=backward)
-        rows = await self._scalars(stmt)
+            if len(rows) > size:
+                break
         more = len(rows) > size
         rows = rows[:size]
         if backward:
@@ -461,7 +489,10 @@ class QuerySet(Generic[T]):
 
         def boundary(row: Any, back: bool) -> str:
             return codec.encode(
-                sort=signature, backward=back, values=[getattr(row, k.key) for k in keys]
+                sort=signature,
+                backward=back,
+                values=[getattr(row, k.key) for k in keys],
+                key=[getattr(row, k) for k in spec.info.pk_keys],
             )
 
         return Page(
@@ -474,8 +505,37 @@ class QuerySet(Generic[T]):
             total=total,
         )
 
+    async def _boundary_values(
+        self, keys: Sequence[SortKey], boundary: Boundary
+    ) -> builtins.list[Any]:
+        """The boundary row's sort values: from the cursor, or read by its primary key."""
+        if not boundary.by_key:
+            return self._cursor_values(keys, boundary.values)
+        pk_keys = self._spec.info.pk_keys
+        ident = self._coerced(
+            [SortKey(k, False, False) for k in pk_keys], boundary.values, allow_null=False
+        )
+        entity = self._spec.entity
+        stmt = select(*[getattr(entity, key.key) for key in keys]).where(
+            *[getattr(entity, k) == v for k, v in zip(pk_keys, ident, strict=True)]
+        )
+        session = self._bound.session
+        with translating(session.sync_session):
+            row = (await session.execute(stmt, execution_options=self._options())).first()
+        if row is None:
+            raise InvalidCursor(
+                "the row this cursor pages from is gone; start from the first page",
+                field="cursor",
+            )
+        return list(row)
+
     def _cursor_values(
         self, keys: Sequence[SortKey], raw: builtins.list[Any]
+    ) -> builtins.list[Any]:
+        return self._coerced(keys, raw, allow_null=True)
+
+    def _coerced(
+        self, keys: Sequence[SortKey], raw: builtins.list[Any], *, allow_null: bool
     ) -> builtins.list[Any]:
         if len(raw) != len(keys):
             raise InvalidCursor("cursor does not match the sort keys", field="cursor")
@@ -489,7 +549,7 @@ class QuerySet(Generic[T]):
                 raise InvalidCursor(
                     "cursor values do not fit the sort keys", field="cursor"
                 ) from None
-            if coerced is None and not key.nullable:
+            if coerced is None and not (allow_null and key.nullable):
                 raise InvalidCursor("cursor values do not fit the sort keys", field="cursor")
             values.append(coerced)
         return values
@@ -548,7 +608,7 @@ class QuerySet(Generic[T]):
             prop = spec.mapper.attrs.get(key)
             column = getattr(prop, "columns", [None])[0] if prop is not None else None
             if column is None or isinstance(prop, RelationshipProperty):
-                raise InvalidQuery(f"{info.name} has no column field {key!r}", field=key)
+                raise InvalidQuery(f"{info.name} has no column field {shown(key)}", field=key)
             if key in managed:
                 raise InvalidQuery(
                     f"{info.name}.{key} is maintained by qx and cannot be updated", field=key
