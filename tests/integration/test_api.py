@@ -151,3 +151,60 @@ async def test_concurrent_commands_on_one_order_never_leak_conflicts(
         if response.status_code == 409:
             assert response.json()["detail"].startswith("cannot"), response.text
     assert statuses.count(200) >= 1
+
+
+async def test_idempotency_keys_are_per_tenant_and_bound_to_the_body(
+    client: httpx.AsyncClient,
+) -> None:
+    await stock(client, quantity=4)
+    await stock(client, quantity=4, **{"X-Tenant-ID": "globex"})
+    acme = await place(client, 1, **{"Idempotency-Key": "k-1"})
+    globex = await place(client, 1, **{"Idempotency-Key": "k-1", "X-Tenant-ID": "globex"})
+    assert acme.status_code == globex.status_code == 201
+    assert acme.json()["id"] != globex.json()["id"]  # globex's order placed, nothing leaked
+    assert (await client.get(f"/orders/{globex.json()['id']}")).status_code == 404
+    other_body = await place(client, 3, **{"Idempotency-Key": "k-1"})
+    assert other_body.status_code == 422, other_body.text
+    assert other_body.headers["content-type"] == PROBLEM
+    assert "different PlaceOrder" in other_body.json()["detail"]
+    listed = (await client.get("/orders")).json()["items"]
+    assert [o["id"] for o in listed] == [acme.json()["id"]]
+
+
+async def test_every_error_is_problem_json(client: httpx.AsyncClient) -> None:
+    cases = [
+        (client.get("/orders", headers={"X-Tenant-ID": "t" * 100}), 400),
+        (client.get("/orders", headers={"X-Tenant-ID": "a b"}), 400),
+        (client.get("/orders", headers={"X-Tenant-ID": ""}), 400),
+        (client.get("/no/such/route"), 404),
+        (client.delete("/orders"), 405),
+        (client.get("/orders", params={"status": "bogus"}), 422),
+        (client.get("/orders", params={"page_size": "many"}), 422),
+    ]
+    for call, status in cases:
+        response = await call
+        assert response.status_code == status, (status, response.text)
+        assert response.headers["content-type"] == PROBLEM, response.headers
+        body = response.json()
+        assert body["status"] == status and body["title"] and body["detail"]
+        assert "SQLSTATE" not in body["detail"] and "sqlalchemy" not in body["detail"].lower()
+    missing = await client.get("/orders", headers={"X-Tenant-ID": ""})
+    assert missing.json()["detail"] == "send an X-Tenant-ID header"
+    assert "allow" in (await client.delete("/orders")).headers
+
+
+async def test_the_openapi_schema_documents_the_tenant_header_and_problem_responses(
+    client: httpx.AsyncClient,
+) -> None:
+    schema = (await client.get("/openapi.json")).json()
+    for path, operations in schema["paths"].items():
+        for method, operation in operations.items():
+            names = {
+                p["name"].lower() for p in operation.get("parameters", []) if p["in"] == "header"
+            }
+            assert "x-tenant-id" in names, (method, path)
+            for status in ("400", "404", "409", "422"):
+                response = operation["responses"][status]
+                assert PROBLEM in response["content"], (method, path, status)
+    problem = schema["components"]["schemas"]["Problem"]
+    assert {"title", "status", "detail"} <= set(problem["properties"])

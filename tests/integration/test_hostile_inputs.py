@@ -396,3 +396,20 @@ async def test_cursors_of_long_sort_values_are_accepted_back(memo_factory: Any) 
     async with memo_factory() as uow:
         with pytest.raises(InvalidCursor, match="gone"):
             await uow.memos.page(sort="body", page_size=1, cursor=first.next_cursor)
+
+
+async def test_isnull_on_a_relationship_means_has_no_related_rows(uow_factory: Factory) -> None:
+    with request_context(tenant_id=TENANT):
+        async with uow_factory() as uow:
+            await uow.items.add(Item(name="tagged", sku="t1", tags=[Tag(label="x")]))
+            await uow.items.add(Item(name="bare", sku="t2"))
+            await uow.commit()
+        async with uow_factory() as uow:
+            bare = await uow.items.list(filters={"tags__isnull": "true"})
+            tagged = await uow.items.list(filters={"tags__isnull": "false"})
+            assert [i.sku for i in bare] == ["t2"] and [i.sku for i in tagged] == ["t1"]
+            no_category = await uow.items.query().filter(category__isnull=True).count()
+            assert no_category == 2
+            # ne on a to-many path: some related row differs (not "no related row equals").
+            assert await uow.items.query().filter(tags__label__ne="y").count() == 1
+            await refused(lambda: uow.items.list(filters={"tags__isnull": "maybe"}))

@@ -69,7 +69,7 @@ async def test_upgrade_downgrade_upgrade_and_no_drift(empty: AsyncEngine) -> Non
     # Called from inside a running event loop: the helper uses the shared connection.
     await upgrade(empty)
     assert await tables(empty) >= QX_TABLES
-    assert await current(empty) == "0004"
+    assert await current(empty) == "0005"
     await assert_schema_current(empty, orders_metadata)
     async with empty.connect() as conn:
         # What autogenerate would write against head: nothing, not even for unknown tables.
@@ -172,7 +172,7 @@ def test_db_commands_and_check_exit_codes(empty_url: str) -> None:
     assert behind.exit_code == 1 and "not up to date" in behind.output
     assert runner.invoke(app, ["db", "upgrade", *location]).exit_code == 0
     current_output = runner.invoke(app, ["db", "current", *location])
-    assert current_output.exit_code == 0 and "0004 (head)" in current_output.output
+    assert current_output.exit_code == 0 and "0005 (head)" in current_output.output
     clean = runner.invoke(app, ["db", "check", *location])
     assert clean.exit_code == 0 and "schema is current" in clean.output
     _execute("ALTER TABLE orders ADD COLUMN note VARCHAR(10)")
@@ -248,7 +248,7 @@ async def test_version_table_in_its_own_schema(empty: AsyncEngine) -> None:
         config = alembic_config()
         config.set_main_option("version_table_schema", schema)
         await upgrade(empty, config=config)
-        assert await current(empty, version_table_schema=schema) == "0004"
+        assert await current(empty, version_table_schema=schema) == "0005"
         assert await current(empty) is None  # nothing in the default schema
         async with empty.connect() as conn:
             found = await conn.scalar(

@@ -22,6 +22,7 @@ __all__ = [
     "DatabaseError",
     "DuplicateKey",
     "HandlerNotFound",
+    "IdempotencyKeyReused",
     "IntegrityViolation",
     "InvalidCursor",
     "InvalidMessage",
@@ -29,6 +30,7 @@ __all__ = [
     "NotFound",
     "PublishError",
     "QxError",
+    "RequestInFlight",
     "StatementTimeout",
     "TenantRequired",
     "TenantViolation",
@@ -83,6 +85,14 @@ class ConcurrencyConflict(Conflict):
     def __init__(self, message: str, *, entities: tuple[str, ...] = ()) -> None:
         self.entities = entities
         super().__init__(message)
+
+
+class IdempotencyKeyReused(Conflict):
+    """An idempotency key was sent again with a different request (HTTP 422)."""
+
+
+class RequestInFlight(Conflict):
+    """The first request with this idempotency key is still being handled (HTTP 409)."""
 
 
 class IntegrityViolation(QxError):

@@ -7,16 +7,19 @@ from qx.cqrs._bus import (
     Next,
     RetryPolicy,
     idempotency_middleware,
+    idempotency_result_middleware,
     logging_middleware,
     read_only_middleware,
     retry_middleware,
     unit_of_work_middleware,
 )
+from qx.cqrs._idempotency import IdempotencyPolicy, purge_idempotency_keys
 from qx.cqrs._messages import Command, Message, Query
 
 __all__ = [
     "Command",
     "HandlerContext",
+    "IdempotencyPolicy",
     "Message",
     "MessageBus",
     "Middleware",
@@ -24,7 +27,9 @@ __all__ = [
     "Query",
     "RetryPolicy",
     "idempotency_middleware",
+    "idempotency_result_middleware",
     "logging_middleware",
+    "purge_idempotency_keys",
     "read_only_middleware",
     "retry_middleware",
     "unit_of_work_middleware",

@@ -1,10 +1,12 @@
 """``MessageBus``: one handler per command or query, a middleware chain, dependency
 injection, and domain-event handlers for the unit of work.
 
-Commands run through ``logging → retry → unit of work → idempotency → handler``: each
-attempt gets a fresh unit of work, committed when the handler returns (unless it committed
-itself); ``ConcurrencyConflict`` and ``TransientError`` are retried with bounded, jittered
-exponential backoff. Queries run through ``logging → read-only unit of work → handler``.
+Commands run through ``logging → retry → idempotency key → unit of work → key's result →
+handler``: each attempt gets a fresh unit of work, committed when the handler returns (unless
+it committed itself); ``ConcurrencyConflict`` and ``TransientError`` are retried with bounded,
+jittered exponential backoff. A command with an ``idempotency_key`` runs once per key and
+caller (see :mod:`qx.cqrs._idempotency`). Queries run through ``logging → read-only unit of
+work → handler``.
 
 Handlers are ``async def handler(message, ...)``; the other parameters are injected by name:
 ``uow`` (the unit of work), ``bus``, or anything given to :meth:`MessageBus.provide`.
@@ -31,17 +33,20 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar, get_type_hints
 
 from pydantic import TypeAdapter
-from sqlalchemy import select, update
-from sqlalchemy.dialects import postgresql, sqlite
 
-from qx.core._clock import utcnow
 from qx.core._context import current_context, request_context
 from qx.core._dispatch import InProcessDispatcher
 from qx.core._errors import ConcurrencyConflict, ConfigurationError, HandlerNotFound, TransientError
 from qx.core._events import Event
 from qx.core._ids import new_id
+from qx.cqrs._idempotency import (
+    Claim,
+    IdempotencyPolicy,
+    claim_key,
+    record_result,
+    release_key,
+)
 from qx.cqrs._messages import Command, Message, Query
-from qx.cqrs._table import idempotency_table
 from qx.db._state import UnitOfWorkState
 
 __all__ = ["HandlerContext", "MessageBus", "Middleware", "Next", "RetryPolicy"]
@@ -59,11 +64,13 @@ class HandlerContext:
         bus: the bus handling the message.
         uow: the unit of work, once the unit-of-work middleware opened it.
         attempt: 1 for the first try, then 2, 3, ... under the retry middleware.
+        claim: the command's idempotency key claim, while it runs.
     """
 
     bus: MessageBus
     uow: Any = None
     attempt: int = 1
+    claim: Claim | None = None
 
 
 Next = Callable[[Message[Any], HandlerContext], Awaitable[Any]]
@@ -108,13 +115,19 @@ class MessageBus:
 
     Args:
         retry: the retry policy of commands.
+        idempotency: how long idempotency keys live.
         middleware: extra middleware, outermost first, run before the built-in chain.
     """
 
     def __init__(
-        self, *, retry: RetryPolicy | None = None, middleware: Sequence[Middleware] = ()
+        self,
+        *,
+        retry: RetryPolicy | None = None,
+        idempotency: IdempotencyPolicy | None = None,
+        middleware: Sequence[Middleware] = (),
     ) -> None:
         self.retry = retry or RetryPolicy()
+        self.idempotency = idempotency or IdempotencyPolicy()
         self._handlers: dict[type[Message[Any]], _Handler] = {}
         self._events = InProcessDispatcher()
         self._dependencies: dict[str, Any] = {}
@@ -189,7 +202,12 @@ class MessageBus:
             )
         chain: list[Middleware] = [*self._extra, logging_middleware]
         if isinstance(message, Command):
-            chain += [retry_middleware, unit_of_work_middleware, idempotency_middleware]
+            chain += [
+                retry_middleware,
+                idempotency_middleware,
+                unit_of_work_middleware,
+                idempotency_result_middleware,
+            ]
         else:
             chain += [read_only_middleware]
         call: Next = self._call_handler
@@ -306,38 +324,39 @@ async def read_only_middleware(message: Message[Any], ctx: HandlerContext, call_
 async def idempotency_middleware(
     message: Message[Any], ctx: HandlerContext, call_next: Next
 ) -> Any:
-    """A command with an ``idempotency_key`` runs once; repeats get the stored result.
+    """A command with an ``idempotency_key`` runs once per key (see ``qx.cqrs._idempotency``).
 
-    The key is claimed (INSERT ... ON CONFLICT DO NOTHING) in the command's own transaction
-    before the handler runs, so a concurrent repeat waits for the first and then reads its
-    result; a failed first attempt leaves no claim behind.
+    Outside the unit of work: claims the key in a transaction of its own, returns the stored
+    result to a repeat, refuses a reused key or a repeat in flight, and releases the claim
+    when the command fails, so a retry runs it again.
     """
     key = getattr(message, "idempotency_key", None)
     if key is None:
         return await call_next(message, ctx)
     entry = ctx.bus._handlers[type(message)]
-    session = ctx.uow.session
-    name = type(message).__qualname__
-    table = idempotency_table
-    dialect = session.get_bind().dialect.name
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    claimed = await session.execute(
-        insert(table)
-        .values(key=key, command=name, created_at=utcnow())
-        .on_conflict_do_nothing()
-        .returning(table.c.key)
-    )
-    if claimed.first() is None:
-        stored = await session.scalar(
-            select(table.c.result).where(table.c.key == key, table.c.command == name)
-        )
-        assert entry.result is not None
-        return entry.result.validate_python(stored)
-    result = await call_next(message, ctx)
     assert entry.result is not None
-    await session.execute(
-        update(table)
-        .where(table.c.key == key, table.c.command == name)
-        .values(result=entry.result.dump_python(result, mode="json"))
-    )
+    sessions = ctx.bus._factory().session_factory
+    claim = await claim_key(sessions, message, ctx.bus.idempotency)
+    if claim.done:
+        return entry.result.validate_python(claim.result)
+    ctx.claim = claim
+    try:
+        return await call_next(message, ctx)
+    except BaseException:
+        await asyncio.shield(release_key(sessions, claim))
+        raise
+    finally:
+        ctx.claim = None
+
+
+async def idempotency_result_middleware(
+    message: Message[Any], ctx: HandlerContext, call_next: Next
+) -> Any:
+    """Inside the unit of work: store the command's result with the command's own commit."""
+    result = await call_next(message, ctx)
+    if ctx.claim is not None:
+        entry = ctx.bus._handlers[type(message)]
+        assert entry.result is not None
+        stored = entry.result.dump_python(result, mode="json")
+        await record_result(ctx.uow.session, ctx.claim, stored)
     return result

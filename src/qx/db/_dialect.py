@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import unicodedata
 from collections.abc import Sequence
+from datetime import UTC, date, datetime, timedelta
 from functools import cache
 from typing import Any, Final
 
@@ -28,7 +29,14 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from qx.core._errors import ConfigurationError
 
-__all__ = ["LARGE_IN", "Dialect", "dialect_named", "dialect_of", "sqlite_fold"]
+__all__ = [
+    "LARGE_IN",
+    "Dialect",
+    "dialect_named",
+    "dialect_of",
+    "install_asyncpg_codecs",
+    "sqlite_fold",
+]
 
 #: Above this many values, ``IN`` binds one array (PostgreSQL) or one JSON document (SQLite)
 #: instead of one parameter per value: drivers cap parameters at 32,767.
@@ -123,3 +131,67 @@ def sqlite_fold(text: str | None) -> str | None:
     if text is None:
         return None
     return unicodedata.normalize("NFKD", text).casefold()
+
+
+# -- asyncpg: dates and timestamps as themselves, never as infinity ---------------------------
+
+# asyncpg writes date.max/min and datetime.max/min as PostgreSQL's 'infinity'/'-infinity',
+# which most other clients cannot read back. These codecs (PostgreSQL's binary layout, as
+# asyncpg's "tuple" format: days or microseconds since 2000-01-01) write them as the dates
+# they are; a stored infinity still reads as max/min, as asyncpg's own codecs do.
+_EPOCH_DATE: Final = date(2000, 1, 1)
+_EPOCH_DAY: Final = _EPOCH_DATE.toordinal()
+_EPOCH_NAIVE: Final = datetime(2000, 1, 1)
+_EPOCH_UTC: Final = _EPOCH_NAIVE.replace(tzinfo=UTC)
+_MICROSECOND: Final = timedelta(microseconds=1)
+_INT32: Final = (2**31 - 1, -(2**31))
+_INT64: Final = (2**63 - 1, -(2**63))
+
+
+def _encode_date(value: date) -> tuple[int]:
+    if isinstance(value, datetime):
+        value = value.date()
+    return (value.toordinal() - _EPOCH_DAY,)
+
+
+def _decode_date(parts: tuple[int]) -> date:
+    days = parts[0]
+    if days in _INT32:
+        return date.max if days > 0 else date.min
+    return date.fromordinal(days + _EPOCH_DAY)
+
+
+def _encode_timestamptz(value: datetime) -> tuple[int]:
+    aware = value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+    return ((aware - _EPOCH_UTC) // _MICROSECOND,)
+
+
+def _decode_timestamptz(parts: tuple[int]) -> datetime:
+    micros = parts[0]
+    if micros in _INT64:
+        return (datetime.max if micros > 0 else datetime.min).replace(tzinfo=UTC)
+    return _EPOCH_UTC + timedelta(microseconds=micros)
+
+
+def _encode_timestamp(value: datetime) -> tuple[int]:
+    naive = value.astimezone(UTC).replace(tzinfo=None) if value.tzinfo is not None else value
+    return ((naive - _EPOCH_NAIVE) // _MICROSECOND,)
+
+
+def _decode_timestamp(parts: tuple[int]) -> datetime:
+    micros = parts[0]
+    if micros in _INT64:
+        return datetime.max if micros > 0 else datetime.min
+    return _EPOCH_NAIVE + timedelta(microseconds=micros)
+
+
+async def install_asyncpg_codecs(connection: Any) -> None:
+    """Register qx's date and timestamp codecs on an asyncpg connection."""
+    for name, encoder, decoder in (
+        ("date", _encode_date, _decode_date),
+        ("timestamptz", _encode_timestamptz, _decode_timestamptz),
+        ("timestamp", _encode_timestamp, _decode_timestamp),
+    ):
+        await connection.set_type_codec(
+            name, schema="pg_catalog", encoder=encoder, decoder=decoder, format="tuple"
+        )

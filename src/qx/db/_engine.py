@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import create_async_engine as _create_async_engine
 from sqlalchemy.pool import AsyncAdaptedQueuePool, NullPool, StaticPool
 
 from qx.core._errors import ConfigurationError
-from qx.db._dialect import sqlite_fold
+from qx.db._dialect import install_asyncpg_codecs, sqlite_fold
 from qx.db._session import QxSession
 from qx.settings import DatabaseSettings, QxSettings
 
@@ -146,9 +146,15 @@ def create_engine(
         merged.update(extra)
         kwargs["connect_args"] = merged
     engine = _create_async_engine(parsed, **kwargs)
+    if parsed.get_backend_name() == "postgresql":
+        event.listen(engine.sync_engine, "connect", _on_pg_connect)
     if parsed.get_backend_name() == "sqlite":
         _configure_sqlite(engine, db, in_memory=_in_memory(parsed))
     return engine
+
+
+def _on_pg_connect(dbapi_connection: Any, _record: Any) -> None:
+    dbapi_connection.run_async(install_asyncpg_codecs)
 
 
 def _in_memory(url: URL) -> bool:

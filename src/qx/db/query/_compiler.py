@@ -207,6 +207,10 @@ class FilterCompiler:
         for child in q.children:
             if isinstance(child, Q):
                 parts.append(self._node(child))
+                continue
+            related = self._related_rows(*child)
+            if related is not None:
+                parts.append(related)
             else:
                 leaves.append(self.check(*child))
         if q.connector == Q.AND:
@@ -220,6 +224,42 @@ class FilterCompiler:
         else:
             combined = and_(*parts) if q.connector == Q.AND else or_(*parts)
         return ~combined if q.negated else combined
+
+    def _related_rows(self, key: Any, value: Any) -> ColumnElement[bool] | None:
+        """``rel__isnull=True``: has no related row (``False``: has one), at any depth.
+
+        ``None`` when ``key`` is not an ``isnull`` on a relationship path.
+        """
+        if not isinstance(key, str) or not key.endswith("__isnull"):
+            return None
+        parts = tuple(key.split("__")[:-1])
+        steps: list[RelationshipProperty[Any]] = []
+        current = self.mapper
+        for part in parts:
+            prop = current.attrs.get(part)
+            if not isinstance(prop, RelationshipProperty):
+                return None
+            steps.append(prop)
+            current = prop.mapper
+        if not steps:
+            return None
+        name = "__".join(parts)
+        if self.allowed is not None and not any(
+            field == name or field.startswith(name + "__") for field in self.allowed
+        ):
+            listed = ", ".join(sorted(self.allowed)) or "none"
+            raise InvalidQuery(
+                f"filter {shown(name)} is not allowed on {self.owner} (allowed: {listed})",
+                field=name,
+            )
+        wanted = LOOKUPS["isnull"].prepare(true(), value, name)
+        exists: Any = None
+        for prop in reversed(steps):
+            attr = getattr(prop.parent.class_, prop.key)
+            test = attr.any if prop.uselist else attr.has
+            exists = test() if exists is None else test(exists)
+        condition: ColumnElement[bool] = ~exists if wanted else exists
+        return condition
 
     def _advance(
         self, condition: Condition, base: Any, depth: int, joinable: bool

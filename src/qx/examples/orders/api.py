@@ -4,9 +4,11 @@ Endpoints: ``POST /products`` (stock), ``POST /orders``, ``GET /orders?status=&s
 ``GET /orders/{id}``, ``POST /orders/{id}/pay``, ``POST /orders/{id}/ship``,
 ``POST /orders/{id}/cancel``. Each request runs in a request context built from
 ``X-Tenant-ID`` and ``X-Correlation-ID`` (echoed back, generated when absent); an
-``Idempotency-Key`` header makes ``POST /orders`` safe to repeat. qx and domain errors become
-``application/problem+json`` responses: 404 not found, 409 conflicts and broken business
-rules, 422 invalid input, 400 without a tenant.
+``Idempotency-Key`` header makes ``POST /orders`` safe to repeat (per tenant; the same key
+with another body is 422, a repeat while the first is running 409). Every error is an
+``application/problem+json`` response, documented in the OpenAPI schema: 400 a missing or
+malformed ``X-Tenant-ID``, 404 not found (unknown routes too), 405 a wrong method, 409
+conflicts and broken business rules, 422 invalid input, 503 a transient failure.
 
 Example:
     >>> app = create_app(settings=load_settings())     # doctest: +SKIP
@@ -16,22 +18,26 @@ Example:
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from decimal import Decimal
+from enum import StrEnum
 from typing import Any
 from uuid import UUID
 
-from fastapi import FastAPI, Header, Request, Response
+from fastapi import Depends, FastAPI, Header, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from sqlalchemy.ext.asyncio import AsyncEngine
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qx.core._context import request_context
 from qx.core._errors import (
     Conflict,
+    IdempotencyKeyReused,
     InvalidQuery,
     NotFound,
     QxError,
@@ -62,6 +68,52 @@ __all__ = ["create_app"]
 logger = logging.getLogger("qx.examples.orders.api")
 
 PROBLEM = "application/problem+json"
+#: What an X-Tenant-ID may be: it is stored in every row (tenant_column is 64 characters).
+TENANT_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_CORRELATION = re.compile(r"[\x21-\x7e]{1,128}")
+
+
+class Problem(BaseModel):
+    """An RFC 9457 problem detail, the body of every error response."""
+
+    type: str = "about:blank"
+    title: str
+    status: int
+    detail: str
+    field: str | None = None
+
+
+class Status(StrEnum):
+    """The order states a list may be filtered by."""
+
+    placed = "placed"
+    paid = "paid"
+    shipped = "shipped"
+    cancelled = "cancelled"
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": Problem, "description": title, "content": {PROBLEM: {}}}
+    for status, title in (
+        (400, "Missing or malformed X-Tenant-ID"),
+        (404, "Not found"),
+        (409, "Conflict: a business rule, a concurrent change, or a request still in flight"),
+        (422, "Invalid input, or an Idempotency-Key reused with another request"),
+        (503, "A transient failure: retry"),
+    )
+}
+
+
+def tenant_header(
+    x_tenant_id: str = Header(
+        ...,
+        description="The tenant every read and write is scoped to.",
+        max_length=64,
+        pattern=TENANT_PATTERN.pattern,
+    ),
+) -> str:
+    """Documents the header the request-context middleware reads (and checks first)."""
+    return x_tenant_id
 
 
 class LineIn(BaseModel):
@@ -121,6 +173,8 @@ def _problem(status: int, title: str, detail: str, **extra: Any) -> JSONResponse
 def _status_of(exc: Exception) -> tuple[int, str]:
     if isinstance(exc, NotFound):
         return 404, "Not Found"
+    if isinstance(exc, IdempotencyKeyReused):
+        return 422, "Unprocessable Content"
     if isinstance(exc, TenantRequired):
         return 400, "Tenant Required"
     if isinstance(exc, TenantViolation):
@@ -171,24 +225,49 @@ def create_app(
             if own:
                 await active.dispose()
 
-    app = FastAPI(title="qx orders example", lifespan=lifespan)
+    app = FastAPI(
+        title="qx orders example",
+        lifespan=lifespan,
+        dependencies=[Depends(tenant_header)],
+        responses=_ERRORS,
+    )
 
     @app.middleware("http")
     async def context_from_headers(
         request: Request, call_next: Callable[[Request], Awaitable[Response]]
     ) -> Response:
         correlation = request.headers.get("x-correlation-id") or str(new_id())
+        if not _CORRELATION.fullmatch(correlation):
+            correlation = str(new_id())
         tenant = request.headers.get("x-tenant-id") or None
-        with request_context(correlation_id=correlation, tenant_id=tenant):
-            response = await call_next(request)
+        if tenant is not None and not TENANT_PATTERN.fullmatch(tenant):
+            response: Response = _problem(
+                400,
+                "Bad Request",
+                "X-Tenant-ID must be 1 to 64 letters, digits, '.', '_' or '-'",
+                field="X-Tenant-ID",
+            )
+        else:
+            with request_context(correlation_id=correlation, tenant_id=tenant):
+                response = await call_next(request)
         response.headers["X-Correlation-ID"] = correlation
         return response
 
     @app.exception_handler(QxError)
     async def qx_error(_request: Request, exc: QxError) -> JSONResponse:
         status, title = _status_of(exc)
+        if isinstance(exc, TenantRequired):
+            # The HTTP client's mistake, in its terms (not the library's request_context).
+            return _problem(400, "Bad Request", "send an X-Tenant-ID header", field="X-Tenant-ID")
         extra = {"field": exc.field} if isinstance(exc, InvalidQuery) and exc.field else {}
         return _problem(status, title, str(exc), **extra)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        titles = {404: "Not Found", 405: "Method Not Allowed"}
+        response = _problem(exc.status_code, titles.get(exc.status_code, "Error"), str(exc.detail))
+        response.headers.update(exc.headers or {})  # Allow: on a 405
+        return response
 
     @app.exception_handler(OrderError)
     async def order_error(_request: Request, exc: OrderError) -> JSONResponse:
@@ -200,6 +279,8 @@ def create_app(
             {"field": ".".join(str(p) for p in error["loc"]), "message": error["msg"]}
             for error in exc.errors()
         ]
+        if any(error["field"].lower() == "header.x-tenant-id" for error in errors):
+            return _problem(400, "Bad Request", "send an X-Tenant-ID header", field="X-Tenant-ID")
         return _problem(422, "Unprocessable Content", "the request is not valid", errors=errors)
 
     @app.post("/products", status_code=201)
@@ -234,13 +315,18 @@ def create_app(
     @app.get("/orders")
     async def list_orders(
         request: Request,
-        status: str | None = None,
+        status: Status | None = None,
         sort: str = "-created_at",
         cursor: str | None = None,
         page_size: int = 20,
     ) -> OrderPageOut:
         page = await request.app.state.bus.ask(
-            ListOrders(status=status, sort=sort, cursor=cursor, page_size=page_size)
+            ListOrders(
+                status=status.value if status else None,
+                sort=sort,
+                cursor=cursor,
+                page_size=page_size,
+            )
         )
         return OrderPageOut(
             items=[OrderOut.of(view) for view in page.items],
