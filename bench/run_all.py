@@ -28,7 +28,7 @@ QUICK = {
     "aggregate.py": ["--operations", "500", "--rounds", "1", "--orders", "500"],
     "list.py": ["--requests", "300", "--rounds", "1", "--orders", "2000"],
     "pagination.py": ["--rows", "50000", "--depth", "1000", "--repeat", "5"],
-    "relay.py": ["--backlog", "5000", "--seconds", "2"],
+    "relay.py": ["--backlog", "5000", "--seconds", "2", "--claim-backlog", "100000"],
 }
 
 

@@ -217,6 +217,7 @@ async def _relay(engine: AsyncEngine, settings: QxSettings, tick: Progress) -> i
             if not result.claimed or result.published == 0:
                 return published
     finally:
+        await relay.release()
         await publisher.close()
 
 

@@ -2,8 +2,9 @@
 
 Example:
     >>> from qx.db import make_metadata
-    >>> sorted(include_qx_tables(make_metadata()))
-    ['qx_idempotency', 'qx_inbox', 'qx_outbox']
+    >>> sorted(include_qx_tables(make_metadata()))  # doctest: +NORMALIZE_WHITESPACE
+    ['qx_idempotency', 'qx_inbox', 'qx_outbox', 'qx_outbox_lane', 'qx_outbox_relay',
+     'qx_outbox_sequence']
 """
 
 from __future__ import annotations
@@ -12,12 +13,27 @@ from sqlalchemy import MetaData, Table
 
 from qx.cqrs._table import idempotency_table
 from qx.db._mapping import make_metadata, qx_metadata
-from qx.outbox._table import OUTBOX_TABLE, attach_notify, inbox_table, outbox_table
+from qx.outbox._table import (
+    OUTBOX_TABLE,
+    attach_notify,
+    inbox_table,
+    lane_table,
+    outbox_table,
+    relay_table,
+    sequence_table,
+)
 
 __all__ = ["QX_TABLES", "include_qx_tables", "new_metadata", "qx_metadata"]
 
 #: Every table qx itself uses.
-QX_TABLES: tuple[Table, ...] = (outbox_table, inbox_table, idempotency_table)
+QX_TABLES: tuple[Table, ...] = (
+    outbox_table,
+    lane_table,
+    relay_table,
+    sequence_table,
+    inbox_table,
+    idempotency_table,
+)
 
 
 def include_qx_tables(metadata: MetaData) -> dict[str, Table]:

@@ -254,7 +254,11 @@ def _outbox_app(console: Console) -> typer.Typer:
             try:
                 return await work(settings, engine)
             finally:
-                await engine.dispose()
+                # Closing pooled connections over a dead network would wait forever.
+                try:
+                    await asyncio.wait_for(engine.dispose(), settings.relay.db_timeout)
+                except TimeoutError:
+                    await engine.dispose(close=False)
 
         try:
             return asyncio.run(main())
@@ -270,11 +274,23 @@ def _outbox_app(console: Console) -> typer.Typer:
         metrics_port: Annotated[
             int | None, typer.Option("--metrics-port", help="Serve Prometheus /metrics.")
         ] = None,
+        log_level: Annotated[
+            str | None, typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR.")
+        ] = None,
+        log_json: Annotated[
+            bool | None, typer.Option("--log-json/--log-text", help="Log JSON lines.")
+        ] = None,
     ) -> None:
         """Publish outbox rows to QX_BROKER__URL until SIGTERM/SIGINT."""
         from qx.outbox import OutboxRelay, publisher_from_settings
+        from qx.outbox._logging import configure_logging
 
         async def work(settings: Any, engine: Any) -> None:
+            level = (log_level or settings.relay.log_level).upper()
+            if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+                raise typer.BadParameter(f"--log-level: not a level: {log_level!r}")
+            json_lines = settings.relay.log_format == "json" if log_json is None else log_json
+            configure_logging(level=level, json_lines=json_lines)
             metrics = None
             if metrics_port is not None:
                 from qx.outbox import PrometheusMetrics
@@ -299,33 +315,66 @@ def _outbox_app(console: Console) -> typer.Typer:
         run(work)
 
     @outbox.command("status")
-    def status_command() -> None:
-        """Pending, oldest pending age, in retry, dead, published in the last minute."""
+    def status_command(
+        as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
+        limit: Annotated[int, typer.Option("--limit", help="Dead/parked rows listed.")] = 50,
+    ) -> None:
+        """Counts (pending, oldest, in retry, dead, parked, published last minute, relays),
+        then the dead and parked rows."""
+        import json
+        from dataclasses import asdict
+
         from qx.core import utcnow
         from qx.outbox import OutboxStore
 
         async def work(_settings: Any, engine: Any) -> Any:
-            return await OutboxStore(engine).status(now=utcnow())
+            store = OutboxStore(engine)
+            return await store.status(now=utcnow()), await store.problems(limit=limit)
 
-        status = run(work)
+        status, problems = run(work)
+        if as_json:
+            document = {
+                "status": asdict(status),
+                "rows": [{**asdict(p), "id": str(p.id)} for p in problems],
+            }
+            sys.stdout.write(json.dumps(document) + "\n")
+            return
         table = Table(title="qx_outbox")
-        for column in ("pending", "oldest pending", "in retry", "dead", "published last minute"):
+        columns = ("pending", "oldest pending", "in retry", "dead", "parked", "published 1 min")
+        for column in (*columns, "relays"):
             table.add_column(column, justify="right")
         table.add_row(
             str(status.pending),
             f"{status.oldest_pending_seconds:.1f}s",
             str(status.in_retry),
             str(status.dead),
+            str(status.parked),
             str(status.published_last_minute),
+            str(status.relays),
         )
         console.print(table)
+        if problems:
+            rows = Table(title="dead and parked rows")
+            for column in ("state", "id", "aggregate", "event", "attempts", "last error"):
+                rows.add_column(column)
+            for p in problems:
+                rows.add_row(
+                    p.state,
+                    str(p.id),
+                    p.aggregate or "",
+                    p.event_name,
+                    str(p.attempts),
+                    (p.last_error or "")[:120],
+                )
+            console.print(rows)
 
     @outbox.command("requeue")
     def requeue_command(
         ids: Annotated[list[str] | None, typer.Argument(help="Event ids (default: all).")] = None,
         event_name: Annotated[str | None, typer.Option("--event", help="Only this event.")] = None,
     ) -> None:
-        """Revive dead-lettered rows (all, by id, or by event name)."""
+        """Revive dead-lettered rows (all, by id, or by event name); the rows parked behind
+        them follow in order."""
         from uuid import UUID
 
         from qx.core import utcnow

@@ -1,6 +1,7 @@
 """The qx error tree (re-exported from :mod:`qx.core._errors`)."""
 
 from qx.core._errors import (
+    BrokerUnavailable,
     ConcurrencyConflict,
     ConfigurationError,
     Conflict,
@@ -24,6 +25,7 @@ from qx.core._errors import (
 )
 
 __all__ = [
+    "BrokerUnavailable",
     "ConcurrencyConflict",
     "ConfigurationError",
     "Conflict",

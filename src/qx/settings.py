@@ -93,12 +93,28 @@ class RelaySettings(BaseModel):
     Attributes:
         batch_size: rows claimed per batch.
         poll_interval: seconds between polls when no notification arrives.
-        max_attempts: failed publishes before a row is dead-lettered.
+        max_attempts: failed publishes before a row is dead-lettered. A dead row parks the
+            rest of its aggregate until an operator requeues it (``qx outbox requeue``).
+            Broker outages are not failures: they never count an attempt.
+        publish_past: event names whose dead rows do not park their aggregate: its later
+            rows are published past them (the per-aggregate order then has a hole, which
+            consumers see as a gap in ``aggregatesequence``).
         backoff_base: seconds before the first retry; doubles with each attempt.
         backoff_max: the longest wait between retries.
-        concurrency: aggregates published at the same time within a batch.
-        pipelines: batches one relay process works on at once (PostgreSQL; SQLite runs one),
-            so database round trips overlap waiting for the broker.
+        concurrency: aggregates being published at the same time.
+        pipelines: claimed batches in flight at once; a slow publish holds back only its own
+            aggregate while later batches go out.
+        lease_seconds: how long lanes and claimed rows stay this relay's without renewal;
+            a relay that vanishes costs its peers this long.
+        db_timeout: seconds any one relay transaction may take, connecting included; past
+            it the connection is dropped and the relay tries again (on PostgreSQL the
+            server also ends a session idle in a transaction, and keepalives find dead
+            peers, after this long).
+        connect_timeout: seconds to wait for the broker connection.
+        shutdown_timeout: seconds SIGTERM waits for publishes in flight; rows still unsent
+            are given back untried.
+        log_format: ``text`` or ``json`` (one object per line) for ``qx outbox relay``.
+        log_level: the relay's logging level.
         retention: seconds published rows are kept before the relay purges them; ``None``
             keeps them.
         purge_batch: rows deleted per purge statement (small, to keep locks short).
@@ -110,6 +126,7 @@ class RelaySettings(BaseModel):
     batch_size: int = Field(default=200, ge=1, le=10_000)
     poll_interval: float = Field(default=1.0, gt=0)
     max_attempts: int = Field(default=10, ge=1)
+    publish_past: frozenset[str] = frozenset()
     backoff_base: float = Field(default=1.0, gt=0)
     backoff_max: float = Field(default=300.0, gt=0)
     concurrency: int = Field(default=256, ge=1, le=10_000)
@@ -117,6 +134,12 @@ class RelaySettings(BaseModel):
     retention: float | None = Field(default=7 * 24 * 3600.0, gt=0)
     purge_batch: int = Field(default=1000, ge=1)
     reconnect_delay: float = Field(default=1.0, gt=0)
+    lease_seconds: float = Field(default=30.0, gt=0)
+    db_timeout: float = Field(default=10.0, gt=0)
+    connect_timeout: float = Field(default=20.0, gt=0)
+    shutdown_timeout: float = Field(default=10.0, ge=0)
+    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 
 class QxSettings(BaseSettings):

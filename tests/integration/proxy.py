@@ -7,13 +7,20 @@ import contextlib
 
 
 class Proxy:
-    """Forwards ``127.0.0.1:<port>`` to ``target``; ``stop()`` drops every connection."""
+    """Forwards ``127.0.0.1:<port>`` to ``target``; ``stop()`` drops every connection;
+    ``blackhole()`` keeps every connection open and silently forwards nothing, the way a
+    dead network path looks to both ends."""
 
     def __init__(self, target_host: str, target_port: int) -> None:
         self.target = (target_host, target_port)
         self.port = 0
+        self.blackholed = False
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+
+    def blackhole(self) -> None:
+        """From now on, accept and read but never deliver a byte, in either direction."""
+        self.blackholed = True
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
@@ -29,6 +36,12 @@ class Proxy:
         self._writers.clear()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.blackholed:
+            self._writers.add(writer)
+            with contextlib.suppress(Exception):
+                while await reader.read(65536):
+                    pass
+            return
         try:
             up_reader, up_writer = await asyncio.open_connection(*self.target)
         except OSError:
@@ -42,6 +55,8 @@ class Proxy:
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while data := await reader.read(65536):
+                if self.blackholed:
+                    continue
                 writer.write(data)
                 await writer.drain()
         finally:

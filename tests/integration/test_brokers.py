@@ -184,7 +184,7 @@ async def test_rabbitmq_nack_leaves_rows_pending(
         result = await relay_once(engine, publisher_from_settings(amqp_settings))
     assert (result.published, result.failed) == (0, 1)
     (row,) = await pending(engine)
-    assert row["attempts"] == 1 and "RabbitMQ did not confirm" in row["last_error"]
+    assert row["attempts"] == 1 and "RabbitMQ refused" in row["last_error"]
 
 
 # -- Redis Streams -----------------------------------------------------------------------------
@@ -254,4 +254,4 @@ async def test_rabbitmq_unroutable_messages_are_not_lost(
     result = await relay_once(engine, publisher_from_settings(amqp_settings))
     assert (result.published, result.failed) == (0, 1)
     (row,) = await pending(engine)
-    assert "RabbitMQ did not confirm" in row["last_error"]
+    assert "RabbitMQ refused" in row["last_error"]

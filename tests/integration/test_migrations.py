@@ -46,7 +46,16 @@ pytestmark = pytest.mark.skip_on(
     "metadata",
 )
 
-QX_TABLES = {"qx_outbox", "qx_inbox", "qx_idempotency", "orders", "order_lines"}
+QX_TABLES = {
+    "qx_outbox",
+    "qx_outbox_lane",
+    "qx_outbox_relay",
+    "qx_outbox_sequence",
+    "qx_inbox",
+    "qx_idempotency",
+    "orders",
+    "order_lines",
+}
 
 
 @pytest.fixture
@@ -69,7 +78,7 @@ async def test_upgrade_downgrade_upgrade_and_no_drift(empty: AsyncEngine) -> Non
     # Called from inside a running event loop: the helper uses the shared connection.
     await upgrade(empty)
     assert await tables(empty) >= QX_TABLES
-    assert await current(empty) == "0005"
+    assert await current(empty) == "0006"
     await assert_schema_current(empty, orders_metadata)
     async with empty.connect() as conn:
         # What autogenerate would write against head: nothing, not even for unknown tables.
@@ -120,7 +129,8 @@ def test_offline_sql_contains_the_outbox_ddl(monkeypatch: pytest.MonkeyPatch) ->
         command.upgrade(config, "head", sql=True)  # no database is contacted
         sql = buffer.getvalue()
         assert "CREATE TABLE qx_outbox" in sql and "CREATE TABLE qx_inbox" in sql
-        assert "ix_qx_outbox_pending" in sql and "CREATE TABLE orders" in sql
+        assert "ix_qx_outbox_ready" in sql and "CREATE TABLE orders" in sql
+        assert "CREATE TABLE qx_outbox_lane" in sql
         if url.startswith("postgresql"):
             assert "JSONB" in sql and "CREATE TRIGGER qx_outbox_notify" in sql
         else:
@@ -172,7 +182,7 @@ def test_db_commands_and_check_exit_codes(empty_url: str) -> None:
     assert behind.exit_code == 1 and "not up to date" in behind.output
     assert runner.invoke(app, ["db", "upgrade", *location]).exit_code == 0
     current_output = runner.invoke(app, ["db", "current", *location])
-    assert current_output.exit_code == 0 and "0005 (head)" in current_output.output
+    assert current_output.exit_code == 0 and "0006 (head)" in current_output.output
     clean = runner.invoke(app, ["db", "check", *location])
     assert clean.exit_code == 0 and "schema is current" in clean.output
     _execute("ALTER TABLE orders ADD COLUMN note VARCHAR(10)")
@@ -248,7 +258,7 @@ async def test_version_table_in_its_own_schema(empty: AsyncEngine) -> None:
         config = alembic_config()
         config.set_main_option("version_table_schema", schema)
         await upgrade(empty, config=config)
-        assert await current(empty, version_table_schema=schema) == "0005"
+        assert await current(empty, version_table_schema=schema) == "0006"
         assert await current(empty) is None  # nothing in the default schema
         async with empty.connect() as conn:
             found = await conn.scalar(

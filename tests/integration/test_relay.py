@@ -9,7 +9,7 @@ from typing import Any
 from uuid import UUID
 
 import pytest
-from sqlalchemy import select, text, update
+from sqlalchemy import event, select, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from qx.core import FixedClock, request_context, utcnow
@@ -116,18 +116,24 @@ async def test_failure_holds_back_only_its_aggregate(
         # The head and the row behind it are claimed; the head fails, so neither goes out.
         assert (result.claimed, result.failed, result.published) == (2, 1, 0)
     assert result.dead == 1
-    status = await OutboxStore(engine).status(now=clock.now())
-    assert (status.dead, status.pending, status.in_retry) == (1, 1, 0)
-    # A dead row no longer blocks its aggregate.
-    result = await relay.run_once()
-    assert result.published == 1 and publisher.published[-1].data["value"] == 3
-    # Requeue revives it; once the broker takes it, it is published.
+    store = OutboxStore(engine)
+    status = await store.status(now=clock.now())
+    assert (status.dead, status.parked, status.pending, status.in_retry) == (1, 1, 1, 0)
+    # The dead row parks its aggregate: the third event waits behind it, however long.
+    clock.advance(timedelta(days=30))
+    assert (await relay.run_once()).claimed == 0
+    problems = await store.problems()
+    assert [(p.state, p.attempts, p.aggregate) for p in problems] == [
+        ("dead", 3, f"Counter/{a}"),
+        ("parked", 0, f"Counter/{a}"),
+    ]
+    # Requeue revives it and unparks the aggregate: both go out, in order.
     publisher.failing.clear()
-    assert (
-        await OutboxStore(engine).requeue(now=clock.now(), event_name="tests.counter_changed") == 1
-    )
-    assert (await relay.run_once()).published == 1
-    assert (await OutboxStore(engine).status(now=clock.now())).pending == 0
+    assert await store.requeue(now=clock.now(), event_name="tests.counter_changed") == 1
+    assert (await relay.run_once()).published == 2
+    of_a = [e.data["value"] for e in publisher.published if e.data["counter_id"] == str(a)]
+    assert of_a == [1, 2, 3]
+    assert (await store.status(now=clock.now())).pending == 0
 
 
 async def test_purge_deletes_old_published_rows_in_batches(
@@ -280,14 +286,25 @@ async def test_a_notification_during_a_batch_is_not_lost(
 
 
 @pytest.mark.postgres_only
-async def test_claim_probes_the_aggregate_index_before_any_analyze(engine: AsyncEngine) -> None:
-    # A fresh outbox has no statistics; the "earlier pending row?" test must still be an
-    # index probe per candidate head, never an anti-join that scans every pending row.
+@pytest.mark.parametrize("ready", [True, False], ids=["ready", "due"])
+async def test_claim_reads_its_partial_index_and_probes_the_aggregate_index(
+    engine: AsyncEngine, ready: bool
+) -> None:
+    # A fresh outbox has no statistics; each candidate's "nearest earlier unpublished row"
+    # must still be an index probe, and candidates must come from the state's own partial
+    # index in order (no sort of the backlog, no scan of the table).
     store = OutboxStore(engine)
-    sql, _names = store._compiled_claim()
-    async with engine.connect() as conn:
-        raw = await conn.get_raw_connection()
-        driver: Any = raw.driver_connection
-        plan = "\n".join(r[0] for r in await driver.fetch("EXPLAIN " + sql, utcnow(), 200))
-    assert "Anti Join" not in plan, plan
-    assert "ix_qx_outbox_aggregate_pending" in plan and "Index Cond" in plan, plan
+    stmt = store._candidates(list(range(0, 64, 2)), ready=ready).limit(200)
+
+    def explain(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> Any:
+        return "EXPLAIN " + statement, parameters
+
+    event.listen(engine.sync_engine, "before_cursor_execute", explain, retval=True)
+    try:
+        async with engine.connect() as conn:
+            plan = "\n".join(r[0] for r in await conn.execute(stmt, {"now": utcnow()}))
+    finally:
+        event.remove(engine.sync_engine, "before_cursor_execute", explain)
+    assert "Seq Scan" not in plan and "Sort" not in plan, plan
+    index = "ix_qx_outbox_ready" if ready else "ix_qx_outbox_deferred"
+    assert index in plan and "ix_qx_outbox_aggregate_open" in plan, plan

@@ -59,6 +59,9 @@ def relay_env(
         QX_RELAY__BATCH_SIZE="200",
         QX_RELAY__POLL_INTERVAL="0.2",
         QX_RELAY__RECONNECT_DELAY="0.2",
+        # A SIGKILLed relay's lanes come free after this: kept short so the test is quick.
+        QX_RELAY__LEASE_SECONDS="2",
+        QX_RELAY__DB_TIMEOUT="3",
     )
     return env
 

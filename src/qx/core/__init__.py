@@ -5,6 +5,7 @@ from qx.core._clock import Clock, FixedClock, SystemClock, utcnow
 from qx.core._context import RequestContext, current_context, request_context, system_context
 from qx.core._dispatch import EventDispatcher, EventHandler, InProcessDispatcher
 from qx.core._errors import (
+    BrokerUnavailable,
     ConcurrencyConflict,
     ConfigurationError,
     Conflict,
@@ -31,6 +32,7 @@ from qx.core._ids import new_id, uuid7_timestamp_ms
 
 __all__ = [
     "AggregateRoot",
+    "BrokerUnavailable",
     "Clock",
     "ConcurrencyConflict",
     "ConfigurationError",

@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any, Final
 
 __all__ = [
+    "BrokerUnavailable",
     "ConcurrencyConflict",
     "ConfigurationError",
     "Conflict",
@@ -208,6 +209,14 @@ class ConfigurationError(QxError):
 
 class PublishError(QxError):
     """A message could not be published to, or acknowledged by, the broker."""
+
+
+class BrokerUnavailable(PublishError):
+    """The broker cannot be reached: no fault of the message.
+
+    The relay gives the rows back untried (no attempt counted, never dead-lettered) and
+    waits for the broker.
+    """
 
 
 class HandlerNotFound(ConfigurationError):

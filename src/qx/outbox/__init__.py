@@ -6,14 +6,17 @@ from qx.outbox._inbox import EventRouter, Inbox
 from qx.outbox._metrics import PrometheusMetrics
 from qx.outbox._recorder import event_payload, outbox_row
 from qx.outbox._relay import BatchResult, OutboxRelay, RelayMetrics
-from qx.outbox._store import OutboxStatus, OutboxStore, backoff_delay
+from qx.outbox._store import OutboxProblem, OutboxStatus, OutboxStore, backoff_delay
 from qx.outbox._subscribers import NatsSubscriber, RabbitSubscriber
 from qx.outbox._table import (
     NOTIFY_CHANNEL,
     NOTIFY_FUNCTION_SQL,
     NOTIFY_TRIGGER_SQL,
+    OUTBOX_LANES,
     OUTBOX_TABLE,
+    PARKED,
     inbox_table,
+    lane_of,
     outbox_table,
 )
 from qx.outbox.publishers import LogPublisher, MemoryPublisher, Publisher, publisher_from_settings
@@ -22,7 +25,9 @@ __all__ = [
     "NOTIFY_CHANNEL",
     "NOTIFY_FUNCTION_SQL",
     "NOTIFY_TRIGGER_SQL",
+    "OUTBOX_LANES",
     "OUTBOX_TABLE",
+    "PARKED",
     "BatchResult",
     "Envelope",
     "EventRouter",
@@ -30,6 +35,7 @@ __all__ = [
     "LogPublisher",
     "MemoryPublisher",
     "NatsSubscriber",
+    "OutboxProblem",
     "OutboxRelay",
     "OutboxStatus",
     "OutboxStore",
@@ -41,6 +47,7 @@ __all__ = [
     "event_payload",
     "inbox_table",
     "include_qx_tables",
+    "lane_of",
     "new_metadata",
     "outbox_row",
     "outbox_table",

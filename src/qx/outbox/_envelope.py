@@ -3,7 +3,9 @@
 Attribute names follow CloudEvents 1.0 where they fit (``id``, ``source``, ``type``, ``time``,
 ``subject``, ``datacontenttype``, ``data``); qx's own attributes are CloudEvents-style
 extensions (lowercase, no separators): ``eventversion``, ``aggregatetype``, ``aggregateid``,
-``correlationid``, ``causationid``, ``tenantid``, and W3C ``traceparent`` when present.
+``correlationid``, ``causationid``, ``tenantid``, ``outboxposition`` (the row's position in
+the outbox) and ``aggregatesequence`` (1, 2, 3, ... per aggregate, so a consumer can tell a
+gap from a duplicate), and W3C ``traceparent`` when present.
 
 Example:
     >>> from datetime import UTC, datetime
@@ -106,6 +108,8 @@ class Envelope:
         correlation_id / causation_id / tenant_id: from the request context.
         traceparent: W3C trace context, when the request carried one.
         headers: other string headers recorded with the event.
+        position: the outbox position of the row it was published from.
+        sequence: its number among its aggregate's events (1, 2, 3, ...).
     """
 
     id: UUID
@@ -121,6 +125,8 @@ class Envelope:
     tenant_id: str | None = None
     traceparent: str | None = None
     headers: Mapping[str, str] = field(default_factory=dict)
+    position: int | None = None
+    sequence: int | None = None
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any], *, source: str) -> Envelope:
@@ -144,6 +150,8 @@ class Envelope:
             tenant_id=row.get("tenant_id"),
             traceparent=headers.pop("traceparent", None),
             headers=headers,
+            position=row.get("position"),
+            sequence=row.get("aggregate_seq"),
         )
 
     @property
@@ -175,6 +183,8 @@ class Envelope:
             "causationid": self.causation_id,
             "tenantid": self.tenant_id,
             "traceparent": self.traceparent,
+            "outboxposition": self.position,
+            "aggregatesequence": self.sequence,
         }
         out = {key: value for key, value in out.items() if value is not None}
         if self.headers:
@@ -206,6 +216,12 @@ class Envelope:
         ):
             if value is not None:
                 parts += (',"', name, '":', _string(value))
+        for name, number in (
+            ("outboxposition", self.position),
+            ("aggregatesequence", self.sequence),
+        ):
+            if number is not None:
+                parts += (',"', name, '":', str(int(number)))
         if self.headers:
             parts += (',"headers":', _dumps(dict(self.headers)))
         data = self.data.text if isinstance(self.data, RawJson) else _dumps(self.data)
@@ -251,6 +267,8 @@ class Envelope:
                 tenant_id=raw.get("tenantid"),
                 traceparent=raw.get("traceparent"),
                 headers=raw.get("headers") or {},
+                position=raw.get("outboxposition"),
+                sequence=raw.get("aggregatesequence"),
             )
         except (ValueError, KeyError, TypeError) as exc:
             raise InvalidMessage(f"not a qx envelope: {exc}") from exc

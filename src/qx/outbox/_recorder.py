@@ -16,6 +16,7 @@ from pydantic_core import PydanticSerializationError
 from qx.core._context import RequestContext
 from qx.core._errors import ConfigurationError
 from qx.core._events import IntegrationEvent
+from qx.outbox._table import lane_of
 
 __all__ = ["event_payload", "outbox_row"]
 
@@ -84,5 +85,5 @@ def outbox_row(
         "correlation_id": correlation_id,
         "causation_id": causation_id,
         "tenant_id": ctx.tenant_id,
-        "next_attempt_at": event.occurred_at,
+        "lane": lane_of(aggregate_type, aggregate_id, event.event_id),
     }

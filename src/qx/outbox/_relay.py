@@ -1,17 +1,28 @@
 """``OutboxRelay``: moves outbox rows to the broker, at least once, in order per aggregate.
 
-One batch: claim due rows (heads of their aggregates, locked on PostgreSQL) → publish each
-aggregate's rows one after the other, different aggregates concurrently → wait for the
-broker's acknowledgements → mark the published rows, and give failed ones ``attempts``,
-``last_error`` and an exponential, jittered ``next_attempt_at`` (dead-lettered after
-``max_attempts``) → commit. A failed row holds back only the later rows of its own
-aggregate. If the relay dies mid-batch, the transaction rolls back and the rows are
-published again by the next relay: brokers that deduplicate by message id (JetStream) see
-them once, others need the consumer's inbox.
+No database transaction or lock spans broker I/O. The relay leases a fair share of the
+outbox's lanes (every aggregate hashes to one lane), then loops:
+
+1. renew its lanes (and hand surplus ones to relays that joined);
+2. write what finished since the last turn: published rows, failed heads, rows given back;
+3. claim a batch in its lanes (a short transaction): per aggregate, the rows from its head
+   on, deferred until the claim's in-flight deadline;
+4. publish each aggregate's rows one after the other, different aggregates concurrently,
+   outside any transaction, while later turns claim and mark more.
+
+A failed publish holds back only its own aggregate: the head is retried with jittered
+exponential backoff, and after ``max_attempts`` it is dead and *parks* the aggregate (its
+later rows wait, in order, until an operator requeues it) unless its event is in
+``publish_past``. A broker that cannot be reached is no message's fault: rows are given back
+untried and the relay waits for it. A relay that dies or loses the network costs its peers
+one lease period: its lanes and in-flight rows are then taken over, and marks it makes later
+are refused (fencing tokens). Brokers that deduplicate by message id (JetStream) see a
+republished row once; others need the consumer's inbox.
 
 The relay wakes on ``LISTEN qx_outbox`` (a trigger notifies when an outbox insert commits)
-and polls every ``poll_interval`` as a fallback. It survives the database and the broker
-going away, and on SIGTERM/SIGINT finishes the batch in flight before it stops.
+and polls every ``poll_interval`` as a fallback. On SIGTERM/SIGINT it stops claiming, waits
+up to ``shutdown_timeout`` for publishes in flight, gives back the rest and its lanes, and
+returns; every database call is bounded by ``db_timeout``.
 
 Example:
     >>> relay = OutboxRelay(engine, publisher_from_settings(settings.broker),
@@ -24,27 +35,35 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import socket
 import time
-from collections.abc import Callable, Mapping
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Protocol
+from uuid import uuid4
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from qx.core._clock import Clock, SystemClock
-from qx.core._errors import QxError
+from qx.core._errors import BrokerUnavailable, QxError
 from qx.db._translate import translate_error
 from qx.outbox._envelope import Envelope
-from qx.outbox._store import Failure, OutboxBatch, OutboxStore
+from qx.outbox._logging import RateLimitedLog
+from qx.outbox._store import Claim, Failure, Leases, Marks, OutboxStore, backoff_delay
 from qx.outbox._table import NOTIFY_CHANNEL
-from qx.outbox.publishers._port import Publisher, publish_many
+from qx.outbox.publishers._port import Publisher
 from qx.settings import RelaySettings
 
 __all__ = ["BatchResult", "OutboxRelay", "RelayMetrics"]
 
-logger = logging.getLogger("qx.outbox._relay")
+logger = logging.getLogger("qx.outbox.relay")
+
+#: How often a relay renews its lanes and looks for its fair share.
+LEASE_INTERVAL = 1.0
 
 
 class RelayMetrics(Protocol):
@@ -63,13 +82,16 @@ class BatchResult:
         published: rows the broker acknowledged.
         failed: rows whose publish failed (retried later).
         dead: of those, rows dead-lettered now.
+        released: rows given back untried (broker unavailable, shutdown).
         lag_seconds: age of the oldest row published in this batch.
+        errors: the failures' texts.
     """
 
     claimed: int = 0
     published: int = 0
     failed: int = 0
     dead: int = 0
+    released: int = 0
     lag_seconds: float = 0.0
     errors: list[str] = field(default_factory=list)
 
@@ -81,10 +103,11 @@ class OutboxRelay:
         engine: the database holding the outbox (PostgreSQL: any number of relays; SQLite:
             run one).
         publisher: the broker adapter.
-        settings: batch size, polling, retries, retention.
+        settings: batch size, leases, timeouts, retries, retention.
         source: the CloudEvents ``source`` of the envelopes.
         clock: time source (tests).
         metrics: optional metrics sink.
+        relay_id: this relay's name in ``qx_outbox_lane``; unique per process by default.
     """
 
     def __init__(
@@ -96,6 +119,7 @@ class OutboxRelay:
         source: str = "qx",
         clock: Clock | None = None,
         metrics: RelayMetrics | None = None,
+        relay_id: str | None = None,
     ) -> None:
         self.engine = engine
         self.publisher = publisher
@@ -103,103 +127,205 @@ class OutboxRelay:
         self.source = source
         self.clock = clock or SystemClock()
         self.metrics = metrics
-        self.store = OutboxStore(engine)
+        self.relay_id = relay_id or f"{socket.gethostname()}:{os.getpid()}:{uuid4().hex[:8]}"
+        self.store = OutboxStore(engine, timeout=self.settings.db_timeout)
         self._stop = asyncio.Event()
-        self._wakes: list[asyncio.Event] = []
+        self._wake = asyncio.Event()
+        self._leases = Leases({})
+        self._leased_at = -LEASE_INTERVAL
+        self._lease_until = self.clock.now()
+        self._marks = Marks()
+        self._busy: Counter[int] = Counter()  # lane -> rows claimed and not yet recorded
+        self._settled: list[tuple[int, int]] = []  # (lane, rows) of runs done, to record
+        self._in_flight = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._slots = asyncio.Semaphore(self.settings.concurrency)
+        self._outage_until = 0.0
+        self._outages = 0
         self._last_purge = 0.0
+        self._log = RateLimitedLog(logger)
 
-    # -- one batch --------------------------------------------------------------------------
+    # -- one turn ---------------------------------------------------------------------------
 
     async def run_once(self) -> BatchResult:
-        """Claim, publish and mark one batch; return what happened."""
-        started = time.perf_counter()
-        size = self.settings.batch_size
-        if self.store.locking:
-            # Heads stay locked while publishing, so other relays skip these aggregates.
-            async with self.store.batch() as batch:
-                rows = await batch.claim(batch_size=size, now=self.clock.now())
-                result = await self._publish(rows)
-                await self._record(batch, result)
-        else:
-            # SQLite: one relay, and no write lock held while the broker is slow.
-            async with self.store.batch() as batch:
-                rows = await batch.claim(batch_size=size, now=self.clock.now())
-            result = await self._publish(rows)
-            if rows:
-                async with self.store.batch() as batch:
-                    await self._record(batch, result)
-        if self.metrics is not None and rows:
-            self.metrics.batch(result.summary, time.perf_counter() - started)
-        return result.summary
+        """Lease lanes if needed, claim one batch, publish it, record it; return the result."""
+        await self._renew(force=not self._leases.tokens)
+        claim = await self._claim()
+        result = BatchResult(claimed=claim.rows)
+        if claim.rows:
+            started = time.perf_counter()
+            await self._publish(claim, result)
+            await self._record()
+            if self.metrics is not None:
+                self.metrics.batch(result, time.perf_counter() - started)
+        return result
 
-    async def _publish(self, rows: list[Mapping[str, Any]]) -> _Outcome:
-        """Publish in waves: the first pending row of every aggregate, then the second of
-        those whose first was acknowledged, and so on. Each wave goes out as one pipelined
-        batch, and no row is sent before its aggregate's previous row is acknowledged."""
-        outcome = _Outcome(BatchResult(claimed=len(rows)))
-        groups: dict[Any, list[Mapping[str, Any]]] = {}
-        for row in rows:
-            key = (
-                (row["aggregate_type"], row["aggregate_id"])
-                if row["aggregate_id"] is not None
-                else row["position"]
-            )
-            groups.setdefault(key, []).append(row)
-        active = list(groups.values())
-        depth = 0
-        size = self.settings.concurrency
-        while active:
-            following: list[list[Mapping[str, Any]]] = []
-            for start in range(0, len(active), size):
-                chunk = active[start : start + size]
-                wave = [group[depth] for group in chunk]
-                try:
-                    envelopes = [Envelope.from_row(row, source=self.source) for row in wave]
-                    errors = await publish_many(self.publisher, envelopes)
-                except Exception as exc:  # a broken publisher fails the whole wave
-                    errors = [exc] * len(wave)
-                for group, row, error in zip(chunk, wave, errors, strict=True):
-                    if error is None:
-                        outcome.published.append(row)
-                        if len(group) > depth + 1:
-                            following.append(group)
-                    else:  # a failed row holds back its aggregate only
-                        outcome.failed.append((row, _describe(error)))
-            active = following
-            depth += 1
-        return outcome
+    async def release(self) -> None:
+        """Write what is left of the last turn and give back this relay's lanes, so another
+        relay takes them at once rather than after a lease period (after :meth:`run_once`;
+        :meth:`run` does it when it stops)."""
+        await self._record()
+        await self.store.release(self.relay_id)
+        self._leases = Leases({})
+        self._leased_at = -LEASE_INTERVAL
 
-    async def _record(self, batch: OutboxBatch, outcome: _Outcome) -> None:
+    async def _renew(self, *, force: bool = False) -> None:
         now = self.clock.now()
-        summary = outcome.summary
-        await batch.mark_published([r["position"] for r in outcome.published], now=now)
-        summary.published = len(outcome.published)
-        if outcome.published:
-            oldest = min(r["occurred_at"] for r in outcome.published)
-            summary.lag_seconds = max((now - oldest).total_seconds(), 0.0)
-        for row, error in outcome.failed:
-            failure = Failure.of(row, error, now=now, settings=self.settings)
-            await batch.mark_failed(failure)
-            summary.failed += 1
-            summary.errors.append(error)
-            if failure.dead_at is not None:
-                summary.dead += 1
-                logger.error(
-                    "outbox row %s (%s) dead-lettered after %s attempts: %s",
-                    row["id"],
-                    row["event_name"],
-                    failure.attempts,
-                    error,
-                )
+        half = timedelta(seconds=self.settings.lease_seconds / 2)
+        recent = time.monotonic() - self._leased_at < LEASE_INTERVAL
+        if not force and recent and now < self._lease_until - half:
+            return
+        self._leases = await self.store.lease(
+            self.relay_id,
+            busy={lane for lane, rows in self._busy.items() if rows},
+            now=now,
+            lease_seconds=self.settings.lease_seconds,
+        )
+        self._leased_at = time.monotonic()
+        self._lease_until = now + 2 * half
+
+    async def _claim(self) -> Claim:
+        claim = await self.store.claim(
+            self.relay_id,
+            self._leases.tokens,
+            batch_size=self.settings.batch_size,
+            now=self.clock.now(),
+            lease_seconds=self.settings.lease_seconds,
+            exclude=self._leases.draining,
+        )
+        for run in claim.runs:
+            self._busy[run[0]["lane"]] += len(run)
+        self._in_flight += claim.rows
+        return claim
+
+    async def _publish(self, claim: Claim, result: BatchResult) -> None:
+        await asyncio.gather(*(self._publish_run(run, result) for run in claim.runs))
+
+    async def _publish_run(self, run: list[dict[str, Any]], result: BatchResult) -> None:
+        """Publish one aggregate's rows in order; stop at the first that fails."""
+        lane = run[0]["lane"]
+        marks = self._marks
+        sent = 0
+        try:
+            async with self._slots:
+                for row in run:
+                    if self._outage_until > time.monotonic():
+                        raise BrokerUnavailable("the broker is unavailable")
+                    await self.publisher.publish(Envelope.from_row(row, source=self.source))
+                    marks.published.append((lane, row["position"]))
+                    result.published += 1
+                    sent += 1
+                    age = (self.clock.now() - row["occurred_at"]).total_seconds()
+                    result.lag_seconds = max(result.lag_seconds, age)
+            self._outages = 0
+            last = run[-1]
+            if last["aggregate_id"] is not None:
+                key = (last["aggregate_type"], last["aggregate_id"])
+                marks.finished.append((lane, key, last["position"]))
+        except asyncio.CancelledError:
+            marks.released.extend((lane, row["position"]) for row in run[sent:])
+            result.released += len(run) - sent
+            raise
+        except Exception as exc:
+            if _unavailable(exc):
+                marks.released.extend((lane, row["position"]) for row in run[sent:])
+                result.released += len(run) - sent
+                self._broker_down(exc)
             else:
-                logger.warning("publishing outbox row %s failed: %s", row["id"], error)
+                self._failed(run, sent, exc, result)
+        finally:
+            self._settled.append((lane, len(run)))
+            self._in_flight -= len(run)
+            self._wake.set()
+
+    def _failed(
+        self, run: list[dict[str, Any]], index: int, exc: Exception, result: BatchResult
+    ) -> None:
+        row, error = run[index], _describe(exc)
+        attempts = int(row["attempts"]) + 1
+        settings = self.settings
+        dead = attempts >= settings.max_attempts
+        delay = backoff_delay(attempts, base=settings.backoff_base, maximum=settings.backoff_max)
+        failure = Failure(
+            row=row,
+            attempts=attempts,
+            error=error[:2000],
+            retry_at=self.clock.now() + timedelta(seconds=delay),
+            dead=dead,
+            parks=row["event_name"] not in settings.publish_past,
+            behind=tuple(r["position"] for r in run[index + 1 :]),
+        )
+        self._marks.failed.append(failure)
+        result.failed += 1
+        result.errors.append(error)
+        if dead:
+            result.dead += 1
+            self._log.error(
+                f"dead:{row['event_name']}",
+                "outbox row %s (%s, aggregate %s/%s) dead after %s attempts%s: %s",
+                row["id"],
+                row["event_name"],
+                row["aggregate_type"],
+                row["aggregate_id"],
+                attempts,
+                "; its aggregate is parked until requeued" if failure.parks else "",
+                error,
+            )
+        else:
+            self._log.warning(
+                f"failed:{row['event_name']}",
+                "publishing outbox row %s (%s) failed (attempt %s): %s",
+                row["id"],
+                row["event_name"],
+                attempts,
+                error,
+            )
+
+    def _broker_down(self, exc: Exception) -> None:
+        self._outages += 1
+        delay = min(self.settings.reconnect_delay * 2 ** min(self._outages - 1, 5), 30.0)
+        self._outage_until = max(self._outage_until, time.monotonic() + delay)
+        self._log.warning(
+            "broker", "broker unavailable (%s); rows wait untried, next try in %.1fs", exc, delay
+        )
+
+    async def _record(self) -> None:
+        """Write the marks gathered so far (one short transaction)."""
+        marks, settled = self._marks.take(), self._settled
+        self._settled = []
+        try:
+            if marks:
+                lost = await self.store.record(
+                    self.relay_id, self._leases.tokens, marks, now=self.clock.now()
+                )
+                if lost:
+                    self._log.warning(
+                        "lost", "lanes %s were taken over; their rows go out again", sorted(lost)
+                    )
+                    self._leases = Leases(
+                        {k: v for k, v in self._leases.tokens.items() if k not in lost},
+                        self._leases.draining,
+                    )
+        except BaseException:
+            # Not written: keep them for the next turn (a lease that ran out in between
+            # means the new owner publishes these rows again, deduplicated by id).
+            self._marks.published[:0] = marks.published
+            self._marks.failed[:0] = marks.failed
+            self._marks.released[:0] = marks.released
+            self._marks.finished[:0] = marks.finished
+            self._settled[:0] = settled
+            raise
+        for lane, rows in settled:
+            self._busy[lane] -= rows
+            if self._busy[lane] <= 0:
+                del self._busy[lane]
 
     # -- the loop ---------------------------------------------------------------------------
 
     def stop(self) -> None:
-        """Ask the relay to stop after the batch in flight."""
+        """Ask the relay to stop: no new claims; publishes in flight get ``shutdown_timeout``."""
         self._stop.set()
-        self._notified()
+        self._wake.set()
 
     @property
     def stopping(self) -> bool:
@@ -207,7 +333,8 @@ class OutboxRelay:
         return self._stop.is_set()
 
     async def serve(self, *, ready: Callable[[], None] | None = None) -> None:
-        """Run until SIGTERM or SIGINT (then finish the batch in flight and return).
+        """Run until SIGTERM or SIGINT, then stop within ``shutdown_timeout`` plus two
+        ``db_timeout`` periods, whatever state the database and the broker are in.
 
         Args:
             ready: called once the signal handlers are in place.
@@ -224,46 +351,81 @@ class OutboxRelay:
                 loop.remove_signal_handler(sig)
 
     async def run(self) -> None:
-        """Relay until :meth:`stop`; reconnect after database or broker failures.
-
-        On PostgreSQL ``pipelines`` batch loops run side by side (each claims aggregates the
-        others have not locked), so one batch's database round trips overlap another's wait
-        for broker acknowledgements.
-        """
+        """Relay until :meth:`stop`; ride out database and broker outages."""
         listener = asyncio.create_task(self._listen()) if self.store.locking else None
-        count = self.settings.pipelines if self.store.locking else 1
-        self._wakes = [asyncio.Event() for _ in range(count)]
-        try:
-            await asyncio.gather(*(self._loop(index) for index in range(count)))
-        finally:
-            if listener is not None:
-                listener.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await listener
-            await self.publisher.close()
-
-    async def _loop(self, index: int) -> None:
-        wake = self._wakes[index]
         failures = 0
-        while not self._stop.is_set():
-            # Cleared before the claim, never after it: a row committed (and notified) while
-            # this batch runs leaves the flag set, so the wait below returns at once.
-            wake.clear()
-            try:
-                await self.publisher.connect()
-                result = await self.run_once()
-                failures = 0
-                if index == 0:
-                    await self._maybe_purge()
-            except Exception as exc:
-                failures += 1
-                delay = min(self.settings.reconnect_delay * 2 ** min(failures - 1, 5), 30.0)
-                logger.warning("relay batch failed (%s); retrying in %.1fs", _describe(exc), delay)
-                await _wait(self._stop, delay)  # back off: only stop() cuts it short
-                continue
-            if result.claimed >= self.settings.batch_size:
-                continue  # a full batch: more is probably waiting
-            await _wait(wake, self.settings.poll_interval)
+        try:
+            while not self._stop.is_set():
+                self._wake.clear()
+                try:
+                    await self._turn()
+                    failures = 0
+                except Exception as exc:
+                    failures += 1
+                    delay = min(self.settings.reconnect_delay * 2 ** min(failures - 1, 5), 30.0)
+                    self._log.warning(
+                        "turn", "relay turn failed (%s); retrying in %.1fs", _describe(exc), delay
+                    )
+                    await _wait(self._stop, delay)
+                    continue
+                await _wait(self._wake, self._idle_seconds())
+        finally:
+            await self._shutdown(listener)
+
+    async def _turn(self) -> None:
+        await self._record()
+        await self._renew()
+        if self._outage_until > time.monotonic():
+            return
+        capacity = self.settings.batch_size * self.settings.pipelines
+        while self._in_flight < capacity and not self._stop.is_set():
+            await asyncio.wait_for(self.publisher.connect(), self.settings.connect_timeout)
+            claim = await self._claim()
+            if claim.rows:
+                self._spawn(claim)
+            if claim.rows < self.settings.batch_size:
+                break
+        await self._maybe_purge()
+
+    def _idle_seconds(self) -> float:
+        wait = self.settings.poll_interval
+        wait = min(wait, max(LEASE_INTERVAL - (time.monotonic() - self._leased_at), 0.01))
+        if self._outage_until > time.monotonic():
+            wait = min(wait, self._outage_until - time.monotonic())
+        return max(wait, 0.0)
+
+    def _spawn(self, claim: Claim) -> None:
+        result = BatchResult(claimed=claim.rows)
+        started = time.perf_counter()
+
+        async def publish() -> None:
+            await self._publish(claim, result)
+            if self.metrics is not None:
+                self.metrics.batch(result, time.perf_counter() - started)
+
+        task = asyncio.create_task(publish())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _shutdown(self, listener: asyncio.Task[None] | None) -> None:
+        tasks = set(self._tasks)
+        if tasks:
+            _, late = await asyncio.wait(tasks, timeout=self.settings.shutdown_timeout)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if listener is not None:
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener
+        try:
+            with contextlib.suppress(Exception):  # a failed first try leaves them queued
+                await self._record()
+            await self.release()
+        except Exception as exc:
+            self._log.warning("shutdown", "could not give back lanes (%s)", _describe(exc))
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.publisher.close(), self.settings.connect_timeout)
 
     async def _maybe_purge(self) -> None:
         retention = self.settings.retention
@@ -278,32 +440,35 @@ class OutboxRelay:
     async def _listen(self) -> None:
         """Hold a LISTEN connection; re-establish it when it drops."""
         while not self._stop.is_set():
+            raw: Any = None
             try:
                 async with self.engine.connect() as conn:
-                    raw = await conn.get_raw_connection()
-                    driver = raw.driver_connection
-                    assert driver is not None
-                    lost = asyncio.Event()
-                    driver.add_termination_listener(_setter(lost))
-                    await driver.add_listener(NOTIFY_CHANNEL, self._notified)
-                    self._notified()  # catch up on anything committed while not listening
-                    await lost.wait()
+                    try:
+                        async with asyncio.timeout(self.settings.db_timeout):
+                            raw = await conn.get_raw_connection()
+                            driver = raw.driver_connection
+                            assert driver is not None
+                            lost = asyncio.Event()
+                            driver.add_termination_listener(_setter(lost))
+                            await driver.add_listener(NOTIFY_CHANNEL, self._notified)
+                        self._notified()  # catch up on anything committed while not listening
+                        await lost.wait()
+                    finally:
+                        # A dedicated connection: never hand it back to the pool, where a
+                        # dead socket would hang the next user's reset.
+                        driver = getattr(raw, "driver_connection", None)
+                        if driver is not None:
+                            driver.terminate()
+                        with contextlib.suppress(Exception):
+                            await conn.invalidate()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 logger.info("LISTEN %s lost (%s); polling meanwhile", NOTIFY_CHANNEL, exc)
-            await asyncio.sleep(self.settings.reconnect_delay)
+            await _wait(self._stop, self.settings.reconnect_delay)
 
     def _notified(self, *_args: Any) -> None:
-        for wake in self._wakes:
-            wake.set()
-
-
-@dataclass(slots=True)
-class _Outcome:
-    summary: BatchResult
-    published: list[Mapping[str, Any]] = field(default_factory=list)
-    failed: list[tuple[Mapping[str, Any], str]] = field(default_factory=list)
+        self._wake.set()
 
 
 async def _wait(flag: asyncio.Event, seconds: float) -> None:
@@ -318,6 +483,13 @@ def _setter(flag: asyncio.Event) -> Any:
         flag.set()
 
     return callback
+
+
+def _unavailable(exc: BaseException) -> bool:
+    """The broker could not be reached (as opposed to refusing this message)."""
+    if isinstance(exc, BrokerUnavailable):
+        return True
+    return not isinstance(exc, QxError) and isinstance(exc, ConnectionError)
 
 
 def _describe(exc: BaseException) -> str:

@@ -5,16 +5,25 @@ AUTOINCREMENT rowid on SQLite) that orders rows; ``id`` is the event's UUIDv7 an
 broker message id. Relays claim rows by *state* (unpublished, not dead, due), never by a
 high-water mark of ``position``: a transaction that took a lower position may commit later.
 
+Every row belongs to one of :data:`OUTBOX_LANES` lanes, a hash of its aggregate
+(:func:`lane_of`), so all rows of one aggregate share a lane. Relays lease lanes
+(``qx_outbox_lane``: owner, lease deadline, fencing token) and only the owner of a lane
+claims or marks its rows. A pending row is *ready* (``next_attempt_at`` NULL) or *deferred*
+until ``next_attempt_at``: in flight at a relay until its lease ends, waiting for a retry,
+waiting behind an earlier row of its aggregate, or parked (:data:`PARKED`) behind a dead one.
+Each state has its own partial index, so a claim reads what it can publish and nothing else.
+
 Example:
-    >>> from qx.db._mapping import make_metadata
-    >>> metadata = make_metadata()
-    >>> sorted(include_qx_tables(metadata))
-    ['qx_inbox', 'qx_outbox']
+    >>> lane_of("Order", "42", None) == lane_of("Order", "42", None)
+    True
 """
 
 from __future__ import annotations
 
+import zlib
+from datetime import UTC, datetime
 from typing import Final
+from uuid import UUID
 
 from sqlalchemy import (
     DDL,
@@ -37,10 +46,16 @@ __all__ = [
     "NOTIFY_CHANNEL",
     "NOTIFY_FUNCTION_SQL",
     "NOTIFY_TRIGGER_SQL",
+    "OUTBOX_LANES",
     "OUTBOX_TABLE",
+    "PARKED",
     "attach_notify",
     "inbox_table",
+    "lane_of",
+    "lane_table",
     "outbox_table",
+    "relay_table",
+    "sequence_table",
 ]
 
 OUTBOX_TABLE: Final = "qx_outbox"
@@ -49,6 +64,24 @@ NOTIFY_CHANNEL: Final = "qx_outbox"
 INBOX_TABLE: Final = "qx_inbox"
 
 _UNPUBLISHED = "published_at IS NULL AND dead_at IS NULL"
+
+#: Lanes the outbox is split into. Part of the schema: rows store their lane.
+OUTBOX_LANES: Final = 64
+#: ``next_attempt_at`` of a row parked behind its aggregate's dead row (never due by itself).
+PARKED: Final = datetime(9999, 1, 1, tzinfo=UTC)
+
+
+def lane_of(aggregate_type: str | None, aggregate_id: str | None, event_id: UUID | None) -> int:
+    """The lane of a row: a stable hash of its aggregate (of its id when it has none).
+
+    The same in every process and Python version (CRC-32, not ``hash()``).
+    """
+    if aggregate_id is None:
+        key = str(event_id).encode()
+    else:
+        key = f"{aggregate_type or ''}\x00{aggregate_id}".encode()
+    return zlib.crc32(key) % OUTBOX_LANES
+
 
 outbox_table: Final = Table(
     OUTBOX_TABLE,
@@ -75,21 +108,36 @@ outbox_table: Final = Table(
     Column("last_error", Text(), nullable=True),
     Column("published_at", UtcDateTime(), nullable=True),
     Column("dead_at", UtcDateTime(), nullable=True),
-    # The relay's claim: pending rows in position order, kept small by the partial predicate.
+    Column("lane", Integer(), nullable=False, server_default=text("0")),
+    # 1, 2, 3, ... per aggregate, given when a relay first claims the row (gaps = lost rows).
+    Column("aggregate_seq", BigInteger(), nullable=True),
+    # Ready rows in position order (the lane beside it, so other relays' lanes are skipped
+    # in the index).
     Index(
-        "ix_qx_outbox_pending",
+        "ix_qx_outbox_ready",
         "position",
-        postgresql_where=text(_UNPUBLISHED),
-        sqlite_where=text(_UNPUBLISHED),
+        "lane",
+        postgresql_where=text(f"{_UNPUBLISHED} AND next_attempt_at IS NULL"),
+        sqlite_where=text(f"{_UNPUBLISHED} AND next_attempt_at IS NULL"),
     ),
-    # Per-aggregate ordering: "is there an earlier pending row of this aggregate?"
+    # Deferred rows by the time they are due: a claim reads only those due now.
     Index(
-        "ix_qx_outbox_aggregate_pending",
+        "ix_qx_outbox_deferred",
+        "next_attempt_at",
+        "position",
+        "lane",
+        postgresql_where=text(f"{_UNPUBLISHED} AND next_attempt_at IS NOT NULL"),
+        sqlite_where=text(f"{_UNPUBLISHED} AND next_attempt_at IS NOT NULL"),
+    ),
+    # Per-aggregate ordering: "the nearest earlier row of this aggregate not yet published"
+    # (dead rows included: a dead row parks its aggregate).
+    Index(
+        "ix_qx_outbox_aggregate_open",
         "aggregate_type",
         "aggregate_id",
         "position",
-        postgresql_where=text(_UNPUBLISHED),
-        sqlite_where=text(_UNPUBLISHED),
+        postgresql_where=text("published_at IS NULL"),
+        sqlite_where=text("published_at IS NULL"),
     ),
     Index("ix_qx_outbox_published_at", "published_at"),
     sqlite_autoincrement=True,
@@ -131,4 +179,32 @@ inbox_table: Final = Table(
     Column("consumer", String(200), primary_key=True),
     Column("event_name", String(200), nullable=True),
     Column("received_at", UtcDateTime(), nullable=False),
+)
+
+#: Lane leases: one row per lane, created by the first relay (or migration 0006).
+lane_table: Final = Table(
+    "qx_outbox_lane",
+    qx_metadata,
+    Column("lane", Integer(), primary_key=True, autoincrement=False),
+    Column("owner", String(200), nullable=True),
+    # Grows with every change of owner: a relay's marks are accepted only under its token.
+    Column("token", BigInteger(), nullable=False, server_default=text("0")),
+    Column("lease_until", UtcDateTime(), nullable=True),
+)
+
+#: Relays alive (a heartbeat each): lanes are shared fairly among them.
+relay_table: Final = Table(
+    "qx_outbox_relay",
+    qx_metadata,
+    Column("relay_id", String(200), primary_key=True),
+    Column("alive_until", UtcDateTime(), nullable=False),
+)
+
+#: The last ``aggregate_seq`` given to each aggregate.
+sequence_table: Final = Table(
+    "qx_outbox_sequence",
+    qx_metadata,
+    Column("aggregate_type", String(200), primary_key=True),
+    Column("aggregate_id", String(200), primary_key=True),
+    Column("last_seq", BigInteger(), nullable=False),
 )

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from qx.core._errors import ConfigurationError, PublishError
+from qx.core._errors import BrokerUnavailable, ConfigurationError, PublishError
 from qx.outbox._envelope import Envelope
 from qx.settings import BrokerSettings
 
@@ -93,54 +93,26 @@ class NatsPublisher:
             raise PublishError(f"cannot connect to NATS at {self.settings.url}: {exc}") from exc
 
     async def publish(self, envelope: Envelope) -> None:
-        """Publish and wait for the PubAck."""
-        if self._js is None:
-            await self.connect()
-        # The body is the whole envelope (CloudEvents structured mode): the only header
-        # JetStream needs is the id it deduplicates on.
-        headers = {"Nats-Msg-Id": str(envelope.id)}
+        """Publish and wait for the PubAck.
+
+        Raises:
+            BrokerUnavailable: not connected to NATS (the client is reconnecting).
+            PublishError: JetStream refused the message or did not acknowledge it in time.
+        """
+        sent = await self._send(envelope)
+        if isinstance(sent, BaseException):
+            raise sent
         try:
-            await self._js.publish(
-                self.subject(envelope),
-                envelope.to_json(),
-                timeout=self.settings.publish_timeout,
-                headers=headers,
-            )
-        except Exception as exc:
-            raise PublishError(f"NATS did not acknowledge {envelope.id}: {exc!r}") from exc
+            await asyncio.wait_for(sent, timeout=self.settings.publish_timeout)
+        except TimeoutError as exc:
+            raise self._late(envelope) from exc
 
     async def publish_many(self, envelopes: Sequence[Envelope]) -> list[BaseException | None]:
         """Send every envelope, then wait for all their PubAcks together.
 
-        JetStream answers each message on its reply subject; one subscription on this
-        publisher's reply prefix resolves a future per message. Compared with one request
-        per message this halves the client's work per event, and the order in which
-        messages reach the stream is the order they are sent.
+        The order in which messages reach the stream is the order they are sent.
         """
-        if self._js is None:
-            await self.connect()
-        if self._acks is None:
-            self._reply_prefix = self._nc.new_inbox() + "."
-            self._acks = await self._nc.subscribe(self._reply_prefix + "*", cb=self._on_ack)
-        loop = asyncio.get_running_loop()
-        sent: list[asyncio.Future[None] | BaseException] = []
-        for envelope in envelopes:
-            self._token += 1
-            token = str(self._token)
-            future: asyncio.Future[None] = loop.create_future()
-            self._pending[token] = future
-            try:
-                await self._nc.publish(
-                    self.subject(envelope),
-                    envelope.to_json(),
-                    reply=self._reply_prefix + token,
-                    headers={"Nats-Msg-Id": str(envelope.id)},
-                )
-            except Exception as exc:
-                self._pending.pop(token, None)
-                sent.append(PublishError(f"NATS did not take {envelope.id}: {exc!r}"))
-                continue
-            sent.append(future)
+        sent = [await self._send(envelope) for envelope in envelopes]
         futures = [item for item in sent if isinstance(item, asyncio.Future)]
         if futures:
             await asyncio.wait(futures, timeout=self.settings.publish_timeout)
@@ -150,13 +122,52 @@ class NatsPublisher:
                 results.append(item)
             elif not item.done():
                 item.cancel()
-                results.append(PublishError(f"NATS did not acknowledge {envelope.id} in time"))
+                results.append(self._late(envelope))
             elif item.exception() is not None:
                 results.append(item.exception())
             else:
                 results.append(None)
-        self._pending = {k: f for k, f in self._pending.items() if not f.done()}
         return results
+
+    def _late(self, envelope: Envelope) -> PublishError:
+        """No PubAck in time: the broker's fault if the connection is down meanwhile."""
+        if self._nc is None or not self._nc.is_connected:
+            return BrokerUnavailable(f"NATS connection lost before {envelope.id} was acknowledged")
+        return PublishError(f"NATS did not acknowledge {envelope.id} in time")
+
+    async def _send(self, envelope: Envelope) -> asyncio.Future[None] | BaseException:
+        """Send one message with a reply subject of this publisher's; the future resolves
+        on its PubAck.
+
+        JetStream answers each message on its reply subject; one subscription on the reply
+        prefix resolves every future. Compared with one request per message this halves
+        the client's work per event.
+        """
+        if self._js is None:
+            await self.connect()
+        if not self._nc.is_connected:
+            return BrokerUnavailable(f"NATS at {self.settings.url} is not connected")
+        if self._acks is None:
+            self._reply_prefix = self._nc.new_inbox() + "."
+            self._acks = await self._nc.subscribe(self._reply_prefix + "*", cb=self._on_ack)
+        self._token += 1
+        token = str(self._token)
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending[token] = future
+        future.add_done_callback(lambda _f: self._pending.pop(token, None))
+        try:
+            # The body is the whole envelope (CloudEvents structured mode): the only header
+            # JetStream needs is the id it deduplicates on.
+            await self._nc.publish(
+                self.subject(envelope),
+                envelope.to_json(),
+                reply=self._reply_prefix + token,
+                headers={"Nats-Msg-Id": str(envelope.id)},
+            )
+        except Exception as exc:
+            future.cancel()
+            return BrokerUnavailable(f"NATS did not take {envelope.id}: {exc!r}")
+        return future
 
     async def _on_ack(self, message: Any) -> None:
         future = self._pending.pop(message.subject[len(self._reply_prefix) :], None)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
-from qx.core._errors import ConfigurationError, PublishError
+from qx.core._errors import BrokerUnavailable, ConfigurationError, PublishError
 from qx.outbox._envelope import Envelope
 from qx.settings import BrokerSettings
 
@@ -53,7 +53,7 @@ class RabbitPublisher:
             )
         except Exception as exc:
             await self.close()
-            raise PublishError(f"cannot connect to RabbitMQ: {exc!r}") from exc
+            raise BrokerUnavailable(f"cannot connect to RabbitMQ: {exc!r}") from exc
 
     async def publish(self, envelope: Envelope) -> None:
         """Publish a persistent message and wait for the broker's confirm."""
@@ -78,7 +78,11 @@ class RabbitPublisher:
                 mandatory=self.settings.mandatory,
                 timeout=self.settings.publish_timeout,
             )
+        except aio_pika.exceptions.DeliveryError as exc:  # nacked, or returned unroutable
+            raise PublishError(f"RabbitMQ refused {envelope.id}: {exc!r}") from exc
         except Exception as exc:
+            if self._connection is None or self._connection.is_closed:
+                raise BrokerUnavailable(f"RabbitMQ connection lost: {exc!r}") from exc
             raise PublishError(f"RabbitMQ did not confirm {envelope.id}: {exc!r}") from exc
 
     async def close(self) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from qx.core._errors import ConfigurationError, PublishError
+from qx.core._errors import BrokerUnavailable, ConfigurationError, PublishError
 from qx.outbox._envelope import Envelope
 from qx.settings import BrokerSettings
 
@@ -47,7 +47,7 @@ class RedisPublisher:
             await client.ping()
         except Exception as exc:
             await client.aclose()
-            raise PublishError(f"cannot connect to Redis: {exc!r}") from exc
+            raise BrokerUnavailable(f"cannot connect to Redis: {exc!r}") from exc
         self._client = client
 
     async def publish(self, envelope: Envelope) -> None:
@@ -63,7 +63,7 @@ class RedisPublisher:
                 approximate=True,
             )
         except Exception as exc:
-            raise PublishError(f"Redis did not take {envelope.id}: {exc!r}") from exc
+            raise _classify(exc, f"Redis did not take {envelope.id}: {exc!r}") from exc
 
     async def publish_many(self, envelopes: Sequence[Envelope]) -> list[BaseException | None]:
         """All XADDs in one pipeline (one round trip); each reply acknowledges its entry."""
@@ -80,7 +80,7 @@ class RedisPublisher:
         try:
             replies = await pipe.execute(raise_on_error=False)
         except Exception as exc:
-            error = PublishError(f"Redis did not take the batch: {exc!r}")
+            error = _classify(exc, f"Redis did not take the batch: {exc!r}")
             return [error for _ in envelopes]
         return [
             PublishError(f"Redis did not take {envelope.id}: {reply!r}")
@@ -94,3 +94,13 @@ class RedisPublisher:
         client, self._client = self._client, None
         if client is not None:
             await client.aclose()
+
+
+def _classify(exc: Exception, message: str) -> PublishError:
+    """A lost connection is the broker's unavailability; anything else, this message's fault."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    if isinstance(exc, RedisConnectionError | RedisTimeoutError | OSError):
+        return BrokerUnavailable(message)
+    return PublishError(message)
