@@ -244,13 +244,22 @@ def _parse_age(text: str) -> timedelta:
 def _outbox_app(console: Console) -> typer.Typer:
     outbox = typer.Typer(help="Outbox relay and maintenance.", no_args_is_help=True)
 
-    def run(work: Any) -> Any:
+    def run(work: Any, *, relay: bool = False) -> Any:
         from qx.db import create_engine
         from qx.settings import load_settings
 
         async def main() -> Any:
             settings = load_settings()
-            engine = create_engine(settings.db)
+            options: dict[str, Any] = {}
+            if relay and settings.db.url.startswith("postgresql"):
+                from qx.outbox._store import relay_server_settings
+
+                timeout = settings.relay.db_timeout
+                options["connect_args"] = {
+                    "server_settings": relay_server_settings(timeout),
+                    "timeout": timeout,
+                }
+            engine = create_engine(settings.db, **options)
             try:
                 return await work(settings, engine)
             finally:
@@ -312,7 +321,7 @@ def _outbox_app(console: Console) -> typer.Typer:
                 )
             )
 
-        run(work)
+        run(work, relay=True)
 
     @outbox.command("status")
     def status_command(

@@ -102,6 +102,8 @@ class RelaySettings(BaseModel):
         backoff_base: seconds before the first retry; doubles with each attempt.
         backoff_max: the longest wait between retries.
         concurrency: aggregates being published at the same time.
+        run_length: rows of one aggregate a claim takes at once (beyond those it read in
+            position order), so a backlog's rows of one aggregate go out together.
         pipelines: claimed batches in flight at once; a slow publish holds back only its own
             aggregate while later batches go out.
         lease_seconds: how long lanes and claimed rows stay this relay's without renewal;
@@ -130,6 +132,7 @@ class RelaySettings(BaseModel):
     backoff_base: float = Field(default=1.0, gt=0)
     backoff_max: float = Field(default=300.0, gt=0)
     concurrency: int = Field(default=256, ge=1, le=10_000)
+    run_length: int = Field(default=16, ge=1, le=10_000)
     pipelines: int = Field(default=2, ge=1, le=16)
     retention: float | None = Field(default=7 * 24 * 3600.0, gt=0)
     purge_batch: int = Field(default=1000, ge=1)

@@ -16,6 +16,7 @@ from qx.core import FixedClock, request_context, utcnow
 from qx.db import UnitOfWorkFactory
 from qx.errors import PublishError
 from qx.outbox import Envelope, MemoryPublisher, OutboxRelay, OutboxStore, outbox_table
+from qx.outbox._statements import statements
 from qx.settings import RelaySettings
 from tests import models
 
@@ -293,8 +294,8 @@ async def test_claim_reads_its_partial_index_and_probes_the_aggregate_index(
     # A fresh outbox has no statistics; each candidate's "nearest earlier unpublished row"
     # must still be an index probe, and candidates must come from the state's own partial
     # index in order (no sort of the backlog, no scan of the table).
-    store = OutboxStore(engine)
-    stmt = store._candidates(list(range(0, 64, 2)), ready=ready).limit(200)
+    stmt = statements("postgresql").ready if ready else statements("postgresql").due
+    params = {"lanes": list(range(0, 64, 2)), "batch": 200, "now": utcnow(), "skip": [1, 2]}
 
     def explain(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> Any:
         return "EXPLAIN " + statement, parameters
@@ -302,7 +303,7 @@ async def test_claim_reads_its_partial_index_and_probes_the_aggregate_index(
     event.listen(engine.sync_engine, "before_cursor_execute", explain, retval=True)
     try:
         async with engine.connect() as conn:
-            plan = "\n".join(r[0] for r in await conn.execute(stmt, {"now": utcnow()}))
+            plan = "\n".join(r[0] for r in await conn.execute(stmt, params))
     finally:
         event.remove(engine.sync_engine, "before_cursor_execute", explain)
     assert "Seq Scan" not in plan and "Sort" not in plan, plan

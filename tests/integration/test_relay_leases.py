@@ -204,7 +204,7 @@ async def test_a_slow_publish_holds_back_only_its_own_aggregate(
     assert latencies[-1] < 1.5, latencies[-5:]
 
 
-async def test_a_claim_leases_what_it_returns_and_nothing_else(
+async def test_a_claim_takes_what_it_returns_and_touches_nothing_else(
     engine: AsyncEngine, uow_factory: Factory
 ) -> None:
     ids = await counters(uow_factory, 30)
@@ -216,15 +216,29 @@ async def test_a_claim_leases_what_it_returns_and_nothing_else(
     assert claim.rows == 100
     claimed = {row["position"] for run in claim.runs for row in run}
     async with engine.connect() as conn:
-        deferred = set(
-            (await conn.scalars(select(o.c.position).where(o.c.next_attempt_at.is_not(None)))).all()
+        touched = await conn.scalar(
+            select(func.count()).where(
+                (o.c.next_attempt_at.is_not(None)) | (o.c.aggregate_seq.is_not(None))
+            )
         )
-    assert deferred == claimed  # leased rows, and not one more
+    # The lane is the claim's lease: no row lock, no row written for the rows it took.
+    assert touched == 0
     # One run per aggregate, each from the aggregate's head on, numbered 1, 2, 3, ...
-    assert len({(run[0]["aggregate_id"]) for run in claim.runs}) == len(claim.runs)
+    assert len({run[0]["aggregate_id"] for run in claim.runs}) == len(claim.runs)
     for run in claim.runs:
         assert [row["aggregate_seq"] for row in run] == list(range(1, len(run) + 1))
         assert [row["position"] for row in run] == sorted(row["position"] for row in run)
+    # The same relay's next claim passes over the rows in flight and what waits behind them.
+    again = await store.claim(
+        "relay-x", leases.tokens, batch_size=100, now=now, lease_seconds=30, skip=claimed
+    )
+    taken_again = {row["position"] for run in again.runs for row in run}
+    assert not taken_again & claimed
+    busy = {run[0]["aggregate_id"] for run in claim.runs}
+    assert not busy & {run[0]["aggregate_id"] for run in again.runs}
+    # A claim by another relay finds no lane of its own while relay-x holds them all.
+    other = await store.lease("relay-y", busy=set(), now=now, lease_seconds=30)
+    assert other.tokens == {}
 
 
 async def test_a_dead_head_parks_its_aggregate_and_requeue_keeps_the_order(

@@ -64,6 +64,9 @@ logger = logging.getLogger("qx.outbox.relay")
 
 #: How often a relay renews its lanes and looks for its fair share.
 LEASE_INTERVAL = 1.0
+#: The longest a published row waits to be marked (and its aggregate's next rows to be
+#: released to the next claim).
+MARK_INTERVAL = 0.02
 
 
 class RelayMetrics(Protocol):
@@ -136,8 +139,11 @@ class OutboxRelay:
         self._lease_until = self.clock.now()
         self._marks = Marks()
         self._busy: Counter[int] = Counter()  # lane -> rows claimed and not yet recorded
-        self._settled: list[tuple[int, int]] = []  # (lane, rows) of runs done, to record
+        # (lane, positions) of runs done, to record; until then their rows stay in flight.
+        self._settled: list[tuple[int, list[int]]] = []
+        self._flying: set[int] = set()
         self._in_flight = 0
+        self._recorded_at = 0.0
         self._tasks: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(self.settings.concurrency)
         self._outage_until = 0.0
@@ -185,18 +191,7 @@ class OutboxRelay:
         self._lease_until = now + 2 * half
 
     async def _claim(self) -> Claim:
-        claim = await self.store.claim(
-            self.relay_id,
-            self._leases.tokens,
-            batch_size=self.settings.batch_size,
-            now=self.clock.now(),
-            lease_seconds=self.settings.lease_seconds,
-            exclude=self._leases.draining,
-        )
-        for run in claim.runs:
-            self._busy[run[0]["lane"]] += len(run)
-        self._in_flight += claim.rows
-        return claim
+        return await self._exchange(claim=True)
 
     async def _publish(self, claim: Claim, result: BatchResult) -> None:
         await asyncio.gather(*(self._publish_run(run, result) for run in claim.runs))
@@ -212,7 +207,12 @@ class OutboxRelay:
                     if self._outage_until > time.monotonic():
                         raise BrokerUnavailable("the broker is unavailable")
                     await self.publisher.publish(Envelope.from_row(row, source=self.source))
-                    marks.published.append((lane, row["position"]))
+                    key = (
+                        None
+                        if row["aggregate_id"] is None
+                        else (row["aggregate_type"], row["aggregate_id"])
+                    )
+                    marks.published.append((lane, row["position"], key, row["aggregate_seq"]))
                     result.published += 1
                     sent += 1
                     age = (self.clock.now() - row["occurred_at"]).total_seconds()
@@ -234,9 +234,10 @@ class OutboxRelay:
             else:
                 self._failed(run, sent, exc, result)
         finally:
-            self._settled.append((lane, len(run)))
+            self._settled.append((lane, [row["position"] for row in run]))
             self._in_flight -= len(run)
-            self._wake.set()
+            if self._room() or len(self._marks) >= self.settings.batch_size:
+                self._wake.set()
 
     def _failed(
         self, run: list[dict[str, Any]], index: int, exc: Exception, result: BatchResult
@@ -291,34 +292,63 @@ class OutboxRelay:
 
     async def _record(self) -> None:
         """Write the marks gathered so far (one short transaction)."""
+        if self._marks or self._settled:
+            await self._exchange(claim=False)
+
+    async def _exchange(self, *, claim: bool) -> Claim:
+        """One short transaction: write the marks gathered so far, then (``claim``) lease
+        the next batch. Marks that could not be written stay queued for the next turn (a
+        lease that runs out meanwhile means the new owner publishes those rows again,
+        deduplicated by id)."""
         marks, settled = self._marks.take(), self._settled
         self._settled = []
+        self._recorded_at = time.monotonic()
+        lost: set[int] = set()
+        got = Claim([], {})
         try:
-            if marks:
-                lost = await self.store.record(
-                    self.relay_id, self._leases.tokens, marks, now=self.clock.now()
-                )
-                if lost:
-                    self._log.warning(
-                        "lost", "lanes %s were taken over; their rows go out again", sorted(lost)
+            async with self.store.hot() as tx:
+                now = self.clock.now()
+                if marks:
+                    lost = await self.store.record(
+                        self.relay_id, self._leases.tokens, marks, now=now, tx=tx
                     )
-                    self._leases = Leases(
+                if claim:
+                    got = await self.store.claim(
+                        self.relay_id,
                         {k: v for k, v in self._leases.tokens.items() if k not in lost},
-                        self._leases.draining,
+                        batch_size=self.settings.batch_size,
+                        now=now,
+                        lease_seconds=self.settings.lease_seconds,
+                        exclude=self._leases.draining,
+                        run_length=self.settings.run_length,
+                        skip=self._flying,
+                        tx=tx,
                     )
         except BaseException:
-            # Not written: keep them for the next turn (a lease that ran out in between
-            # means the new owner publishes these rows again, deduplicated by id).
             self._marks.published[:0] = marks.published
             self._marks.failed[:0] = marks.failed
             self._marks.released[:0] = marks.released
             self._marks.finished[:0] = marks.finished
             self._settled[:0] = settled
             raise
-        for lane, rows in settled:
-            self._busy[lane] -= rows
+        if lost:
+            self._log.warning(
+                "lost", "lanes %s were taken over; their rows go out again", sorted(lost)
+            )
+            self._leases = Leases(
+                {k: v for k, v in self._leases.tokens.items() if k not in lost},
+                self._leases.draining,
+            )
+        for lane, positions in settled:
+            self._busy[lane] -= len(positions)
             if self._busy[lane] <= 0:
                 del self._busy[lane]
+            self._flying.difference_update(positions)
+        for run in got.runs:
+            self._busy[run[0]["lane"]] += len(run)
+            self._flying.update(row["position"] for row in run)
+        self._in_flight += got.rows
+        return got
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -372,23 +402,39 @@ class OutboxRelay:
         finally:
             await self._shutdown(listener)
 
-    async def _turn(self) -> None:
-        await self._record()
-        await self._renew()
-        if self._outage_until > time.monotonic():
-            return
+    def _room(self) -> bool:
+        """Whether a whole batch fits in flight (or nothing is in flight)."""
         capacity = self.settings.batch_size * self.settings.pipelines
-        while self._in_flight < capacity and not self._stop.is_set():
-            await asyncio.wait_for(self.publisher.connect(), self.settings.connect_timeout)
-            claim = await self._claim()
-            if claim.rows:
-                self._spawn(claim)
-            if claim.rows < self.settings.batch_size:
-                break
+        return self._in_flight == 0 or capacity - self._in_flight >= self.settings.batch_size
+
+    def _marks_due(self) -> bool:
+        """Whether to write marks now: they pile up to a batch, or wait at most
+        ``MARK_INTERVAL``, or a claim is coming anyway."""
+        if not self._marks and not self._settled:
+            return False
+        waited = time.monotonic() - self._recorded_at >= MARK_INTERVAL
+        return waited or self._room() or len(self._marks) >= self.settings.batch_size
+
+    async def _turn(self) -> None:
+        await self._renew()
+        claimed = False
+        if self._outage_until <= time.monotonic():
+            while self._room() and not self._stop.is_set():
+                await asyncio.wait_for(self.publisher.connect(), self.settings.connect_timeout)
+                claim = await self._claim()  # with the marks gathered so far
+                claimed = True
+                if claim.rows:
+                    self._spawn(claim)
+                if claim.rows < self.settings.batch_size:
+                    break
+        if not claimed and self._marks_due():
+            await self._record()
         await self._maybe_purge()
 
     def _idle_seconds(self) -> float:
         wait = self.settings.poll_interval
+        if self._marks or self._settled:
+            wait = min(wait, max(MARK_INTERVAL - (time.monotonic() - self._recorded_at), 0.0))
         wait = min(wait, max(LEASE_INTERVAL - (time.monotonic() - self._leased_at), 0.01))
         if self._outage_until > time.monotonic():
             wait = min(wait, self._outage_until - time.monotonic())

@@ -34,7 +34,7 @@ import asyncio
 import contextlib
 import math
 import random
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -42,10 +42,7 @@ from typing import Any
 from uuid import UUID
 
 from sqlalchemy import (
-    Text,
     and_,
-    bindparam,
-    cast,
     delete,
     func,
     or_,
@@ -56,13 +53,13 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from qx.db._dialect import Dialect, dialect_named
+from qx.outbox._statements import Compiled, CoreTx, DriverTx, Tx, statements, terminate
 from qx.outbox._table import (
     OUTBOX_LANES,
     PARKED,
     lane_table,
     outbox_table,
     relay_table,
-    sequence_table,
 )
 
 __all__ = [
@@ -74,28 +71,13 @@ __all__ = [
     "OutboxStatus",
     "OutboxStore",
     "backoff_delay",
+    "relay_server_settings",
 ]
 
 _o = outbox_table
 _lane = lane_table
-# What a relay needs of a row; payload and headers as JSON text, which envelopes embed as is.
-_CLAIMED = (
-    _o.c.position,
-    _o.c.id,
-    _o.c.event_name,
-    _o.c.event_version,
-    _o.c.aggregate_type,
-    _o.c.aggregate_id,
-    cast(_o.c.payload, Text).label("payload"),
-    cast(_o.c.headers, Text).label("headers"),
-    _o.c.occurred_at,
-    _o.c.correlation_id,
-    _o.c.causation_id,
-    _o.c.tenant_id,
-    _o.c.attempts,
-    _o.c.lane,
-    _o.c.aggregate_seq,
-)
+
+
 _PENDING = and_(_o.c.published_at.is_(None), _o.c.dead_at.is_(None))
 
 AggregateKey = tuple[str | None, str]
@@ -141,19 +123,23 @@ class Marks:
     """What a relay reports back about rows it claimed, per lane (see :meth:`OutboxStore.record`).
 
     Attributes:
-        published: ``(lane, position)`` of rows the broker acknowledged.
+        published: ``(lane, position, aggregate, sequence)`` of rows the broker
+            acknowledged.
         failed: failed heads.
         released: ``(lane, position)`` of rows given back untried (no attempt counted).
         finished: ``(lane, aggregate, last position)`` of runs that went out whole.
     """
 
-    published: list[tuple[int, int]] = field(default_factory=list)
+    published: list[tuple[int, int, AggregateKey | None, int | None]] = field(default_factory=list)
     failed: list[Failure] = field(default_factory=list)
     released: list[tuple[int, int]] = field(default_factory=list)
     finished: list[tuple[int, AggregateKey, int]] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(self.published or self.failed or self.released or self.finished)
+
+    def __len__(self) -> int:
+        return len(self.published) + len(self.failed) + len(self.released)
 
     def take(self) -> Marks:
         """Move everything into a new ``Marks`` (this one is left empty)."""
@@ -163,7 +149,7 @@ class Marks:
 
     def lanes(self) -> set[int]:
         """Every lane these marks touch."""
-        found = {lane for lane, _ in self.published} | {lane for lane, _ in self.released}
+        found = {p[0] for p in self.published} | {lane for lane, _ in self.released}
         found.update(f.row["lane"] for f in self.failed)
         found.update(lane for lane, _, _ in self.finished)
         return found
@@ -246,15 +232,6 @@ class OutboxProblem:
     last_error: str | None
 
 
-def _terminate(raw: Any) -> None:
-    """Close a driver connection's socket at once, without a round trip."""
-    driver = getattr(raw, "driver_connection", None)
-    terminate = getattr(driver, "terminate", None)
-    if terminate is not None:
-        with contextlib.suppress(Exception):
-            terminate()
-
-
 class OutboxStore:
     """SQL over qx's outbox tables for the relay and the CLI.
 
@@ -262,21 +239,18 @@ class OutboxStore:
         engine: the service's engine (PostgreSQL for several relays; SQLite: one relay).
         timeout: seconds any one transaction may take, connecting included; past it the
             connection is closed without a round trip and the call raises ``TimeoutError``.
-            ``None``: no limit (the CLI).
-        server_timeouts: on PostgreSQL, also set ``statement_timeout``,
-            ``idle_in_transaction_session_timeout`` and TCP keepalives for each transaction,
-            so the server ends the session of a relay it cannot reach.
+            ``None``: no limit (the CLI). The server-side limits of the relay's own
+            connections are :func:`relay_server_settings`.
     """
 
-    def __init__(
-        self, engine: AsyncEngine, *, timeout: float | None = None, server_timeouts: bool = True
-    ) -> None:
+    def __init__(self, engine: AsyncEngine, *, timeout: float | None = None) -> None:
         self.engine = engine
         self.dialect: Dialect = dialect_named(engine.dialect.name)
         self.locking = self.dialect.locks_rows
         self.timeout = timeout
-        self._server_timeouts = server_timeouts and self.locking and timeout is not None
         self._lanes_created = False
+        self._sql = statements(engine.dialect.name)
+        self._compiled: dict[int, Compiled] = {}
 
     # -- transactions ----------------------------------------------------------------------
 
@@ -289,27 +263,46 @@ class OutboxStore:
             raw = await conn.get_raw_connection()
             try:
                 await conn.begin()
-                if self._server_timeouts:
-                    await conn.execute(self._session_limits())
                 yield conn
                 await conn.commit()
             except BaseException:
                 # Whatever went wrong, the socket may be dead: cleaning up over it would hang.
-                _terminate(raw)
+                terminate(raw)
                 with contextlib.suppress(Exception):
                     await conn.invalidate()
                 raise
 
-    def _session_limits(self) -> Any:
-        limit = f"{max(int((self.timeout or 30) * 1000), 1)}ms"
-        keepalive = str(max(int((self.timeout or 30) / 3), 1))
-        return select(
-            func.set_config("statement_timeout", limit, True),
-            func.set_config("idle_in_transaction_session_timeout", limit, True),
-            func.set_config("tcp_keepalives_idle", keepalive, False),
-            func.set_config("tcp_keepalives_interval", keepalive, False),
-            func.set_config("tcp_keepalives_count", "3", False),
-        )
+    @asynccontextmanager
+    async def hot(self) -> AsyncIterator[Tx]:
+        """One short transaction of the relay's hot path, bounded by ``timeout``: on
+        PostgreSQL on the asyncpg connection itself, with statements compiled once."""
+        if not self.locking:
+            async with self.transaction() as conn:
+                yield CoreTx(conn)
+            return
+        async with contextlib.AsyncExitStack() as stack:
+            await stack.enter_async_context(asyncio.timeout(self.timeout))
+            conn = await stack.enter_async_context(self.engine.connect())
+            raw = await conn.get_raw_connection()
+            driver: Any = raw.driver_connection
+            try:
+                async with driver.transaction():
+                    yield DriverTx(driver, self.engine.dialect, self._compiled)
+            except BaseException:
+                # SQLAlchemy did not see this connection's statements; and the socket may
+                # be dead, where cleaning up over it would hang: never pool it again.
+                terminate(raw)
+                with contextlib.suppress(Exception):
+                    await conn.invalidate()
+                raise
+
+    @asynccontextmanager
+    async def _using(self, tx: Tx | None) -> AsyncIterator[Tx]:
+        if tx is not None:
+            yield tx
+            return
+        async with self.hot() as own:
+            yield own
 
     # -- leases ----------------------------------------------------------------------------
 
@@ -401,52 +394,22 @@ class OutboxStore:
             )
             await conn.execute(delete(relay_table).where(relay_table.c.relay_id == relay_id))
 
-    def _fenced(self, relay_id: str, tokens: Mapping[int, int], *, now: datetime | None) -> Any:
-        """The lanes of ``tokens`` still this relay's under the same token (locked shared
-        on PostgreSQL, so nobody takes them until the transaction ends)."""
-        stmt = select(_lane.c.lane, _lane.c.token).where(
-            self.dialect.in_(_lane.c.lane, sorted(tokens)), _lane.c.owner == relay_id
-        )
-        if now is not None:
-            stmt = stmt.where(_lane.c.lease_until > now)
-        if self.locking:
-            stmt = stmt.with_for_update(read=True)
-        return stmt
-
     async def _valid(
-        self, conn: AsyncConnection, relay_id: str, tokens: Mapping[int, int], now: datetime | None
+        self, tx: Tx, relay_id: str, tokens: Mapping[int, int], now: datetime | None
     ) -> set[int]:
+        """The lanes of ``tokens`` still this relay's under the same token (locked shared
+        on PostgreSQL, so nobody takes them until the transaction ends); with ``now``, only
+        those whose lease has not run out."""
         if not tokens:
             return set()
-        result = await conn.execute(self._fenced(relay_id, tokens, now=now))
-        return {int(lane) for lane, token in result.all() if tokens.get(int(lane)) == int(token)}
+        params: dict[str, Any] = {"lanes": sorted(tokens), "me": relay_id}
+        if now is not None:
+            params["now"] = now
+        stmt = self._sql.fenced_live if now is not None else self._sql.fenced
+        found = await tx.rows(stmt, params)
+        return {int(r["lane"]) for r in found if tokens.get(int(r["lane"])) == int(r["token"])}
 
     # -- claims ----------------------------------------------------------------------------
-
-    def _candidates(self, lanes: list[int], *, ready: bool) -> Any:
-        earlier = _o.alias("e")
-        blocker = (
-            select(earlier.c.position)
-            .where(
-                earlier.c.aggregate_type == _o.c.aggregate_type,
-                earlier.c.aggregate_id == _o.c.aggregate_id,
-                earlier.c.position < _o.c.position,
-                earlier.c.published_at.is_(None),
-            )
-            .order_by(earlier.c.position.desc())
-            .limit(1)
-            .scalar_subquery()
-            .label("blocker")
-        )
-        stmt = select(*_CLAIMED, _o.c.next_attempt_at, blocker).where(
-            _PENDING, self.dialect.in_(_o.c.lane, lanes)
-        )
-        if ready:
-            return stmt.where(_o.c.next_attempt_at.is_(None)).order_by(_o.c.position)
-        now = bindparam("now", type_=_o.c.next_attempt_at.type)
-        return stmt.where(_o.c.next_attempt_at.is_not(None), _o.c.next_attempt_at <= now).order_by(
-            _o.c.next_attempt_at, _o.c.position
-        )
 
     async def claim(
         self,
@@ -457,6 +420,9 @@ class OutboxStore:
         now: datetime,
         lease_seconds: float,
         exclude: set[int] | frozenset[int] = frozenset(),
+        run_length: int = 16,
+        skip: Collection[int] = (),
+        tx: Tx | None = None,
     ) -> Claim:
         """Lease up to ``batch_size`` rows of this relay's lanes, each aggregate's from its head.
 
@@ -467,30 +433,41 @@ class OutboxStore:
             now: the time.
             lease_seconds: the claimed rows' in-flight deadline from ``now``.
             exclude: lanes not to claim in (being handed over).
+            run_length: rows of one aggregate taken beyond those the claim read, at most:
+                an aggregate's rows go out in one run instead of waiting for later claims.
+            skip: positions in flight at this relay (claimed earlier, not yet recorded):
+                not read again, and rows behind them wait until their run is recorded.
+            tx: run inside this transaction (of :meth:`hot`) instead of a new one.
         """
         lanes = sorted(set(tokens) - set(exclude))
         if not lanes:
             return Claim([], {})
         until = now + timedelta(seconds=lease_seconds)
-        async with self.transaction() as conn:
-            valid = await self._valid(conn, relay_id, {k: tokens[k] for k in lanes}, now)
+        async with self._using(tx) as tx:
+            valid = await self._valid(tx, relay_id, {k: tokens[k] for k in lanes}, now)
             if not valid:
                 return Claim([], {})
-            lanes = sorted(valid)
+            flying = set(skip)
+            params = {
+                "lanes": sorted(valid),
+                "now": now,
+                "batch": batch_size,
+                "skip": sorted(flying),
+            }
             rows: dict[int, dict[str, Any]] = {}
-            for ready in (True, False):
-                result = await conn.execute(
-                    self._candidates(lanes, ready=ready).limit(batch_size), {"now": now}
-                )
-                for found in result.mappings():
-                    rows[found["position"]] = dict(found)
+            for stmt in (self._sql.ready, self._sql.due):
+                for found in await tx.rows(stmt, params):
+                    rows[found["position"]] = found
             runs, blocked = _runs(sorted(rows.values(), key=lambda r: r["position"]))
-            states = await self._blockers(conn, blocked)
-            taken: list[list[dict[str, Any]]] = []
+            states = await self._blockers(tx, blocked - flying)
+            heads: list[list[dict[str, Any]]] = []
             deferrals: dict[datetime, list[int]] = {}
-            count = 0
             for run in runs:
                 first = run[0]
+                if first["blocker"] in flying:
+                    # Behind a run in flight here: out of the way until it is recorded.
+                    deferrals.setdefault(until, []).extend(r["position"] for r in run)
+                    continue
                 state = states.get(first["blocker"]) if first["blocker"] is not None else None
                 if state is None and first["blocker"] is not None:
                     continue  # its blocker is gone since: read again next time
@@ -504,178 +481,235 @@ class OutboxStore:
                             r["position"] for r in run
                         )
                     continue
-                if count >= batch_size:
-                    continue
-                run = run[: batch_size - count]
-                count += len(run)
-                taken.append(run)
-            await self._number(conn, taken)
-            for run in taken:
-                for row in run:
-                    row["next_attempt_at"] = until
-            await self._lease_rows(conn, taken, until)
-            for until_at, positions in deferrals.items():
-                await conn.execute(
-                    update(_o)
-                    .where(self.dialect.in_(_o.c.position, positions), _PENDING)
-                    .values(next_attempt_at=until_at)
-                )
+                heads.append(run)
+                if len(heads) >= batch_size:
+                    break
+            taken = await self._extend(tx, heads, batch_size=batch_size, run_length=run_length)
+            claimed = {row["position"] for run in taken for row in run}
+            await self._number(tx, taken)
+            for at, positions in deferrals.items():
+                left = [p for p in positions if p not in claimed]
+                if left:
+                    await tx.run(self._sql.defer, {"positions": left, "until": at})
         return Claim(taken, {lane: tokens[lane] for lane in valid})
 
-    async def _lease_rows(
-        self, conn: AsyncConnection, runs: list[list[dict[str, Any]]], until: datetime
-    ) -> None:
-        """Defer claimed rows to their in-flight deadline and store their sequence numbers,
-        in one statement of one shape whatever the batch (compiled and prepared once)."""
-        rows = [row for run in runs for row in run]
-        if not rows:
-            return
-        if self.dialect.name == "postgresql":
-            table = _o.fullname
-            await conn.exec_driver_sql(
-                f"UPDATE {table} AS o SET next_attempt_at = $1, aggregate_seq = v.seq"
-                " FROM unnest($2::bigint[], $3::bigint[]) AS v(p, seq) WHERE o.position = v.p",
-                (until, [r["position"] for r in rows], [r["aggregate_seq"] for r in rows]),
-            )
-            return
-        await conn.execute(
-            update(_o)
-            .where(_o.c.position == bindparam("p"))
-            .values(next_attempt_at=until, aggregate_seq=bindparam("seq")),
-            [{"p": r["position"], "seq": r["aggregate_seq"]} for r in rows],
-        )
+    async def _extend(
+        self,
+        tx: Tx,
+        heads: list[list[dict[str, Any]]],
+        *,
+        batch_size: int,
+        run_length: int,
+    ) -> list[list[dict[str, Any]]]:
+        """Lengthen each run with its aggregate's next open rows (through the per-aggregate
+        index), stopping at a dead or parked row, until ``batch_size`` rows are taken."""
+        # Lengthen only as many runs as could fill the batch if each got ``run_length``.
+        room, short = batch_size, []
+        for run in heads:
+            if room <= 0:
+                break
+            room -= max(len(run), run_length)
+            if run[0]["aggregate_id"] is not None and len(run) < run_length:
+                short.append(run)
+        following: dict[int, list[dict[str, Any]]] = {}
+        if short and run_length > 1:
+            following = await self._followers(tx, short, run_length)
+        taken: list[list[dict[str, Any]]] = []
+        count = 0
+        for run in heads:
+            if count >= batch_size:
+                break
+            run = list(run)
+            for row in following.get(run[0]["position"], ()):
+                if len(run) >= run_length:
+                    break
+                if row["dead_at"] is not None or (
+                    row["next_attempt_at"] is not None and row["next_attempt_at"] >= PARKED
+                ):
+                    break
+                if row["position"] > run[-1]["position"]:
+                    run.append(row)
+            run = run[: batch_size - count]
+            count += len(run)
+            taken.append(run)
+        return taken
 
-    async def _blockers(
-        self, conn: AsyncConnection, positions: set[int]
-    ) -> dict[int, Mapping[str, Any]]:
+    async def _followers(
+        self, tx: Tx, runs: list[list[dict[str, Any]]], run_length: int
+    ) -> dict[int, list[dict[str, Any]]]:
+        """Per run (keyed by its first position), the open rows after its last, in order."""
+        found: dict[int, list[dict[str, Any]]] = {}
+        if self.dialect.name == "postgresql":
+            params = {
+                "ht": [run[0]["aggregate_type"] for run in runs],
+                "hi": [run[0]["aggregate_id"] for run in runs],
+                "hp": [run[-1]["position"] for run in runs],
+                "hf": [run[0]["position"] for run in runs],
+                "per": run_length,
+            }
+            for row in await tx.rows(self._sql.followers, params):
+                found.setdefault(int(row.pop("first")), []).append(row)
+            return found
+        for run in runs:
+            params = {
+                "t": run[0]["aggregate_type"],
+                "i": run[0]["aggregate_id"],
+                "after": run[-1]["position"],
+                "per": run_length,
+            }
+            found[run[0]["position"]] = await tx.rows(self._sql.followers, params)
+        return found
+
+    async def _blockers(self, tx: Tx, positions: set[int]) -> dict[int, dict[str, Any]]:
         if not positions:
             return {}
-        result = await conn.execute(
-            select(_o.c.position, _o.c.next_attempt_at, _o.c.dead_at, _o.c.event_name).where(
-                self.dialect.in_(_o.c.position, sorted(positions)), _o.c.published_at.is_(None)
-            )
-        )
-        return {int(row["position"]): dict(row) for row in result.mappings()}
+        found = await tx.rows(self._sql.blockers, {"positions": sorted(positions)})
+        return {int(row["position"]): row for row in found}
 
-    async def _number(self, conn: AsyncConnection, runs: list[list[dict[str, Any]]]) -> None:
-        """Give rows their per-aggregate sequence number (kept across retries)."""
-        wanted: dict[AggregateKey, list[dict[str, Any]]] = {}
-        for run in runs:
-            for row in run:
-                key = _aggregate(row)
-                if key is not None and row["aggregate_seq"] is None:
-                    wanted.setdefault(key, []).append(row)
-        if not wanted:
-            return
-        s = sequence_table
-        insert = self.dialect.insert(s).values(
-            [
-                {"aggregate_type": t or "", "aggregate_id": i, "last_seq": len(rows)}
-                for (t, i), rows in wanted.items()
-            ]
+    async def _number(self, tx: Tx, runs: list[list[dict[str, Any]]]) -> None:
+        """Number the rows of each aggregate's run after the last number it published.
+
+        Nothing is written: the last number moves when rows are marked published, so a row
+        published again after a crash carries the number it went out with before.
+        """
+        keys = sorted(
+            {
+                (run[0]["aggregate_type"] or "", run[0]["aggregate_id"])
+                for run in runs
+                if run[0]["aggregate_id"] is not None
+            }
         )
-        stmt = insert.on_conflict_do_update(
-            index_elements=[s.c.aggregate_type, s.c.aggregate_id],
-            set_={"last_seq": s.c.last_seq + insert.excluded.last_seq},
-        ).returning(s.c.aggregate_type, s.c.aggregate_id, s.c.last_seq)
-        last = {(t, i): int(n) for t, i, n in (await conn.execute(stmt)).all()}
-        for (t, i), rows in wanted.items():
-            top = last[(t or "", i)]
-            for offset, row in enumerate(rows):
-                row["aggregate_seq"] = top - len(rows) + 1 + offset
+        if not keys:
+            return
+        if self.dialect.name == "postgresql":
+            params: dict[str, Any] = {"kt": [t for t, _ in keys], "ki": [i for _, i in keys]}
+        else:
+            params = {"keys": keys}
+        found = await tx.rows(self._sql.sequences, params)
+        last = {(r["aggregate_type"], r["aggregate_id"]): int(r["last_seq"]) for r in found}
+        for run in runs:
+            if run[0]["aggregate_id"] is None:
+                continue
+            top = last.get((run[0]["aggregate_type"] or "", run[0]["aggregate_id"]), 0)
+            for offset, row in enumerate(run, start=1):
+                row["aggregate_seq"] = top + offset
 
     # -- marks -----------------------------------------------------------------------------
 
     async def record(
-        self, relay_id: str, tokens: Mapping[int, int], marks: Marks, *, now: datetime
+        self,
+        relay_id: str,
+        tokens: Mapping[int, int],
+        marks: Marks,
+        *,
+        now: datetime,
+        tx: Tx | None = None,
     ) -> set[int]:
-        """Write what the relay did with claimed rows, in lanes still its own.
+        """Write what the relay did with claimed rows, in lanes still its own (inside
+        ``tx`` when given).
 
         Returns:
             The lanes the marks were refused in (lost to another relay: its claims publish
             those rows again).
         """
         lanes = marks.lanes()
-        async with self.transaction() as conn:
+        async with self._using(tx) as tx:
             valid = await self._valid(
-                conn, relay_id, {k: v for k, v in tokens.items() if k in lanes}, None
+                tx, relay_id, {k: v for k, v in tokens.items() if k in lanes}, None
             )
-            published = [p for lane, p in marks.published if lane in valid]
+            published = [m for m in marks.published if m[0] in valid]
             if published:
-                await conn.execute(
-                    update(_o)
-                    .where(self.dialect.in_(_o.c.position, published), _o.c.published_at.is_(None))
-                    .values(published_at=now)
-                )
-            released = [p for lane, p in marks.released if lane in valid]
-            if released:
-                await conn.execute(
-                    update(_o)
-                    .where(self.dialect.in_(_o.c.position, released), _PENDING)
-                    .values(next_attempt_at=None)
-                )
-            finished = [(key, last) for lane, key, last in marks.finished if lane in valid]
+                await self._published(tx, published, now=now)
+            finished = {key for lane, key, _ in marks.finished if lane in valid}
             for failure in marks.failed:
                 if failure.row["lane"] not in valid:
                     continue
-                await self._fail(conn, failure, now=now)
+                await self._fail(tx, failure, now=now)
                 if failure.dead and not failure.parks:
                     key = _aggregate(failure.row)
                     if key is not None:
-                        finished.append((key, failure.row["position"]))
+                        finished.add(key)
             if finished:
                 # Every claimed row of these aggregates went out (or died without parking),
                 # so whatever of theirs is still deferred waited behind those rows: ready.
                 # (An aggregate is in one run of one relay at a time.)
-                await conn.execute(
-                    update(_o)
-                    .where(
-                        tuple_(_o.c.aggregate_type, _o.c.aggregate_id).in_(
-                            sorted({key for key, _ in finished}, key=str)
-                        ),
-                        _PENDING,
-                        _o.c.next_attempt_at.is_not(None),
-                        _o.c.next_attempt_at < PARKED,
-                    )
-                    .values(next_attempt_at=None)
-                )
+                keys = sorted(finished, key=lambda k: (k[0] or "", k[1]))
+                if self.dialect.name == "postgresql":
+                    params: dict[str, Any] = {
+                        "kt": [t for t, _ in keys],
+                        "ki": [i for _, i in keys],
+                    }
+                else:
+                    params = {"keys": keys}
+                await tx.run(self._sql.unblock, params)
         return lanes - valid
 
-    async def _fail(self, conn: AsyncConnection, failure: Failure, *, now: datetime) -> None:
+    async def _published(
+        self,
+        tx: Tx,
+        marks: list[tuple[int, int, AggregateKey | None, int | None]],
+        *,
+        now: datetime,
+    ) -> None:
+        """Mark rows published with their numbers, and move each aggregate's last number."""
+        top: dict[tuple[str, str], int] = {}
+        for _, _, key, seq in marks:
+            if key is not None and seq is not None:
+                k = (key[0] or "", key[1])
+                top[k] = max(top.get(k, 0), seq)
+        if self.dialect.name == "postgresql":
+            params: dict[str, Any] = {
+                "now": now,
+                "ps": [m[1] for m in marks],
+                "ss": [m[3] for m in marks],
+            }
+            await tx.run(self._sql.published, params)
+        else:
+            rows = [{"now": now, "p": m[1], "seq": m[3]} for m in marks]
+            await tx.run(self._sql.published, rows)
+        await self._advance(tx, top)
+
+    async def _advance(self, tx: Tx, top: Mapping[tuple[str, str], int]) -> None:
+        """Raise aggregates' last published numbers (never lowers one)."""
+        if not top:
+            return
+        keys = sorted(top)
+        if self.dialect.name == "postgresql":
+            params = {
+                "st": [t for t, _ in keys],
+                "si": [i for _, i in keys],
+                "sn": [top[k] for k in keys],
+            }
+            await tx.run(self._sql.advance, params)
+            return
+        await tx.run(self._sql.advance, [{"t": t, "i": i, "n": top[(t, i)]} for t, i in keys])
+
+    async def _fail(self, tx: Tx, failure: Failure, *, now: datetime) -> None:
         row = failure.row
-        await conn.execute(
-            update(_o)
-            .where(_o.c.position == row["position"], _PENDING)
-            .values(
-                attempts=failure.attempts,
-                last_error=failure.error,
+        passed = failure.dead and not failure.parks
+        await tx.run(
+            self._sql.fail,
+            {
+                "p": row["position"],
+                "attempts": failure.attempts,
+                "error": failure.error,
                 # A dead row's own next_attempt_at says whether it parks its aggregate, so
                 # every relay reads the decision the same way.
-                next_attempt_at=(PARKED if failure.parks else None)
-                if failure.dead
-                else failure.retry_at,
-                dead_at=now if failure.dead else None,
-            )
+                "next": (PARKED if failure.parks else None) if failure.dead else failure.retry_at,
+                "dead": now if failure.dead else None,
+                # Published past, it keeps its number: consumers see the gap it leaves.
+                "seq": row["aggregate_seq"] if passed else None,
+            },
         )
         key = _aggregate(row)
+        if passed and key is not None and row["aggregate_seq"] is not None:
+            await self._advance(tx, {(key[0] or "", key[1]): int(row["aggregate_seq"])})
         if failure.dead and failure.parks and key is not None:
             # Everything after a dead head waits for the operator, in order.
-            await conn.execute(
-                update(_o)
-                .where(
-                    _o.c.aggregate_type == key[0],
-                    _o.c.aggregate_id == key[1],
-                    _o.c.position > row["position"],
-                    _PENDING,
-                )
-                .values(next_attempt_at=PARKED)
-            )
+            await tx.run(self._sql.park, {"t": key[0], "i": key[1], "after": row["position"]})
         elif not failure.dead and failure.behind:
-            await conn.execute(
-                update(_o)
-                .where(self.dialect.in_(_o.c.position, list(failure.behind)), _PENDING)
-                .values(next_attempt_at=failure.retry_at)
-            )
+            params = {"positions": list(failure.behind), "until": failure.retry_at}
+            await tx.run(self._sql.defer, params)
 
     # -- the operator's view ---------------------------------------------------------------
 
@@ -822,3 +856,18 @@ def _runs(rows: list[dict[str, Any]]) -> tuple[list[list[dict[str, Any]]], set[i
         blocked.update(run[0]["blocker"] for run in runs if run[0]["blocker"] is not None)
     result.sort(key=lambda run: run[0]["position"])
     return result, blocked
+
+
+def relay_server_settings(timeout: float) -> dict[str, str]:
+    """PostgreSQL session settings for a relay's connections: statements and idle
+    transactions end after ``timeout`` seconds, and TCP keepalives find a peer that is gone,
+    so the server drops the session of a relay it can no longer reach."""
+    millis = str(max(int(timeout * 1000), 1))
+    probe = str(max(int(timeout / 3), 1))
+    return {
+        "statement_timeout": millis,
+        "idle_in_transaction_session_timeout": millis,
+        "tcp_keepalives_idle": probe,
+        "tcp_keepalives_interval": probe,
+        "tcp_keepalives_count": "3",
+    }

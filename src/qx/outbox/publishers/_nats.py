@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -44,7 +45,10 @@ class NatsPublisher:
         self._acks: Any = None
         self._reply_prefix = ""
         self._token = 0
-        self._pending: dict[str, asyncio.Future[None]] = {}
+        # token -> (future, event id); deadlines in sending order (one timeout for all).
+        self._pending: dict[str, tuple[asyncio.Future[None], Any]] = {}
+        self._deadlines: deque[tuple[float, str]] = deque()
+        self._sweeper: asyncio.Task[None] | None = None
 
     def subject(self, envelope: Envelope) -> str:
         """The subject an envelope is published on."""
@@ -102,10 +106,7 @@ class NatsPublisher:
         sent = await self._send(envelope)
         if isinstance(sent, BaseException):
             raise sent
-        try:
-            await asyncio.wait_for(sent, timeout=self.settings.publish_timeout)
-        except TimeoutError as exc:
-            raise self._late(envelope) from exc
+        await sent  # the sweeper fails it once publish_timeout has passed
 
     async def publish_many(self, envelopes: Sequence[Envelope]) -> list[BaseException | None]:
         """Send every envelope, then wait for all their PubAcks together.
@@ -122,18 +123,36 @@ class NatsPublisher:
                 results.append(item)
             elif not item.done():
                 item.cancel()
-                results.append(self._late(envelope))
+                results.append(self._late(envelope.id))
             elif item.exception() is not None:
                 results.append(item.exception())
             else:
                 results.append(None)
         return results
 
-    def _late(self, envelope: Envelope) -> PublishError:
+    def _late(self, event_id: Any) -> PublishError:
         """No PubAck in time: the broker's fault if the connection is down meanwhile."""
         if self._nc is None or not self._nc.is_connected:
-            return BrokerUnavailable(f"NATS connection lost before {envelope.id} was acknowledged")
-        return PublishError(f"NATS did not acknowledge {envelope.id} in time")
+            return BrokerUnavailable(f"NATS connection lost before {event_id} was acknowledged")
+        return PublishError(f"NATS did not acknowledge {event_id} in time")
+
+    async def _sweep(self) -> None:
+        """Fail every message whose PubAck is later than ``publish_timeout``: one timer for
+        all of them, not one per message."""
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._deadlines:
+                await asyncio.sleep(self.settings.publish_timeout / 4)
+                continue
+            deadline, token = self._deadlines[0]
+            wait = deadline - loop.time()
+            if wait > 0:
+                await asyncio.sleep(min(wait, self.settings.publish_timeout / 4))
+                continue
+            self._deadlines.popleft()
+            entry = self._pending.pop(token, None)
+            if entry is not None and not entry[0].done():
+                entry[0].set_exception(self._late(entry[1]))
 
     async def _send(self, envelope: Envelope) -> asyncio.Future[None] | BaseException:
         """Send one message with a reply subject of this publisher's; the future resolves
@@ -152,9 +171,12 @@ class NatsPublisher:
             self._acks = await self._nc.subscribe(self._reply_prefix + "*", cb=self._on_ack)
         self._token += 1
         token = str(self._token)
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending[token] = future
-        future.add_done_callback(lambda _f: self._pending.pop(token, None))
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        self._pending[token] = (future, envelope.id)
+        self._deadlines.append((loop.time() + self.settings.publish_timeout, token))
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = asyncio.create_task(self._sweep())
         try:
             # The body is the whole envelope (CloudEvents structured mode): the only header
             # JetStream needs is the id it deduplicates on.
@@ -165,14 +187,16 @@ class NatsPublisher:
                 headers={"Nats-Msg-Id": str(envelope.id)},
             )
         except Exception as exc:
+            self._pending.pop(token, None)
             future.cancel()
             return BrokerUnavailable(f"NATS did not take {envelope.id}: {exc!r}")
         return future
 
     async def _on_ack(self, message: Any) -> None:
-        future = self._pending.pop(message.subject[len(self._reply_prefix) :], None)
-        if future is None or future.done():
+        entry = self._pending.pop(message.subject[len(self._reply_prefix) :], None)
+        if entry is None or entry[0].done():
             return
+        future = entry[0]
         data: bytes = message.data or b""
         if b'"error"' in data or b'"stream"' not in data:
             # An API error, or a 503 "no responders" status: no stream holds the subject.
@@ -185,9 +209,15 @@ class NatsPublisher:
     async def close(self) -> None:
         """Drain and close the connection."""
         nc, self._nc, self._js, self._acks = self._nc, None, None, None
-        for future in self._pending.values():
+        for future, _ in self._pending.values():
             future.cancel()
         self._pending = {}
+        self._deadlines.clear()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
         if nc is not None:
             with contextlib.suppress(Exception):  # closing a broken connection
                 await nc.close()
