@@ -5,6 +5,10 @@ Example:
     >>> from alembic import context                                  # doctest: +SKIP
     >>> from qx.migrations import run_migrations                      # doctest: +SKIP
     >>> run_migrations(context, metadata)                             # doctest: +SKIP
+
+Importing this package registers ``op.create_outbox_notify`` / ``op.drop_outbox_notify`` with
+Alembic and the comparator that makes autogenerate write them (see
+:mod:`qx.migrations._trigger`).
 """
 
 from qx.migrations._commands import (
@@ -18,8 +22,11 @@ from qx.migrations._commands import (
 from qx.migrations._drift import assert_schema_current, describe_difference, schema_differences
 from qx.migrations._environment import compare_type, configure_context, render_item, run_migrations
 from qx.migrations._scaffold import init_environment
+from qx.migrations._trigger import CreateOutboxNotifyOp, DropOutboxNotifyOp
 
 __all__ = [
+    "CreateOutboxNotifyOp",
+    "DropOutboxNotifyOp",
     "alembic_config",
     "assert_schema_current",
     "compare_type",

@@ -97,6 +97,10 @@ def describe_difference(diff: Any) -> str:
         where = "missing" if kind.startswith("add") else "extra"
         table = getattr(constraint, "table", None)
         return f"{where} constraint {constraint.name} on {getattr(table, 'name', '?')}"
+    if kind in {"add_outbox_notify", "remove_outbox_notify"}:
+        where = "missing" if kind.startswith("add") else "extra"
+        table = f"{diff[2]}.{diff[1]}" if diff[2] else diff[1]
+        return f"{where} NOTIFY trigger qx_outbox_notify on {table} (relays fall back to polling)"
     return f"{kind}: {diff[1:]}"
 
 
