@@ -65,6 +65,9 @@ class BrokerSettings(BaseModel):
         subject_prefix: NATS subjects are ``<prefix>.<event name>``.
         stream: NATS JetStream stream name (holding ``<prefix>.>``).
         create_stream: create (or update) the JetStream stream on connect.
+        duplicate_window: seconds JetStream remembers a message id and drops a repeat (set
+            on the stream qx creates); keep it longer than ``QX_RELAY__LEASE_SECONDS``, the
+            longest a row can wait before a second relay publishes it again.
         exchange: RabbitMQ topic exchange (declared durable); routing key = event name.
         mandatory: RabbitMQ returns messages no queue is bound for, and the relay retries
             (then dead-letters) them instead of losing them silently.
@@ -80,6 +83,7 @@ class BrokerSettings(BaseModel):
     subject_prefix: str = Field(default="qx", pattern=r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*$")
     stream: str = Field(default="QX_EVENTS", pattern=r"^[A-Za-z0-9_\-]+$")
     create_stream: bool = True
+    duplicate_window: float = Field(default=120.0, gt=0)
     exchange: str = "qx.events"
     mandatory: bool = True
     redis_stream: str = "qx:events"

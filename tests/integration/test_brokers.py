@@ -73,7 +73,11 @@ async def nats_settings() -> AsyncIterator[BrokerSettings]:
     url = resolve(NATS)
     tag = new_id().hex[-10:]
     settings = BrokerSettings(
-        url=url, source="qx-tests", subject_prefix=f"qxt{tag}", stream=f"QXT{tag}"
+        url=url,
+        source="qx-tests",
+        subject_prefix=f"qxt{tag}",
+        stream=f"QXT{tag}",
+        duplicate_window=90,
     )
     yield settings
     await drop_stream(url, settings.stream)
@@ -101,6 +105,8 @@ async def test_nats_publishes_with_msg_id_and_deduplicates(
         js = nc.jetstream()
         info = await js.stream_info(nats_settings.stream)
         assert info.state.messages == 2
+        # qx made the stream, with the duplicate window it was told (longer than a lease).
+        assert info.config.duplicate_window == 90
         for seq, value in ((1, 1), (2, 2)):
             message = await js.get_msg(nats_settings.stream, seq)
             assert message.subject == f"{nats_settings.subject_prefix}.tests.counter_changed"

@@ -11,18 +11,22 @@ import signal
 import sys
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import urlsplit
 from uuid import UUID
 
 import pytest
 from sqlalchemy import func, select
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from qx.core import new_id
 from qx.db import UnitOfWorkFactory
 from qx.outbox import outbox_table
+from qx.outbox._table import lane_table
 from tests import models
 from tests.integration.conftest import pg_url_for
 from tests.integration.helpers import drop_stream
+from tests.integration.proxy import Proxy
 from tests.services import NATS, resolve
 
 Factory = UnitOfWorkFactory[models.AppUnitOfWork]
@@ -86,7 +90,7 @@ async def start_relay(
     return process
 
 
-async def produce(factory: Factory) -> list[UUID]:
+async def produce(factory: Factory, committed: list[int] | None = None) -> list[UUID]:
     async with factory() as uow:
         counters = [models.Counter(name=f"agg{i}") for i in range(AGGREGATES)]
         await uow.counters.add_many(counters)
@@ -99,6 +103,8 @@ async def produce(factory: Factory) -> list[UUID]:
                 async with factory() as uow:
                     (await uow.counters.require(ident)).increment(integration=True)
                     await uow.commit()
+                if committed is not None:
+                    committed[0] += 1
 
     await asyncio.gather(*(worker(ids[w::8]) for w in range(8)))
     return ids
@@ -198,3 +204,80 @@ async def test_four_relays_at_once_keep_order(
 async def current_schema(engine: AsyncEngine) -> str:
     async with engine.connect() as conn:
         return str(await conn.scalar(select(func.current_schema())))
+
+
+@pytest.mark.timeout(240)
+async def test_a_broker_cut_and_a_database_blackhole_lose_reorder_and_duplicate_nothing(
+    engine: AsyncEngine, uow_factory: Factory, jetstream: tuple[str, str, str]
+) -> None:
+    # Two relay processes share the outbox. Both reach NATS through one proxy, which is cut
+    # while events keep being committed; then relay A's database connections go silent (a
+    # blackhole, not a refusal). Relay B takes A's lanes after a lease period; A obeys
+    # SIGTERM; the stream holds every event once (JetStream dedup), in order per aggregate.
+    url, prefix, stream = jetstream
+    schema = await current_schema(engine)
+    nats_target = urlsplit(url)
+    broker_proxy = Proxy(nats_target.hostname or "127.0.0.1", nats_target.port or 4222)
+    db_url = make_url(pg_url_for(engine))
+    db_proxy = Proxy(db_url.host or "127.0.0.1", db_url.port or 5432)
+    await broker_proxy.start()
+    await db_proxy.start()
+    proxied_nats = f"nats://127.0.0.1:{broker_proxy.port}"
+    env_b = relay_env(engine, schema, proxied_nats, prefix, stream)
+    env_b.update(QX_BROKER__PUBLISH_TIMEOUT="1", QX_RELAY__MAX_ATTEMPTS="2")
+    env_a = dict(env_b)
+    env_a["QX_DB__URL"] = db_url.set(host="127.0.0.1", port=db_proxy.port).render_as_string(
+        hide_password=False
+    )
+    relay_a = await start_relay(env_a, wait_ready=True)
+    relay_b = await start_relay(env_b, wait_ready=True)
+    committed = [0]
+    producer = asyncio.create_task(produce(uow_factory, committed))
+    try:
+
+        async def committed_at_least(n: int) -> None:
+            while committed[0] < n:
+                assert not producer.done() or committed[0] >= n, "the producer stopped"
+                await asyncio.sleep(0.05)
+
+        await committed_at_least(2000)
+        await broker_proxy.stop()  # the broker is gone for both relays
+        await committed_at_least(5000)  # while events keep coming
+        await broker_proxy.start()
+        await committed_at_least(6000)
+        db_proxy.blackhole()  # relay A's database goes silent
+
+        async def b_holds_every_lane() -> bool:
+            async with engine.connect() as conn:
+                owners = await conn.scalar(
+                    select(func.count(func.distinct(lane_table.c.owner))).where(
+                        lane_table.c.lease_until > func.now()
+                    )
+                )
+            return owners == 1
+
+        deadline = asyncio.get_running_loop().time() + 60
+        while not await b_holds_every_lane():
+            assert asyncio.get_running_loop().time() < deadline, "relay B never took over"
+            await asyncio.sleep(0.1)
+        ids = await producer
+        await wait_drained(engine, seconds=90)
+        relay_a.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(relay_a.wait(), 30) == 0
+    finally:
+        for relay in (relay_a, relay_b):
+            if relay.returncode is None:
+                relay.send_signal(signal.SIGTERM)
+        codes = [await asyncio.wait_for(relay.wait(), 30) for relay in (relay_a, relay_b)]
+        await broker_proxy.stop()
+        await db_proxy.stop()
+    assert codes == [0, 0]
+    async with engine.connect() as conn:
+        dead = await conn.scalar(select(func.count()).where(outbox_table.c.dead_at.is_not(None)))
+        tried = await conn.scalar(select(func.max(outbox_table.c.attempts)))
+    assert dead == 0 and tried == 0  # the cut was nobody's message failing
+    envelopes = await stream_contents(url, prefix, stream)
+    check_exactly_once_in_order(envelopes, ids)
+    for aggregate in {e["aggregateid"] for e in envelopes}:
+        numbers = [e["aggregatesequence"] for e in envelopes if e["aggregateid"] == aggregate]
+        assert numbers == list(range(1, EVENTS_EACH + 1))

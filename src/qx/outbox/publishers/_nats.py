@@ -2,7 +2,9 @@
 
 Each envelope goes to ``<subject_prefix>.<event name>`` with ``Nats-Msg-Id`` set to the event
 id, so JetStream drops a redelivery inside its duplicate window: a relay that crashed after
-publishing but before marking the row causes no second message. ``publish`` waits for the
+publishing but before marking the row causes no second message. The window is JetStream's
+stream setting (2 minutes by default); qx sets it to ``QX_BROKER__DUPLICATE_WINDOW`` when
+it creates the stream, and it must outlast the relay's lease period. ``publish`` waits for the
 stream's PubAck.
 """
 
@@ -85,8 +87,12 @@ class NatsPublisher:
             )
             self._js = self._nc.jetstream(timeout=self.settings.publish_timeout)
             if self.settings.create_stream:
+                # The duplicate window is how long JetStream remembers a Nats-Msg-Id: a row
+                # published again after a relay died (a lease period later) must fall in it.
                 config = StreamConfig(
-                    name=self.settings.stream, subjects=[f"{self.settings.subject_prefix}.>"]
+                    name=self.settings.stream,
+                    subjects=[f"{self.settings.subject_prefix}.>"],
+                    duplicate_window=self.settings.duplicate_window,
                 )
                 try:
                     await self._js.add_stream(config)
