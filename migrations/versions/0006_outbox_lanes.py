@@ -81,14 +81,14 @@ def upgrade() -> None:
     op.create_index(
         "ix_qx_outbox_ready",
         "qx_outbox",
-        ["position", "lane"],
+        ["lane", "position"],
         postgresql_where=READY,
         sqlite_where=READY,
     )
     op.create_index(
         "ix_qx_outbox_deferred",
         "qx_outbox",
-        ["next_attempt_at", "position", "lane"],
+        ["lane", "next_attempt_at", "position"],
         postgresql_where=DEFERRED,
         sqlite_where=DEFERRED,
     )

@@ -15,7 +15,7 @@ from typing import Any
 from uuid import UUID
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -23,6 +23,7 @@ from qx.core import FixedClock, utcnow
 from qx.db import UnitOfWorkFactory
 from qx.errors import PublishError
 from qx.outbox import Envelope, MemoryPublisher, OutboxRelay, OutboxStore, outbox_table
+from qx.outbox._statements import statements
 from qx.outbox._table import lane_table
 from qx.settings import RelaySettings
 from tests import models
@@ -274,3 +275,54 @@ async def test_a_dead_head_parks_its_aggregate_and_requeue_keeps_the_order(
     assert [e.data["value"] for e in publisher.published] == [1, 2, 3, 4]
     assert [e.sequence for e in publisher.published] == [1, 2, 3, 4]
     assert all(e.position is not None for e in publisher.published)
+
+
+async def test_a_claim_reads_about_a_batch_whatever_the_backlog_and_the_relays(
+    engine: AsyncEngine, uow_factory: Factory
+) -> None:
+    # 300 aggregates x 20 rows and four relays with a quarter of the lanes each. With one
+    # batch in flight, a relay's next claim reads its batch, the rows in flight it passes
+    # over, and nothing of the other relays' lanes or of the rest of the backlog.
+    ids = await counters(uow_factory, 300)
+    await asyncio.gather(*(bump(uow_factory, ident, 20) for ident in ids))
+    store = OutboxStore(engine)
+    now = utcnow()
+    relays = [f"relay-{n}" for n in range(4)]
+    for relay in relays:  # heartbeats first, so the lanes are shared four ways
+        await store.lease(relay, busy=set(), now=now, lease_seconds=30)
+    mine = None
+    for _ in range(3):
+        for relay in relays:
+            leases = await store.lease(relay, busy=set(), now=now, lease_seconds=30)
+            if relay == "relay-0":
+                mine = leases
+    assert mine is not None and len(mine.tokens) == 16
+    first = await store.claim("relay-0", mine.tokens, batch_size=200, now=now, lease_seconds=30)
+    flying = [row["position"] for run in first.runs for row in run]
+    assert first.rows == 200
+    stmt = statements("postgresql").ready
+    params = {"lanes": sorted(mine.tokens), "batch": 200, "now": now, "skip": flying}
+
+    def explain(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> Any:
+        return "EXPLAIN (ANALYZE, FORMAT JSON) " + statement, parameters
+
+    event.listen(engine.sync_engine, "before_cursor_execute", explain, retval=True)
+    try:
+        async with engine.connect() as conn:
+            plan = (await conn.execute(stmt, params)).scalar_one()
+    finally:
+        event.remove(engine.sync_engine, "before_cursor_execute", explain)
+    scans = list(_scans(plan[0]["Plan"], "ix_qx_outbox_ready"))
+    assert len(scans) == 1, plan
+    read = scans[0]["Actual Rows"] + scans[0].get("Rows Removed by Filter", 0)
+    # The batch plus the rows in flight it passed over: not the 6,000-row backlog.
+    assert read <= 200 + len(flying), {
+        k: v for k, v in scans[0].items() if "Cond" in k or "Filter" in k or "Rows" in k
+    }
+
+
+def _scans(node: dict[str, Any], index: str) -> Any:
+    if node.get("Index Name") == index:
+        yield node
+    for child in node.get("Plans", ()):
+        yield from _scans(child, index)

@@ -29,6 +29,8 @@ EXPECTED = {
         "unit_of_work_middleware",
     ],
     "qx.migrations": [
+        "CreateOutboxNotifyOp",
+        "DropOutboxNotifyOp",
         "alembic_config",
         "assert_schema_current",
         "compare_type",

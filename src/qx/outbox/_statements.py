@@ -74,8 +74,8 @@ class Statements:
 
     fenced: Any  # lanes, me: this relay's lanes and tokens, locked shared
     fenced_live: Any  # lanes, me, now: the same, unexpired
-    ready: Any  # lanes, skip, batch: ready rows in position order, with their blocker
-    due: Any  # lanes, skip, now, batch: deferred rows due now
+    ready: Any  # PostgreSQL lanes / SQLite lane, skip, batch: ready rows, with blockers
+    due: Any  # PostgreSQL lanes / SQLite lane, skip, now, batch: deferred rows due now
     blockers: Any  # positions: state of the given unpublished rows
     followers: Any  # PostgreSQL: ht, hi, hp, hf, per; SQLite: t, i, after, per
     sequences: Any  # PostgreSQL: kt, ki; SQLite: keys: the last numbers given
@@ -131,15 +131,46 @@ def statements(dialect: str) -> Statements:
         if pg
         else _o.c.position.not_in(bindparam("skip", expanding=True))
     )
-    candidates = select(*claimed_columns(_o), blocker).where(
-        _PENDING, within(_o.c.lane, "lanes", Integer()), in_flight
+    # Lane by lane, each through its own range of the state's index ((lane, position) for
+    # ready rows, (lane, next_attempt_at) for deferred ones): a claim reads what it takes,
+    # whatever the other relays' lanes hold. Within a lane rows come in order, which is all
+    # the per-aggregate order needs (an aggregate lives in one lane).
+    ready_where = (_PENDING, in_flight, _o.c.next_attempt_at.is_(None))
+    due_where = (
+        _PENDING,
+        in_flight,
+        _o.c.next_attempt_at.is_not(None),
+        _o.c.next_attempt_at <= now,
     )
-    ready = candidates.where(_o.c.next_attempt_at.is_(None)).order_by(_o.c.position).limit(batch)
-    due = (
-        candidates.where(_o.c.next_attempt_at.is_not(None), _o.c.next_attempt_at <= now)
-        .order_by(_o.c.next_attempt_at, _o.c.position)
-        .limit(batch)
-    )
+    columns = (*claimed_columns(_o), blocker)
+    if pg:
+        # The lanes in the order given (the relay rotates it); the outer LIMIT stops the
+        # nested loop as soon as the batch is full.
+        lanes = (
+            func.unnest(bindparam("lanes", type_=postgresql.ARRAY(Integer())))
+            .table_valued("lane")
+            .render_derived(name="l")
+        )
+
+        def by_lane(where: tuple[Any, ...], order: tuple[Any, ...]) -> Any:
+            per_lane = (
+                select(*columns)
+                .where(_o.c.lane == lanes.c.lane, *where)
+                .order_by(*order)
+                .limit(batch)
+                .lateral("x")
+            )
+            return select(per_lane).select_from(lanes.join(per_lane, true())).limit(batch)
+
+        ready: Any = by_lane(ready_where, (_o.c.position,))
+        due: Any = by_lane(due_where, (_o.c.next_attempt_at, _o.c.position))
+    else:
+        # SQLite runs one statement per lane (in process, a probe is cheap).
+        lane = bindparam("lane", type_=Integer())
+        ready = select(*columns).where(_o.c.lane == lane, *ready_where)
+        ready = ready.order_by(_o.c.position).limit(batch)
+        due = select(*columns).where(_o.c.lane == lane, *due_where)
+        due = due.order_by(_o.c.next_attempt_at, _o.c.position).limit(batch)
     blockers = select(_o.c.position, _o.c.next_attempt_at, _o.c.dead_at).where(
         within(_o.c.position, "positions", BigInteger()), _o.c.published_at.is_(None)
     )

@@ -251,6 +251,7 @@ class OutboxStore:
         self._lanes_created = False
         self._sql = statements(engine.dialect.name)
         self._compiled: dict[int, Compiled] = {}
+        self._rotation = 0
 
     # -- transactions ----------------------------------------------------------------------
 
@@ -455,8 +456,12 @@ class OutboxStore:
                 "skip": sorted(flying),
             }
             rows: dict[int, dict[str, Any]] = {}
+            # A different first lane each claim, so no lane waits behind a busy one.
+            order = sorted(valid)
+            self._rotation = (self._rotation + 1) % len(order)
+            order = order[self._rotation :] + order[: self._rotation]
             for stmt in (self._sql.ready, self._sql.due):
-                for found in await tx.rows(stmt, params):
+                for found in await self._candidates(tx, stmt, params, order, batch_size):
                     rows[found["position"]] = found
             runs, blocked = _runs(sorted(rows.values(), key=lambda r: r["position"]))
             states = await self._blockers(tx, blocked - flying)
@@ -492,6 +497,25 @@ class OutboxStore:
                 if left:
                     await tx.run(self._sql.defer, {"positions": left, "until": at})
         return Claim(taken, {lane: tokens[lane] for lane in valid})
+
+    async def _candidates(
+        self,
+        tx: Tx,
+        stmt: Any,
+        params: dict[str, Any],
+        lanes: list[int],
+        batch_size: int,
+    ) -> list[dict[str, Any]]:
+        """Up to ``batch_size`` rows of ``stmt``, lane by lane in the order given."""
+        if self.dialect.name == "postgresql":
+            return await tx.rows(stmt, {**params, "lanes": lanes})
+        found: list[dict[str, Any]] = []
+        for lane in lanes:
+            need = batch_size - len(found)
+            if need <= 0:
+                break
+            found += await tx.rows(stmt, {**params, "lane": lane, "batch": need})
+        return found
 
     async def _extend(
         self,

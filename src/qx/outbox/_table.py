@@ -111,21 +111,20 @@ outbox_table: Final = Table(
     Column("lane", Integer(), nullable=False, server_default=text("0")),
     # 1, 2, 3, ... per aggregate, given when a relay first claims the row (gaps = lost rows).
     Column("aggregate_seq", BigInteger(), nullable=True),
-    # Ready rows in position order (the lane beside it, so other relays' lanes are skipped
-    # in the index).
+    # Ready rows of a lane in position order: a claim reads its lanes' ranges only.
     Index(
         "ix_qx_outbox_ready",
-        "position",
         "lane",
+        "position",
         postgresql_where=text(f"{_UNPUBLISHED} AND next_attempt_at IS NULL"),
         sqlite_where=text(f"{_UNPUBLISHED} AND next_attempt_at IS NULL"),
     ),
-    # Deferred rows by the time they are due: a claim reads only those due now.
+    # Deferred rows of a lane by the time they are due: a claim reads only those due now.
     Index(
         "ix_qx_outbox_deferred",
+        "lane",
         "next_attempt_at",
         "position",
-        "lane",
         postgresql_where=text(f"{_UNPUBLISHED} AND next_attempt_at IS NOT NULL"),
         sqlite_where=text(f"{_UNPUBLISHED} AND next_attempt_at IS NOT NULL"),
     ),
