@@ -90,7 +90,9 @@ async def start_relay(
     return process
 
 
-async def produce(factory: Factory, committed: list[int] | None = None) -> list[UUID]:
+async def produce(
+    factory: Factory, committed: list[int] | None = None, *, events_each: int = EVENTS_EACH
+) -> list[UUID]:
     async with factory() as uow:
         counters = [models.Counter(name=f"agg{i}") for i in range(AGGREGATES)]
         await uow.counters.add_many(counters)
@@ -98,7 +100,7 @@ async def produce(factory: Factory, committed: list[int] | None = None) -> list[
     ids = [c.id for c in counters]
 
     async def worker(mine: list[UUID]) -> None:
-        for _ in range(EVENTS_EACH):
+        for _ in range(events_each):
             for ident in mine:
                 async with factory() as uow:
                     (await uow.counters.require(ident)).increment(integration=True)
@@ -142,14 +144,16 @@ async def stream_contents(url: str, prefix: str, stream: str) -> list[dict[str, 
         await nc.close()
 
 
-def check_exactly_once_in_order(envelopes: list[dict[str, Any]], ids: list[UUID]) -> None:
-    assert len(envelopes) == AGGREGATES * EVENTS_EACH
+def check_exactly_once_in_order(
+    envelopes: list[dict[str, Any]], ids: list[UUID], *, events_each: int = EVENTS_EACH
+) -> None:
+    assert len(envelopes) == AGGREGATES * events_each
     assert len({e["id"] for e in envelopes}) == len(envelopes)
     by_aggregate: dict[str, list[int]] = {}
     for envelope in envelopes:
         by_aggregate.setdefault(envelope["aggregateid"], []).append(envelope["data"]["value"])
     assert set(by_aggregate) == {str(i) for i in ids}
-    expected = list(range(1, EVENTS_EACH + 1))
+    expected = list(range(1, events_each + 1))
     out_of_order = [agg for agg, values in by_aggregate.items() if values != expected]
     assert not out_of_order, out_of_order[:3]
 
@@ -191,14 +195,15 @@ async def test_four_relays_at_once_keep_order(
     env = relay_env(engine, await current_schema(engine), url, prefix, stream)
     relays = [await start_relay(env, wait_ready=True) for _ in range(4)]
     try:
-        ids = await produce(uow_factory)
+        ids = await produce(uow_factory, events_each=20)
         await wait_drained(engine)
     finally:
         for relay in relays:
             relay.send_signal(signal.SIGTERM)
         codes = [await asyncio.wait_for(relay.wait(), 30) for relay in relays]
     assert codes == [0, 0, 0, 0]
-    check_exactly_once_in_order(await stream_contents(url, prefix, stream), ids)
+    envelopes = await stream_contents(url, prefix, stream)
+    check_exactly_once_in_order(envelopes, ids, events_each=20)
 
 
 async def current_schema(engine: AsyncEngine) -> str:

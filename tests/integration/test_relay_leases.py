@@ -280,11 +280,11 @@ async def test_a_dead_head_parks_its_aggregate_and_requeue_keeps_the_order(
 async def test_a_claim_reads_about_a_batch_whatever_the_backlog_and_the_relays(
     engine: AsyncEngine, uow_factory: Factory
 ) -> None:
-    # 300 aggregates x 20 rows and four relays with a quarter of the lanes each. With one
+    # 300 aggregates x 10 rows and four relays with a quarter of the lanes each. With one
     # batch in flight, a relay's next claim reads its batch, the rows in flight it passes
     # over, and nothing of the other relays' lanes or of the rest of the backlog.
     ids = await counters(uow_factory, 300)
-    await asyncio.gather(*(bump(uow_factory, ident, 20) for ident in ids))
+    await asyncio.gather(*(bump(uow_factory, ident, 10) for ident in ids))
     store = OutboxStore(engine)
     now = utcnow()
     relays = [f"relay-{n}" for n in range(4)]
@@ -315,7 +315,7 @@ async def test_a_claim_reads_about_a_batch_whatever_the_backlog_and_the_relays(
     scans = list(_scans(plan[0]["Plan"], "ix_qx_outbox_ready"))
     assert len(scans) == 1, plan
     read = scans[0]["Actual Rows"] + scans[0].get("Rows Removed by Filter", 0)
-    # The batch plus the rows in flight it passed over: not the 6,000-row backlog.
+    # The batch plus the rows in flight it passed over: not the 3,000-row backlog.
     assert read <= 200 + len(flying), {
         k: v for k, v in scans[0].items() if "Cond" in k or "Filter" in k or "Rows" in k
     }

@@ -129,9 +129,9 @@ async def test_broker_outage_counts_no_attempt_and_dead_letters_nothing(
         await proxy.stop()  # the broker is gone
         await bump_all(uow_factory, counters, 4)
 
-        # Far more failed tries than max_attempts allows a message.
+        # More failed tries than max_attempts allows a message.
         async def tried_often() -> bool:
-            return publisher.unavailable >= 10
+            return publisher.unavailable >= 5
 
         await until(tried_often, 30)
         rows = await outbox(engine)

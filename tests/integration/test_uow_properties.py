@@ -219,7 +219,7 @@ STEPS = (
 )
 programs = st.lists(st.tuples(st.sampled_from(STEPS), st.integers(0, 255)), max_size=30)
 EXAMPLES = settings(
-    max_examples=20,
+    max_examples=12,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )

@@ -256,22 +256,29 @@ class OutboxStore:
     # -- transactions ----------------------------------------------------------------------
 
     @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[AsyncConnection]:
-        """One short transaction, bounded by ``timeout``."""
+    async def _connection(self) -> AsyncIterator[tuple[AsyncConnection, Any]]:
+        """A pooled connection and its driver connection, bounded by ``timeout``. On any
+        error the socket is closed at once and the connection never pooled again: it may
+        be dead, and cleaning up over a dead socket would hang."""
         async with contextlib.AsyncExitStack() as stack:
             await stack.enter_async_context(asyncio.timeout(self.timeout))
             conn = await stack.enter_async_context(self.engine.connect())
             raw = await conn.get_raw_connection()
             try:
-                await conn.begin()
-                yield conn
-                await conn.commit()
+                yield conn, raw.driver_connection
             except BaseException:
-                # Whatever went wrong, the socket may be dead: cleaning up over it would hang.
                 terminate(raw)
                 with contextlib.suppress(Exception):
                     await conn.invalidate()
                 raise
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[AsyncConnection]:
+        """One short transaction through SQLAlchemy, bounded by ``timeout``."""
+        async with self._connection() as (conn, _driver):
+            await conn.begin()
+            yield conn
+            await conn.commit()
 
     @asynccontextmanager
     async def hot(self) -> AsyncIterator[Tx]:
@@ -281,21 +288,8 @@ class OutboxStore:
             async with self.transaction() as conn:
                 yield CoreTx(conn)
             return
-        async with contextlib.AsyncExitStack() as stack:
-            await stack.enter_async_context(asyncio.timeout(self.timeout))
-            conn = await stack.enter_async_context(self.engine.connect())
-            raw = await conn.get_raw_connection()
-            driver: Any = raw.driver_connection
-            try:
-                async with driver.transaction():
-                    yield DriverTx(driver, self.engine.dialect, self._compiled)
-            except BaseException:
-                # SQLAlchemy did not see this connection's statements; and the socket may
-                # be dead, where cleaning up over it would hang: never pool it again.
-                terminate(raw)
-                with contextlib.suppress(Exception):
-                    await conn.invalidate()
-                raise
+        async with self._connection() as (_conn, driver), driver.transaction():
+            yield DriverTx(driver, self.engine.dialect, self._compiled)
 
     @asynccontextmanager
     async def _using(self, tx: Tx | None) -> AsyncIterator[Tx]:
