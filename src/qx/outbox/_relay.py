@@ -4,10 +4,9 @@ No database transaction or lock spans broker I/O. The relay leases a fair share 
 outbox's lanes (every aggregate hashes to one lane), then loops:
 
 1. renew its lanes (and hand surplus ones to relays that joined);
-2. write what finished since the last turn: published rows, failed heads, rows given back;
-3. claim a batch in its lanes (a short transaction): per aggregate, the rows from its head
-   on, deferred until the claim's in-flight deadline;
-4. publish each aggregate's rows one after the other, different aggregates concurrently,
+2. in one short transaction, write what finished since the last turn (published rows,
+   failed heads) and claim a batch in its lanes: per aggregate, the rows from its head on;
+3. publish each aggregate's rows one after the other, different aggregates concurrently,
    outside any transaction, while later turns claim and mark more.
 
 A failed publish holds back only its own aggregate: the head is retried with jittered

@@ -1,24 +1,26 @@
 """The relay's SQL: lane leases, claims, marks, and the operator's view of the outbox.
 
-Every statement here runs in a short transaction of its own; none spans broker I/O.
+Every statement here runs in a short transaction; none spans broker I/O.
 
 - **Leases.** A relay heartbeats in ``qx_outbox_relay`` and holds a fair share of the
   :data:`~qx.outbox._table.OUTBOX_LANES` lanes in ``qx_outbox_lane`` (owner, lease
   deadline, fencing token). Taking a lane bumps its token; a claim or a mark is accepted only
   under the token the relay holds, so a relay that lost a lane while it was away can change
   nothing in it.
-- **Claims.** In its own lanes a relay reads the first ready rows (``next_attempt_at`` NULL)
+- **Claims.** Lane by lane, a relay reads the first ready rows (``next_attempt_at`` NULL)
   and the deferred rows now due, each through its partial index, and takes per aggregate the
   run that starts at the aggregate's head: a row is taken only when the nearest earlier
-  unpublished row of its aggregate is the row taken before it. Taken rows are deferred until
-  the claim's in-flight deadline (a crash costs a lease period, not a lock). Rows behind an
-  aggregate that is in flight, in retry or parked are deferred to when it can move, so no
-  later claim reads them again: a claim reads about ``batch_size`` rows whatever the
-  backlog, the number of relays, or the number of blocked aggregates.
-- **Marks.** Published rows; failed heads (retry later, or dead, which parks the rest of
-  the aggregate unless its event may be published past); rows given back untried (broker
-  unavailable, shutdown); and, for every aggregate whose run went out whole, its deferred
-  followers made ready again.
+  unpublished row of its aggregate is the row taken before it. Taken rows are not written:
+  the lane is the lease, and the relay passes over the rows it has in flight, so a relay
+  that dies costs its peers one lane lease. Rows behind a run in flight, in retry or parked
+  are deferred to when it can move, so no later claim reads them again: a claim reads about
+  ``batch_size`` rows whatever the backlog, the number of relays, or the number of blocked
+  aggregates.
+- **Marks.** Published rows with their numbers (each aggregate's last number moves with
+  them, so a row published again after a crash keeps its number); failed heads (retry
+  later, or dead, which parks the rest of the aggregate unless its event may be published
+  past); and, for every aggregate whose run went out whole, its deferred followers made
+  ready again.
 
 Example:
     >>> store = OutboxStore(engine)                                   # doctest: +SKIP
