@@ -138,8 +138,9 @@ async def test_a_relay_cut_off_silently_costs_its_peers_one_lease_and_obeys_sigt
         finally:
             relay_b.stop()
             await asyncio.wait_for(task, 15)
-        # At most: A's lease running out, then the in-flight deadline of rows it held.
-        assert took <= 2 * lease + 2, (took, time.monotonic() - started)
+        # A's lanes come free once its lease runs out; B's next lease turn (every second)
+        # takes them and publishes at once: nothing of A's was left written as in flight.
+        assert took <= lease + 3.5, (took, time.monotonic() - started)
         values = {str(i): [] for i in ids}  # type: dict[str, list[int]]
         for envelope in publisher.published:
             values[envelope.data["counter_id"]].append(envelope.data["value"])
