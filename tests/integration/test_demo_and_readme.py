@@ -91,6 +91,25 @@ async def test_demo_on_postgresql_publishes_to_jetstream(backend: str, tmp_path:
     assert info.state.messages == report.published
 
 
+@pytest.mark.postgres_only
+@pytest.mark.parametrize("concurrency", [32, 256])
+async def test_demo_on_postgresql_succeeds_at_high_concurrency(
+    backend: str, tmp_path: Path, concurrency: int
+) -> None:
+    # Every order reserves stock of one of a few products: the hot rows are read locked, so
+    # concurrent orders queue for them instead of exhausting the bus's retries.
+    engine, schema = await make_backend_engine(backend, tmp_path)
+    try:
+        settings = QxSettings(db=DatabaseSettings(url=pg_url_for(engine)))
+        report = await run_demo(settings, orders_count=120, engine=engine, concurrency=concurrency)
+    finally:
+        await engine.dispose()
+        if schema:
+            await drop_schema(schema)
+    assert report.orders_placed == 120
+    assert report.published == report.outbox_total == 120 + 2
+
+
 def test_qx_demo_command(tmp_path: Path) -> None:
     qx = Path(sys.executable).with_name("qx")
     result = subprocess.run(

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 from sqlalchemy import MetaData, func, select
@@ -37,3 +40,40 @@ async def test_each_test_starts_empty_and_commits_stay_inside_it(
             assert await uow.orders.count() == 1
             rows = await uow.session.scalar(select(func.count()).select_from(orders))
             assert rows == 1
+
+
+BLOCKED = """
+import sys
+import pytest
+
+
+class NoPytestAsyncio:
+    # What an environment without pytest-asyncio looks like to an import.
+    def find_spec(self, name, path=None, target=None):
+        if name == "pytest_asyncio" or name.startswith("pytest_asyncio."):
+            raise ModuleNotFoundError(f"No module named {name!r}")
+        return None
+
+
+sys.meta_path.insert(0, NoPytestAsyncio())
+sys.exit(pytest.main(["-p", "no:asyncio", "-p", "no:cacheprovider", sys.argv[1]]))
+"""
+
+
+def test_pytest_without_pytest_asyncio_still_runs_and_says_why_qx_fixtures_are_off(
+    tmp_path: Path,
+) -> None:
+    # Installing qx must not break pytest in a project that has no pytest-asyncio.
+    (tmp_path / "test_plain.py").write_text("def test_one():\n    assert 1 + 1 == 2\n")
+    (tmp_path / "run.py").write_text(BLOCKED)
+    done = subprocess.run(
+        [sys.executable, str(tmp_path / "run.py"), str(tmp_path / "test_plain.py")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "1 passed" in done.stdout
+    assert "pip install 'qx[testing]'" in done.stdout

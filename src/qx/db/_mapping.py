@@ -339,6 +339,15 @@ def _map(
 ) -> Mapper[Any]:
     if post_init not in (None, "run", "skip"):
         raise ConfigurationError(f"post_init must be 'run' or 'skip', got {post_init!r}")
+    params = getattr(cls, "__dataclass_params__", None)
+    if params is not None and params.frozen:
+        # SQLAlchemy keeps its state on the instance and qx changes versions in place: a
+        # frozen instance refuses both, at the first __init__.
+        raise ConfigurationError(
+            f"{cls.__qualname__} is a frozen dataclass; mapped classes change in place "
+            "(state, versions, loaded values): declare it @dataclass(frozen=False) and keep "
+            "immutability for its value objects (map those as composites or JSON columns)"
+        )
     defines_post_init = dataclasses.is_dataclass(cls) and hasattr(cls, "__post_init__")
     if defines_post_init and post_init is None:
         raise ConfigurationError(

@@ -23,9 +23,10 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import types
 from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import Any, ClassVar, Generic, Self, TypeVar, get_type_hints
+from typing import Any, ClassVar, Generic, Self, TypeVar, get_args, get_origin, get_type_hints
 
 from pydantic import SecretStr
 from sqlalchemy import insert
@@ -64,6 +65,24 @@ logger = logging.getLogger("qx.uow")
 R = TypeVar("R", bound=Repository[Any])
 U = TypeVar("U", bound="UnitOfWork")
 AfterCommit = Callable[[], Awaitable[None] | None]
+
+
+_GENERIC_REPOSITORIES: dict[Any, type[Repository[Any]]] = {}
+
+
+def _is_generic_repository(hint: Any) -> bool:
+    origin = get_origin(hint)
+    return isinstance(origin, type) and issubclass(origin, Repository)
+
+
+def _generic_repository(hint: Any) -> type[Repository[Any]]:
+    """One subclass per ``Repository[X]`` annotation, shared by every unit of work."""
+    found = _GENERIC_REPOSITORIES.get(hint)
+    if found is None:
+        (entity,) = get_args(hint)
+        name = f"{getattr(entity, '__name__', 'Entity')}Repository"
+        found = _GENERIC_REPOSITORIES[hint] = types.new_class(name, (hint,))
+    return found
 
 
 class UnitOfWork:
@@ -121,11 +140,14 @@ class UnitOfWork:
                 raise ConfigurationError(
                     f"cannot resolve the repository annotations of {cls.__qualname__}: {exc}"
                 ) from exc
-            found = {
-                name: hint
-                for name, hint in hints.items()
-                if isinstance(hint, type) and issubclass(hint, Repository)
-            }
+            found = {}
+            for name, hint in hints.items():
+                if isinstance(hint, type) and issubclass(hint, Repository):
+                    found[name] = hint
+                elif _is_generic_repository(hint):
+                    # ``books: Repository[Book]``: the plain repository of that class, as
+                    # if the service had written ``class BookRepository(Repository[Book])``.
+                    found[name] = _generic_repository(hint)
             cls._repository_types = found
         return found
 

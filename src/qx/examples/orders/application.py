@@ -187,16 +187,19 @@ def build_bus(*, middleware: Sequence[Middleware] = ()) -> MessageBus:
             prev_cursor=page.prev_cursor,
         )
 
+    # Stock is the hot row every order changes: read it locked, so concurrent orders queue
+    # for it instead of losing version races and retrying; in sku order, so two orders of
+    # the same products never wait for each other in a circle.
     @bus.on(OrderPlaced)
     async def reserve_stock(event: OrderPlaced, uow: Any) -> None:
-        for sku, quantity in event.lines:
-            product = await uow.products.query().filter(sku=sku).one()
+        for sku, quantity in sorted(event.lines):
+            product = await uow.products.query().filter(sku=sku).for_update().one()
             product.reserve(quantity)
 
     @bus.on(OrderCancelled)
     async def release_stock(event: OrderCancelled, uow: Any) -> None:
-        for sku, quantity in event.lines:
-            product = await uow.products.query().filter(sku=sku).one()
+        for sku, quantity in sorted(event.lines):
+            product = await uow.products.query().filter(sku=sku).for_update().one()
             product.release(quantity)
 
     return bus
