@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Annotated, Any
 
-from qx.core._errors import QxError
+from qx.core._errors import ConfigurationError, QxError
 
 try:
     import typer
@@ -54,7 +56,7 @@ def _build_app() -> typer.Typer:
         from qx._demo import run_demo
         from qx.settings import load_settings
 
-        try:
+        with _one_line(console, what="qx demo failed"):
             settings = load_settings()
             if serve:
                 _serve(settings, port)
@@ -78,17 +80,40 @@ def _build_app() -> typer.Typer:
                         settings, orders_count=orders, concurrency=concurrency, progress=progress
                     )
                 )
-        except QxError as exc:
-            console.print(f"[red]qx demo failed:[/red] {exc}", highlight=False, soft_wrap=True)
-            raise typer.Exit(1) from exc
-        except OSError as exc:
-            console.print(f"[red]cannot reach the database or broker:[/red] {exc}")
-            raise typer.Exit(1) from exc
         _print_report(console, report)
 
     app.add_typer(_outbox_app(console), name="outbox")
     app.add_typer(_db_app(console), name="db")
     return app
+
+
+@contextmanager
+def _one_line(
+    console: Console, *, what: str = "error", extra: tuple[type[Exception], ...] = ()
+) -> Iterator[None]:
+    """Turn qx's errors, and driver errors qx can translate, into one line and exit 1 (a
+    command-line user wants the mistake, not a traceback). Anything else is a bug: raised."""
+    from rich.markup import escape
+
+    from qx.db._translate import translate_error
+
+    expected: tuple[type[Exception], ...] = (QxError, *extra)
+    try:
+        yield
+    except expected as exc:
+        # Escaped: messages quote things like qx[api] that rich would read as markup.
+        console.print(f"[red]{what}:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from exc
+    except Exception as exc:
+        translated = translate_error(exc)
+        if translated is None and not isinstance(exc, OSError):
+            raise
+        console.print(
+            f"[red]cannot reach the database or broker:[/red] {escape(str(translated or exc))}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(1) from exc
 
 
 def _db_app(console: Console) -> typer.Typer:
@@ -99,23 +124,8 @@ def _db_app(console: Console) -> typer.Typer:
 
         from qx.migrations import alembic_config
 
-        try:
+        with _one_line(console, extra=(CommandError,)):
             return work(alembic_config(config or "alembic.ini"))
-        except (QxError, CommandError) as exc:
-            console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
-            raise typer.Exit(1) from exc
-        except Exception as exc:
-            from qx.db._translate import translate_error
-
-            translated = translate_error(exc) if isinstance(exc, Exception) else None
-            if translated is None and not isinstance(exc, OSError):
-                raise
-            console.print(
-                f"[red]cannot reach the database:[/red] {translated or exc}",
-                highlight=False,
-                soft_wrap=True,
-            )
-            raise typer.Exit(1) from exc
 
     @db.command("upgrade")
     def upgrade_command(
@@ -128,7 +138,8 @@ def _db_app(console: Console) -> typer.Typer:
 
         alembic(config, lambda cfg: command.upgrade(cfg, revision, sql=sql))
 
-    @db.command("downgrade")
+    # "-1" is a relative revision, not an option: let it through as the argument.
+    @db.command("downgrade", context_settings={"ignore_unknown_options": True})
     def downgrade_command(
         revision: Annotated[str, typer.Argument(help="Target, e.g. -1 or base.")],
         config: Annotated[str | None, _CONFIG_OPTION] = None,
@@ -188,7 +199,13 @@ def _db_app(console: Console) -> typer.Typer:
 
 
 def _serve(settings: Any, port: int) -> None:
-    import uvicorn
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError as exc:
+        raise ConfigurationError(
+            "qx demo --serve needs the api extra: pip install 'qx[api]'"
+        ) from exc
 
     from qx._demo import run_demo
     from qx.examples.orders.api import create_app
@@ -269,14 +286,8 @@ def _outbox_app(console: Console) -> typer.Typer:
                 except TimeoutError:
                     await engine.dispose(close=False)
 
-        try:
+        with _one_line(console):
             return asyncio.run(main())
-        except QxError as exc:
-            console.print(f"[red]error:[/red] {exc}")
-            raise typer.Exit(1) from exc
-        except OSError as exc:
-            console.print(f"[red]cannot reach the database or broker:[/red] {exc}")
-            raise typer.Exit(1) from exc
 
     @outbox.command("relay")
     def relay_command(

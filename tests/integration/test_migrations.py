@@ -189,6 +189,11 @@ def test_db_commands_and_check_exit_codes(empty_url: str) -> None:
     drifted = runner.invoke(app, ["db", "check", *location])
     assert drifted.exit_code == 1
     assert "column orders.note is not in the code" in drifted.output
+    # A relative step back, as its help offers.
+    back = runner.invoke(app, ["db", "downgrade", "-1", *location])
+    assert back.exit_code == 0, back.output
+    after = runner.invoke(app, ["db", "current", *location])
+    assert "0005" in after.output and "0006" not in after.output
     assert runner.invoke(app, ["db", "downgrade", "base", *location]).exit_code == 0
 
 

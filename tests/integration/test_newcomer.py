@@ -11,6 +11,7 @@ from uuid import UUID
 
 import pytest
 from sqlalchemy import Column, Integer, String, Table
+from sqlalchemy.engine import make_url
 
 from qx.core import new_id
 from qx.db import (
@@ -174,3 +175,52 @@ async def test_rows_read_for_update_queue_their_writers_instead_of_conflicting(
         await engine.dispose()
         if schema is not None:
             await drop_schema(schema)
+
+
+@pytest.mark.parametrize(
+    ("url", "command", "expected"),
+    [
+        (
+            "postgresql+asyncpg://postgres@{host}/qx_no_such_database",
+            ["outbox", "status"],
+            'database "qx_no_such_database" does not exist',
+        ),
+        (
+            "postgresql+asyncpg://qx_no_such_role@{host}/postgres",
+            ["demo", "--orders", "2"],
+            'role "qx_no_such_role" does not exist',
+        ),
+        ("postgresql+asyncpg://postgres@127.0.0.1:1/postgres", ["demo"], "Connect call failed"),
+    ],
+)
+def test_command_line_mistakes_are_one_line_naming_them(
+    monkeypatch: pytest.MonkeyPatch, url: str, command: list[str], expected: str
+) -> None:
+    from typer.testing import CliRunner
+
+    from qx.cli import app
+    from tests.services import POSTGRES, resolve
+
+    base = make_url(resolve(POSTGRES))
+    monkeypatch.setenv("QX_DB__URL", url.format(host=f"{base.host}:{base.port or 5432}"))
+    result = CliRunner().invoke(app, command)
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and expected in lines[0], result.output
+    assert "Traceback" not in result.output
+
+
+def test_demo_serve_without_the_api_extra_names_the_install(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import sys
+
+    from typer.testing import CliRunner
+
+    from qx.cli import app
+
+    monkeypatch.setitem(sys.modules, "fastapi", None)  # what an install without it sees
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["demo", "--serve"])
+    assert result.exit_code == 1
+    assert "pip install 'qx[api]'" in result.output and "Traceback" not in result.output
