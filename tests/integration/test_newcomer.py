@@ -5,15 +5,17 @@ repository of a class nobody mapped says what to call."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 from uuid import UUID
 
 import pytest
 from sqlalchemy import Column, Integer, String, Table
 from sqlalchemy.engine import make_url
 
-from qx.core import new_id
+from qx.core import DomainEvent, IntegrationEvent, new_id
 from qx.db import (
     Repository,
     UnitOfWork,
@@ -26,7 +28,7 @@ from qx.db import (
     version_column,
 )
 from qx.errors import ConfigurationError
-from tests.integration.conftest import drop_schema, engine_with_tables
+from tests.integration.conftest import drop_schema, engine_with_tables, make_backend_engine
 
 md = make_metadata()
 reg = make_registry(md)
@@ -224,3 +226,61 @@ def test_demo_serve_without_the_api_extra_names_the_install(
     result = CliRunner().invoke(app, ["demo", "--serve"])
     assert result.exit_code == 1
     assert "pip install 'qx[api]'" in result.output and "Traceback" not in result.output
+
+
+@dataclass(frozen=True, kw_only=True)
+class Shelved(DomainEvent):
+    title: str
+
+
+async def test_a_domain_event_without_a_dispatcher_is_reported_not_dropped_silently(
+    backend: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    engine, schema = await engine_with_tables(backend, tmp_path, md)
+    try:
+        factory = UnitOfWorkFactory(Library, create_session_factory(engine))  # no dispatcher
+        with caplog.at_level(logging.WARNING, logger="qx.uow"):
+            for _ in range(2):
+                async with factory() as uow:
+                    book = Book(title="Dune")
+                    await uow.books.add(book)
+                    uow.emit(Shelved(title=book.title))
+                    await uow.commit()
+        said = [r.getMessage() for r in caplog.records if "Shelved" in r.getMessage()]
+        assert len(said) == 1, said  # once per event class, not once per commit
+        assert "no dispatcher" in said[0] and "pass dispatcher=" in said[0]
+    finally:
+        await engine.dispose()
+        if schema is not None:
+            await drop_schema(schema)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Catalogued(IntegrationEvent):
+    name: ClassVar[str] = "newcomer.catalogued"
+    title: str
+
+
+@pytest.mark.skip_on(
+    "memory", reason="the testing kit always makes qx's tables: there is nothing to forget"
+)
+async def test_a_database_without_qx_s_tables_says_how_to_add_them(
+    backend: str, tmp_path: Path
+) -> None:
+    # Only the service's own tables: include_qx_tables / qx's migrations forgotten.
+    engine, schema = await make_backend_engine(backend, tmp_path)
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(md.create_all)
+        factory = UnitOfWorkFactory(Library, create_session_factory(engine))
+        with pytest.raises(ConfigurationError, match="include_qx_tables"):
+            async with factory() as uow:
+                await uow.books.add(Book(title="Dune"))
+                uow.emit(Catalogued(title="Dune"))
+                await uow.commit()
+        async with factory() as uow:
+            assert await uow.books.count() == 0  # nothing half-written
+    finally:
+        await engine.dispose()
+        if schema is not None:
+            await drop_schema(schema)

@@ -24,12 +24,15 @@ import asyncio
 import inspect
 import logging
 import types
+import weakref
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any, ClassVar, Generic, Self, TypeVar, get_args, get_origin, get_type_hints
 
 from pydantic import SecretStr
 from sqlalchemy import insert
+from sqlalchemy import inspect as sa_inspect
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm.attributes import instance_state
 
@@ -53,7 +56,7 @@ from qx.db._repository import Repository
 from qx.db._session import QxSession, has_writes
 from qx.db._state import UnitOfWorkState
 from qx.db._tracking import renew_transient
-from qx.db._translate import translating
+from qx.db._translate import sqlstate_of, translating
 from qx.db.query._cursor import CursorCodec
 from qx.outbox._recorder import outbox_row
 from qx.outbox._table import outbox_table
@@ -321,6 +324,7 @@ class UnitOfWork:
                 )
             collected.extend(batch)
             if self._dispatcher is None:
+                _warn_unhandled(batch, self._session_factory)
                 break  # nothing runs that could record more events
             await dispatch_round(self._dispatcher, batch, self)
 
@@ -361,7 +365,7 @@ class UnitOfWork:
                         # Core on the session's connection: the outbox is a table, not a
                         # mapped class, so the ORM's execute machinery would only add overhead.
                         connection = await session.connection()
-                        await connection.execute(insert(outbox_table), rows)
+                        await _write_outbox(connection, rows)
                 # Nothing new and no events: COMMIT flushes the changes itself, one call.
                 await session.commit()
         except BaseException:
@@ -401,6 +405,49 @@ def _restore_events(roots: list[Any], records: list[RecordedEvent], before_commi
     # handlers recorded during the commit are dropped (the handlers run again on retry).
     discard_events(roots)
     restore_events(record for record in records if record.seq < before_commit)
+
+
+# Per session factory (one per service, usually): the event classes already reported.
+async def _write_outbox(connection: Any, rows: list[dict[str, Any]]) -> None:
+    """INSERT the outbox rows; a database without qx's tables is a configuration mistake
+    with a known fix, not a bare "no such table"."""
+    try:
+        await connection.execute(insert(outbox_table), rows)
+    except DBAPIError as exc:
+        # PostgreSQL: 42P01, undefined table.
+        missing = exc.orig is not None and sqlstate_of(exc.orig) == "42P01"
+        if not missing and connection.dialect.name == "sqlite":
+            # SQLite has no SQLSTATE; ask the schema instead of reading the message.
+            missing = not await connection.run_sync(
+                lambda sync: sa_inspect(sync).has_table(outbox_table.name)
+            )
+        if missing:
+            raise ConfigurationError(
+                f"the database has no {outbox_table.name} table: run qx's migrations "
+                "(qx db upgrade, or await qx.migrations.upgrade(engine)) or add "
+                "include_qx_tables(metadata) to the metadata your migrations create"
+            ) from exc
+        raise
+
+
+_UNHANDLED_WARNED: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
+
+
+def _warn_unhandled(batch: list[RecordedEvent], session_factory: Any) -> None:
+    """Say once per event class and session factory that its events reach no handler."""
+    warned = _UNHANDLED_WARNED.setdefault(session_factory, set())
+    for record in batch:
+        if isinstance(record.event, IntegrationEvent):
+            continue  # these still go to the outbox
+        name = type(record.event).__qualname__
+        if name in warned or len(warned) > 1000:
+            continue
+        warned.add(name)
+        logger.warning(
+            "%s was recorded but this unit of work has no dispatcher, so no handler runs: "
+            "pass dispatcher= (a MessageBus or InProcessDispatcher) to UnitOfWorkFactory",
+            name,
+        )
 
 
 async def dispatch_round(dispatcher: EventDispatcher, batch: list[RecordedEvent], uow: Any) -> None:
