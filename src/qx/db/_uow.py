@@ -30,9 +30,8 @@ from types import TracebackType
 from typing import Any, ClassVar, Generic, Self, TypeVar, get_args, get_origin, get_type_hints
 
 from pydantic import SecretStr
-from sqlalchemy import insert
-from sqlalchemy import inspect as sa_inspect
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy import insert, literal, select
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm.attributes import instance_state
 
@@ -416,11 +415,17 @@ async def _write_outbox(connection: Any, rows: list[dict[str, Any]]) -> None:
     except DBAPIError as exc:
         # PostgreSQL: 42P01, undefined table.
         missing = exc.orig is not None and sqlstate_of(exc.orig) == "42P01"
-        if not missing and connection.dialect.name == "sqlite":
-            # SQLite has no SQLSTATE; ask the schema instead of reading the message.
-            missing = not await connection.run_sync(
-                lambda sync: sa_inspect(sync).has_table(outbox_table.name)
-            )
+        if (
+            not missing
+            and connection.dialect.name == "sqlite"
+            and isinstance(exc, OperationalError)
+        ):
+            # SQLite has no SQLSTATE: rather than read the message, see whether the table
+            # can be read at all (through whatever schemas the connection has attached).
+            try:
+                await connection.execute(select(literal(1)).select_from(outbox_table).limit(0))
+            except DBAPIError:
+                missing = True
         if missing:
             raise ConfigurationError(
                 f"the database has no {outbox_table.name} table: run qx's migrations "
