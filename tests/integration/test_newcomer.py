@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -14,6 +16,7 @@ from uuid import UUID
 import pytest
 from sqlalchemy import Column, Integer, String, Table
 from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from qx.core import DomainEvent, IntegrationEvent, new_id
 from qx.db import (
@@ -83,6 +86,18 @@ class Library(UnitOfWork):
     books: Repository[Book]
 
 
+@asynccontextmanager
+async def library_engine(backend: str, tmp_path: Path) -> AsyncIterator[AsyncEngine]:
+    """An engine on ``backend`` with qx's tables and this module's, dropped afterwards."""
+    engine, schema = await engine_with_tables(backend, tmp_path, md)
+    try:
+        yield engine
+    finally:
+        await engine.dispose()
+        if schema is not None:
+            await drop_schema(schema)
+
+
 class Other(UnitOfWork):
     books: Repository[Book]
 
@@ -100,8 +115,7 @@ class Shelf(UnitOfWork):
 async def test_a_repository_declared_as_repository_of_a_class_is_that_class_s_repository(
     backend: str, tmp_path: Path
 ) -> None:
-    engine, schema = await engine_with_tables(backend, tmp_path, md)
-    try:
+    async with library_engine(backend, tmp_path) as engine:
         factory = UnitOfWorkFactory(Library, create_session_factory(engine))
         async with factory() as uow:
             await uow.books.add(Book(title="Dune"))
@@ -113,25 +127,16 @@ async def test_a_repository_declared_as_repository_of_a_class_is_that_class_s_re
             assert await uow.books.count() == 2
         # One repository class per annotation, whichever unit of work declares it.
         assert Library.declared_repositories()["books"] is Other.declared_repositories()["books"]
-    finally:
-        await engine.dispose()
-        if schema is not None:
-            await drop_schema(schema)
 
 
 async def test_a_repository_of_an_unmapped_class_names_the_fix(
     backend: str, tmp_path: Path
 ) -> None:
-    engine, schema = await engine_with_tables(backend, tmp_path, md)
-    try:
+    async with library_engine(backend, tmp_path) as engine:
         factory = UnitOfWorkFactory(Shelf, create_session_factory(engine))
         async with factory() as uow:
             with pytest.raises(ConfigurationError, match="not mapped: call map_aggregate"):
                 _ = uow.pamphlets
-    finally:
-        await engine.dispose()
-        if schema is not None:
-            await drop_schema(schema)
 
 
 def test_a_frozen_dataclass_is_refused_at_mapping_with_the_fix() -> None:
@@ -156,8 +161,7 @@ def test_a_frozen_dataclass_is_refused_at_mapping_with_the_fix() -> None:
 async def test_rows_read_for_update_queue_their_writers_instead_of_conflicting(
     backend: str, tmp_path: Path
 ) -> None:
-    engine, schema = await engine_with_tables(backend, tmp_path, md)
-    try:
+    async with library_engine(backend, tmp_path) as engine:
         factory = UnitOfWorkFactory(Store, create_session_factory(engine))
         async with factory() as uow:
             await uow.stock.add(Stock(sku="hot", level=100))
@@ -173,10 +177,6 @@ async def test_rows_read_for_update_queue_their_writers_instead_of_conflicting(
         async with factory() as uow:
             row = await uow.stock.query().one()
             assert (row.level, row.version) == (70, 31)
-    finally:
-        await engine.dispose()
-        if schema is not None:
-            await drop_schema(schema)
 
 
 @pytest.mark.parametrize(
@@ -236,8 +236,7 @@ class Shelved(DomainEvent):
 async def test_a_domain_event_without_a_dispatcher_is_reported_not_dropped_silently(
     backend: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    engine, schema = await engine_with_tables(backend, tmp_path, md)
-    try:
+    async with library_engine(backend, tmp_path) as engine:
         factory = UnitOfWorkFactory(Library, create_session_factory(engine))  # no dispatcher
         with caplog.at_level(logging.WARNING, logger="qx.uow"):
             for _ in range(2):
@@ -249,10 +248,6 @@ async def test_a_domain_event_without_a_dispatcher_is_reported_not_dropped_silen
         said = [r.getMessage() for r in caplog.records if "Shelved" in r.getMessage()]
         assert len(said) == 1, said  # once per event class, not once per commit
         assert "no dispatcher" in said[0] and "pass dispatcher=" in said[0]
-    finally:
-        await engine.dispose()
-        if schema is not None:
-            await drop_schema(schema)
 
 
 @dataclass(frozen=True, kw_only=True)
