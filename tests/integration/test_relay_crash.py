@@ -196,7 +196,7 @@ async def test_four_relays_at_once_keep_order(
     env = relay_env(engine, await current_schema(engine), url, prefix, stream)
     relays = [await start_relay(env, wait_ready=True) for _ in range(4)]
     try:
-        ids = await produce(uow_factory, events_each=20)
+        ids = await produce(uow_factory, events_each=10)
         await wait_drained(engine)
     finally:
         for relay in relays:
@@ -204,7 +204,7 @@ async def test_four_relays_at_once_keep_order(
         codes = [await asyncio.wait_for(relay.wait(), 30) for relay in relays]
     assert codes == [0, 0, 0, 0]
     envelopes = await stream_contents(url, prefix, stream)
-    check_exactly_once_in_order(envelopes, ids, events_each=20)
+    check_exactly_once_in_order(envelopes, ids, events_each=10)
 
 
 async def current_schema(engine: AsyncEngine) -> str:
