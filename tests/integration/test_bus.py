@@ -121,8 +121,11 @@ async def test_retry_turns_races_into_serial_success(session_factory: Any) -> No
     assert sorted(results) == list(range(1, 21))
     assert max(attempts) > 1  # races happened, and were retried
     strict = counters_bus(session_factory, attempts=1)
-    with pytest.raises(ConcurrencyConflict):
+    with pytest.raises(ConcurrencyConflict) as lost:
         await asyncio.gather(*(strict.execute(Bump(counter_id=ident)) for _ in range(10)))
+    # The error that reaches the caller says the retries ran out, and how to allow more.
+    (note,) = lost.value.__notes__
+    assert "Bump: gave up after 1 attempt (" in note and "RetryPolicy(attempts=" in note
 
 
 async def test_logging_carries_the_correlation_id(

@@ -282,13 +282,24 @@ async def logging_middleware(message: Message[Any], ctx: HandlerContext, call_ne
 async def retry_middleware(message: Message[Any], ctx: HandlerContext, call_next: Next) -> Any:
     """Run the rest of the chain again when it lost a race (new unit of work each time)."""
     policy = ctx.bus.retry
+    waited = 0.0
     while True:
         try:
             return await call_next(message, ctx)
         except policy.retry_on as exc:
             if ctx.attempt >= policy.attempts:
+                # Same error, same type (callers catch it as before), and it says why it
+                # reached them: the retries ran out.
+                tries = f"{ctx.attempt} attempt{'s' if ctx.attempt != 1 else ''}"
+                gave_up = (
+                    f"{type(message).__qualname__}: gave up after {tries} "
+                    f"({waited:.2f}s of backoff; RetryPolicy(attempts=...) to allow more)"
+                )
+                exc.add_note(gave_up)
+                logger.warning("%s: %s", gave_up, exc)
                 raise
             delay = policy.delay(ctx.attempt)
+            waited += delay
             logger.debug(
                 "%s: %s, retry %d in %.3fs", type(message).__qualname__, exc, ctx.attempt, delay
             )
