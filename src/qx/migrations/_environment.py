@@ -19,8 +19,9 @@ It handles every mode correctly:
 
 It also turns on ``render_as_batch`` for SQLite (ALTER support), ``compare_type`` and
 ``compare_server_default`` (with qx's portable types compared by what they render), keeps the
-metadata's naming conventions, adds qx's own tables (``qx_outbox``, ``qx_inbox``) to the
-target metadata, and can keep the version table in a given schema.
+metadata's naming conventions, adds qx's own tables (``QX_TABLES``: the outbox with its
+lanes, relays and sequences, the inbox, idempotency keys) to the target metadata, and can keep
+the version table in a given schema.
 """
 
 from __future__ import annotations
@@ -125,7 +126,7 @@ def run_migrations(
         metadata: the service's metadata (naming conventions kept).
         settings: database settings; default: ``QX_DB__*`` from the environment, or the
             ``sqlalchemy.url`` of ``alembic.ini`` when set.
-        include_qx: add ``qx_outbox`` and ``qx_inbox`` to the target metadata.
+        include_qx: add qx's own tables (``QX_TABLES``) to the target metadata.
         version_table_schema: keep ``alembic_version`` in this schema (or set
             ``version_table_schema`` in ``alembic.ini``).
         **configure: more ``context.configure`` options.

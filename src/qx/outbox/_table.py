@@ -1,4 +1,5 @@
-"""The ``qx_outbox`` and ``qx_inbox`` tables (in qx's own metadata, :data:`qx_metadata`).
+"""The outbox's tables (``qx_outbox`` and the relay's ``qx_outbox_lane``, ``qx_outbox_relay``,
+``qx_outbox_sequence``) and ``qx_inbox``, in qx's own metadata (:data:`qx_metadata`).
 
 The outbox's primary key is ``position``, a monotonic integer (BIGSERIAL on PostgreSQL,
 AUTOINCREMENT rowid on SQLite) that orders rows; ``id`` is the event's UUIDv7 and the
