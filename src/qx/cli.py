@@ -149,6 +149,67 @@ def _db_app(console: Console) -> typer.Typer:
 
         alembic(config, lambda cfg: command.downgrade(cfg, revision))
 
+    @db.command("revision")
+    def revision_command(
+        message: Annotated[str, typer.Option("-m", "--message", help="What it changes.")],
+        autogenerate: Annotated[
+            bool, typer.Option("--autogenerate", help="Compare the metadata with the database.")
+        ] = False,
+        config: Annotated[str | None, _CONFIG_OPTION] = None,
+    ) -> None:
+        """Write a new revision (with --autogenerate: what the metadata adds to the database,
+        qx's tables and the outbox trigger included)."""
+        from alembic import command
+
+        alembic(
+            config, lambda cfg: command.revision(cfg, message=message, autogenerate=autogenerate)
+        )
+
+    @db.command("history")
+    def history_command(config: Annotated[str | None, _CONFIG_OPTION] = None) -> None:
+        """List the revisions, newest first."""
+        from alembic import command
+
+        alembic(config, lambda cfg: command.history(cfg))
+
+    @db.command("heads")
+    def heads_command(config: Annotated[str | None, _CONFIG_OPTION] = None) -> None:
+        """Show the head revisions."""
+        from alembic import command
+
+        alembic(config, lambda cfg: command.heads(cfg, verbose=True))
+
+    @db.command("show")
+    def show_command(
+        revision: Annotated[str, typer.Argument()] = "head",
+        config: Annotated[str | None, _CONFIG_OPTION] = None,
+    ) -> None:
+        """Show one revision."""
+        from alembic import command
+
+        alembic(config, lambda cfg: command.show(cfg, revision))
+
+    @db.command("stamp")
+    def stamp_command(
+        revision: Annotated[str, typer.Argument(help="e.g. head, or a revision id.")],
+        config: Annotated[str | None, _CONFIG_OPTION] = None,
+    ) -> None:
+        """Record a revision as applied without running it."""
+        from alembic import command
+
+        alembic(config, lambda cfg: command.stamp(cfg, revision))
+
+    @db.command("merge")
+    def merge_command(
+        revisions: Annotated[list[str], typer.Argument(help="The heads to join.")],
+        message: Annotated[str | None, typer.Option("-m", "--message")] = None,
+        config: Annotated[str | None, _CONFIG_OPTION] = None,
+    ) -> None:
+        """Write a revision joining several heads."""
+        from alembic import command
+
+        alembic(config, lambda cfg: command.merge(cfg, revisions, message=message))
+
     @db.command("current")
     def current_command(config: Annotated[str | None, _CONFIG_OPTION] = None) -> None:
         """Show the database's revision."""

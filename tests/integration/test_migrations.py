@@ -240,11 +240,23 @@ def test_db_init_writes_an_environment_that_upgrades(
     bad = runner.invoke(app, ["db", "init", "--metadata", "no-colon", "--directory", "x"])
     assert bad.exit_code == 1
     try:
-        command.revision(alembic_config("alembic.ini"), message="initial", autogenerate=True)
+        made = runner.invoke(app, ["db", "revision", "--autogenerate", "-m", "initial"])
+        assert made.exit_code == 0, made.output
         (revision,) = (tmp_path / "migrations" / "versions").glob("*_initial.py")
         assert "widgets" in revision.read_text() and "qx_outbox" in revision.read_text()
+        rev_id = revision.name.split("_")[1]
+        heads = runner.invoke(app, ["db", "heads"])
+        assert heads.exit_code == 0 and rev_id in heads.output, heads.output
+        history = runner.invoke(app, ["db", "history"])
+        assert history.exit_code == 0 and "initial" in history.output
+        shown = runner.invoke(app, ["db", "show", "head"])
+        assert shown.exit_code == 0 and rev_id in shown.output
+        assert runner.invoke(app, ["db", "stamp", "head"]).exit_code == 0  # recorded, not run
+        assert runner.invoke(app, ["db", "stamp", "base"]).exit_code == 0
         assert runner.invoke(app, ["db", "upgrade"]).exit_code == 0
         assert runner.invoke(app, ["db", "check"]).exit_code == 0
+        empty = runner.invoke(app, ["db", "revision", "-m", "second"])  # no autogenerate
+        assert empty.exit_code == 0 and len(list(revision.parent.glob("*.py"))) == 2
     finally:
         sys.modules.pop(module, None)
     import sqlite3
