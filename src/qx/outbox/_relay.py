@@ -52,7 +52,16 @@ from qx.core._errors import BrokerUnavailable, QxError
 from qx.db._translate import translate_error
 from qx.outbox._envelope import Envelope
 from qx.outbox._logging import RateLimitedLog
-from qx.outbox._store import Claim, Failure, Leases, Marks, OutboxStore, backoff_delay
+from qx.outbox._statements import terminate
+from qx.outbox._store import (
+    Claim,
+    Failure,
+    Leases,
+    Marks,
+    OutboxStore,
+    aggregate_key,
+    backoff_delay,
+)
 from qx.outbox._table import NOTIFY_CHANNEL
 from qx.outbox.publishers._port import Publisher
 from qx.settings import RelaySettings
@@ -197,7 +206,7 @@ class OutboxRelay:
 
     async def _publish_run(self, run: list[dict[str, Any]], result: BatchResult) -> None:
         """Publish one aggregate's rows in order; stop at the first that fails."""
-        lane = run[0]["lane"]
+        lane, key = run[0]["lane"], aggregate_key(run[0])  # one aggregate per run
         marks = self._marks
         sent = 0
         try:
@@ -206,28 +215,21 @@ class OutboxRelay:
                     if self._outage_until > time.monotonic():
                         raise BrokerUnavailable("the broker is unavailable")
                     await self.publisher.publish(Envelope.from_row(row, source=self.source))
-                    key = (
-                        None
-                        if row["aggregate_id"] is None
-                        else (row["aggregate_type"], row["aggregate_id"])
-                    )
                     marks.published.append((lane, row["position"], key, row["aggregate_seq"]))
                     result.published += 1
                     sent += 1
                     age = (self.clock.now() - row["occurred_at"]).total_seconds()
                     result.lag_seconds = max(result.lag_seconds, age)
             self._outages = 0
-            last = run[-1]
-            if last["aggregate_id"] is not None:
-                key = (last["aggregate_type"], last["aggregate_id"])
-                marks.finished.append((lane, key, last["position"]))
+            if key is not None:
+                marks.finished.append((lane, key, run[-1]["position"]))
         except asyncio.CancelledError:
-            marks.released.extend((lane, row["position"]) for row in run[sent:])
+            # Rows not sent were never written as in flight: leaving the in-flight set (when
+            # this run is recorded) gives them back.
             result.released += len(run) - sent
             raise
         except Exception as exc:
             if _unavailable(exc):
-                marks.released.extend((lane, row["position"]) for row in run[sent:])
                 result.released += len(run) - sent
                 self._broker_down(exc)
             else:
@@ -324,10 +326,7 @@ class OutboxRelay:
                         tx=tx,
                     )
         except BaseException:
-            self._marks.published[:0] = marks.published
-            self._marks.failed[:0] = marks.failed
-            self._marks.released[:0] = marks.released
-            self._marks.finished[:0] = marks.finished
+            self._marks.put_back(marks)
             self._settled[:0] = settled
             raise
         if lost:
@@ -501,9 +500,7 @@ class OutboxRelay:
                     finally:
                         # A dedicated connection: never hand it back to the pool, where a
                         # dead socket would hang the next user's reset.
-                        driver = getattr(raw, "driver_connection", None)
-                        if driver is not None:
-                            driver.terminate()
+                        terminate(raw)
                         with contextlib.suppress(Exception):
                             await conn.invalidate()
             except asyncio.CancelledError:

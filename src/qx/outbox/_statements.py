@@ -37,11 +37,22 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from qx.outbox._table import PARKED, lane_table, outbox_table, sequence_table
 
-__all__ = ["Compiled", "CoreTx", "DriverTx", "Statements", "Tx", "claimed_columns", "statements"]
+__all__ = [
+    "PENDING",
+    "Compiled",
+    "CoreTx",
+    "DriverTx",
+    "Statements",
+    "Tx",
+    "claimed_columns",
+    "statements",
+    "terminate",
+]
 
 _o = outbox_table
 _lane = lane_table
-_PENDING = and_(_o.c.published_at.is_(None), _o.c.dead_at.is_(None))
+#: Rows not yet published and not dead.
+PENDING = and_(_o.c.published_at.is_(None), _o.c.dead_at.is_(None))
 
 
 def claimed_columns(t: Any) -> tuple[Any, ...]:
@@ -82,7 +93,6 @@ class Statements:
     advance: Any  # PostgreSQL: st, si, sn; SQLite (many): t, i, n: raise the last numbers
     defer: Any  # positions, until
     published: Any  # PostgreSQL: now, ps, ss; SQLite (many): now, p, seq
-    release: Any  # positions
     fail: Any  # p, attempts, error, next, dead, seq
     park: Any  # t, i, after
     unblock: Any  # PostgreSQL: ts, is; SQLite: keys
@@ -135,9 +145,9 @@ def statements(dialect: str) -> Statements:
     # ready rows, (lane, next_attempt_at) for deferred ones): a claim reads what it takes,
     # whatever the other relays' lanes hold. Within a lane rows come in order, which is all
     # the per-aggregate order needs (an aggregate lives in one lane).
-    ready_where = (_PENDING, in_flight, _o.c.next_attempt_at.is_(None))
+    ready_where = (PENDING, in_flight, _o.c.next_attempt_at.is_(None))
     due_where = (
-        _PENDING,
+        PENDING,
         in_flight,
         _o.c.next_attempt_at.is_not(None),
         _o.c.next_attempt_at <= now,
@@ -286,12 +296,11 @@ def statements(dialect: str) -> Statements:
         sequences=sequences,
         advance=advance,
         defer=update(_o)
-        .where(positions, _PENDING)
+        .where(positions, PENDING)
         .values(next_attempt_at=bindparam("until", type_=_o.c.next_attempt_at.type)),
         published=published,
-        release=update(_o).where(positions, _PENDING).values(next_attempt_at=None),
         fail=update(_o)
-        .where(_o.c.position == bindparam("p"), _PENDING)
+        .where(_o.c.position == bindparam("p"), PENDING)
         .values(
             attempts=bindparam("attempts"),
             last_error=bindparam("error"),
@@ -304,13 +313,13 @@ def statements(dialect: str) -> Statements:
             _o.c.aggregate_type == bindparam("t"),
             _o.c.aggregate_id == bindparam("i"),
             _o.c.position > bindparam("after"),
-            _PENDING,
+            PENDING,
         )
         .values(next_attempt_at=PARKED),
         unblock=update(_o)
         .where(
             aggregates,
-            _PENDING,
+            PENDING,
             _o.c.next_attempt_at.is_not(None),
             _o.c.next_attempt_at < PARKED,
         )

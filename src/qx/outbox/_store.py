@@ -55,7 +55,15 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from qx.db._dialect import Dialect, dialect_named
-from qx.outbox._statements import Compiled, CoreTx, DriverTx, Tx, statements, terminate
+from qx.outbox._statements import (
+    PENDING,
+    Compiled,
+    CoreTx,
+    DriverTx,
+    Tx,
+    statements,
+    terminate,
+)
 from qx.outbox._table import (
     OUTBOX_LANES,
     PARKED,
@@ -72,6 +80,7 @@ __all__ = [
     "OutboxProblem",
     "OutboxStatus",
     "OutboxStore",
+    "aggregate_key",
     "backoff_delay",
     "relay_server_settings",
 ]
@@ -80,13 +89,17 @@ _o = outbox_table
 _lane = lane_table
 
 
-_PENDING = and_(_o.c.published_at.is_(None), _o.c.dead_at.is_(None))
-
 AggregateKey = tuple[str | None, str]
 
 
-def _aggregate(row: Mapping[str, Any]) -> AggregateKey | None:
+def aggregate_key(row: Mapping[str, Any]) -> AggregateKey | None:
+    """``(aggregate_type, aggregate_id)`` of an outbox row, ``None`` for a row without one."""
     return None if row["aggregate_id"] is None else (row["aggregate_type"], row["aggregate_id"])
+
+
+def _sequence_key(key: AggregateKey) -> tuple[str, str]:
+    """The key of an aggregate in ``qx_outbox_sequence`` (whose columns are NOT NULL)."""
+    return (key[0] or "", key[1])
 
 
 def backoff_delay(attempts: int, *, base: float, maximum: float) -> float:
@@ -128,30 +141,34 @@ class Marks:
         published: ``(lane, position, aggregate, sequence)`` of rows the broker
             acknowledged.
         failed: failed heads.
-        released: ``(lane, position)`` of rows given back untried (no attempt counted).
         finished: ``(lane, aggregate, last position)`` of runs that went out whole.
     """
 
     published: list[tuple[int, int, AggregateKey | None, int | None]] = field(default_factory=list)
     failed: list[Failure] = field(default_factory=list)
-    released: list[tuple[int, int]] = field(default_factory=list)
     finished: list[tuple[int, AggregateKey, int]] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.published or self.failed or self.released or self.finished)
+        return bool(self.published or self.failed or self.finished)
 
     def __len__(self) -> int:
-        return len(self.published) + len(self.failed) + len(self.released)
+        return len(self.published) + len(self.failed)
 
     def take(self) -> Marks:
         """Move everything into a new ``Marks`` (this one is left empty)."""
-        taken = Marks(self.published, self.failed, self.released, self.finished)
-        self.published, self.failed, self.released, self.finished = [], [], [], []
+        taken = Marks(self.published, self.failed, self.finished)
+        self.published, self.failed, self.finished = [], [], []
         return taken
+
+    def put_back(self, taken: Marks) -> None:
+        """Return marks that could not be written, ahead of those gathered since."""
+        self.published[:0] = taken.published
+        self.failed[:0] = taken.failed
+        self.finished[:0] = taken.finished
 
     def lanes(self) -> set[int]:
         """Every lane these marks touch."""
-        found = {p[0] for p in self.published} | {lane for lane, _ in self.released}
+        found = {p[0] for p in self.published}
         found.update(f.row["lane"] for f in self.failed)
         found.update(lane for lane, _, _ in self.finished)
         return found
@@ -592,13 +609,8 @@ class OutboxStore:
         Nothing is written: the last number moves when rows are marked published, so a row
         published again after a crash carries the number it went out with before.
         """
-        keys = sorted(
-            {
-                (run[0]["aggregate_type"] or "", run[0]["aggregate_id"])
-                for run in runs
-                if run[0]["aggregate_id"] is not None
-            }
-        )
+        numbered = [(run, aggregate_key(run[0])) for run in runs]
+        keys = sorted({_sequence_key(key) for _, key in numbered if key is not None})
         if not keys:
             return
         if self.dialect.name == "postgresql":
@@ -607,10 +619,10 @@ class OutboxStore:
             params = {"keys": keys}
         found = await tx.rows(self._sql.sequences, params)
         last = {(r["aggregate_type"], r["aggregate_id"]): int(r["last_seq"]) for r in found}
-        for run in runs:
-            if run[0]["aggregate_id"] is None:
+        for run, key in numbered:
+            if key is None:
                 continue
-            top = last.get((run[0]["aggregate_type"] or "", run[0]["aggregate_id"]), 0)
+            top = last.get(_sequence_key(key), 0)
             for offset, row in enumerate(run, start=1):
                 row["aggregate_seq"] = top + offset
 
@@ -646,14 +658,14 @@ class OutboxStore:
                     continue
                 await self._fail(tx, failure, now=now)
                 if failure.dead and not failure.parks:
-                    key = _aggregate(failure.row)
+                    key = aggregate_key(failure.row)
                     if key is not None:
                         finished.add(key)
             if finished:
                 # Every claimed row of these aggregates went out (or died without parking),
                 # so whatever of theirs is still deferred waited behind those rows: ready.
                 # (An aggregate is in one run of one relay at a time.)
-                keys = sorted(finished, key=lambda k: (k[0] or "", k[1]))
+                keys = sorted(finished, key=_sequence_key)
                 if self.dialect.name == "postgresql":
                     params: dict[str, Any] = {
                         "kt": [t for t, _ in keys],
@@ -675,7 +687,7 @@ class OutboxStore:
         top: dict[tuple[str, str], int] = {}
         for _, _, key, seq in marks:
             if key is not None and seq is not None:
-                k = (key[0] or "", key[1])
+                k = _sequence_key(key)
                 top[k] = max(top.get(k, 0), seq)
         if self.dialect.name == "postgresql":
             params: dict[str, Any] = {
@@ -721,9 +733,9 @@ class OutboxStore:
                 "seq": row["aggregate_seq"] if passed else None,
             },
         )
-        key = _aggregate(row)
+        key = aggregate_key(row)
         if passed and key is not None and row["aggregate_seq"] is not None:
-            await self._advance(tx, {(key[0] or "", key[1]): int(row["aggregate_seq"])})
+            await self._advance(tx, {_sequence_key(key): int(row["aggregate_seq"])})
         if failure.dead and failure.parks and key is not None:
             # Everything after a dead head waits for the operator, in order.
             await tx.run(self._sql.park, {"t": key[0], "i": key[1], "after": row["position"]})
@@ -735,7 +747,7 @@ class OutboxStore:
 
     async def status(self, *, now: datetime) -> OutboxStatus:
         """Counts for ``qx outbox status``."""
-        pending = _PENDING
+        pending = PENDING
         stmt = select(
             func.count().filter(pending),
             func.min(_o.c.occurred_at).filter(pending),
@@ -773,7 +785,7 @@ class OutboxStore:
         async with self.transaction() as conn:
             for state, where in (
                 ("dead", _o.c.dead_at.is_not(None)),
-                ("parked", and_(_PENDING, _o.c.next_attempt_at >= PARKED)),
+                ("parked", and_(PENDING, _o.c.next_attempt_at >= PARKED)),
             ):
                 result = await conn.execute(
                     select(*columns).where(where).order_by(_o.c.position).limit(limit)
@@ -822,7 +834,7 @@ class OutboxStore:
                     update(_o)
                     .where(
                         tuple_(_o.c.aggregate_type, _o.c.aggregate_id).in_(sorted(keys)),
-                        _PENDING,
+                        PENDING,
                         _o.c.next_attempt_at >= PARKED,
                     )
                     .values(next_attempt_at=None)
@@ -860,7 +872,7 @@ def _runs(rows: list[dict[str, Any]]) -> tuple[list[list[dict[str, Any]]], set[i
     """
     by_key: dict[AggregateKey | int, list[list[dict[str, Any]]]] = {}
     for row in rows:
-        key = _aggregate(row)
+        key = aggregate_key(row)
         if key is None:
             by_key[row["position"]] = [[row]]
             continue
