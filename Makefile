@@ -29,8 +29,8 @@ demo: $(VENV)/.demo-installed
 	$(BIN)/qx demo
 
 lint: $(VENV)/.dev-installed
-	$(BIN)/ruff check src tests bench migrations examples
-	$(BIN)/ruff format --check src tests bench migrations examples
+	$(BIN)/ruff check src tests bench examples
+	$(BIN)/ruff format --check src tests bench examples
 	$(BIN)/mypy --strict src
 
 # pytest exits 5 when it collects no tests; make treats any non-zero exit as failure.

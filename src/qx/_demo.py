@@ -35,8 +35,8 @@ from qx.examples.orders.application import (
     build_bus,
 )
 from qx.examples.orders.domain import OrderError
-from qx.examples.orders.infrastructure import OrdersUnitOfWork, metadata, orders
-from qx.migrations import assert_schema_current, current, stamp, upgrade
+from qx.examples.orders.infrastructure import OrdersUnitOfWork, metadata, migrations, orders
+from qx.migrations import alembic_config, assert_schema_current, current, stamp, upgrade
 from qx.outbox import OutboxRelay, outbox_table, publisher_from_settings
 from qx.settings import QxSettings
 
@@ -70,7 +70,9 @@ class DemoReport:
 
 
 async def _migrate(engine: AsyncEngine) -> None:
-    """The schema comes from qx's migrations, as in production (``qx db upgrade``)."""
+    """The schema comes from the example's migrations (its chain and qx's), as a service's
+    would in production (``qx db upgrade``)."""
+    config = alembic_config(migrations())
     if await current(engine) is None:
         async with engine.connect() as conn:
             names = await conn.run_sync(lambda c: inspect(c).get_table_names())
@@ -78,8 +80,8 @@ async def _migrate(engine: AsyncEngine) -> None:
             # A database file from a qx that created tables without migrations: adopt it
             # if it matches, rather than failing on "table already exists".
             await assert_schema_current(engine, metadata)
-            await stamp(engine, "0002")
-    await upgrade(engine)
+            await stamp(engine, config=config)
+    await upgrade(engine, config=config)
 
 
 async def run_demo(

@@ -129,11 +129,13 @@ def _db_app(console: Console) -> typer.Typer:
 
     @db.command("upgrade")
     def upgrade_command(
-        revision: Annotated[str, typer.Argument()] = "head",
+        revision: Annotated[
+            str, typer.Argument(help="Target (default: every head, qx's chain and yours).")
+        ] = "heads",
         config: Annotated[str | None, _CONFIG_OPTION] = None,
         sql: Annotated[bool, typer.Option("--sql", help="Print the SQL instead.")] = False,
     ) -> None:
-        """Upgrade the database (default: to head)."""
+        """Upgrade the database (default: every head)."""
         from alembic import command
 
         alembic(config, lambda cfg: command.upgrade(cfg, revision, sql=sql))
@@ -157,13 +159,11 @@ def _db_app(console: Console) -> typer.Typer:
         ] = False,
         config: Annotated[str | None, _CONFIG_OPTION] = None,
     ) -> None:
-        """Write a new revision (with --autogenerate: what the metadata adds to the database,
-        qx's tables and the outbox trigger included)."""
-        from alembic import command
+        """Write a new revision on your chain, depending on qx's (with --autogenerate: what
+        your metadata adds to a database that `qx db upgrade` brought up to date)."""
+        from qx.migrations import new_revision
 
-        alembic(
-            config, lambda cfg: command.revision(cfg, message=message, autogenerate=autogenerate)
-        )
+        alembic(config, lambda cfg: new_revision(cfg, message=message, autogenerate=autogenerate))
 
     @db.command("history")
     def history_command(config: Annotated[str | None, _CONFIG_OPTION] = None) -> None:
@@ -181,7 +181,7 @@ def _db_app(console: Console) -> typer.Typer:
 
     @db.command("show")
     def show_command(
-        revision: Annotated[str, typer.Argument()] = "head",
+        revision: Annotated[str, typer.Argument()] = "heads",
         config: Annotated[str | None, _CONFIG_OPTION] = None,
     ) -> None:
         """Show one revision."""
@@ -255,6 +255,11 @@ def _db_app(console: Console) -> typer.Typer:
             raise typer.Exit(1) from exc
         for path in written:
             console.print(f"wrote {path}", highlight=False)
+        console.print(
+            "next: QX_DB__URL=... qx db upgrade (qx's tables), then "
+            'qx db revision --autogenerate -m "initial" (yours)',
+            highlight=False,
+        )
 
     return db
 

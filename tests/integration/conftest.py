@@ -24,7 +24,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from qx.core import InProcessDispatcher, new_id
 from qx.db import UnitOfWorkFactory, create_engine, create_session_factory
 from qx.examples.orders.infrastructure import metadata as orders_metadata
-from qx.migrations import upgrade
+from qx.examples.orders.infrastructure import migrations as orders_migrations
+from qx.migrations import alembic_config, upgrade
 from qx.settings import DatabaseSettings
 from qx.testing import InMemoryStore, InMemoryUnitOfWorkFactory
 from tests import models
@@ -104,9 +105,9 @@ async def drop_schema(schema: str) -> None:
 
 
 async def create_tables(engine: AsyncEngine) -> None:
-    """qx's and the orders example's tables through the project's migrations, then the
-    test-only models' tables."""
-    await upgrade(engine)
+    """qx's and the orders example's tables through the example's migrations (its chain and
+    qx's), then the test-only models' tables."""
+    await upgrade(engine, config=alembic_config(orders_migrations()))
     async with engine.begin() as conn:
         await conn.run_sync(models.metadata.create_all)
 

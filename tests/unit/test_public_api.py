@@ -29,6 +29,8 @@ EXPECTED = {
         "unit_of_work_middleware",
     ],
     "qx.migrations": [
+        "QX_BRANCH",
+        "QX_VERSIONS",
         "CreateOutboxNotifyOp",
         "DropOutboxNotifyOp",
         "alembic_config",
@@ -39,6 +41,9 @@ EXPECTED = {
         "describe_difference",
         "downgrade",
         "init_environment",
+        "known_tables_only",
+        "load_metadata",
+        "new_revision",
         "project_migrations",
         "render_item",
         "run_migrations",

@@ -49,6 +49,7 @@ from qx.core._dispatch import EventDispatcher
 from qx.core._errors import ConfigurationError, UnitOfWorkError
 from qx.core._events import Event, IntegrationEvent, handling_event
 from qx.core._ids import new_id
+from qx.core._telemetry import span, trace_headers
 from qx.db._insert_new import forget_inserted, insert_new_aggregates
 from qx.db._mapping import entity_info
 from qx.db._repository import Repository
@@ -346,12 +347,30 @@ class UnitOfWork:
         if self._committing:
             raise UnitOfWorkError("commit() cannot be called while the commit is in progress")
         self.require_active()
+        with span("qx.uow.commit") as current:
+            records, outbox_rows = await self._commit()
+            if current is not None:
+                current.set_attributes(
+                    {
+                        "db.system.name": self.session.sync_session.get_bind().dialect.name,
+                        "qx.uow.events": len(records),
+                        "qx.outbox.rows": outbox_rows,
+                    }
+                )
+        self._state = UnitOfWorkState.COMMITTED
+        self.events = [record.event for record in records]
+        await self._run_after_commit()
+
+    async def _commit(self) -> tuple[list[RecordedEvent], int]:
+        """The transaction part of :meth:`commit`: the events it settled, and the outbox
+        rows it wrote."""
         session = self.session
         sync: QxSession = session.sync_session  # type: ignore[assignment]
         self._committing = True
         before_commit = next_sequence()  # events recorded earlier have a smaller seq
         records: list[RecordedEvent] = []
         inserted: list[Any] | None = None
+        rows: list[dict[str, Any]] = []
         try:
             await self._drain_events(records)
             with translating(sync):
@@ -377,9 +396,7 @@ class UnitOfWork:
             raise
         finally:
             self._committing = False
-        self._state = UnitOfWorkState.COMMITTED
-        self.events = [record.event for record in records]
-        await self._run_after_commit()
+        return records, len(rows)
 
     async def rollback(self) -> None:
         """Roll back now; the unit of work cannot be used afterwards."""
@@ -469,6 +486,7 @@ def build_outbox_rows(records: list[RecordedEvent], *, correlation_id: str) -> l
     """The ``qx_outbox`` rows of the integration events among ``records``: stamped with the
     context's ids, the aggregate's type, id and tenant."""
     ctx = current_context()
+    trace = trace_headers(ctx.traceparent)  # the commit's span: one lookup for every row
     rows = []
     for record in records:
         if not isinstance(record.event, IntegrationEvent):
@@ -487,6 +505,7 @@ def build_outbox_rows(records: list[RecordedEvent], *, correlation_id: str) -> l
             ctx=ctx,
             correlation_id=correlation_id,
             causation_id=(str(record.causation_id) if record.causation_id else ctx.causation_id),
+            trace=trace,
         )
         row["tenant_id"] = tenant
         rows.append(row)

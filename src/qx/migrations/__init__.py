@@ -12,19 +12,31 @@ Alembic and the comparator that makes autogenerate write them (see
 """
 
 from qx.migrations._commands import (
+    QX_BRANCH,
+    QX_VERSIONS,
     alembic_config,
     current,
     downgrade,
+    new_revision,
     project_migrations,
     stamp,
     upgrade,
 )
 from qx.migrations._drift import assert_schema_current, describe_difference, schema_differences
-from qx.migrations._environment import compare_type, configure_context, render_item, run_migrations
+from qx.migrations._environment import (
+    compare_type,
+    configure_context,
+    known_tables_only,
+    load_metadata,
+    render_item,
+    run_migrations,
+)
 from qx.migrations._scaffold import init_environment
 from qx.migrations._trigger import CreateOutboxNotifyOp, DropOutboxNotifyOp
 
 __all__ = [
+    "QX_BRANCH",
+    "QX_VERSIONS",
     "CreateOutboxNotifyOp",
     "DropOutboxNotifyOp",
     "alembic_config",
@@ -35,6 +47,9 @@ __all__ = [
     "describe_difference",
     "downgrade",
     "init_environment",
+    "known_tables_only",
+    "load_metadata",
+    "new_revision",
     "project_migrations",
     "render_item",
     "run_migrations",

@@ -5,42 +5,65 @@ test that is inside one cannot do that. These helpers open a connection on the c
 engine and hand it to Alembic (``config.attributes["connection"]``), which
 :func:`qx.migrations.run_migrations` then uses.
 
+qx's tables come as their own chain of revisions, the branch ``qx``, shipped in the package
+(``qx.migrations:versions``). A service lists that location beside its own versions in
+``alembic.ini``; its own first revision depends on qx's head, so a later qx release brings its
+schema change as a new qx revision, applied by the next ``upgrade`` with no edit of the
+service's revisions.
+
 Example:
-    >>> await upgrade(engine)                       # doctest: +SKIP  (qx's own migrations)
+    >>> await upgrade(engine)                       # doctest: +SKIP  (qx's tables only)
     >>> await upgrade(engine, config=alembic_config("alembic.ini"))   # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 from alembic import command
 from alembic.config import Config
+from alembic.runtime.environment import EnvironmentContext
 from alembic.runtime.migration import MigrationContext
+from alembic.script import Script, ScriptDirectory
+from alembic.util import coerce_resource_to_filename
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from qx.core._errors import ConfigurationError
 
-__all__ = ["alembic_config", "current", "downgrade", "project_migrations", "stamp", "upgrade"]
+__all__ = [
+    "QX_BRANCH",
+    "QX_VERSIONS",
+    "alembic_config",
+    "current",
+    "downgrade",
+    "new_revision",
+    "project_migrations",
+    "stamp",
+    "upgrade",
+]
+
+#: The package resource holding qx's revisions: list it in a service's ``version_locations``.
+QX_VERSIONS = "qx.migrations:versions"
+#: The branch label of qx's chain (``qx db upgrade qx@head`` upgrades qx's tables alone).
+QX_BRANCH = "qx"
 
 T = TypeVar("T")
 
 
 def project_migrations() -> Path:
-    """The directory of qx's own migrations (qx's tables and the orders example).
+    """The Alembic environment of qx's own chain (qx's tables only, branch ``qx``)."""
+    location = Path(__file__).resolve().parent / "environment"
+    if not (location / "env.py").is_file():
+        raise ConfigurationError("qx's migrations are not installed with this copy of qx")
+    return location
 
-    In a wheel they are packaged as ``qx/_migrations``; in a source checkout they are the
-    repository's ``migrations/``.
-    """
-    here = Path(__file__).resolve().parent.parent
-    for candidate in (here / "_migrations", here.parent.parent / "migrations"):
-        if (candidate / "env.py").is_file():
-            return candidate
-    raise ConfigurationError("qx's migrations are not installed with this copy of qx")
+
+def _qx_versions() -> Path:
+    return coerce_resource_to_filename(QX_VERSIONS).resolve()
 
 
 def alembic_config(location: str | Path | None = None, *, url: str | None = None) -> Config:
@@ -86,11 +109,47 @@ async def _on_connection(engine: AsyncEngine, config: Config, work: Callable[[Co
 
 
 async def upgrade(
-    engine: AsyncEngine, revision: str = "head", *, config: Config | None = None
+    engine: AsyncEngine, revision: str = "heads", *, config: Config | None = None
 ) -> None:
-    """``alembic upgrade`` on ``engine`` (default: qx's own migrations to head)."""
+    """``alembic upgrade`` on ``engine`` (default: qx's own chain, every head).
+
+    A database migrated by the single chain of an earlier qx (revisions ``0001``-``0006``,
+    qx's tables and the orders example's together) is first re-stamped with the matching
+    revisions of the chains ``config`` knows.
+    """
     cfg = config or alembic_config()
-    await _on_connection(engine, cfg, lambda c: command.upgrade(c, revision))
+
+    def run(c: Config) -> None:
+        _adopt_single_chain(c)
+        command.upgrade(c, revision)
+
+    await _on_connection(engine, cfg, run)
+
+
+#: Revisions of the single chain before qx's tables became their own branch, and the
+#: revisions of the qx and orders chains holding the same tables.
+_SINGLE_CHAIN = {
+    "0001": ("qx_0001", None),
+    "0002": ("qx_0001", "orders_0001"),
+    "0003": ("qx_0002", "orders_0001"),
+    "0004": ("qx_0002", "orders_0002"),
+    "0005": ("qx_0003", "orders_0002"),
+    "0006": ("qx_0004", "orders_0002"),
+}
+
+
+def _adopt_single_chain(config: Config) -> None:
+    connection = config.attributes["connection"]
+    schema = config.get_main_option("version_table_schema") or None
+    opts = {"version_table_schema": schema} if schema else {}
+    heads = MigrationContext.configure(connection, opts=opts).get_current_heads()
+    if len(heads) != 1 or heads[0] not in _SINGLE_CHAIN:
+        return
+    script = ScriptDirectory.from_config(config)
+    known = {rev.revision for rev in script.walk_revisions()}
+    if heads[0] in known:  # a chain of the caller's that uses the same ids
+        return
+    command.stamp(config, [rev for rev in _SINGLE_CHAIN[heads[0]] if rev in known], purge=True)
 
 
 async def downgrade(
@@ -102,11 +161,17 @@ async def downgrade(
 
 
 async def stamp(
-    engine: AsyncEngine, revision: str = "head", *, config: Config | None = None
+    engine: AsyncEngine,
+    revision: str | Sequence[str] = "heads",
+    *,
+    config: Config | None = None,
+    purge: bool = False,
 ) -> None:
-    """``alembic stamp``: record ``revision`` without running migrations."""
+    """``alembic stamp``: record ``revision`` without running migrations (``purge``: forget
+    what the version table held first)."""
     cfg = config or alembic_config()
-    await _on_connection(engine, cfg, lambda c: command.stamp(c, revision))
+    targets = revision if isinstance(revision, str) else list(revision)
+    await _on_connection(engine, cfg, lambda c: command.stamp(c, targets, purge=purge))
 
 
 async def current(engine: AsyncEngine, *, version_table_schema: str | None = None) -> str | None:
@@ -121,3 +186,92 @@ async def current(engine: AsyncEngine, *, version_table_schema: str | None = Non
 
     async with engine.connect() as connection:
         return await connection.run_sync(read)
+
+
+def new_revision(
+    config: Config,
+    *,
+    message: str,
+    autogenerate: bool = False,
+    rev_id: str | None = None,
+) -> Script | None:
+    """``alembic revision`` for a service whose versions sit beside qx's chain.
+
+    The new revision goes on the service's own head (its first one starts a new root in the
+    service's versions directory), and depends on qx's head when the service's chain does not
+    already: the service's tables are created after qx's, and a qx revision released later
+    is simply another head that ``upgrade heads`` applies. Where ``alembic.ini`` does not list
+    qx's versions, this is plain ``alembic revision``.
+
+    Raises:
+        ConfigurationError: the service's own chain has several heads (merge them first), or
+            ``autogenerate`` against a database that ``upgrade`` has not brought to every head.
+    """
+    script = ScriptDirectory.from_config(config)
+    if autogenerate:
+        _require_up_to_date(config, script)
+    qx_dir = _qx_versions()
+    own_dirs = [
+        path
+        for path in (coerce_resource_to_filename(str(loc)).resolve() for loc in _locations(script))
+        if path != qx_dir
+    ]
+    # get_heads(), not get_revisions("heads"): a qx head that a service's revision depends
+    # on is still the head of qx's chain.
+    heads = [script.get_revision(head) for head in script.get_heads()]
+    qx_heads = [rev for rev in heads if Path(rev.path).resolve().parent == qx_dir]
+    if not qx_heads or not own_dirs:
+        return _revision(config, message, autogenerate, rev_id)
+    own_heads = [rev for rev in heads if rev not in qx_heads]
+    if len(own_heads) > 1:
+        names = ", ".join(sorted(rev.revision for rev in own_heads))
+        raise ConfigurationError(
+            f"your migrations have several heads ({names}): join them with `qx db merge` first"
+        )
+    behind = [rev.revision for rev in qx_heads]
+    if own_heads:
+        reached = {rev.revision for rev in script.iterate_revisions(own_heads[0].revision, "base")}
+        behind = [rev for rev in behind if rev not in reached]
+    return _revision(
+        config,
+        message,
+        autogenerate,
+        rev_id,
+        head=own_heads[0].revision if own_heads else "base",
+        version_path=None if own_heads else str(own_dirs[0]),
+        depends_on=behind or None,
+    )
+
+
+def _require_up_to_date(config: Config, script: ScriptDirectory) -> None:
+    """Autogenerate compares the metadata with the database; against one that is behind it
+    would write qx's tables (or your earlier revisions) into the new revision again."""
+    applied: set[str] = set()
+
+    def read(current: tuple[str, ...], _context: Any) -> list[Any]:
+        # What the version table holds, and everything below it (dependencies included: a
+        # service's revision that depends on qx's head stands for it in the table).
+        applied.update(rev.revision for rev in script.iterate_revisions(current, "base"))
+        return []
+
+    with EnvironmentContext(config, script, fn=read, dont_mutate=True):
+        script.run_env()
+    missing = [head for head in script.get_heads() if head not in applied]
+    if missing:
+        raise ConfigurationError(
+            f"the database is behind the migrations (heads not applied: {', '.join(missing)}); "
+            "run `qx db upgrade` first, so autogenerate writes only what your metadata adds"
+        )
+
+
+def _locations(script: ScriptDirectory) -> list[str]:
+    return [str(loc) for loc in script.version_locations] or [str(Path(script.dir) / "versions")]
+
+
+def _revision(
+    config: Config, message: str, autogenerate: bool, rev_id: str | None, **where: Any
+) -> Script | None:
+    made = command.revision(
+        config, message=message, autogenerate=autogenerate, rev_id=rev_id, **where
+    )
+    return made[0] if isinstance(made, list) else made

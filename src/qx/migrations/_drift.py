@@ -19,7 +19,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from qx.core._errors import ConfigurationError
-from qx.migrations._environment import compare_type
+from qx.migrations._environment import configure_context
 
 __all__ = ["assert_schema_current", "describe_difference", "schema_differences"]
 
@@ -33,27 +33,11 @@ def schema_differences(
         only_known_tables: ignore tables the metadata does not define (other services' or
             test tables); ``False`` reports them as tables to drop, as autogenerate would.
     """
-    known = set(metadata.tables)
-
-    def include_object(obj: Any, name: str | None, type_: str, reflected: bool, _c: Any) -> bool:
-        if type_ == "table" and reflected and only_known_tables:
-            return _table_key(obj) in known
-        return True
-
-    context = MigrationContext.configure(
-        connection,
-        opts={
-            "compare_type": compare_type,
-            "compare_server_default": True,
-            "target_metadata": metadata,
-            "include_object": include_object,
-        },
-    )
+    opts = configure_context(None, metadata, dialect_name=connection.dialect.name)
+    if not only_known_tables:
+        del opts["include_object"]
+    context = MigrationContext.configure(connection, opts=opts)
     return [describe_difference(diff) for diff in _flatten(compare_metadata(context, metadata))]
-
-
-def _table_key(table: Any) -> str:
-    return f"{table.schema}.{table.name}" if table.schema else str(table.name)
 
 
 def _flatten(diffs: list[Any]) -> list[Any]:

@@ -3,10 +3,9 @@
 A service's ``env.py`` becomes::
 
     from alembic import context
-    from qx.migrations import run_migrations
-    from myservice.infrastructure import metadata
+    from qx.migrations import load_metadata, run_migrations
 
-    run_migrations(context, metadata)
+    run_migrations(context, load_metadata("myservice.infrastructure:metadata"))
 
 It handles every mode correctly:
 
@@ -20,14 +19,16 @@ It handles every mode correctly:
 It also turns on ``render_as_batch`` for SQLite (ALTER support), ``compare_type`` and
 ``compare_server_default`` (with qx's portable types compared by what they render), keeps the
 metadata's naming conventions, adds qx's own tables (``QX_TABLES``: the outbox with its
-lanes, relays and sequences, the inbox, idempotency keys) to the target metadata, and can keep
-the version table in a given schema.
+lanes, relays and sequences, the inbox, idempotency keys) to the target metadata, leaves
+alone the tables the metadata does not define (another service's, in a shared database), and
+can keep the version table in a given schema. It refuses to guess a database: with no URL in
+the settings or ``alembic.ini`` it stops instead of creating a SQLite file.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
+import importlib
 from collections.abc import Callable
 from logging.config import fileConfig
 from pathlib import Path
@@ -44,7 +45,60 @@ from qx.core._errors import ConfigurationError
 from qx.db._engine import create_engine, parse_database_url
 from qx.settings import DatabaseSettings, load_settings
 
-__all__ = ["compare_type", "configure_context", "render_item", "run_migrations"]
+__all__ = [
+    "compare_type",
+    "configure_context",
+    "known_tables_only",
+    "load_metadata",
+    "render_item",
+    "run_migrations",
+]
+
+
+def load_metadata(target: str) -> MetaData:
+    """Import ``"package.module:attribute"`` and return it, checked to be a ``MetaData``.
+
+    Raises:
+        ConfigurationError: a malformed target, a module that does not import, or an
+            attribute that is missing or not a ``MetaData`` (the message names which).
+    """
+    module_name, _, attribute = target.partition(":")
+    if not module_name or not attribute.isidentifier():
+        raise ConfigurationError(
+            f"metadata must look like 'package.module:metadata', got {target[:200]!r}"
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigurationError(
+            f"cannot import {module_name!r} for the metadata ({exc}); run qx from the "
+            "service's root, or fix the module path"
+        ) from exc
+    found = getattr(module, attribute, None)
+    if not isinstance(found, MetaData):
+        what = "has no attribute" if found is None else f"has {type(found).__name__} as"
+        raise ConfigurationError(
+            f"{module_name} {what} {attribute!r}: expected a sqlalchemy MetaData "
+            "(qx.db.make_metadata())"
+        )
+    return found
+
+
+def known_tables_only(metadata: MetaData) -> Callable[..., bool]:
+    """An ``include_object`` hook that ignores database tables ``metadata`` does not define.
+
+    A database shared with other services (or holding test tables) is compared only on the
+    tables this service owns; Alembic's default would propose dropping the others.
+    """
+    known = set(metadata.tables)
+
+    def include_object(obj: Any, name: str | None, type_: str, reflected: bool, _c: Any) -> bool:
+        if type_ == "table" and reflected:
+            key = f"{obj.schema}.{obj.name}" if obj.schema else str(obj.name)
+            return key in known
+        return True
+
+    return include_object
 
 
 def compare_type(
@@ -98,13 +152,14 @@ def configure_context(
     version_table_schema: str | None = None,
     **options: Any,
 ) -> dict[str, Any]:
-    """The ``context.configure`` options qx uses (shared by every mode)."""
+    """The ``context.configure`` options qx uses (shared by every mode and by the drift check)."""
     return {
         "target_metadata": metadata,
         "render_as_batch": dialect_name == "sqlite",
         "compare_type": compare_type,
         "compare_server_default": True,
         "render_item": render_item,
+        "include_object": known_tables_only(metadata),
         "version_table_schema": version_table_schema,
         **options,
     }
@@ -132,7 +187,8 @@ def run_migrations(
         **configure: more ``context.configure`` options.
 
     Raises:
-        ConfigurationError: no usable database URL.
+        ConfigurationError: no database URL in ``settings``, ``QX_DB__URL`` (or ``.env``) or
+            ``alembic.ini``, or one qx cannot use.
     """
     if include_qx:
         include_qx_tables(metadata)
@@ -140,7 +196,12 @@ def run_migrations(
     if version_table_schema is None:
         version_table_schema = config.get_main_option("version_table_schema") or None
     shared = config.attributes.get("connection")
-    if shared is None and config.config_file_name and Path(config.config_file_name).is_file():
+    if (
+        shared is None
+        and config.config_file_name
+        and Path(config.config_file_name).is_file()
+        and config.file_config.has_section("loggers")
+    ):
         # The command line's logging, as alembic.ini configures it (not when embedded).
         fileConfig(config.config_file_name, disable_existing_loggers=False)
     if shared is not None:
@@ -172,13 +233,16 @@ def _settings(config: Any, settings: DatabaseSettings | None) -> DatabaseSetting
         return settings
     ini_url = config.get_main_option("sqlalchemy.url")
     loaded = load_settings().db
-    if ini_url and not _env_url_set():
+    if "url" in loaded.model_fields_set:  # QX_DB__URL, from the environment or .env
+        return loaded
+    if ini_url:
         return loaded.model_copy(update={"url": ini_url})
-    return loaded
-
-
-def _env_url_set() -> bool:
-    return bool(os.environ.get("QX_DB__URL"))
+    # The settings' default (a SQLite file in the working directory) suits the demo; a
+    # migration run against it would quietly create and migrate a stray database.
+    raise ConfigurationError(
+        "no database to migrate: set QX_DB__URL (e.g. postgresql+asyncpg://user@host/db or "
+        "sqlite+aiosqlite:///service.sqlite3), or sqlalchemy.url in alembic.ini"
+    )
 
 
 async def _run_online(

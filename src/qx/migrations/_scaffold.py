@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import re
+import sys
 from importlib import resources
 from pathlib import Path
 
 from qx.core._errors import ConfigurationError
+from qx.migrations._environment import load_metadata
 
 __all__ = ["init_environment"]
 
 _TARGET = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
-def _template(name: str) -> str:
-    return (resources.files("qx.migrations") / "templates" / name).read_text(encoding="utf-8")
+def _template(name: str, folder: str = "templates") -> str:
+    return (resources.files("qx.migrations") / folder / name).read_text(encoding="utf-8")
 
 
 def init_environment(
@@ -32,22 +34,21 @@ def init_environment(
         The files written.
 
     Raises:
-        ConfigurationError: a bad ``metadata`` target, or files that already exist.
+        ConfigurationError: a bad ``metadata`` target (malformed, not importable from
+            ``directory``, or not a ``MetaData``), or files that already exist.
     """
     if not _TARGET.match(metadata):
         raise ConfigurationError(
-            f"metadata must look like 'package.module:metadata', got {metadata!r}"
+            f"metadata must look like 'package.module:metadata', got {metadata[:200]!r}"
         )
     if not re.fullmatch(r"[\w\-]+", scripts):
-        raise ConfigurationError(f"invalid migrations directory name {scripts!r}")
-    module, attribute = metadata.split(":")
+        raise ConfigurationError(f"invalid migrations directory name {scripts[:200]!r}")
     root = Path(directory)
+    _check_importable(root, metadata)
     files = {
         root / "alembic.ini": _template("alembic.ini.tmpl").replace("{directory}", scripts),
-        root / scripts / "env.py": _template("env.py.tmpl")
-        .replace("{module}", module)
-        .replace("{attribute}", attribute),
-        root / scripts / "script.py.mako": _template("script.py.mako"),
+        root / scripts / "env.py": _template("env.py.tmpl").replace("{target}", metadata),
+        root / scripts / "script.py.mako": _template("script.py.mako", "environment"),
     }
     existing = [str(path) for path in files if path.exists()]
     if existing:
@@ -58,3 +59,17 @@ def init_environment(
     versions = root / scripts / "versions"
     versions.mkdir(parents=True, exist_ok=True)
     return [*files, versions]
+
+
+def _check_importable(root: Path, target: str) -> None:
+    """Import the metadata as ``env.py`` will (``alembic.ini`` puts the root on the path), so
+    a typo fails now, in one line, rather than at the first ``upgrade``."""
+    entry = str(root.resolve())
+    added = entry not in sys.path
+    if added:
+        sys.path.insert(0, entry)
+    try:
+        load_metadata(target)
+    finally:
+        if added:
+            sys.path.remove(entry)

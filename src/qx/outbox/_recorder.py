@@ -8,6 +8,7 @@ in columns, not in the payload.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from pydantic import TypeAdapter
@@ -16,6 +17,7 @@ from pydantic_core import PydanticSerializationError
 from qx.core._context import RequestContext
 from qx.core._errors import ConfigurationError
 from qx.core._events import IntegrationEvent
+from qx.core._telemetry import trace_headers
 from qx.outbox._table import lane_of
 
 __all__ = ["event_payload", "outbox_row"]
@@ -65,14 +67,18 @@ def outbox_row(
     ctx: RequestContext,
     correlation_id: str,
     causation_id: str | None,
+    trace: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Build the ``qx_outbox`` row for one event."""
+    """Build the ``qx_outbox`` row for one event.
+
+    ``trace``: the trace-context headers to store (default: the current span's when tracing
+    is on, else the request context's ``traceparent``); the relay and consumers continue
+    the trace from them.
+    """
     _, name, version = _adapter(type(event))
-    headers: dict[str, str] = {}
+    headers = dict(trace_headers(ctx.traceparent) if trace is None else trace)
     if ctx.user_id is not None:
         headers["user_id"] = ctx.user_id
-    if ctx.traceparent is not None:
-        headers["traceparent"] = ctx.traceparent
     return {
         "id": event.event_id,
         "event_name": name,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from sqlalchemy import (
     CheckConstraint,
     Column,
@@ -36,6 +38,7 @@ __all__ = [
     "OrdersUnitOfWork",
     "ProductRepository",
     "metadata",
+    "migrations",
     "order_lines",
     "orders",
     "products",
@@ -43,6 +46,13 @@ __all__ = [
 
 metadata = make_metadata()
 include_qx_tables(metadata)
+
+
+def migrations() -> Path:
+    """The example's Alembic environment, laid out as a service's: its own chain (branch
+    ``orders``) beside qx's, listed in its ``alembic.ini``."""
+    return Path(__file__).resolve().parent / "migrations"
+
 
 orders = Table(
     "orders",

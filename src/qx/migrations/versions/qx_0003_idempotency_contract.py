@@ -4,8 +4,8 @@ fingerprint, running or done, expiring.
 The keys of the old table are dropped: idempotency keys are short-lived by nature, and the
 old rows carry no caller or fingerprint to check a repeat against.
 
-Revision ID: 0005
-Revises: 0004
+Revision ID: qx_0003
+Revises: qx_0002
 Create Date: 2026-12-01
 """
 
@@ -16,8 +16,8 @@ from alembic import op
 
 import qx.db.types
 
-revision: str = "0005"
-down_revision: str | Sequence[str] | None = "0004"
+revision: str = "qx_0003"
+down_revision: str | Sequence[str] | None = "qx_0002"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

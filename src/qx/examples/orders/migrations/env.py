@@ -1,4 +1,4 @@
-"""Alembic environment of qx's own migrations: qx's tables and the orders example's."""
+"""Alembic environment of the orders example: its tables, and qx's (from qx's chain)."""
 
 from alembic import context
 

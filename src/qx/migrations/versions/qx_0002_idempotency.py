@@ -1,7 +1,7 @@
 """qx_idempotency: results of commands sent with an idempotency key.
 
-Revision ID: 0003
-Revises: 0002
+Revision ID: qx_0002
+Revises: qx_0001
 Create Date: 2026-11-24
 """
 
@@ -12,8 +12,8 @@ from alembic import op
 
 import qx.db.types
 
-revision: str = "0003"
-down_revision: str | Sequence[str] | None = "0002"
+revision: str = "qx_0002"
+down_revision: str | Sequence[str] | None = "qx_0001"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

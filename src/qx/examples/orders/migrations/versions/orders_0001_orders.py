@@ -1,7 +1,7 @@
 """The orders example: orders and their lines.
 
-Revision ID: 0002
-Revises: 0001
+Revision ID: orders_0001
+Revises:
 Create Date: 2026-11-24
 """
 
@@ -12,10 +12,10 @@ from alembic import op
 
 import qx.db.types
 
-revision: str = "0002"
-down_revision: str | Sequence[str] | None = "0001"
-branch_labels: str | Sequence[str] | None = None
-depends_on: str | Sequence[str] | None = None
+revision: str = "orders_0001"
+down_revision: str | Sequence[str] | None = None
+branch_labels: str | Sequence[str] | None = ("orders",)
+depends_on: str | Sequence[str] | None = "qx_0001"
 
 
 def upgrade() -> None:

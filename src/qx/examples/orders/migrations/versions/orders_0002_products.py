@@ -1,7 +1,7 @@
 """The orders example's products and their stock.
 
-Revision ID: 0004
-Revises: 0003
+Revision ID: orders_0002
+Revises: orders_0001
 Create Date: 2026-11-24
 """
 
@@ -12,8 +12,8 @@ from alembic import op
 
 import qx.db.types
 
-revision: str = "0004"
-down_revision: str | Sequence[str] | None = "0003"
+revision: str = "orders_0002"
+down_revision: str | Sequence[str] | None = "orders_0001"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

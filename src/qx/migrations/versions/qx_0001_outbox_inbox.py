@@ -1,6 +1,6 @@
 """qx's own tables: the transactional outbox and the consumer inbox.
 
-Revision ID: 0001
+Revision ID: qx_0001
 Revises:
 Create Date: 2026-11-24
 """
@@ -13,9 +13,9 @@ from alembic import op
 import qx.db.types
 from qx.outbox import NOTIFY_FUNCTION_SQL, NOTIFY_TRIGGER_SQL
 
-revision: str = "0001"
+revision: str = "qx_0001"
 down_revision: str | Sequence[str] | None = None
-branch_labels: str | Sequence[str] | None = None
+branch_labels: str | Sequence[str] | None = ("qx",)
 depends_on: str | Sequence[str] | None = None
 
 PENDING = sa.text("published_at IS NULL AND dead_at IS NULL")

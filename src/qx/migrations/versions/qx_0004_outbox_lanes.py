@@ -6,8 +6,8 @@ rows (they park their aggregate). New tables: ``qx_outbox_lane`` (one lease per 
 ``qx_outbox_relay`` (heartbeats) and ``qx_outbox_sequence`` (the last number per aggregate).
 Rows pending at upgrade get their lane, so each aggregate's rows stay in one lane.
 
-Revision ID: 0006
-Revises: 0005
+Revision ID: qx_0004
+Revises: qx_0003
 Create Date: 2026-12-01
 """
 
@@ -19,8 +19,8 @@ from alembic import op
 import qx.db.types
 from qx.outbox._table import OUTBOX_LANES, lane_of
 
-revision: str = "0006"
-down_revision: str | Sequence[str] | None = "0005"
+revision: str = "qx_0004"
+down_revision: str | Sequence[str] | None = "qx_0003"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
