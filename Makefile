@@ -3,11 +3,12 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test lint pytest bench clean help
+.PHONY: demo test test-min lint pytest bench clean help
 
 help:
 	@echo "make demo   - create .venv, install qx, run the orders demo on SQLite (QX_DB__URL to change)"
 	@echo "make test   - create .venv, install dev extras, run lint, unit and integration tests"
+	@echo "make test-min - the tests on the lowest version of every dependency qx declares"
 	@echo "make lint   - ruff check, ruff format --check, mypy --strict"
 	@echo "make bench  - run the benchmarks against the local PostgreSQL"
 
@@ -21,16 +22,19 @@ $(VENV)/.demo-installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[cli,sqlite,postgres,brokers,api]'
 	@touch $@
 
+# Every user extra, and the development groups of pyproject.toml (not published as extras).
+EXTRAS := postgres,sqlite,cli,brokers,metrics,otel,api,testing
+
 $(VENV)/.dev-installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[$(EXTRAS)]' --group dev
 	@touch $@ $(VENV)/.demo-installed
 
 demo: $(VENV)/.demo-installed
 	$(BIN)/qx demo
 
 lint: $(VENV)/.dev-installed
-	$(BIN)/ruff check src tests bench examples
-	$(BIN)/ruff format --check src tests bench examples
+	$(BIN)/ruff check src tests bench examples scripts
+	$(BIN)/ruff format --check src tests bench examples scripts
 	$(BIN)/mypy --strict src
 
 # pytest exits 5 when it collects no tests; make treats any non-zero exit as failure.
@@ -39,10 +43,27 @@ pytest: $(VENV)/.dev-installed
 
 test: lint pytest
 
+# The declared minimums are claims: a second environment resolves every direct dependency
+# (core and extras) to the lowest version pyproject.toml allows and runs the same tests.
+MIN_VENV := .venv-min
+
+$(MIN_VENV)/.installed: pyproject.toml scripts/minimum_versions.py
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "qx needs Python >= 3.11 (set PYTHON=python3.11)")'
+	rm -rf $(MIN_VENV)
+	$(PYTHON) -m venv $(MIN_VENV)
+	$(MIN_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(MIN_VENV)/bin/python scripts/minimum_versions.py > $(MIN_VENV)/constraints.txt
+	$(MIN_VENV)/bin/python -m pip install --quiet -c $(MIN_VENV)/constraints.txt -e '.[$(EXTRAS)]' --group test
+	@touch $@
+
+test-min: $(MIN_VENV)/.installed
+	$(MIN_VENV)/bin/python scripts/minimum_versions.py --check
+	$(MIN_VENV)/bin/python -m pytest tests
+
 # Every benchmark in one run; writes bench/RESULTS.md. Needs PostgreSQL and NATS (see README).
 bench: $(VENV)/.dev-installed
-	$(BIN)/python -m pip install --quiet -e '.[bench]'
+	$(BIN)/python -m pip install --quiet --group bench
 	$(BIN)/python bench/run_all.py
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis qx.sqlite3*
+	rm -rf $(VENV) $(MIN_VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis qx.sqlite3*

@@ -187,6 +187,7 @@ EXPECTED = {
         "version_column",
     ],
     "qx.outbox.publishers": [
+        "Described",
         "LogPublisher",
         "MemoryPublisher",
         "NatsPublisher",

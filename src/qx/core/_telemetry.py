@@ -27,7 +27,7 @@ except ImportError:  # the otel extra is not installed
 if TYPE_CHECKING:
     from opentelemetry.trace import Span, Tracer
 
-__all__ = ["active_tracer", "span", "trace_headers"]
+__all__ = ["active_tracer", "add_event", "span", "trace_headers"]
 
 SpanKind = Literal["internal", "producer", "consumer"]
 
@@ -83,6 +83,12 @@ def span(
         attributes=dict(attributes) if attributes else None,
     ) as current:
         yield current
+
+
+def add_event(name: str, attributes: Mapping[str, str | int | bool]) -> None:
+    """Add an event to the current span (nothing when tracing is off)."""
+    if active_tracer() is not None:
+        _trace.get_current_span().add_event(name, dict(attributes))
 
 
 def trace_headers(fallback: str | None = None) -> dict[str, str]:

@@ -39,6 +39,7 @@ from qx.core._dispatch import InProcessDispatcher
 from qx.core._errors import ConcurrencyConflict, ConfigurationError, HandlerNotFound, TransientError
 from qx.core._events import Event
 from qx.core._ids import new_id
+from qx.core._telemetry import add_event, span
 from qx.cqrs._idempotency import (
     Claim,
     IdempotencyPolicy,
@@ -215,8 +216,18 @@ class MessageBus:
             call = _bind(middleware, call)
         if current_context().correlation_id is None:
             with request_context(correlation_id=str(new_id())):
-                return await call(message, HandlerContext(self))
-        return await call(message, HandlerContext(self))
+                return await self._traced(call, message)
+        return await self._traced(call, message)
+
+    async def _traced(self, call: Next, message: Message[Any]) -> Any:
+        ctx = HandlerContext(self)
+        kind = "command" if isinstance(message, Command) else "query"
+        with span(f"qx.bus.{kind} {type(message).__qualname__}") as current:
+            try:
+                return await call(message, ctx)
+            finally:
+                if current is not None:
+                    current.set_attribute("qx.bus.attempts", ctx.attempt)
 
     async def _call_handler(self, message: Message[Any], ctx: HandlerContext) -> Any:
         entry = self._handlers[type(message)]
@@ -300,6 +311,10 @@ async def retry_middleware(message: Message[Any], ctx: HandlerContext, call_next
                 raise
             delay = policy.delay(ctx.attempt)
             waited += delay
+            add_event(
+                "qx.bus.retry",
+                {"qx.bus.attempt": ctx.attempt, "exception.type": type(exc).__qualname__},
+            )
             logger.debug(
                 "%s: %s, retry %d in %.3fs", type(message).__qualname__, exc, ctx.attempt, delay
             )

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -153,6 +153,21 @@ class Envelope:
             position=row.get("position"),
             sequence=row.get("aggregate_seq"),
         )
+
+    def trace_context(self) -> dict[str, str] | None:
+        """The trace-context headers to continue (``traceparent`` and, for one, the
+        ``tracestate`` kept among the headers); ``None`` when the event carries none."""
+        if self.traceparent is None:
+            return None
+        return {**self.headers, "traceparent": self.traceparent}
+
+    def continued(self, trace: Mapping[str, str]) -> Envelope:
+        """This envelope carrying ``trace`` (``traceparent``, ``tracestate``, ...) instead of
+        its own trace context: what a publisher's span hands on to consumers."""
+        if "traceparent" not in trace:
+            return self
+        headers = {**self.headers, **trace}
+        return replace(self, traceparent=headers.pop("traceparent"), headers=headers)
 
     @property
     def subject(self) -> str | None:

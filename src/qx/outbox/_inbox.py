@@ -25,6 +25,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from qx.core._clock import utcnow
 from qx.core._context import request_context
 from qx.core._errors import ConfigurationError
+from qx.core._telemetry import span
 from qx.outbox._envelope import Envelope
 from qx.outbox._table import inbox_table
 
@@ -62,15 +63,30 @@ class Inbox(Generic[U]):
         Returns:
             ``True`` if the handler ran, ``False`` for a duplicate.
         """
-        with request_context(
-            correlation_id=envelope.correlation_id,
-            causation_id=str(envelope.id),
-            tenant_id=envelope.tenant_id,
-            traceparent=envelope.traceparent,
+        with (
+            request_context(
+                correlation_id=envelope.correlation_id,
+                causation_id=str(envelope.id),
+                tenant_id=envelope.tenant_id,
+                traceparent=envelope.traceparent,
+            ),
+            span(
+                f"process {envelope.type}",
+                kind="consumer",
+                attributes={
+                    "messaging.operation.type": "process",
+                    "messaging.message.id": str(envelope.id),
+                    "messaging.consumer.group.name": self.consumer,
+                    "qx.event.type": envelope.type,
+                },
+                carrier=envelope.trace_context(),
+            ) as current,
         ):
             async with self.uow_factory() as uow:
                 if not await self._record(uow, envelope):
                     logger.debug("skipping duplicate %s for %s", envelope.id, self.consumer)
+                    if current is not None:
+                        current.set_attribute("qx.inbox.duplicate", True)
                     return False
                 await handler(envelope, uow)
                 await uow.commit()

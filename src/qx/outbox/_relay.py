@@ -49,6 +49,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from qx.core._clock import Clock, SystemClock
 from qx.core._errors import BrokerUnavailable, QxError
+from qx.core._telemetry import active_tracer, span, trace_headers
 from qx.db._translate import translate_error
 from qx.outbox._envelope import Envelope
 from qx.outbox._logging import RateLimitedLog
@@ -63,7 +64,7 @@ from qx.outbox._store import (
     backoff_delay,
 )
 from qx.outbox._table import NOTIFY_CHANNEL
-from qx.outbox.publishers._port import Publisher
+from qx.outbox.publishers._port import Described, Publisher
 from qx.settings import RelaySettings
 
 __all__ = ["BatchResult", "OutboxRelay", "RelayMetrics"]
@@ -158,6 +159,8 @@ class OutboxRelay:
         self._outages = 0
         self._last_purge = 0.0
         self._log = RateLimitedLog(logger)
+        # Checked once: an isinstance() of a Protocol is slow.
+        self._described = publisher if isinstance(publisher, Described) else None
 
     # -- one turn ---------------------------------------------------------------------------
 
@@ -202,7 +205,16 @@ class OutboxRelay:
         return await self._exchange(claim=True)
 
     async def _publish(self, claim: Claim, result: BatchResult) -> None:
-        await asyncio.gather(*(self._publish_run(run, result) for run in claim.runs))
+        with span("qx.outbox.batch", attributes={"qx.outbox.claimed": claim.rows}) as current:
+            await asyncio.gather(*(self._publish_run(run, result) for run in claim.runs))
+            if current is not None:
+                current.set_attributes(
+                    {
+                        "qx.outbox.published": result.published,
+                        "qx.outbox.failed": result.failed,
+                        "qx.outbox.released": result.released,
+                    }
+                )
 
     async def _publish_run(self, run: list[dict[str, Any]], result: BatchResult) -> None:
         """Publish one aggregate's rows in order; stop at the first that fails."""
@@ -211,10 +223,15 @@ class OutboxRelay:
         sent = 0
         try:
             async with self._slots:
+                traced = active_tracer() is not None
                 for row in run:
                     if self._outage_until > time.monotonic():
                         raise BrokerUnavailable("the broker is unavailable")
-                    await self.publisher.publish(Envelope.from_row(row, source=self.source))
+                    envelope = Envelope.from_row(row, source=self.source)
+                    if traced:
+                        await self._publish_traced(envelope)
+                    else:
+                        await self.publisher.publish(envelope)
                     marks.published.append((lane, row["position"], key, row["aggregate_seq"]))
                     result.published += 1
                     sent += 1
@@ -239,6 +256,27 @@ class OutboxRelay:
             self._in_flight -= len(run)
             if self._room() or len(self._marks) >= self.settings.batch_size:
                 self._wake.set()
+
+    async def _publish_traced(self, envelope: Envelope) -> None:
+        """Publish in a producer span that continues the trace the row was committed in, and
+        hand the span's context on to consumers in the envelope."""
+        described = self._described
+        destination = described.destination(envelope) if described else envelope.type
+        with span(
+            f"send {destination}",
+            kind="producer",
+            attributes={
+                "messaging.system": described.messaging_system if described else "unknown",
+                "messaging.operation.type": "send",
+                "messaging.operation.name": "send",
+                "messaging.destination.name": destination,
+                "messaging.message.id": str(envelope.id),
+                "qx.event.type": envelope.type,
+                "qx.outbox.position": envelope.position or 0,
+            },
+            carrier=envelope.trace_context(),
+        ):
+            await self.publisher.publish(envelope.continued(trace_headers()))
 
     def _failed(
         self, run: list[dict[str, Any]], index: int, exc: Exception, result: BatchResult

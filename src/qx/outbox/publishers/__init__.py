@@ -6,12 +6,13 @@ installed only when it is used (``qx[nats]``, ``qx[rabbitmq]``, ``qx[redis]``).
 
 from qx.outbox.publishers._inprocess import LogPublisher, MemoryPublisher
 from qx.outbox.publishers._nats import NatsPublisher
-from qx.outbox.publishers._port import Publisher, publish_many
+from qx.outbox.publishers._port import Described, Publisher, publish_many
 from qx.outbox.publishers._rabbitmq import RabbitPublisher
 from qx.outbox.publishers._redis import RedisPublisher
 from qx.outbox.publishers._select import publisher_from_settings
 
 __all__ = [
+    "Described",
     "LogPublisher",
     "MemoryPublisher",
     "NatsPublisher",

@@ -20,9 +20,15 @@ class MemoryPublisher:
         fail_with: when set, ``publish`` raises ``PublishError`` with this message.
     """
 
+    messaging_system = "memory"
+
     def __init__(self) -> None:
         self.published: list[Envelope] = []
         self.fail_with: str | None = None
+
+    def destination(self, envelope: Envelope) -> str:
+        """The event type (there is no broker)."""
+        return envelope.type
 
     async def connect(self) -> None:
         """Nothing to connect."""
@@ -39,6 +45,12 @@ class MemoryPublisher:
 
 class LogPublisher:
     """Logs each envelope at INFO on ``qx.outbox.publish`` (development)."""
+
+    messaging_system = "log"
+
+    def destination(self, envelope: Envelope) -> str:
+        """The logger's name."""
+        return logger.name
 
     async def connect(self) -> None:
         """Nothing to connect."""

@@ -52,9 +52,13 @@ class NatsPublisher:
         self._deadlines: deque[tuple[float, str]] = deque()
         self._sweeper: asyncio.Task[None] | None = None
 
+    messaging_system = "nats"
+
     def subject(self, envelope: Envelope) -> str:
         """The subject an envelope is published on."""
         return f"{self.settings.subject_prefix}.{envelope.type}"
+
+    destination = subject
 
     async def connect(self) -> None:
         """Connect (reconnecting forever in the background) and ensure the stream.

@@ -13,7 +13,7 @@ from typing import Protocol, runtime_checkable
 
 from qx.outbox._envelope import Envelope
 
-__all__ = ["Publisher", "publish_many"]
+__all__ = ["Described", "Publisher", "publish_many"]
 
 
 @runtime_checkable
@@ -32,6 +32,19 @@ class Publisher(Protocol):
 
     async def close(self) -> None:
         """Release connections."""
+
+
+@runtime_checkable
+class Described(Protocol):
+    """What a publisher tells traces about where a message goes (optional: qx's publishers
+    have it; the relay's spans say ``messaging.system = "unknown"`` for one without)."""
+
+    #: The OpenTelemetry ``messaging.system`` (``nats``, ``rabbitmq``, ``redis``, ...).
+    messaging_system: str
+
+    def destination(self, envelope: Envelope) -> str:
+        """The subject, exchange or stream ``envelope`` is published to."""
+        ...
 
 
 async def publish_many(

@@ -26,10 +26,16 @@ class RabbitPublisher:
         settings: ``url``, ``exchange``, ``publish_timeout``.
     """
 
+    messaging_system = "rabbitmq"
+
     def __init__(self, settings: BrokerSettings) -> None:
         self.settings = settings
         self._connection: Any = None
         self._exchange: Any = None
+
+    def destination(self, envelope: Envelope) -> str:
+        """The exchange (the event type is the routing key)."""
+        return self.settings.exchange
 
     async def connect(self) -> None:
         """Connect (robustly: aio-pika reconnects) and declare the exchange."""

@@ -24,9 +24,15 @@ class RedisPublisher:
         settings: ``url``, ``redis_stream``, ``redis_maxlen``, ``publish_timeout``.
     """
 
+    messaging_system = "redis"
+
     def __init__(self, settings: BrokerSettings) -> None:
         self.settings = settings
         self._client: Any = None
+
+    def destination(self, envelope: Envelope) -> str:
+        """The stream."""
+        return self.settings.redis_stream
 
     async def connect(self) -> None:
         """Create the client and check the server answers."""
