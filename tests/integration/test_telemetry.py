@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,7 +109,8 @@ def _reset_tracing() -> None:
 
 
 @pytest.fixture
-async def engine(backend: str, tmp_path: Path) -> AsyncIterator[AsyncEngine]:
+async def helpdesk(backend: str, tmp_path: Path) -> AsyncIterator[AsyncEngine]:
+    """An engine with qx's tables and the helpdesk's."""
     engine, schema = await engine_with_tables(backend, tmp_path, md)
     try:
         yield engine
@@ -142,8 +144,9 @@ def by_name(finished: tuple[ReadableSpan, ...], prefix: str) -> list[ReadableSpa
 
 
 async def test_one_trace_from_the_http_request_to_the_consumer(
-    spans: InMemorySpanExporter, engine: AsyncEngine
+    spans: InMemorySpanExporter, helpdesk: AsyncEngine
 ) -> None:
+    engine = helpdesk
     bus, factory = build(engine, races=1)
     tracer = trace.get_tracer("helpdesk-api")
     # What an HTTP framework's instrumentation does: continue the caller's traceparent in
@@ -218,8 +221,9 @@ async def test_one_trace_from_the_http_request_to_the_consumer(
 
 
 async def test_a_failed_commit_is_an_error_span_and_tracing_off_writes_the_request_s_context(
-    spans: InMemorySpanExporter, engine: AsyncEngine
+    spans: InMemorySpanExporter, helpdesk: AsyncEngine
 ) -> None:
+    engine = helpdesk
     bus, factory = build(engine, races=50)
     with pytest.raises(ConcurrencyConflict):
         await bus.execute(OpenTicket(title="never"))
@@ -242,8 +246,9 @@ async def test_a_failed_commit_is_an_error_span_and_tracing_off_writes_the_reque
 
 
 async def test_a_nats_consumer_continues_the_trace(
-    spans: InMemorySpanExporter, engine: AsyncEngine, backend: str
+    spans: InMemorySpanExporter, helpdesk: AsyncEngine, backend: str
 ) -> None:
+    engine = helpdesk
     if backend != "postgresql":
         pytest.skip("one backend is enough for the broker's part")
     import nats
@@ -289,3 +294,92 @@ async def test_a_nats_consumer_continues_the_trace(
     assert send.attributes["messaging.destination.name"] == f"qxo{tag}.helpdesk.ticket_opened"
     assert {send.context.trace_id, process.context.trace_id} == {server.context.trace_id}
     assert process.parent is not None and process.parent.span_id == send.context.span_id
+
+
+def _tree(finished: tuple[ReadableSpan, ...], trace_id: int) -> list[str]:
+    """qx's spans of one trace as an indented tree (each under its nearest qx ancestor:
+    the web framework's own spans, which vary by version, are left out), in start order."""
+    ours = [s for s in finished if s.context.trace_id == trace_id]
+    by_id = {s.context.span_id: s for s in ours}
+
+    def qx_parent(span: ReadableSpan) -> int | None:
+        parent = span.parent.span_id if span.parent else None
+        while parent in by_id and by_id[parent].instrumentation_scope.name != "qx":
+            above = by_id[parent].parent
+            parent = above.span_id if above else None
+        return parent if parent in by_id else None
+
+    children: dict[int | None, list[ReadableSpan]] = {}
+    for span in sorted(ours, key=lambda s: s.start_time or 0):
+        if span.instrumentation_scope.name == "qx":
+            children.setdefault(qx_parent(span), []).append(span)
+    lines: list[str] = []
+
+    def walk(parent: int | None, depth: int) -> None:
+        for span in children.get(parent, []):
+            lines.append(f"{'    ' * depth}{span.name} {span.kind.name}")
+            walk(span.context.span_id, depth + 1)
+
+    walk(None, 0)
+    return lines
+
+
+def _readme_trace() -> list[str]:
+    """The README's trace, as ``_tree`` writes it: names and kinds, by depth."""
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    block = text.split("<!-- trace: written by tests/integration/test_telemetry.py")[1]
+    block = block.split("```text\n", 1)[1].split("```", 1)[0]
+    lines = []
+    for line in block.splitlines():
+        found = re.match(r"^([│├└─ ]*)(\S.*?)\s{2,}([A-Z]+)\b", line)
+        assert found is not None, line
+        prefix, name, kind = found.groups()
+        lines.append(f"{'    ' * (len(prefix) // 4)}{name} {kind}")
+    return lines
+
+
+async def test_the_readme_trace_of_one_order_from_http_to_consumer(
+    spans: InMemorySpanExporter, engine: AsyncEngine
+) -> None:
+    import httpx
+
+    from qx.examples.orders.api import create_app
+    from qx.settings import QxSettings
+    from tests.integration.conftest import CURSOR_SECRET
+
+    app = create_app(settings=QxSettings(pagination_secret=CURSOR_SECRET), engine=engine)
+    caller = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://test", headers={"X-Tenant-ID": "acme"}
+        ) as http:
+            stocked = await http.post(
+                "/products",
+                json={"sku": "KB-01", "name": "keyboard", "price": "49.90", "quantity": 5},
+            )
+            assert stocked.status_code == 201, stocked.text
+            placed = await http.post(
+                "/orders",
+                json={"customer": "ada", "lines": [{"sku": "KB-01", "quantity": 1}]},
+                headers={"traceparent": caller},
+            )
+            assert placed.status_code == 201, placed.text
+    publisher = MemoryPublisher()
+    relay = OutboxRelay(engine, publisher, source="orders")
+    while (await relay.run_once()).claimed:
+        pass
+    factory = UnitOfWorkFactory(Helpdesk, create_session_factory(engine))
+    inbox = Inbox(factory, consumer="shipping")
+    router = EventRouter()
+    seen: list[str] = []
+
+    @router.on("orders.order_placed")
+    async def on_placed(envelope: Envelope, uow: Any) -> None:
+        seen.append(envelope.type)
+
+    for envelope in publisher.published:
+        await inbox.process(Envelope.from_json(envelope.to_json()), router.dispatch)
+    assert seen == ["orders.order_placed"]
+    tree = _tree(spans.get_finished_spans(), 0x4BF92F3577B34DA6A3CE929D0E0E4736)
+    assert tree == _readme_trace(), "\n".join(tree)

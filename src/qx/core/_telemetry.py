@@ -17,6 +17,8 @@ from contextlib import contextmanager
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Literal
 
+from qx.core._context import current_context
+
 try:
     from opentelemetry import propagate as _propagate
     from opentelemetry import trace as _trace
@@ -67,7 +69,8 @@ def span(
         kind: the span kind.
         attributes: set when the span starts.
         carrier: trace-context headers to continue (a message's); default: the current
-            context.
+            span, or else the request context's ``traceparent`` (an HTTP layer that only
+            copies the header into :func:`~qx.core.request_context` still gets one trace).
 
     An exception leaving the block is recorded on the span, which is marked as an error.
     """
@@ -75,6 +78,10 @@ def span(
     if tracer is None:
         yield None
         return
+    if carrier is None and not _trace.get_current_span().get_span_context().is_valid:
+        traceparent = current_context().traceparent
+        if traceparent is not None:
+            carrier = {"traceparent": traceparent}
     context = _propagate.extract(carrier) if carrier is not None else None
     with tracer.start_as_current_span(
         name,

@@ -71,6 +71,8 @@ PROBLEM = "application/problem+json"
 #: What an X-Tenant-ID may be: it is stored in every row (tenant_column is 64 characters).
 TENANT_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _CORRELATION = re.compile(r"[\x21-\x7e]{1,128}")
+# W3C trace context: version-traceid-parentid-flags, lowercase hex.
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 
 
 class Problem(BaseModel):
@@ -240,6 +242,9 @@ def create_app(
         if not _CORRELATION.fullmatch(correlation):
             correlation = str(new_id())
         tenant = request.headers.get("x-tenant-id") or None
+        traceparent = request.headers.get("traceparent")
+        if traceparent is not None and not _TRACEPARENT.fullmatch(traceparent):
+            traceparent = None  # a malformed one starts a new trace, as W3C asks
         if tenant is not None and not TENANT_PATTERN.fullmatch(tenant):
             response: Response = _problem(
                 400,
@@ -248,7 +253,9 @@ def create_app(
                 field="X-Tenant-ID",
             )
         else:
-            with request_context(correlation_id=correlation, tenant_id=tenant):
+            with request_context(
+                correlation_id=correlation, tenant_id=tenant, traceparent=traceparent
+            ):
                 response = await call_next(request)
         response.headers["X-Correlation-ID"] = correlation
         return response
