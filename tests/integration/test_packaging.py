@@ -5,6 +5,7 @@ wheel installed into a fresh environment outside the repository, used as a new s
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -148,4 +149,49 @@ def test_the_installed_wheel_serves_a_new_service_outside_the_repository(
     # The main job, from the wheel: the example's chain on top of qx's, on SQLite.
     env["QX_DB__URL"] = f"sqlite+aiosqlite:///{tmp_path / 'demo.sqlite3'}"
     report = run(*cli, "demo", "--orders", "3", "--concurrency", "2")
-    assert "placed 3 orders" in report and "outbox rows: 5, published to memory://: 5" in report
+    assert "placed 3 orders" in report, report
+    published = re.search(r"outbox rows: (\d+), published to memory://: (\d+)", report)
+    assert published is not None and published[1] == published[2] and int(published[1]) >= 3
+
+
+@pytest.mark.parametrize("database", ["sqlite-file", "sqlite-memory", "postgresql"])
+def test_a_script_that_raises_before_dispose_exits_at_once(database: str, tmp_path: Path) -> None:
+    # An engine left open (no dispose(), a unit of work's connection mid-use) must not keep
+    # the interpreter from exiting: the error is printed and the process ends.
+    if database == "postgresql":
+        from tests.services import POSTGRES, resolve
+
+        url = resolve(POSTGRES)
+    elif database == "sqlite-file":
+        url = f"sqlite+aiosqlite:///{tmp_path / 'script.sqlite3'}"
+    else:
+        url = "sqlite+aiosqlite:///:memory:"
+    script = tmp_path / "script.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import asyncio, sys
+            from sqlalchemy import text
+            from qx.db import UnitOfWork, UnitOfWorkFactory, create_engine, create_session_factory
+            from qx.settings import DatabaseSettings
+
+            async def main():
+                engine = create_engine(DatabaseSettings(url=sys.argv[1]))
+                factory = UnitOfWorkFactory(UnitOfWork, create_session_factory(engine))
+                async with factory() as uow:
+                    await uow.session.execute(text("SELECT 1"))
+                    await asyncio.sleep(0)
+                    raise RuntimeError("the service's own bug")
+
+            asyncio.run(main())
+            """
+        )
+    )
+    done = subprocess.run(
+        [sys.executable, str(script), url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 1 and "the service's own bug" in done.stderr, done.stderr

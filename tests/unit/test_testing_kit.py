@@ -150,3 +150,42 @@ async def test_the_bus_runs_on_in_memory_units_of_work() -> None:
     assert [row["event_name"] for row in await factory.store.outbox_rows()] == [
         "orders.order_placed"
     ]
+
+
+async def test_an_engine_kept_without_its_store_keeps_the_tables() -> None:
+    # A helper that returns only `InMemoryStore(md).engine` (or a session factory) drops the
+    # store; its database must live as long as the engine, whenever the collector runs.
+    import gc
+
+    from sqlalchemy import Column, Integer, MetaData, String, Table, insert, select
+
+    md = MetaData()
+    notes = Table("k_notes", md, Column("id", Integer, primary_key=True), Column("body", String))
+    engine = InMemoryStore(md).engine
+    gc.collect()
+    async with engine.begin() as conn:
+        await conn.execute(insert(notes).values(id=1, body="kept"))
+    gc.collect()
+    async with engine.connect() as conn:
+        assert (await conn.execute(select(notes.c.body))).scalar_one() == "kept"
+
+
+async def test_metadata_made_and_dropped_again_and_again_gets_its_own_tables() -> None:
+    # Each round's MetaData is collected before the next is made (an id can come back): the
+    # table of the same name has a different column every time, and each store has that one.
+    import gc
+
+    from sqlalchemy import Column, Integer, MetaData, Table, insert, select
+
+    for round_ in range(30):
+        md = MetaData()
+        table = Table(
+            "k_round", md, Column("id", Integer, primary_key=True), Column(f"c{round_}", Integer)
+        )
+        store = InMemoryStore(md)
+        async with store.engine.begin() as conn:
+            await conn.execute(insert(table).values(id=1, **{f"c{round_}": round_}))
+            assert (await conn.execute(select(table.c[f"c{round_}"]))).scalar_one() == round_
+        await store.close()
+        del md, table, store
+        gc.collect()

@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import sqlite3
+import sys
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any, Final
@@ -172,13 +173,21 @@ def translate_error(error: BaseException, *, stale: tuple[str, ...] = ()) -> QxE
         return error.orig
     if isinstance(error, sa_exc.TimeoutError):
         return TransientError(f"connection pool exhausted: {error}")
-    if isinstance(error, sqlite3.Error):
+    if isinstance(error, sqlite3.Error) or _is_asyncpg_error(error):
+        # asyncpg's own exceptions reach callers unwrapped where SQLAlchemy does not adapt
+        # them (connecting, on SQLAlchemy 2.0): a wrong database or role is still 3D000/28000.
         sqlstate = sqlstate_of(error)
         message, constraint = _describe(sqlstate, error)
         return error_for_sqlstate(sqlstate, message, constraint=constraint)
     if isinstance(error, ConnectionError | OSError) and not isinstance(error, FileNotFoundError):
         return TransientError(f"database unreachable: {error}")
     return None
+
+
+def _is_asyncpg_error(error: BaseException) -> bool:
+    asyncpg = sys.modules.get("asyncpg")  # only a loaded asyncpg can have raised one
+    base = getattr(asyncpg, "PostgresError", None)
+    return isinstance(base, type) and isinstance(error, base)
 
 
 def _no_stale() -> tuple[str, ...]:

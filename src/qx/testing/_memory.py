@@ -57,6 +57,7 @@ U = TypeVar("U", bound=UnitOfWork)
 TEST_CURSOR_SECRET: Final = "qx-testing-cursor-secret"
 #: The execution option naming the store whose database a connection attaches.
 _STORE: Final = "qx_memory_store"
+_HOLDS: Final = "qx_memory_database"  # keeps the database alive with the engine
 _ATTACHED: Final = "qx_memory_attached"
 
 
@@ -74,13 +75,9 @@ class InMemoryStore:
     def __init__(self, *metadata: MetaData) -> None:
         self._metadata: list[MetaData] = [qx_metadata]
         self._created: set[int] = set()
-        self._name = f"file:qx-memory-{uuid.uuid4().hex}?mode=memory&cache=shared"
-        # The database exists while a connection to it is open: this one, closed with the
-        # store (check_same_thread: a finalizer may run on any thread).
-        self._keeper: sqlite3.Connection | None = sqlite3.connect(
-            self._name, uri=True, check_same_thread=False
-        )
-        self._close_keeper = weakref.finalize(self, self._keeper.close)
+        self._database = _Database()
+        self._name = self._database.name
+        self._keeper: sqlite3.Connection | None = self._database.keeper
         self._engine: AsyncEngine | None = None
         self._sessions = _StoreSessions(self)
         self.include(*metadata)
@@ -107,7 +104,11 @@ class InMemoryStore:
         """
         self._open_keeper()
         if self._engine is None:
-            self._engine = _shared_engine().execution_options(**{_STORE: self._name})
+            # The engine holds the database too: code that keeps only the engine (or a
+            # session factory, a connection) keeps the tables, whenever the store is collected.
+            self._engine = _shared_engine().execution_options(
+                **{_STORE: self._name, _HOLDS: self._database}
+            )
         return self._engine
 
     @property
@@ -139,13 +140,30 @@ class InMemoryStore:
     async def close(self) -> None:
         """Close the database now (everything in it is gone)."""
         self._keeper = None
-        self._close_keeper()
+        self._database.close()
 
     async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
+
+
+class _Database:
+    """A named, shared-cache in-memory SQLite database. It exists while a connection to it is
+    open: this object's own, closed when the object is collected (or by :meth:`close`), and
+    the store and every engine on it hold the object."""
+
+    __slots__ = ("__weakref__", "_finalizer", "keeper", "name")
+
+    def __init__(self) -> None:
+        self.name = f"file:qx-memory-{uuid.uuid4().hex}?mode=memory&cache=shared"
+        # check_same_thread: the finalizer may run on any thread.
+        self.keeper = sqlite3.connect(self.name, uri=True, check_same_thread=False)
+        self._finalizer = weakref.finalize(self, self.keeper.close)
+
+    def close(self) -> None:
+        self._finalizer()
 
 
 class _StoreSessions(async_sessionmaker[AsyncSession]):
@@ -162,7 +180,9 @@ class _StoreSessions(async_sessionmaker[AsyncSession]):
 
 
 _ENGINE: list[AsyncEngine] = []
-_TEMPLATES: dict[tuple[tuple[int, tuple[str, ...]], ...], sqlite3.Connection] = {}
+# Keyed by the MetaData objects themselves (held), not their id(): an id is reused once its
+# object is collected, and a new metadata must not get another's tables.
+_TEMPLATES: dict[tuple[tuple[MetaData, tuple[str, ...]], ...], sqlite3.Connection] = {}
 
 
 def _shared_engine() -> AsyncEngine:
@@ -235,7 +255,7 @@ def _attach_store(connection: Connection) -> None:
 def _template(metadata: list[MetaData]) -> sqlite3.Connection:
     """An in-memory database with these tables, made once per process (and per set of
     tables: a metadata that gained tables gets a new template)."""
-    key = tuple((id(md), tuple(md.tables)) for md in metadata)
+    key = tuple((md, tuple(md.tables)) for md in metadata)
     found = _TEMPLATES.get(key)
     if found is None:
         found = sqlite3.connect(":memory:", check_same_thread=False)
