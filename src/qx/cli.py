@@ -33,8 +33,24 @@ def _build_app() -> typer.Typer:
     console = Console()
 
     @app.callback()
-    def _root() -> None:
+    def _root(
+        log_level: Annotated[
+            str | None,
+            typer.Option("--log-level", help="Log at DEBUG, INFO, WARNING or ERROR to stderr."),
+        ] = None,
+        log_json: Annotated[
+            bool, typer.Option("--log-json", help="Log one JSON object per line.")
+        ] = False,
+    ) -> None:
         """qx command line."""
+        if log_level is None and not log_json:
+            return  # the defaults: warnings, as text, and whatever alembic.ini asks for
+        from qx.outbox._logging import configure_logging
+
+        level = (log_level or "WARNING").upper()
+        if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise typer.BadParameter(f"not a level: {log_level!r}", param_hint="--log-level")
+        configure_logging(level=level, json_lines=log_json)
 
     @app.command()
     def demo(

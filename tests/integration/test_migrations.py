@@ -546,3 +546,33 @@ async def test_version_table_in_its_own_schema(empty: AsyncEngine) -> None:
     finally:
         async with empty.begin() as conn:
             await conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+
+
+def test_the_command_line_logs_json_lines_at_the_level_asked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `qx --log-level INFO --log-json <command>`: what Alembic and qx log, one JSON object per
+    # line on stderr, even for a service whose alembic.ini has logging sections of its own.
+    import json
+    import logging
+
+    module = _service(tmp_path, WIDGETS)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("QX_DB__URL", f"sqlite+aiosqlite:///{tmp_path / 'svc.sqlite3'}")
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    runner = CliRunner()
+    try:
+        assert runner.invoke(app, ["db", "init", "--metadata", f"{module}:metadata"]).exit_code == 0
+        result = runner.invoke(app, ["--log-level", "INFO", "--log-json", "db", "upgrade"])
+        assert result.exit_code == 0, result.output
+        records = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+        assert any("Running upgrade" in r["message"] and "qx_0001" in r["message"] for r in records)
+        assert {r["level"] for r in records} <= {"INFO", "WARNING", "ERROR"}
+        assert all(set(r) >= {"time", "level", "logger", "message"} for r in records)
+        bad = runner.invoke(app, ["--log-level", "LOUD", "db", "current"])
+        assert bad.exit_code == 2 and "not a level" in bad.output
+    finally:
+        sys.modules.pop(module, None)
+        root.handlers[:], _ = saved
+        root.setLevel(saved[1])

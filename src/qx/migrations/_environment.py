@@ -43,6 +43,7 @@ from sqlalchemy.types import TypeDecorator, TypeEngine
 from qx._schema import include_qx_tables
 from qx.core._errors import ConfigurationError
 from qx.db._engine import create_engine, parse_database_url
+from qx.outbox._logging import configured_by_qx
 from qx.settings import DatabaseSettings, load_settings
 
 __all__ = [
@@ -201,6 +202,7 @@ def run_migrations(
         and config.config_file_name
         and Path(config.config_file_name).is_file()
         and config.file_config.has_section("loggers")
+        and not configured_by_qx()
     ):
         # The command line's logging, as alembic.ini configures it (not when embedded).
         fileConfig(config.config_file_name, disable_existing_loggers=False)

@@ -75,9 +75,20 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, ensure_ascii=False)
 
 
+#: The name of the handler :func:`configure_logging` installs.
+HANDLER_NAME = "qx"
+
+
+def configured_by_qx() -> bool:
+    """Whether the command line configured logging (``--log-level`` / ``--log-json``), which
+    then wins over an ``alembic.ini``'s logging sections."""
+    return any(handler.name == HANDLER_NAME for handler in logging.getLogger().handlers)
+
+
 def configure_logging(*, level: str, json_lines: bool) -> None:
     """Log to stderr at ``level``, as text or JSON lines (the relay process's logging)."""
     handler = logging.StreamHandler()
+    handler.name = HANDLER_NAME
     if json_lines:
         handler.setFormatter(JsonFormatter())
     else:
