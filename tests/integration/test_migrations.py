@@ -576,3 +576,49 @@ def test_the_command_line_logs_json_lines_at_the_level_asked(
         sys.modules.pop(module, None)
         root.handlers[:], _ = saved
         root.setLevel(saved[1])
+
+
+def test_a_database_qx_migrated_in_code_takes_the_service_s_chain_and_heads_merge(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The README's `await qx.migrations.upgrade(engine)` first (qx's tables only), then the
+    # service's own `qx db upgrade`: no "Can't locate revision", no example tables. Then two
+    # heads of the service's own are refused by `qx db revision` until `qx db merge`.
+    module = _service(tmp_path, WIDGETS)
+    monkeypatch.chdir(tmp_path)
+    url = f"sqlite+aiosqlite:///{tmp_path / 'svc.sqlite3'}"
+    monkeypatch.setenv("QX_DB__URL", url)
+
+    async def qx_in_code() -> None:
+        engine = create_engine(load_settings().db)
+        try:
+            await upgrade(engine)
+        finally:
+            await engine.dispose()
+
+    asyncio.run(qx_in_code())
+    assert not (ORDERS_TABLES & _sqlite_tables(tmp_path / "svc.sqlite3"))
+    runner = CliRunner()
+    versions = tmp_path / "migrations" / "versions"
+    try:
+        assert runner.invoke(app, ["db", "init", "--metadata", f"{module}:metadata"]).exit_code == 0
+        made = runner.invoke(app, ["db", "revision", "--autogenerate", "-m", "initial"])
+        assert made.exit_code == 0, made.output
+        assert runner.invoke(app, ["db", "upgrade"]).exit_code == 0
+        assert "widgets" in _sqlite_tables(tmp_path / "svc.sqlite3")
+        (first,) = versions.glob("*_initial.py")
+        base = first.name.split("_")[1]
+        # Two developers branch from the same revision.
+        for message in ("left", "right"):
+            command.revision(alembic_config("alembic.ini"), message=message, head=base, splice=True)
+        refused = runner.invoke(app, ["db", "revision", "-m", "third"])
+        assert refused.exit_code == 1 and "qx db merge" in refused.output, refused.output
+        tips = [path.name.split("_")[1] for path in sorted(versions.glob("*_left.py"))]
+        tips += [path.name.split("_")[1] for path in sorted(versions.glob("*_right.py"))]
+        merged = runner.invoke(app, ["db", "merge", *tips, "-m", "join"])
+        assert merged.exit_code == 0, merged.output
+        assert runner.invoke(app, ["db", "revision", "-m", "third"]).exit_code == 0
+        assert runner.invoke(app, ["db", "upgrade"]).exit_code == 0
+        assert runner.invoke(app, ["db", "check"]).exit_code == 0
+    finally:
+        sys.modules.pop(module, None)
