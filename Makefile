@@ -3,11 +3,12 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test test-min lint pytest bench clean help
+.PHONY: demo test test-min test-min-part lint pytest bench clean help
 
 help:
 	@echo "make demo   - create .venv, install qx, run the orders demo on SQLite (QX_DB__URL to change)"
-	@echo "make test   - create .venv, install dev extras, run lint, unit and integration tests"
+	@echo "make test   - create .venv, install the dev group, run lint, unit and integration tests"
+	@echo "              (and a part of them on the minimum versions, in .venv-min)"
 	@echo "make test-min - the tests on the lowest version of every dependency qx declares"
 	@echo "make lint   - ruff check, ruff format --check, mypy --strict"
 	@echo "make bench  - run the benchmarks against the local PostgreSQL"
@@ -41,7 +42,7 @@ lint: $(VENV)/.dev-installed
 pytest: $(VENV)/.dev-installed
 	$(BIN)/python -m pytest tests
 
-test: lint pytest
+test: lint pytest test-min-part
 
 # The declared minimums are claims: a second environment resolves every direct dependency
 # (core and extras) to the lowest version pyproject.toml allows and runs the same tests.
@@ -59,6 +60,16 @@ $(MIN_VENV)/.installed: pyproject.toml scripts/minimum_versions.py
 test-min: $(MIN_VENV)/.installed
 	$(MIN_VENV)/bin/python scripts/minimum_versions.py --check
 	$(MIN_VENV)/bin/python -m pytest tests
+
+# The part of it every `make test` (and so CI) runs: the unit tests, and what a new user
+# meets first - migrations, the README, the CLI's errors, packaging, tracing.
+MIN_PART := tests/unit tests/integration/test_migrations.py tests/integration/test_newcomer.py \
+	tests/integration/test_telemetry.py tests/integration/test_packaging.py \
+	tests/integration/test_demo_and_readme.py
+
+test-min-part: $(MIN_VENV)/.installed
+	$(MIN_VENV)/bin/python scripts/minimum_versions.py --check
+	$(MIN_VENV)/bin/python -m pytest $(MIN_PART)
 
 # Every benchmark in one run; writes bench/RESULTS.md. Needs PostgreSQL and NATS (see README).
 bench: $(VENV)/.dev-installed
