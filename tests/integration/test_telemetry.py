@@ -194,6 +194,9 @@ async def test_one_trace_from_the_http_request_to_the_consumer(
     assert committed.attributes["qx.uow.events"] == 1
     assert committed.attributes["qx.outbox.rows"] == 1
     assert committed.attributes["db.system.name"] == engine.dialect.name
+    # The in-process dispatch of each recorded event is a span inside the commit.
+    (handled,) = by_name(finished, "qx.event.handle TicketOpened")
+    assert handled.parent is not None and handled.parent.span_id == committed.context.span_id
     # The relay's send span is a PRODUCER child of the commit that wrote the row.
     assert send.kind is SpanKind.PRODUCER and send.parent is not None
     assert send.parent.span_id == committed.context.span_id

@@ -49,7 +49,7 @@ from qx.core._dispatch import EventDispatcher
 from qx.core._errors import ConfigurationError, UnitOfWorkError
 from qx.core._events import Event, IntegrationEvent, handling_event
 from qx.core._ids import new_id
-from qx.core._telemetry import span, trace_headers
+from qx.core._telemetry import active_tracer, span, trace_headers
 from qx.db._insert_new import forget_inserted, insert_new_aggregates
 from qx.db._mapping import entity_info
 from qx.db._repository import Repository
@@ -473,11 +473,18 @@ def _warn_unhandled(batch: list[RecordedEvent], session_factory: Any) -> None:
 
 
 async def dispatch_round(dispatcher: EventDispatcher, batch: list[RecordedEvent], uow: Any) -> None:
-    """Dispatch one round of recorded events, each marked as the cause of what it raises."""
+    """Dispatch one round of recorded events, each marked as the cause of what it raises
+    (and, when tracing, in a span of its own under the commit's)."""
+    traced = active_tracer() is not None  # once per round, not per event
     for record in batch:
         token = handling_event.set(record.event.event_id)
         try:
-            await dispatcher.dispatch(record.event, uow)
+            if traced:
+                name = type(record.event).__qualname__
+                with span(f"qx.event.handle {name}", attributes={"qx.event.class": name}):
+                    await dispatcher.dispatch(record.event, uow)
+            else:
+                await dispatcher.dispatch(record.event, uow)
         finally:
             handling_event.reset(token)
 
