@@ -45,12 +45,7 @@ def _build_app() -> typer.Typer:
         """qx command line."""
         if log_level is None and not log_json:
             return  # the defaults: warnings, as text, and whatever alembic.ini asks for
-        from qx.outbox._logging import configure_logging
-
-        level = (log_level or "WARNING").upper()
-        if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-            raise typer.BadParameter(f"not a level: {log_level!r}", param_hint="--log-level")
-        configure_logging(level=level, json_lines=log_json)
+        _configure_logging(log_level or "WARNING", json_lines=log_json)
 
     @app.command()
     def demo(
@@ -101,6 +96,15 @@ def _build_app() -> typer.Typer:
     app.add_typer(_outbox_app(console), name="outbox")
     app.add_typer(_db_app(console), name="db")
     return app
+
+
+def _configure_logging(level: str, *, json_lines: bool) -> None:
+    """Log to stderr at ``level`` (checked: DEBUG, INFO, WARNING or ERROR)."""
+    from qx.outbox._logging import configure_logging
+
+    if level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise typer.BadParameter(f"not a level: {level!r}", param_hint="--log-level")
+    configure_logging(level=level.upper(), json_lines=json_lines)
 
 
 @contextmanager
@@ -385,14 +389,10 @@ def _outbox_app(console: Console) -> typer.Typer:
     ) -> None:
         """Publish outbox rows to QX_BROKER__URL until SIGTERM/SIGINT."""
         from qx.outbox import OutboxRelay, publisher_from_settings
-        from qx.outbox._logging import configure_logging
 
         async def work(settings: Any, engine: Any) -> None:
-            level = (log_level or settings.relay.log_level).upper()
-            if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-                raise typer.BadParameter(f"--log-level: not a level: {log_level!r}")
             json_lines = settings.relay.log_format == "json" if log_json is None else log_json
-            configure_logging(level=level, json_lines=json_lines)
+            _configure_logging(log_level or settings.relay.log_level, json_lines=json_lines)
             metrics = None
             if metrics_port is not None:
                 from qx.outbox import PrometheusMetrics

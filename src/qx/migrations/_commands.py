@@ -139,10 +139,8 @@ _SINGLE_CHAIN = {
 
 
 def _adopt_single_chain(config: Config) -> None:
-    connection = config.attributes["connection"]
     schema = config.get_main_option("version_table_schema") or None
-    opts = {"version_table_schema": schema} if schema else {}
-    heads = MigrationContext.configure(connection, opts=opts).get_current_heads()
+    heads = _current_heads(config.attributes["connection"], schema)
     if len(heads) != 1 or heads[0] not in _SINGLE_CHAIN:
         return
     script = ScriptDirectory.from_config(config)
@@ -178,14 +176,16 @@ async def current(engine: AsyncEngine, *, version_table_schema: str | None = Non
     """The revision the database is at (``None`` before the first migration)."""
 
     def read(connection: Connection) -> str | None:
-        opts: dict[str, Any] = {}
-        if version_table_schema is not None:
-            opts["version_table_schema"] = version_table_schema
-        heads = MigrationContext.configure(connection, opts=opts).get_current_heads()
+        heads = _current_heads(connection, version_table_schema)
         return ",".join(heads) if heads else None
 
     async with engine.connect() as connection:
         return await connection.run_sync(read)
+
+
+def _current_heads(connection: Connection, version_table_schema: str | None) -> tuple[str, ...]:
+    opts = {"version_table_schema": version_table_schema} if version_table_schema else {}
+    return tuple(MigrationContext.configure(connection, opts=opts).get_current_heads())
 
 
 def new_revision(

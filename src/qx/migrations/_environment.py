@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import re
 from collections.abc import Callable
 from logging.config import fileConfig
 from pathlib import Path
@@ -56,6 +57,9 @@ __all__ = [
 ]
 
 
+_TARGET = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+
+
 def load_metadata(target: str) -> MetaData:
     """Import ``"package.module:attribute"`` and return it, checked to be a ``MetaData``.
 
@@ -63,11 +67,11 @@ def load_metadata(target: str) -> MetaData:
         ConfigurationError: a malformed target, a module that does not import, or an
             attribute that is missing or not a ``MetaData`` (the message names which).
     """
-    module_name, _, attribute = target.partition(":")
-    if not module_name or not attribute.isidentifier():
+    if not _TARGET.fullmatch(target):
         raise ConfigurationError(
             f"metadata must look like 'package.module:metadata', got {target[:200]!r}"
         )
+    module_name, _, attribute = target.partition(":")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
