@@ -8,7 +8,13 @@ In one run:
 2. drain the same backlog with 1, 2 and 4 qx relays as separate processes (``qx outbox
    relay``; timed from the moment all of them are up) and print the scaling (target: 2
    relays >= 1.6x one);
-3. commit events at a steady ``--rate`` per second for ``--seconds`` with one qx relay woken
+3. the same with a broker whose acknowledgement takes ``--ack-ms`` (10 ms): every relay
+   process publishes through :class:`DelayedAck`, so a relay waits on I/O, not on a CPU, and
+   N relays must give about N times one (targets: 2 >= 1.8x, 4 >= 3.4x, 8 >= 6x). Each
+   count drains a fresh ``--wait-backlog`` (100,000 events over 1,000 aggregates) for
+   ``--window`` seconds; ``pg_stat_activity`` is sampled every 100 ms meanwhile and the
+   wait events of the relays' sessions are printed, so a plateau shows what it waits on;
+4. commit events at a steady ``--rate`` per second for ``--seconds`` with one qx relay woken
    by LISTEN/NOTIFY, and print commit -> consumer latency p50 / p99 (target <= 10 / 50 ms).
 
     python bench/relay.py [--url ...] [--nats nats://127.0.0.1:4222] [--backlog 50000]
@@ -24,6 +30,7 @@ import signal
 import statistics
 import sys
 import time
+from collections import Counter
 from typing import Any
 
 import nats
@@ -151,6 +158,128 @@ async def hand_written(db: BenchDatabase, broker: BrokerSettings) -> None:
     finally:
         await nc.close()
         await pool.close()
+
+
+class DelayedAck:
+    """A publisher whose broker takes ``delay`` seconds to acknowledge each message: the
+    real publisher's acknowledgement, then the wait (a broker across a network)."""
+
+    def __init__(self, inner: Any, delay: float) -> None:
+        self.inner, self.delay = inner, delay
+
+    async def connect(self) -> None:
+        await self.inner.connect()
+
+    async def publish(self, envelope: Any) -> None:
+        await self.inner.publish(envelope)
+        await asyncio.sleep(self.delay)
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+def worker() -> None:
+    """One relay process of the latency-bound section (``relay.py --worker ACK_MS``): the
+    settings from ``QX_*`` as ``qx outbox relay`` reads them, publishing through
+    :class:`DelayedAck`."""
+    from qx.db import create_engine
+    from qx.settings import load_settings
+
+    delay = float(sys.argv[sys.argv.index("--worker") + 1]) / 1000
+
+    async def serve() -> None:
+        from qx.outbox._store import relay_server_settings
+
+        settings = load_settings()
+        server = relay_server_settings(settings.relay.db_timeout)
+        server["application_name"] = "qx-bench-relay"
+        engine = create_engine(settings.db, connect_args={"server_settings": server})
+        publisher = DelayedAck(publisher_from_settings(settings.broker), delay)
+        relay = OutboxRelay(engine, publisher, settings=settings.relay)
+        try:
+            await relay.serve(ready=lambda: print("relaying outbox rows", flush=True))
+        finally:
+            await engine.dispose()
+
+    asyncio.run(serve())
+
+
+def relay_env(db: BenchDatabase, broker: BrokerSettings, **relay: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QX_")}
+    env.update(
+        QX_DB__URL=db.url,
+        QX_DB__SEARCH_PATH=db.schema,
+        QX_BROKER__URL=broker.url,
+        QX_BROKER__SUBJECT_PREFIX=broker.subject_prefix,
+        QX_BROKER__STREAM=broker.stream,
+        QX_BROKER__CREATE_STREAM="false",
+        QX_RELAY__BATCH_SIZE=str(BATCH),
+        QX_RELAY__POLL_INTERVAL="0.05",
+    )
+    env.update({f"QX_RELAY__{k.upper()}": v for k, v in relay.items()})
+    return env
+
+
+@contextlib.asynccontextmanager
+async def relay_processes(
+    db: BenchDatabase, command: list[str], env: dict[str, str], relays: int
+) -> Any:
+    """``relays`` processes running ``command``, up and sharing the lanes fairly."""
+    processes: list[asyncio.subprocess.Process] = []
+    try:
+        for _ in range(relays):
+            process = await asyncio.create_subprocess_exec(
+                *command, env=env, stdout=asyncio.subprocess.PIPE
+            )
+            processes.append(process)
+        for process in processes:
+            assert process.stdout is not None
+            line = await asyncio.wait_for(process.stdout.readline(), 60)
+            assert b"relaying outbox rows" in line, line
+        while await owners(db) < relays:  # noqa: ASYNC110 - the relays share lanes
+            await asyncio.sleep(0.05)
+        yield processes
+    finally:
+        for process in processes:
+            process.send_signal(signal.SIGTERM)
+        for process in processes:
+            await process.wait()
+
+
+async def wait_bound(
+    db: BenchDatabase, broker: BrokerSettings, args: argparse.Namespace, relays: int
+) -> tuple[float, Counter[str]]:
+    """Events/s of ``relays`` processes over ``args.window`` seconds of a fresh backlog, each
+    publish acknowledged after ``args.ack_ms``; and the wait events of their sessions."""
+    await fill_backlog(db, args.wait_backlog, args.aggregates, table="bench_stage")
+    await fresh_stream(broker.url, broker.subject_prefix, broker.stream)
+    env = relay_env(db, broker, concurrency=str(args.wait_concurrency))
+    command = [sys.executable, __file__, "--worker", str(args.ack_ms)]
+    waits: Counter[str] = Counter()
+    async with relay_processes(db, command, env, relays):
+        async with db.engine.begin() as conn:
+            await conn.execute(
+                text(f"INSERT INTO qx_outbox ({COLUMNS}) SELECT {COLUMNS} FROM bench_stage")
+            )
+        started = time.perf_counter()
+        deadline = started + args.window
+        async with db.engine.connect() as conn:
+            while time.perf_counter() < deadline:
+                sampled = await conn.execute(
+                    text(
+                        "SELECT coalesce(wait_event_type || ':' || wait_event, state)"
+                        " FROM pg_stat_activity WHERE datname = current_database()"
+                        " AND application_name = 'qx-bench-relay'"
+                    )
+                )
+                waits.update(str(w) for (w,) in sampled)
+                await conn.commit()
+                await asyncio.sleep(0.1)
+            elapsed = time.perf_counter() - started
+            done = await conn.scalar(
+                text("SELECT count(*) FROM qx_outbox WHERE published_at IS NOT NULL")
+            )
+    return int(done or 0) / elapsed, waits
 
 
 async def drain_with_processes(db: BenchDatabase, broker: BrokerSettings, relays: int) -> float:
@@ -325,6 +454,12 @@ async def main() -> None:
     parser.add_argument("--rate", type=float, default=200.0)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--claim-backlog", type=int, default=1_000_000)
+    parser.add_argument("--ack-ms", type=float, default=10.0)
+    parser.add_argument("--wait-backlog", type=int, default=100_000)
+    parser.add_argument("--wait-concurrency", type=int, default=8)
+    parser.add_argument("--window", type=float, default=10.0)
+    parser.add_argument("--wait-relays", default="1,2,4,8")
+    parser.add_argument("--only-wait", action="store_true", help="the latency-bound section only")
     parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args()
     tag = new_id().hex[-8:]
@@ -332,8 +467,17 @@ async def main() -> None:
         url=args.nats, subject_prefix=f"bench{tag}", stream=f"BENCH{tag}", create_stream=False
     )
     results: dict[str, float] = {}
+    waited: dict[int, tuple[float, Counter[str]]] = {}
     async with bench_schema(args.url) as db:
         try:
+            for relays in (int(n) for n in args.wait_relays.split(",")):
+                waited[relays] = await wait_bound(db, broker, args, relays)
+                rate, waits = waited[relays]
+                total = sum(waits.values()) or 1
+                top = ", ".join(f"{w} {c / total:.0%}" for w, c in waits.most_common(6))
+                print(f"wait-bound, {relays} relays: {rate:.0f} ev/s; sessions: {top}", flush=True)
+            if args.only_wait:
+                return
             results["qx relay"] = await timed_drain(
                 db, broker, args, lambda: qx_in_process(db, broker, args.backlog)
             )
@@ -407,4 +551,7 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    if "--worker" in sys.argv:
+        worker()
+    else:
+        asyncio.run(main())

@@ -14,8 +14,6 @@ from sqlalchemy import MetaData, Table
 from qx.cqrs._table import idempotency_table
 from qx.db._mapping import make_metadata, qx_metadata
 from qx.outbox._table import (
-    OUTBOX_TABLE,
-    attach_notify,
     inbox_table,
     lane_table,
     outbox_table,
@@ -47,7 +45,6 @@ def include_qx_tables(metadata: MetaData) -> dict[str, Table]:
         key = table.name if metadata.schema is None else f"{metadata.schema}.{table.name}"
         existing = metadata.tables.get(key)
         added[table.name] = existing if existing is not None else table.to_metadata(metadata)
-    attach_notify(added[OUTBOX_TABLE])
     return added
 
 

@@ -73,7 +73,12 @@ class BrokerSettings(BaseModel):
             (then dead-letters) them instead of losing them silently.
         redis_stream: Redis stream key the envelopes are appended to.
         redis_maxlen: approximate ``MAXLEN`` of the Redis stream; ``None`` keeps everything.
-        publish_timeout: seconds to wait for the broker's acknowledgement.
+        publish_timeout: seconds to wait for the broker's acknowledgement. A message not
+            acknowledged in time counts an attempt only if the broker acknowledged others
+            meanwhile; otherwise the broker is unavailable and the row waits untried.
+        heartbeat: seconds between liveness checks of the broker connection (NATS pings,
+            RabbitMQ heartbeats, Redis health checks): a connection silent for about two
+            of them is dropped and re-established.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -89,6 +94,7 @@ class BrokerSettings(BaseModel):
     redis_stream: str = "qx:events"
     redis_maxlen: int | None = Field(default=None, ge=1)
     publish_timeout: float = Field(default=5.0, gt=0)
+    heartbeat: float = Field(default=2.0, gt=0)
 
 
 class RelaySettings(BaseModel):

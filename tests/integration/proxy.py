@@ -9,18 +9,29 @@ import contextlib
 class Proxy:
     """Forwards ``127.0.0.1:<port>`` to ``target``; ``stop()`` drops every connection;
     ``blackhole()`` keeps every connection open and silently forwards nothing, the way a
-    dead network path looks to both ends."""
+    dead network path looks to both ends. ``partition()`` is a dead path that heals: bytes
+    sent meanwhile are held (as TCP retransmits them) and delivered, in order, by ``heal()``."""
 
     def __init__(self, target_host: str, target_port: int) -> None:
         self.target = (target_host, target_port)
         self.port = 0
         self.blackholed = False
+        self._open = asyncio.Event()
+        self._open.set()
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
 
     def blackhole(self) -> None:
         """From now on, accept and read but never deliver a byte, in either direction."""
         self.blackholed = True
+
+    def partition(self) -> None:
+        """Deliver nothing until :meth:`heal`, holding what is sent meanwhile."""
+        self._open.clear()
+
+    def heal(self) -> None:
+        """End a :meth:`partition`: what was held goes through first."""
+        self._open.set()
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
@@ -34,6 +45,7 @@ class Proxy:
         for writer in list(self._writers):
             writer.close()
         self._writers.clear()
+        self._open.set()  # held bytes have nowhere to go now
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.blackholed:
@@ -55,7 +67,8 @@ class Proxy:
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while data := await reader.read(65536):
-                if self.blackholed:
+                await self._open.wait()
+                if self.blackholed or writer.is_closing():
                     continue
                 writer.write(data)
                 await writer.drain()

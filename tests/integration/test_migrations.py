@@ -32,6 +32,7 @@ from qx.migrations import (
     schema_differences,
     upgrade,
 )
+from qx.migrations._trigger import NOTIFY_FUNCTION_SQL, NOTIFY_TRIGGER_SQL
 from qx.outbox import include_qx_tables
 from qx.settings import load_settings
 from tests.integration.conftest import (
@@ -91,13 +92,13 @@ async def test_qx_chain_brings_qx_tables_only_and_the_example_chain_depends_on_i
     # Called from inside a running event loop: the helper uses the shared connection.
     await upgrade(empty)
     assert await tables(empty) == QX_TABLES | {"alembic_version"}  # no example tables
-    assert await heads(empty) == {"qx_0004"}
+    assert await heads(empty) == {"qx_0005"}
     await assert_schema_current(empty, qx_only_metadata())
     # The example is laid out as a service: its own chain on top of qx's.
     example = alembic_config(orders_migrations())
     await upgrade(empty, config=example)
     assert await tables(empty) == QX_TABLES | ORDERS_TABLES | {"alembic_version"}
-    assert await heads(empty) == {"qx_0004", "orders_0002"}
+    assert await heads(empty) == {"qx_0005", "orders_0002"}
     async with empty.connect() as conn:
         # What autogenerate would write against head: nothing, not even for unknown tables.
         everything = await conn.run_sync(
@@ -126,10 +127,10 @@ async def test_a_database_of_the_earlier_single_chain_is_adopted(empty: AsyncEng
 
     await stamp_as_single_chain()
     await upgrade(empty)
-    assert await heads(empty) == {"qx_0004"}
+    assert await heads(empty) == {"qx_0005"}
     await stamp_as_single_chain()
     await upgrade(empty, config=example)
-    assert await heads(empty) == {"qx_0004", "orders_0002"}
+    assert await heads(empty) == {"qx_0005", "orders_0002"}
     await assert_schema_current(empty, orders_metadata)
 
 
@@ -150,13 +151,28 @@ async def test_drift_is_reported_column_by_column(empty: AsyncEngine) -> None:
 
 
 @pytest.mark.postgres_only
-async def test_the_notify_trigger_comes_with_the_migration(empty: AsyncEngine) -> None:
+async def test_qx_0005_drops_the_notify_trigger_and_its_downgrade_puts_it_back(
+    empty: AsyncEngine,
+) -> None:
+    # A database at qx_0004 has the trigger; qx_0005 takes it (and its function) away.
+    async def triggers() -> int:
+        async with empty.connect() as conn:
+            found = await conn.scalar(
+                text(
+                    "SELECT count(*) FROM pg_trigger WHERE tgname = 'qx_outbox_notify'"
+                    " AND tgrelid = to_regclass('qx_outbox')"
+                )
+            )
+            function = await conn.scalar(text("SELECT to_regproc('qx_outbox_notify')"))
+        return int(found or 0) + (function is not None)
+
+    await upgrade(empty, "qx_0004")
+    assert await triggers() == 2
     await upgrade(empty)
-    async with empty.connect() as conn:
-        triggers = await conn.scalar(
-            text("SELECT count(*) FROM pg_trigger WHERE tgname = 'qx_outbox_notify'")
-        )
-    assert triggers and triggers >= 1
+    assert await triggers() == 0
+    await downgrade(empty, "qx_0004")
+    assert await triggers() == 2
+    await downgrade(empty, "base")
 
 
 def test_offline_sql_contains_the_outbox_ddl(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -173,7 +189,8 @@ def test_offline_sql_contains_the_outbox_ddl(monkeypatch: pytest.MonkeyPatch) ->
         assert "CREATE TABLE qx_outbox_lane" in sql
         assert "CREATE TABLE qx_outbox" in example_sql and "CREATE TABLE orders" in example_sql
         if url.startswith("postgresql"):
-            assert "JSONB" in sql and "CREATE TRIGGER qx_outbox_notify" in sql
+            assert "JSONB" in sql and "CREATE TRIGGER qx_outbox_notify" in sql  # qx_0001
+            assert sql.index("CREATE TRIGGER") < sql.index("DROP TRIGGER IF EXISTS qx_outbox")
         else:
             assert "AUTOINCREMENT" in sql and "TRIGGER" not in sql
 
@@ -223,7 +240,7 @@ def test_db_commands_and_check_exit_codes(empty_url: str) -> None:
     assert behind.exit_code == 1 and "not up to date" in behind.output
     assert runner.invoke(app, ["db", "upgrade", *location]).exit_code == 0
     current_output = runner.invoke(app, ["db", "current", *location])
-    assert current_output.exit_code == 0 and "qx_0004 (head)" in current_output.output
+    assert current_output.exit_code == 0 and "qx_0005 (head)" in current_output.output
     clean = runner.invoke(app, ["db", "check", *location])
     assert clean.exit_code == 0 and "schema is current" in clean.output
     _execute("ALTER TABLE qx_inbox ADD COLUMN note VARCHAR(10)")
@@ -234,7 +251,7 @@ def test_db_commands_and_check_exit_codes(empty_url: str) -> None:
     back = runner.invoke(app, ["db", "downgrade", "-1", *location])
     assert back.exit_code == 0, back.output
     after = runner.invoke(app, ["db", "current", *location])
-    assert "qx_0003" in after.output and "qx_0004" not in after.output
+    assert "qx_0004" in after.output and "qx_0005" not in after.output
     assert runner.invoke(app, ["db", "downgrade", "base", *location]).exit_code == 0
 
 
@@ -309,11 +326,11 @@ def test_db_init_then_a_service_s_chain_on_top_of_qx_s(
         (revision,) = versions.glob("*_initial.py")
         written = revision.read_text()
         assert "widgets" in written and "qx_outbox" not in written  # qx's tables stay qx's
-        assert "depends_on: str | Sequence[str] | None = 'qx_0004'" in written
+        assert "depends_on: str | Sequence[str] | None = 'qx_0005'" in written
         assert written.count("import qx.db.types") == 1 and "qx.db.types.UtcDateTime()" in written
         rev_id = revision.name.split("_")[1]
         heads = runner.invoke(app, ["db", "heads"])
-        assert heads.exit_code == 0 and rev_id in heads.output and "qx_0004" in heads.output
+        assert heads.exit_code == 0 and rev_id in heads.output and "qx_0005" in heads.output
         history = runner.invoke(app, ["db", "history"])
         assert history.exit_code == 0 and "initial" in history.output
         shown = runner.invoke(app, ["db", "show", rev_id])
@@ -329,7 +346,7 @@ def test_db_init_then_a_service_s_chain_on_top_of_qx_s(
         assert runner.invoke(app, ["db", "upgrade"]).exit_code == 0
         current_output = runner.invoke(app, ["db", "current"])
         assert (
-            "qx_0004" in current_output.output
+            "qx_0005" in current_output.output
             and follow.name.split("_")[1] in current_output.output
         )
         assert runner.invoke(app, ["db", "stamp", "heads"]).exit_code == 0  # recorded, not run
@@ -390,7 +407,7 @@ def test_a_new_qx_revision_arrives_without_editing_the_service_s_revisions(
             from alembic import op
 
             revision = "qx_9001"
-            down_revision = "qx_0004"
+            down_revision = "qx_0005"
             branch_labels = None
             depends_on = None
 
@@ -487,11 +504,12 @@ def test_db_check_and_autogenerate_leave_other_services_tables_alone(
 
 
 @pytest.mark.postgres_only
-def test_the_notify_trigger_is_checked_and_put_back_by_a_service_s_revision(
+def test_a_notify_trigger_left_on_the_outbox_is_checked_and_dropped_by_a_service_s_revision(
     empty_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # qx's chain brings the trigger with the outbox; qx db check misses it when it is gone,
-    # and the service's next autogenerated revision puts it back.
+    # qx's chain leaves no trigger; qx db check reports one put back by hand (it would make
+    # every writer's commit wait for a database-wide lock) and the service's next
+    # autogenerated revision drops it.
     module = _service(tmp_path, WIDGETS)
     monkeypatch.chdir(tmp_path)
     runner = CliRunner()
@@ -501,10 +519,12 @@ def test_the_notify_trigger_is_checked_and_put_back_by_a_service_s_revision(
         assert upgraded.exit_code == 0, upgraded.output
         clean = runner.invoke(app, ["db", "check"])
         assert clean.exit_code == 1 and "missing table widgets" in clean.output
-        _execute("DROP TRIGGER qx_outbox_notify ON qx_outbox")
-        missing = runner.invoke(app, ["db", "check"])
-        assert missing.exit_code == 1
-        assert "missing NOTIFY trigger qx_outbox_notify on qx_outbox" in missing.output
+        _execute(NOTIFY_FUNCTION_SQL)
+        _execute(NOTIFY_TRIGGER_SQL.replace("{table}", "qx_outbox"))
+        extra = runner.invoke(app, ["db", "check"])
+        assert extra.exit_code == 1
+        assert "extra NOTIFY trigger qx_outbox_notify on qx_outbox" in extra.output
+        assert "database-wide lock" in extra.output
         command.revision(
             alembic_config("alembic.ini"),
             message="again",
@@ -514,8 +534,10 @@ def test_the_notify_trigger_is_checked_and_put_back_by_a_service_s_revision(
         )
         (again,) = (tmp_path / "migrations" / "versions").glob("*_again.py")
         written = again.read_text()
-        assert "op.create_outbox_notify('qx_outbox')" in written, written
-        assert "op.drop_outbox_notify('qx_outbox')" in written and "import qx.migrations" in written
+        assert "op.drop_outbox_notify('qx_outbox')" in written, written
+        assert (
+            "op.create_outbox_notify('qx_outbox')" in written and "import qx.migrations" in written
+        )
         assert runner.invoke(app, ["db", "upgrade"]).exit_code == 0
         assert runner.invoke(app, ["db", "check"]).exit_code == 0
         assert runner.invoke(app, ["db", "downgrade", "base"]).exit_code == 0
@@ -532,7 +554,7 @@ async def test_version_table_in_its_own_schema(empty: AsyncEngine) -> None:
         config = alembic_config()
         config.set_main_option("version_table_schema", schema)
         await upgrade(empty, config=config)
-        assert await current(empty, version_table_schema=schema) == "qx_0004"
+        assert await current(empty, version_table_schema=schema) == "qx_0005"
         assert await current(empty) is None  # nothing in the default schema
         async with empty.connect() as conn:
             found = await conn.scalar(

@@ -199,8 +199,6 @@ EXPECTED = {
     ],
     "qx.outbox": [
         "NOTIFY_CHANNEL",
-        "NOTIFY_FUNCTION_SQL",
-        "NOTIFY_TRIGGER_SQL",
         "OUTBOX_LANES",
         "OUTBOX_TABLE",
         "PARKED",

@@ -32,7 +32,7 @@ from typing import Any, ClassVar, Generic, Self, TypeVar, get_args, get_origin, 
 from pydantic import SecretStr
 from sqlalchemy import insert, literal, select
 from sqlalchemy.exc import DBAPIError, OperationalError
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm.attributes import instance_state
 
 from qx.core._aggregate import (
@@ -60,6 +60,7 @@ from qx.db._translate import sqlstate_of, translating
 from qx.db.query._cursor import CursorCodec
 from qx.outbox._recorder import outbox_row
 from qx.outbox._table import outbox_table
+from qx.outbox._wakeup import RelayWakeup
 
 __all__ = ["UnitOfWork", "UnitOfWorkFactory", "UnitOfWorkState"]
 
@@ -101,6 +102,8 @@ class UnitOfWork:
         max_event_depth: dispatch rounds allowed before ``UnitOfWorkError`` (a handler
             loop that never settles).
         cursor_codec: signs keyset-pagination cursors for this unit of work's repositories.
+        wakeup: wakes the outbox relays after a commit that wrote outbox rows (the
+            factory's, shared by its units of work; by default one of this unit's own).
     """
 
     _repository_types: ClassVar[dict[str, type[Repository[Any]]] | None] = None
@@ -113,6 +116,7 @@ class UnitOfWork:
         clock: Clock | None = None,
         max_event_depth: int = 8,
         cursor_codec: CursorCodec | None = None,
+        wakeup: RelayWakeup | None = None,
     ) -> None:
         if max_event_depth < 1:
             raise ConfigurationError(f"max_event_depth must be >= 1, got {max_event_depth}")
@@ -121,6 +125,7 @@ class UnitOfWork:
         self._clock = clock or SystemClock()
         self._max_depth = max_event_depth
         self.cursor_codec = cursor_codec
+        self._wakeup = wakeup
         self._state = UnitOfWorkState.NEW
         self._session: AsyncSession | None = None
         self._emitted: list[RecordedEvent] = []
@@ -359,7 +364,16 @@ class UnitOfWork:
                 )
         self._state = UnitOfWorkState.COMMITTED
         self.events = [record.event for record in records]
+        if outbox_rows:
+            self._wake_relays()
         await self._run_after_commit()
+
+    def _wake_relays(self) -> None:
+        wakeup = self._wakeup
+        if wakeup is None:
+            wakeup = self._wakeup = relay_wakeup(self._session_factory)
+        if wakeup is not None:
+            wakeup.committed()
 
     async def _commit(self) -> tuple[list[RecordedEvent], int]:
         """The transaction part of :meth:`commit`: the events it settled, and the outbox
@@ -413,6 +427,13 @@ class UnitOfWork:
             except Exception:
                 # The data is committed: a failing hook must not look like a failed commit.
                 logger.exception("after-commit hook %r failed", callback)
+
+
+def relay_wakeup(session_factory: async_sessionmaker[AsyncSession]) -> RelayWakeup | None:
+    """The wake-up of the engine ``session_factory`` is bound to (``None`` when it is bound
+    to a connection: an outer transaction commits, not the unit of work)."""
+    bind = session_factory.kw.get("bind")
+    return RelayWakeup(bind) if isinstance(bind, AsyncEngine) else None
 
 
 def _restore_events(roots: list[Any], records: list[RecordedEvent], before_commit: int) -> None:
@@ -551,6 +572,7 @@ class UnitOfWorkFactory(Generic[U]):
         self.clock = clock
         self.max_event_depth = max_event_depth
         self.cursor_codec = CursorCodec(cursor_secret) if cursor_secret is not None else None
+        self.wakeup = relay_wakeup(session_factory)
 
     def __call__(self) -> U:
         """Return a new, not yet entered, unit of work."""
@@ -560,4 +582,5 @@ class UnitOfWorkFactory(Generic[U]):
             clock=self.clock,
             max_event_depth=self.max_event_depth,
             cursor_codec=self.cursor_codec,
+            wakeup=self.wakeup,
         )

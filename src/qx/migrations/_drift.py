@@ -84,7 +84,12 @@ def describe_difference(diff: Any) -> str:
     if kind in {"add_outbox_notify", "remove_outbox_notify"}:
         where = "missing" if kind.startswith("add") else "extra"
         table = f"{diff[2]}.{diff[1]}" if diff[2] else diff[1]
-        return f"{where} NOTIFY trigger qx_outbox_notify on {table} (relays fall back to polling)"
+        why = (
+            "it makes every commit that inserts outbox rows wait for a database-wide lock"
+            if where == "extra"
+            else "a revision before qx_0005 expects it"
+        )
+        return f"{where} NOTIFY trigger qx_outbox_notify on {table} ({why})"
     return f"{kind}: {diff[1:]}"
 
 

@@ -1,20 +1,18 @@
-"""The outbox's NOTIFY trigger as an Alembic operation that autogenerate writes for you.
+"""The outbox's former NOTIFY trigger, as Alembic operations, and the check that it is gone.
 
-A trigger is not part of SQLAlchemy metadata, so plain autogenerate would give a service
-the outbox tables without it, and its relays would wait for their poll instead of waking on
-each commit. Here a comparator notices a ``qx_outbox`` (in the target metadata) whose
-trigger is missing on PostgreSQL, and autogenerate renders::
-
-    import qx.migrations
-    ...
-    op.create_outbox_notify("qx_outbox")
-
-``qx db check`` and :func:`~qx.migrations.assert_schema_current` report the same
-difference ("missing NOTIFY trigger qx_outbox_notify on qx_outbox"). On SQLite there is no
-trigger to make: the operation does nothing there.
+Up to ``qx_0004`` a statement-level trigger on ``qx_outbox`` sent ``NOTIFY qx_outbox``
+inside every transaction that inserted outbox rows. A NOTIFY makes its COMMIT take a lock
+shared by the whole database (held until the commit record is flushed), so every writer
+committed one at a time; ``qx_0005`` drops it and the relays are woken after the commit
+instead (:mod:`qx.outbox._wakeup`). Revisions written before keep working: they call
+``op.create_outbox_notify`` / ``op.drop_outbox_notify``, registered here. A comparator
+notices a trigger still on a ``qx_outbox`` of the target metadata (PostgreSQL): ``qx db
+check`` and :func:`~qx.migrations.assert_schema_current` report it ("extra NOTIFY trigger
+qx_outbox_notify on qx_outbox") and autogenerate writes ``op.drop_outbox_notify``. On
+SQLite there is no trigger: the operations do nothing there.
 
 Example:
-    >>> op.create_outbox_notify("qx_outbox", schema="orders")   # doctest: +SKIP
+    >>> op.drop_outbox_notify("qx_outbox", schema="orders")   # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -25,11 +23,30 @@ from alembic.autogenerate import comparators, renderers
 from alembic.operations import MigrateOperation, Operations
 from sqlalchemy import text
 
-from qx.outbox._table import NOTIFY_FUNCTION_SQL, NOTIFY_TRIGGER_SQL, OUTBOX_TABLE
+from qx.outbox._table import NOTIFY_CHANNEL, OUTBOX_TABLE
 
-__all__ = ["CreateOutboxNotifyOp", "DropOutboxNotifyOp"]
+__all__ = [
+    "NOTIFY_FUNCTION_SQL",
+    "NOTIFY_TRIGGER_SQL",
+    "CreateOutboxNotifyOp",
+    "DropOutboxNotifyOp",
+]
 
 TRIGGER = "qx_outbox_notify"
+
+#: The trigger's function, as revisions up to ``qx_0004`` created it.
+NOTIFY_FUNCTION_SQL = f"""
+CREATE OR REPLACE FUNCTION qx_outbox_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('{NOTIFY_CHANNEL}', '');
+    RETURN NULL;
+END
+$$"""
+#: The trigger, with ``{table}`` to fill in.
+NOTIFY_TRIGGER_SQL = (
+    f"CREATE TRIGGER {TRIGGER} AFTER INSERT ON {{table}} "
+    "FOR EACH STATEMENT EXECUTE FUNCTION qx_outbox_notify()"
+)
 
 
 def _qualified(table_name: str, schema: str | None) -> str:
@@ -38,7 +55,10 @@ def _qualified(table_name: str, schema: str | None) -> str:
 
 @Operations.register_operation("create_outbox_notify")
 class CreateOutboxNotifyOp(MigrateOperation):
-    """Create the NOTIFY function and the outbox's trigger (PostgreSQL; elsewhere nothing)."""
+    """Create the NOTIFY function and the outbox's trigger (PostgreSQL; elsewhere nothing).
+
+    Kept for revisions written before ``qx_0005``; a new schema has no trigger.
+    """
 
     def __init__(self, table_name: str = OUTBOX_TABLE, *, schema: str | None = None) -> None:
         self.table_name, self.schema = table_name, schema
@@ -105,15 +125,15 @@ def _compare(
     conn_table: Any,
     metadata_table: Any,
 ) -> None:
-    """Add ``create_outbox_notify`` for an outbox (in the target metadata) whose trigger the
-    database lacks, right after the table's own operations (PostgreSQL)."""
+    """Add ``drop_outbox_notify`` for an outbox (in the target metadata) that still has the
+    trigger, after the table's own operations (PostgreSQL)."""
     connection = autogen_context.connection
     if table_name != OUTBOX_TABLE or metadata_table is None or connection is None:
         return
-    if connection.dialect.name != "postgresql":
+    if connection.dialect.name != "postgresql" or conn_table is None:
         return
-    if conn_table is None or not _has_trigger(connection, table_name, schema):
-        modify_table_ops.ops.append(CreateOutboxNotifyOp(table_name, schema=schema))
+    if _has_trigger(connection, table_name, schema):
+        modify_table_ops.ops.append(DropOutboxNotifyOp(table_name, schema=schema))
 
 
 def _has_table(connection: Any, name: str, schema: str | None) -> bool:

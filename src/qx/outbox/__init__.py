@@ -10,8 +10,6 @@ from qx.outbox._store import OutboxProblem, OutboxStatus, OutboxStore, backoff_d
 from qx.outbox._subscribers import NatsSubscriber, RabbitSubscriber
 from qx.outbox._table import (
     NOTIFY_CHANNEL,
-    NOTIFY_FUNCTION_SQL,
-    NOTIFY_TRIGGER_SQL,
     OUTBOX_LANES,
     OUTBOX_TABLE,
     PARKED,
@@ -23,8 +21,6 @@ from qx.outbox.publishers import LogPublisher, MemoryPublisher, Publisher, publi
 
 __all__ = [
     "NOTIFY_CHANNEL",
-    "NOTIFY_FUNCTION_SQL",
-    "NOTIFY_TRIGGER_SQL",
     "OUTBOX_LANES",
     "OUTBOX_TABLE",
     "PARKED",

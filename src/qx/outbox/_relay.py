@@ -62,6 +62,7 @@ from qx.outbox._store import (
     OutboxStore,
     aggregate_key,
     backoff_delay,
+    reconnect_backoff,
 )
 from qx.outbox._table import NOTIFY_CHANNEL
 from qx.outbox.publishers._port import Described, Publisher
@@ -322,9 +323,12 @@ class OutboxRelay:
             )
 
     def _broker_down(self, exc: Exception) -> None:
+        now = time.monotonic()
+        if now < self._outage_until:
+            return  # the same outage, seen by another run of the batch
         self._outages += 1
-        delay = min(self.settings.reconnect_delay * 2 ** min(self._outages - 1, 5), 30.0)
-        self._outage_until = max(self._outage_until, time.monotonic() + delay)
+        delay = reconnect_backoff(self.settings.reconnect_delay, self._outages)
+        self._outage_until = now + delay
         self._log.warning(
             "broker", "broker unavailable (%s); rows wait untried, next try in %.1fs", exc, delay
         )
@@ -428,7 +432,7 @@ class OutboxRelay:
                     failures = 0
                 except Exception as exc:
                     failures += 1
-                    delay = min(self.settings.reconnect_delay * 2 ** min(failures - 1, 5), 30.0)
+                    delay = reconnect_backoff(self.settings.reconnect_delay, failures)
                     self._log.warning(
                         "turn", "relay turn failed (%s); retrying in %.1fs", _describe(exc), delay
                     )

@@ -82,6 +82,7 @@ __all__ = [
     "OutboxStore",
     "aggregate_key",
     "backoff_delay",
+    "reconnect_backoff",
     "relay_server_settings",
 ]
 
@@ -107,6 +108,12 @@ def backoff_delay(attempts: int, *, base: float, maximum: float) -> float:
     its upper half (so relays that failed together do not retry together)."""
     ceiling = min(maximum, base * (2 ** max(attempts - 1, 0)))
     return float(ceiling * random.uniform(0.5, 1.0))
+
+
+def reconnect_backoff(base: float, failures: int) -> float:
+    """Seconds to wait after ``failures`` failures in a row to reach the database or the
+    broker: doubling from ``base``, at most 30 s (no jitter: one relay's own pace)."""
+    return float(min(base * 2 ** min(max(failures, 1) - 1, 5), 30.0))
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,7 +27,6 @@ from typing import Final
 from uuid import UUID
 
 from sqlalchemy import (
-    DDL,
     BigInteger,
     Column,
     Index,
@@ -36,7 +35,6 @@ from sqlalchemy import (
     Table,
     Text,
     Uuid,
-    event,
     text,
 )
 
@@ -45,12 +43,9 @@ from qx.db.types import PortableJSON, UtcDateTime
 
 __all__ = [
     "NOTIFY_CHANNEL",
-    "NOTIFY_FUNCTION_SQL",
-    "NOTIFY_TRIGGER_SQL",
     "OUTBOX_LANES",
     "OUTBOX_TABLE",
     "PARKED",
-    "attach_notify",
     "inbox_table",
     "lane_of",
     "lane_table",
@@ -60,7 +55,8 @@ __all__ = [
 ]
 
 OUTBOX_TABLE: Final = "qx_outbox"
-#: PostgreSQL channel notified when outbox rows commit (relays LISTEN on it).
+#: PostgreSQL channel notified after outbox rows commit (relays LISTEN on it); the
+#: notification is sent after the writer's COMMIT, never inside it (see ``_wakeup``).
 NOTIFY_CHANNEL: Final = "qx_outbox"
 INBOX_TABLE: Final = "qx_inbox"
 
@@ -143,34 +139,6 @@ outbox_table: Final = Table(
     sqlite_autoincrement=True,
 )
 
-# A statement-level trigger, not a NOTIFY from the unit of work: the notification is part of
-# the same transaction (delivered at COMMIT, dropped on ROLLBACK, merged when one transaction
-# inserts many rows) and costs the unit of work no extra round trip.
-NOTIFY_FUNCTION_SQL: Final = f"""
-CREATE OR REPLACE FUNCTION qx_outbox_notify() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    PERFORM pg_notify('{NOTIFY_CHANNEL}', '');
-    RETURN NULL;
-END
-$$"""
-NOTIFY_TRIGGER_SQL: Final = (
-    "CREATE TRIGGER qx_outbox_notify AFTER INSERT ON {table} "
-    "FOR EACH STATEMENT EXECUTE FUNCTION qx_outbox_notify()"
-)
-
-
-def attach_notify(table: Table) -> None:
-    """Have PostgreSQL create the NOTIFY trigger with ``table`` (a copy of the outbox)."""
-    if getattr(table, "_qx_notify", False):
-        return
-    trigger = NOTIFY_TRIGGER_SQL.replace("{table}", "%(fullname)s")
-    for statement in (NOTIFY_FUNCTION_SQL, trigger):
-        ddl = DDL(statement)  # type: ignore[no-untyped-call]
-        event.listen(table, "after_create", ddl.execute_if(dialect="postgresql"))
-    table._qx_notify = True  # type: ignore[attr-defined]
-
-
-attach_notify(outbox_table)
 
 inbox_table: Final = Table(
     INBOX_TABLE,

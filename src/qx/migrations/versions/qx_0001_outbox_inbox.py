@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 import qx.db.types
-from qx.outbox import NOTIFY_FUNCTION_SQL, NOTIFY_TRIGGER_SQL
+from qx.migrations._trigger import NOTIFY_FUNCTION_SQL, NOTIFY_TRIGGER_SQL
 
 revision: str = "qx_0001"
 down_revision: str | Sequence[str] | None = None

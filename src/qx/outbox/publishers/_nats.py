@@ -19,6 +19,7 @@ from typing import Any
 
 from qx.core._errors import BrokerUnavailable, ConfigurationError, PublishError
 from qx.outbox._envelope import Envelope
+from qx.outbox.publishers._health import AckWatch
 from qx.settings import BrokerSettings
 
 __all__ = ["NatsPublisher"]
@@ -47,8 +48,10 @@ class NatsPublisher:
         self._acks: Any = None
         self._reply_prefix = ""
         self._token = 0
-        # token -> (future, event id); deadlines in sending order (one timeout for all).
-        self._pending: dict[str, tuple[asyncio.Future[None], Any]] = {}
+        # token -> (future, event id, sent at); deadlines in sending order (one timeout
+        # for all).
+        self._pending: dict[str, tuple[asyncio.Future[None], Any, float]] = {}
+        self._watch = AckWatch("NATS")
         self._deadlines: deque[tuple[float, str]] = deque()
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -85,6 +88,10 @@ class NatsPublisher:
                     allow_reconnect=True,
                     max_reconnect_attempts=-1,
                     reconnect_time_wait=0.5,
+                    # A silent connection (a partition) is found by its missing PONGs and
+                    # re-established, instead of after the OS gives up on it.
+                    ping_interval=self.settings.heartbeat,
+                    max_outstanding_pings=2,
                     error_cb=_quiet,
                 ),
                 timeout=self.settings.publish_timeout * 4,
@@ -123,6 +130,7 @@ class NatsPublisher:
 
         The order in which messages reach the stream is the order they are sent.
         """
+        sent_at = self._watch.sent()
         sent = [await self._send(envelope) for envelope in envelopes]
         futures = [item for item in sent if isinstance(item, asyncio.Future)]
         if futures:
@@ -133,18 +141,19 @@ class NatsPublisher:
                 results.append(item)
             elif not item.done():
                 item.cancel()
-                results.append(self._late(envelope.id))
+                results.append(self._late(envelope.id, sent_at))
             elif item.exception() is not None:
                 results.append(item.exception())
             else:
                 results.append(None)
         return results
 
-    def _late(self, event_id: Any) -> PublishError:
-        """No PubAck in time: the broker's fault if the connection is down meanwhile."""
+    def _late(self, event_id: Any, sent_at: float) -> PublishError:
+        """No PubAck in time: the broker's fault if the connection is down or has been
+        silent since the message went out."""
         if self._nc is None or not self._nc.is_connected:
             return BrokerUnavailable(f"NATS connection lost before {event_id} was acknowledged")
-        return PublishError(f"NATS did not acknowledge {event_id} in time")
+        return self._watch.late(sent_at, str(event_id), self.settings.publish_timeout)
 
     async def _sweep(self) -> None:
         """Fail every message whose PubAck is later than ``publish_timeout``: one timer for
@@ -162,7 +171,7 @@ class NatsPublisher:
             self._deadlines.popleft()
             entry = self._pending.pop(token, None)
             if entry is not None and not entry[0].done():
-                entry[0].set_exception(self._late(entry[1]))
+                entry[0].set_exception(self._late(entry[1], entry[2]))
 
     async def _send(self, envelope: Envelope) -> asyncio.Future[None] | BaseException:
         """Send one message with a reply subject of this publisher's; the future resolves
@@ -183,7 +192,7 @@ class NatsPublisher:
         token = str(self._token)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
-        self._pending[token] = (future, envelope.id)
+        self._pending[token] = (future, envelope.id, self._watch.sent())
         self._deadlines.append((loop.time() + self.settings.publish_timeout, token))
         if self._sweeper is None or self._sweeper.done():
             self._sweeper = asyncio.create_task(self._sweep())
@@ -206,6 +215,7 @@ class NatsPublisher:
         entry = self._pending.pop(message.subject[len(self._reply_prefix) :], None)
         if entry is None or entry[0].done():
             return
+        self._watch.acknowledged()
         future = entry[0]
         data: bytes = message.data or b""
         if b'"error"' in data or b'"stream"' not in data:
@@ -219,7 +229,7 @@ class NatsPublisher:
     async def close(self) -> None:
         """Drain and close the connection."""
         nc, self._nc, self._js, self._acks = self._nc, None, None, None
-        for future, _ in self._pending.values():
+        for future, _, _ in self._pending.values():
             future.cancel()
         self._pending = {}
         self._deadlines.clear()

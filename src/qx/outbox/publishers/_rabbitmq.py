@@ -14,6 +14,7 @@ from typing import Any
 
 from qx.core._errors import BrokerUnavailable, ConfigurationError, PublishError
 from qx.outbox._envelope import Envelope
+from qx.outbox.publishers._health import AckWatch
 from qx.settings import BrokerSettings
 
 __all__ = ["RabbitPublisher"]
@@ -32,6 +33,7 @@ class RabbitPublisher:
         self.settings = settings
         self._connection: Any = None
         self._exchange: Any = None
+        self._watch = AckWatch("RabbitMQ")
 
     def destination(self, envelope: Envelope) -> str:
         """The exchange (the event type is the routing key)."""
@@ -48,8 +50,12 @@ class RabbitPublisher:
                 "amqp:// needs the rabbitmq extra: pip install 'qx[rabbitmq]'"
             ) from exc
         try:
+            # Heartbeats find a silent connection (a partition) within about two of them,
+            # and the robust connection re-establishes it.
             self._connection = await aio_pika.connect_robust(
-                self.settings.url, timeout=self.settings.publish_timeout
+                self.settings.url,
+                timeout=self.settings.publish_timeout,
+                heartbeat=max(int(self.settings.heartbeat), 1),
             )
             channel = await self._connection.channel(
                 publisher_confirms=True, on_return_raises=self.settings.mandatory
@@ -77,6 +83,7 @@ class RabbitPublisher:
             timestamp=envelope.time,
             headers=dict(envelope.transport_headers()),
         )
+        sent_at = self._watch.sent()
         try:
             await self._exchange.publish(
                 message,
@@ -85,11 +92,23 @@ class RabbitPublisher:
                 timeout=self.settings.publish_timeout,
             )
         except aio_pika.exceptions.DeliveryError as exc:  # nacked, or returned unroutable
+            self._watch.acknowledged()
             raise PublishError(f"RabbitMQ refused {envelope.id}: {exc!r}") from exc
         except Exception as exc:
-            if self._connection is None or self._connection.is_closed:
+            lost = (
+                aio_pika.exceptions.ChannelInvalidStateError,
+                aio_pika.exceptions.AMQPConnectionError,
+                ConnectionError,
+            )
+            if self._connection is None or self._connection.is_closed or isinstance(exc, lost):
+                # A robust connection reconnecting closes its channels meanwhile.
                 raise BrokerUnavailable(f"RabbitMQ connection lost: {exc!r}") from exc
+            if isinstance(exc, TimeoutError):
+                raise self._watch.late(
+                    sent_at, str(envelope.id), self.settings.publish_timeout
+                ) from exc
             raise PublishError(f"RabbitMQ did not confirm {envelope.id}: {exc!r}") from exc
+        self._watch.acknowledged()
 
     async def close(self) -> None:
         """Close the connection."""

@@ -48,6 +48,10 @@ class RedisPublisher:
             self.settings.url,
             socket_timeout=self.settings.publish_timeout,
             socket_connect_timeout=self.settings.publish_timeout,
+            # A connection idle longer than this is checked before use, and keepalives
+            # find a peer that vanished.
+            health_check_interval=self.settings.heartbeat,
+            socket_keepalive=True,
         )
         try:
             await client.ping()

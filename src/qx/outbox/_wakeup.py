@@ -1,0 +1,99 @@
+"""``RelayWakeup``: tells the relays that outbox rows committed, off the writers' commit path.
+
+A NOTIFY inside a transaction makes its COMMIT take a lock shared by every transaction of
+the database (PostgreSQL queues notifications under one lock, held until the commit record
+is flushed), so every writer that inserted an outbox row would commit one at a time. qx
+therefore sends no NOTIFY from the writer's transaction. After a unit of work that wrote
+outbox rows has committed, its factory's wake-up sends ``NOTIFY qx_outbox`` on a pooled
+connection of its own, in a transaction of its own that is committed asynchronously (no
+flush to wait for under the lock), and never more than one at a time per process: commits
+that land while one is on its way are covered by the next. The relays LISTEN on the channel
+and poll every ``poll_interval`` anyway, so a lost wake-up costs latency, never an event.
+
+Example:
+    >>> wakeup = RelayWakeup(engine)            # doctest: +SKIP
+    >>> wakeup.committed()                      # after a commit that wrote outbox rows
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from qx.outbox._statements import terminate
+from qx.outbox._table import NOTIFY_CHANNEL
+
+__all__ = ["RelayWakeup"]
+
+logger = logging.getLogger("qx.outbox.wakeup")
+
+# One round trip: the SET LOCAL lasts until this statement's own transaction commits.
+_NOTIFY = text(
+    f"SELECT set_config('synchronous_commit', 'off', true), pg_notify('{NOTIFY_CHANNEL}', '')"
+)
+
+
+class RelayWakeup:
+    """Wakes the relays listening on ``qx_outbox`` (PostgreSQL; elsewhere it does nothing).
+
+    Args:
+        engine: the engine the unit of work commits through.
+    """
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self.enabled = engine.dialect.name == "postgresql"
+        self._task: asyncio.Task[None] | None = None
+        self._again = False
+
+    def committed(self) -> None:
+        """Outbox rows just committed: have a NOTIFY sent soon (coalesced, never awaited)."""
+        if not self.enabled:
+            return
+        if self._task is not None and not self._task.done():
+            self._again = True
+            return
+        self._task = asyncio.get_running_loop().create_task(self._send())
+
+    async def wait(self) -> None:
+        """Wait for the wake-up on its way, if any (tests, orderly shutdown)."""
+        while self._task is not None and not self._task.done():
+            await asyncio.shield(self._task)
+
+    async def _send(self) -> None:
+        try:
+            while True:
+                # Commits of this turn of the event loop ride on the same NOTIFY.
+                await asyncio.sleep(0)
+                self._again = False
+                await self._notify()
+                if not self._again:
+                    return
+        except Exception as exc:
+            # The relays' poll finds the rows; a wake-up is only a shortcut.
+            logger.debug("could not wake the outbox relays (%s); they will poll", exc)
+
+    async def _notify(self) -> None:
+        pool = self.engine.pool
+        conn = await self.engine.connect()
+        raw = None
+        try:
+            raw = await conn.get_raw_connection()
+            await conn.execute(_NOTIFY)
+            await conn.commit()
+        except BaseException:
+            # Cancelled (the loop is closing) or failed: close the socket at once, never
+            # hand a connection in an unknown state back to the pool.
+            terminate(raw)
+            with contextlib.suppress(Exception):
+                await conn.invalidate()
+            raise
+        if self.engine.pool is not pool:
+            # The engine was disposed meanwhile: its old pool would keep this connection
+            # open with nobody to close it.
+            await conn.invalidate()
+        await conn.close()
