@@ -19,6 +19,7 @@ import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from decimal import Decimal
+from typing import Any
 from uuid import UUID
 
 import sqlalchemy
@@ -72,6 +73,31 @@ def _outbox(order_id: UUID, customer: str, total: Decimal) -> dict[str, object]:
     }
 
 
+async def place_with_qx(factory: UnitOfWorkFactory[OrdersUnitOfWork], n: int) -> None:
+    """One order placed through qx's unit of work (its outbox row written by qx)."""
+    with request_context(tenant_id=TENANT):
+        async with factory() as uow:
+            lines = [OrderLine(sku=s, quantity=q, unit_price=p) for s, q, p in _lines()]
+            await uow.orders.add(Order.place(f"c{n}", lines))
+            await uow.commit()
+
+
+async def place_with_orm(sessions: Any, n: int) -> None:
+    """The same rows through a hand-written SQLAlchemy ORM session."""
+    async with sessions() as session:
+        order = HOrder(
+            customer=f"c{n}",
+            lines=[HLine(sku=s, quantity=q, unit_price=p) for s, q, p in _lines()],
+        )
+        now = utcnow()
+        order.created_at = order.updated_at = now
+        session.add(order)
+        total = sum((q * p for _, q, p in _lines()), Decimal(0))
+        await session.flush()
+        await session.execute(insert(outbox_table), [_outbox(order.id, order.customer, total)])
+        await session.commit()
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_url_argument(parser)
@@ -90,26 +116,11 @@ async def measure(db: BenchDatabase, args: argparse.Namespace) -> None:
     plain_sessions = sqlalchemy.ext.asyncio.async_sessionmaker(engine, expire_on_commit=False)
     pool = await db.asyncpg_pool()
 
-    async def qx_tx(n: int) -> None:
-        with request_context(tenant_id=TENANT):
-            async with qx_factory() as uow:
-                lines = [OrderLine(sku=s, quantity=q, unit_price=p) for s, q, p in _lines()]
-                await uow.orders.add(Order.place(f"c{n}", lines))
-                await uow.commit()
+    def qx_tx(n: int) -> Awaitable[None]:
+        return place_with_qx(qx_factory, n)
 
-    async def orm_tx(n: int) -> None:
-        async with plain_sessions() as session:
-            order = HOrder(
-                customer=f"c{n}",
-                lines=[HLine(sku=s, quantity=q, unit_price=p) for s, q, p in _lines()],
-            )
-            now = utcnow()
-            order.created_at = order.updated_at = now
-            session.add(order)
-            total = sum((q * p for _, q, p in _lines()), Decimal(0))
-            await session.flush()
-            await session.execute(insert(outbox_table), [_outbox(order.id, order.customer, total)])
-            await session.commit()
+    def orm_tx(n: int) -> Awaitable[None]:
+        return place_with_orm(plain_sessions, n)
 
     async def core_tx(n: int) -> None:
         async with engine.begin() as conn:

@@ -22,13 +22,28 @@ BENCHES = [
     ("list.py", []),
     ("pagination.py", []),
     ("relay.py", []),
+    ("writers.py", []),
 ]
 QUICK = {
     "place_order.py": ["--transactions", "500", "--rounds", "1"],
     "aggregate.py": ["--operations", "500", "--rounds", "1", "--orders", "500"],
     "list.py": ["--requests", "300", "--rounds", "1", "--orders", "2000"],
     "pagination.py": ["--rows", "50000", "--depth", "1000", "--repeat", "5"],
-    "relay.py": ["--backlog", "5000", "--seconds", "2", "--claim-backlog", "100000"],
+    "relay.py": [
+        "--backlog",
+        "5000",
+        "--seconds",
+        "2",
+        "--claim-backlog",
+        "100000",
+        "--wait-backlog",
+        "20000",
+        "--window",
+        "3",
+        "--wait-relays",
+        "1,2",
+    ],
+    "writers.py": ["--seconds", "3", "--rounds", "1"],
 }
 
 

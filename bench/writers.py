@@ -19,18 +19,16 @@ import os
 import sys
 import time
 from collections import Counter
-from decimal import Decimal
+from collections.abc import Awaitable, Callable
+from functools import partial
 
 import sqlalchemy
-from common import TENANT, HLine, HOrder, add_url_argument, bench_schema, save_table, versions
-from place_order import _lines, _outbox
-from sqlalchemy import insert, text
+from common import add_url_argument, bench_schema, save_table, versions
+from place_order import place_with_orm, place_with_qx
+from sqlalchemy import text
 
-from qx.core import request_context, utcnow
 from qx.db import UnitOfWorkFactory, create_engine, create_session_factory
-from qx.examples.orders.domain import Order, OrderLine
 from qx.examples.orders.infrastructure import OrdersUnitOfWork
-from qx.outbox import outbox_table
 from qx.settings import DatabaseSettings
 
 APPLICATION = "qx-bench-writer"
@@ -48,29 +46,9 @@ def worker() -> None:
         qx_factory = UnitOfWorkFactory(OrdersUnitOfWork, create_session_factory(engine))
         plain = sqlalchemy.ext.asyncio.async_sessionmaker(engine, expire_on_commit=False)
 
-        async def qx_tx(n: int) -> None:
-            with request_context(tenant_id=TENANT):
-                async with qx_factory() as uow:
-                    lines = [OrderLine(sku=s, quantity=q, unit_price=p) for s, q, p in _lines()]
-                    await uow.orders.add(Order.place(f"c{n}", lines))
-                    await uow.commit()
-
-        async def orm_tx(n: int) -> None:
-            async with plain() as session:
-                order = HOrder(
-                    customer=f"c{n}",
-                    lines=[HLine(sku=s, quantity=q, unit_price=p) for s, q, p in _lines()],
-                )
-                order.created_at = order.updated_at = utcnow()
-                session.add(order)
-                total = sum((q * p for _, q, p in _lines()), Decimal(0))
-                await session.flush()
-                await session.execute(
-                    insert(outbox_table), [_outbox(order.id, order.customer, total)]
-                )
-                await session.commit()
-
-        one = qx_tx if kind == "qx" else orm_tx
+        one: Callable[[int], Awaitable[None]] = (
+            partial(place_with_qx, qx_factory) if kind == "qx" else partial(place_with_orm, plain)
+        )
         for n in range(int(tasks)):  # connections and statement caches
             await one(n)
         print("ready", flush=True)
