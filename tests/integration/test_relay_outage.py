@@ -62,10 +62,10 @@ async def outbox(engine: AsyncEngine) -> list[dict[str, object]]:
         return [dict(r._mapping) for r in result.all()]
 
 
-async def until(condition: object, seconds: float) -> None:
+async def until(condition: object, seconds: float, what: str = "condition") -> None:
     deadline = asyncio.get_running_loop().time() + seconds
     while not await condition():  # type: ignore[operator]
-        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        assert asyncio.get_running_loop().time() < deadline, f"{what}: timed out"
         await asyncio.sleep(0.1)
 
 

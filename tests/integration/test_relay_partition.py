@@ -18,17 +18,17 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
-from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from qx.core import new_id
 from qx.db import UnitOfWorkFactory
-from qx.outbox import OutboxRelay, outbox_table, publisher_from_settings
+from qx.outbox import OutboxRelay, publisher_from_settings
 from qx.settings import BrokerSettings, RelaySettings
 from tests import models
 from tests.integration.helpers import drop_stream
 from tests.integration.proxy import Proxy
 from tests.integration.test_relay_crash import stream_contents
+from tests.integration.test_relay_outage import bump_all, outbox, until
 from tests.services import AMQP, NATS, REDIS, resolve
 
 Factory = UnitOfWorkFactory[models.AppUnitOfWork]
@@ -119,19 +119,6 @@ async def broker(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Proxy, B
         await client.aclose()
 
 
-async def _outbox(engine: AsyncEngine) -> list[dict[str, Any]]:
-    async with engine.connect() as conn:
-        return [dict(r._mapping) for r in (await conn.execute(select(outbox_table))).all()]
-
-
-async def _until(condition: Callable[[], Awaitable[bool]], seconds: float, what: str) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + seconds
-    while not await condition():
-        assert loop.time() < deadline, f"{what}: not within {seconds:.0f}s"
-        await asyncio.sleep(0.1)
-
-
 @pytest.mark.timeout(120)
 # nats-py abandons the sockets of reconnect attempts that time out on the dead path
 # without closing them; they are the client library's, collected after the test.
@@ -160,36 +147,31 @@ async def test_a_silent_partition_publishes_everything_after_it_heals_uncharged(
     )
     task = asyncio.create_task(relay.run())
 
-    async def bump(rounds: int) -> None:
-        for _ in range(rounds):
-            for counter in counters:
-                async with uow_factory() as uow:
-                    (await uow.counters.require(counter.id)).increment(integration=True)
-                    await uow.commit()
-
     async def all_published() -> bool:
-        return all(r["published_at"] is not None for r in await _outbox(engine))
+        return all(r["published_at"] is not None for r in await outbox(engine))
 
     try:
-        await bump(1)  # the relay is connected and publishing
-        await _until(all_published, 15, "before the partition")
+        await bump_all(uow_factory, counters, 1)  # the relay is connected and publishing
+        await until(all_published, 15, "before the partition")
         proxy.partition()
         loop = asyncio.get_running_loop()
         cut_at = loop.time()
-        await bump(EVENTS_EACH)  # committed while the broker is unreachable
+        await bump_all(
+            uow_factory, counters, EVENTS_EACH
+        )  # committed while the broker is unreachable
         # The partition lasts its length whatever the machine's speed (a scenario, not a
         # synchronisation: nothing is waited for here).
         await asyncio.sleep(max(0.0, cut_at + PARTITION_SECONDS - loop.time()))
-        during = await _outbox(engine)
+        during = await outbox(engine)
         assert all(r["attempts"] == 0 and r["dead_at"] is None for r in during), [
             (r["attempts"], r["last_error"]) for r in during if r["attempts"]
         ][:3]
         proxy.heal()
-        await _until(all_published, LEASE_SECONDS + 10, "after the partition healed")
+        await until(all_published, LEASE_SECONDS + 10, "after the partition healed")
     finally:
         relay.stop()
         await asyncio.wait_for(task, 30)
-    rows = await _outbox(engine)
+    rows = await outbox(engine)
     assert len(rows) == AGGREGATES * (EVENTS_EACH + 1)
     charged = [(r["attempts"], r["last_error"]) for r in rows if r["attempts"] or r["dead_at"]]
     assert charged == [], charged[:3]
