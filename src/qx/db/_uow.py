@@ -341,7 +341,8 @@ class UnitOfWork:
     # -- transaction -----------------------------------------------------------------------
 
     async def commit(self) -> None:
-        """Dispatch events, write the outbox, COMMIT, then run after-commit hooks.
+        """Dispatch events, write the outbox, COMMIT, wake the outbox relays (when outbox
+        rows were written), then run after-commit hooks.
 
         Raises:
             UnitOfWorkError: not active (committed already, rolled back, closed), called
@@ -365,15 +366,15 @@ class UnitOfWork:
         self._state = UnitOfWorkState.COMMITTED
         self.events = [record.event for record in records]
         if outbox_rows:
-            self._wake_relays()
+            await self._wake_relays()
         await self._run_after_commit()
 
-    def _wake_relays(self) -> None:
+    async def _wake_relays(self) -> None:
         wakeup = self._wakeup
         if wakeup is None:
             wakeup = self._wakeup = relay_wakeup(self._session_factory)
         if wakeup is not None:
-            wakeup.committed()
+            await wakeup.committed()
 
     async def _commit(self) -> tuple[list[RecordedEvent], int]:
         """The transaction part of :meth:`commit`: the events it settled, and the outbox

@@ -1,4 +1,4 @@
-"""``RelayWakeup``: tells the relays that outbox rows committed, off the writers' commit path.
+"""``RelayWakeup``: tells the relays that outbox rows committed, after the writer's COMMIT.
 
 A NOTIFY inside a transaction makes its COMMIT take a lock shared by every transaction of
 the database (PostgreSQL queues notifications under one lock, held until the commit record
@@ -6,13 +6,15 @@ is flushed), so every writer that inserted an outbox row would commit one at a t
 therefore sends no NOTIFY from the writer's transaction. After a unit of work that wrote
 outbox rows has committed, its factory's wake-up sends ``NOTIFY qx_outbox`` on a pooled
 connection of its own, in a transaction of its own that is committed asynchronously (no
-flush to wait for under the lock), and never more than one at a time per process: commits
-that land while one is on its way are covered by the next. The relays LISTEN on the channel
+flush to wait for under the lock), and never more than one at a time per factory: commits
+that land while one is on its way share the next. ``commit()`` returns once that NOTIFY is
+sent, so no task outlives the units of work it serves (``bench/writers.py`` measured no
+cost against a wake-up left running in the background). The relays LISTEN on the channel
 and poll every ``poll_interval`` anyway, so a lost wake-up costs latency, never an event.
 
 Example:
     >>> wakeup = RelayWakeup(engine)            # doctest: +SKIP
-    >>> wakeup.committed()                      # after a commit that wrote outbox rows
+    >>> await wakeup.committed()                # after a commit that wrote outbox rows
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ import asyncio
 import contextlib
 import logging
 
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from qx.outbox._statements import terminate
@@ -32,9 +33,7 @@ __all__ = ["RelayWakeup"]
 logger = logging.getLogger("qx.outbox.wakeup")
 
 # One round trip: the SET LOCAL lasts until this statement's own transaction commits.
-_NOTIFY = text(
-    f"SELECT set_config('synchronous_commit', 'off', true), pg_notify('{NOTIFY_CHANNEL}', '')"
-)
+_NOTIFY = f"SELECT set_config('synchronous_commit', 'off', true), pg_notify('{NOTIFY_CHANNEL}', '')"
 
 
 class RelayWakeup:
@@ -50,25 +49,21 @@ class RelayWakeup:
         self._task: asyncio.Task[None] | None = None
         self._again = False
 
-    def committed(self) -> None:
-        """Outbox rows just committed: have a NOTIFY sent soon (coalesced, never awaited)."""
+    async def committed(self) -> None:
+        """Outbox rows just committed: return once a NOTIFY sent after that commit is
+        committed too. Commits that land while one is on its way share the next one."""
         if not self.enabled:
             return
-        if self._task is not None and not self._task.done():
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._send())
+        else:
             self._again = True
-            return
-        self._task = asyncio.get_running_loop().create_task(self._send())
-
-    async def wait(self) -> None:
-        """Wait for the wake-up on its way, if any (tests, orderly shutdown)."""
-        while self._task is not None and not self._task.done():
-            await asyncio.shield(self._task)
+        # Shielded: a cancelled caller leaves the NOTIFY to finish for the others.
+        await asyncio.shield(self._task)
 
     async def _send(self) -> None:
         try:
             while True:
-                # Commits of this turn of the event loop ride on the same NOTIFY.
-                await asyncio.sleep(0)
                 self._again = False
                 await self._notify()
                 if not self._again:
@@ -78,13 +73,15 @@ class RelayWakeup:
             logger.debug("could not wake the outbox relays (%s); they will poll", exc)
 
     async def _notify(self) -> None:
-        pool = self.engine.pool
         conn = await self.engine.connect()
         raw = None
         try:
             raw = await conn.get_raw_connection()
-            await conn.execute(_NOTIFY)
-            await conn.commit()
+            # On the driver, outside any transaction SQLAlchemy would begin: the statement
+            # is its own transaction, one round trip in the simple protocol.
+            driver = raw.driver_connection
+            assert driver is not None  # a checked-out connection
+            await driver.execute(_NOTIFY)
         except BaseException:
             # Cancelled (the loop is closing) or failed: close the socket at once, never
             # hand a connection in an unknown state back to the pool.
@@ -92,8 +89,4 @@ class RelayWakeup:
             with contextlib.suppress(Exception):
                 await conn.invalidate()
             raise
-        if self.engine.pool is not pool:
-            # The engine was disposed meanwhile: its old pool would keep this connection
-            # open with nobody to close it.
-            await conn.invalidate()
         await conn.close()
