@@ -350,7 +350,7 @@ async def claim_latency(db: BenchDatabase, rows: int, *, claims: int = 60) -> fl
         claim = await store.claim(
             "bench", leases.tokens, batch_size=BATCH, now=utcnow(), lease_seconds=600, skip=skip
         )
-        flying = [*flying[-1:], [row["position"] for run in claim.runs for row in run]]
+        flying = [*flying[-1:], [row.position for run in claim.runs for row in run]]
         if warm >= 5:
             timings.append((time.perf_counter() - started) * 1000)
         assert claim.rows == BATCH

@@ -15,6 +15,7 @@ from qx.core import new_id, request_context
 from qx.db import UnitOfWorkFactory
 from qx.errors import PublishError
 from qx.outbox import Envelope, OutboxRelay, outbox_table, publisher_from_settings
+from qx.outbox._claimed import ClaimedRow, claimed_columns
 from qx.settings import BrokerSettings, RelaySettings
 from tests import models
 from tests.integration.helpers import drop_stream, relay_once
@@ -96,8 +97,9 @@ async def test_nats_publishes_with_msg_id_and_deduplicates(
         assert (await relay.run_once()).published == 2
         # The same envelope again (a relay that died before marking): JetStream drops it.
         async with engine.connect() as conn:
-            row = (await conn.execute(select(outbox_table).limit(1))).one()._mapping
-        await publisher.publish(Envelope.from_row(row, source="qx-tests"))
+            columns = claimed_columns(outbox_table)
+            row = ClaimedRow.of((await conn.execute(select(*columns).limit(1))).one())
+        await publisher.publish(row.envelope(source="qx-tests"))
     finally:
         await publisher.close()
     nc = await nats.connect(nats_settings.url)

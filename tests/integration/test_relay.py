@@ -16,7 +16,7 @@ from qx.core import FixedClock, request_context, utcnow
 from qx.db import UnitOfWorkFactory
 from qx.errors import PublishError
 from qx.outbox import Envelope, MemoryPublisher, OutboxRelay, OutboxStore, outbox_table
-from qx.outbox._statements import statements
+from qx.outbox._relay_sql_postgres import PostgresRelaySql
 from qx.settings import RelaySettings
 from tests import models
 
@@ -295,7 +295,7 @@ async def test_claim_reads_its_partial_index_and_probes_the_aggregate_index(
     # A fresh outbox has no statistics; each candidate's "nearest earlier unpublished row"
     # must still be an index probe, and candidates must come from the state's own partial
     # index in order (no sort of the backlog, no scan of the table).
-    stmt = statements("postgresql").ready if ready else statements("postgresql").due
+    stmt = PostgresRelaySql(engine.dialect).candidate_statement(due=not ready)
     params = {"lanes": list(range(0, 64, 2)), "batch": 200, "now": utcnow(), "skip": [1, 2]}
 
     def explain(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> Any:

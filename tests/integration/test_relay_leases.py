@@ -23,7 +23,7 @@ from qx.core import FixedClock, utcnow
 from qx.db import UnitOfWorkFactory
 from qx.errors import PublishError
 from qx.outbox import Envelope, MemoryPublisher, OutboxRelay, OutboxStore, outbox_table
-from qx.outbox._statements import statements
+from qx.outbox._relay_sql_postgres import PostgresRelaySql
 from qx.outbox._table import lane_table
 from qx.settings import RelaySettings
 from tests import models
@@ -216,7 +216,7 @@ async def test_a_claim_takes_what_it_returns_and_touches_nothing_else(
     leases = await store.lease("relay-x", busy=set(), now=now, lease_seconds=30)
     claim = await store.claim("relay-x", leases.tokens, batch_size=100, now=now, lease_seconds=30)
     assert claim.rows == 100
-    claimed = {row["position"] for run in claim.runs for row in run}
+    claimed = {row.position for run in claim.runs for row in run}
     async with engine.connect() as conn:
         touched = await conn.scalar(
             select(func.count()).where(
@@ -226,18 +226,18 @@ async def test_a_claim_takes_what_it_returns_and_touches_nothing_else(
     # The lane is the claim's lease: no row lock, no row written for the rows it took.
     assert touched == 0
     # One run per aggregate, each from the aggregate's head on, numbered 1, 2, 3, ...
-    assert len({run[0]["aggregate_id"] for run in claim.runs}) == len(claim.runs)
+    assert len({run[0].aggregate_id for run in claim.runs}) == len(claim.runs)
     for run in claim.runs:
-        assert [row["aggregate_seq"] for row in run] == list(range(1, len(run) + 1))
-        assert [row["position"] for row in run] == sorted(row["position"] for row in run)
+        assert [row.aggregate_seq for row in run] == list(range(1, len(run) + 1))
+        assert [row.position for row in run] == sorted(row.position for row in run)
     # The same relay's next claim passes over the rows in flight and what waits behind them.
     again = await store.claim(
         "relay-x", leases.tokens, batch_size=100, now=now, lease_seconds=30, skip=claimed
     )
-    taken_again = {row["position"] for run in again.runs for row in run}
+    taken_again = {row.position for run in again.runs for row in run}
     assert not taken_again & claimed
-    busy = {run[0]["aggregate_id"] for run in claim.runs}
-    assert not busy & {run[0]["aggregate_id"] for run in again.runs}
+    busy = {run[0].aggregate_id for run in claim.runs}
+    assert not busy & {run[0].aggregate_id for run in again.runs}
     # A claim by another relay finds no lane of its own while relay-x holds them all.
     other = await store.lease("relay-y", busy=set(), now=now, lease_seconds=30)
     assert other.tokens == {}
@@ -299,9 +299,9 @@ async def test_a_claim_reads_about_a_batch_whatever_the_backlog_and_the_relays(
                 mine = leases
     assert mine is not None and len(mine.tokens) == 16
     first = await store.claim("relay-0", mine.tokens, batch_size=200, now=now, lease_seconds=30)
-    flying = [row["position"] for run in first.runs for row in run]
+    flying = [row.position for run in first.runs for row in run]
     assert first.rows == 200
-    stmt = statements("postgresql").ready
+    stmt = PostgresRelaySql(engine.dialect).candidate_statement(due=False)
     params = {"lanes": sorted(mine.tokens), "batch": 200, "now": now, "skip": flying}
 
     def explain(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> Any:

@@ -13,7 +13,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from qx.core import new_id
 from qx.db import UnitOfWorkFactory
 from qx.errors import BrokerUnavailable
-from qx.outbox import Envelope, OutboxRelay, Publisher, outbox_table, publisher_from_settings
+from qx.outbox import (
+    Envelope,
+    OutboxRelay,
+    Publisher,
+    RelayState,
+    outbox_table,
+    publisher_from_settings,
+)
 from qx.settings import BrokerSettings, RelaySettings
 from tests import models
 from tests.integration.helpers import drop_stream
@@ -134,15 +141,18 @@ async def test_broker_outage_counts_no_attempt_and_dead_letters_nothing(
             return publisher.unavailable >= 5
 
         await until(tried_often, 30)
+        assert relay.state is RelayState.BROKER_DOWN
         rows = await outbox(engine)
         assert all(r["dead_at"] is None and r["attempts"] == 0 for r in rows), rows
         assert sum(r["published_at"] is None for r in rows) == 20
         assert publisher.other == []
         await proxy.start()  # back on the same port
         await until(all_published, 30)
+        assert relay.state is RelayState.RELAYING
     finally:
         relay.stop()
         await asyncio.wait_for(task, 15)
+    assert relay.state is RelayState.STOPPED
     rows = await outbox(engine)
     assert all(r["dead_at"] is None and r["attempts"] == 0 for r in rows) and len(rows) == 30
     envelopes = await stream_contents(direct_url, settings.subject_prefix, settings.stream)

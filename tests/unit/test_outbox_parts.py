@@ -2,22 +2,29 @@
 
 from __future__ import annotations
 
+from dataclasses import FrozenInstanceError, replace
+from dataclasses import fields as dataclass_fields
 from datetime import UTC, datetime
+from typing import Any
 from uuid import UUID
 
 import pytest
 
+from qx.core._backoff import Backoff
+from qx.cqrs import RetryPolicy
 from qx.errors import ConfigurationError, InvalidMessage, PublishError
 from qx.outbox import (
     BatchResult,
     Envelope,
     LogPublisher,
     MemoryPublisher,
-    backoff_delay,
+    outbox_table,
     publisher_from_settings,
 )
+from qx.outbox._claimed import ClaimedRow, claimed_columns
+from qx.outbox._store import reconnect_backoff, retry_backoff
 from qx.outbox.publishers import NatsPublisher, RabbitPublisher, RedisPublisher
-from qx.settings import BrokerSettings
+from qx.settings import BrokerSettings, RelaySettings
 
 
 def envelope(**changes: object) -> Envelope:
@@ -54,22 +61,50 @@ def test_envelope_uses_cloudevents_names_and_round_trips() -> None:
             Envelope.from_json(bad)
 
 
-def test_envelope_from_row_moves_traceparent_out_of_headers() -> None:
-    row = {
-        "id": UUID(int=1), "event_name": "a.b", "event_version": 1,
-        "occurred_at": datetime(2026, 1, 1, tzinfo=UTC), "payload": {"x": 1},
-        "headers": {"traceparent": "tp", "user_id": "u"}, "aggregate_type": None,
-        "aggregate_id": None, "correlation_id": None, "causation_id": "e-0", "tenant_id": None,
-    }  # fmt: skip
-    env = Envelope.from_row(row, source="svc")
+def claimed(**changes: Any) -> ClaimedRow:
+    row = ClaimedRow(
+        position=7, id=UUID(int=1), event_name="a.b", event_version=1,
+        aggregate_type=None, aggregate_id=None, payload='{"x": 1}',
+        headers='{"traceparent": "tp", "user_id": "u"}',
+        occurred_at=datetime(2026, 1, 1, tzinfo=UTC), correlation_id=None,
+        causation_id="e-0", tenant_id=None, attempts=0, lane=3, aggregate_seq=None,
+        next_attempt_at=None, dead_at=None,
+    )  # fmt: skip
+    return replace(row, **changes)
+
+
+def test_a_claimed_row_is_read_by_attribute_and_becomes_its_envelope() -> None:
+    row = claimed()
+    env = row.envelope(source="svc")
     assert (env.traceparent, dict(env.headers), env.subject) == ("tp", {"user_id": "u"}, None)
+    assert (env.position, env.sequence, dict(env.data)) == (7, None, {"x": 1})
+    assert row.key is None
+    numbered = claimed(aggregate_type="Order", aggregate_id="9").numbered(4)
+    assert (numbered.key, numbered.envelope(source="svc").sequence) == (("Order", "9"), 4)
+    with pytest.raises(FrozenInstanceError):
+        row.attempts = 2  # type: ignore[misc]
+    # A claim's select list is the record's fields in order: rows become records by position.
+    names = [c.name for c in claimed_columns(outbox_table)]
+    assert names == [f.name for f in dataclass_fields(ClaimedRow)][:-1]
+    assert claimed(headers="{}").envelope(source="s").headers == {}
 
 
-def test_backoff_grows_caps_and_jitters() -> None:
-    for attempts, ceiling in ((1, 1.0), (2, 2.0), (3, 4.0), (10, 60.0)):
-        delays = {backoff_delay(attempts, base=1.0, maximum=60.0) for _ in range(50)}
+@pytest.mark.parametrize("jitter", [True, False])
+def test_backoff_grows_caps_and_jitters_in_the_upper_half(jitter: bool) -> None:
+    policy = Backoff(1.0, 60.0, jitter=jitter)
+    for attempts, ceiling in ((0, 1.0), (1, 1.0), (2, 2.0), (3, 4.0), (10, 60.0), (10**6, 60.0)):
+        delays = {policy.delay(attempts) for _ in range(50)}
         assert all(ceiling / 2 <= d <= ceiling for d in delays)
-        assert len(delays) > 1
+        assert (len(delays) > 1) is jitter or ceiling == 0
+
+
+def test_every_retry_of_qx_waits_by_the_one_backoff_rule() -> None:
+    settings = RelaySettings(backoff_base=2.0, backoff_max=10.0, reconnect_delay=0.5)
+    assert retry_backoff(settings) == Backoff(2.0, 10.0)
+    assert reconnect_backoff(settings) == Backoff(0.5, 30.0, jitter=False)
+    assert [reconnect_backoff(settings).delay(n) for n in (1, 2, 7)] == [0.5, 1.0, 30.0]
+    policy = RetryPolicy(base_delay=0.01, max_delay=0.04)
+    assert all(0.02 <= policy.delay(3) <= 0.04 for _ in range(20))
 
 
 def test_publisher_selection_by_url() -> None:

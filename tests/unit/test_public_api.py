@@ -217,7 +217,7 @@ EXPECTED = {
         "Publisher",
         "RabbitSubscriber",
         "RelayMetrics",
-        "backoff_delay",
+        "RelayState",
         "event_payload",
         "inbox_table",
         "include_qx_tables",

@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from typing import Any, TypeVar, get_type_hints
 
 from pydantic import TypeAdapter
 
+from qx.core._backoff import Backoff
 from qx.core._context import current_context, request_context
 from qx.core._dispatch import InProcessDispatcher
 from qx.core._errors import ConcurrencyConflict, ConfigurationError, HandlerNotFound, TransientError
@@ -96,8 +96,7 @@ class RetryPolicy:
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait after failed try number ``attempt``."""
-        ceiling = min(self.max_delay, self.base_delay * 2 ** (attempt - 1))
-        return float(random.uniform(ceiling / 2, ceiling))
+        return Backoff(self.base_delay, self.max_delay).delay(attempt)
 
 
 @dataclass(slots=True)

@@ -6,7 +6,8 @@ from qx.outbox._inbox import EventRouter, Inbox
 from qx.outbox._metrics import PrometheusMetrics
 from qx.outbox._recorder import event_payload, outbox_row
 from qx.outbox._relay import BatchResult, OutboxRelay, RelayMetrics
-from qx.outbox._store import OutboxProblem, OutboxStatus, OutboxStore, backoff_delay
+from qx.outbox._relay_state import RelayState
+from qx.outbox._store import OutboxProblem, OutboxStatus, OutboxStore
 from qx.outbox._subscribers import NatsSubscriber, RabbitSubscriber
 from qx.outbox._table import (
     NOTIFY_CHANNEL,
@@ -39,7 +40,7 @@ __all__ = [
     "Publisher",
     "RabbitSubscriber",
     "RelayMetrics",
-    "backoff_delay",
+    "RelayState",
     "event_payload",
     "inbox_table",
     "include_qx_tables",

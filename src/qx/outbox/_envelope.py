@@ -128,31 +128,13 @@ class Envelope:
     position: int | None = None
     sequence: int | None = None
 
-    @classmethod
-    def from_row(cls, row: Mapping[str, Any], *, source: str) -> Envelope:
-        """Build the envelope of a ``qx_outbox`` row."""
-        raw_headers = row.get("headers") or {}
-        if isinstance(raw_headers, str):
-            raw_headers = json.loads(raw_headers) if raw_headers not in ("{}", "") else {}
-        headers = dict(raw_headers)
-        payload = row["payload"]
-        return cls(
-            id=row["id"],
-            type=row["event_name"],
-            version=row["event_version"],
-            time=row["occurred_at"],
-            source=source,
-            data=RawJson(payload) if isinstance(payload, str) else payload,
-            aggregate_type=row.get("aggregate_type"),
-            aggregate_id=row.get("aggregate_id"),
-            correlation_id=row.get("correlation_id"),
-            causation_id=row.get("causation_id"),
-            tenant_id=row.get("tenant_id"),
-            traceparent=headers.pop("traceparent", None),
-            headers=headers,
-            position=row.get("position"),
-            sequence=row.get("aggregate_seq"),
-        )
+    @staticmethod
+    def parse_headers(text: str | None) -> dict[str, str]:
+        """The headers an outbox row stores as JSON text, as a new dict."""
+        if not text or text == "{}":
+            return {}
+        found = json.loads(text)
+        return dict(found) if isinstance(found, dict) else {}
 
     def trace_context(self) -> dict[str, str] | None:
         """The trace-context headers to continue (``traceparent`` and, for one, the

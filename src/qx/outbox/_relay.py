@@ -18,8 +18,10 @@ one lease period: its lanes and in-flight rows are then taken over, and marks it
 are refused (fencing tokens). Brokers that deduplicate by message id (JetStream) see a
 republished row once; others need the consumer's inbox.
 
-The relay wakes on ``LISTEN qx_outbox`` (a trigger notifies when an outbox insert commits)
-and polls every ``poll_interval`` as a fallback. On SIGTERM/SIGINT it stops claiming, waits
+The relay wakes on ``LISTEN qx_outbox`` (a unit of work that wrote outbox rows notifies
+after its COMMIT) and polls every ``poll_interval`` as a fallback. Its states
+(:class:`RelayState`: relaying, broker down, database down, stopping) are named and checked
+in :mod:`qx.outbox._relay_state`. On SIGTERM/SIGINT it stops claiming, waits
 up to ``shutdown_timeout`` for publishes in flight, gives back the rest and its lanes, and
 returns; every database call is bounded by ``db_timeout``.
 
@@ -51,20 +53,23 @@ from qx.core._clock import Clock, SystemClock
 from qx.core._errors import BrokerUnavailable, QxError
 from qx.core._telemetry import active_tracer, span, trace_headers
 from qx.db._translate import translate_error
+from qx.outbox._claimed import Run
 from qx.outbox._envelope import Envelope
 from qx.outbox._logging import RateLimitedLog
-from qx.outbox._statements import terminate
+from qx.outbox._relay_state import RelayState, StateMachine
 from qx.outbox._store import (
     Claim,
     Failure,
+    Finished,
     Leases,
     Marks,
     OutboxStore,
-    aggregate_key,
-    backoff_delay,
+    Sent,
     reconnect_backoff,
+    retry_backoff,
 )
 from qx.outbox._table import NOTIFY_CHANNEL
+from qx.outbox._tx import terminate
 from qx.outbox.publishers._port import Described, Publisher
 from qx.settings import RelaySettings
 
@@ -160,8 +165,16 @@ class OutboxRelay:
         self._outages = 0
         self._last_purge = 0.0
         self._log = RateLimitedLog(logger)
+        self._machine = StateMachine(self.relay_id)
+        self._retry = retry_backoff(self.settings)
+        self._reconnect = reconnect_backoff(self.settings)
         # Checked once: an isinstance() of a Protocol is slow.
         self._described = publisher if isinstance(publisher, Described) else None
+
+    @property
+    def state(self) -> RelayState:
+        """Where the relay is: relaying, waiting for the broker or the database, stopping."""
+        return self._machine.state
 
     # -- one turn ---------------------------------------------------------------------------
 
@@ -217,9 +230,9 @@ class OutboxRelay:
                     }
                 )
 
-    async def _publish_run(self, run: list[dict[str, Any]], result: BatchResult) -> None:
+    async def _publish_run(self, run: Run, result: BatchResult) -> None:
         """Publish one aggregate's rows in order; stop at the first that fails."""
-        lane, key = run[0]["lane"], aggregate_key(run[0])  # one aggregate per run
+        lane, key = run[0].lane, run[0].key  # one aggregate per run
         marks = self._marks
         sent = 0
         try:
@@ -228,19 +241,19 @@ class OutboxRelay:
                 for row in run:
                     if self._outage_until > time.monotonic():
                         raise BrokerUnavailable("the broker is unavailable")
-                    envelope = Envelope.from_row(row, source=self.source)
+                    envelope = row.envelope(source=self.source)
                     if traced:
                         await self._publish_traced(envelope)
                     else:
                         await self.publisher.publish(envelope)
-                    marks.published.append((lane, row["position"], key, row["aggregate_seq"]))
+                    marks.published.append(Sent(lane, row.position, key, row.aggregate_seq))
                     result.published += 1
                     sent += 1
-                    age = (self.clock.now() - row["occurred_at"]).total_seconds()
+                    age = (self.clock.now() - row.occurred_at).total_seconds()
                     result.lag_seconds = max(result.lag_seconds, age)
-            self._outages = 0
+            self._broker_up()
             if key is not None:
-                marks.finished.append((lane, key, run[-1]["position"]))
+                marks.finished.append(Finished(lane, key, run[-1].position))
         except asyncio.CancelledError:
             # Rows not sent were never written as in flight: leaving the in-flight set (when
             # this run is recorded) gives them back.
@@ -253,7 +266,7 @@ class OutboxRelay:
             else:
                 self._failed(run, sent, exc, result)
         finally:
-            self._settled.append((lane, [row["position"] for row in run]))
+            self._settled.append((lane, [row.position for row in run]))
             self._in_flight -= len(run)
             if self._room() or len(self._marks) >= self.settings.batch_size:
                 self._wake.set()
@@ -279,22 +292,20 @@ class OutboxRelay:
         ):
             await self.publisher.publish(envelope.continued(trace_headers()))
 
-    def _failed(
-        self, run: list[dict[str, Any]], index: int, exc: Exception, result: BatchResult
-    ) -> None:
+    def _failed(self, run: Run, index: int, exc: Exception, result: BatchResult) -> None:
         row, error = run[index], _describe(exc)
-        attempts = int(row["attempts"]) + 1
+        attempts = row.attempts + 1
         settings = self.settings
         dead = attempts >= settings.max_attempts
-        delay = backoff_delay(attempts, base=settings.backoff_base, maximum=settings.backoff_max)
+        delay = self._retry.delay(attempts)
         failure = Failure(
             row=row,
             attempts=attempts,
             error=error[:2000],
             retry_at=self.clock.now() + timedelta(seconds=delay),
             dead=dead,
-            parks=row["event_name"] not in settings.publish_past,
-            behind=tuple(r["position"] for r in run[index + 1 :]),
+            parks=row.event_name not in settings.publish_past,
+            behind=tuple(r.position for r in run[index + 1 :]),
         )
         self._marks.failed.append(failure)
         result.failed += 1
@@ -302,36 +313,43 @@ class OutboxRelay:
         if dead:
             result.dead += 1
             self._log.error(
-                f"dead:{row['event_name']}",
+                f"dead:{row.event_name}",
                 "outbox row %s (%s, aggregate %s/%s) dead after %s attempts%s: %s",
-                row["id"],
-                row["event_name"],
-                row["aggregate_type"],
-                row["aggregate_id"],
+                row.id,
+                row.event_name,
+                row.aggregate_type,
+                row.aggregate_id,
                 attempts,
                 "; its aggregate is parked until requeued" if failure.parks else "",
                 error,
             )
         else:
             self._log.warning(
-                f"failed:{row['event_name']}",
+                f"failed:{row.event_name}",
                 "publishing outbox row %s (%s) failed (attempt %s): %s",
-                row["id"],
-                row["event_name"],
+                row.id,
+                row.event_name,
                 attempts,
                 error,
             )
 
-    def _broker_down(self, exc: Exception) -> None:
+    def _broker_down(self, exc: BaseException) -> None:
         now = time.monotonic()
         if now < self._outage_until:
             return  # the same outage, seen by another run of the batch
         self._outages += 1
-        delay = reconnect_backoff(self.settings.reconnect_delay, self._outages)
+        delay = self._reconnect.delay(self._outages)
         self._outage_until = now + delay
+        if self._machine.running:
+            self._machine.to(RelayState.BROKER_DOWN, _describe(exc))
         self._log.warning(
             "broker", "broker unavailable (%s); rows wait untried, next try in %.1fs", exc, delay
         )
+
+    def _broker_up(self) -> None:
+        self._outages = 0
+        if self._machine.state is RelayState.BROKER_DOWN:
+            self._machine.to(RelayState.RELAYING, "the broker acknowledged")
 
     async def _record(self) -> None:
         """Write the marks gathered so far (one short transaction)."""
@@ -385,8 +403,8 @@ class OutboxRelay:
                 del self._busy[lane]
             self._flying.difference_update(positions)
         for run in got.runs:
-            self._busy[run[0]["lane"]] += len(run)
-            self._flying.update(row["position"] for row in run)
+            self._busy[run[0].lane] += len(run)
+            self._flying.update(row.position for row in run)
         self._in_flight += got.rows
         return got
 
@@ -394,6 +412,8 @@ class OutboxRelay:
 
     def stop(self) -> None:
         """Ask the relay to stop: no new claims; publishes in flight get ``shutdown_timeout``."""
+        if self._machine.running:
+            self._machine.to(RelayState.STOPPING)
         self._stop.set()
         self._wake.set()
 
@@ -432,12 +452,18 @@ class OutboxRelay:
                     failures = 0
                 except Exception as exc:
                     failures += 1
-                    delay = reconnect_backoff(self.settings.reconnect_delay, failures)
+                    delay = self._reconnect.delay(failures)
+                    reason = _describe(exc)
+                    if self._machine.running:
+                        self._machine.to(RelayState.DATABASE_DOWN, reason)
                     self._log.warning(
-                        "turn", "relay turn failed (%s); retrying in %.1fs", _describe(exc), delay
+                        "turn", "relay turn failed (%s); retrying in %.1fs", reason, delay
                     )
                     await _wait(self._stop, delay)
                     continue
+                if self._machine.state in (RelayState.STARTING, RelayState.DATABASE_DOWN):
+                    down = self._outage_until > time.monotonic()
+                    self._machine.to(RelayState.BROKER_DOWN if down else RelayState.RELAYING)
                 await _wait(self._wake, self._idle_seconds())
         finally:
             await self._shutdown(listener)
@@ -460,7 +486,13 @@ class OutboxRelay:
         claimed = False
         if self._outage_until <= time.monotonic():
             while self._room() and not self._stop.is_set():
-                await asyncio.wait_for(self.publisher.connect(), self.settings.connect_timeout)
+                try:
+                    await asyncio.wait_for(self.publisher.connect(), self.settings.connect_timeout)
+                except Exception as exc:
+                    self._broker_down(exc)  # rows wait in the table, untried
+                    break
+                if self._machine.state is RelayState.BROKER_DOWN:
+                    self._machine.to(RelayState.RELAYING, "reconnected")
                 claim = await self._claim()  # with the marks gathered so far
                 claimed = True
                 if claim.rows:
@@ -494,6 +526,8 @@ class OutboxRelay:
         task.add_done_callback(self._tasks.discard)
 
     async def _shutdown(self, listener: asyncio.Task[None] | None) -> None:
+        if self._machine.running:  # cancelled rather than stopped
+            self._machine.to(RelayState.STOPPING, "cancelled")
         tasks = set(self._tasks)
         if tasks:
             _, late = await asyncio.wait(tasks, timeout=self.settings.shutdown_timeout)
@@ -512,6 +546,7 @@ class OutboxRelay:
             self._log.warning("shutdown", "could not give back lanes (%s)", _describe(exc))
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.publisher.close(), self.settings.connect_timeout)
+        self._machine.to(RelayState.STOPPED)
 
     async def _maybe_purge(self) -> None:
         retention = self.settings.retention

@@ -40,7 +40,7 @@ from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 from uuid import UUID
 
 from sqlalchemy import (
@@ -54,16 +54,12 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from qx.core._backoff import Backoff
 from qx.db._dialect import Dialect, dialect_named
-from qx.outbox._statements import (
-    PENDING,
-    Compiled,
-    CoreTx,
-    DriverTx,
-    Tx,
-    statements,
-    terminate,
-)
+from qx.outbox._claimed import AggregateKey, ClaimedRow, Run, sequence_key
+from qx.outbox._relay_sql import PENDING, RelaySql, SequenceKey
+from qx.outbox._relay_sql_postgres import PostgresRelaySql
+from qx.outbox._relay_sql_sqlite import SqliteRelaySql
 from qx.outbox._table import (
     OUTBOX_LANES,
     PARKED,
@@ -71,49 +67,55 @@ from qx.outbox._table import (
     outbox_table,
     relay_table,
 )
+from qx.outbox._tx import Tx, terminate
+from qx.settings import RelaySettings
 
 __all__ = [
     "Claim",
     "Failure",
+    "Finished",
     "Leases",
     "Marks",
     "OutboxProblem",
     "OutboxStatus",
     "OutboxStore",
-    "aggregate_key",
-    "backoff_delay",
+    "Sent",
     "reconnect_backoff",
     "relay_server_settings",
+    "retry_backoff",
 ]
 
 _o = outbox_table
 _lane = lane_table
 
 
-AggregateKey = tuple[str | None, str]
+def retry_backoff(settings: RelaySettings) -> Backoff:
+    """How long a failed message waits before its next attempt (jittered: relays that
+    failed together do not retry together)."""
+    return Backoff(settings.backoff_base, settings.backoff_max)
 
 
-def aggregate_key(row: Mapping[str, Any]) -> AggregateKey | None:
-    """``(aggregate_type, aggregate_id)`` of an outbox row, ``None`` for a row without one."""
-    return None if row["aggregate_id"] is None else (row["aggregate_type"], row["aggregate_id"])
+def reconnect_backoff(settings: RelaySettings) -> Backoff:
+    """How long to wait after failures in a row to reach the database or the broker:
+    doubling from ``reconnect_delay``, at most 30 s, not jittered (one relay's own pace)."""
+    return Backoff(settings.reconnect_delay, 30.0, jitter=False)
 
 
-def _sequence_key(key: AggregateKey) -> tuple[str, str]:
-    """The key of an aggregate in ``qx_outbox_sequence`` (whose columns are NOT NULL)."""
-    return (key[0] or "", key[1])
+class Sent(NamedTuple):
+    """A row the broker acknowledged."""
+
+    lane: int
+    position: int
+    key: AggregateKey | None
+    seq: int | None
 
 
-def backoff_delay(attempts: int, *, base: float, maximum: float) -> float:
-    """Seconds before retry number ``attempts``: exponential, capped, with full jitter in
-    its upper half (so relays that failed together do not retry together)."""
-    ceiling = min(maximum, base * (2 ** max(attempts - 1, 0)))
-    return float(ceiling * random.uniform(0.5, 1.0))
+class Finished(NamedTuple):
+    """An aggregate's run that went out whole, up to ``last``."""
 
-
-def reconnect_backoff(base: float, failures: int) -> float:
-    """Seconds to wait after ``failures`` failures in a row to reach the database or the
-    broker: doubling from ``base``, at most 30 s (no jitter: one relay's own pace)."""
-    return float(min(base * 2 ** min(max(failures, 1) - 1, 5), 30.0))
+    lane: int
+    key: AggregateKey
+    last: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,7 +133,7 @@ class Failure:
         behind: positions of the run's rows after it, not sent.
     """
 
-    row: Mapping[str, Any]
+    row: ClaimedRow
     attempts: int
     error: str
     retry_at: datetime
@@ -145,15 +147,14 @@ class Marks:
     """What a relay reports back about rows it claimed, per lane (see :meth:`OutboxStore.record`).
 
     Attributes:
-        published: ``(lane, position, aggregate, sequence)`` of rows the broker
-            acknowledged.
+        published: rows the broker acknowledged.
         failed: failed heads.
-        finished: ``(lane, aggregate, last position)`` of runs that went out whole.
+        finished: runs that went out whole.
     """
 
-    published: list[tuple[int, int, AggregateKey | None, int | None]] = field(default_factory=list)
+    published: list[Sent] = field(default_factory=list)
     failed: list[Failure] = field(default_factory=list)
-    finished: list[tuple[int, AggregateKey, int]] = field(default_factory=list)
+    finished: list[Finished] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(self.published or self.failed or self.finished)
@@ -175,9 +176,9 @@ class Marks:
 
     def lanes(self) -> set[int]:
         """Every lane these marks touch."""
-        found = {p[0] for p in self.published}
-        found.update(f.row["lane"] for f in self.failed)
-        found.update(lane for lane, _, _ in self.finished)
+        found = {p.lane for p in self.published}
+        found.update(f.row.lane for f in self.failed)
+        found.update(f.lane for f in self.finished)
         return found
 
 
@@ -191,7 +192,7 @@ class Claim:
         rows: number of rows.
     """
 
-    runs: list[list[dict[str, Any]]]
+    runs: list[Run]
     tokens: dict[int, int]
 
     @property
@@ -275,8 +276,8 @@ class OutboxStore:
         self.locking = self.dialect.locks_rows
         self.timeout = timeout
         self._lanes_created = False
-        self._sql = statements(engine.dialect.name)
-        self._compiled: dict[int, Compiled] = {}
+        backend = PostgresRelaySql if engine.dialect.name == "postgresql" else SqliteRelaySql
+        self._sql: RelaySql = backend(engine.dialect)
         self._rotation = 0
 
     # -- transactions ----------------------------------------------------------------------
@@ -308,14 +309,13 @@ class OutboxStore:
 
     @asynccontextmanager
     async def hot(self) -> AsyncIterator[Tx]:
-        """One short transaction of the relay's hot path, bounded by ``timeout``: on
-        PostgreSQL on the asyncpg connection itself, with statements compiled once."""
-        if not self.locking:
-            async with self.transaction() as conn:
-                yield CoreTx(conn)
-            return
-        async with self._connection() as (_conn, driver), driver.transaction():
-            yield DriverTx(driver, self.engine.dialect, self._compiled)
+        """One short transaction of the relay's hot path, bounded by ``timeout``, of the
+        backend's own kind (see :class:`~qx.outbox._relay_sql.RelaySql`)."""
+        async with (
+            self._connection() as (conn, driver),
+            self._sql.transaction(conn, driver) as tx,
+        ):
+            yield tx
 
     @asynccontextmanager
     async def _using(self, tx: Tx | None) -> AsyncIterator[Tx]:
@@ -423,12 +423,8 @@ class OutboxStore:
         those whose lease has not run out."""
         if not tokens:
             return set()
-        params: dict[str, Any] = {"lanes": sorted(tokens), "me": relay_id}
-        if now is not None:
-            params["now"] = now
-        stmt = self._sql.fenced_live if now is not None else self._sql.fenced
-        found = await tx.rows(stmt, params)
-        return {int(r["lane"]) for r in found if tokens.get(int(r["lane"])) == int(r["token"])}
+        found = await self._sql.fenced(tx, lanes=sorted(tokens), relay=relay_id, live_at=now)
+        return {lane for lane, token in found.items() if tokens.get(lane) == token}
 
     # -- claims ----------------------------------------------------------------------------
 
@@ -469,82 +465,58 @@ class OutboxStore:
             if not valid:
                 return Claim([], {})
             flying = set(skip)
-            params = {
-                "lanes": sorted(valid),
-                "now": now,
-                "batch": batch_size,
-                "skip": sorted(flying),
-            }
-            rows: dict[int, dict[str, Any]] = {}
             # A different first lane each claim, so no lane waits behind a busy one.
             order = sorted(valid)
             self._rotation = (self._rotation + 1) % len(order)
             order = order[self._rotation :] + order[: self._rotation]
-            for stmt in (self._sql.ready, self._sql.due):
-                for found in await self._candidates(tx, stmt, params, order, batch_size):
-                    rows[found["position"]] = found
-            runs, blocked = _runs(sorted(rows.values(), key=lambda r: r["position"]))
-            states = await self._blockers(tx, blocked - flying)
-            heads: list[list[dict[str, Any]]] = []
+            rows: dict[int, ClaimedRow] = {}
+            for due in (False, True):
+                found = await self._sql.candidates(
+                    tx, due=due, lanes=order, skip=sorted(flying), now=now, batch=batch_size
+                )
+                rows.update((row.position, row) for row in found)
+            runs, blocked = _runs(sorted(rows.values(), key=lambda r: r.position))
+            pending = sorted(blocked - flying)
+            states = await self._sql.row_states(tx, pending) if pending else {}
+            heads: list[Run] = []
             deferrals: dict[datetime, list[int]] = {}
             for run in runs:
-                first = run[0]
-                if first["blocker"] in flying:
-                    # Behind a run in flight here: out of the way until it is recorded.
-                    deferrals.setdefault(until, []).extend(r["position"] for r in run)
+                blocker = run[0].blocker
+                if blocker is None:
+                    heads.append(run)
+                elif blocker in flying:
+                    # Behind a run in flight here: out of the way until it is recorded
+                    # (which makes it ready again), or its lease ends.
+                    deferrals.setdefault(until, []).extend(r.position for r in run)
                     continue
-                state = states.get(first["blocker"]) if first["blocker"] is not None else None
-                if state is None and first["blocker"] is not None:
-                    continue  # its blocker is gone since: read again next time
-                if state is not None and not (
-                    state["dead_at"] is not None and state["next_attempt_at"] != PARKED
-                ):
-                    if state["dead_at"] is not None:
-                        deferrals.setdefault(PARKED, []).extend(r["position"] for r in run)
-                    elif state["next_attempt_at"] is not None and state["next_attempt_at"] > now:
-                        deferrals.setdefault(state["next_attempt_at"], []).extend(
-                            r["position"] for r in run
-                        )
-                    continue
-                heads.append(run)
+                else:
+                    state = states.get(blocker)
+                    if state is None:
+                        continue  # its blocker is gone since: read again next time
+                    if state.dead_at is not None and state.next_attempt_at != PARKED:
+                        heads.append(run)  # published past its dead predecessor
+                    else:
+                        if state.dead_at is not None:
+                            deferrals.setdefault(PARKED, []).extend(r.position for r in run)
+                        elif state.next_attempt_at is not None and state.next_attempt_at > now:
+                            deferrals.setdefault(state.next_attempt_at, []).extend(
+                                r.position for r in run
+                            )
+                        continue
                 if len(heads) >= batch_size:
                     break
             taken = await self._extend(tx, heads, batch_size=batch_size, run_length=run_length)
-            claimed = {row["position"] for run in taken for row in run}
-            await self._number(tx, taken)
+            taken = await self._number(tx, taken)
+            claimed = {row.position for run in taken for row in run}
             for at, positions in deferrals.items():
                 left = [p for p in positions if p not in claimed]
                 if left:
-                    await tx.run(self._sql.defer, {"positions": left, "until": at})
+                    await self._sql.defer(tx, left, until=at)
         return Claim(taken, {lane: tokens[lane] for lane in valid})
 
-    async def _candidates(
-        self,
-        tx: Tx,
-        stmt: Any,
-        params: dict[str, Any],
-        lanes: list[int],
-        batch_size: int,
-    ) -> list[dict[str, Any]]:
-        """Up to ``batch_size`` rows of ``stmt``, lane by lane in the order given."""
-        if self.dialect.name == "postgresql":
-            return await tx.rows(stmt, {**params, "lanes": lanes})
-        found: list[dict[str, Any]] = []
-        for lane in lanes:
-            need = batch_size - len(found)
-            if need <= 0:
-                break
-            found += await tx.rows(stmt, {**params, "lane": lane, "batch": need})
-        return found
-
     async def _extend(
-        self,
-        tx: Tx,
-        heads: list[list[dict[str, Any]]],
-        *,
-        batch_size: int,
-        run_length: int,
-    ) -> list[list[dict[str, Any]]]:
+        self, tx: Tx, heads: list[Run], *, batch_size: int, run_length: int
+    ) -> list[Run]:
         """Lengthen each run with its aggregate's next open rows (through the per-aggregate
         index), stopping at a dead or parked row, until ``batch_size`` rows are taken."""
         # Lengthen only as many runs as could fill the batch if each got ``run_length``.
@@ -553,85 +525,50 @@ class OutboxStore:
             if room <= 0:
                 break
             room -= max(len(run), run_length)
-            if run[0]["aggregate_id"] is not None and len(run) < run_length:
+            if run[0].aggregate_id is not None and len(run) < run_length:
                 short.append(run)
-        following: dict[int, list[dict[str, Any]]] = {}
+        following: dict[int, Run] = {}
         if short and run_length > 1:
-            following = await self._followers(tx, short, run_length)
-        taken: list[list[dict[str, Any]]] = []
+            following = await self._sql.followers(tx, short, per=run_length)
+        taken: list[Run] = []
         count = 0
         for run in heads:
             if count >= batch_size:
                 break
             run = list(run)
-            for row in following.get(run[0]["position"], ()):
+            for row in following.get(run[0].position, ()):
                 if len(run) >= run_length:
                     break
-                if row["dead_at"] is not None or (
-                    row["next_attempt_at"] is not None and row["next_attempt_at"] >= PARKED
+                if row.dead_at is not None or (
+                    row.next_attempt_at is not None and row.next_attempt_at >= PARKED
                 ):
                     break
-                if row["position"] > run[-1]["position"]:
+                if row.position > run[-1].position:
                     run.append(row)
             run = run[: batch_size - count]
             count += len(run)
             taken.append(run)
         return taken
 
-    async def _followers(
-        self, tx: Tx, runs: list[list[dict[str, Any]]], run_length: int
-    ) -> dict[int, list[dict[str, Any]]]:
-        """Per run (keyed by its first position), the open rows after its last, in order."""
-        found: dict[int, list[dict[str, Any]]] = {}
-        if self.dialect.name == "postgresql":
-            params = {
-                "ht": [run[0]["aggregate_type"] for run in runs],
-                "hi": [run[0]["aggregate_id"] for run in runs],
-                "hp": [run[-1]["position"] for run in runs],
-                "hf": [run[0]["position"] for run in runs],
-                "per": run_length,
-            }
-            for row in await tx.rows(self._sql.followers, params):
-                found.setdefault(int(row.pop("first")), []).append(row)
-            return found
-        for run in runs:
-            params = {
-                "t": run[0]["aggregate_type"],
-                "i": run[0]["aggregate_id"],
-                "after": run[-1]["position"],
-                "per": run_length,
-            }
-            found[run[0]["position"]] = await tx.rows(self._sql.followers, params)
-        return found
-
-    async def _blockers(self, tx: Tx, positions: set[int]) -> dict[int, dict[str, Any]]:
-        if not positions:
-            return {}
-        found = await tx.rows(self._sql.blockers, {"positions": sorted(positions)})
-        return {int(row["position"]): row for row in found}
-
-    async def _number(self, tx: Tx, runs: list[list[dict[str, Any]]]) -> None:
-        """Number the rows of each aggregate's run after the last number it published.
+    async def _number(self, tx: Tx, runs: list[Run]) -> list[Run]:
+        """The runs, each aggregate's rows numbered after the last number it published.
 
         Nothing is written: the last number moves when rows are marked published, so a row
         published again after a crash carries the number it went out with before.
         """
-        numbered = [(run, aggregate_key(run[0])) for run in runs]
-        keys = sorted({_sequence_key(key) for _, key in numbered if key is not None})
+        keys = sorted({sequence_key(run[0].key) for run in runs if run[0].key is not None})
         if not keys:
-            return
-        if self.dialect.name == "postgresql":
-            params: dict[str, Any] = {"kt": [t for t, _ in keys], "ki": [i for _, i in keys]}
-        else:
-            params = {"keys": keys}
-        found = await tx.rows(self._sql.sequences, params)
-        last = {(r["aggregate_type"], r["aggregate_id"]): int(r["last_seq"]) for r in found}
-        for run, key in numbered:
+            return runs
+        last = await self._sql.last_numbers(tx, keys)
+        numbered: list[Run] = []
+        for run in runs:
+            key = run[0].key
             if key is None:
+                numbered.append(run)
                 continue
-            top = last.get(_sequence_key(key), 0)
-            for offset, row in enumerate(run, start=1):
-                row["aggregate_seq"] = top + offset
+            top = last.get(sequence_key(key), 0)
+            numbered.append([row.numbered(top + n) for n, row in enumerate(run, start=1)])
+        return numbered
 
     # -- marks -----------------------------------------------------------------------------
 
@@ -656,99 +593,57 @@ class OutboxStore:
             valid = await self._valid(
                 tx, relay_id, {k: v for k, v in tokens.items() if k in lanes}, None
             )
-            published = [m for m in marks.published if m[0] in valid]
+            published = [m for m in marks.published if m.lane in valid]
             if published:
                 await self._published(tx, published, now=now)
-            finished = {key for lane, key, _ in marks.finished if lane in valid}
+            finished = {f.key for f in marks.finished if f.lane in valid}
             for failure in marks.failed:
-                if failure.row["lane"] not in valid:
+                if failure.row.lane not in valid:
                     continue
                 await self._fail(tx, failure, now=now)
-                if failure.dead and not failure.parks:
-                    key = aggregate_key(failure.row)
-                    if key is not None:
-                        finished.add(key)
+                if failure.dead and not failure.parks and failure.row.key is not None:
+                    finished.add(failure.row.key)
             if finished:
                 # Every claimed row of these aggregates went out (or died without parking),
                 # so whatever of theirs is still deferred waited behind those rows: ready.
                 # (An aggregate is in one run of one relay at a time.)
-                keys = sorted(finished, key=_sequence_key)
-                if self.dialect.name == "postgresql":
-                    params: dict[str, Any] = {
-                        "kt": [t for t, _ in keys],
-                        "ki": [i for _, i in keys],
-                    }
-                else:
-                    params = {"keys": keys}
-                await tx.run(self._sql.unblock, params)
+                await self._sql.unblock(tx, sorted(sequence_key(k) for k in finished))
         return lanes - valid
 
-    async def _published(
-        self,
-        tx: Tx,
-        marks: list[tuple[int, int, AggregateKey | None, int | None]],
-        *,
-        now: datetime,
-    ) -> None:
+    async def _published(self, tx: Tx, marks: list[Sent], *, now: datetime) -> None:
         """Mark rows published with their numbers, and move each aggregate's last number."""
-        top: dict[tuple[str, str], int] = {}
-        for _, _, key, seq in marks:
-            if key is not None and seq is not None:
-                k = _sequence_key(key)
-                top[k] = max(top.get(k, 0), seq)
-        if self.dialect.name == "postgresql":
-            params: dict[str, Any] = {
-                "now": now,
-                "ps": [m[1] for m in marks],
-                "ss": [m[3] for m in marks],
-            }
-            await tx.run(self._sql.published, params)
-        else:
-            rows = [{"now": now, "p": m[1], "seq": m[3]} for m in marks]
-            await tx.run(self._sql.published, rows)
-        await self._advance(tx, top)
-
-    async def _advance(self, tx: Tx, top: Mapping[tuple[str, str], int]) -> None:
-        """Raise aggregates' last published numbers (never lowers one)."""
-        if not top:
-            return
-        keys = sorted(top)
-        if self.dialect.name == "postgresql":
-            params = {
-                "st": [t for t, _ in keys],
-                "si": [i for _, i in keys],
-                "sn": [top[k] for k in keys],
-            }
-            await tx.run(self._sql.advance, params)
-            return
-        await tx.run(self._sql.advance, [{"t": t, "i": i, "n": top[(t, i)]} for t, i in keys])
+        top: dict[SequenceKey, int] = {}
+        for mark in marks:
+            if mark.key is not None and mark.seq is not None:
+                k = sequence_key(mark.key)
+                top[k] = max(top.get(k, 0), mark.seq)
+        await self._sql.mark_published(tx, [(m.position, m.seq) for m in marks], now=now)
+        if top:
+            await self._sql.advance(tx, top)
 
     async def _fail(self, tx: Tx, failure: Failure, *, now: datetime) -> None:
         row = failure.row
         passed = failure.dead and not failure.parks
-        await tx.run(
-            self._sql.fail,
-            {
-                "p": row["position"],
-                "attempts": failure.attempts,
-                "error": failure.error,
-                # A dead row's own next_attempt_at says whether it parks its aggregate, so
-                # every relay reads the decision the same way.
-                "next": (PARKED if failure.parks else None) if failure.dead else failure.retry_at,
-                "dead": now if failure.dead else None,
-                # Published past, it keeps its number: consumers see the gap it leaves.
-                "seq": row["aggregate_seq"] if passed else None,
-            },
+        await self._sql.fail(
+            tx,
+            position=row.position,
+            attempts=failure.attempts,
+            error=failure.error,
+            # A dead row's own next_attempt_at says whether it parks its aggregate, so
+            # every relay reads the decision the same way.
+            retry_at=(PARKED if failure.parks else None) if failure.dead else failure.retry_at,
+            dead_at=now if failure.dead else None,
+            # Published past, it keeps its number: consumers see the gap it leaves.
+            number=row.aggregate_seq if passed else None,
         )
-        key = aggregate_key(row)
-        if passed and key is not None and row["aggregate_seq"] is not None:
-            await self._advance(tx, {_sequence_key(key): int(row["aggregate_seq"])})
+        key = row.key
+        if passed and key is not None and row.aggregate_seq is not None:
+            await self._sql.advance(tx, {sequence_key(key): row.aggregate_seq})
         if failure.dead and failure.parks and key is not None:
             # Everything after a dead head waits for the operator, in order.
-            await tx.run(self._sql.park, {"t": key[0], "i": key[1], "after": row["position"]})
+            await self._sql.park(tx, key, after=row.position)
         elif not failure.dead and failure.behind:
-            params = {"positions": list(failure.behind), "until": failure.retry_at}
-            await tx.run(self._sql.defer, params)
+            await self._sql.defer(tx, failure.behind, until=failure.retry_at)
 
     # -- the operator's view ---------------------------------------------------------------
 
@@ -868,7 +763,7 @@ class OutboxStore:
                 return total
 
 
-def _runs(rows: list[dict[str, Any]]) -> tuple[list[list[dict[str, Any]]], set[int]]:
+def _runs(rows: list[ClaimedRow]) -> tuple[list[Run], set[int]]:
     """Split candidate rows (in position order) into runs: per aggregate, rows each of whose
     nearest earlier unpublished row is the row before it. Only an aggregate's first run can
     start at its head; the others wait behind rows this claim did not read.
@@ -877,23 +772,23 @@ def _runs(rows: list[dict[str, Any]]) -> tuple[list[list[dict[str, Any]]], set[i
         The first run of every aggregate (rows without aggregate: one run each), in order of
         their first position, and the blockers of those whose first row is not a head.
     """
-    by_key: dict[AggregateKey | int, list[list[dict[str, Any]]]] = {}
+    by_key: dict[AggregateKey | int, list[Run]] = {}
     for row in rows:
-        key = aggregate_key(row)
+        key = row.key
         if key is None:
-            by_key[row["position"]] = [[row]]
+            by_key[row.position] = [[row]]
             continue
         runs = by_key.setdefault(key, [])
-        if runs and row["blocker"] == runs[-1][-1]["position"]:
+        if runs and row.blocker == runs[-1][-1].position:
             runs[-1].append(row)
         else:
             runs.append([row])
-    result: list[list[dict[str, Any]]] = []
+    result: list[Run] = []
     blocked: set[int] = set()
     for runs in by_key.values():
         result.extend(runs)
-        blocked.update(run[0]["blocker"] for run in runs if run[0]["blocker"] is not None)
-    result.sort(key=lambda run: run[0]["position"])
+        blocked.update(run[0].blocker for run in runs if run[0].blocker is not None)
+    result.sort(key=lambda run: run[0].position)
     return result, blocked
 
 

@@ -17,6 +17,7 @@ import contextlib
 import logging
 from typing import Any
 
+from qx.core._backoff import Backoff
 from qx.core._errors import ConfigurationError, InvalidMessage
 from qx.outbox._envelope import Envelope
 from qx.outbox._inbox import EventRouter, Inbox
@@ -25,6 +26,9 @@ from qx.settings import BrokerSettings
 __all__ = ["NatsSubscriber", "RabbitSubscriber"]
 
 logger = logging.getLogger("qx.outbox.subscribe")
+
+#: How long a message whose handler failed waits before it is delivered again.
+REDELIVERY = Backoff(1.0, 60.0)
 
 
 async def _handle(inbox: Inbox[Any], router: EventRouter, body: bytes) -> bool:
@@ -74,7 +78,6 @@ class NatsSubscriber:
         """Consume until ``stop`` is set."""
         try:
             import nats
-            from nats.errors import TimeoutError as NatsTimeout
         except ImportError as exc:  # pragma: no cover - depends on the install
             raise ConfigurationError("NatsSubscriber needs the nats extra") from exc
         nc = await nats.connect(servers=[self.settings.url], max_reconnect_attempts=-1)
@@ -87,13 +90,16 @@ class NatsSubscriber:
             while not stop.is_set():
                 try:
                     messages = await sub.fetch(self.batch, timeout=0.5)
-                except NatsTimeout:
+                except TimeoutError:
+                    # A quiet stream. nats-py raises its own TimeoutError or asyncio's
+                    # (the builtin, both of them) depending on where the wait ran out.
                     continue
                 for message in messages:
                     if await _handle(self.inbox, self.router, message.data):
                         await message.ack()
                     else:
-                        await message.nak(delay=1.0)
+                        delivered = message.metadata.num_delivered or 1
+                        await message.nak(delay=REDELIVERY.delay(delivered))
         finally:
             with contextlib.suppress(Exception):
                 await nc.close()

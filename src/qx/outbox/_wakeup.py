@@ -25,8 +25,8 @@ import logging
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from qx.outbox._statements import terminate
 from qx.outbox._table import NOTIFY_CHANNEL
+from qx.outbox._tx import terminate
 
 __all__ = ["RelayWakeup"]
 
