@@ -20,12 +20,19 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from qx.core import FixedClock, utcnow
-from qx.db import UnitOfWorkFactory
+from qx.db import UnitOfWorkFactory, create_engine
 from qx.errors import PublishError
-from qx.outbox import Envelope, MemoryPublisher, OutboxRelay, OutboxStore, outbox_table
+from qx.outbox import (
+    Envelope,
+    MemoryPublisher,
+    OutboxRelay,
+    OutboxStore,
+    RelayState,
+    outbox_table,
+)
 from qx.outbox._relay_sql_postgres import PostgresRelaySql
 from qx.outbox._table import lane_table
-from qx.settings import RelaySettings
+from qx.settings import DatabaseSettings, RelaySettings
 from tests import models
 from tests.integration.proxy import Proxy
 from tests.integration.test_relay_crash import current_schema
@@ -327,3 +334,65 @@ def _scans(node: dict[str, Any], index: str) -> Any:
         yield node
     for child in node.get("Plans", ()):
         yield from _scans(child, index)
+
+
+@pytest.mark.timeout(120)
+async def test_twelve_relays_started_at_once_share_every_lane_within_one_lease(
+    engine: AsyncEngine, uow_factory: Factory
+) -> None:
+    # 64 lanes over 12 relays: four hold 6, eight hold 5. A share of ceil(64 / 12) = 6 for
+    # every relay let 11 relays hold every lane and the 12th none, for good.
+    lease = 10.0
+    schema = await current_schema(engine)
+    url = engine.url.render_as_string(hide_password=False)
+    engines = [
+        create_engine(DatabaseSettings(url=url, pool_size=2, search_path=schema)) for _ in range(12)
+    ]
+    publisher = MemoryPublisher()
+    settings = RelaySettings(lease_seconds=lease, poll_interval=0.2)
+    relays = [
+        OutboxRelay(e, publisher, settings=settings, relay_id=f"relay-{n:02}")
+        for n, e in enumerate(engines)
+    ]
+    ids = await counters(uow_factory, 40)
+    started = time.monotonic()
+    tasks = [asyncio.create_task(relay.run()) for relay in relays]
+
+    async def held() -> dict[str, int]:
+        async with engine.connect() as conn:
+            rows = await conn.execute(
+                select(lane_table.c.owner, func.count())
+                .where(lane_table.c.owner.is_not(None), lane_table.c.lease_until > utcnow())
+                .group_by(lane_table.c.owner)
+            )
+            return {str(owner): int(count) for owner, count in rows}
+
+    async def settled() -> bool:
+        shares = await held()
+        return len(shares) == 12 and sorted(shares.values()) == [5] * 8 + [6] * 4
+
+    try:
+        took = await until(settled, lease, "twelve relays sharing 64 lanes")
+        assert took <= lease
+        # Shared out, they keep relaying: every row of every aggregate goes out once, in order.
+        await asyncio.gather(*(bump(uow_factory, ident, 3) for ident in ids))
+
+        async def drained() -> bool:
+            return await unpublished(engine) == 0
+
+        await until(drained, 30, "the outbox drained by twelve relays")
+        assert await settled(), await held()
+    finally:
+        for relay in relays:
+            relay.stop()
+        await asyncio.wait_for(asyncio.gather(*tasks), 30)
+        for e in engines:
+            await e.dispose()
+    assert time.monotonic() - started < 60
+    assert [relay.state for relay in relays] == [RelayState.STOPPED] * 12
+    sequences: dict[str, list[int]] = {}
+    for envelope in publisher.published:
+        if envelope.aggregate_id is not None:
+            sequences.setdefault(envelope.aggregate_id, []).append(envelope.sequence or 0)
+    assert len(publisher.published) == len({e.id for e in publisher.published}) == 40 * 3
+    assert all(seq == list(range(1, len(seq) + 1)) for seq in sequences.values()), sequences

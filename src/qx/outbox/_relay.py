@@ -442,7 +442,7 @@ class OutboxRelay:
 
     async def run(self) -> None:
         """Relay until :meth:`stop`; ride out database and broker outages."""
-        listener = asyncio.create_task(self._listen()) if self.store.locking else None
+        listener = asyncio.create_task(self._listen()) if self.store.sql.listens else None
         failures = 0
         try:
             while not self._stop.is_set():

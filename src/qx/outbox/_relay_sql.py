@@ -59,6 +59,9 @@ class RelaySql(ABC):
         dialect: the engine's SQLAlchemy dialect (to compile for the driver).
     """
 
+    #: Whether relays can be woken by ``LISTEN`` (else they poll).
+    listens: bool = False
+
     def __init__(self, dialect: Any) -> None:
         self.dialect = dialect
         o = _o

@@ -47,6 +47,8 @@ def _unnest(name: str, *arrays: tuple[str, Any]) -> Any:
 class PostgresRelaySql(RelaySql):
     """See :class:`~qx.outbox._relay_sql.RelaySql`."""
 
+    listens = True
+
     def __init__(self, dialect: Any) -> None:
         super().__init__(dialect)
         self._compiled: dict[int, Compiled] = {}

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import random
 from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -80,6 +79,7 @@ __all__ = [
     "OutboxStatus",
     "OutboxStore",
     "Sent",
+    "fair_share",
     "reconnect_backoff",
     "relay_server_settings",
     "retry_backoff",
@@ -99,6 +99,19 @@ def reconnect_backoff(settings: RelaySettings) -> Backoff:
     """How long to wait after failures in a row to reach the database or the broker:
     doubling from ``reconnect_delay``, at most 30 s, not jittered (one relay's own pace)."""
     return Backoff(settings.reconnect_delay, 30.0, jitter=False)
+
+
+def fair_share(relay_id: str, alive: Sequence[str]) -> int:
+    """The lanes ``relay_id`` should hold among the ``alive`` relays: every
+    relay ``OUTBOX_LANES // n`` lanes, the first ``OUTBOX_LANES % n`` one more. The shares
+    add up to every lane, so none is left to nobody; a share of ``ceil(lanes / n)`` for
+    all would let fewer relays hold every lane (64 lanes: 11 relays of 6, the 12th none).
+    """
+    ranked = sorted(alive)  # in Python: the same order in every relay, whatever collation
+    count = max(len(ranked), 1)
+    base, extra = divmod(OUTBOX_LANES, count)
+    rank = ranked.index(relay_id) if relay_id in ranked else count - 1
+    return base + (1 if rank < extra else 0)
 
 
 class Sent(NamedTuple):
@@ -273,11 +286,10 @@ class OutboxStore:
     def __init__(self, engine: AsyncEngine, *, timeout: float | None = None) -> None:
         self.engine = engine
         self.dialect: Dialect = dialect_named(engine.dialect.name)
-        self.locking = self.dialect.locks_rows
         self.timeout = timeout
         self._lanes_created = False
         backend = PostgresRelaySql if engine.dialect.name == "postgresql" else SqliteRelaySql
-        self._sql: RelaySql = backend(engine.dialect)
+        self.sql: RelaySql = backend(engine.dialect)
         self._rotation = 0
 
     # -- transactions ----------------------------------------------------------------------
@@ -313,7 +325,7 @@ class OutboxStore:
         backend's own kind (see :class:`~qx.outbox._relay_sql.RelaySql`)."""
         async with (
             self._connection() as (conn, driver),
-            self._sql.transaction(conn, driver) as tx,
+            self.sql.transaction(conn, driver) as tx,
         ):
             yield tx
 
@@ -369,8 +381,10 @@ class OutboxStore:
             )
             mine = {int(lane): int(token) for lane, token in renewed.all()}
             draining: set[int] = set()
-            alive = await conn.scalar(select(func.count()).where(relay_table.c.alive_until > now))
-            fair = math.ceil(OUTBOX_LANES / max(int(alive or 1), 1))
+            alive = await conn.scalars(
+                select(relay_table.c.relay_id).where(relay_table.c.alive_until > now)
+            )
+            fair = fair_share(relay_id, list(alive))
             if len(mine) > fair:
                 surplus = sorted(mine)[fair:]
                 release = [lane for lane in surplus if lane not in busy]
@@ -423,7 +437,7 @@ class OutboxStore:
         those whose lease has not run out."""
         if not tokens:
             return set()
-        found = await self._sql.fenced(tx, lanes=sorted(tokens), relay=relay_id, live_at=now)
+        found = await self.sql.fenced(tx, lanes=sorted(tokens), relay=relay_id, live_at=now)
         return {lane for lane, token in found.items() if tokens.get(lane) == token}
 
     # -- claims ----------------------------------------------------------------------------
@@ -471,13 +485,13 @@ class OutboxStore:
             order = order[self._rotation :] + order[: self._rotation]
             rows: dict[int, ClaimedRow] = {}
             for due in (False, True):
-                found = await self._sql.candidates(
+                found = await self.sql.candidates(
                     tx, due=due, lanes=order, skip=sorted(flying), now=now, batch=batch_size
                 )
                 rows.update((row.position, row) for row in found)
             runs, blocked = _runs(sorted(rows.values(), key=lambda r: r.position))
             pending = sorted(blocked - flying)
-            states = await self._sql.row_states(tx, pending) if pending else {}
+            states = await self.sql.row_states(tx, pending) if pending else {}
             heads: list[Run] = []
             deferrals: dict[datetime, list[int]] = {}
             for run in runs:
@@ -511,7 +525,7 @@ class OutboxStore:
             for at, positions in deferrals.items():
                 left = [p for p in positions if p not in claimed]
                 if left:
-                    await self._sql.defer(tx, left, until=at)
+                    await self.sql.defer(tx, left, until=at)
         return Claim(taken, {lane: tokens[lane] for lane in valid})
 
     async def _extend(
@@ -529,7 +543,7 @@ class OutboxStore:
                 short.append(run)
         following: dict[int, Run] = {}
         if short and run_length > 1:
-            following = await self._sql.followers(tx, short, per=run_length)
+            following = await self.sql.followers(tx, short, per=run_length)
         taken: list[Run] = []
         count = 0
         for run in heads:
@@ -559,7 +573,7 @@ class OutboxStore:
         keys = sorted({sequence_key(run[0].key) for run in runs if run[0].key is not None})
         if not keys:
             return runs
-        last = await self._sql.last_numbers(tx, keys)
+        last = await self.sql.last_numbers(tx, keys)
         numbered: list[Run] = []
         for run in runs:
             key = run[0].key
@@ -607,7 +621,7 @@ class OutboxStore:
                 # Every claimed row of these aggregates went out (or died without parking),
                 # so whatever of theirs is still deferred waited behind those rows: ready.
                 # (An aggregate is in one run of one relay at a time.)
-                await self._sql.unblock(tx, sorted(sequence_key(k) for k in finished))
+                await self.sql.unblock(tx, sorted(sequence_key(k) for k in finished))
         return lanes - valid
 
     async def _published(self, tx: Tx, marks: list[Sent], *, now: datetime) -> None:
@@ -617,14 +631,14 @@ class OutboxStore:
             if mark.key is not None and mark.seq is not None:
                 k = sequence_key(mark.key)
                 top[k] = max(top.get(k, 0), mark.seq)
-        await self._sql.mark_published(tx, [(m.position, m.seq) for m in marks], now=now)
+        await self.sql.mark_published(tx, [(m.position, m.seq) for m in marks], now=now)
         if top:
-            await self._sql.advance(tx, top)
+            await self.sql.advance(tx, top)
 
     async def _fail(self, tx: Tx, failure: Failure, *, now: datetime) -> None:
         row = failure.row
         passed = failure.dead and not failure.parks
-        await self._sql.fail(
+        await self.sql.fail(
             tx,
             position=row.position,
             attempts=failure.attempts,
@@ -638,12 +652,12 @@ class OutboxStore:
         )
         key = row.key
         if passed and key is not None and row.aggregate_seq is not None:
-            await self._sql.advance(tx, {sequence_key(key): row.aggregate_seq})
+            await self.sql.advance(tx, {sequence_key(key): row.aggregate_seq})
         if failure.dead and failure.parks and key is not None:
             # Everything after a dead head waits for the operator, in order.
-            await self._sql.park(tx, key, after=row.position)
+            await self.sql.park(tx, key, after=row.position)
         elif not failure.dead and failure.behind:
-            await self._sql.defer(tx, failure.behind, until=failure.retry_at)
+            await self.sql.defer(tx, failure.behind, until=failure.retry_at)
 
     # -- the operator's view ---------------------------------------------------------------
 
