@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import FrozenInstanceError, replace
-from dataclasses import fields as dataclass_fields
 from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
@@ -70,7 +68,7 @@ def claimed(**changes: Any) -> ClaimedRow:
         causation_id="e-0", tenant_id=None, attempts=0, lane=3, aggregate_seq=None,
         next_attempt_at=None, dead_at=None,
     )  # fmt: skip
-    return replace(row, **changes)
+    return row._replace(**changes)
 
 
 def test_a_claimed_row_is_read_by_attribute_and_becomes_its_envelope() -> None:
@@ -81,11 +79,11 @@ def test_a_claimed_row_is_read_by_attribute_and_becomes_its_envelope() -> None:
     assert row.key is None
     numbered = claimed(aggregate_type="Order", aggregate_id="9").numbered(4)
     assert (numbered.key, numbered.envelope(source="svc").sequence) == (("Order", "9"), 4)
-    with pytest.raises(FrozenInstanceError):
+    with pytest.raises(AttributeError):
         row.attempts = 2  # type: ignore[misc]
     # A claim's select list is the record's fields in order: rows become records by position.
     names = [c.name for c in claimed_columns(outbox_table)]
-    assert names == [f.name for f in dataclass_fields(ClaimedRow)][:-1]
+    assert names == list(ClaimedRow._fields)[:-1]
     assert claimed(headers="{}").envelope(source="s").headers == {}
 
 

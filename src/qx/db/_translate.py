@@ -179,9 +179,19 @@ def translate_error(error: BaseException, *, stale: tuple[str, ...] = ()) -> QxE
         sqlstate = sqlstate_of(error)
         message, constraint = _describe(sqlstate, error)
         return error_for_sqlstate(sqlstate, message, constraint=constraint)
+    if isinstance(error, TimeoutError):
+        # A deadline of the caller's ran out (asyncio.timeout, wait_for): the database did
+        # not answer in time, which is not the same as refusing or resetting.
+        return TransientError(f"no answer from the database in time ({_reason(error)})")
     if isinstance(error, ConnectionError | OSError) and not isinstance(error, FileNotFoundError):
-        return TransientError(f"database unreachable: {error}")
+        return TransientError(f"database unreachable: {_reason(error)}")
     return None
+
+
+def _reason(error: BaseException) -> str:
+    """An error's text, or its kind when it has none (``ConnectionResetError()``)."""
+    text = str(error)
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def _is_asyncpg_error(error: BaseException) -> bool:

@@ -8,9 +8,8 @@ mapping by name. The relay reads attributes, never string keys.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields, replace
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 from uuid import UUID
 
 from sqlalchemy import Text, cast
@@ -28,9 +27,9 @@ def sequence_key(key: AggregateKey) -> tuple[str, str]:
     return (key[0] or "", key[1])
 
 
-@dataclass(frozen=True, slots=True)
-class ClaimedRow:
-    """An outbox row as a claim returns it.
+class ClaimedRow(NamedTuple):
+    """An outbox row as a claim returns it: immutable, typed, read by attribute (a named
+    tuple: a relay builds one per row, and a tuple is built from a driver row in one step).
 
     Attributes:
         position: the outbox position (the order of rows).
@@ -80,7 +79,7 @@ class ClaimedRow:
 
     def numbered(self, seq: int) -> ClaimedRow:
         """This row carrying number ``seq`` among its aggregate's events."""
-        return replace(self, aggregate_seq=seq)
+        return self._replace(aggregate_seq=seq)
 
     def envelope(self, *, source: str) -> Envelope:
         """The envelope the broker gets for this row."""
@@ -107,7 +106,7 @@ class ClaimedRow:
 #: One aggregate's claimed rows in publishing order (a row without aggregate: alone).
 Run = list[ClaimedRow]
 
-_COLUMNS = tuple(f.name for f in fields(ClaimedRow) if f.name != "blocker")
+_COLUMNS = tuple(name for name in ClaimedRow._fields if name != "blocker")
 
 
 def claimed_columns(t: Any) -> tuple[Any, ...]:
