@@ -79,12 +79,27 @@ async def fill_backlog(
 
 
 async def pending(db: BenchDatabase) -> bool:
-    """Whether any row is unpublished (an index probe, cheap enough to poll)."""
+    """Whether any row is unpublished (once, at the end of a drain: a probe of
+    ``published_at IS NULL`` walks the index entries of every row published since the last
+    vacuum)."""
     async with db.engine.connect() as conn:
         found = await conn.scalar(
             text("SELECT 1 FROM qx_outbox WHERE published_at IS NULL AND dead_at IS NULL LIMIT 1")
         )
         return found is not None
+
+
+async def stream_holds(broker: BrokerSettings, count: int) -> None:
+    """Wait until the stream holds ``count`` messages: how a drain by other processes is
+    watched without reading the outbox (polling it every 20 ms cost PostgreSQL up to a third
+    of its CPU, reading the dead index entries of the rows already published)."""
+    nc = await nats.connect(broker.url)
+    try:
+        js = nc.jetstream()
+        while (await js.stream_info(broker.stream)).state.messages < count:
+            await asyncio.sleep(0.01)
+    finally:
+        await nc.close()
 
 
 async def fresh_stream(url: str, prefix: str, stream: str) -> None:
@@ -293,8 +308,34 @@ def top_waits(waits: Counter[str], count: int) -> str:
     return ", ".join(f"{w} {c / total:.0%}" for w, c in waits.most_common(count))
 
 
-async def drain_with_processes(db: BenchDatabase, broker: BrokerSettings, relays: int) -> float:
-    """Drain the backlog with ``relays`` processes; return the seconds the drain took.
+def cpu_seconds() -> Counter[str]:
+    """CPU seconds used so far by the machine's processes, by name (``postgres``,
+    ``nats-server``, ``python`` ...), read from ``/proc``."""
+    used: Counter[str] = Counter()
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                text_ = stat.read()
+        except OSError:
+            continue
+        name = text_[text_.index("(") + 1 : text_.rindex(")")]
+        fields = text_[text_.rindex(")") + 2 :].split()
+        used[name] += (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+    return used
+
+
+#: Where the CPU of each process-count drain went: cores busy per program.
+CPU_SHARES: dict[int, str] = {}
+
+
+async def drain_with_processes(
+    db: BenchDatabase, broker: BrokerSettings, relays: int, backlog: int
+) -> float:
+    """Drain the backlog with ``relays`` processes; return the seconds the drain took, and
+    note in :data:`CPU_SHARES` how many cores each program kept busy meanwhile.
 
     Python start-up and sharing out the lanes are not relay throughput: the backlog waits
     in a staging table until every process holds its share of lanes, then moves into the
@@ -303,10 +344,14 @@ async def drain_with_processes(db: BenchDatabase, broker: BrokerSettings, relays
     command = [sys.executable, "-c", "from qx.cli import main; main()", "outbox", "relay"]
     async with relay_processes(db, command, relay_env(db, broker), relays):
         await release_stage(db)
+        before = cpu_seconds()
         started = time.perf_counter()
-        while await pending(db):  # noqa: ASYNC110 - other processes drain it
-            await asyncio.sleep(0.02)
-        return time.perf_counter() - started
+        await stream_holds(broker, backlog)
+        elapsed = time.perf_counter() - started
+        used = cpu_seconds() - before
+    busy = sorted(((seconds / elapsed, name) for name, seconds in used.items()), reverse=True)
+    CPU_SHARES[relays] = ", ".join(f"{name} {cores:.2f}" for cores, name in busy[:3])
+    return elapsed
 
 
 async def owners(db: BenchDatabase) -> int:
@@ -463,7 +508,7 @@ async def main() -> None:
                     db,
                     broker,
                     args,
-                    lambda n=relays: drain_with_processes(db, broker, n),
+                    lambda n=relays: drain_with_processes(db, broker, n, args.backlog),
                     table="bench_stage",
                 )
             claims = {n: await claim_latency(db, n) for n in (10_000, args.claim_backlog)}
@@ -485,8 +530,13 @@ async def main() -> None:
     for name, rate in results.items():
         base = hand if "process" not in name else one
         print(f"{name:<30}{rate:>10.0f}{rate / base:>8.2f}x")
-        table.append([name, f"{rate:.0f}", f"{rate / base:.2f}x"])
+        ratio = f"{rate / base:.2f}x"
+        if "process" in name:
+            ratio += f" (cores busy: {CPU_SHARES[int(name.split()[1])]})"
+        table.append([name, f"{rate:.0f}", ratio])
     print("(in-process rows compare with the hand-written relay; process rows with 1 process)")
+    for relays, shares in CPU_SHARES.items():
+        print(f"  {relays} relay process(es): cores busy by program: {shares}")
     first = min(waited)
     for relays, (rate, waits) in waited.items():
         top = top_waits(waits, 3)

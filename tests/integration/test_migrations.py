@@ -92,13 +92,13 @@ async def test_qx_chain_brings_qx_tables_only_and_the_example_chain_depends_on_i
     # Called from inside a running event loop: the helper uses the shared connection.
     await upgrade(empty)
     assert await tables(empty) == QX_TABLES | {"alembic_version"}  # no example tables
-    assert await heads(empty) == {"qx_0005"}
+    assert await heads(empty) == {"qx_0006"}
     await assert_schema_current(empty, qx_only_metadata())
     # The example is laid out as a service: its own chain on top of qx's.
     example = alembic_config(orders_migrations())
     await upgrade(empty, config=example)
     assert await tables(empty) == QX_TABLES | ORDERS_TABLES | {"alembic_version"}
-    assert await heads(empty) == {"qx_0005", "orders_0002"}
+    assert await heads(empty) == {"qx_0006", "orders_0002"}
     async with empty.connect() as conn:
         # What autogenerate would write against head: nothing, not even for unknown tables.
         everything = await conn.run_sync(
@@ -127,10 +127,10 @@ async def test_a_database_of_the_earlier_single_chain_is_adopted(empty: AsyncEng
 
     await stamp_as_single_chain()
     await upgrade(empty)
-    assert await heads(empty) == {"qx_0005"}
+    assert await heads(empty) == {"qx_0006"}
     await stamp_as_single_chain()
     await upgrade(empty, config=example)
-    assert await heads(empty) == {"qx_0005", "orders_0002"}
+    assert await heads(empty) == {"qx_0006", "orders_0002"}
     await assert_schema_current(empty, orders_metadata)
 
 
@@ -172,6 +172,31 @@ async def test_qx_0005_drops_the_notify_trigger_and_its_downgrade_puts_it_back(
     assert await triggers() == 0
     await downgrade(empty, "qx_0004")
     assert await triggers() == 2
+    await downgrade(empty, "base")
+
+
+async def test_qx_0006_indexes_only_published_rows_by_published_at(
+    empty: AsyncEngine, backend: str
+) -> None:
+    # Pending rows are not in ix_qx_outbox_published_at any more: nothing can answer
+    # "published_at IS NULL" through it (the relay's mark walked its NULL entries).
+    def definition(conn: Any) -> str:
+        (found,) = [
+            i for i in inspect(conn).get_indexes("qx_outbox")
+            if i["name"] == "ix_qx_outbox_published_at"
+        ]  # fmt: skip
+        where = found.get("dialect_options", {}).get(f"{backend}_where")
+        return "" if where is None else str(where)
+
+    await upgrade(empty, "qx_0005")
+    async with empty.connect() as conn:
+        assert await conn.run_sync(definition) == ""
+    await upgrade(empty)
+    async with empty.connect() as conn:
+        assert "published_at IS NOT NULL" in await conn.run_sync(definition)
+    await downgrade(empty, "qx_0005")
+    async with empty.connect() as conn:
+        assert await conn.run_sync(definition) == ""
     await downgrade(empty, "base")
 
 
@@ -240,7 +265,7 @@ def test_db_commands_and_check_exit_codes(empty_url: str) -> None:
     assert behind.exit_code == 1 and "not up to date" in behind.output
     assert runner.invoke(app, ["db", "upgrade", *location]).exit_code == 0
     current_output = runner.invoke(app, ["db", "current", *location])
-    assert current_output.exit_code == 0 and "qx_0005 (head)" in current_output.output
+    assert current_output.exit_code == 0 and "qx_0006 (head)" in current_output.output
     clean = runner.invoke(app, ["db", "check", *location])
     assert clean.exit_code == 0 and "schema is current" in clean.output
     _execute("ALTER TABLE qx_inbox ADD COLUMN note VARCHAR(10)")
@@ -251,7 +276,7 @@ def test_db_commands_and_check_exit_codes(empty_url: str) -> None:
     back = runner.invoke(app, ["db", "downgrade", "-1", *location])
     assert back.exit_code == 0, back.output
     after = runner.invoke(app, ["db", "current", *location])
-    assert "qx_0004" in after.output and "qx_0005" not in after.output
+    assert "qx_0005" in after.output and "qx_0006" not in after.output
     assert runner.invoke(app, ["db", "downgrade", "base", *location]).exit_code == 0
 
 
@@ -326,11 +351,11 @@ def test_db_init_then_a_service_s_chain_on_top_of_qx_s(
         (revision,) = versions.glob("*_initial.py")
         written = revision.read_text()
         assert "widgets" in written and "qx_outbox" not in written  # qx's tables stay qx's
-        assert "depends_on: str | Sequence[str] | None = 'qx_0005'" in written
+        assert "depends_on: str | Sequence[str] | None = 'qx_0006'" in written
         assert written.count("import qx.db.types") == 1 and "qx.db.types.UtcDateTime()" in written
         rev_id = revision.name.split("_")[1]
         heads = runner.invoke(app, ["db", "heads"])
-        assert heads.exit_code == 0 and rev_id in heads.output and "qx_0005" in heads.output
+        assert heads.exit_code == 0 and rev_id in heads.output and "qx_0006" in heads.output
         history = runner.invoke(app, ["db", "history"])
         assert history.exit_code == 0 and "initial" in history.output
         shown = runner.invoke(app, ["db", "show", rev_id])
@@ -346,7 +371,7 @@ def test_db_init_then_a_service_s_chain_on_top_of_qx_s(
         assert runner.invoke(app, ["db", "upgrade"]).exit_code == 0
         current_output = runner.invoke(app, ["db", "current"])
         assert (
-            "qx_0005" in current_output.output
+            "qx_0006" in current_output.output
             and follow.name.split("_")[1] in current_output.output
         )
         assert runner.invoke(app, ["db", "stamp", "heads"]).exit_code == 0  # recorded, not run
@@ -407,7 +432,7 @@ def test_a_new_qx_revision_arrives_without_editing_the_service_s_revisions(
             from alembic import op
 
             revision = "qx_9001"
-            down_revision = "qx_0005"
+            down_revision = "qx_0006"
             branch_labels = None
             depends_on = None
 
@@ -554,7 +579,7 @@ async def test_version_table_in_its_own_schema(empty: AsyncEngine) -> None:
         config = alembic_config()
         config.set_main_option("version_table_schema", schema)
         await upgrade(empty, config=config)
-        assert await current(empty, version_table_schema=schema) == "qx_0005"
+        assert await current(empty, version_table_schema=schema) == "qx_0006"
         assert await current(empty) is None  # nothing in the default schema
         async with empty.connect() as conn:
             found = await conn.scalar(

@@ -15,12 +15,12 @@ from sqlalchemy import (
     Integer,
     String,
     all_,
+    and_,
     any_,
     bindparam,
     func,
     select,
     true,
-    tuple_,
     update,
 )
 from sqlalchemy.dialects import postgresql
@@ -100,13 +100,21 @@ class PostgresRelaySql(RelaySql):
             heads.join(following, true())
         )
 
-        def keys() -> Any:
-            k = _unnest("k", ("aggregate_types", String()), ("aggregate_ids", String()))
-            return select(k.c.aggregate_types, k.c.aggregate_ids)
-
+        # Aggregates travel as parallel arrays, unnested and joined to the table: one index
+        # probe per aggregate given (a "(type, id) IN (SELECT unnest ...)" was planned as a
+        # scan of the whole sequence table, or of every deferred row, per statement).
+        keys = _unnest("k", ("aggregate_types", String()), ("aggregate_ids", String()))
         self._last_numbers = select(
             _seq.c.aggregate_type, _seq.c.aggregate_id, _seq.c.last_seq
-        ).where(tuple_(_seq.c.aggregate_type, _seq.c.aggregate_id).in_(keys()))
+        ).select_from(
+            keys.join(
+                _seq,
+                and_(
+                    _seq.c.aggregate_type == keys.c.aggregate_types,
+                    _seq.c.aggregate_id == keys.c.aggregate_ids,
+                ),
+            )
+        )
         source = _unnest(
             "v",
             ("aggregate_types", String()),
@@ -132,7 +140,8 @@ class PostgresRelaySql(RelaySql):
         self._unblock = (
             update(_o)
             .where(
-                tuple_(_o.c.aggregate_type, _o.c.aggregate_id).in_(keys()),
+                _o.c.aggregate_type == keys.c.aggregate_types,
+                _o.c.aggregate_id == keys.c.aggregate_ids,
                 PENDING,
                 _o.c.next_attempt_at.is_not(None),
                 _o.c.next_attempt_at < PARKED,

@@ -135,7 +135,14 @@ outbox_table: Final = Table(
         postgresql_where=text("published_at IS NULL"),
         sqlite_where=text("published_at IS NULL"),
     ),
-    Index("ix_qx_outbox_published_at", "published_at"),
+    # Published rows by when (purge, status). Partial, so that nothing answers "published_at
+    # IS NULL" through it: marking rows published once walked its NULL entries (qx_0006).
+    Index(
+        "ix_qx_outbox_published_at",
+        "published_at",
+        postgresql_where=text("published_at IS NOT NULL"),
+        sqlite_where=text("published_at IS NOT NULL"),
+    ),
     sqlite_autoincrement=True,
 )
 
