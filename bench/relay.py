@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import random
 import signal
 import statistics
 import sys
@@ -38,11 +39,11 @@ from common import BenchDatabase, add_url_argument, bench_schema, save_table, ve
 from sqlalchemy import text
 
 from qx.core import new_id, request_context
-from qx.db import UnitOfWorkFactory, create_session_factory
-from qx.examples.orders.domain import Order, OrderLine
+from qx.db import UnitOfWorkFactory, create_engine, create_session_factory
+from qx.examples.orders.domain import Order, OrderLine, OrderShippedV1
 from qx.examples.orders.infrastructure import OrdersUnitOfWork
 from qx.outbox import OutboxRelay, publisher_from_settings
-from qx.settings import BrokerSettings, RelaySettings
+from qx.settings import BrokerSettings, DatabaseSettings, RelaySettings
 
 BATCH = 200
 
@@ -96,7 +97,7 @@ async def stream_holds(broker: BrokerSettings, count: int) -> None:
     nc = await nats.connect(broker.url)
     try:
         js = nc.jetstream()
-        while (await js.stream_info(broker.stream)).state.messages < count:
+        while (await js.stream_info(broker.stream)).state.messages < count:  # noqa: ASYNC110
             await asyncio.sleep(0.01)
     finally:
         await nc.close()
@@ -463,6 +464,89 @@ async def latency(
     return sorted((received[k] - committed[k]) * 1000 for k in committed if k in received)
 
 
+async def stream_latency(
+    db: BenchDatabase,
+    broker: BrokerSettings,
+    args: argparse.Namespace,
+    *,
+    relays: int,
+    wakeup: bool,
+) -> list[float]:
+    """Commit -> broker milliseconds while aggregates publish streams: ``--stream-aggregates``
+    orders get ``--rate`` events per second in all for ``--seconds`` from four writers that
+    each pick an order at random, so an order's next event often commits while its last is
+    still on its way. ``relays`` relays in this process; ``wakeup`` False leaves them to
+    their poll (``poll_interval`` 1 s)."""
+    async with db.engine.begin() as conn:
+        await conn.execute(text("TRUNCATE qx_outbox, qx_outbox_sequence"))
+    await fresh_stream(broker.url, broker.subject_prefix, broker.stream)
+    factory = UnitOfWorkFactory(OrdersUnitOfWork, create_session_factory(db.engine))
+    if getattr(factory, "wakeup", None) is not None:
+        factory.wakeup.enabled = wakeup
+    ids = []
+    with request_context(tenant_id="bench"):
+        async with factory() as uow:
+            for n in range(args.stream_aggregates):
+                order = Order.place(f"s{n}", [OrderLine(sku="A", quantity=1, unit_price=1)])
+                await uow.orders.add(order)
+                ids.append(order.id)
+            await uow.commit()
+    committed: dict[str, float] = {}
+    received: dict[str, float] = {}
+    nc = await nats.connect(broker.url)
+
+    async def on_message(message: Any) -> None:
+        received[message.headers["Nats-Msg-Id"]] = time.perf_counter()
+
+    await nc.subscribe(f"{broker.subject_prefix}.>", cb=on_message)
+    engines = [
+        create_engine(
+            DatabaseSettings(url=db.url, pool_size=3, max_overflow=0, search_path=db.schema)
+        )
+        for _ in range(relays)
+    ]
+    group = [
+        OutboxRelay(
+            engine,
+            publisher_from_settings(broker),
+            settings=RelaySettings(batch_size=BATCH, poll_interval=1.0),
+        )
+        for engine in engines
+    ]
+    tasks = [asyncio.create_task(relay.run()) for relay in group]
+    while len(received) < len(ids):  # noqa: ASYNC110 - the relays publish the placements
+        await asyncio.sleep(0.05)
+    writers, total = 4, int(args.rate * args.seconds)
+    interval = writers / args.rate
+    picks = random.Random(7)
+
+    async def writer(first: int) -> None:
+        start = time.perf_counter()
+        for n in range(first, total, writers):
+            await asyncio.sleep(max(0.0, start + (n // writers) * interval - time.perf_counter()))
+            with request_context(tenant_id="bench"):
+                async with factory() as uow:
+                    order = await uow.orders.require(ids[picks.randrange(len(ids))])
+                    event = OrderShippedV1(order_id=order.id)
+                    order.record(event)
+                    await uow.commit()
+            committed[str(event.event_id)] = time.perf_counter()
+
+    await asyncio.gather(*(writer(n) for n in range(writers)))
+    deadline = time.perf_counter() + 10
+    while len(committed.keys() - received.keys()) and time.perf_counter() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.05)
+    for relay in group:
+        relay.stop()
+    await asyncio.gather(*tasks)
+    for engine in engines:
+        await engine.dispose()
+    await nc.close()
+    late = [k for k in committed if k not in received]
+    assert not late, f"{len(late)} events not published within 10 s of the last commit"
+    return sorted((received[k] - committed[k]) * 1000 for k in committed)
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_url_argument(parser)
@@ -473,6 +557,7 @@ async def main() -> None:
     parser.add_argument("--aggregates", type=int, default=1000)
     parser.add_argument("--rate", type=float, default=200.0)
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--stream-aggregates", type=int, default=100)
     parser.add_argument("--claim-backlog", type=int, default=1_000_000)
     parser.add_argument("--ack-ms", type=float, default=10.0)
     parser.add_argument("--wait-backlog", type=int, default=100_000)

@@ -159,6 +159,7 @@ class OutboxRelay:
         self._flying: set[int] = set()
         self._in_flight = 0
         self._recorded_at = 0.0
+        self._claimed_at = 0.0
         self._tasks: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(self.settings.concurrency)
         self._outage_until = 0.0
@@ -493,6 +494,7 @@ class OutboxRelay:
                     break
                 if self._machine.state is RelayState.BROKER_DOWN:
                     self._machine.to(RelayState.RELAYING, "reconnected")
+                self._claimed_at = time.monotonic()
                 claim = await self._claim()  # with the marks gathered so far
                 claimed = True
                 if claim.rows:
@@ -504,7 +506,9 @@ class OutboxRelay:
         await self._maybe_purge()
 
     def _idle_seconds(self) -> float:
-        wait = self.settings.poll_interval
+        # The poll counts from the last claim, not from the end of the last turn: a row
+        # committed unannounced waits one poll interval at most, however long turns take.
+        wait = max(self.settings.poll_interval - (time.monotonic() - self._claimed_at), 0.0)
         if self._marks or self._settled:
             wait = min(wait, max(MARK_INTERVAL - (time.monotonic() - self._recorded_at), 0.0))
         wait = min(wait, max(LEASE_INTERVAL - (time.monotonic() - self._leased_at), 0.01))

@@ -19,6 +19,7 @@ from typing import Any
 
 from qx.core._errors import BrokerUnavailable, ConfigurationError, PublishError
 from qx.outbox._envelope import Envelope
+from qx.outbox.publishers._connecting import Connecting
 from qx.outbox.publishers._health import AckWatch
 from qx.settings import BrokerSettings
 
@@ -33,7 +34,7 @@ async def _quiet(error: Exception) -> None:
     logger.debug("NATS connection error: %r", error)
 
 
-class NatsPublisher:
+class NatsPublisher(Connecting):
     """Publishes to JetStream and waits for each PubAck.
 
     Args:
@@ -42,6 +43,7 @@ class NatsPublisher:
     """
 
     def __init__(self, settings: BrokerSettings) -> None:
+        super().__init__()
         self.settings = settings
         self._nc: Any = None
         self._js: Any = None
@@ -63,14 +65,16 @@ class NatsPublisher:
 
     destination = subject
 
-    async def connect(self) -> None:
+    @property
+    def connected(self) -> bool:
+        return self._nc is not None and not self._nc.is_closed
+
+    async def _open(self) -> None:
         """Connect (reconnecting forever in the background) and ensure the stream.
 
         A client that lost its server keeps reconnecting by itself; meanwhile publishes time
         out into ``PublishError`` and rows wait for their retry.
         """
-        if self._nc is not None and not self._nc.is_closed:
-            return
         try:
             import nats
             from nats.js.api import StreamConfig

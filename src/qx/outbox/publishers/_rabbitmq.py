@@ -14,13 +14,14 @@ from typing import Any
 
 from qx.core._errors import BrokerUnavailable, ConfigurationError, PublishError
 from qx.outbox._envelope import Envelope
+from qx.outbox.publishers._connecting import Connecting
 from qx.outbox.publishers._health import AckWatch
 from qx.settings import BrokerSettings
 
 __all__ = ["RabbitPublisher"]
 
 
-class RabbitPublisher:
+class RabbitPublisher(Connecting):
     """Publishes with publisher confirms to a topic exchange.
 
     Args:
@@ -30,6 +31,7 @@ class RabbitPublisher:
     messaging_system = "rabbitmq"
 
     def __init__(self, settings: BrokerSettings) -> None:
+        super().__init__()
         self.settings = settings
         self._connection: Any = None
         self._exchange: Any = None
@@ -39,10 +41,12 @@ class RabbitPublisher:
         """The exchange (the event type is the routing key)."""
         return self.settings.exchange
 
-    async def connect(self) -> None:
+    @property
+    def connected(self) -> bool:
+        return self._exchange is not None
+
+    async def _open(self) -> None:
         """Connect (robustly: aio-pika reconnects) and declare the exchange."""
-        if self._exchange is not None:
-            return
         try:
             import aio_pika
         except ImportError as exc:  # pragma: no cover - depends on the install

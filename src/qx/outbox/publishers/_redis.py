@@ -12,12 +12,13 @@ from typing import Any
 
 from qx.core._errors import BrokerUnavailable, ConfigurationError, PublishError
 from qx.outbox._envelope import Envelope
+from qx.outbox.publishers._connecting import Connecting
 from qx.settings import BrokerSettings
 
 __all__ = ["RedisPublisher"]
 
 
-class RedisPublisher:
+class RedisPublisher(Connecting):
     """Appends envelopes to a Redis stream.
 
     Args:
@@ -27,6 +28,7 @@ class RedisPublisher:
     messaging_system = "redis"
 
     def __init__(self, settings: BrokerSettings) -> None:
+        super().__init__()
         self.settings = settings
         self._client: Any = None
 
@@ -34,10 +36,12 @@ class RedisPublisher:
         """The stream."""
         return self.settings.redis_stream
 
-    async def connect(self) -> None:
+    @property
+    def connected(self) -> bool:
+        return self._client is not None
+
+    async def _open(self) -> None:
         """Create the client and check the server answers."""
-        if self._client is not None:
-            return
         try:
             import redis.asyncio as redis
         except ImportError as exc:  # pragma: no cover - depends on the install
