@@ -15,7 +15,10 @@ In one run:
    ``--window`` seconds; ``pg_stat_activity`` is sampled every 100 ms meanwhile and the
    wait events of the relays' sessions are printed, so a plateau shows what it waits on;
 4. commit events at a steady ``--rate`` per second for ``--seconds`` with one qx relay woken
-   by LISTEN/NOTIFY, and print commit -> consumer latency p50 / p99 (target <= 10 / 50 ms).
+   by LISTEN/NOTIFY, and print commit -> consumer latency p50 / p99 (target <= 10 / 50 ms);
+5. the same rate over ``--stream-aggregates`` (100) orders, so an order's next event often
+   commits while its last is on its way, with 1 and 2 relays, woken and polling: commit ->
+   broker p50 / p99 (targets: p99 <= 50 ms woken, <= the poll interval + 50 ms polling).
 
     python bench/relay.py [--url ...] [--nats nats://127.0.0.1:4222] [--backlog 50000]
 """
@@ -598,6 +601,11 @@ async def main() -> None:
                 )
             claims = {n: await claim_latency(db, n) for n in (10_000, args.claim_backlog)}
             latencies = await latency(db, broker, args)
+            streams = {
+                (relays, woken): await stream_latency(db, broker, args, relays=relays, wakeup=woken)
+                for relays in (1, 2)
+                for woken in (True, False)
+            }
         finally:
             nc = await nats.connect(args.nats)
             with contextlib.suppress(Exception):
@@ -652,6 +660,15 @@ async def main() -> None:
         table.append(
             [f"latency at {args.rate:.0f} events/s: p50 / p99", f"{p50:.1f} ms", f"{p99:.1f} ms"]
         )
+    for (relays, woken), waits in streams.items():
+        p50 = statistics.median(waits)
+        p99 = waits[min(len(waits) - 1, int(len(waits) * 0.99))]
+        how = "woken" if woken else "polling every 1 s"
+        name = (
+            f"streams of {args.stream_aggregates} aggregates, {relays} relay(s), {how}: p50 / p99"
+        )
+        print(f"{name}: {p50:.1f} / {p99:.1f} ms (max {waits[-1]:.1f} ms)")
+        table.append([name, f"{p50:.1f} ms", f"{p99:.1f} ms"])
     save_table(
         args.json,
         f"Relay into JetStream: {args.backlog} events over {args.aggregates} aggregates, "
