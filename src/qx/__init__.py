@@ -6,6 +6,7 @@ The names most services import; everything else lives in :mod:`qx.core`, :mod:`q
 
 from qx.core import (
     AggregateRoot,
+    CommitOutcomeUnknown,
     ConcurrencyConflict,
     ConfigurationError,
     Conflict,
@@ -45,6 +46,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AggregateRoot",
+    "CommitOutcomeUnknown",
     "ConcurrencyConflict",
     "ConfigurationError",
     "Conflict",

@@ -2,6 +2,7 @@
 
 from qx.core._errors import (
     BrokerUnavailable,
+    CommitOutcomeUnknown,
     ConcurrencyConflict,
     ConfigurationError,
     Conflict,
@@ -26,6 +27,7 @@ from qx.core._errors import (
 
 __all__ = [
     "BrokerUnavailable",
+    "CommitOutcomeUnknown",
     "ConcurrencyConflict",
     "ConfigurationError",
     "Conflict",

@@ -10,7 +10,11 @@ class Proxy:
     """Forwards ``127.0.0.1:<port>`` to ``target``; ``stop()`` drops every connection;
     ``blackhole()`` keeps every connection open and silently forwards nothing, the way a
     dead network path looks to both ends. ``partition()`` is a dead path that heals: bytes
-    sent meanwhile are held (as TCP retransmits them) and delivered, in order, by ``heal()``."""
+    sent meanwhile are held (as TCP retransmits them) and delivered, in order, by ``heal()``.
+    ``cut_at(marker)`` makes a connection die around the first client message holding
+    ``marker`` (say ``b"COMMIT"``): the message reaches the server and its answer is lost,
+    or (``deliver=False``) the message is lost too; ``refuse=True`` refuses every connection
+    after the cut."""
 
     def __init__(self, target_host: str, target_port: int) -> None:
         self.target = (target_host, target_port)
@@ -20,6 +24,13 @@ class Proxy:
         self._open.set()
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._cut: tuple[bytes, bool, bool] | None = None
+        self.refusing = False
+        self.cuts = 0
+
+    def cut_at(self, marker: bytes, *, deliver: bool = True, refuse: bool = False) -> None:
+        """Kill the next connection whose client sends ``marker`` (see the class)."""
+        self._cut = (marker, deliver, refuse)
 
     def blackhole(self) -> None:
         """From now on, accept and read but never deliver a byte, in either direction."""
@@ -48,6 +59,9 @@ class Proxy:
         self._open.set()  # held bytes have nowhere to go now
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.refusing:
+            writer.close()
+            return
         if self.blackholed:
             self._writers.add(writer)
             with contextlib.suppress(Exception):
@@ -60,16 +74,44 @@ class Proxy:
             writer.close()
             return
         self._writers.update((writer, up_writer))
+        answer_lost = asyncio.Event()
         await asyncio.gather(
-            self._pipe(reader, up_writer), self._pipe(up_reader, writer), return_exceptions=True
+            self._pipe(reader, up_writer, client=writer, answer_lost=answer_lost),
+            self._pipe(up_reader, writer, answer_lost=answer_lost),
+            return_exceptions=True,
         )
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        answer_lost: asyncio.Event,
+        client: asyncio.StreamWriter | None = None,
+    ) -> None:
         try:
             while data := await reader.read(65536):
                 await self._open.wait()
+                if answer_lost.is_set():
+                    # The server answered the cut message: the client never hears it.
+                    self.cuts += 1
+                    for end in (writer, client):
+                        if end is not None:
+                            end.close()
+                    return
                 if self.blackholed or writer.is_closing():
                     continue
+                cut = self._cut
+                if client is not None and cut is not None and cut[0] in data:
+                    self._cut = None
+                    _, deliver, refuse = cut
+                    self.refusing = refuse
+                    if not deliver:  # lost on the way: the server sees the client vanish
+                        self.cuts += 1
+                        writer.close()
+                        client.close()
+                        return
+                    answer_lost.set()
                 writer.write(data)
                 await writer.drain()
         finally:

@@ -53,6 +53,7 @@ EXPECTED = {
     ],
     "qx": [
         "AggregateRoot",
+        "CommitOutcomeUnknown",
         "ConcurrencyConflict",
         "ConfigurationError",
         "Conflict",
@@ -91,6 +92,7 @@ EXPECTED = {
         "AggregateRoot",
         "BrokerUnavailable",
         "Clock",
+        "CommitOutcomeUnknown",
         "ConcurrencyConflict",
         "ConfigurationError",
         "Conflict",
@@ -130,6 +132,7 @@ EXPECTED = {
     ],
     "qx.errors": [
         "BrokerUnavailable",
+        "CommitOutcomeUnknown",
         "ConcurrencyConflict",
         "ConfigurationError",
         "Conflict",

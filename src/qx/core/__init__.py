@@ -6,6 +6,7 @@ from qx.core._context import RequestContext, current_context, request_context, s
 from qx.core._dispatch import EventDispatcher, EventHandler, InProcessDispatcher
 from qx.core._errors import (
     BrokerUnavailable,
+    CommitOutcomeUnknown,
     ConcurrencyConflict,
     ConfigurationError,
     Conflict,
@@ -34,6 +35,7 @@ __all__ = [
     "AggregateRoot",
     "BrokerUnavailable",
     "Clock",
+    "CommitOutcomeUnknown",
     "ConcurrencyConflict",
     "ConfigurationError",
     "Conflict",

@@ -17,6 +17,7 @@ from typing import Any, Final
 
 __all__ = [
     "BrokerUnavailable",
+    "CommitOutcomeUnknown",
     "ConcurrencyConflict",
     "ConfigurationError",
     "Conflict",
@@ -122,6 +123,23 @@ class TransientError(QxError):
 
     def __init__(self, message: str, *, sqlstate: str | None = None) -> None:
         self.sqlstate = sqlstate
+        super().__init__(message)
+
+
+class CommitOutcomeUnknown(QxError):
+    """COMMIT was sent, the connection failed before its answer, and whether the
+    transaction committed could not be found out in time.
+
+    Never retried by qx: running the work again could apply it twice. Its effects are
+    either all in the database or none; an idempotency key, or looking at the data, tells.
+
+    Attributes:
+        transaction: the server's id of the transaction (PostgreSQL ``xid8``), to look up
+            later with ``pg_xact_status``.
+    """
+
+    def __init__(self, message: str, *, transaction: str | None = None) -> None:
+        self.transaction = transaction
         super().__init__(message)
 
 

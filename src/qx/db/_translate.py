@@ -35,6 +35,7 @@ from qx.core._errors import (
 
 __all__ = [
     "error_for_sqlstate",
+    "lost_connection",
     "raise_translated",
     "sqlstate_of",
     "translate_error",
@@ -89,6 +90,32 @@ def sqlstate_of(error: BaseException) -> str | None:
     if isinstance(name, str):
         return SQLITE_TO_SQLSTATE.get(name) or SQLITE_TO_SQLSTATE.get(name.split("_", 2)[0])
     return None
+
+
+def lost_connection(error: BaseException) -> bool:
+    """Whether ``error`` says the connection failed (closed, reset, timed out, SQLSTATE class
+    08) rather than the server refusing the statement. A COMMIT that fails so may have
+    committed: the answer was lost, not the transaction."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, sa_exc.DBAPIError) and current.connection_invalidated:
+            return True
+        if isinstance(current, ConnectionError | TimeoutError | BrokenPipeError):
+            return True
+        if (sqlstate_of(current) or "").startswith("08"):
+            return True
+        # asyncpg's "connection was closed in the middle of operation" carries no SQLSTATE.
+        kind = type(current)
+        if kind.__module__.startswith("asyncpg") and kind.__name__ in _LOST_CONNECTION_TYPES:
+            return True
+        orig = getattr(current, "orig", None)
+        current = orig if isinstance(orig, BaseException) else current.__cause__
+    return False
+
+
+_LOST_CONNECTION_TYPES: Final = frozenset({"ConnectionDoesNotExistError", "ConnectionFailureError"})
 
 
 def _driver_detail(error: BaseException) -> tuple[str | None, str | None]:

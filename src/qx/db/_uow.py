@@ -21,8 +21,10 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
+import time
 import types
 import weakref
 from collections.abc import Awaitable, Callable
@@ -46,17 +48,23 @@ from qx.core._aggregate import (
 from qx.core._clock import Clock, SystemClock
 from qx.core._context import current_context
 from qx.core._dispatch import EventDispatcher
-from qx.core._errors import ConfigurationError, UnitOfWorkError
+from qx.core._errors import (
+    CommitOutcomeUnknown,
+    ConfigurationError,
+    TransientError,
+    UnitOfWorkError,
+)
 from qx.core._events import Event, IntegrationEvent, handling_event
 from qx.core._ids import new_id
 from qx.core._telemetry import active_tracer, span, trace_headers
+from qx.db._commit import COMMIT_PROBE_SECONDS, commit_probe
 from qx.db._insert_new import forget_inserted, insert_new_aggregates
 from qx.db._mapping import entity_info
 from qx.db._repository import Repository
 from qx.db._session import QxSession, has_writes
 from qx.db._state import UnitOfWorkState
 from qx.db._tracking import renew_transient
-from qx.db._translate import sqlstate_of, translating
+from qx.db._translate import lost_connection, sqlstate_of, translating
 from qx.db.query._cursor import CursorCodec
 from qx.outbox._recorder import outbox_row
 from qx.outbox._table import outbox_table
@@ -104,6 +112,8 @@ class UnitOfWork:
         cursor_codec: signs keyset-pagination cursors for this unit of work's repositories.
         wakeup: wakes the outbox relays after a commit that wrote outbox rows (the
             factory's, shared by its units of work; by default one of this unit's own).
+        commit_probe_timeout: seconds to find out whether a transaction committed when
+            the connection failed before COMMIT's answer (then ``CommitOutcomeUnknown``).
     """
 
     _repository_types: ClassVar[dict[str, type[Repository[Any]]] | None] = None
@@ -117,9 +127,15 @@ class UnitOfWork:
         max_event_depth: int = 8,
         cursor_codec: CursorCodec | None = None,
         wakeup: RelayWakeup | None = None,
+        commit_probe_timeout: float = COMMIT_PROBE_SECONDS,
     ) -> None:
         if max_event_depth < 1:
             raise ConfigurationError(f"max_event_depth must be >= 1, got {max_event_depth}")
+        if not commit_probe_timeout > 0:
+            raise ConfigurationError(
+                f"commit_probe_timeout must be > 0 seconds, got {commit_probe_timeout!r}"
+            )
+        self._probe_seconds = commit_probe_timeout
         self._session_factory = session_factory
         self._dispatcher = dispatcher
         self._clock = clock or SystemClock()
@@ -399,8 +415,7 @@ class UnitOfWork:
                         # mapped class, so the ORM's execute machinery would only add overhead.
                         connection = await session.connection()
                         await _write_outbox(connection, rows)
-                # Nothing new and no events: COMMIT flushes the changes itself, one call.
-                await session.commit()
+                await self._commit_or_find_out(session)
         except BaseException:
             roots = list(sync.tx_state.roots.values())  # the rollback starts a new record
             _restore_events(roots, records, before_commit)
@@ -412,6 +427,47 @@ class UnitOfWork:
         finally:
             self._committing = False
         return records, len(rows)
+
+    async def _commit_or_find_out(self, session: AsyncSession) -> None:
+        """COMMIT. When the connection fails before COMMIT's answer, ask the database
+        whether the transaction committed: if it did, return as if the answer had come; if
+        it did not, raise ``TransientError`` (safe to retry); if that cannot be found out in
+        time, raise ``CommitOutcomeUnknown`` (never safe to retry blindly)."""
+        engine = self._session_factory.kw.get("bind")
+        probe = commit_probe(engine.dialect.name) if isinstance(engine, AsyncEngine) else None
+        if probe is None:
+            # Nothing new and no events: COMMIT flushes the changes itself, one call.
+            await session.commit()
+            return
+        await session.flush()
+        handle = await probe.handle(session)
+        try:
+            await session.commit()
+        except Exception as exc:
+            if handle is None or not lost_connection(exc):
+                raise
+            assert isinstance(engine, AsyncEngine)
+            deadline = time.monotonic() + self._probe_seconds
+            committed = await probe.outcome(engine, handle, deadline=deadline)
+            if committed:
+                logger.warning(
+                    "the connection failed before COMMIT's answer; transaction %s committed",
+                    handle,
+                )
+                with contextlib.suppress(Exception):
+                    await session.close()
+                return
+            if committed is False:
+                raise TransientError(
+                    f"the connection failed during COMMIT and transaction {handle} did not "
+                    "commit; safe to retry"
+                ) from exc
+            raise CommitOutcomeUnknown(
+                f"the connection failed before COMMIT's answer and whether transaction "
+                f"{handle} committed is not known after {self._probe_seconds:g}s; "
+                "retrying could apply it twice",
+                transaction=handle,
+            ) from exc
 
     async def rollback(self) -> None:
         """Roll back now; the unit of work cannot be used afterwards."""
@@ -552,6 +608,7 @@ class UnitOfWorkFactory(Generic[U]):
         max_event_depth: dispatch rounds allowed per commit.
         cursor_secret: key signing keyset-pagination cursors (``QxSettings.pagination_secret``,
             at least 16 characters); keyset ``page()`` needs it.
+        commit_probe_timeout: see :class:`UnitOfWork`.
     """
 
     def __init__(
@@ -563,6 +620,7 @@ class UnitOfWorkFactory(Generic[U]):
         clock: Clock | None = None,
         max_event_depth: int = 8,
         cursor_secret: str | bytes | SecretStr | None = None,
+        commit_probe_timeout: float = COMMIT_PROBE_SECONDS,
     ) -> None:
         if not (isinstance(uow_type, type) and issubclass(uow_type, UnitOfWork)):
             raise ConfigurationError(f"expected a UnitOfWork subclass, got {uow_type!r}")
@@ -574,6 +632,7 @@ class UnitOfWorkFactory(Generic[U]):
         self.max_event_depth = max_event_depth
         self.cursor_codec = CursorCodec(cursor_secret) if cursor_secret is not None else None
         self.wakeup = relay_wakeup(session_factory)
+        self.commit_probe_timeout = commit_probe_timeout
 
     def __call__(self) -> U:
         """Return a new, not yet entered, unit of work."""
@@ -584,4 +643,5 @@ class UnitOfWorkFactory(Generic[U]):
             max_event_depth=self.max_event_depth,
             cursor_codec=self.cursor_codec,
             wakeup=self.wakeup,
+            commit_probe_timeout=self.commit_probe_timeout,
         )

@@ -1,0 +1,94 @@
+"""Commits whose answer was lost: finding out whether they happened.
+
+A connection can fail after COMMIT was sent and before its answer arrives. The server may
+have committed or not; the client cannot tell from the error. Retrying would apply the work
+twice if it had committed. So before COMMIT the unit of work asks the backend for a handle
+on its transaction (:meth:`CommitProbe.handle`), and when COMMIT fails with a lost
+connection it asks a fresh connection what became of that transaction
+(:meth:`CommitProbe.outcome`): committed (the commit succeeded after all), aborted (nothing
+happened: safe to retry), or still unknown when ``deadline`` passes
+(:class:`~qx.core.CommitOutcomeUnknown`).
+
+PostgreSQL names its transactions: ``pg_current_xact_id_if_assigned()`` before COMMIT (one
+round trip; ``NULL`` for a transaction that wrote nothing, which has nothing to lose), then
+``pg_xact_status()``. SQLite commits to a local file in the same process: its COMMIT
+either returns or raises, and an error means it did not commit; nothing to probe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, Protocol
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+
+__all__ = ["COMMIT_PROBE_SECONDS", "CommitProbe", "commit_probe"]
+
+logger = logging.getLogger("qx.db.commit")
+
+#: How long a unit of work keeps asking about a commit whose answer was lost.
+COMMIT_PROBE_SECONDS = 10.0
+
+_STATUS = text("SELECT pg_xact_status(CAST(:xid AS xid8))")
+
+
+class CommitProbe(Protocol):
+    """How a backend tells what became of a transaction whose COMMIT answer was lost."""
+
+    async def handle(self, session: AsyncSession) -> str | None:
+        """A handle on the session's transaction, taken just before COMMIT (``None``:
+        nothing to find out)."""
+
+    async def outcome(self, engine: AsyncEngine, handle: str, *, deadline: float) -> bool | None:
+        """``True`` committed, ``False`` not, ``None`` not known by ``deadline``
+        (``time.monotonic()``)."""
+
+
+class _Postgres:
+    async def handle(self, session: AsyncSession) -> str | None:
+        connection = await session.connection()
+        raw = await connection.get_raw_connection()
+        driver: Any = raw.driver_connection
+        found = await driver.fetchval("SELECT pg_current_xact_id_if_assigned()")
+        return None if found is None else str(found)
+
+    async def outcome(self, engine: AsyncEngine, handle: str, *, deadline: float) -> bool | None:
+        pause = 0.05
+        while True:
+            try:
+                async with asyncio.timeout(max(deadline - time.monotonic(), 0.01)):
+                    async with engine.connect() as conn:
+                        status = await conn.scalar(_STATUS, {"xid": int(handle)})
+            except Exception as exc:  # the server may be away a little longer
+                logger.info("asking about transaction %s failed (%s)", handle, exc)
+                status = "unreachable"
+            if status == "committed":
+                return True
+            if status == "aborted":
+                return False
+            if status is None:  # too old for the server to remember: cannot happen in time
+                return None
+            # "in progress": the server has not yet seen the client go; or unreachable.
+            if time.monotonic() + pause >= deadline:
+                return None
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 1.0)
+
+
+class _Local:
+    async def handle(self, session: AsyncSession) -> str | None:
+        return None
+
+    async def outcome(self, engine: AsyncEngine, handle: str, *, deadline: float) -> bool | None:
+        return None  # pragma: no cover - no handle is ever given
+
+
+_PROBES: dict[str, CommitProbe] = {"postgresql": _Postgres(), "sqlite": _Local()}
+
+
+def commit_probe(dialect_name: str) -> CommitProbe:
+    """The probe of a backend (``postgresql`` or ``sqlite``)."""
+    return _PROBES.get(dialect_name, _Local())
