@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
+import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
@@ -32,6 +34,7 @@ from qx.migrations import (
     schema_differences,
     upgrade,
 )
+from qx.migrations._placement import qx_versions
 from qx.migrations._trigger import NOTIFY_FUNCTION_SQL, NOTIFY_TRIGGER_SQL
 from qx.outbox import include_qx_tables
 from qx.settings import load_settings
@@ -669,3 +672,49 @@ def test_a_database_qx_migrated_in_code_takes_the_service_s_chain_and_heads_merg
         assert runner.invoke(app, ["db", "check"]).exit_code == 0
     finally:
         sys.modules.pop(module, None)
+
+
+def test_plain_alembic_revision_writes_into_the_service_never_into_qx(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Most users run Alembic's own command. In a `qx db init` project it must do what
+    # `qx db revision` does: the service's folder, on the service's head, on top of qx's.
+    module = _service(tmp_path, WIDGETS)
+    monkeypatch.chdir(tmp_path)
+    url = f"sqlite+aiosqlite:///{tmp_path / 'svc.sqlite3'}"
+    monkeypatch.setenv("QX_DB__URL", url)
+    runner = CliRunner()
+    assert runner.invoke(app, ["db", "init", "--metadata", f"{module}:metadata"]).exit_code == 0
+    assert runner.invoke(app, ["db", "upgrade"]).exit_code == 0
+    qx_dir = qx_versions()
+    shipped = sorted(p.name for p in qx_dir.iterdir())
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QX_")}
+
+    def alembic(*args: str, database: bool = True) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "alembic", *args],
+            cwd=tmp_path,
+            env={**env, "QX_DB__URL": url} if database else env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    versions = tmp_path / "migrations" / "versions"
+    made = alembic("revision", "--autogenerate", "-m", "initial")
+    assert made.returncode == 0, made.stderr
+    written = list(versions.glob("*_initial.py"))
+    assert len(written) == 1, (made.stdout, made.stderr, list(qx_dir.glob("*initial*")))
+    (first,) = written
+    text_ = first.read_text()
+    assert "widgets" in text_ and "depends_on: str | Sequence[str] | None = 'qx_0006'" in text_
+    # No database needed for a revision written by hand; it goes on the service's head.
+    second = alembic("revision", "-m", "second", database=False)
+    assert second.returncode == 0, second.stderr
+    (follow,) = versions.glob("*_second.py")
+    rev_id = first.name.split("_")[1]
+    assert f"down_revision: str | Sequence[str] | None = '{rev_id}'" in follow.read_text()
+    assert sorted(p.name for p in qx_dir.iterdir()) == shipped  # the package is untouched
+    heads = alembic("heads")
+    assert heads.returncode == 0 and "qx_0006" in heads.stdout
+    assert follow.name.split("_")[1] in heads.stdout

@@ -28,11 +28,11 @@ from alembic.config import Config
 from alembic.runtime.environment import EnvironmentContext
 from alembic.runtime.migration import MigrationContext
 from alembic.script import Script, ScriptDirectory
-from alembic.util import coerce_resource_to_filename
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from qx.core._errors import ConfigurationError
+from qx.migrations._placement import QX_VERSIONS, placement
 
 __all__ = [
     "QX_BRANCH",
@@ -46,8 +46,6 @@ __all__ = [
     "upgrade",
 ]
 
-#: The package resource holding qx's revisions: list it in a service's ``version_locations``.
-QX_VERSIONS = "qx.migrations:versions"
 #: The branch label of qx's chain (``qx db upgrade qx@head`` upgrades qx's tables alone).
 QX_BRANCH = "qx"
 
@@ -60,10 +58,6 @@ def project_migrations() -> Path:
     if not (location / "env.py").is_file():
         raise ConfigurationError("qx's migrations are not installed with this copy of qx")
     return location
-
-
-def _qx_versions() -> Path:
-    return coerce_resource_to_filename(QX_VERSIONS).resolve()
 
 
 def alembic_config(location: str | Path | None = None, *, url: str | None = None) -> Config:
@@ -210,37 +204,11 @@ def new_revision(
     script = ScriptDirectory.from_config(config)
     if autogenerate:
         _require_up_to_date(config, script)
-    qx_dir = _qx_versions()
-    own_dirs = [
-        path
-        for path in (coerce_resource_to_filename(str(loc)).resolve() for loc in _locations(script))
-        if path != qx_dir
-    ]
-    # get_heads(), not get_revisions("heads"): a qx head that a service's revision depends
-    # on is still the head of qx's chain.
-    heads = [script.get_revision(head) for head in script.get_heads()]
-    qx_heads = [rev for rev in heads if Path(rev.path).resolve().parent == qx_dir]
-    if not qx_heads or not own_dirs:
-        return _revision(config, message, autogenerate, rev_id)
-    own_heads = [rev for rev in heads if rev not in qx_heads]
-    if len(own_heads) > 1:
-        names = ", ".join(sorted(rev.revision for rev in own_heads))
-        raise ConfigurationError(
-            f"your migrations have several heads ({names}): join them with `qx db merge` first"
-        )
-    behind = [rev.revision for rev in qx_heads]
-    if own_heads:
-        reached = {rev.revision for rev in script.iterate_revisions(own_heads[0].revision, "base")}
-        behind = [rev for rev in behind if rev not in reached]
-    return _revision(
-        config,
-        message,
-        autogenerate,
-        rev_id,
-        head=own_heads[0].revision if own_heads else "base",
-        version_path=None if own_heads else str(own_dirs[0]),
-        depends_on=behind or None,
-    )
+    placement(script)  # several heads of the service's own: say so before writing anything
+    # The service's env.py places the revision (qx.migrations._placement): the same rule as
+    # plain `alembic revision`, which runs it too under revision_environment.
+    config.set_main_option("revision_environment", "true")
+    return _revision(config, message, autogenerate, rev_id)
 
 
 def _require_up_to_date(config: Config, script: ScriptDirectory) -> None:
@@ -262,10 +230,6 @@ def _require_up_to_date(config: Config, script: ScriptDirectory) -> None:
             f"the database is behind the migrations (heads not applied: {', '.join(missing)}); "
             "run `qx db upgrade` first, so autogenerate writes only what your metadata adds"
         )
-
-
-def _locations(script: ScriptDirectory) -> list[str]:
-    return [str(loc) for loc in script.version_locations] or [str(Path(script.dir) / "versions")]
 
 
 def _revision(

@@ -44,6 +44,7 @@ from sqlalchemy.types import TypeDecorator, TypeEngine
 from qx._schema import include_qx_tables
 from qx.core._errors import ConfigurationError
 from qx.db._engine import create_engine, parse_database_url
+from qx.migrations._placement import place_new_revisions
 from qx.outbox._logging import configured_by_qx
 from qx.settings import DatabaseSettings, load_settings
 
@@ -158,7 +159,15 @@ def configure_context(
     **options: Any,
 ) -> dict[str, Any]:
     """The ``context.configure`` options qx uses (shared by every mode and by the drift check)."""
+    own = options.pop("process_revision_directives", None)
+
+    def place(migration_context: Any, revision: Any, directives: Any) -> None:
+        if own is not None:
+            own(migration_context, revision, directives)
+        place_new_revisions(migration_context, revision, directives)
+
     return {
+        "process_revision_directives": place,
         "target_metadata": metadata,
         "render_as_batch": dialect_name == "sqlite",
         "compare_type": compare_type,
@@ -213,6 +222,25 @@ def run_migrations(
     if shared is not None:
         _run_on(context, metadata, shared, version_table_schema, configure)
         return
+    revising = _revision_context(context)
+    if revising is not None and not revising.command_args.get("autogenerate"):
+        # A revision written by hand needs no database: run the hooks (which place it in the
+        # service's folder) against the dialect alone.
+        url = _url_if_any(config, settings)
+        context.configure(
+            dialect_name=url.get_backend_name() if url is not None else "sqlite",
+            **configure_context(
+                context,
+                metadata,
+                dialect_name=url.get_backend_name() if url is not None else "sqlite",
+                version_table_schema=version_table_schema,
+                **configure,
+            ),
+        )
+        # What the revision command's own callback does, without the database it would
+        # read the current heads from (a new revision does not depend on them).
+        revising.run_no_autogenerate((), context.get_context())
+        return
     db = _settings(config, settings)
     if context.is_offline_mode():
         url = parse_database_url(db.url)
@@ -232,6 +260,21 @@ def run_migrations(
             context.run_migrations()
         return
     asyncio.run(_run_online(context, metadata, db, version_table_schema, configure))
+
+
+def _revision_context(context: Any) -> Any:
+    """Alembic's revision context when ``context`` runs for ``alembic revision`` (the
+    ``alembic.context`` module proxies the running ``EnvironmentContext``)."""
+    environment = getattr(context, "_proxy", None) or context
+    return getattr(environment, "context_opts", {}).get("revision_context")
+
+
+def _url_if_any(config: Any, settings: DatabaseSettings | None) -> Any:
+    """The database URL when one is configured (``None`` when none is)."""
+    try:
+        return parse_database_url(_settings(config, settings).url)
+    except ConfigurationError:
+        return None
 
 
 def _settings(config: Any, settings: DatabaseSettings | None) -> DatabaseSettings:
