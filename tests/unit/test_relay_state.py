@@ -6,12 +6,21 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from pathlib import Path
+from uuid import uuid4
 
 import pytest
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from qx.core import utcnow
 from qx.errors import QxError
-from qx.outbox import Envelope, MemoryPublisher, OutboxRelay, RelayState, qx_metadata
+from qx.outbox import (
+    Envelope,
+    MemoryPublisher,
+    OutboxRelay,
+    RelayState,
+    outbox_table,
+    qx_metadata,
+)
 from qx.outbox._relay_state import TRANSITIONS, StateMachine
 from qx.outbox._store import fair_share
 from qx.outbox._table import OUTBOX_LANES
@@ -116,3 +125,63 @@ def test_fair_shares_add_up_to_every_lane_and_differ_by_at_most_one(count: int) 
     assert max(shares) - min(shares) <= 1
     # A relay whose heartbeat is not in yet takes the smallest share.
     assert fair_share("relay-new", alive) == min(shares)
+
+
+class Stuck(MemoryPublisher):
+    """A broker that never acknowledges (until released)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+
+    async def publish(self, envelope: Envelope) -> None:
+        await self.release.wait()
+        await super().publish(envelope)
+
+
+async def test_a_relay_with_no_room_for_a_claim_waits_without_spinning(
+    tmp_path: Path,
+) -> None:
+    # Polling counts from the last claim; a relay that cannot claim (in-flight rows fill its
+    # room) must wait for a run to finish, not turn in a loop.
+    engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'qx.sqlite3'}")
+    async with engine.begin() as conn:
+        await conn.run_sync(qx_metadata.create_all)
+        await conn.execute(
+            outbox_table.insert(),
+            [
+                {
+                    "id": uuid4(),
+                    "event_name": "t.happened",
+                    "event_version": 1,
+                    "payload": {"n": n},
+                    "headers": {},
+                    "occurred_at": utcnow(),
+                    "lane": n,
+                }
+                for n in range(3)
+            ],
+        )
+    publisher = Stuck()
+    settings = RelaySettings(batch_size=1, pipelines=1, poll_interval=0.2)
+    relay = OutboxRelay(engine, publisher, settings=settings)
+    turns = 0
+    turn = relay._turn
+
+    async def counted() -> None:
+        nonlocal turns
+        turns += 1
+        await turn()
+
+    relay._turn = counted  # type: ignore[method-assign]
+    task = asyncio.create_task(relay.run())
+    try:
+        await asyncio.sleep(1.0)  # a relay that spins turns thousands of times meanwhile
+        stuck = turns
+        publisher.release.set()
+        await eventually(lambda: len(publisher.published) == 3, "all published")
+    finally:
+        relay.stop()
+        await asyncio.wait_for(task, 10)
+        await engine.dispose()
+    assert stuck <= 20, f"{stuck} turns in a second with no room"

@@ -506,14 +506,18 @@ class OutboxRelay:
         await self._maybe_purge()
 
     def _idle_seconds(self) -> float:
-        # The poll counts from the last claim, not from the end of the last turn: a row
-        # committed unannounced waits one poll interval at most, however long turns take.
-        wait = max(self.settings.poll_interval - (time.monotonic() - self._claimed_at), 0.0)
+        now = time.monotonic()
+        if self._outage_until > now:
+            wait = self._outage_until - now  # nothing is claimed before the broker is back
+        elif not self._room():
+            wait = self.settings.poll_interval  # a run that finishes makes room, and wakes us
+        else:
+            # The poll counts from the last claim, not from the end of the last turn: a row
+            # committed unannounced waits one poll interval at most, however long turns take.
+            wait = max(self.settings.poll_interval - (now - self._claimed_at), 0.0)
         if self._marks or self._settled:
-            wait = min(wait, max(MARK_INTERVAL - (time.monotonic() - self._recorded_at), 0.0))
-        wait = min(wait, max(LEASE_INTERVAL - (time.monotonic() - self._leased_at), 0.01))
-        if self._outage_until > time.monotonic():
-            wait = min(wait, self._outage_until - time.monotonic())
+            wait = min(wait, max(MARK_INTERVAL - (now - self._recorded_at), 0.0))
+        wait = min(wait, max(LEASE_INTERVAL - (now - self._leased_at), 0.01))
         return max(wait, 0.0)
 
     def _spawn(self, claim: Claim) -> None:
