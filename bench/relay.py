@@ -517,7 +517,8 @@ async def stream_latency(
         for engine in engines
     ]
     tasks = [asyncio.create_task(relay.run()) for relay in group]
-    while len(received) < len(ids):  # noqa: ASYNC110 - the relays publish the placements
+    # Relays starting together hand lanes over for a second or two: measure once shared.
+    while len(received) < len(ids) or await owners(db) < relays:  # noqa: ASYNC110
         await asyncio.sleep(0.05)
     writers, total = 4, int(args.rate * args.seconds)
     interval = writers / args.rate

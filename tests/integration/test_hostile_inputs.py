@@ -110,6 +110,11 @@ async def test_bad_windows_and_sorts_are_invalid_query(uow_factory: Factory) -> 
             assert message.count("s") < 300
             await refused(lambda: uow.items.list(sort="\ud800"))
             await refused(lambda: uow.items.list(sort=["name", 7]))
+            # Not a string nor a list of them (a TypeError escaped for these).
+            for sort in (5, 2.5, True, b"name", {"name"}, {"name": 1}, object()):
+                assert "sort" in await refused(lambda s=sort: uow.items.list(sort=s))
+                assert "sort" in await refused(lambda s=sort: uow.items.list(order_by=s))
+                assert "sort" in await refused(lambda s=sort: uow.items.page(sort=s))
 
 
 async def test_deep_and_wide_q_trees_are_answered(uow_factory: Factory) -> None:
@@ -272,7 +277,7 @@ filter_maps = st.dictionaries(st.builds(operator.add, fields, lookups), nasty_va
 )
 @given(
     filters=filter_maps,
-    sort=st.none() | nasty_text | st.lists(nasty_text, max_size=3),
+    sort=st.none() | nasty_text | nasty_values | st.lists(nasty_text | nasty_values, max_size=3),
     update=st.dictionaries(st.sampled_from(["rank", "score", "name", "price"]), nasty_values, max_size=2),
     cursor=st.none() | nasty_text | st.binary(max_size=40).map(lambda b: base64.urlsafe_b64encode(b).decode() + ".x"),
 )  # fmt: skip

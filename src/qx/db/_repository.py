@@ -271,7 +271,7 @@ class Repository(Generic[T]):
         if merged:
             query = query.filter(**merged)
         if sort is not None:
-            query = query.order_by(*([sort] if isinstance(sort, str) else sort))
+            query = query.order_by(*_sort_keys(sort))
         return query.with_deleted(with_deleted)
 
     async def list(
@@ -590,3 +590,17 @@ class Repository(Generic[T]):
         session = self._bound.session
         await session.delete(entity)
         await session.flush()
+
+
+def _sort_keys(sort: object) -> builtins.list[str]:
+    """``sort`` as a list of keys: one string (``"-created_at,customer"``) or a sequence of
+    them; anything else is ``InvalidQuery`` naming ``sort`` (a set has no order to keep)."""
+    if isinstance(sort, str):
+        return [sort]
+    if isinstance(sort, Sequence) and not isinstance(sort, bytes | bytearray):
+        keys = builtins.list(sort)
+        if all(isinstance(key, str) for key in keys):
+            return keys
+    raise InvalidQuery(
+        f"sort must be a string or a list of strings, got {shown(sort)}", field="sort"
+    )
