@@ -418,3 +418,81 @@ async def test_isnull_on_a_relationship_means_has_no_related_rows(uow_factory: F
             # ne on a to-many path: some related row differs (not "no related row equals").
             assert await uow.items.query().filter(tags__label__ne="y").count() == 1
             await refused(lambda: uow.items.list(filters={"tags__isnull": "maybe"}))
+
+
+class _Opaque:
+    def __repr__(self) -> str:
+        return "<opaque " + "o" * 2000 + ">"
+
+
+#: A value of every wrong Python type (and some right types with wrong values).
+WRONG_TYPES: list[Any] = [
+    5, -1, 2.5, 10**40, True, None, float("nan"), float("inf"), 1j,
+    b"name", bytearray(b"name"), "", "\x00", "x" * 5000,
+    [], [5], [None], ["name", 5], [[1]], ("name", 5),
+    {}, {"a": 1}, {5: 1}, {"name": [1]}, {"name"}, frozenset({1}), range(3),
+    _Opaque(), len, type, Ellipsis,
+]  # fmt: skip
+
+
+def _collect(values: Any) -> Callable[[Any], Awaitable[Any]]:
+    async def drain(iterator: Any) -> None:
+        async for _ in iterator:
+            pass
+
+    return drain
+
+
+async def test_every_wrong_type_for_every_parameter_is_a_bounded_qx_error(
+    uow_factory: Factory,
+) -> None:
+    # Each parameter of list(), count(), exists(), page(), in_bulk(), stream(), get() and
+    # the query builders, given a value of every wrong type: a right answer or a bounded
+    # QxError, never a TypeError (list(sort=5) escaped as one).
+    await seed(uow_factory)
+    drain = _collect(None)
+    escaped: list[str] = []
+    with request_context(tenant_id=TENANT):
+        async with uow_factory() as uow:
+            items = uow.items
+            calls: dict[str, Callable[[Any], Awaitable[Any]]] = {
+                "list(filters)": lambda v: items.list(filters=v),
+                "list(filters={name: v})": lambda v: items.list(filters={"name": v}),
+                "list(name__in=v)": lambda v: items.list(name__in=v),
+                "list(rank__gte=v)": lambda v: items.list(rank__gte=v),
+                "list(sort)": lambda v: items.list(sort=v),
+                "list(order_by)": lambda v: items.list(order_by=v),
+                "list(limit)": lambda v: items.list(limit=v),
+                "list(offset)": lambda v: items.list(offset=v),
+                "list(with_deleted)": lambda v: items.list(with_deleted=v),
+                "count(filters)": lambda v: items.count(filters=v),
+                "exists(filters)": lambda v: items.exists(filters=v),
+                "page(filters)": lambda v: items.page(filters=v),
+                "page(sort)": lambda v: items.page(sort=v),
+                "page(page_size)": lambda v: items.page(page_size=v),
+                "page(cursor)": lambda v: items.page(cursor=v),
+                "page(page_number)": lambda v: items.page(page_number=v),
+                "in_bulk(ids)": lambda v: items.in_bulk(v),
+                "stream(sort)": lambda v: drain(items.stream(sort=v)),
+                "stream(chunk_size)": lambda v: drain(items.stream(chunk_size=v)),
+                "get(id)": lambda v: items.get(v),
+                "query().filter(v)": lambda v: items.query().filter(v).all(),
+                "query().exclude(v)": lambda v: items.query().exclude(v).all(),
+                "query().order_by(v)": lambda v: items.query().order_by(v).all(),
+                "query().limit(v)": lambda v: items.query().limit(v).all(),
+                "query().offset(v)": lambda v: items.query().offset(v).all(),
+                "query().load(v)": lambda v: items.query().load(v).all(),
+                "query().values_list(v)": lambda v: items.query().values_list(v),
+                "query().by_keys(v)": lambda v: items.query().by_keys(v),
+                "query().page(cursor)": lambda v: items.query().page(cursor=v),
+            }
+            for name, call in calls.items():
+                for value in WRONG_TYPES:
+                    try:
+                        await call(value)
+                    except QxError as error:
+                        bounded(error)
+                    except Exception as error:
+                        escaped.append(f"{name} with {type(value).__name__}: {error!r}"[:200])
+            await uow.rollback()
+    assert escaped == [], "\n".join(escaped)

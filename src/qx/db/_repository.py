@@ -356,6 +356,8 @@ class Repository(Generic[T]):
         """
         if len(self._info.pk_keys) != 1:
             raise InvalidQuery(f"in_bulk() needs a single-column primary key on {self._info.name}")
+        if not isinstance(ids, Iterable) or isinstance(ids, str | bytes | bytearray | Mapping):
+            raise InvalidQuery(f"ids must be a list of ids, got {shown(ids)}", field="ids")
         wanted = builtins.list(dict.fromkeys(self._coerce_id(ident) for ident in ids))
         return await self.query().with_deleted(with_deleted).by_keys(wanted)
 

@@ -282,10 +282,17 @@ class QuerySet(Generic[T]):
     async def by_keys(self, keys: builtins.list[Any], *, refresh: bool = False) -> dict[Any, T]:
         """``{primary key: row}`` of the rows with these (single-column) keys, in chunks;
         ``refresh`` overwrites identity-map copies with the stored values."""
+        pk = self._spec.info.pk_keys[0]
+        if not isinstance(keys, Sequence) or isinstance(keys, str | bytes | bytearray):
+            raise InvalidQuery(f"keys must be a list of {pk} values, got {shown(keys)}", field=pk)
         if not keys:
             return {}
-        pk = self._spec.info.pk_keys[0]
         column = getattr(self._spec.entity, pk)
+        table_column = self._spec.mapper.primary_key[0]
+        coerced = [coerce_value(table_column, key, field=pk) for key in keys]
+        if any(key is None for key in coerced):
+            raise InvalidQuery(f"{pk} cannot be None", field=pk)
+        keys = builtins.list(dict.fromkeys(coerced))
         dialect = self._bound.dialect(self._spec.mapper)
         found: dict[Any, T] = {}
         for start in range(0, len(keys), _BY_KEYS_CHUNK):
