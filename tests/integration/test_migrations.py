@@ -4,10 +4,12 @@ and `qx db init` for a new service."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import os
 import subprocess
 import sys
+import sysconfig
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
@@ -718,3 +720,63 @@ def test_plain_alembic_revision_writes_into_the_service_never_into_qx(
     heads = alembic("heads")
     assert heads.returncode == 0 and "qx_0006" in heads.stdout
     assert follow.name.split("_")[1] in heads.stdout
+
+
+@pytest.mark.timeout(300)
+def test_plain_alembic_in_a_fresh_environment_with_qx_from_its_wheel(tmp_path: Path) -> None:
+    # As a user installs it: qx from its wheel in a new virtual environment (its
+    # dependencies from the development one), `qx db init`, then Alembic's own commands.
+    root = Path(__file__).resolve().parents[2]
+    wheels = tmp_path / "wheels"
+    run = functools.partial(subprocess.run, capture_output=True, text=True, timeout=240)
+    built = run(
+        [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(wheels)],
+        cwd=root,
+    )
+    assert built.returncode == 0, built.stderr[-2000:]
+    (wheel,) = wheels.glob("qx-*.whl")
+    fresh = tmp_path / "fresh"
+    assert run([sys.executable, "-m", "venv", "--without-pip", str(fresh)]).returncode == 0
+    python = fresh / "bin" / "python"
+    installed = run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet",
+         "--no-deps", "--no-index", str(wheel)]
+    )  # fmt: skip
+    assert installed.returncode == 0, installed.stderr[-2000:]
+    site = Path(
+        run([str(python), "-c", "import site; print(site.getsitepackages()[0])"]).stdout.strip()
+    )
+    deps = Path(sysconfig.get_paths()["purelib"])
+    (site / "zz_dependencies.pth").write_text(f"{deps}\n")  # after the wheel's own qx
+    package = Path(
+        run(
+            [str(python), "-c", "import qx, os; print(os.path.dirname(qx.__file__))"]
+        ).stdout.strip()
+    )
+    assert package.is_relative_to(site), package  # qx from the wheel, not the checkout
+    shipped = sorted(p.name for p in (package / "migrations" / "versions").iterdir())
+
+    service = tmp_path / "service"
+    service.mkdir()
+    module = _service(service, WIDGETS)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("QX_", "PYTHON"))}
+    env["QX_DB__URL"] = f"sqlite+aiosqlite:///{service / 'svc.sqlite3'}"
+
+    def command(*args: str) -> subprocess.CompletedProcess[str]:
+        return run([str(python), *args], cwd=service, env=env)
+
+    qx = str(fresh / "bin" / "qx")  # the wheel's console script
+    init = run([qx, "db", "init", "--metadata", f"{module}:metadata"], cwd=service, env=env)
+    assert init.returncode == 0, init.stdout + init.stderr
+    for args in (
+        ("-m", "alembic", "upgrade", "heads"),
+        ("-m", "alembic", "revision", "--autogenerate", "-m", "x"),
+        ("-m", "alembic", "upgrade", "heads"),
+    ):
+        done = command(*args)
+        assert done.returncode == 0, (args, done.stderr[-2000:])
+    (revision,) = (service / "migrations" / "versions").glob("*_x.py")
+    written = revision.read_text()
+    assert "widgets" in written and "depends_on: str | Sequence[str] | None = 'qx_0006'" in written
+    assert sorted(p.name for p in (package / "migrations" / "versions").iterdir()) == shipped
+    assert "widgets" in _sqlite_tables(service / "svc.sqlite3")
