@@ -219,6 +219,7 @@ EXPECTED = {
         "PrometheusMetrics",
         "Publisher",
         "RabbitSubscriber",
+        "RedisSubscriber",
         "RelayMetrics",
         "RelayState",
         "event_payload",

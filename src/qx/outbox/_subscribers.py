@@ -1,8 +1,16 @@
-"""Consumers for NATS JetStream and RabbitMQ: decode envelopes, run them through the inbox.
+"""Consumers for NATS JetStream, RabbitMQ and Redis Streams: decode envelopes, run them
+through the inbox.
 
 A message is acknowledged after its handler committed (or after the inbox found it a
-duplicate); a failing handler's message is redelivered (NAK / reject with requeue). A body
-that is not a qx envelope is logged and acknowledged so it cannot block the stream.
+duplicate); a failing handler's message is redelivered (NAK with a growing delay / reject
+with requeue / left pending). A body that is not a qx envelope is logged and acknowledged so
+it cannot block the stream.
+
+Every subscriber lives through its broker going away: ``run(stop)`` reconnects with the one
+:class:`~qx.core._backoff.Backoff` rule (a lost connection, a refused one, a broker restart,
+a silent partition found by heartbeats) and resumes where the broker's consumer state says,
+until ``stop`` is set; it then returns within about a second plus the handler in progress.
+An idle stream is not an error.
 
 Example:
     >>> subscriber = NatsSubscriber(
@@ -15,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from abc import ABC, abstractmethod
 from typing import Any
 
 from qx.core._backoff import Backoff
@@ -23,12 +32,16 @@ from qx.outbox._envelope import Envelope
 from qx.outbox._inbox import EventRouter, Inbox
 from qx.settings import BrokerSettings
 
-__all__ = ["NatsSubscriber", "RabbitSubscriber"]
+__all__ = ["NatsSubscriber", "RabbitSubscriber", "RedisSubscriber"]
 
 logger = logging.getLogger("qx.outbox.subscribe")
 
 #: How long a message whose handler failed waits before it is delivered again.
 REDELIVERY = Backoff(1.0, 60.0)
+#: How long a subscriber waits before connecting again after losing its broker.
+RECONNECT = Backoff(0.5, 15.0)
+#: The longest a subscriber blocks on its broker before it looks at ``stop`` again.
+POLL_SECONDS = 0.5
 
 
 async def _handle(inbox: Inbox[Any], router: EventRouter, body: bytes) -> bool:
@@ -48,7 +61,52 @@ async def _handle(inbox: Inbox[Any], router: EventRouter, body: bytes) -> bool:
     return True
 
 
-class NatsSubscriber:
+class _Subscriber(ABC):
+    """The reconnecting loop every subscriber runs; a backend says how to consume."""
+
+    system = "broker"
+
+    def __init__(self, settings: BrokerSettings, inbox: Inbox[Any], router: EventRouter) -> None:
+        self.settings = settings
+        self.inbox = inbox
+        self.router = router
+        self._failures = 0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Consume until ``stop`` is set, reconnecting whenever the broker is lost."""
+        while not stop.is_set():
+            try:
+                await self._consume(stop)
+            except ConfigurationError:
+                raise  # a missing extra or a bad setting does not get better by waiting
+            except Exception as exc:
+                self._failures += 1
+                delay = RECONNECT.delay(self._failures)
+                logger.warning(
+                    "%s subscriber lost its broker (%s: %s); reconnecting in %.1fs",
+                    self.system,
+                    type(exc).__name__,
+                    exc,
+                    delay,
+                )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay)
+
+    def _connected(self) -> None:
+        """The broker answered: the next loss starts the backoff afresh."""
+        if self._failures:
+            logger.info("%s subscriber reconnected", self.system)
+        self._failures = 0
+
+    async def _handle(self, body: bytes) -> bool:
+        return await _handle(self.inbox, self.router, body)
+
+    @abstractmethod
+    async def _consume(self, stop: asyncio.Event) -> None:
+        """Connect, consume until ``stop`` is set (return) or the broker is lost (raise)."""
+
+
+class NatsSubscriber(_Subscriber):
     """A durable JetStream pull consumer feeding the inbox.
 
     Args:
@@ -59,6 +117,8 @@ class NatsSubscriber:
         batch: messages fetched at a time.
     """
 
+    system = "NATS"
+
     def __init__(
         self,
         settings: BrokerSettings,
@@ -68,34 +128,43 @@ class NatsSubscriber:
         durable: str,
         batch: int = 100,
     ) -> None:
-        self.settings = settings
-        self.inbox = inbox
-        self.router = router
+        super().__init__(settings, inbox, router)
         self.durable = durable
         self.batch = batch
 
-    async def run(self, stop: asyncio.Event) -> None:
-        """Consume until ``stop`` is set."""
+    async def _consume(self, stop: asyncio.Event) -> None:
         try:
             import nats
         except ImportError as exc:  # pragma: no cover - depends on the install
             raise ConfigurationError("NatsSubscriber needs the nats extra") from exc
-        nc = await nats.connect(servers=[self.settings.url], max_reconnect_attempts=-1)
+        nc = await nats.connect(
+            servers=[self.settings.url],
+            connect_timeout=self.settings.publish_timeout,
+            # This loop reconnects (and resubscribes); the client's own reconnection would
+            # keep a dead subscription fetching nothing.
+            allow_reconnect=False,
+            ping_interval=self.settings.heartbeat,
+            max_outstanding_pings=2,
+            error_cb=_quiet,
+        )
         try:
-            js = nc.jetstream()
+            js = nc.jetstream(timeout=self.settings.publish_timeout)
             subject = f"{self.settings.subject_prefix}.>"
             sub = await js.pull_subscribe(
                 subject, durable=self.durable, stream=self.settings.stream
             )
+            self._connected()
             while not stop.is_set():
+                if nc.is_closed:
+                    raise ConnectionError("the NATS connection closed")
                 try:
-                    messages = await sub.fetch(self.batch, timeout=0.5)
+                    messages = await sub.fetch(self.batch, timeout=POLL_SECONDS)
                 except TimeoutError:
                     # A quiet stream. nats-py raises its own TimeoutError or asyncio's
                     # (the builtin, both of them) depending on where the wait ran out.
                     continue
                 for message in messages:
-                    if await _handle(self.inbox, self.router, message.data):
+                    if await self._handle(message.data):
                         await message.ack()
                     else:
                         delivered = message.metadata.num_delivered or 1
@@ -105,7 +174,7 @@ class NatsSubscriber:
                 await nc.close()
 
 
-class RabbitSubscriber:
+class RabbitSubscriber(_Subscriber):
     """A durable queue bound to the qx exchange, feeding the inbox.
 
     Args:
@@ -116,6 +185,8 @@ class RabbitSubscriber:
         prefetch: unacknowledged messages in flight.
     """
 
+    system = "RabbitMQ"
+
     def __init__(
         self,
         settings: BrokerSettings,
@@ -125,19 +196,21 @@ class RabbitSubscriber:
         queue: str,
         prefetch: int = 100,
     ) -> None:
-        self.settings = settings
-        self.inbox = inbox
-        self.router = router
+        super().__init__(settings, inbox, router)
         self.queue = queue
         self.prefetch = prefetch
 
-    async def run(self, stop: asyncio.Event) -> None:
-        """Consume until ``stop`` is set."""
+    async def _consume(self, stop: asyncio.Event) -> None:
         try:
             import aio_pika
         except ImportError as exc:  # pragma: no cover - depends on the install
             raise ConfigurationError("RabbitSubscriber needs the rabbitmq extra") from exc
-        connection = await aio_pika.connect_robust(self.settings.url)
+        # A plain connection: this loop reconnects and declares everything again.
+        connection = await aio_pika.connect(
+            self.settings.url,
+            timeout=self.settings.publish_timeout,
+            heartbeat=max(int(self.settings.heartbeat), 1),
+        )
         try:
             channel = await connection.channel()
             await channel.set_qos(prefetch_count=self.prefetch)
@@ -147,9 +220,19 @@ class RabbitSubscriber:
             queue = await channel.declare_queue(self.queue, durable=True)
             for event_type in self.router.types or ("#",):
                 await queue.bind(exchange, routing_key=event_type)
+            self._connected()
             async with queue.iterator() as messages:
-                async for message in _until(messages, stop):
-                    if await _handle(self.inbox, self.router, message.body):
+                iterator = messages.__aiter__()
+                while not stop.is_set():
+                    if connection.is_closed:
+                        raise ConnectionError("the RabbitMQ connection closed")
+                    try:
+                        message = await asyncio.wait_for(iterator.__anext__(), POLL_SECONDS)
+                    except TimeoutError:
+                        continue
+                    except StopAsyncIteration:
+                        raise ConnectionError("the RabbitMQ consumer was cancelled") from None
+                    if await self._handle(message.body):
                         await message.ack()
                     else:
                         await message.reject(requeue=True)
@@ -158,13 +241,96 @@ class RabbitSubscriber:
                 await connection.close()
 
 
-async def _until(messages: Any, stop: asyncio.Event) -> Any:
-    """Iterate ``messages`` until ``stop`` is set (checked at least twice a second)."""
-    iterator = messages.__aiter__()
-    while not stop.is_set():
+class RedisSubscriber(_Subscriber):
+    """A consumer group on the Redis stream the relay appends to, feeding the inbox.
+
+    Entries are acknowledged (``XACK``) after the inbox's transaction; entries a consumer
+    took and never acknowledged (it died, or its handler failed) are claimed again after
+    ``idle_seconds`` by any consumer of the group (``XAUTOCLAIM``).
+
+    Args:
+        settings: broker URL and ``redis_stream``.
+        inbox: runs handlers once per message.
+        router: handlers by event type.
+        group: the consumer group (one per service).
+        consumer: this process's name in the group.
+        batch: entries read at a time.
+        idle_seconds: how long an unacknowledged entry waits before it is claimed again.
+    """
+
+    system = "Redis"
+
+    def __init__(
+        self,
+        settings: BrokerSettings,
+        inbox: Inbox[Any],
+        router: EventRouter,
+        *,
+        group: str,
+        consumer: str,
+        batch: int = 100,
+        idle_seconds: float = 30.0,
+    ) -> None:
+        super().__init__(settings, inbox, router)
+        self.group = group
+        self.consumer = consumer
+        self.batch = batch
+        self.idle_seconds = idle_seconds
+
+    async def _consume(self, stop: asyncio.Event) -> None:
         try:
-            yield await asyncio.wait_for(iterator.__anext__(), timeout=0.5)
-        except TimeoutError:
-            continue
-        except StopAsyncIteration:
-            return
+            import redis.asyncio as redis
+            from redis.exceptions import ResponseError
+        except ImportError as exc:  # pragma: no cover - depends on the install
+            raise ConfigurationError("RedisSubscriber needs the redis extra") from exc
+        client = redis.from_url(
+            self.settings.url,
+            socket_timeout=POLL_SECONDS + self.settings.publish_timeout,
+            socket_connect_timeout=self.settings.publish_timeout,
+            health_check_interval=self.settings.heartbeat,
+            socket_keepalive=True,
+        )
+        stream = self.settings.redis_stream
+        try:
+            try:
+                await client.xgroup_create(stream, self.group, id="0", mkstream=True)
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+            self._connected()
+            claim_from = "0-0"
+            while not stop.is_set():
+                # Entries others took and never acknowledged, then new ones.
+                claimed: Any = await client.xautoclaim(
+                    stream,
+                    self.group,
+                    self.consumer,
+                    min_idle_time=int(self.idle_seconds * 1000),
+                    start_id=claim_from,
+                    count=self.batch,
+                )
+                claim_from = claimed[0]
+                entries = list(claimed[1])
+                if not entries:
+                    read: Any = await client.xreadgroup(
+                        self.group,
+                        self.consumer,
+                        {stream: ">"},
+                        count=self.batch,
+                        block=int(POLL_SECONDS * 1000),
+                    )
+                    entries = [entry for _, found in read for entry in found]
+                for entry_id, fields in entries:
+                    if fields is None:  # trimmed from the stream meanwhile
+                        await client.xack(stream, self.group, entry_id)
+                        continue
+                    body = fields.get(b"envelope", b"")
+                    if await self._handle(body):
+                        await client.xack(stream, self.group, entry_id)
+        finally:
+            with contextlib.suppress(Exception):
+                await client.aclose()
+
+
+async def _quiet(_exc: Exception) -> None:
+    """nats-py reports connection trouble through this callback; the loop handles it."""
