@@ -94,8 +94,78 @@ def _build_app() -> typer.Typer:
         _print_report(console, report)
 
     app.add_typer(_outbox_app(console), name="outbox")
+    app.add_typer(_inbox_app(console), name="inbox")
     app.add_typer(_db_app(console), name="db")
     return app
+
+
+def _inbox_app(console: Console) -> typer.Typer:
+    inbox = typer.Typer(help="Consume events into the idempotent inbox.", no_args_is_help=True)
+
+    @inbox.command("run")
+    def run_command(
+        router: Annotated[
+            str, typer.Option("--router", help="package.module:router (an EventRouter).")
+        ],
+        uow: Annotated[
+            str,
+            typer.Option("--uow", help="package.module:YourUnitOfWork (a UnitOfWork subclass)."),
+        ],
+        consumer: Annotated[
+            str,
+            typer.Option(
+                "--consumer", help="This service's name: inbox consumer, durable, queue, group."
+            ),
+        ],
+        concurrency: Annotated[
+            int, typer.Option("--concurrency", min=1, help="Subscribers in this process.")
+        ] = 1,
+        log_level: Annotated[
+            str | None, typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR.")
+        ] = None,
+        log_json: Annotated[
+            bool | None, typer.Option("--log-json/--log-text", help="Log JSON lines.")
+        ] = None,
+    ) -> None:
+        """Feed the inbox from QX_BROKER__URL (nats://, amqp:// or redis://) until
+        SIGTERM/SIGINT: each message's handler runs once, in its own transaction."""
+        from qx._targets import load_target
+        from qx.db import UnitOfWork, UnitOfWorkFactory, create_engine, create_session_factory
+        from qx.outbox import EventRouter, Inbox, InboxService
+        from qx.settings import load_settings
+
+        async def main() -> None:
+            settings = load_settings()
+            json_lines = settings.relay.log_format == "json" if log_json is None else log_json
+            _configure_logging(log_level or settings.relay.log_level, json_lines=json_lines)
+            routes = load_target(router, what="router", expected=EventRouter, hint="an EventRouter")
+            unit = load_target(uow, what="unit of work", expected=type, hint="a UnitOfWork class")
+            if not issubclass(unit, UnitOfWork):
+                raise ConfigurationError(f"{uow[:200]} is not a UnitOfWork subclass")
+            engine = create_engine(settings.db)
+            try:
+                factory = UnitOfWorkFactory(unit, create_session_factory(engine))
+                service = InboxService(
+                    settings.broker,
+                    Inbox(factory, consumer=consumer),
+                    routes,
+                    name=consumer,
+                    concurrency=concurrency,
+                )
+                await service.serve(
+                    ready=lambda: console.print(
+                        f"consuming {settings.broker.url} as {consumer}; SIGTERM or Ctrl-C stops",
+                        highlight=False,
+                        soft_wrap=True,
+                    )
+                )
+            finally:
+                await engine.dispose()
+
+        with _one_line(console):
+            asyncio.run(main())
+
+    return inbox
 
 
 def _configure_logging(level: str, *, json_lines: bool) -> None:

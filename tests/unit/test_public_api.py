@@ -209,6 +209,7 @@ EXPECTED = {
         "Envelope",
         "EventRouter",
         "Inbox",
+        "InboxService",
         "LogPublisher",
         "MemoryPublisher",
         "NatsSubscriber",

@@ -28,8 +28,6 @@ the settings or ``alembic.ini`` it stops instead of creating a SQLite file.
 from __future__ import annotations
 
 import asyncio
-import importlib
-import re
 from collections.abc import Callable
 from logging.config import fileConfig
 from pathlib import Path
@@ -42,6 +40,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
 from qx._schema import include_qx_tables
+from qx._targets import load_target
 from qx.core._errors import ConfigurationError
 from qx.db._engine import create_engine, parse_database_url
 from qx.migrations._placement import place_new_revisions
@@ -58,9 +57,6 @@ __all__ = [
 ]
 
 
-_TARGET = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
-
-
 def load_metadata(target: str) -> MetaData:
     """Import ``"package.module:attribute"`` and return it, checked to be a ``MetaData``.
 
@@ -68,25 +64,12 @@ def load_metadata(target: str) -> MetaData:
         ConfigurationError: a malformed target, a module that does not import, or an
             attribute that is missing or not a ``MetaData`` (the message names which).
     """
-    if not _TARGET.fullmatch(target):
-        raise ConfigurationError(
-            f"metadata must look like 'package.module:metadata', got {target[:200]!r}"
-        )
-    module_name, _, attribute = target.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigurationError(
-            f"cannot import {module_name!r} for the metadata ({exc}); run qx from the "
-            "service's root, or fix the module path"
-        ) from exc
-    found = getattr(module, attribute, None)
-    if not isinstance(found, MetaData):
-        what = "has no attribute" if found is None else f"has {type(found).__name__} as"
-        raise ConfigurationError(
-            f"{module_name} {what} {attribute!r}: expected a sqlalchemy MetaData "
-            "(qx.db.make_metadata())"
-        )
+    found: MetaData = load_target(
+        target,
+        what="metadata",
+        expected=MetaData,
+        hint="a sqlalchemy MetaData (qx.db.make_metadata())",
+    )
     return found
 
 

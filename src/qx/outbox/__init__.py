@@ -1,6 +1,7 @@
 """Transactional outbox: the tables, how events become rows, the relay, publishers, inbox."""
 
 from qx._schema import include_qx_tables, new_metadata, qx_metadata
+from qx.outbox._consumer import InboxService
 from qx.outbox._envelope import Envelope
 from qx.outbox._inbox import EventRouter, Inbox
 from qx.outbox._metrics import PrometheusMetrics
@@ -29,6 +30,7 @@ __all__ = [
     "Envelope",
     "EventRouter",
     "Inbox",
+    "InboxService",
     "LogPublisher",
     "MemoryPublisher",
     "NatsSubscriber",
