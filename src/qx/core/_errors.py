@@ -30,6 +30,7 @@ __all__ = [
     "InvalidMessage",
     "InvalidQuery",
     "NotFound",
+    "OutOfOrder",
     "PublishError",
     "QxError",
     "RequestInFlight",
@@ -140,6 +141,23 @@ class CommitOutcomeUnknown(QxError):
 
     def __init__(self, message: str, *, transaction: str | None = None) -> None:
         self.transaction = transaction
+        super().__init__(message)
+
+
+class OutOfOrder(QxError):
+    """An aggregate's event arrived before the one it follows was applied: nothing was done,
+    and it is to be delivered again later (the subscribers do so).
+
+    Attributes:
+        aggregate: ``type/id`` of the aggregate.
+        expected: the sequence number the inbox applies next.
+        got: the sequence number that arrived.
+    """
+
+    def __init__(self, message: str, *, aggregate: str, expected: int, got: int) -> None:
+        self.aggregate = aggregate
+        self.expected = expected
+        self.got = got
         super().__init__(message)
 
 

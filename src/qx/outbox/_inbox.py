@@ -6,6 +6,16 @@ handler only when the row is new — the handler's writes and the inbox row comm
 so a redelivery (even a concurrent one, which waits on the first one's row) finds the row and
 is skipped. :class:`EventRouter` maps event types to handlers for the subscribers.
 
+An aggregate's events are applied in the order the relay numbered them
+(``Envelope.sequence``), whatever consumer of the group gets them: ``qx_inbox_sequence``
+keeps, per consumer and aggregate, the last number applied, read and locked in the same
+transaction. A lower or equal number is a duplicate (skipped, counted); a number beyond the
+next raises :class:`~qx.core.OutOfOrder` and changes nothing, so the subscriber delivers it
+again once its predecessor is in. A number the relay skipped (a dead event published past)
+never arrives: an event waiting for it longer than ``gap_seconds`` since it occurred is
+applied, and the gap is logged and counted. Events without aggregate or number are applied
+as they come.
+
 Example:
     >>> inbox = Inbox(uow_factory, consumer="billing")          # doctest: +SKIP
     >>> router = EventRouter()                                    # doctest: +SKIP
@@ -17,6 +27,7 @@ Example:
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -24,10 +35,10 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from qx.core._clock import utcnow
 from qx.core._context import request_context
-from qx.core._errors import ConfigurationError
+from qx.core._errors import ConfigurationError, OutOfOrder
 from qx.core._telemetry import span
 from qx.outbox._envelope import Envelope
-from qx.outbox._table import inbox_table
+from qx.outbox._table import inbox_sequence_table, inbox_table
 
 if TYPE_CHECKING:  # qx.db._uow imports qx.outbox: only the types are needed here
     from qx.db._uow import UnitOfWork, UnitOfWorkFactory
@@ -46,13 +57,24 @@ class Inbox(Generic[U]):
     Args:
         uow_factory: units of work for the handlers (and the inbox row).
         consumer: this consumer's name; each consumer sees every message once.
+        gap_seconds: how long after it occurred an event waits for a predecessor that never
+            comes (the relay published past a dead one) before it is applied anyway.
+
+    Attributes:
+        counts: outcomes so far: ``applied``, ``duplicate``, ``out_of_order``, ``gap``.
     """
 
-    def __init__(self, uow_factory: UnitOfWorkFactory[U], *, consumer: str) -> None:
+    def __init__(
+        self, uow_factory: UnitOfWorkFactory[U], *, consumer: str, gap_seconds: float = 60.0
+    ) -> None:
         if not consumer or len(consumer) > 200:
             raise ConfigurationError("Inbox needs a consumer name of 1 to 200 characters")
+        if not gap_seconds > 0:
+            raise ConfigurationError(f"gap_seconds must be > 0, got {gap_seconds!r}")
         self.uow_factory = uow_factory
         self.consumer = consumer
+        self.gap_seconds = gap_seconds
+        self.counts: Counter[str] = Counter()
 
     async def process(self, envelope: Envelope, handler: Handler) -> bool:
         """Run ``handler(envelope, uow)`` and commit, unless this message was processed.
@@ -62,6 +84,10 @@ class Inbox(Generic[U]):
 
         Returns:
             ``True`` if the handler ran, ``False`` for a duplicate.
+
+        Raises:
+            OutOfOrder: the aggregate's previous event is not applied yet (nothing done:
+                deliver it again later).
         """
         with (
             request_context(
@@ -83,13 +109,70 @@ class Inbox(Generic[U]):
             ) as current,
         ):
             async with self.uow_factory() as uow:
-                if not await self._record(uow, envelope):
+                if not await self._in_order(uow, envelope) or not await self._record(uow, envelope):
                     logger.debug("skipping duplicate %s for %s", envelope.id, self.consumer)
+                    self.counts["duplicate"] += 1
                     if current is not None:
                         current.set_attribute("qx.inbox.duplicate", True)
                     return False
                 await handler(envelope, uow)
                 await uow.commit()
+        self.counts["applied"] += 1
+        return True
+
+    async def _in_order(self, uow: UnitOfWork, envelope: Envelope) -> bool:
+        """Check the envelope's place in its aggregate's sequence and, when it is the next,
+        move the sequence on (in the handler's transaction). ``False`` for a duplicate."""
+        number = envelope.sequence
+        if number is None or envelope.aggregate_id is None:
+            return True
+        key = (envelope.aggregate_type or "", envelope.aggregate_id)
+        session = uow.session
+        dialect = session.get_bind().dialect.name
+        insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        t = inbox_sequence_table
+        # Insert-or-touch: either way the row is locked until this transaction ends, so a
+        # consumer holding the same aggregate's next event waits here, then reads ours.
+        upsert = insert(t).values(
+            consumer=self.consumer, aggregate_type=key[0], aggregate_id=key[1], last_seq=0
+        )
+        stmt = upsert.on_conflict_do_update(
+            index_elements=[t.c.consumer, t.c.aggregate_type, t.c.aggregate_id],
+            set_={"last_seq": t.c.last_seq},
+        ).returning(t.c.last_seq)
+        last = int((await session.execute(stmt)).scalar_one())
+        if number <= last:
+            return False
+        if number > last + 1:
+            waited = (utcnow() - envelope.time).total_seconds()
+            aggregate = f"{key[0]}/{key[1]}"
+            if waited <= self.gap_seconds:
+                self.counts["out_of_order"] += 1
+                raise OutOfOrder(
+                    f"event {number} of {aggregate[:200]} arrived before event {last + 1}",
+                    aggregate=aggregate,
+                    expected=last + 1,
+                    got=number,
+                )
+            self.counts["gap"] += 1
+            logger.warning(
+                "%s: events %s..%s of %s never arrived in %.0fs; applying %s",
+                self.consumer,
+                last + 1,
+                number - 1,
+                aggregate[:200],
+                waited,
+                number,
+            )
+        await session.execute(
+            t.update()
+            .where(
+                t.c.consumer == self.consumer,
+                t.c.aggregate_type == key[0],
+                t.c.aggregate_id == key[1],
+            )
+            .values(last_seq=number)
+        )
         return True
 
     async def _record(self, uow: UnitOfWork, envelope: Envelope) -> bool:

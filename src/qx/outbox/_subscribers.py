@@ -27,7 +27,7 @@ from abc import ABC, abstractmethod
 from typing import Any
 
 from qx.core._backoff import Backoff
-from qx.core._errors import ConfigurationError, InvalidMessage
+from qx.core._errors import ConfigurationError, InvalidMessage, OutOfOrder
 from qx.outbox._envelope import Envelope
 from qx.outbox._inbox import EventRouter, Inbox
 from qx.settings import BrokerSettings
@@ -38,27 +38,33 @@ logger = logging.getLogger("qx.outbox.subscribe")
 
 #: How long a message whose handler failed waits before it is delivered again.
 REDELIVERY = Backoff(1.0, 60.0)
+#: How soon an event that arrived before its predecessor is delivered again.
+IN_ORDER = Backoff(0.05, 2.0)
 #: How long a subscriber waits before connecting again after losing its broker.
 RECONNECT = Backoff(0.5, 15.0)
 #: The longest a subscriber blocks on its broker before it looks at ``stop`` again.
 POLL_SECONDS = 0.5
 
 
-async def _handle(inbox: Inbox[Any], router: EventRouter, body: bytes) -> bool:
-    """Process one body; return ``True`` to acknowledge, ``False`` to redeliver."""
+async def _handle(inbox: Inbox[Any], router: EventRouter, body: bytes) -> Backoff | None:
+    """Process one body; ``None`` to acknowledge it, else the backoff to redeliver it by."""
     try:
         envelope = Envelope.from_json(body)
     except InvalidMessage as exc:
         logger.error("dropping a message that is not a qx envelope: %s", exc)
-        return True
+        return None
     try:
         await inbox.process(envelope, router.dispatch)
+    except OutOfOrder as exc:
+        # Its predecessor is on its way (or being handled by another consumer): soon.
+        logger.debug("%s; delivering it again", exc)
+        return IN_ORDER
     except Exception:
         logger.exception(
             "handler for %s (%s) failed; will be redelivered", envelope.type, envelope.id
         )
-        return False
-    return True
+        return REDELIVERY
+    return None
 
 
 class _Subscriber(ABC):
@@ -98,7 +104,7 @@ class _Subscriber(ABC):
             logger.info("%s subscriber reconnected", self.system)
         self._failures = 0
 
-    async def _handle(self, body: bytes) -> bool:
+    async def _handle(self, body: bytes) -> Backoff | None:
         return await _handle(self.inbox, self.router, body)
 
     @abstractmethod
@@ -164,11 +170,12 @@ class NatsSubscriber(_Subscriber):
                     # (the builtin, both of them) depending on where the wait ran out.
                     continue
                 for message in messages:
-                    if await self._handle(message.data):
+                    again = await self._handle(message.data)
+                    if again is None:
                         await message.ack()
                     else:
                         delivered = message.metadata.num_delivered or 1
-                        await message.nak(delay=REDELIVERY.delay(delivered))
+                        await message.nak(delay=again.delay(delivered))
         finally:
             with contextlib.suppress(Exception):
                 await nc.close()
@@ -232,7 +239,7 @@ class RabbitSubscriber(_Subscriber):
                         continue
                     except StopAsyncIteration:
                         raise ConnectionError("the RabbitMQ consumer was cancelled") from None
-                    if await self._handle(message.body):
+                    if await self._handle(message.body) is None:
                         await message.ack()
                     else:
                         await message.reject(requeue=True)
@@ -325,7 +332,7 @@ class RedisSubscriber(_Subscriber):
                         await client.xack(stream, self.group, entry_id)
                         continue
                     body = fields.get(b"envelope", b"")
-                    if await self._handle(body):
+                    if await self._handle(body) is None:
                         await client.xack(stream, self.group, entry_id)
         finally:
             with contextlib.suppress(Exception):

@@ -46,6 +46,7 @@ __all__ = [
     "OUTBOX_LANES",
     "OUTBOX_TABLE",
     "PARKED",
+    "inbox_sequence_table",
     "inbox_table",
     "lane_of",
     "lane_table",
@@ -154,6 +155,17 @@ inbox_table: Final = Table(
     Column("consumer", String(200), primary_key=True),
     Column("event_name", String(200), nullable=True),
     Column("received_at", UtcDateTime(), nullable=False),
+)
+
+#: Per consumer and aggregate, the last event sequence its inbox applied: a delivery of an
+#: earlier number is a duplicate, of a later one than the next is out of order.
+inbox_sequence_table: Final = Table(
+    "qx_inbox_sequence",
+    qx_metadata,
+    Column("consumer", String(200), primary_key=True),
+    Column("aggregate_type", String(200), primary_key=True),
+    Column("aggregate_id", String(200), primary_key=True),
+    Column("last_seq", BigInteger(), nullable=False),
 )
 
 #: Lane leases: one row per lane, created by the first relay (or migration 0006).

@@ -1,0 +1,136 @@
+"""The inbox applies an aggregate's events in the relay's order, whichever consumer gets them.
+
+A handler here keeps no guard of its own: it appends each event's number to the aggregate's
+log. The inbox refuses an event whose predecessor is not applied yet (``OutOfOrder``, nothing
+done), skips a number already applied (a duplicate, even under a new message id), and
+applies an event whose predecessor never comes once it has waited ``gap_seconds``. Three
+NATS subscribers of one durable consumer, fed events in order, apply every aggregate's
+events in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import timedelta
+from uuid import UUID
+
+import pytest
+
+from qx.core import new_id, request_context, utcnow
+from qx.db import UnitOfWorkFactory
+from qx.errors import OutOfOrder
+from qx.outbox import Envelope, EventRouter, Inbox, NatsSubscriber, publisher_from_settings
+from qx.settings import BrokerSettings
+from tests import models
+from tests.integration.helpers import drop_stream
+from tests.services import NATS, resolve
+
+Factory = UnitOfWorkFactory[models.AppUnitOfWork]
+
+
+def numbered(counter: UUID, sequence: int, *, age: float = 0.0) -> Envelope:
+    return Envelope(
+        id=new_id(),
+        type="tests.counter_changed",
+        version=1,
+        time=utcnow() - timedelta(seconds=age),
+        source="other-service",
+        data={"counter_id": str(counter), "value": sequence},
+        aggregate_type="Counter",
+        aggregate_id=str(counter),
+        tenant_id="t-1",
+        sequence=sequence,
+    )
+
+
+def logging_router() -> tuple[EventRouter, dict[str, list[int]]]:
+    router = EventRouter()
+    applied: dict[str, list[int]] = {}
+
+    @router.on("tests.counter_changed")
+    async def apply(envelope: Envelope, uow: models.AppUnitOfWork) -> None:
+        counter = await uow.counters.require(envelope.data["counter_id"])
+        counter.increment()
+        # After the commit only: what the database holds, not what a rolled-back try saw.
+        aggregate, number = str(envelope.aggregate_id), int(envelope.sequence or 0)
+        uow.on_commit(lambda: applied.setdefault(aggregate, []).append(number))
+
+    return router, applied
+
+
+async def counters(factory: Factory, count: int) -> list[UUID]:
+    with request_context(tenant_id="t-1"):
+        async with factory() as uow:
+            made = [models.Counter(name=f"o{i}") for i in range(count)]
+            await uow.counters.add_many(made)
+            await uow.commit()
+    return [c.id for c in made]
+
+
+async def test_out_of_order_duplicate_and_gap(uow_factory: Factory) -> None:
+    (ident,) = await counters(uow_factory, 1)
+    router, applied = logging_router()
+    inbox = Inbox(uow_factory, consumer="ordered", gap_seconds=30)
+    assert await inbox.process(numbered(ident, 1), router.dispatch)
+    with pytest.raises(OutOfOrder) as caught:
+        await inbox.process(numbered(ident, 3), router.dispatch)
+    assert (caught.value.expected, caught.value.got) == (2, 3)
+    assert await inbox.process(numbered(ident, 2), router.dispatch)
+    assert await inbox.process(numbered(ident, 3), router.dispatch)
+    # The same number again under another message id: a duplicate, nothing applied.
+    assert not await inbox.process(numbered(ident, 2), router.dispatch)
+    # Number 4 never comes (a dead event the relay published past): 5 waits, then goes.
+    with pytest.raises(OutOfOrder):
+        await inbox.process(numbered(ident, 5, age=1), router.dispatch)
+    assert await inbox.process(numbered(ident, 5, age=31), router.dispatch)
+    assert applied == {str(ident): [1, 2, 3, 5]}
+    assert inbox.counts == {"applied": 4, "duplicate": 1, "out_of_order": 2, "gap": 1}
+    # Another consumer keeps its own place in the sequence.
+    other = Inbox(uow_factory, consumer="other")
+    assert await other.process(numbered(ident, 1), router.dispatch)
+    with request_context(tenant_id="t-1"):
+        async with uow_factory() as uow:
+            assert (await uow.counters.require(ident)).value == 5
+
+
+@pytest.mark.postgres_only
+@pytest.mark.timeout(120)
+async def test_three_subscribers_apply_every_aggregate_in_order(uow_factory: Factory) -> None:
+    url = resolve(NATS)
+    tag = new_id().hex[-10:]
+    settings = BrokerSettings(url=url, subject_prefix=f"qxord{tag}", stream=f"QXORD{tag}")
+    idents = await counters(uow_factory, 8)
+    router, applied = logging_router()
+    inbox = Inbox(uow_factory, consumer=f"ordered-{tag}")
+    publisher = publisher_from_settings(settings)
+    await publisher.connect()
+    stop = asyncio.Event()
+    subscribers = [
+        NatsSubscriber(settings, inbox, router, durable=f"d{tag}", batch=5) for _ in range(3)
+    ]
+    tasks = [asyncio.create_task(s.run(stop)) for s in subscribers]
+    events = 12
+    try:
+        for number in range(1, events + 1):
+            await asyncio.gather(*(publisher.publish(numbered(i, number)) for i in idents))
+        deadline = time.monotonic() + 90
+
+        def done() -> bool:
+            return sum(len(v) for v in applied.values()) >= events * len(idents)
+
+        while not done() and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+        await publisher.close()
+        await drop_stream(url, settings.stream)
+    expected = list(range(1, events + 1))
+    assert {k: v for k, v in applied.items() if v != expected} == {}
+    assert len(applied) == len(idents)
+    with request_context(tenant_id="t-1"):
+        async with uow_factory() as uow:
+            values = [(await uow.counters.require(i)).value for i in idents]
+    assert values == [events] * len(idents)  # each effect once
+    assert inbox.counts["applied"] == events * len(idents)
