@@ -26,6 +26,7 @@ from sqlalchemy.sql.util import sort_tables
 from qx.core._context import current_context
 from qx.db._mapping import entity_info, mapper_notes
 from qx.db._session import QxSession, stamp_new
+from qx.db._tracking import members
 
 __all__ = ["forget_inserted", "insert_new_aggregates"]
 
@@ -140,8 +141,7 @@ async def insert_new_aggregates(session: AsyncSession) -> list[Any] | None:
     for obj in new:
         state = instance_state(obj)
         for key, pairs in plans[id(obj)].owned:
-            children = state.dict.get(key) or ()
-            for child in children:
+            for child in members(state.dict.get(key)):
                 for parent_key, child_key in pairs:
                     setattr(child, child_key, state.dict.get(parent_key))
     rows: dict[Table, list[dict[str, Any]]] = {}

@@ -17,7 +17,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from itertools import chain
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
@@ -31,7 +31,7 @@ from qx.core._context import RequestContext, current_context
 from qx.core._errors import TenantViolation, UnitOfWorkError
 from qx.db._mapping import EntityInfo, entity_info, mapper_notes
 from qx.db._scoping import scope_statement, tenant_for_write
-from qx.db._tracking import TransactionState, linked_root, owned_parts
+from qx.db._tracking import TransactionState, linked_root, members, owned_parts
 from qx.db._translate import raise_translated
 
 if TYPE_CHECKING:
@@ -161,13 +161,15 @@ def _removed_parts(state: InstanceState[Any], info: EntityInfo) -> Iterator[Any]
         return
     for key in info.owned:
         original = committed.get(key)
-        if original is None or not isinstance(original, Iterable) or isinstance(original, str):
-            if original is not None and hasattr(original, "_sa_instance_state"):
-                yield original  # a scalar owned relationship's previous part
+        if original is None:
             continue
-        current = state.dict.get(key)
-        kept = {id(item) for item in current} if isinstance(current, Iterable) else set()
-        yield from (item for item in original if id(item) not in kept)
+        # A scalar owned relationship's previous part, or the items of a list, set or
+        # dict-keyed collection (its values: the keys are not parts).
+        kept = {id(item) for item in members(state.dict.get(key))}
+        for item in members(original):
+            # committed_state may hold a marker (no previous value) rather than an object.
+            if id(item) not in kept and hasattr(item, "_sa_instance_state"):
+                yield item
 
 
 def _in_aggregate(mapper: Mapper[Any]) -> bool:
@@ -353,8 +355,9 @@ def _bump_for_parts(
     # of changed parts - and the changed parts no root claims.
     claimed: set[Any] = set()
     session_id = session.hash_key
-    roots = dict.fromkeys([*dirty_roots, *tx.roots.values()])
-    for root in roots:
+    # By identity: the application's __eq__ may call two new roots equal (ids still None).
+    roots = {id(root): root for root in (*dirty_roots, *tx.roots.values())}
+    for root in roots.values():
         state = instance_state(root)
         if state.session_id != session_id:
             continue  # released to, or taken by, another session

@@ -15,7 +15,7 @@ being true (it records an event, or a part of it is changed).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Final
 
 from sqlalchemy.orm import InstanceState
@@ -24,23 +24,37 @@ from sqlalchemy.orm.attributes import flag_modified, instance_state
 from qx.core._aggregate import AggregateRoot, set_observer
 from qx.db._mapping import EntityInfo, entity_info
 
-__all__ = ["TransactionState", "linked_root", "owned_parts", "renew_transient", "touched"]
+__all__ = [
+    "TransactionState",
+    "linked_root",
+    "members",
+    "owned_parts",
+    "renew_transient",
+    "touched",
+]
 
 #: Key, in a part's ``__dict__``, of the root a released aggregate's parts point back to.
 ROOT_LINK: Final = "_qx_root"
+
+
+def members(value: Any) -> Iterator[Any]:
+    """The objects a relationship's value holds: one object, or the items of a list or set,
+    or the values of a dict-keyed collection (``attribute_keyed_dict``), never its keys."""
+    if value is None:
+        return
+    if isinstance(value, Mapping):
+        yield from value.values()
+    elif isinstance(value, Iterable) and not isinstance(value, str | bytes):
+        yield from value
+    else:
+        yield value
 
 
 def owned_parts(state: InstanceState[Any], info: EntityInfo) -> Iterator[Any]:
     """Yield the loaded parts directly owned by ``state``'s object (unloaded ones never
     changed)."""
     for key in info.owned:
-        value = state.dict.get(key)
-        if value is None:
-            continue
-        if isinstance(value, Iterable) and not isinstance(value, str | bytes):
-            yield from value
-        else:
-            yield value
+        yield from members(state.dict.get(key))
 
 
 def touched(state: InstanceState[Any]) -> bool:

@@ -36,6 +36,7 @@ from sqlalchemy import (
     String,
     Uuid,
 )
+from sqlalchemy.engine.default import DefaultDialect
 from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
@@ -234,6 +235,9 @@ def _converter(type_: TypeEngine[Any]) -> Callable[[Any, str], Any] | None:
     return None
 
 
+_DEFAULT_DIALECT: Final = DefaultDialect()
+
+
 def coerce_value(column: ColumnElement[Any], value: Any, *, field: str) -> Any:
     """Return ``value`` converted to ``column``'s Python type.
 
@@ -260,8 +264,26 @@ def coerce_value(column: ColumnElement[Any], value: Any, *, field: str) -> Any:
         if raw not in allowed:
             raise _bad(field, value, f"one of {allowed}")
         return type_.enum_class[raw] if type_.enum_class else raw
+    if isinstance(type_, TypeDecorator) and not isinstance(value, _PLAIN):
+        return _value_object(type_, value, field)
     convert = _converter(type_)
     if convert is None:
         # PostgreSQL dialect variants resolve through with_variant's base type.
         return value
     return convert(value, field)
+
+
+#: What a request or a caller passes as a plain value: converted to the column's type.
+#: Anything else given for a ``TypeDecorator`` column is a value object of the application's
+#: (an ``EmailAddress``, a ``UserID``), which the decorator itself turns into a column value.
+_PLAIN: Final = (str, bytes, bytearray, bool, int, float, Decimal, datetime, date, UUID)
+
+
+def _value_object(type_: TypeDecorator[Any], value: Any, field: str) -> Any:
+    """``value`` when the column's decorator takes it (as it will when the statement runs),
+    ``InvalidQuery`` naming the field when the decorator refuses it."""
+    try:
+        type_.process_bind_param(value, _DEFAULT_DIALECT)
+    except Exception as exc:
+        raise _bad(field, value, f"a value {type(type_).__name__} takes") from exc
+    return value
