@@ -4,6 +4,8 @@ The names most services import; everything else lives in :mod:`qx.core`, :mod:`q
 :mod:`qx.outbox`.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from qx.core import (
     AggregateRoot,
     CommitOutcomeUnknown,
@@ -31,16 +33,44 @@ from qx.core import (
     request_context,
     system_context,
 )
-from qx.db import (
-    Page,
-    Q,
-    Repository,
-    UnitOfWork,
-    UnitOfWorkFactory,
-    create_engine,
-    create_session_factory,
-)
-from qx.settings import QxSettings, load_settings
+
+if TYPE_CHECKING:
+    from qx.db import (
+        Page,
+        Q,
+        Repository,
+        UnitOfWork,
+        UnitOfWorkFactory,
+        create_engine,
+        create_session_factory,
+    )
+    from qx.settings import QxSettings, load_settings
+
+# The database and settings layers load on first use: a domain module's
+# `from qx import AggregateRoot` (or `qx.core`) imports no SQLAlchemy and no pydantic.
+_LAZY: dict[str, str] = {
+    "Page": "qx.db",
+    "Q": "qx.db",
+    "Repository": "qx.db",
+    "UnitOfWork": "qx.db",
+    "UnitOfWorkFactory": "qx.db",
+    "create_engine": "qx.db",
+    "create_session_factory": "qx.db",
+    "QxSettings": "qx.settings",
+    "load_settings": "qx.settings",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'qx' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
 
 __version__ = "0.1.0"
 

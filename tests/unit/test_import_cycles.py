@@ -65,3 +65,23 @@ def test_no_import_cycle_inside_qx_db() -> None:
         if node not in state:
             visit(node, [node])
     assert cycles == [], "\n".join(" -> ".join(cycle) for cycle in cycles)
+
+
+def test_the_domain_layer_imports_no_sqlalchemy_and_no_pydantic() -> None:
+    # A domain module's one import (issue 23): `from qx import AggregateRoot` or qx.core.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from qx import AggregateRoot, DomainEvent, IntegrationEvent, NotFound\n"
+        "import qx.core\n"
+        "heavy = sorted(m for m in ('sqlalchemy', 'pydantic', 'qx.db', 'qx.outbox')"
+        " if m in sys.modules)\n"
+        "assert not heavy, heavy\n"
+        "import qx\n"
+        "assert qx.Repository.__module__.startswith('qx.db')  # loaded on first use\n"
+        "assert 'sqlalchemy' in sys.modules\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
