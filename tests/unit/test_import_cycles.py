@@ -6,6 +6,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 import qx
 
 SRC = Path(qx.__file__).resolve().parent.parent
@@ -85,3 +87,22 @@ def test_the_domain_layer_imports_no_sqlalchemy_and_no_pydantic() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        "qx", "qx.core", "qx.cqrs", "qx.db", "qx.db.query", "qx.outbox", "qx.outbox.publishers",
+        "qx.migrations", "qx.settings", "qx.testing", "qx.cli", "qx._schema", "qx.cqrs._table",
+        "qx.outbox._table", "qx.outbox._relay", "qx.db._uow", "qx.examples.orders.api",
+    ],
+)  # fmt: skip
+def test_every_package_imports_first_in_a_fresh_interpreter(module: str) -> None:
+    # The lazy re-exports change which module loads first; none may meet a half-made one.
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", f"import {module}"], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]

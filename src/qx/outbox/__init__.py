@@ -1,6 +1,10 @@
 """Transactional outbox: the tables, how events become rows, the relay, publishers, inbox."""
 
-from qx._schema import include_qx_tables, new_metadata, qx_metadata
+from typing import TYPE_CHECKING, Any
+
+# The database layer first: its unit of work writes outbox rows, so it loads parts of this
+# package while it initialises (issue 23 removes that edge).
+import qx.db  # noqa: F401
 from qx.outbox._consumer import InboxService
 from qx.outbox._envelope import Envelope
 from qx.outbox._inbox import EventRouter, Inbox
@@ -20,6 +24,22 @@ from qx.outbox._table import (
     outbox_table,
 )
 from qx.outbox.publishers import LogPublisher, MemoryPublisher, Publisher, publisher_from_settings
+
+if TYPE_CHECKING:
+    from qx._schema import include_qx_tables, new_metadata, qx_metadata
+
+
+def __getattr__(name: str) -> Any:
+    # qx's table list spans the packages (the bus's idempotency table too): loaded on first
+    # use, so that importing qx.outbox from inside qx.db's own import never goes round.
+    if name in ("include_qx_tables", "new_metadata", "qx_metadata"):
+        from qx import _schema
+
+        value = getattr(_schema, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'qx.outbox' has no attribute {name!r}")
+
 
 __all__ = [
     "NOTIFY_CHANNEL",
