@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import socket
 from collections.abc import Callable
 from typing import Any
 
 from qx.core._errors import ConfigurationError
 from qx.outbox._inbox import EventRouter, Inbox
+from qx.outbox._signals import until_signalled
 from qx.outbox._subscribers import NatsSubscriber, RabbitSubscriber, RedisSubscriber
 from qx.settings import BrokerSettings
 
@@ -93,13 +93,4 @@ class InboxService:
         Args:
             ready: called once the signal handlers are in place.
         """
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.stop)
-        if ready is not None:
-            ready()
-        try:
-            await self.run()
-        finally:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(sig)
+        await until_signalled(self.run, self.stop, ready)

@@ -37,7 +37,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
 import socket
 import time
 from collections import Counter
@@ -57,6 +56,7 @@ from qx.outbox._claimed import Run
 from qx.outbox._envelope import Envelope
 from qx.outbox._logging import RateLimitedLog
 from qx.outbox._relay_state import RelayState, StateMachine
+from qx.outbox._signals import until_signalled
 from qx.outbox._store import (
     Claim,
     Failure,
@@ -430,16 +430,7 @@ class OutboxRelay:
         Args:
             ready: called once the signal handlers are in place.
         """
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.stop)
-        if ready is not None:
-            ready()
-        try:
-            await self.run()
-        finally:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(sig)
+        await until_signalled(self.run, self.stop, ready)
 
     async def run(self) -> None:
         """Relay until :meth:`stop`; ride out database and broker outages."""
