@@ -136,8 +136,7 @@ def _inbox_app(console: Console) -> typer.Typer:
 
         async def main() -> None:
             settings = load_settings()
-            json_lines = settings.relay.log_format == "json" if log_json is None else log_json
-            _configure_logging(log_level or settings.relay.log_level, json_lines=json_lines)
+            _configure_service_logging(settings, log_level, log_json)
             routes = load_target(router, what="router", expected=EventRouter, hint="an EventRouter")
             unit = load_target(uow, what="unit of work", expected=type, hint="a UnitOfWork class")
             if not issubclass(unit, UnitOfWork):
@@ -166,6 +165,13 @@ def _inbox_app(console: Console) -> typer.Typer:
             asyncio.run(main())
 
     return inbox
+
+
+def _configure_service_logging(settings: Any, level: str | None, json_lines: bool | None) -> None:
+    """A long-running command's logging: ``--log-level`` / ``--log-json`` when given, else
+    ``QX_RELAY__LOG_LEVEL`` / ``QX_RELAY__LOG_FORMAT``."""
+    json_out = settings.relay.log_format == "json" if json_lines is None else json_lines
+    _configure_logging(level or settings.relay.log_level, json_lines=json_out)
 
 
 def _configure_logging(level: str, *, json_lines: bool) -> None:
@@ -461,8 +467,7 @@ def _outbox_app(console: Console) -> typer.Typer:
         from qx.outbox import OutboxRelay, publisher_from_settings
 
         async def work(settings: Any, engine: Any) -> None:
-            json_lines = settings.relay.log_format == "json" if log_json is None else log_json
-            _configure_logging(log_level or settings.relay.log_level, json_lines=json_lines)
+            _configure_service_logging(settings, log_level, log_json)
             metrics = None
             if metrics_port is not None:
                 from qx.outbox import PrometheusMetrics

@@ -40,7 +40,8 @@ class CommitProbe(Protocol):
 
     async def handle(self, session: AsyncSession) -> str | None:
         """A handle on the session's transaction, taken just before COMMIT (``None``:
-        nothing to find out)."""
+        nothing to find out). A backend that needs the transaction's writes done first
+        flushes the session itself."""
 
     async def outcome(self, engine: AsyncEngine, handle: str, *, deadline: float) -> bool | None:
         """``True`` committed, ``False`` not, ``None`` not known by ``deadline``
@@ -49,6 +50,8 @@ class CommitProbe(Protocol):
 
 class _Postgres:
     async def handle(self, session: AsyncSession) -> str | None:
+        # The flush's writes give the transaction its id: ask after them.
+        await session.flush()
         connection = await session.connection()
         raw = await connection.get_raw_connection()
         driver: Any = raw.driver_connection

@@ -435,18 +435,18 @@ class UnitOfWork:
         time, raise ``CommitOutcomeUnknown`` (never safe to retry blindly)."""
         engine = self._session_factory.kw.get("bind")
         probe = commit_probe(engine.dialect.name) if isinstance(engine, AsyncEngine) else None
-        if probe is None:
-            # Nothing new and no events: COMMIT flushes the changes itself, one call.
+        handle = await probe.handle(session) if probe is not None else None
+        if handle is None or probe is None or not isinstance(engine, AsyncEngine):
+            # Nothing to find out (SQLite, or a transaction that wrote nothing): COMMIT
+            # flushes what is left itself, one call. (A handle only ever comes from the probe
+            # of an engine: the other two tests narrow the types.)
             await session.commit()
             return
-        await session.flush()
-        handle = await probe.handle(session)
         try:
             await session.commit()
         except Exception as exc:
-            if handle is None or not lost_connection(exc):
+            if not lost_connection(exc):
                 raise
-            assert isinstance(engine, AsyncEngine)
             deadline = time.monotonic() + self._probe_seconds
             committed = await probe.outcome(engine, handle, deadline=deadline)
             if committed:

@@ -25,6 +25,7 @@ from qx.core._errors import ConfigurationError
 from qx.outbox._inbox import EventRouter, Inbox
 from qx.outbox._signals import until_signalled
 from qx.outbox._subscribers import NatsSubscriber, RabbitSubscriber, RedisSubscriber
+from qx.outbox.publishers._select import broker_kind
 from qx.settings import BrokerSettings
 
 __all__ = ["InboxService", "subscriber_from_settings"]
@@ -38,16 +39,16 @@ def subscriber_from_settings(
     """The subscriber for the broker of ``settings.url``, named ``name`` there (durable
     consumer, queue, or consumer group); ``index`` tells the instances of one process apart
     where the broker needs it (Redis consumers)."""
-    scheme = settings.url.split("://", 1)[0].lower()
-    if scheme in ("nats", "tls"):
+    kind = broker_kind(settings)
+    if kind == "nats":
         return NatsSubscriber(settings, inbox, router, durable=name)
-    if scheme in ("amqp", "amqps"):
+    if kind == "rabbitmq":
         return RabbitSubscriber(settings, inbox, router, queue=name)
-    if scheme in ("redis", "rediss"):
+    if kind == "redis":
         consumer = f"{socket.gethostname()}-{os.getpid()}-{index}"
         return RedisSubscriber(settings, inbox, router, group=name, consumer=consumer)
     raise ConfigurationError(
-        f"no subscriber for {scheme}:// (QX_BROKER__URL): use nats://, amqp:// or redis://"
+        f"no subscriber for {kind}:// (QX_BROKER__URL): use nats://, amqp:// or redis://"
     )
 
 

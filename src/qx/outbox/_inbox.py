@@ -31,12 +31,11 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from sqlalchemy.dialects import postgresql, sqlite
-
 from qx.core._clock import utcnow
 from qx.core._context import request_context
 from qx.core._errors import ConfigurationError, OutOfOrder
 from qx.core._telemetry import span
+from qx.db._dialect import dialect_of
 from qx.outbox._envelope import Envelope
 from qx.outbox._table import inbox_sequence_table, inbox_table
 
@@ -128,8 +127,7 @@ class Inbox(Generic[U]):
             return True
         key = (envelope.aggregate_type or "", envelope.aggregate_id)
         session = uow.session
-        dialect = session.get_bind().dialect.name
-        insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        insert = dialect_of(session.get_bind()).insert
         t = inbox_sequence_table
         # Insert-or-touch: either way the row is locked until this transaction ends, so a
         # consumer holding the same aggregate's next event waits here, then reads ours.
@@ -177,8 +175,7 @@ class Inbox(Generic[U]):
 
     async def _record(self, uow: UnitOfWork, envelope: Envelope) -> bool:
         session = uow.session
-        dialect = session.get_bind().dialect.name
-        insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        insert = dialect_of(session.get_bind()).insert
         stmt = (
             insert(inbox_table)
             .values(

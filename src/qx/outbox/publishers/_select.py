@@ -15,7 +15,35 @@ from qx.outbox.publishers._inprocess import LogPublisher, MemoryPublisher
 from qx.outbox.publishers._port import Publisher
 from qx.settings import BrokerSettings
 
-__all__ = ["publisher_from_settings"]
+__all__ = ["broker_kind", "publisher_from_settings"]
+
+_KINDS = {
+    "memory": "memory",
+    "log": "log",
+    "nats": "nats",
+    "tls": "nats",
+    "amqp": "rabbitmq",
+    "amqps": "rabbitmq",
+    "redis": "redis",
+    "rediss": "redis",
+}
+
+
+def broker_kind(settings: BrokerSettings) -> str:
+    """The broker of ``settings.url``: ``memory``, ``log``, ``nats``, ``rabbitmq`` or
+    ``redis`` (the one reading of the URL's scheme, for publishers and subscribers).
+
+    Raises:
+        ConfigurationError: an unknown scheme.
+    """
+    scheme = urlsplit(settings.url).scheme.lower()
+    kind = _KINDS.get(scheme)
+    if kind is None:
+        raise ConfigurationError(
+            f"QX_BROKER__URL: unsupported scheme {scheme!r} in {settings.url!r} "
+            "(use memory://, log://, nats://, amqp:// or redis://)"
+        )
+    return kind
 
 
 def publisher_from_settings(settings: BrokerSettings) -> Publisher:
@@ -24,24 +52,19 @@ def publisher_from_settings(settings: BrokerSettings) -> Publisher:
     Raises:
         ConfigurationError: an unknown scheme, or the broker's client library is missing.
     """
-    scheme = urlsplit(settings.url).scheme.lower()
-    if scheme == "memory":
+    kind = broker_kind(settings)
+    if kind == "memory":
         return MemoryPublisher()
-    if scheme == "log":
+    if kind == "log":
         return LogPublisher()
-    if scheme in {"nats", "tls"}:
+    if kind == "nats":
         from qx.outbox.publishers._nats import NatsPublisher
 
         return NatsPublisher(settings)
-    if scheme in {"amqp", "amqps"}:
+    if kind == "rabbitmq":
         from qx.outbox.publishers._rabbitmq import RabbitPublisher
 
         return RabbitPublisher(settings)
-    if scheme in {"redis", "rediss"}:
-        from qx.outbox.publishers._redis import RedisPublisher
+    from qx.outbox.publishers._redis import RedisPublisher
 
-        return RedisPublisher(settings)
-    raise ConfigurationError(
-        f"QX_BROKER__URL: unsupported scheme {scheme!r} in {settings.url!r} "
-        "(use memory://, log://, nats://, amqp:// or redis://)"
-    )
+    return RedisPublisher(settings)
