@@ -20,17 +20,47 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable
 from typing import Any, Protocol
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-__all__ = ["COMMIT_PROBE_SECONDS", "CommitProbe", "commit_probe"]
+__all__ = ["COMMIT_PROBE_SECONDS", "CommitProbe", "commit_probe", "past_cancellation"]
 
 logger = logging.getLogger("qx.db.commit")
 
 #: How long a unit of work keeps asking about a commit whose answer was lost.
 COMMIT_PROBE_SECONDS = 10.0
+
+
+async def past_cancellation(step: Awaitable[None]) -> bool:
+    """Run ``step`` to its end even when the caller is cancelled meanwhile.
+
+    For steps that must not stop half-way. Cancelling a COMMIT does not stop it: the server
+    (or SQLite's thread) goes on and may commit, while the caller would see only
+    ``CancelledError``, treat the work as not done, restore its events and leave a retry
+    to run it twice. A rollback cut short leaves a connection in a transaction. So a
+    cancellation waits for the step's end. Returns whether one came meanwhile: the caller
+    finishes its bookkeeping for the outcome it now knows, then raises it. When ``step``
+    failed and a cancellation came, raises ``CancelledError`` from the failure.
+    """
+    task = asyncio.ensure_future(step)
+    cancelled = False
+    while True:
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.done():  # the step itself was cancelled, not its caller
+                raise
+            cancelled = True
+        except BaseException as exc:
+            if cancelled:
+                raise asyncio.CancelledError from exc
+            raise
+        else:
+            return cancelled
+
 
 _STATUS = text("SELECT pg_xact_status(CAST(:xid AS xid8))")
 

@@ -57,7 +57,7 @@ from qx.core._errors import (
 from qx.core._events import Event, IntegrationEvent, handling_event
 from qx.core._ids import new_id
 from qx.core._telemetry import active_tracer, span, trace_headers
-from qx.db._commit import COMMIT_PROBE_SECONDS, commit_probe
+from qx.db._commit import COMMIT_PROBE_SECONDS, commit_probe, past_cancellation
 from qx.db._insert_new import forget_inserted, insert_new_aggregates
 from qx.db._mapping import entity_info
 from qx.db._repository import Repository
@@ -258,18 +258,10 @@ class UnitOfWork:
             # releases a connection that holds no transaction.
             await self._close()
             return
-        cleanup = asyncio.ensure_future(self._close())
-        try:
-            await asyncio.shield(cleanup)
-        except asyncio.CancelledError:
-            # Cancelled while cleaning up: finish anyway so the connection returns to the pool
-            # rolled back, then let the cancellation continue.
-            while not cleanup.done():
-                try:
-                    await asyncio.shield(cleanup)
-                except asyncio.CancelledError:
-                    continue
-            raise
+        # Cancelled while cleaning up: finish anyway so the connection returns to the pool
+        # rolled back, then let the cancellation continue.
+        if await past_cancellation(self._close()):
+            raise asyncio.CancelledError
 
     async def _close(self) -> None:
         session = self._session
@@ -370,7 +362,7 @@ class UnitOfWork:
             raise UnitOfWorkError("commit() cannot be called while the commit is in progress")
         self.require_active()
         with span("qx.uow.commit") as current:
-            records, outbox_rows = await self._commit()
+            records, outbox_rows, cancelled = await self._commit()
             if current is not None:
                 current.set_attributes(
                     {
@@ -384,6 +376,10 @@ class UnitOfWork:
         if outbox_rows:
             await self._wake_relays()
         await self._run_after_commit()
+        if cancelled:
+            # Cancelled while COMMIT was on its way: the commit stands and its bookkeeping
+            # is done; the cancellation goes on to the caller.
+            raise asyncio.CancelledError
 
     async def _wake_relays(self) -> None:
         wakeup = self._wakeup
@@ -392,9 +388,9 @@ class UnitOfWork:
         if wakeup is not None:
             await wakeup.committed()
 
-    async def _commit(self) -> tuple[list[RecordedEvent], int]:
-        """The transaction part of :meth:`commit`: the events it settled, and the outbox
-        rows it wrote."""
+    async def _commit(self) -> tuple[list[RecordedEvent], int, bool]:
+        """The transaction part of :meth:`commit`: the events it settled, the outbox rows
+        it wrote, and whether a cancellation came while COMMIT was on its way."""
         session = self.session
         sync: QxSession = session.sync_session  # type: ignore[assignment]
         self._committing = True
@@ -415,7 +411,7 @@ class UnitOfWork:
                         # mapped class, so the ORM's execute machinery would only add overhead.
                         connection = await session.connection()
                         await _write_outbox(connection, rows)
-                await self._commit_or_find_out(session)
+                cancelled = await past_cancellation(self._commit_or_find_out(session))
         except BaseException:
             roots = list(sync.tx_state.roots.values())  # the rollback starts a new record
             _restore_events(roots, records, before_commit)
@@ -426,7 +422,7 @@ class UnitOfWork:
             raise
         finally:
             self._committing = False
-        return records, len(rows)
+        return records, len(rows), cancelled
 
     async def _commit_or_find_out(self, session: AsyncSession) -> None:
         """COMMIT. When the connection fails before COMMIT's answer, ask the database
