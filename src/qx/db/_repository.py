@@ -25,6 +25,7 @@ from uuid import UUID
 from sqlalchemy import Uuid, inspect, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapper
+from sqlalchemy.orm.attributes import instance_state
 from sqlalchemy.orm.interfaces import ORMOption
 
 from qx.core._context import current_context
@@ -42,7 +43,7 @@ from qx.db._scoping import (
     visible,
     visible_parts,
 )
-from qx.db._session import QxSession
+from qx.db._session import QxSession, key_load_sees_pending
 from qx.db._translate import translating
 from qx.db.query._bulk import upsert_rows
 from qx.db.query._coerce import coerce_value
@@ -215,23 +216,31 @@ class Repository(Generic[T]):
         if ctx.tenant_id is None and not ctx.system:
             scope_tenant(scoped_closure(self._spec.mapper), ctx)  # fail closed, found or not
         sync: QxSession = session.sync_session  # type: ignore[assignment]
-        if resolved.rows_checked:
-            # The aggregate's relationships load in statements of their own, so
-            # SQLAlchemy's cached primary-key load reads the row as is (loader criteria
-            # would be processed again on every execution) and visible() checks it below.
-            # The note lets exactly that one load through unscoped and gives each eager load
-            # it triggers a tenant/soft-delete WHERE of its own. One owned relationship is
-            # joined into that load (see JoinedPart); its rows are checked by
-            # visible_parts() below.
-            sync.rows_checked = RowsChecked(with_deleted=with_deleted)
-            try:
+        autoflush = sync.autoflush
+        if autoflush and not key_load_sees_pending(sync, self._spec.mapper, (key,)):
+            sync.autoflush = False  # pending changes elsewhere wait for the commit's flush
+        try:
+            if resolved.rows_checked:
+                # The aggregate's relationships load in statements of their own, so
+                # SQLAlchemy's cached primary-key load reads the row as is (loader criteria
+                # would be processed again on every execution) and visible() checks it
+                # below. The note lets exactly that one load through unscoped and gives each
+                # eager load it triggers a tenant/soft-delete WHERE of its own. One owned
+                # relationship is joined into that load (see JoinedPart); its rows are
+                # checked by visible_parts() below.
+                sync.rows_checked = RowsChecked(with_deleted=with_deleted)
                 obj = await session.get(self._spec.entity, key, options=resolved.get_options)
-            finally:
-                sync.rows_checked = None
-        else:
-            options = {WITH_DELETED: True} if with_deleted else {}
-            obj = await session.get(self._spec.entity, key, execution_options=options)
+            else:
+                options = {WITH_DELETED: True} if with_deleted else {}
+                obj = await session.get(self._spec.entity, key, execution_options=options)
+        finally:
+            sync.rows_checked = None
+            sync.autoflush = autoflush
         if obj is None or not visible(self._info, obj, ctx, with_deleted=with_deleted):
+            return None
+        if sync._deleted and instance_state(obj) in sync._deleted:
+            # Removed in this unit of work, its DELETE not flushed yet: the identity map
+            # still holds it, but it is gone (SQLAlchemy's pending-deletion set).
             return None
         if resolved.joined is not None:  # only ever set under rows_checked (joined_part)
             visible_parts(obj, resolved.joined, ctx, with_deleted=with_deleted)
@@ -359,7 +368,14 @@ class Repository(Generic[T]):
         if not isinstance(ids, Iterable) or isinstance(ids, str | bytes | bytearray | Mapping):
             raise InvalidQuery(f"ids must be a list of ids, got {shown(ids)}", field="ids")
         wanted = builtins.list(dict.fromkeys(self._coerce_id(ident) for ident in ids))
-        return await self.query().with_deleted(with_deleted).by_keys(wanted)
+        sync = self._bound.sync
+        autoflush = sync.autoflush
+        if autoflush and not key_load_sees_pending(sync, self._spec.mapper, wanted):
+            sync.autoflush = False  # see get()
+        try:
+            return await self.query().with_deleted(with_deleted).by_keys(wanted)
+        finally:
+            sync.autoflush = autoflush
 
     async def stream(
         self,
@@ -413,6 +429,7 @@ class Repository(Generic[T]):
         tenant is refused at flush.
         """
         self._check_new(entity)
+        await self._deletes_first()
         if self._info.tenant_key is not None and getattr(entity, self._info.tenant_key) is None:
             setattr(entity, self._info.tenant_key, tenant_for_write(self._info, current_context()))
         self._bound.session.add(entity)
@@ -429,6 +446,7 @@ class Repository(Generic[T]):
                 if tenant is None:
                     tenant = tenant_for_write(self._info, current_context())
                 setattr(entity, key, tenant)
+        await self._deletes_first()
         self._bound.session.add_all(added)
         return added
 
@@ -586,12 +604,17 @@ class Repository(Generic[T]):
         await self._delete(entity)
 
     async def _delete(self, entity: T) -> None:
-        # The DELETE runs now, as Django's does: SQLAlchemy's flush would INSERT before it
-        # DELETEs, so adding a replacement with the same unique key in the same unit of work
-        # would collide with the row being removed.
+        # The DELETE waits for the next flush, so a loop of removals pays one flush, not
+        # one per row; add() flushes it first (see _deletes_first).
+        await self._bound.session.delete(entity)
+
+    async def _deletes_first(self) -> None:
+        # A flush INSERTs before it DELETEs: a replacement added after a removal with the
+        # same unique key would collide with the row being removed. So pending DELETEs run
+        # before anything is added, as if each removal had run at once (as Django's does).
         session = self._bound.session
-        await session.delete(entity)
-        await session.flush()
+        if session.sync_session.deleted:
+            await session.flush()
 
 
 def _sort_keys(sort: object) -> builtins.list[str]:
