@@ -8,6 +8,7 @@ alive on every use, the dialect, the clock, the cursor codec).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -16,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapper
 
 from qx.core._clock import Clock
-from qx.core._errors import ConfigurationError
+from qx.core._errors import ConfigurationError, UnitOfWorkError
 from qx.db._dialect import Dialect, dialect_named
 from qx.db._mapping import EntityInfo
 from qx.db.query._cursor import CursorCodec
@@ -71,6 +72,11 @@ class Bound:
 
     The session is reached through :attr:`session` only, which checks that the owning unit
     of work is still active: the one lifecycle check every read and write passes.
+
+    The owner is held weakly. A unit of work holds its repositories, so a strong reference
+    back would make every unit of work that used one a reference cycle, freed by the
+    cyclic collector instead of when its block ends (with its session, identity map and
+    transaction state). A repository outliving its unit of work meets a closed one.
     """
 
     __slots__ = ("_codec", "_dialect", "_owner", "_session")
@@ -79,7 +85,7 @@ class Bound:
         self, session: AsyncSession, owner: Owner | None, codec: CursorCodec | None
     ) -> None:
         self._session = session
-        self._owner = owner
+        self._owner = weakref.ref(owner) if owner is not None else None
         self._codec = codec
         self._dialect: Dialect | None = None
 
@@ -87,7 +93,13 @@ class Bound:
     def session(self) -> AsyncSession:
         """The session, once the owning unit of work is known to be active."""
         if self._owner is not None:
-            self._owner.require_active()
+            owner = self._owner()
+            if owner is None:
+                raise UnitOfWorkError(
+                    "this repository's unit of work has ended: use repositories inside "
+                    "its 'async with' block"
+                )
+            owner.require_active()
         return self._session
 
     @property
@@ -113,7 +125,8 @@ class Bound:
         Raises:
             ConfigurationError: no cursor secret was configured.
         """
-        codec = self._codec or (self._owner.cursor_codec if self._owner is not None else None)
+        owner = self._owner() if self._owner is not None else None
+        codec = self._codec or (owner.cursor_codec if owner is not None else None)
         if codec is None:
             raise ConfigurationError(
                 "keyset pagination needs a cursor secret: pass cursor_secret= to "
