@@ -8,7 +8,7 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-from sqlalchemy import event, func, select
+from sqlalchemy import event, func, inspect, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from qx.core import new_id, request_context, system_context
@@ -301,6 +301,21 @@ async def test_terminals(uow_factory: Factory) -> None:
             with pytest.raises(InvalidQuery) as bad:
                 await q.values_list("tags__label")
             assert bad.value.field == "tags__label"
+            # Reading is not filtering: any mapped column, filterable or not (version).
+            assert await q.order_by("rank").limit(2).values_list("sku", "version") == [
+                ("A1", 1),
+                ("B1", 1),
+            ]
+            assert await q.order_by("rank").limit(1).values("sku", "version", "rank") == [
+                {"sku": "A1", "version": 1, "rank": 1}
+            ]
+            (whole,) = await q.filter(sku="A1").values()
+            assert set(whole) == {a.key for a in inspect(models.Item).column_attrs}
+            assert (whole["sku"], whole["deleted_at"]) == ("A1", None)
+            assert await q.filter(sku="A1").values_list() == [tuple(whole.values())]
+            with pytest.raises(InvalidQuery) as bad:
+                await q.values("nope")
+            assert bad.value.field == "nope"
             streamed = [item.name async for item in q.order_by("rank").stream(chunk_size=3)]
             assert streamed == names(await q.order_by("rank").all())
 

@@ -1,17 +1,24 @@
-"""Subscribers live through their broker going away (NATS JetStream, RabbitMQ, Redis Streams).
+"""Subscribers live through idleness and their broker going away (NATS JetStream, RabbitMQ,
+Redis Streams).
 
-Each subscriber reaches its broker through a TCP proxy. Events are consumed, then the proxy
-drops every connection and refuses new ones for 10 s while more events reach the broker
-directly; then it listens again on the same port. The subscriber reconnects by itself and
-consumes the rest: every event's effect is applied exactly once (the inbox), and ``run()``
-returns promptly once asked to stop.
+Each subscriber reaches its broker through a TCP proxy while events reach the broker
+directly. The broker goes away in the ways it does: every connection dropped and new ones
+refused for 10 s (a cut), dropped and back at once (a restart), or a path that silently
+carries nothing for 10 s (a partition: no reset, no refusal, bytes held as TCP holds them).
+And a quiet stream for 30 s with every core busy. After each, the subscriber consumes what
+was sent meanwhile by itself: every event's effect is applied exactly once (the inbox), and
+``run()`` returns within its bound once asked to stop (what SIGTERM does in ``qx inbox run``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
@@ -38,6 +45,7 @@ from tests.services import AMQP, NATS, REDIS, resolve
 Factory = UnitOfWorkFactory[models.AppUnitOfWork]
 
 CUT_SECONDS = 10.0
+IDLE_SECONDS = 30.0
 STOP_BOUND = 5.0
 
 
@@ -104,11 +112,27 @@ async def _cleanup(kind: str, settings: BrokerSettings, queue: str) -> None:
             await client.aclose()
 
 
-@pytest.mark.timeout(120)
-@pytest.mark.parametrize("kind", ["nats", "rabbitmq", "redis"])
-async def test_a_subscriber_reconnects_after_a_cut_and_applies_every_event_once(
-    uow_factory: Factory, kind: str
-) -> None:
+@dataclass
+class Line:
+    """One subscriber consuming through a proxy, and what a test does with it."""
+
+    kind: str
+    proxy: Proxy
+    publish: Callable[[int], Awaitable[None]]
+    applied: Callable[[], Awaitable[int]]
+    task: asyncio.Task[None]
+
+    async def reaches(self, count: int, seconds: float = 60) -> None:
+        async def done() -> bool:
+            return await self.applied() == count
+
+        await until(done, seconds, f"{self.kind}: {count} events applied")
+
+
+@contextlib.asynccontextmanager
+async def consuming(uow_factory: Factory, kind: str) -> AsyncIterator[Line]:
+    """A subscriber of ``kind`` running through a proxy; on exit it is asked to stop, which
+    must take at most ``STOP_BOUND`` seconds; then the broker's objects are dropped."""
     url = resolve({"nats": NATS, "rabbitmq": AMQP, "redis": REDIS}[kind])
     tag = new_id().hex[-10:]
     direct = BrokerSettings(
@@ -126,7 +150,8 @@ async def test_a_subscriber_reconnects_after_a_cut_and_applies_every_event_once(
     proxied = direct.model_copy(update={"url": _via(url, proxy.port)})
     ident = await new_counter(uow_factory)
     router, _seen = router_incrementing()
-    inbox = Inbox(uow_factory, consumer=f"outage-{kind}")
+    consumer = f"outage-{kind}-{tag}"
+    inbox = Inbox(uow_factory, consumer=consumer)
     subscriber: NatsSubscriber | RabbitSubscriber | RedisSubscriber
     if kind == "nats":
         subscriber = NatsSubscriber(proxied, inbox, router, durable=f"d{tag}")
@@ -138,40 +163,26 @@ async def test_a_subscriber_reconnects_after_a_cut_and_applies_every_event_once(
     publisher = publisher_from_settings(direct)
     await publisher.connect()
     stop = asyncio.Event()
-    task = asyncio.create_task(subscriber.run(stop))
+    sent: list[Envelope] = []
 
     async def applied() -> int:
         async with uow_factory() as uow:
             found = await uow.session.scalar(
                 select(func.count())
                 .select_from(inbox_table)
-                .where(inbox_table.c.consumer == f"outage-{kind}")
+                .where(inbox_table.c.consumer == consumer)
             )
         return int(found or 0)
 
-    async def publish(count: int) -> list[Envelope]:
-        sent = [envelope_for(ident) for _ in range(count)]
-        for envelope in sent:
+    async def publish(count: int) -> None:
+        for _ in range(count):
+            envelope = envelope_for(ident)
             await publisher.publish(envelope)
-        return sent
+            sent.append(envelope)
 
+    task = asyncio.create_task(subscriber.run(stop))
     try:
-        await publish(10)
-
-        async def first_ten() -> bool:
-            return await applied() == 10
-
-        await until(first_ten, 30, "the first 10 events")
-        await proxy.stop()  # every connection dropped, new ones refused
-        await publish(10)  # straight to the broker meanwhile
-        await asyncio.sleep(CUT_SECONDS)  # the outage's length is this test's input
-        assert await applied() == 10
-        await proxy.start()  # the same port again
-
-        async def all_twenty() -> bool:
-            return await applied() == 20
-
-        await until(all_twenty, 60, "the 10 events sent during the cut")
+        yield Line(kind, proxy, publish, applied, task)
     finally:
         stop.set()
         started = time.monotonic()
@@ -180,6 +191,75 @@ async def test_a_subscriber_reconnects_after_a_cut_and_applies_every_event_once(
         await publisher.close()
         await proxy.stop()
         await _cleanup(kind, direct, queue)
-    assert stopped_in <= STOP_BOUND, stopped_in
+    assert stopped_in <= STOP_BOUND, (kind, stopped_in)
     with request_context(tenant_id="t-1"):
-        assert await value_of(uow_factory, ident) == 20  # every event once
+        assert await value_of(uow_factory, ident) == len(sent), kind  # every event once
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("kind", ["nats", "rabbitmq", "redis"])
+async def test_a_subscriber_reconnects_after_a_cut_and_applies_every_event_once(
+    uow_factory: Factory, kind: str
+) -> None:
+    async with consuming(uow_factory, kind) as line:
+        await line.publish(10)
+        await line.reaches(10, 30)
+        await line.proxy.stop()  # every connection dropped, new ones refused
+        await line.publish(10)  # straight to the broker meanwhile
+        await asyncio.sleep(CUT_SECONDS)  # the outage's length is this test's input
+        assert await line.applied() == 10
+        await line.proxy.start()  # the same port again
+        await line.reaches(20)
+
+
+@contextlib.asynccontextmanager
+async def every_core_busy() -> AsyncIterator[None]:
+    """One process spinning per core until the block ends."""
+    burners = [
+        await asyncio.create_subprocess_exec(sys.executable, "-c", "while True: pass")
+        for _ in range(os.cpu_count() or 2)
+    ]
+    try:
+        yield
+    finally:
+        for burner in burners:
+            burner.kill()
+            await burner.wait()
+
+
+@pytest.mark.timeout(240)
+async def test_subscribers_live_through_idleness_under_load_a_restart_and_a_silent_partition(
+    uow_factory: Factory,
+) -> None:
+    """The three subscribers side by side, so the 30 s of idleness are spent once."""
+    async with contextlib.AsyncExitStack() as stack:
+        lines = [
+            await stack.enter_async_context(consuming(uow_factory, kind))
+            for kind in ("nats", "rabbitmq", "redis")
+        ]
+        for line in lines:
+            await line.publish(3)
+        for line in lines:
+            await line.reaches(3)
+        async with every_core_busy():
+            await asyncio.sleep(IDLE_SECONDS)  # a quiet stream: the idleness is the input
+            assert [line.kind for line in lines if line.task.done()] == []
+            for line in lines:
+                await line.publish(3)
+            for line in lines:
+                await line.reaches(6)
+        for line in lines:  # a restart: every connection dropped, back at once
+            await line.proxy.stop()
+            await line.proxy.start()
+            await line.publish(3)
+        for line in lines:
+            await line.reaches(9)
+        for line in lines:  # the path goes silent: no reset, no refusal
+            line.proxy.partition()
+            await line.publish(3)
+        await asyncio.sleep(CUT_SECONDS)  # the partition's length is this test's input
+        for line in lines:
+            line.proxy.heal()
+        for line in lines:
+            await line.reaches(12)
+        assert [line.kind for line in lines if line.task.done()] == []

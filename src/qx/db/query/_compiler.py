@@ -104,7 +104,8 @@ def _resolve_path(mapper: Mapper[Any], parts: tuple[str, ...], owner: str) -> Fi
                 column_key=prop.key,
                 nullable=bool(getattr(column, "nullable", True)),
             )
-        raise InvalidQuery(f"{owner} has no field {'__'.join(parts)!r}", field="__".join(parts))
+        name = "__".join(parts)
+        raise InvalidQuery(f"{owner} has no field {shown(name)}", field=name)
     raise InvalidQuery(f"{owner}: empty field name", field="")  # pragma: no cover - parts >= 1
 
 

@@ -388,42 +388,60 @@ class QuerySet(Generic[T]):
     async def values_list(
         self, *fields: str, flat: bool = False
     ) -> builtins.list[tuple[Any, ...]] | builtins.list[Any]:
-        """Return tuples of column values (many-to-one paths allowed: ``"customer__name"``).
+        """Return tuples of column values, in the query's order.
 
-        Fields must be in the repository's ``filterable`` or ``sortable`` (or the primary
-        key), as for ``filter()`` and ``order_by()``.
+        Any mapped column can be read, and many-to-one paths (``"customer__name"``): the
+        repository's ``filterable`` and ``sortable`` govern what HTTP input may filter and
+        sort by, not what code may read. Without fields, every column of the entity in
+        mapping order.
+
+        Example:
+            >>> await uow.orders.query().filter(status="open").values_list(
+            ...     "id", "customer__name")                            # doctest: +SKIP
+            [(UUID('...'), 'ada'), ...]
 
         Args:
             flat: with exactly one field, return plain values instead of 1-tuples.
 
         Raises:
-            InvalidQuery: no fields, a field outside the allow-lists, an unknown field, a
-                to-many path, or ``flat`` with several fields.
+            InvalidQuery: an unknown field, a to-many path, or ``flat`` without exactly
+                one field.
         """
-        if not fields:
-            raise InvalidQuery("values_list() needs at least one field", field="fields")
         if flat and len(fields) != 1:
             raise InvalidQuery("flat=True needs exactly one field", field="fields")
+        _names, rows = await self._value_rows(fields)
+        if flat:
+            return [row[0] for row in rows]
+        return [tuple(row) for row in rows]
+
+    async def values(self, *fields: str) -> builtins.list[dict[str, Any]]:
+        """Return a dict per row, keyed by field name (as :meth:`values_list` reads them).
+
+        Example:
+            >>> await uow.orders.query().values("id", "status")   # doctest: +SKIP
+            [{'id': UUID('...'), 'status': 'open'}, ...]
+
+        Raises:
+            InvalidQuery: an unknown field or a to-many path.
+        """
+        names, rows = await self._value_rows(fields)
+        return [dict(zip(names, row, strict=True)) for row in rows]
+
+    async def _value_rows(self, fields: tuple[str, ...]) -> tuple[tuple[str, ...], Sequence[Any]]:
         spec = self._spec
+        if not fields:
+            fields = tuple(attr.key for attr in spec.mapper.column_attrs)
         compiler = self._compiler()
         columns = []
-        readable = spec.filterable | spec.sortable | set(spec.info.pk_keys)
         for name in fields:
             if not isinstance(name, str) or not name:
                 raise InvalidQuery(f"invalid field {shown(name)}", field=str(name))
-            if name not in readable:
-                # The same allow-lists as filter() and order_by(): values_list() faces HTTP too.
-                listed = ", ".join(sorted(readable))
-                raise InvalidQuery(
-                    f"field {shown(name)} is not allowed on {spec.owner} (allowed: {listed})",
-                    field=name,
-                )
             path = _resolve_path(spec.mapper, tuple(name.split("__")), spec.owner)
             base: Any = spec.entity
             for i, step in enumerate(path.steps):
                 if step.to_many:
                     raise InvalidQuery(
-                        f"values_list() cannot follow to-many relationship {shown(step.key)}",
+                        f"cannot read through to-many relationship {shown(step.key)}",
                         field=name,
                     )
                 base = compiler._join(path.parts[: i + 1], base, step)
@@ -442,9 +460,7 @@ class QuerySet(Generic[T]):
         with translating(session.sync_session):
             result = await session.execute(stmt, execution_options=self._options())
             rows = result.all()
-        if flat:
-            return [row[0] for row in rows]
-        return [tuple(row) for row in rows]
+        return fields, rows
 
     async def page(
         self,
