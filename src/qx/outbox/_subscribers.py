@@ -30,6 +30,7 @@ from qx.core._backoff import Backoff
 from qx.core._errors import ConfigurationError, InvalidMessage, OutOfOrder
 from qx.outbox._envelope import Envelope
 from qx.outbox._inbox import EventRouter, Inbox
+from qx.outbox.publishers._nats import connect_nats
 from qx.settings import BrokerSettings
 
 __all__ = ["NatsSubscriber", "RabbitSubscriber", "RedisSubscriber"]
@@ -121,6 +122,10 @@ class NatsSubscriber(_Subscriber):
         router: handlers by event type; its types become the consumer's subject filters.
         durable: the durable consumer name (one per service).
         batch: messages fetched at a time.
+        ack_wait: seconds JetStream waits for an acknowledgement before it delivers a
+            message again, when this subscriber creates the durable consumer: messages
+            fetched by a connection that died come back after it (the inbox absorbs a
+            redelivery of one still being handled).
     """
 
     system = "NATS"
@@ -133,31 +138,27 @@ class NatsSubscriber(_Subscriber):
         *,
         durable: str,
         batch: int = 100,
+        ack_wait: float = 30.0,
     ) -> None:
         super().__init__(settings, inbox, router)
         self.durable = durable
         self.batch = batch
+        self.ack_wait = ack_wait
 
     async def _consume(self, stop: asyncio.Event) -> None:
-        try:
-            import nats
-        except ImportError as exc:  # pragma: no cover - depends on the install
-            raise ConfigurationError("NatsSubscriber needs the nats extra") from exc
-        nc = await nats.connect(
-            servers=[self.settings.url],
-            connect_timeout=self.settings.publish_timeout,
-            # This loop reconnects (and resubscribes); the client's own reconnection would
-            # keep a dead subscription fetching nothing.
-            allow_reconnect=False,
-            ping_interval=self.settings.heartbeat,
-            max_outstanding_pings=2,
-            error_cb=_quiet,
-        )
+        # This loop reconnects (and subscribes again); the client's own reconnection would
+        # keep a dead subscription fetching nothing.
+        nc = await connect_nats(self.settings, reconnect=False)
+        from nats.js.api import ConsumerConfig  # importable: connect_nats found the extra
+
         try:
             js = nc.jetstream(timeout=self.settings.publish_timeout)
             subject = f"{self.settings.subject_prefix}.>"
             sub = await js.pull_subscribe(
-                subject, durable=self.durable, stream=self.settings.stream
+                subject,
+                durable=self.durable,
+                stream=self.settings.stream,
+                config=ConsumerConfig(ack_wait=self.ack_wait),
             )
             self._connected()
             while not stop.is_set():
@@ -306,18 +307,32 @@ class RedisSubscriber(_Subscriber):
                     raise
             self._connected()
             claim_from = "0-0"
+            # First the entries the group gave this consumer and it never acknowledged: a
+            # read sent before a partition can reach Redis after it, and the reply to a
+            # dead connection still leaves the entries assigned to this name; so does a
+            # restart. Read once through that history per connection (entries still failing
+            # come back through XAUTOCLAIM), then new entries.
+            own_from: str | None = "0-0"
             while not stop.is_set():
-                # Entries others took and never acknowledged, then new ones.
-                claimed: Any = await client.xautoclaim(
-                    stream,
-                    self.group,
-                    self.consumer,
-                    min_idle_time=int(self.idle_seconds * 1000),
-                    start_id=claim_from,
-                    count=self.batch,
-                )
-                claim_from = claimed[0]
-                entries = list(claimed[1])
+                entries: list[Any] = []
+                if own_from is not None:
+                    mine: Any = await client.xreadgroup(
+                        self.group, self.consumer, {stream: own_from}, count=self.batch
+                    )
+                    entries = [entry for _, found in mine for entry in found]
+                    own_from = entries[-1][0] if entries else None
+                if not entries:
+                    # Entries others took and never acknowledged.
+                    claimed: Any = await client.xautoclaim(
+                        stream,
+                        self.group,
+                        self.consumer,
+                        min_idle_time=int(self.idle_seconds * 1000),
+                        start_id=claim_from,
+                        count=self.batch,
+                    )
+                    claim_from = claimed[0]
+                    entries = list(claimed[1])
                 if not entries:
                     read: Any = await client.xreadgroup(
                         self.group,
@@ -337,7 +352,3 @@ class RedisSubscriber(_Subscriber):
         finally:
             with contextlib.suppress(Exception):
                 await client.aclose()
-
-
-async def _quiet(_exc: Exception) -> None:
-    """nats-py reports connection trouble through this callback; the loop handles it."""

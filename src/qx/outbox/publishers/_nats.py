@@ -23,15 +23,63 @@ from qx.outbox.publishers._connecting import Connecting
 from qx.outbox.publishers._health import AckWatch
 from qx.settings import BrokerSettings
 
-__all__ = ["NatsPublisher"]
+__all__ = ["NatsPublisher", "connect_nats"]
 
 logger = logging.getLogger("qx.outbox.nats")
 
 
 async def _quiet(error: Exception) -> None:
     # nats-py logs every failed reconnect at ERROR by default; one debug line is enough,
-    # the relay reports the publishes that fail.
+    # the relay (or the subscriber's loop) reports what fails.
     logger.debug("NATS connection error: %r", error)
+
+
+async def connect_nats(settings: BrokerSettings, *, reconnect: bool) -> Any:
+    """A nats-py client connected to ``settings.url``; how publishers and subscribers
+    connect.
+
+    Args:
+        settings: the broker's URL, timeouts and heartbeat.
+        reconnect: the client re-establishes a lost connection by itself (a publisher);
+            without, the caller's loop reconnects (a subscriber, which must subscribe
+            again).
+
+    Raises:
+        ConfigurationError: the ``nats`` extra is not installed.
+        Exception: nats-py's, or ``TimeoutError``, when no connection was made.
+    """
+    try:
+        from nats.aio.client import Client
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise ConfigurationError("nats:// needs the nats extra: pip install 'qx[nats]'") from exc
+    client: Any = Client()
+    try:
+        # nats-py bounds only the TCP connect by connect_timeout, not the handshake after
+        # it, and with reconnect it retries the first connection as long as later ones:
+        # bound it here so an unreachable or silent broker is an error the caller retries,
+        # not a hang (a single attempt gets one publish_timeout, retries a few).
+        await asyncio.wait_for(
+            client.connect(
+                servers=[settings.url],
+                connect_timeout=settings.publish_timeout,
+                allow_reconnect=reconnect,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.5,
+                # A silent connection (a partition) is found by its missing PONGs, instead
+                # of after the OS gives up on it.
+                ping_interval=settings.heartbeat,
+                max_outstanding_pings=2,
+                error_cb=_quiet,
+            ),
+            timeout=settings.publish_timeout * (4 if reconnect else 1),
+        )
+    except BaseException:
+        # A failed connect leaves its half-open socket behind (a ResourceWarning, and a
+        # descriptor per attempt while a broker is partitioned away): close it.
+        with contextlib.suppress(Exception):
+            await client.close()
+        raise
+    return client
 
 
 class NatsPublisher(Connecting):
@@ -76,30 +124,13 @@ class NatsPublisher(Connecting):
         out into ``PublishError`` and rows wait for their retry.
         """
         try:
-            import nats
             from nats.js.api import StreamConfig
         except ImportError as exc:  # pragma: no cover - depends on the install
             raise ConfigurationError(
                 "nats:// needs the nats extra: pip install 'qx[nats]'"
             ) from exc
         try:
-            # nats-py retries the first connection as long as later ones: bound it here so
-            # an unreachable broker at start-up is an error the relay retries, not a hang.
-            self._nc = await asyncio.wait_for(
-                nats.connect(
-                    servers=[self.settings.url],
-                    connect_timeout=self.settings.publish_timeout,
-                    allow_reconnect=True,
-                    max_reconnect_attempts=-1,
-                    reconnect_time_wait=0.5,
-                    # A silent connection (a partition) is found by its missing PONGs and
-                    # re-established, instead of after the OS gives up on it.
-                    ping_interval=self.settings.heartbeat,
-                    max_outstanding_pings=2,
-                    error_cb=_quiet,
-                ),
-                timeout=self.settings.publish_timeout * 4,
-            )
+            self._nc = await connect_nats(self.settings, reconnect=True)
             self._js = self._nc.jetstream(timeout=self.settings.publish_timeout)
             if self.settings.create_stream:
                 # The duplicate window is how long JetStream remembers a Nats-Msg-Id: a row
