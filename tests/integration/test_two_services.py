@@ -1,12 +1,14 @@
 """Two services end to end, every part a process of its own, faults on the way.
 
-Service A: two writer processes commit increments of 12 counters through qx's unit of work
-(the integration event goes to the outbox in the same commit); two ``qx outbox relay``
+Service A: two writer processes send 2,000 commands through qx's bus, each incrementing one
+of 12 counters (the integration event goes to the outbox in the same commit); one command
+in ten fails after recording its event, so nothing of it may leave. Two ``qx outbox relay``
 processes publish to NATS JetStream through a TCP proxy. Service B: three ``qx inbox run``
 processes consume through the same proxy into a database of their own; the handler only
 writes down what it applies (no ordering guard of its own). Meanwhile a relay and a consumer
 are killed with SIGKILL and the broker is cut for 4 s. After the drain: every committed
-event applied once, every counter's events applied in commit order, nothing left pending.
+event applied once, none of a failed command, every counter's events applied in commit
+order, nothing left pending.
 """
 
 from __future__ import annotations
@@ -38,30 +40,58 @@ from tests.services import NATS, resolve
 Factory = UnitOfWorkFactory[models.AppUnitOfWork]
 ROOT = Path(__file__).resolve().parents[2]
 COUNTERS = 12
-EACH_WRITER = 300
+EACH_WRITER = 1000
 
 WRITER = """
     import asyncio, random, sys
+    from dataclasses import dataclass
     from uuid import UUID
+    from qx.cqrs import Command, MessageBus
     from qx.db import UnitOfWorkFactory, create_engine, create_session_factory
     from qx.errors import ConcurrencyConflict, TransientError
     from qx.settings import load_settings
     from tests import models
 
+
+    @dataclass(frozen=True, kw_only=True)
+    class Bump(Command[int]):
+        counter_id: UUID
+        refuse: bool = False
+
+
+    class Refused(Exception):
+        pass
+
+
     async def main(ids, count, seed):
         engine = create_engine(load_settings().db)
-        factory = UnitOfWorkFactory(models.AppUnitOfWork, create_session_factory(engine))
+        bus = MessageBus()
+        bus.provide(
+            uow_factory=UnitOfWorkFactory(
+                models.AppUnitOfWork, create_session_factory(engine), dispatcher=bus
+            )
+        )
+
+        @bus.handler(Bump)
+        async def bump(command, uow):
+            counter = await uow.counters.require(command.counter_id)
+            counter.increment(integration=True)
+            if command.refuse:  # fails after recording its event: nothing may leave
+                raise Refused(str(command.counter_id))
+            return counter.value
+
         picks = random.Random(seed)
-        done = 0
+        done = refused = 0
         while done < count:
-            ident = picks.choice(ids)
+            command = Bump(counter_id=picks.choice(ids), refuse=picks.random() < 0.1)
             try:
-                async with factory() as uow:
-                    (await uow.counters.require(ident)).increment(integration=True)
-                    await uow.commit()
+                await bus.execute(command)
                 done += 1
+            except Refused:
+                refused += 1
             except (ConcurrencyConflict, TransientError):
-                await asyncio.sleep(0.001)  # the other writer won: try again
+                await asyncio.sleep(0.001)  # the bus gave up on a busy counter: again
+        print("refused", refused, flush=True)
         await engine.dispose()
 
     ids = [UUID(i) for i in sys.argv[1].split(",")]
@@ -209,8 +239,12 @@ async def test_writers_relays_and_consumers_lose_duplicate_and_reorder_nothing(
         await proxy.stop()  # the broker is gone for relays and consumers alike
         await asyncio.sleep(4)  # the outage's length is this test's input
         await proxy.start()
+        refused = 0
         for writer in writers:
             assert await asyncio.wait_for(writer.wait(), 180) == 0
+            assert writer.stdout is not None
+            refused += int((await writer.stdout.read()).split()[-1])
+        assert refused > 0  # failed commands were among them
         total = 2 * EACH_WRITER
         await reached(total)
         await asyncio.sleep(1)  # a duplicate, if any, would land now

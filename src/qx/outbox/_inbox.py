@@ -12,8 +12,10 @@ keeps, per consumer and aggregate, the last number applied, read and locked in t
 transaction. A lower or equal number is a duplicate (skipped, counted); a number beyond the
 next raises :class:`~qx.core.OutOfOrder` and changes nothing, so the subscriber delivers it
 again once its predecessor is in. A number the relay skipped (a dead event published past)
-never arrives: an event waiting for it longer than ``gap_seconds`` since it occurred is
-applied, and the gap is logged and counted. Events without aggregate or number are applied
+never arrives: an event this inbox has seen waiting for it longer than ``gap_seconds`` is
+applied, and the gap is logged and counted. (The wait counts from the first time this inbox
+saw the event too early, not from when it occurred: a backlog older than ``gap_seconds``
+is not a gap.) Events without aggregate or number are applied
 as they come.
 
 Example:
@@ -27,6 +29,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -46,6 +49,9 @@ __all__ = ["EventRouter", "Handler", "Inbox"]
 
 logger = logging.getLogger("qx.outbox._inbox")
 
+#: How many early sightings an inbox remembers (see ``Inbox._waited``).
+_EARLY_KEPT = 10_000
+
 U = TypeVar("U", bound="UnitOfWork")
 Handler = Callable[[Envelope, Any], Awaitable[None]]
 
@@ -56,15 +62,22 @@ class Inbox(Generic[U]):
     Args:
         uow_factory: units of work for the handlers (and the inbox row).
         consumer: this consumer's name; each consumer sees every message once.
-        gap_seconds: how long after it occurred an event waits for a predecessor that never
-            comes (the relay published past a dead one) before it is applied anyway.
+        gap_seconds: how long an event this inbox has seen arrive before its predecessor
+            waits for a predecessor that never comes (the relay published past a dead one)
+            before it is applied anyway.
+        monotonic: the clock those waits are measured by (``time.monotonic``).
 
     Attributes:
         counts: outcomes so far: ``applied``, ``duplicate``, ``out_of_order``, ``gap``.
     """
 
     def __init__(
-        self, uow_factory: UnitOfWorkFactory[U], *, consumer: str, gap_seconds: float = 60.0
+        self,
+        uow_factory: UnitOfWorkFactory[U],
+        *,
+        consumer: str,
+        gap_seconds: float = 60.0,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         if not consumer or len(consumer) > 200:
             raise ConfigurationError("Inbox needs a consumer name of 1 to 200 characters")
@@ -74,6 +87,9 @@ class Inbox(Generic[U]):
         self.consumer = consumer
         self.gap_seconds = gap_seconds
         self.counts: Counter[str] = Counter()
+        self._monotonic = monotonic
+        # (aggregate type, aggregate id, number) -> when it was first seen too early.
+        self._early: dict[tuple[str, str, int], float] = {}
 
     async def process(self, envelope: Envelope, handler: Handler) -> bool:
         """Run ``handler(envelope, uow)`` and commit, unless this message was processed.
@@ -141,8 +157,9 @@ class Inbox(Generic[U]):
         last = int((await session.execute(stmt)).scalar_one())
         if number <= last:
             return False
+        waiting = (key[0], key[1], number)
         if number > last + 1:
-            waited = (utcnow() - envelope.time).total_seconds()
+            waited = self._waited(waiting)
             aggregate = f"{key[0]}/{key[1]}"
             if waited <= self.gap_seconds:
                 self.counts["out_of_order"] += 1
@@ -162,6 +179,7 @@ class Inbox(Generic[U]):
                 waited,
                 number,
             )
+        self._early.pop(waiting, None)
         await session.execute(
             t.update()
             .where(
@@ -172,6 +190,18 @@ class Inbox(Generic[U]):
             .values(last_seq=number)
         )
         return True
+
+    def _waited(self, waiting: tuple[str, str, int]) -> float:
+        """Seconds since this inbox first saw that event arrive before its predecessor."""
+        now = self._monotonic()
+        first = self._early.setdefault(waiting, now)
+        if len(self._early) > _EARLY_KEPT:
+            # Events another consumer applied meanwhile never come back here: forget the
+            # oldest sightings (a forgotten one only starts its wait again).
+            for stale in sorted(self._early, key=self._early.__getitem__)[: _EARLY_KEPT // 2]:
+                del self._early[stale]
+            self._early[waiting] = first
+        return now - first
 
     async def _record(self, uow: UnitOfWork, envelope: Envelope) -> bool:
         session = uow.session

@@ -6,6 +6,15 @@ duplicate); a failing handler's message is redelivered (NAK with a growing delay
 with requeue / left pending). A body that is not a qx envelope is logged and acknowledged so
 it cannot block the stream.
 
+Messages that arrive together (a fetch, a read, what the prefetch holds) are handled by
+aggregate: each aggregate's in order, one at a time, different aggregates at once. An event
+that arrives before its predecessor (which another consumer of the group may be applying
+right now) is held a moment (``hold_seconds``) and tried again as soon as the predecessor
+is in, instead of going back to the broker for a redelivery timer; so is a handler's
+``ConcurrencyConflict`` (another aggregate's handler changed the same rows). Only what still
+fails after that is redelivered, with the aggregate's events behind it. So a slow aggregate holds back only itself, and no two consumers
+can wait on each other: the earliest unapplied event of every aggregate can always go.
+
 Every subscriber lives through its broker going away: ``run(stop)`` reconnects with the one
 :class:`~qx.core._backoff.Backoff` rule (a lost connection, a refused one, a broker restart,
 a silent partition found by heartbeats) and resumes where the broker's consumer state says,
@@ -23,11 +32,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from qx.core._backoff import Backoff
-from qx.core._errors import ConfigurationError, InvalidMessage, OutOfOrder
+from qx.core._errors import (
+    ConcurrencyConflict,
+    ConfigurationError,
+    InvalidMessage,
+    OutOfOrder,
+    TransientError,
+)
 from qx.outbox._envelope import Envelope
 from qx.outbox._inbox import EventRouter, Inbox
 from qx.outbox.publishers._nats import connect_nats
@@ -47,31 +65,32 @@ RECONNECT = Backoff(0.5, 15.0)
 POLL_SECONDS = 0.5
 
 
-async def _handle(inbox: Inbox[Any], router: EventRouter, body: bytes) -> Backoff | None:
-    """Process one body; ``None`` to acknowledge it, else the backoff to redeliver it by."""
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One message as the shared loop sees it: its body and how to settle it."""
+
+    body: bytes
+    ack: Callable[[], Awaitable[None]]
+    #: Have the broker deliver it again, the backoff giving the delay for its attempt.
+    again: Callable[[Backoff], Awaitable[None]]
+
+
+def _parsed(body: bytes) -> Envelope | None:
     try:
-        envelope = Envelope.from_json(body)
+        return Envelope.from_json(body)
     except InvalidMessage as exc:
         logger.error("dropping a message that is not a qx envelope: %s", exc)
         return None
-    try:
-        await inbox.process(envelope, router.dispatch)
-    except OutOfOrder as exc:
-        # Its predecessor is on its way (or being handled by another consumer): soon.
-        logger.debug("%s; delivering it again", exc)
-        return IN_ORDER
-    except Exception:
-        logger.exception(
-            "handler for %s (%s) failed; will be redelivered", envelope.type, envelope.id
-        )
-        return REDELIVERY
-    return None
 
 
 class _Subscriber(ABC):
     """The reconnecting loop every subscriber runs; a backend says how to consume."""
 
     system = "broker"
+
+    #: How long an event that arrived before its predecessor is held before it is given
+    #: back to the broker (keep it well under the broker's redelivery timeout).
+    hold_seconds = 1.0
 
     def __init__(self, settings: BrokerSettings, inbox: Inbox[Any], router: EventRouter) -> None:
         self.settings = settings
@@ -105,8 +124,74 @@ class _Subscriber(ABC):
             logger.info("%s subscriber reconnected", self.system)
         self._failures = 0
 
-    async def _handle(self, body: bytes) -> Backoff | None:
-        return await _handle(self.inbox, self.router, body)
+    async def _settle(self, deliveries: Sequence[Delivery], stop: asyncio.Event) -> None:
+        """Handle messages that arrived together: by aggregate, each aggregate's in order."""
+        lanes: dict[tuple[str, str], list[tuple[Delivery, Envelope]]] = {}
+        for delivery in deliveries:
+            envelope = _parsed(delivery.body)
+            if envelope is None:
+                await delivery.ack()  # it cannot block the stream
+                continue
+            # Events without an aggregate share one lane, in the order they came, as
+            # before lanes: nothing says their handlers do not touch the same rows.
+            key = (envelope.aggregate_type or "", envelope.aggregate_id or "")
+            lanes.setdefault(key, []).append((delivery, envelope))
+        if len(lanes) == 1:
+            (lane,) = lanes.values()
+            await self._settle_lane(lane, stop)
+            return
+        async with asyncio.TaskGroup() as group:
+            for lane in lanes.values():
+                group.create_task(self._settle_lane(lane, stop))
+
+    async def _settle_lane(
+        self, lane: list[tuple[Delivery, Envelope]], stop: asyncio.Event
+    ) -> None:
+        # Redeliveries come in any order: an aggregate's events go in its own order.
+        lane.sort(key=lambda item: item[1].sequence or 0)
+        given_back: Backoff | None = None
+        for delivery, envelope in lane:
+            # Once one event of the aggregate goes back to the broker, those after it would
+            # only wait for it: they go back too, at once.
+            again = given_back or await self._apply(envelope, stop)
+            if again is None:
+                await delivery.ack()
+            else:
+                given_back = IN_ORDER
+                await delivery.again(again)
+
+    async def _apply(self, envelope: Envelope, stop: asyncio.Event) -> Backoff | None:
+        """Run one envelope through the inbox; ``None`` to acknowledge it, else the backoff
+        to have it delivered again by."""
+        held_until = time.monotonic() + self.hold_seconds
+        pause = 0.005
+        while True:
+            try:
+                await self.inbox.process(envelope, self.router.dispatch)
+            except (OutOfOrder, ConcurrencyConflict, TransientError) as exc:
+                # Early: its predecessor is on its way, or being applied by another
+                # consumer. A conflict: another lane's handler changed the same rows. Both
+                # pass in a moment.
+                if stop.is_set() or time.monotonic() + pause > held_until:
+                    if isinstance(exc, OutOfOrder):
+                        logger.debug("%s; delivering it again", exc)
+                        return IN_ORDER
+                    logger.warning(
+                        "handler for %s (%s) failed (%s); will be redelivered",
+                        envelope.type,
+                        envelope.id,
+                        exc,
+                    )
+                    return REDELIVERY
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 0.1)
+                continue
+            except Exception:
+                logger.exception(
+                    "handler for %s (%s) failed; will be redelivered", envelope.type, envelope.id
+                )
+                return REDELIVERY
+            return None
 
     @abstractmethod
     async def _consume(self, stop: asyncio.Event) -> None:
@@ -170,13 +255,7 @@ class NatsSubscriber(_Subscriber):
                     # A quiet stream. nats-py raises its own TimeoutError or asyncio's
                     # (the builtin, both of them) depending on where the wait ran out.
                     continue
-                for message in messages:
-                    again = await self._handle(message.data)
-                    if again is None:
-                        await message.ack()
-                    else:
-                        delivered = message.metadata.num_delivered or 1
-                        await message.nak(delay=again.delay(delivered))
+                await self._settle([_nats_delivery(message) for message in messages], stop)
         finally:
             with contextlib.suppress(Exception):
                 await nc.close()
@@ -234,16 +313,20 @@ class RabbitSubscriber(_Subscriber):
                 while not stop.is_set():
                     if connection.is_closed:
                         raise ConnectionError("the RabbitMQ connection closed")
-                    try:
-                        message = await asyncio.wait_for(iterator.__anext__(), POLL_SECONDS)
-                    except TimeoutError:
-                        continue
-                    except StopAsyncIteration:
-                        raise ConnectionError("the RabbitMQ consumer was cancelled") from None
-                    if await self._handle(message.body) is None:
-                        await message.ack()
-                    else:
-                        await message.reject(requeue=True)
+                    arrived: list[Delivery] = []
+                    wait = POLL_SECONDS
+                    while len(arrived) < self.prefetch:
+                        # The first message as it comes, then what the prefetch holds.
+                        try:
+                            message = await asyncio.wait_for(iterator.__anext__(), wait)
+                        except TimeoutError:
+                            break
+                        except StopAsyncIteration:
+                            raise ConnectionError("the RabbitMQ consumer was cancelled") from None
+                        arrived.append(_rabbit_delivery(message))
+                        wait = _GATHER_SECONDS
+                    if arrived:
+                        await self._settle(arrived, stop)
         finally:
             with contextlib.suppress(Exception):
                 await connection.close()
@@ -342,13 +425,41 @@ class RedisSubscriber(_Subscriber):
                         block=int(POLL_SECONDS * 1000),
                     )
                     entries = [entry for _, found in read for entry in found]
+                arrived: list[Delivery] = []
                 for entry_id, fields in entries:
                     if fields is None:  # trimmed from the stream meanwhile
                         await client.xack(stream, self.group, entry_id)
                         continue
-                    body = fields.get(b"envelope", b"")
-                    if await self._handle(body) is None:
-                        await client.xack(stream, self.group, entry_id)
+                    arrived.append(_redis_delivery(client, stream, self.group, entry_id, fields))
+                await self._settle(arrived, stop)
         finally:
             with contextlib.suppress(Exception):
                 await client.aclose()
+
+
+#: How long a RabbitMQ subscriber waits for more of what its prefetch holds, once one came.
+_GATHER_SECONDS = 0.002
+
+
+def _nats_delivery(message: Any) -> Delivery:
+    async def again(backoff: Backoff) -> None:
+        await message.nak(delay=backoff.delay(message.metadata.num_delivered or 1))
+
+    return Delivery(message.data, message.ack, again)
+
+
+def _rabbit_delivery(message: Any) -> Delivery:
+    async def again(_backoff: Backoff) -> None:
+        await message.reject(requeue=True)
+
+    return Delivery(message.body, message.ack, again)
+
+
+def _redis_delivery(client: Any, stream: str, group: str, entry_id: Any, fields: Any) -> Delivery:
+    async def ack() -> None:
+        await client.xack(stream, group, entry_id)
+
+    async def again(_backoff: Backoff) -> None:
+        pass  # left pending: XAUTOCLAIM gives it out again after idle_seconds
+
+    return Delivery(fields.get(b"envelope", b""), ack, again)
