@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Annotated, Any
@@ -129,27 +130,13 @@ def _inbox_app(console: Console) -> typer.Typer:
     ) -> None:
         """Feed the inbox from QX_BROKER__URL (nats://, amqp:// or redis://) until
         SIGTERM/SIGINT: each message's handler runs once, in its own transaction."""
-        from qx._targets import load_target
-        from qx.db import UnitOfWork, UnitOfWorkFactory, create_engine, create_session_factory
-        from qx.outbox import EventRouter, Inbox, InboxService
-        from qx.settings import load_settings
+        from qx.outbox import InboxService
 
         async def main() -> None:
-            settings = load_settings()
-            _configure_service_logging(settings, log_level, log_json)
-            routes = load_target(router, what="router", expected=EventRouter, hint="an EventRouter")
-            unit = load_target(uow, what="unit of work", expected=type, hint="a UnitOfWork class")
-            if not issubclass(unit, UnitOfWork):
-                raise ConfigurationError(f"{uow[:200]} is not a UnitOfWork subclass")
-            engine = create_engine(settings.db)
-            try:
-                factory = UnitOfWorkFactory(unit, create_session_factory(engine))
+            async with _inbox_of(consumer, uow=uow, router=router) as (settings, inbox, routes):
+                _configure_service_logging(settings, log_level, log_json)
                 service = InboxService(
-                    settings.broker,
-                    Inbox(factory, consumer=consumer),
-                    routes,
-                    name=consumer,
-                    concurrency=concurrency,
+                    settings.broker, inbox, routes, name=consumer, concurrency=concurrency
                 )
                 await service.serve(
                     ready=lambda: console.print(
@@ -158,13 +145,89 @@ def _inbox_app(console: Console) -> typer.Typer:
                         soft_wrap=True,
                     )
                 )
-            finally:
-                await engine.dispose()
+
+        with _one_line(console):
+            asyncio.run(main())
+
+    @inbox.command("parked")
+    def parked_command(
+        consumer: Annotated[str, typer.Option("--consumer", help="The consumer's name.")],
+    ) -> None:
+        """List the messages parked at a consumer: each that failed its handler's attempts
+        (with its error) and the later events of its aggregate waiting behind it."""
+
+        async def main() -> None:
+            async with _inbox_of(consumer) as (_settings, inbox, _routes):
+                parked = await inbox.parked()
+            for message in parked:
+                why = message.error or "behind its aggregate's parked message"
+                where = f" {message.aggregate} #{message.sequence}" if message.aggregate else ""
+                console.print(
+                    f"{message.message_id} {message.event_name}{where}: {why[:300]}",
+                    highlight=False,
+                    markup=False,
+                    soft_wrap=True,
+                )
+            console.print(f"{len(parked)} parked", highlight=False)
+
+        with _one_line(console):
+            asyncio.run(main())
+
+    @inbox.command("requeue")
+    def requeue_command(
+        router: Annotated[
+            str, typer.Option("--router", help="package.module:router (an EventRouter).")
+        ],
+        uow: Annotated[
+            str,
+            typer.Option("--uow", help="package.module:YourUnitOfWork (a UnitOfWork subclass)."),
+        ],
+        consumer: Annotated[str, typer.Option("--consumer", help="The consumer's name.")],
+    ) -> None:
+        """Apply the parked messages again, each aggregate's in order, and unpark their
+        aggregates; a message that fails again stays parked with its aggregate."""
+
+        async def main() -> None:
+            async with _inbox_of(consumer, uow=uow, router=router) as (_s, inbox, routes):
+                assert routes is not None
+                done = await inbox.requeue(routes.dispatch)
+                left = len(await inbox.parked())
+            console.print(f"{done} requeued, {left} still parked", highlight=False)
+            if left:
+                raise typer.Exit(code=1)
 
         with _one_line(console):
             asyncio.run(main())
 
     return inbox
+
+
+@contextlib.asynccontextmanager
+async def _inbox_of(
+    consumer: str, *, uow: str | None = None, router: str | None = None
+) -> AsyncIterator[tuple[Any, Any, Any]]:
+    """The settings, the consumer's inbox over ``QX_DB__URL`` (its units of work of class
+    ``uow``) and the router ``router`` names, for the ``qx inbox`` commands."""
+    from qx._targets import load_target
+    from qx.db import UnitOfWork, UnitOfWorkFactory, create_engine, create_session_factory
+    from qx.outbox import EventRouter, Inbox
+    from qx.settings import load_settings
+
+    settings = load_settings()
+    routes = None
+    if router is not None:
+        routes = load_target(router, what="router", expected=EventRouter, hint="an EventRouter")
+    unit: Any = UnitOfWork
+    if uow is not None:
+        unit = load_target(uow, what="unit of work", expected=type, hint="a UnitOfWork class")
+        if not issubclass(unit, UnitOfWork):
+            raise ConfigurationError(f"{uow[:200]} is not a UnitOfWork subclass")
+    engine = create_engine(settings.db)
+    try:
+        factory = UnitOfWorkFactory(unit, create_session_factory(engine))
+        yield settings, Inbox(factory, consumer=consumer), routes
+    finally:
+        await engine.dispose()
 
 
 def _configure_service_logging(settings: Any, level: str | None, json_lines: bool | None) -> None:

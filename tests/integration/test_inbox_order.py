@@ -109,6 +109,7 @@ class Settled:
 
     def __init__(self) -> None:
         self.log: list[tuple[str, int]] = []
+        self.returned: list[Envelope] = []  # given back: the broker delivers them again
 
     def delivery(self, envelope: Envelope) -> Delivery:
         number = int(envelope.sequence or 0)
@@ -118,6 +119,7 @@ class Settled:
 
         async def again(_backoff: Backoff) -> None:
             self.log.append(("again", number))
+            self.returned.append(envelope)
 
         return Delivery(envelope.to_json(), ack, again)
 

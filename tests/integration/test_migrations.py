@@ -61,8 +61,12 @@ QX_TABLES = {
     "qx_outbox_sequence",
     "qx_inbox",
     "qx_inbox_sequence",
+    "qx_inbox_parked",
     "qx_idempotency",
 }
+#: qx's newest revision, and the one before it.
+QX_HEAD = "qx_0008"
+QX_PREVIOUS = "qx_0007"
 ORDERS_TABLES = {"orders", "order_lines", "products"}
 
 
@@ -98,13 +102,13 @@ async def test_qx_chain_brings_qx_tables_only_and_the_example_chain_depends_on_i
     # Called from inside a running event loop: the helper uses the shared connection.
     await upgrade(empty)
     assert await tables(empty) == QX_TABLES | {"alembic_version"}  # no example tables
-    assert await heads(empty) == {"qx_0007"}
+    assert await heads(empty) == {QX_HEAD}
     await assert_schema_current(empty, qx_only_metadata())
     # The example is laid out as a service: its own chain on top of qx's.
     example = alembic_config(orders_migrations())
     await upgrade(empty, config=example)
     assert await tables(empty) == QX_TABLES | ORDERS_TABLES | {"alembic_version"}
-    assert await heads(empty) == {"qx_0007", "orders_0002"}
+    assert await heads(empty) == {QX_HEAD, "orders_0002"}
     async with empty.connect() as conn:
         # What autogenerate would write against head: nothing, not even for unknown tables.
         everything = await conn.run_sync(
@@ -132,13 +136,14 @@ async def test_a_database_of_the_earlier_single_chain_is_adopted(empty: AsyncEng
             await conn.execute(text("INSERT INTO alembic_version VALUES ('0006')"))
             # What qx revisions after the single chain added is not there yet.
             await conn.execute(text("DROP TABLE IF EXISTS qx_inbox_sequence"))
+            await conn.execute(text("DROP TABLE IF EXISTS qx_inbox_parked"))
 
     await stamp_as_single_chain()
     await upgrade(empty)
-    assert await heads(empty) == {"qx_0007"}
+    assert await heads(empty) == {QX_HEAD}
     await stamp_as_single_chain()
     await upgrade(empty, config=example)
-    assert await heads(empty) == {"qx_0007", "orders_0002"}
+    assert await heads(empty) == {QX_HEAD, "orders_0002"}
     await assert_schema_current(empty, orders_metadata)
 
 
@@ -273,7 +278,7 @@ def test_db_commands_and_check_exit_codes(empty_url: str) -> None:
     assert behind.exit_code == 1 and "not up to date" in behind.output
     assert runner.invoke(app, ["db", "upgrade", *location]).exit_code == 0
     current_output = runner.invoke(app, ["db", "current", *location])
-    assert current_output.exit_code == 0 and "qx_0007 (head)" in current_output.output
+    assert current_output.exit_code == 0 and f"{QX_HEAD} (head)" in current_output.output
     clean = runner.invoke(app, ["db", "check", *location])
     assert clean.exit_code == 0 and "schema is current" in clean.output
     _execute("ALTER TABLE qx_inbox ADD COLUMN note VARCHAR(10)")
@@ -284,7 +289,7 @@ def test_db_commands_and_check_exit_codes(empty_url: str) -> None:
     back = runner.invoke(app, ["db", "downgrade", "-1", *location])
     assert back.exit_code == 0, back.output
     after = runner.invoke(app, ["db", "current", *location])
-    assert "qx_0006" in after.output and "qx_0007" not in after.output
+    assert QX_PREVIOUS in after.output and QX_HEAD not in after.output
     assert runner.invoke(app, ["db", "downgrade", "base", *location]).exit_code == 0
 
 
@@ -359,11 +364,11 @@ def test_db_init_then_a_service_s_chain_on_top_of_qx_s(
         (revision,) = versions.glob("*_initial.py")
         written = revision.read_text()
         assert "widgets" in written and "qx_outbox" not in written  # qx's tables stay qx's
-        assert "depends_on: str | Sequence[str] | None = 'qx_0007'" in written
+        assert f"depends_on: str | Sequence[str] | None = '{QX_HEAD}'" in written
         assert written.count("import qx.db.types") == 1 and "qx.db.types.UtcDateTime()" in written
         rev_id = revision.name.split("_")[1]
         heads = runner.invoke(app, ["db", "heads"])
-        assert heads.exit_code == 0 and rev_id in heads.output and "qx_0007" in heads.output
+        assert heads.exit_code == 0 and rev_id in heads.output and QX_HEAD in heads.output
         history = runner.invoke(app, ["db", "history"])
         assert history.exit_code == 0 and "initial" in history.output
         shown = runner.invoke(app, ["db", "show", rev_id])
@@ -379,8 +384,7 @@ def test_db_init_then_a_service_s_chain_on_top_of_qx_s(
         assert runner.invoke(app, ["db", "upgrade"]).exit_code == 0
         current_output = runner.invoke(app, ["db", "current"])
         assert (
-            "qx_0007" in current_output.output
-            and follow.name.split("_")[1] in current_output.output
+            QX_HEAD in current_output.output and follow.name.split("_")[1] in current_output.output
         )
         assert runner.invoke(app, ["db", "stamp", "heads"]).exit_code == 0  # recorded, not run
     finally:
@@ -440,7 +444,7 @@ def test_a_new_qx_revision_arrives_without_editing_the_service_s_revisions(
             from alembic import op
 
             revision = "qx_9001"
-            down_revision = "qx_0007"
+            down_revision = "qx_0008"
             branch_labels = None
             depends_on = None
 
@@ -587,7 +591,7 @@ async def test_version_table_in_its_own_schema(empty: AsyncEngine) -> None:
         config = alembic_config()
         config.set_main_option("version_table_schema", schema)
         await upgrade(empty, config=config)
-        assert await current(empty, version_table_schema=schema) == "qx_0007"
+        assert await current(empty, version_table_schema=schema) == QX_HEAD
         assert await current(empty) is None  # nothing in the default schema
         async with empty.connect() as conn:
             found = await conn.scalar(
@@ -712,7 +716,7 @@ def test_plain_alembic_revision_writes_into_the_service_never_into_qx(
     assert len(written) == 1, (made.stdout, made.stderr, list(qx_dir.glob("*initial*")))
     (first,) = written
     text_ = first.read_text()
-    assert "widgets" in text_ and "depends_on: str | Sequence[str] | None = 'qx_0007'" in text_
+    assert "widgets" in text_ and f"depends_on: str | Sequence[str] | None = '{QX_HEAD}'" in text_
     # No database needed for a revision written by hand; it goes on the service's head.
     second = alembic("revision", "-m", "second", database=False)
     assert second.returncode == 0, second.stderr
@@ -721,7 +725,7 @@ def test_plain_alembic_revision_writes_into_the_service_never_into_qx(
     assert f"down_revision: str | Sequence[str] | None = '{rev_id}'" in follow.read_text()
     assert sorted(p.name for p in qx_dir.iterdir()) == shipped  # the package is untouched
     heads = alembic("heads")
-    assert heads.returncode == 0 and "qx_0007" in heads.stdout
+    assert heads.returncode == 0 and QX_HEAD in heads.stdout
     assert follow.name.split("_")[1] in heads.stdout
 
 
@@ -780,6 +784,8 @@ def test_plain_alembic_in_a_fresh_environment_with_qx_from_its_wheel(tmp_path: P
         assert done.returncode == 0, (args, done.stderr[-2000:])
     (revision,) = (service / "migrations" / "versions").glob("*_x.py")
     written = revision.read_text()
-    assert "widgets" in written and "depends_on: str | Sequence[str] | None = 'qx_0007'" in written
+    assert (
+        "widgets" in written and f"depends_on: str | Sequence[str] | None = '{QX_HEAD}'" in written
+    )
     assert sorted(p.name for p in (package / "migrations" / "versions").iterdir()) == shipped
     assert "widgets" in _sqlite_tables(service / "svc.sqlite3")

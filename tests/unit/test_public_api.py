@@ -219,6 +219,7 @@ EXPECTED = {
         "OutboxRelay",
         "OutboxStatus",
         "OutboxStore",
+        "ParkedMessage",
         "PrometheusMetrics",
         "Publisher",
         "RabbitSubscriber",

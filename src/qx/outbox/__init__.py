@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 import qx.db  # noqa: F401
 from qx.outbox._consumer import InboxService
 from qx.outbox._envelope import Envelope
-from qx.outbox._inbox import EventRouter, Inbox
+from qx.outbox._inbox import EventRouter, Inbox, ParkedMessage
 from qx.outbox._metrics import PrometheusMetrics
 from qx.outbox._recorder import event_payload, outbox_row
 from qx.outbox._relay import BatchResult, OutboxRelay, RelayMetrics
@@ -58,6 +58,7 @@ __all__ = [
     "OutboxRelay",
     "OutboxStatus",
     "OutboxStore",
+    "ParkedMessage",
     "PrometheusMetrics",
     "Publisher",
     "RabbitSubscriber",

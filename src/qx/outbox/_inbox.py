@@ -28,11 +28,16 @@ Example:
 
 from __future__ import annotations
 
+import enum
 import logging
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from sqlalchemy import delete, func, select, update
 
 from qx.core._clock import utcnow
 from qx.core._context import request_context
@@ -40,17 +45,52 @@ from qx.core._errors import ConfigurationError, OutOfOrder
 from qx.core._telemetry import span
 from qx.db._dialect import dialect_of
 from qx.outbox._envelope import Envelope
-from qx.outbox._table import inbox_sequence_table, inbox_table
+from qx.outbox._table import inbox_parked_table, inbox_sequence_table, inbox_table
 
 if TYPE_CHECKING:  # qx.db._uow imports qx.outbox: only the types are needed here
     from qx.db._uow import UnitOfWork, UnitOfWorkFactory
 
-__all__ = ["EventRouter", "Handler", "Inbox"]
+__all__ = ["EventRouter", "Handler", "Inbox", "ParkedMessage"]
 
 logger = logging.getLogger("qx.outbox._inbox")
 
 #: How many early sightings an inbox remembers (see ``Inbox._waited``).
 _EARLY_KEPT = 10_000
+
+#: The longest error text kept with a parked message.
+_ERROR_CHARS = 2000
+
+
+class _Place(enum.Enum):
+    """Where an event stands in its aggregate's sequence at this consumer."""
+
+    NEXT = "next"
+    DUPLICATE = "duplicate"
+    PARKED = "parked"
+
+
+@dataclass(frozen=True, slots=True)
+class ParkedMessage:
+    """A message parked at a consumer (see :meth:`Inbox.failed`).
+
+    Attributes:
+        message_id: the event id.
+        event_name: its type.
+        aggregate: ``"<type>/<id>"``, or ``None`` for an event of no aggregate.
+        sequence: its number in its aggregate's sequence.
+        error: why its handler failed (``None``: parked behind its aggregate's failure).
+        attempts: the failures counted.
+        parked_at: when it was parked.
+    """
+
+    message_id: str
+    event_name: str
+    aggregate: str | None
+    sequence: int | None
+    error: str | None
+    attempts: int
+    parked_at: datetime
+
 
 U = TypeVar("U", bound="UnitOfWork")
 Handler = Callable[[Envelope, Any], Awaitable[None]]
@@ -65,10 +105,13 @@ class Inbox(Generic[U]):
         gap_seconds: how long an event this inbox has seen arrive before its predecessor
             waits for a predecessor that never comes (the relay published past a dead one)
             before it is applied anyway.
+        max_attempts: failures of a message's handler before it is parked, and its
+            aggregate with it (see :meth:`failed`).
         monotonic: the clock those waits are measured by (``time.monotonic``).
 
     Attributes:
-        counts: outcomes so far: ``applied``, ``duplicate``, ``out_of_order``, ``gap``.
+        counts: outcomes so far: ``applied``, ``duplicate``, ``out_of_order``, ``gap``,
+            ``dead`` (parked after failures), ``parked`` (behind one), ``requeued``.
     """
 
     def __init__(
@@ -77,15 +120,21 @@ class Inbox(Generic[U]):
         *,
         consumer: str,
         gap_seconds: float = 60.0,
+        max_attempts: int = 10,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         if not consumer or len(consumer) > 200:
             raise ConfigurationError("Inbox needs a consumer name of 1 to 200 characters")
         if not gap_seconds > 0:
             raise ConfigurationError(f"gap_seconds must be > 0, got {gap_seconds!r}")
+        if not (isinstance(max_attempts, int) and max_attempts >= 1):
+            raise ConfigurationError(f"max_attempts must be an int >= 1, got {max_attempts!r}")
         self.uow_factory = uow_factory
         self.consumer = consumer
         self.gap_seconds = gap_seconds
+        self.max_attempts = max_attempts
+        # message id -> failures of its handler counted here (see failed()).
+        self._failures: dict[str, int] = {}
         self.counts: Counter[str] = Counter()
         self._monotonic = monotonic
         # (aggregate type, aggregate id, number) -> when it was first seen too early.
@@ -124,7 +173,13 @@ class Inbox(Generic[U]):
             ) as current,
         ):
             async with self.uow_factory() as uow:
-                if not await self._in_order(uow, envelope) or not await self._record(uow, envelope):
+                place = await self._in_order(uow, envelope)
+                if place is _Place.PARKED:
+                    await self._park(uow, envelope, error=None, attempts=0)
+                    await uow.commit()
+                    self.counts["parked"] += 1
+                    return False
+                if place is _Place.DUPLICATE or not await self._record(uow, envelope):
                     logger.debug("skipping duplicate %s for %s", envelope.id, self.consumer)
                     self.counts["duplicate"] += 1
                     if current is not None:
@@ -132,15 +187,165 @@ class Inbox(Generic[U]):
                     return False
                 await handler(envelope, uow)
                 await uow.commit()
+        self._failures.pop(str(envelope.id), None)
         self.counts["applied"] += 1
         return True
 
-    async def _in_order(self, uow: UnitOfWork, envelope: Envelope) -> bool:
-        """Check the envelope's place in its aggregate's sequence and, when it is the next,
-        move the sequence on (in the handler's transaction). ``False`` for a duplicate."""
+    async def failed(self, envelope: Envelope, error: BaseException) -> bool:
+        """Note that ``envelope``'s handler failed; return whether it is now parked.
+
+        After ``max_attempts`` failures (counted by this inbox) the message is parked:
+        stored with its error in ``qx_inbox_parked``, to be acknowledged so the broker
+        stops redelivering it, and - for an aggregate's numbered event - its aggregate
+        with it: the aggregate's later events park behind it, in order, until
+        :meth:`requeue`. Other aggregates go on.
+        """
+        ident = str(envelope.id)
+        attempts = self._failures.get(ident, 0) + 1
+        self._failures[ident] = attempts
+        if len(self._failures) > _EARLY_KEPT:
+            for stale in list(self._failures)[: _EARLY_KEPT // 2]:
+                del self._failures[stale]
+        if attempts < self.max_attempts:
+            return False
+        text = f"{type(error).__qualname__}: {error}"[:_ERROR_CHARS]
+        async with self.uow_factory() as uow:
+            if envelope.sequence is not None and envelope.aggregate_id is not None:
+                await self._touch(uow, envelope, parked=True)
+            await self._park(uow, envelope, error=text, attempts=attempts)
+            await uow.commit()
+        self._failures.pop(ident, None)
+        self.counts["dead"] += 1
+        logger.error(
+            "%s: %s (%s) failed %d times and is parked%s: %s",
+            self.consumer,
+            envelope.type,
+            ident,
+            attempts,
+            " with its aggregate" if envelope.aggregate_id is not None else "",
+            text,
+        )
+        return True
+
+    async def parked(self) -> list[ParkedMessage]:
+        """The messages parked for this consumer, each aggregate's in order."""
+        t = inbox_parked_table
+        async with self.uow_factory() as uow:
+            rows = (
+                await uow.session.execute(
+                    select(t)
+                    .where(t.c.consumer == self.consumer)
+                    .order_by(t.c.aggregate_type, t.c.aggregate_id, t.c.sequence, t.c.parked_at)
+                )
+            ).all()
+        return [
+            ParkedMessage(
+                message_id=row.message_id,
+                event_name=row.event_name,
+                aggregate=f"{row.aggregate_type}/{row.aggregate_id}"
+                if row.aggregate_id is not None
+                else None,
+                sequence=row.sequence,
+                error=row.error,
+                attempts=row.attempts,
+                parked_at=row.parked_at,
+            )
+            for row in rows
+        ]
+
+    async def requeue(self, handler: Handler) -> int:
+        """Apply the parked messages again and unpark their aggregates; return how many
+        were applied (or found duplicates).
+
+        Each aggregate's messages go in their order; the first that fails again stays
+        parked (its error and attempts updated) with the rest of its aggregate behind it,
+        and the other aggregates go on. Events that park meanwhile are taken along.
+        """
+        done = 0
+        for message in await self.parked():
+            if message.aggregate is None:
+                done += await self._replay_one(message.message_id, handler)
+        aggregates = sorted({m.aggregate for m in await self.parked() if m.aggregate})
+        for aggregate in aggregates:
+            done += await self._replay_aggregate(aggregate, handler)
+        return done
+
+    async def _replay_aggregate(self, aggregate: str, handler: Handler) -> int:
+        kind, _, ident = aggregate.partition("/")
+        t = inbox_parked_table
+        done = 0
+        while True:
+            async with self.uow_factory() as uow:
+                waiting = (
+                    (
+                        await uow.session.execute(
+                            select(t.c.message_id)
+                            .where(
+                                t.c.consumer == self.consumer,
+                                t.c.aggregate_type == kind,
+                                t.c.aggregate_id == ident,
+                            )
+                            .order_by(t.c.sequence, t.c.parked_at)
+                        )
+                    )
+                    .scalars()
+                    .all()
+                )
+            for message_id in waiting:
+                applied = await self._replay_one(message_id, handler)
+                if not applied:
+                    return done  # failed again: the aggregate stays parked behind it
+                done += applied
+            # Unpark under the sequence row's lock, which every parking holds too: what
+            # parked after the last look is seen here, and replayed first.
+            async with self.uow_factory() as uow:
+                if await self._unpark(uow, kind, ident):
+                    await uow.commit()
+                    return done
+
+    async def _replay_one(self, message_id: str, handler: Handler) -> int:
+        """Apply one parked message (in order, duplicates skipped, gaps passed: the
+        operator asked for it); 1 when it is done, 0 when it failed again."""
+        t = inbox_parked_table
+        mine = (t.c.consumer == self.consumer, t.c.message_id == message_id)
+        async with self.uow_factory() as uow:
+            body = await uow.session.scalar(select(t.c.body).where(*mine))
+        if body is None:
+            return 1  # replayed meanwhile
+        envelope = Envelope.from_json(body)
+        try:
+            with request_context(
+                correlation_id=envelope.correlation_id,
+                causation_id=str(envelope.id),
+                tenant_id=envelope.tenant_id,
+            ):
+                async with self.uow_factory() as uow:
+                    place = await self._in_order(uow, envelope, replaying=True)
+                    if place is _Place.NEXT and await self._record(uow, envelope):
+                        await handler(envelope, uow)
+                    await uow.session.execute(delete(t).where(*mine))
+                    await uow.commit()
+        except Exception as exc:
+            text = f"{type(exc).__qualname__}: {exc}"[:_ERROR_CHARS]
+            async with self.uow_factory() as uow:
+                await uow.session.execute(
+                    update(t).where(*mine).values(error=text, attempts=t.c.attempts + 1)
+                )
+                await uow.commit()
+            logger.error("%s: requeued %s failed again: %s", self.consumer, message_id, text)
+            return 0
+        self.counts["requeued"] += 1
+        return 1
+
+    async def _in_order(
+        self, uow: UnitOfWork, envelope: Envelope, *, replaying: bool = False
+    ) -> _Place:
+        """Find the envelope's place in its aggregate's sequence and, when it is the next,
+        move the sequence on (in the handler's transaction). Replaying parked messages, the
+        aggregate's parking and gaps do not hold it back."""
         number = envelope.sequence
         if number is None or envelope.aggregate_id is None:
-            return True
+            return _Place.NEXT
         key = (envelope.aggregate_type or "", envelope.aggregate_id)
         session = uow.session
         insert = dialect_of(session.get_bind()).insert
@@ -153,12 +358,14 @@ class Inbox(Generic[U]):
         stmt = upsert.on_conflict_do_update(
             index_elements=[t.c.consumer, t.c.aggregate_type, t.c.aggregate_id],
             set_={"last_seq": t.c.last_seq},
-        ).returning(t.c.last_seq)
-        last = int((await session.execute(stmt)).scalar_one())
+        ).returning(t.c.last_seq, t.c.parked)
+        last, parked = (await session.execute(stmt)).one()
         if number <= last:
-            return False
+            return _Place.DUPLICATE
+        if parked and not replaying:
+            return _Place.PARKED
         waiting = (key[0], key[1], number)
-        if number > last + 1:
+        if number > last + 1 and not replaying:
             waited = self._waited(waiting)
             aggregate = f"{key[0]}/{key[1]}"
             if waited <= self.gap_seconds:
@@ -189,7 +396,73 @@ class Inbox(Generic[U]):
             )
             .values(last_seq=number)
         )
-        return True
+        return _Place.NEXT
+
+    async def _touch(self, uow: UnitOfWork, envelope: Envelope, *, parked: bool) -> None:
+        """Set the aggregate's parking (creating its sequence row if needed)."""
+        session = uow.session
+        insert = dialect_of(session.get_bind()).insert
+        t = inbox_sequence_table
+        await session.execute(
+            insert(t)
+            .values(
+                consumer=self.consumer,
+                aggregate_type=envelope.aggregate_type or "",
+                aggregate_id=envelope.aggregate_id,
+                last_seq=0,
+                parked=parked,
+            )
+            .on_conflict_do_update(
+                index_elements=[t.c.consumer, t.c.aggregate_type, t.c.aggregate_id],
+                set_={"parked": parked},
+            )
+        )
+
+    async def _unpark(self, uow: UnitOfWork, kind: str, ident: str) -> bool:
+        """Unpark an aggregate whose parked messages are all replayed; ``False`` (nothing
+        changed) when some are left."""
+        t = inbox_sequence_table
+        session = uow.session
+        await session.execute(
+            update(t)
+            .where(
+                t.c.consumer == self.consumer,
+                t.c.aggregate_type == kind,
+                t.c.aggregate_id == ident,
+            )
+            .values(parked=False)
+        )
+        p = inbox_parked_table
+        left = await session.scalar(
+            select(func.count())
+            .select_from(p)
+            .where(
+                p.c.consumer == self.consumer, p.c.aggregate_type == kind, p.c.aggregate_id == ident
+            )
+        )
+        return not left
+
+    async def _park(
+        self, uow: UnitOfWork, envelope: Envelope, *, error: str | None, attempts: int
+    ) -> None:
+        session = uow.session
+        insert = dialect_of(session.get_bind()).insert
+        await session.execute(
+            insert(inbox_parked_table)
+            .values(
+                consumer=self.consumer,
+                message_id=str(envelope.id),
+                aggregate_type=envelope.aggregate_type or "",
+                aggregate_id=envelope.aggregate_id,
+                sequence=envelope.sequence,
+                event_name=envelope.type[:200],
+                body=envelope.to_json().decode(),
+                error=error,
+                attempts=attempts,
+                parked_at=utcnow(),
+            )
+            .on_conflict_do_nothing()
+        )
 
     def _waited(self, waiting: tuple[str, str, int]) -> float:
         """Seconds since this inbox first saw that event arrive before its predecessor."""

@@ -12,8 +12,12 @@ that arrives before its predecessor (which another consumer of the group may be 
 right now) is held a moment (``hold_seconds``) and tried again as soon as the predecessor
 is in, instead of going back to the broker for a redelivery timer; so is a handler's
 ``ConcurrencyConflict`` (another aggregate's handler changed the same rows). Only what still
-fails after that is redelivered, with the aggregate's events behind it. So a slow aggregate holds back only itself, and no two consumers
-can wait on each other: the earliest unapplied event of every aggregate can always go.
+fails after that is redelivered, with the aggregate's events behind it. So a slow aggregate
+holds back only itself, and no two consumers can wait on each other: the earliest unapplied
+event of every aggregate can always go. A handler that keeps failing parks its message (and
+its aggregate's later events behind it) in the consumer's database after the inbox's
+``max_attempts`` (:meth:`Inbox.failed`); they are acknowledged, and the operator requeues
+them (``qx inbox requeue``).
 
 Every subscriber lives through its broker going away: ``run(stop)`` reconnects with the one
 :class:`~qx.core._backoff.Backoff` rule (a lost connection, a refused one, a broker restart,
@@ -186,7 +190,14 @@ class _Subscriber(ABC):
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, 0.1)
                 continue
-            except Exception:
+            except Exception as exc:
+                try:
+                    parked = await self.inbox.failed(envelope, exc)
+                except Exception:
+                    logger.exception("cannot note the failure of %s", envelope.id)
+                    parked = False
+                if parked:
+                    return None  # parked in the consumer's database: off the broker
                 logger.exception(
                     "handler for %s (%s) failed; will be redelivered", envelope.type, envelope.id
                 )

@@ -28,6 +28,7 @@ from uuid import UUID
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Column,
     Index,
     Integer,
@@ -35,6 +36,7 @@ from sqlalchemy import (
     Table,
     Text,
     Uuid,
+    false,
     text,
 )
 
@@ -46,6 +48,7 @@ __all__ = [
     "OUTBOX_LANES",
     "OUTBOX_TABLE",
     "PARKED",
+    "inbox_parked_table",
     "inbox_sequence_table",
     "inbox_table",
     "lane_of",
@@ -166,6 +169,26 @@ inbox_sequence_table: Final = Table(
     Column("aggregate_type", String(200), primary_key=True),
     Column("aggregate_id", String(200), primary_key=True),
     Column("last_seq", BigInteger(), nullable=False),
+    # Behind a message parked after max_attempts failures: later events park too.
+    Column("parked", Boolean(), nullable=False, server_default=false()),
+)
+
+#: Per consumer, a message whose handler failed max_attempts times (``error`` set) and the
+#: later events of its aggregate waiting behind it, off the broker until requeued.
+inbox_parked_table: Final = Table(
+    "qx_inbox_parked",
+    qx_metadata,
+    Column("consumer", String(200), primary_key=True),
+    Column("message_id", String(200), primary_key=True),
+    Column("aggregate_type", String(200), nullable=False),
+    Column("aggregate_id", String(200), nullable=True),
+    Column("sequence", BigInteger(), nullable=True),
+    Column("event_name", String(200), nullable=False),
+    Column("body", Text(), nullable=False),
+    Column("error", Text(), nullable=True),
+    Column("attempts", Integer(), nullable=False),
+    Column("parked_at", UtcDateTime(), nullable=False),
+    Index("ix_qx_inbox_parked_aggregate", "consumer", "aggregate_type", "aggregate_id", "sequence"),
 )
 
 #: Lane leases: one row per lane, created by the first relay (or migration 0006).
