@@ -121,6 +121,9 @@ def _inbox_app(console: Console) -> typer.Typer:
         concurrency: Annotated[
             int, typer.Option("--concurrency", min=1, help="Subscribers in this process.")
         ] = 1,
+        metrics_port: Annotated[
+            int | None, typer.Option("--metrics-port", help="Serve Prometheus /metrics.")
+        ] = None,
         log_level: Annotated[
             str | None, typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR.")
         ] = None,
@@ -135,6 +138,10 @@ def _inbox_app(console: Console) -> typer.Typer:
         async def main() -> None:
             async with _inbox_of(consumer, uow=uow, router=router) as (settings, inbox, routes):
                 _configure_service_logging(settings, log_level, log_json)
+                if metrics_port is not None:
+                    from qx.outbox import InboxMetrics
+
+                    InboxMetrics(inbox).serve(metrics_port)
                 service = InboxService(
                     settings.broker, inbox, routes, name=consumer, concurrency=concurrency
                 )

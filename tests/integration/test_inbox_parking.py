@@ -16,12 +16,13 @@ from typing import Any
 from uuid import UUID
 
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
 from typer.testing import CliRunner
 
 from qx.cli import app
 from qx.core import request_context
 from qx.db import UnitOfWorkFactory, create_engine, create_session_factory
-from qx.outbox import Envelope, EventRouter, Inbox, NatsSubscriber
+from qx.outbox import Envelope, EventRouter, Inbox, InboxMetrics, NatsSubscriber
 from qx.settings import BrokerSettings, DatabaseSettings
 from tests import models
 from tests.integration.conftest import create_tables
@@ -82,6 +83,13 @@ async def test_a_failing_event_parks_its_aggregate_until_requeued(uow_factory: F
     assert not await inbox.process(numbered(a, 6), ledger.router.dispatch)
     assert await inbox.process(numbered(b, 3), ledger.router.dispatch)
     assert inbox.counts["dead"] == 1 and inbox.counts["parked"] == 3
+    # What Prometheus scrapes: the same counts, read when scraped.
+    registry = CollectorRegistry()
+    InboxMetrics(inbox, registry=registry)
+    scraped = generate_latest(registry).decode()
+    assert 'qx_inbox_messages_total{consumer="parking",outcome="dead"} 1.0' in scraped
+    assert 'qx_inbox_messages_total{consumer="parking",outcome="parked"} 3.0' in scraped
+    assert 'qx_inbox_messages_total{consumer="parking",outcome="applied"} 5.0' in scraped
     # Still broken: the requeue stops at event 3 and everything stays parked.
     assert await inbox.requeue(ledger.router.dispatch) == 0
     again: Any = await inbox.parked()

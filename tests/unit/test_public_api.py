@@ -211,6 +211,7 @@ EXPECTED = {
         "Envelope",
         "EventRouter",
         "Inbox",
+        "InboxMetrics",
         "InboxService",
         "LogPublisher",
         "MemoryPublisher",

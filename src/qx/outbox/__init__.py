@@ -8,7 +8,7 @@ import qx.db  # noqa: F401
 from qx.outbox._consumer import InboxService
 from qx.outbox._envelope import Envelope
 from qx.outbox._inbox import EventRouter, Inbox, ParkedMessage
-from qx.outbox._metrics import PrometheusMetrics
+from qx.outbox._metrics import InboxMetrics, PrometheusMetrics
 from qx.outbox._recorder import event_payload, outbox_row
 from qx.outbox._relay import BatchResult, OutboxRelay, RelayMetrics
 from qx.outbox._relay_state import RelayState
@@ -50,6 +50,7 @@ __all__ = [
     "Envelope",
     "EventRouter",
     "Inbox",
+    "InboxMetrics",
     "InboxService",
     "LogPublisher",
     "MemoryPublisher",

@@ -6,7 +6,8 @@ It feeds one :class:`~qx.outbox.Inbox` from the broker of ``QX_BROKER__URL`` wit
 shares its durable, a RabbitMQ queue its consumers, a Redis group its consumers), until
 SIGTERM or SIGINT; it then stops every subscriber and returns within about a second plus the
 handlers in progress. Subscribers reconnect by themselves (see :mod:`qx.outbox._subscribers`).
-Handlers of one aggregate may run concurrently when ``concurrency`` > 1.
+With ``concurrency`` > 1 an aggregate's events still apply in order, one at a time (the
+inbox's sequence row serializes them).
 
 Example:
     >>> service = InboxService(settings.broker, inbox, router, name="billing")  # doctest: +SKIP

@@ -1,8 +1,12 @@
-"""Prometheus metrics for the relay (needs the ``metrics`` extra: prometheus-client).
+"""Prometheus metrics for the relay and the inbox (needs the ``metrics`` extra).
 
-``qx_outbox_published_total``, ``qx_outbox_failed_total``, ``qx_outbox_dead_total``
+Relay: ``qx_outbox_published_total``, ``qx_outbox_failed_total``, ``qx_outbox_dead_total``
 (counters), ``qx_outbox_lag_seconds`` (gauge: age of the oldest event in the last batch) and
 ``qx_outbox_batch_seconds`` (histogram of batch latency).
+
+Inbox: ``qx_inbox_messages_total{consumer, outcome}``, read from :attr:`Inbox.counts` when
+scraped (``applied``, ``duplicate``, ``out_of_order``, ``gap``, ``dead``, ``parked``,
+``requeued``): nothing on the message path.
 
 Example:
     >>> metrics = PrometheusMetrics(registry=CollectorRegistry())   # doctest: +SKIP
@@ -14,9 +18,10 @@ from __future__ import annotations
 from typing import Any
 
 from qx.core._errors import ConfigurationError
+from qx.outbox._inbox import Inbox
 from qx.outbox._relay import BatchResult
 
-__all__ = ["PrometheusMetrics"]
+__all__ = ["InboxMetrics", "PrometheusMetrics"]
 
 
 class PrometheusMetrics:
@@ -59,3 +64,44 @@ class PrometheusMetrics:
         import prometheus_client as prom
 
         prom.start_http_server(port, addr=addr)
+
+
+class InboxMetrics:
+    """An inbox's outcomes in a Prometheus registry, read from its counts when scraped.
+
+    Args:
+        inbox: the inbox observed.
+        registry: where to register (default: prometheus-client's global registry).
+        prefix: metric name prefix.
+
+    Example:
+        >>> InboxMetrics(inbox, registry=CollectorRegistry())   # doctest: +SKIP
+    """
+
+    def __init__(
+        self, inbox: Inbox[Any], *, registry: Any = None, prefix: str = "qx_inbox"
+    ) -> None:
+        try:
+            import prometheus_client as prom
+        except ImportError as exc:  # pragma: no cover - depends on the install
+            raise ConfigurationError(
+                "inbox metrics need the metrics extra: pip install 'qx[metrics]'"
+            ) from exc
+        self.inbox = inbox
+        self.prefix = prefix
+        (registry if registry is not None else prom.REGISTRY).register(self)
+
+    def collect(self) -> Any:
+        """What a scrape reads (prometheus-client's collector protocol)."""
+        from prometheus_client.core import CounterMetricFamily
+
+        family = CounterMetricFamily(
+            f"{self.prefix}_messages",
+            "Messages the inbox handled, by outcome.",
+            labels=["consumer", "outcome"],
+        )
+        for outcome, count in sorted(self.inbox.counts.items()):
+            family.add_metric([self.inbox.consumer, outcome], count)
+        yield family
+
+    serve = staticmethod(PrometheusMetrics.serve)
