@@ -23,6 +23,7 @@ BENCHES = [
     ("pagination.py", []),
     ("relay.py", []),
     ("writers.py", []),
+    ("peers.py", []),
 ]
 QUICK = {
     "place_order.py": ["--transactions", "500", "--rounds", "1"],
@@ -44,6 +45,7 @@ QUICK = {
         "1,2",
     ],
     "writers.py": ["--seconds", "3", "--rounds", "1"],
+    "peers.py": ["--rows", "100", "--rounds", "1"],
 }
 
 

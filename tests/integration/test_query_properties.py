@@ -220,13 +220,41 @@ def _match(lookup: str, x: Any, v: Any) -> bool:
     )
 
 
-def oracle(expr: Any, row: dict[str, Any]) -> bool:
-    if expr[0] == "and":
-        return all(oracle(e, row) for e in expr[1])
-    if expr[0] == "or":
-        return any(oracle(e, row) for e in expr[1])
+def flattened(expr: Any) -> Any:
+    """The tree as one ``filter()`` call sees it: a node of the same connector, or of one
+    child, inside another says the same one level up (NOT nodes stay)."""
     if expr[0] == "not":
-        return not oracle(expr[1], row)
+        return ("not", flattened(expr[1]))
+    if expr[0] not in ("and", "or"):
+        return expr
+    children: list[Any] = []
+    for child in (flattened(e) for e in expr[1]):
+        if child[0] in ("and", "or") and (child[0] == expr[0] or len(child[1]) == 1):
+            children.extend(child[1])
+        else:
+            children.append(child)
+    return (expr[0], children)
+
+
+def oracle(expr: Any, row: dict[str, Any]) -> bool:
+    return _holds(flattened(expr), row)
+
+
+def _holds(expr: Any, row: dict[str, Any]) -> bool:
+    if expr[0] == "and":
+        # The documented rule: conditions ANDed in one filter() on the same to-many
+        # relationship must hold for the same related row (as in Django).
+        tag_leaves = [e for e in expr[1] if e[0] == "tags__label"]
+        others = [e for e in expr[1] if e[0] != "tags__label"]
+        tags_ok = not tag_leaves or any(
+            all(_match(lookup, tag, value) for _, lookup, value in tag_leaves)
+            for tag in row["tags"]
+        )
+        return tags_ok and all(_holds(e, row) for e in others)
+    if expr[0] == "or":
+        return any(_holds(e, row) for e in expr[1])
+    if expr[0] == "not":
+        return not _holds(expr[1], row)
     field, lookup, value = expr
     if field == "tags__label":
         return any(_match(lookup, tag, value) for tag in row["tags"])
