@@ -43,6 +43,7 @@ class _Plan:
     owned: tuple[tuple[str, tuple[tuple[str, str], ...]], ...]
     #: other relationships: they must be empty for the fast path
     links: tuple[str, ...]
+    #: attribute keys of the primary key
     pk: tuple[str, ...]
 
 
@@ -134,6 +135,10 @@ async def insert_new_aggregates(session: AsyncSession) -> list[Any] | None:
             value = state.dict.get(key)
             if value:  # a link to another object needs the flush's dependency handling
                 return None
+        if any(state.dict.get(key) is None for key in plan.pk):
+            # A key the database generates: the flush reads it back. Found before anything
+            # is stamped or built, so the flush that takes over does that work once.
+            return None
         plans[id(obj)] = plan
     # What the before_flush hook does: tenant, audit and version stamps.
     stamp_new(sync, current_context(), sync.clock.now(), sync.tx_state)
@@ -154,8 +159,6 @@ async def insert_new_aggregates(session: AsyncSession) -> list[Any] | None:
             if value is _MISSING or (value is None and defaulted):
                 return None  # the flush would apply a default we cannot see here
             row[column] = value
-        if any(row.get(key) is None for key in plan.pk):
-            return None
         rows.setdefault(plan.table, []).append(row)
     connection = await session.connection()
     for table in sort_tables(rows):  # parents before children
