@@ -21,6 +21,10 @@ try:
     _CONFIG_OPTION = typer.Option(
         "--config", "-c", help="alembic.ini, or a migrations directory (default: ./alembic.ini)."
     )
+    _ROUTER_OPTION = typer.Option("--router", help="package.module:router (an EventRouter).")
+    _UOW_OPTION = typer.Option(
+        "--uow", help="package.module:YourUnitOfWork (a UnitOfWork subclass)."
+    )
 except ImportError:  # pragma: no cover - exercised only without the extra
     typer = None  # type: ignore[assignment]
 
@@ -105,13 +109,8 @@ def _inbox_app(console: Console) -> typer.Typer:
 
     @inbox.command("run")
     def run_command(
-        router: Annotated[
-            str, typer.Option("--router", help="package.module:router (an EventRouter).")
-        ],
-        uow: Annotated[
-            str,
-            typer.Option("--uow", help="package.module:YourUnitOfWork (a UnitOfWork subclass)."),
-        ],
+        router: Annotated[str, _ROUTER_OPTION],
+        uow: Annotated[str, _UOW_OPTION],
         consumer: Annotated[
             str,
             typer.Option(
@@ -182,13 +181,8 @@ def _inbox_app(console: Console) -> typer.Typer:
 
     @inbox.command("requeue")
     def requeue_command(
-        router: Annotated[
-            str, typer.Option("--router", help="package.module:router (an EventRouter).")
-        ],
-        uow: Annotated[
-            str,
-            typer.Option("--uow", help="package.module:YourUnitOfWork (a UnitOfWork subclass)."),
-        ],
+        router: Annotated[str, _ROUTER_OPTION],
+        uow: Annotated[str, _UOW_OPTION],
         consumer: Annotated[str, typer.Option("--consumer", help="The consumer's name.")],
     ) -> None:
         """Apply the parked messages again, each aggregate's in order, and unpark their
