@@ -26,7 +26,13 @@ from typing import Any, Protocol
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-__all__ = ["COMMIT_PROBE_SECONDS", "CommitProbe", "commit_probe", "past_cancellation"]
+__all__ = [
+    "COMMIT_PROBE_SECONDS",
+    "CommitProbe",
+    "LocalProbe",
+    "PostgresProbe",
+    "past_cancellation",
+]
 
 logger = logging.getLogger("qx.db.commit")
 
@@ -78,7 +84,9 @@ class CommitProbe(Protocol):
         (``time.monotonic()``)."""
 
 
-class _Postgres:
+class PostgresProbe:
+    """PostgreSQL's: the transaction's id, then ``pg_xact_status``."""
+
     async def handle(self, session: AsyncSession) -> str | None:
         # The flush's writes give the transaction its id: ask after them.
         await session.flush()
@@ -111,17 +119,11 @@ class _Postgres:
             pause = min(pause * 2, 1.0)
 
 
-class _Local:
+class LocalProbe:
+    """SQLite's: nothing to find out (a local COMMIT returns or raises)."""
+
     async def handle(self, session: AsyncSession) -> str | None:
         return None
 
     async def outcome(self, engine: AsyncEngine, handle: str, *, deadline: float) -> bool | None:
         return None  # pragma: no cover - no handle is ever given
-
-
-_PROBES: dict[str, CommitProbe] = {"postgresql": _Postgres(), "sqlite": _Local()}
-
-
-def commit_probe(dialect_name: str) -> CommitProbe:
-    """The probe of a backend (``postgresql`` or ``sqlite``)."""
-    return _PROBES.get(dialect_name, _Local())

@@ -28,6 +28,7 @@ from sqlalchemy.sql import Select
 from sqlalchemy.sql.elements import ColumnElement
 
 from qx.core._errors import ConfigurationError
+from qx.db._commit import CommitProbe, LocalProbe, PostgresProbe
 
 __all__ = [
     "LARGE_IN",
@@ -49,15 +50,18 @@ class Dialect:
     Attributes:
         name: the SQLAlchemy dialect name.
         locks_rows: whether ``SELECT ... FOR UPDATE`` locks rows (PostgreSQL).
+        commit_probe: how to find out whether a transaction whose COMMIT answer was lost
+            committed (:mod:`qx.db._commit`).
     """
 
-    __slots__ = ("locks_rows", "name")
+    __slots__ = ("commit_probe", "locks_rows", "name")
 
     def __init__(self, name: str) -> None:
         if name not in ("postgresql", "sqlite"):
             raise ConfigurationError(f"qx supports postgresql and sqlite, not {name!r}")
         self.name = name
         self.locks_rows = name == "postgresql"
+        self.commit_probe: CommitProbe = PostgresProbe() if name == "postgresql" else LocalProbe()
 
     def insert(self, table: Table) -> postgresql.Insert | sqlite.Insert:
         """This backend's ``INSERT`` construct (with ``on_conflict_do_nothing/update``)."""

@@ -57,7 +57,8 @@ from qx.core._errors import (
 from qx.core._events import Event, IntegrationEvent, handling_event
 from qx.core._ids import new_id
 from qx.core._telemetry import active_tracer, span, trace_headers
-from qx.db._commit import COMMIT_PROBE_SECONDS, commit_probe, past_cancellation
+from qx.db._commit import COMMIT_PROBE_SECONDS, past_cancellation
+from qx.db._dialect import dialect_of
 from qx.db._insert_new import forget_inserted, insert_new_aggregates
 from qx.db._mapping import entity_info
 from qx.db._repository import Repository
@@ -430,7 +431,7 @@ class UnitOfWork:
         it did not, raise ``TransientError`` (safe to retry); if that cannot be found out in
         time, raise ``CommitOutcomeUnknown`` (never safe to retry blindly)."""
         engine = self._session_factory.kw.get("bind")
-        probe = commit_probe(engine.dialect.name) if isinstance(engine, AsyncEngine) else None
+        probe = dialect_of(engine).commit_probe if isinstance(engine, AsyncEngine) else None
         handle = await probe.handle(session) if probe is not None else None
         if handle is None or probe is None or not isinstance(engine, AsyncEngine):
             # Nothing to find out (SQLite, or a transaction that wrote nothing): COMMIT
