@@ -34,8 +34,8 @@ demo: $(VENV)/.demo-installed
 	$(BIN)/qx demo
 
 lint: $(VENV)/.dev-installed
-	$(BIN)/ruff check src tests bench examples scripts
-	$(BIN)/ruff format --check src tests bench examples scripts
+	$(BIN)/ruff check src tests bench examples scripts migrations
+	$(BIN)/ruff format --check src tests bench examples scripts migrations
 	$(BIN)/mypy --strict src
 
 # pytest exits 5 when it collects no tests; make treats any non-zero exit as failure.

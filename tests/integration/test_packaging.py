@@ -72,6 +72,13 @@ def test_the_wheel_and_sdist_carry_the_license_urls_and_only_user_extras(dist: P
         "qx/examples/orders/migrations/versions/orders_0001_orders.py",
     ):
         assert shipped in names, shipped
+    # qx's chain is developed in the top-level migrations/ and shipped whole in the package.
+    chain = sorted(p.name for p in (ROOT / "migrations" / "versions").glob("qx_*.py"))
+    assert len(chain) >= 8
+    shipped_chain = sorted(
+        n.rsplit("/", 1)[1] for n in names if n.startswith("qx/migrations/versions/qx_")
+    )
+    assert shipped_chain == chain
     (sdist,) = dist.glob("*.tar.gz")
     with tarfile.open(sdist) as archive:
         root = archive.getnames()[0].split("/", 1)[0]
@@ -139,7 +146,12 @@ def test_the_installed_wheel_serves_a_new_service_outside_the_repository(
     assert str(tmp_path / "env") in where and str(ROOT) not in where
     cli = ("-c", "import sys, qx.cli; sys.argv[0] = 'qx'; qx.cli.main()")
     run(*cli, "db", "init", "--metadata", "library_models:metadata")
+    # An existing database at an earlier qx revision, then upgraded by the installed wheel,
+    # whose revisions come from the repository's top-level migrations/versions.
+    run(*cli, "db", "upgrade", "qx_0007")
+    assert "qx_0007" in run(*cli, "db", "current")
     run(*cli, "db", "upgrade")
+    assert "qx_0008 (head)" in run(*cli, "db", "current")
     run(*cli, "db", "revision", "--autogenerate", "-m", "books")
     (revision,) = (service / "migrations" / "versions").glob("*_books.py")
     assert "create_table('books'" in revision.read_text()

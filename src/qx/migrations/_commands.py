@@ -32,7 +32,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from qx.core._errors import ConfigurationError
-from qx.migrations._placement import QX_VERSIONS, placement
+from qx.migrations._placement import QX_VERSIONS, placement, qx_versions
 
 __all__ = [
     "QX_BRANCH",
@@ -85,9 +85,21 @@ def alembic_config(location: str | Path | None = None, *, url: str | None = None
         config = Config(str(path), stdout=sys.stdout)
     else:
         raise ConfigurationError(f"no Alembic configuration at {path}; run `qx db init`")
+    own = project_migrations() if location is None else None
+    if own is not None or _is_own(path):
+        # qx's own environment: its alembic.ini names ``versions/`` beside it, as in the
+        # repository's top-level ``migrations/``; installed, the revisions are the package's
+        # ``qx/migrations/versions`` beside ``environment/``.
+        config.set_main_option("version_locations", str(qx_versions()))
     if url is not None:
         config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     return config
+
+
+def _is_own(path: Path) -> bool:
+    own = Path(__file__).resolve().parent / "environment"
+    candidate = path.absolute()
+    return candidate in (own, own / "alembic.ini")
 
 
 async def _on_connection(engine: AsyncEngine, config: Config, work: Callable[[Config], T]) -> T:
