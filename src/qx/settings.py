@@ -60,7 +60,8 @@ class BrokerSettings(BaseModel):
     """Message broker settings (``QX_BROKER__*``).
 
     Attributes:
-        url: ``memory://``, ``log://``, ``nats://…``, ``amqp://…`` or ``redis://…``.
+        url: ``memory://``, ``log://``, ``nats://…``, ``amqp://…``, ``redis://…`` or
+            ``kafka://host:port[,host:port…]``.
         source: the CloudEvents ``source`` of published envelopes (your service's name).
         subject_prefix: NATS subjects are ``<prefix>.<event name>``.
         stream: NATS JetStream stream name (holding ``<prefix>.>``).
@@ -73,6 +74,10 @@ class BrokerSettings(BaseModel):
             (then dead-letters) them instead of losing them silently.
         redis_stream: Redis stream key the envelopes are appended to.
         redis_maxlen: approximate ``MAXLEN`` of the Redis stream; ``None`` keeps everything.
+        kafka_topic: the Kafka topic of every envelope; empty (the default): one topic per
+            event name, ``<subject_prefix>.<event name>``. The record key is the aggregate,
+            so an aggregate's events share a partition and keep their order.
+        kafka_partitions: partitions of the topics the publisher creates.
         publish_timeout: seconds to wait for the broker's acknowledgement. A message not
             acknowledged in time counts an attempt only if the broker acknowledged others
             meanwhile; otherwise the broker is unavailable and the row waits untried.
@@ -93,6 +98,8 @@ class BrokerSettings(BaseModel):
     mandatory: bool = True
     redis_stream: str = "qx:events"
     redis_maxlen: int | None = Field(default=None, ge=1)
+    kafka_topic: str = Field(default="", pattern=r"^[A-Za-z0-9._\-]{0,249}$")
+    kafka_partitions: int = Field(default=6, ge=1, le=10_000)
     publish_timeout: float = Field(default=5.0, gt=0)
     heartbeat: float = Field(default=2.0, gt=0)
 

@@ -23,6 +23,7 @@ USER_EXTRAS = {
     "api",
     "brokers",
     "cli",
+    "kafka",
     "metrics",
     "nats",
     "otel",

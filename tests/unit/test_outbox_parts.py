@@ -21,7 +21,7 @@ from qx.outbox import (
 )
 from qx.outbox._claimed import ClaimedRow, claimed_columns
 from qx.outbox._store import reconnect_backoff, retry_backoff
-from qx.outbox.publishers import NatsPublisher, RabbitPublisher, RedisPublisher
+from qx.outbox.publishers import KafkaPublisher, NatsPublisher, RabbitPublisher, RedisPublisher
 from qx.settings import BrokerSettings, RelaySettings
 
 
@@ -114,9 +114,10 @@ def test_publisher_selection_by_url() -> None:
     assert isinstance(make("nats://h:4222"), NatsPublisher)
     assert isinstance(make("amqp://guest:guest@h/"), RabbitPublisher)
     assert isinstance(make("redis://h:6379/0"), RedisPublisher)
+    assert isinstance(make("kafka://h:9092,h2:9092"), KafkaPublisher)
     with pytest.raises(ConfigurationError) as info:
-        make("kafka://h:9092")
-    assert "QX_BROKER__URL" in str(info.value)
+        make("pulsar://h:6650")
+    assert "QX_BROKER__URL" in str(info.value) and "kafka://" in str(info.value)
 
 
 async def test_memory_publisher_can_fail() -> None:

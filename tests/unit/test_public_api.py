@@ -193,6 +193,7 @@ EXPECTED = {
     ],
     "qx.outbox.publishers": [
         "Described",
+        "KafkaPublisher",
         "LogPublisher",
         "MemoryPublisher",
         "NatsPublisher",
@@ -213,6 +214,7 @@ EXPECTED = {
         "Inbox",
         "InboxMetrics",
         "InboxService",
+        "KafkaSubscriber",
         "LogPublisher",
         "MemoryPublisher",
         "NatsSubscriber",

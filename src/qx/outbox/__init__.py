@@ -13,7 +13,12 @@ from qx.outbox._recorder import event_payload, outbox_row
 from qx.outbox._relay import BatchResult, OutboxRelay, RelayMetrics
 from qx.outbox._relay_state import RelayState
 from qx.outbox._store import OutboxProblem, OutboxStatus, OutboxStore
-from qx.outbox._subscribers import NatsSubscriber, RabbitSubscriber, RedisSubscriber
+from qx.outbox._subscribers import (
+    KafkaSubscriber,
+    NatsSubscriber,
+    RabbitSubscriber,
+    RedisSubscriber,
+)
 from qx.outbox._table import (
     NOTIFY_CHANNEL,
     OUTBOX_LANES,
@@ -52,6 +57,7 @@ __all__ = [
     "Inbox",
     "InboxMetrics",
     "InboxService",
+    "KafkaSubscriber",
     "LogPublisher",
     "MemoryPublisher",
     "NatsSubscriber",

@@ -3,7 +3,7 @@
 
 It feeds one :class:`~qx.outbox.Inbox` from the broker of ``QX_BROKER__URL`` with
 ``concurrency`` subscribers in one process (each its own connection: a NATS pull consumer
-shares its durable, a RabbitMQ queue its consumers, a Redis group its consumers), until
+shares its durable, a RabbitMQ queue its consumers, a Redis or Kafka group its consumers), until
 SIGTERM or SIGINT; it then stops every subscriber and returns within about a second plus the
 handlers in progress. Subscribers reconnect by themselves (see :mod:`qx.outbox._subscribers`).
 With ``concurrency`` > 1 an aggregate's events still apply in order, one at a time (the
@@ -25,13 +25,18 @@ from typing import Any
 from qx.core._errors import ConfigurationError
 from qx.outbox._inbox import EventRouter, Inbox
 from qx.outbox._signals import until_signalled
-from qx.outbox._subscribers import NatsSubscriber, RabbitSubscriber, RedisSubscriber
+from qx.outbox._subscribers import (
+    KafkaSubscriber,
+    NatsSubscriber,
+    RabbitSubscriber,
+    RedisSubscriber,
+)
 from qx.outbox.publishers._select import broker_kind
 from qx.settings import BrokerSettings
 
 __all__ = ["InboxService", "subscriber_from_settings"]
 
-Subscriber = NatsSubscriber | RabbitSubscriber | RedisSubscriber
+Subscriber = KafkaSubscriber | NatsSubscriber | RabbitSubscriber | RedisSubscriber
 
 
 def subscriber_from_settings(
@@ -48,8 +53,10 @@ def subscriber_from_settings(
     if kind == "redis":
         consumer = f"{socket.gethostname()}-{os.getpid()}-{index}"
         return RedisSubscriber(settings, inbox, router, group=name, consumer=consumer)
+    if kind == "kafka":
+        return KafkaSubscriber(settings, inbox, router, group=name)
     raise ConfigurationError(
-        f"no subscriber for {kind}:// (QX_BROKER__URL): use nats://, amqp:// or redis://"
+        f"no subscriber for {kind}:// (QX_BROKER__URL): use nats://, amqp://, redis:// or kafka://"
     )
 
 

@@ -52,10 +52,11 @@ from qx.core._errors import (
 )
 from qx.outbox._envelope import Envelope
 from qx.outbox._inbox import EventRouter, Inbox
+from qx.outbox.publishers._kafka import kafka_servers, kafka_topic
 from qx.outbox.publishers._nats import connect_nats
 from qx.settings import BrokerSettings
 
-__all__ = ["NatsSubscriber", "RabbitSubscriber", "RedisSubscriber"]
+__all__ = ["KafkaSubscriber", "NatsSubscriber", "RabbitSubscriber", "RedisSubscriber"]
 
 logger = logging.getLogger("qx.outbox.subscribe")
 
@@ -448,6 +449,108 @@ class RedisSubscriber(_Subscriber):
                 await client.aclose()
 
 
+class KafkaSubscriber(_Subscriber):
+    """A Kafka consumer group feeding the inbox; offsets are committed only after the inbox
+    committed what they cover.
+
+    The group's partitions are shared among its consumers by Kafka (an aggregate's events
+    are on one partition: see the publisher's record key). Per partition, the committed
+    offset moves past a message only once it and every message before it on that partition
+    were applied (or parked): a message given back (still early, or failing) rewinds its
+    partition to it, so it and those after it are read again (the inbox skips the ones
+    already applied).
+
+    Args:
+        settings: broker URL (``kafka://host:port``), topics (``kafka_topic`` or one per
+            event type of the router, ``<subject_prefix>.<event name>``).
+        inbox: runs handlers once per message.
+        router: handlers by event type; its types name the topics when there is no
+            ``kafka_topic``.
+        group: the consumer group (one per service).
+        batch: records read at a time.
+    """
+
+    system = "Kafka"
+
+    def __init__(
+        self,
+        settings: BrokerSettings,
+        inbox: Inbox[Any],
+        router: EventRouter,
+        *,
+        group: str,
+        batch: int = 100,
+    ) -> None:
+        super().__init__(settings, inbox, router)
+        self.group = group
+        self.batch = batch
+
+    def topics(self) -> list[str]:
+        """The topics this subscriber reads."""
+        if self.settings.kafka_topic:
+            return [self.settings.kafka_topic]
+        return sorted(kafka_topic(self.settings, event_type) for event_type in self.router.types)
+
+    async def _consume(self, stop: asyncio.Event) -> None:
+        try:
+            from aiokafka import AIOKafkaConsumer
+        except ImportError as exc:  # pragma: no cover - depends on the install
+            raise ConfigurationError("KafkaSubscriber needs the kafka extra") from exc
+        topics = self.topics()
+        if not topics:
+            raise ConfigurationError("KafkaSubscriber: the router handles no event type")
+        heartbeat_ms = max(int(self.settings.heartbeat * 1000), 100)
+        session_ms = max(heartbeat_ms * 5, 6000)
+        consumer = AIOKafkaConsumer(
+            *topics,
+            bootstrap_servers=kafka_servers(self.settings),
+            group_id=self.group,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            heartbeat_interval_ms=heartbeat_ms,
+            # A dead member's partitions go to the others after this long.
+            session_timeout_ms=session_ms,
+            rebalance_timeout_ms=session_ms,
+            # The broker holds a JoinGroup until the rebalance is done: requests must be
+            # allowed longer than that, or joining never succeeds.
+            request_timeout_ms=session_ms + int(self.settings.publish_timeout * 1000),
+            metadata_max_age_ms=5000,
+        )
+        paused: dict[Any, float] = {}  # partition -> when its redelivery is due
+        try:
+            await asyncio.wait_for(consumer.start(), self.settings.publish_timeout * 2)
+            self._connected()
+            while not stop.is_set():
+                now = time.monotonic()
+                due = [tp for tp, at in paused.items() if at <= now]
+                if due:
+                    consumer.resume(*due)
+                    for tp in due:
+                        del paused[tp]
+                found = await consumer.getmany(
+                    timeout_ms=int(POLL_SECONDS * 1000), max_records=self.batch
+                )
+                for partition, records in found.items():
+                    settled: dict[int, float | None] = {}
+                    deliveries = [_kafka_delivery(record, settled) for record in records]
+                    await self._settle(deliveries, stop)
+                    back = {offset: delay for offset, delay in settled.items() if delay is not None}
+                    if not back:
+                        await consumer.commit({partition: records[-1].offset + 1})
+                        continue
+                    # Read again from the first message given back, after its delay; what
+                    # came before it on this partition is applied.
+                    first = min(back)
+                    consumer.seek(partition, first)
+                    if first > records[0].offset:
+                        await consumer.commit({partition: first})
+                    consumer.pause(partition)
+                    paused[partition] = time.monotonic() + max(back.values())
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(consumer.stop(), 5)
+
+
 #: How long a RabbitMQ subscriber waits for more of what its prefetch holds, once one came.
 _GATHER_SECONDS = 0.002
 
@@ -474,3 +577,18 @@ def _redis_delivery(client: Any, stream: str, group: str, entry_id: Any, fields:
         pass  # left pending: XAUTOCLAIM gives it out again after idle_seconds
 
     return Delivery(fields.get(b"envelope", b""), ack, again)
+
+
+def _kafka_delivery(record: Any, settled: dict[int, float | None]) -> Delivery:
+    """A record whose outcome lands in ``settled``: ``None`` applied, else the seconds to
+    wait before its partition is read again from it."""
+    offset = int(record.offset)
+    settled[offset] = 0.0  # not settled yet: read again
+
+    async def ack() -> None:
+        settled[offset] = None
+
+    async def again(backoff: Backoff) -> None:
+        settled[offset] = backoff.delay(1)
+
+    return Delivery(record.value, ack, again)

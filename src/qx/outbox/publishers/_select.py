@@ -26,12 +26,13 @@ _KINDS = {
     "amqps": "rabbitmq",
     "redis": "redis",
     "rediss": "redis",
+    "kafka": "kafka",
 }
 
 
 def broker_kind(settings: BrokerSettings) -> str:
-    """The broker of ``settings.url``: ``memory``, ``log``, ``nats``, ``rabbitmq`` or
-    ``redis`` (the one reading of the URL's scheme, for publishers and subscribers).
+    """The broker of ``settings.url``: ``memory``, ``log``, ``nats``, ``rabbitmq``, ``redis``
+    or ``kafka`` (the one reading of the URL's scheme, for publishers and subscribers).
 
     Raises:
         ConfigurationError: an unknown scheme.
@@ -41,7 +42,7 @@ def broker_kind(settings: BrokerSettings) -> str:
     if kind is None:
         raise ConfigurationError(
             f"QX_BROKER__URL: unsupported scheme {scheme!r} in {settings.url!r} "
-            "(use memory://, log://, nats://, amqp:// or redis://)"
+            "(use memory://, log://, nats://, amqp://, redis:// or kafka://)"
         )
     return kind
 
@@ -65,6 +66,10 @@ def publisher_from_settings(settings: BrokerSettings) -> Publisher:
         from qx.outbox.publishers._rabbitmq import RabbitPublisher
 
         return RabbitPublisher(settings)
+    if kind == "kafka":
+        from qx.outbox.publishers._kafka import KafkaPublisher
+
+        return KafkaPublisher(settings)
     from qx.outbox.publishers._redis import RedisPublisher
 
     return RedisPublisher(settings)
