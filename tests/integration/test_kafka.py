@@ -227,3 +227,62 @@ async def test_a_kafka_subscriber_applies_each_event_once_in_order(
     assert applied == {str(ident): list(range(1, 11)) for ident in idents}
     assert inbox.counts["applied"] == 30
     assert select(outbox_table) is not None  # the consumer side writes no outbox rows
+
+
+@pytest.mark.timeout(120)
+async def test_a_silent_kafka_counts_no_attempt_and_loses_nothing(
+    engine: AsyncEngine, uow_factory: Factory, broker: KafkaBroker
+) -> None:
+    """The broker vanishes without a word (connections stay open, carry nothing, no reset),
+    then comes back."""
+    if broker.proxy is None:
+        pytest.skip("QX_TEST_KAFKA_URL names a broker this test cannot cut")
+    settings = settings_for(broker)
+    async with uow_factory() as uow:
+        made = [models.Counter(name=f"b{i}") for i in range(3)]
+        await uow.counters.add_many(made)
+        await uow.commit()
+    publisher = Watched(publisher_from_settings(settings))
+    relay = OutboxRelay(
+        engine,
+        publisher,
+        settings=RelaySettings(
+            max_attempts=2, backoff_base=0.2, backoff_max=1.0, poll_interval=0.1,
+            reconnect_delay=0.05,
+        ),
+    )  # fmt: skip
+    task = asyncio.create_task(relay.run())
+
+    async def all_published() -> bool:
+        return all(r["published_at"] is not None for r in await outbox(engine))
+
+    try:
+        await bump_all(uow_factory, made, 2)
+        await until(all_published, 30, "the first rows")
+        broker.proxy.blackhole()
+        await bump_all(uow_factory, made, 2)
+
+        async def tried() -> bool:
+            return publisher.unavailable >= 2
+
+        await until(tried, 60, "publishes meeting the silence")
+        rows = await outbox(engine)
+        assert all(r["dead_at"] is None and r["attempts"] == 0 for r in rows), rows
+        assert publisher.other == []
+        # Back: the proxy listens anew (the silent connections, which the client's request
+        # timeouts had given up, are dropped) and new connections carry bytes again.
+        await broker.proxy.stop()
+        broker.proxy.blackholed = False
+        await broker.proxy.start()
+        await until(all_published, 60, "the rows written during the silence")
+    finally:
+        relay.stop()
+        await asyncio.wait_for(task, 30)
+        await publisher.close()
+    rows = await outbox(engine)
+    assert len(rows) == 12 and all(r["dead_at"] is None and r["attempts"] == 0 for r in rows)
+    found = await records(settings, f"{settings.subject_prefix}.tests.counter_changed", 12)
+    lanes = by_aggregate(found)
+    for counter in made:
+        numbers = [n for _, _, n in lanes[f"Counter/{counter.id}"]]
+        assert sorted(set(numbers)) == [1, 2, 3, 4] and numbers == sorted(numbers), numbers
