@@ -43,7 +43,7 @@ from qx.db._scoping import (
     visible,
     visible_parts,
 )
-from qx.db._session import QxSession, key_load_sees_pending
+from qx.db._session import QxSession, loading_by_key
 from qx.db._translate import translating
 from qx.db.query._bulk import upsert_rows
 from qx.db.query._coerce import coerce_value
@@ -216,26 +216,23 @@ class Repository(Generic[T]):
         if ctx.tenant_id is None and not ctx.system:
             scope_tenant(scoped_closure(self._spec.mapper), ctx)  # fail closed, found or not
         sync: QxSession = session.sync_session  # type: ignore[assignment]
-        autoflush = sync.autoflush
-        if autoflush and not key_load_sees_pending(sync, self._spec.mapper, (key,)):
-            sync.autoflush = False  # pending changes elsewhere wait for the commit's flush
         try:
-            if resolved.rows_checked:
-                # The aggregate's relationships load in statements of their own, so
-                # SQLAlchemy's cached primary-key load reads the row as is (loader criteria
-                # would be processed again on every execution) and visible() checks it
-                # below. The note lets exactly that one load through unscoped and gives each
-                # eager load it triggers a tenant/soft-delete WHERE of its own. One owned
-                # relationship is joined into that load (see JoinedPart); its rows are
-                # checked by visible_parts() below.
-                sync.rows_checked = RowsChecked(with_deleted=with_deleted)
-                obj = await session.get(self._spec.entity, key, options=resolved.get_options)
-            else:
-                options = {WITH_DELETED: True} if with_deleted else {}
-                obj = await session.get(self._spec.entity, key, execution_options=options)
+            with loading_by_key(sync, self._spec.mapper, (key,)):
+                if resolved.rows_checked:
+                    # The aggregate's relationships load in statements of their own, so
+                    # SQLAlchemy's cached primary-key load reads the row as is (loader
+                    # criteria would be processed again on every execution) and visible()
+                    # checks it below. The note lets exactly that one load through unscoped
+                    # and gives each eager load it triggers a tenant/soft-delete WHERE of its
+                    # own. One owned relationship is joined into that load (see JoinedPart);
+                    # its rows are checked by visible_parts() below.
+                    sync.rows_checked = RowsChecked(with_deleted=with_deleted)
+                    obj = await session.get(self._spec.entity, key, options=resolved.get_options)
+                else:
+                    options = {WITH_DELETED: True} if with_deleted else {}
+                    obj = await session.get(self._spec.entity, key, execution_options=options)
         finally:
             sync.rows_checked = None
-            sync.autoflush = autoflush
         if obj is None or not visible(self._info, obj, ctx, with_deleted=with_deleted):
             return None
         if sync._deleted and instance_state(obj) in sync._deleted:
@@ -368,14 +365,8 @@ class Repository(Generic[T]):
         if not isinstance(ids, Iterable) or isinstance(ids, str | bytes | bytearray | Mapping):
             raise InvalidQuery(f"ids must be a list of ids, got {shown(ids)}", field="ids")
         wanted = builtins.list(dict.fromkeys(self._coerce_id(ident) for ident in ids))
-        sync = self._bound.sync
-        autoflush = sync.autoflush
-        if autoflush and not key_load_sees_pending(sync, self._spec.mapper, wanted):
-            sync.autoflush = False  # see get()
-        try:
+        with loading_by_key(self._bound.sync, self._spec.mapper, wanted):
             return await self.query().with_deleted(with_deleted).by_keys(wanted)
-        finally:
-            sync.autoflush = autoflush
 
     async def stream(
         self,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from itertools import chain
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
@@ -37,7 +38,7 @@ from qx.db._translate import raise_translated
 if TYPE_CHECKING:
     from qx.db._scoping import RowsChecked
 
-__all__ = ["QxSession", "has_writes", "key_load_sees_pending", "stamp_new"]
+__all__ = ["QxSession", "has_writes", "key_load_sees_pending", "loading_by_key", "stamp_new"]
 
 _SYSTEM_CLOCK: Final = SystemClock()
 _NO_LOAD: Final = PassiveFlag.PASSIVE_NO_INITIALIZE
@@ -152,6 +153,20 @@ def key_load_sees_pending(session: Session, mapper: Mapper[Any], keys: Iterable[
         ):
             return True
     return False
+
+
+@contextmanager
+def loading_by_key(session: Session, mapper: Mapper[Any], keys: Iterable[Any]) -> Iterator[None]:
+    """Around a primary-key load of ``keys``: autoflush off unless the load could read a
+    pending change (:func:`key_load_sees_pending`); pending changes elsewhere wait for the
+    next flush."""
+    autoflush = session.autoflush
+    if autoflush and not key_load_sees_pending(session, mapper, keys):
+        session.autoflush = False
+    try:
+        yield
+    finally:
+        session.autoflush = autoflush
 
 
 def has_writes(session: QxSession) -> bool:

@@ -54,8 +54,8 @@ __all__ = ["EventRouter", "Handler", "Inbox", "ParkedMessage"]
 
 logger = logging.getLogger("qx.outbox._inbox")
 
-#: How many early sightings an inbox remembers (see ``Inbox._waited``).
-_EARLY_KEPT = 10_000
+#: How many early sightings and failure counts an inbox remembers (see ``_forget_oldest``).
+_KEPT = 10_000
 
 #: The longest error text kept with a parked message.
 _ERROR_CHARS = 2000
@@ -203,15 +203,16 @@ class Inbox(Generic[U]):
         ident = str(envelope.id)
         attempts = self._failures.get(ident, 0) + 1
         self._failures[ident] = attempts
-        if len(self._failures) > _EARLY_KEPT:
-            for stale in list(self._failures)[: _EARLY_KEPT // 2]:
-                del self._failures[stale]
+        _forget_oldest(self._failures, keep=ident)
         if attempts < self.max_attempts:
             return False
-        text = f"{type(error).__qualname__}: {error}"[:_ERROR_CHARS]
+        text = _error_text(error)
         async with self.uow_factory() as uow:
             if envelope.sequence is not None and envelope.aggregate_id is not None:
-                await self._touch(uow, envelope, parked=True)
+                kind = envelope.aggregate_type or ""
+                await uow.session.execute(
+                    self._sequence_row(uow, kind, envelope.aggregate_id, parked=True)
+                )
             await self._park(uow, envelope, error=text, attempts=attempts)
             await uow.commit()
         self._failures.pop(ident, None)
@@ -262,11 +263,11 @@ class Inbox(Generic[U]):
         and the other aggregates go on. Events that park meanwhile are taken along.
         """
         done = 0
-        for message in await self.parked():
+        parked = await self.parked()
+        for message in parked:
             if message.aggregate is None:
                 done += await self._replay_one(message.message_id, handler)
-        aggregates = sorted({m.aggregate for m in await self.parked() if m.aggregate})
-        for aggregate in aggregates:
+        for aggregate in sorted({m.aggregate for m in parked if m.aggregate}):
             done += await self._replay_aggregate(aggregate, handler)
         return done
 
@@ -280,11 +281,7 @@ class Inbox(Generic[U]):
                     (
                         await uow.session.execute(
                             select(t.c.message_id)
-                            .where(
-                                t.c.consumer == self.consumer,
-                                t.c.aggregate_type == kind,
-                                t.c.aggregate_id == ident,
-                            )
+                            .where(*self._of(t, kind, ident))
                             .order_by(t.c.sequence, t.c.parked_at)
                         )
                     )
@@ -326,7 +323,7 @@ class Inbox(Generic[U]):
                     await uow.session.execute(delete(t).where(*mine))
                     await uow.commit()
         except Exception as exc:
-            text = f"{type(exc).__qualname__}: {exc}"[:_ERROR_CHARS]
+            text = _error_text(exc)
             async with self.uow_factory() as uow:
                 await uow.session.execute(
                     update(t).where(*mine).values(error=text, attempts=t.c.attempts + 1)
@@ -348,17 +345,10 @@ class Inbox(Generic[U]):
             return _Place.NEXT
         key = (envelope.aggregate_type or "", envelope.aggregate_id)
         session = uow.session
-        insert = dialect_of(session.get_bind()).insert
         t = inbox_sequence_table
         # Insert-or-touch: either way the row is locked until this transaction ends, so a
         # consumer holding the same aggregate's next event waits here, then reads ours.
-        upsert = insert(t).values(
-            consumer=self.consumer, aggregate_type=key[0], aggregate_id=key[1], last_seq=0
-        )
-        stmt = upsert.on_conflict_do_update(
-            index_elements=[t.c.consumer, t.c.aggregate_type, t.c.aggregate_id],
-            set_={"last_seq": t.c.last_seq},
-        ).returning(t.c.last_seq, t.c.parked)
+        stmt = self._sequence_row(uow, *key).returning(t.c.last_seq, t.c.parked)
         last, parked = (await session.execute(stmt)).one()
         if number <= last:
             return _Place.DUPLICATE
@@ -387,35 +377,35 @@ class Inbox(Generic[U]):
                 number,
             )
         self._early.pop(waiting, None)
-        await session.execute(
-            t.update()
-            .where(
-                t.c.consumer == self.consumer,
-                t.c.aggregate_type == key[0],
-                t.c.aggregate_id == key[1],
-            )
-            .values(last_seq=number)
-        )
+        await session.execute(t.update().where(*self._of(t, *key)).values(last_seq=number))
         return _Place.NEXT
 
-    async def _touch(self, uow: UnitOfWork, envelope: Envelope, *, parked: bool) -> None:
-        """Set the aggregate's parking (creating its sequence row if needed)."""
-        session = uow.session
-        insert = dialect_of(session.get_bind()).insert
+    def _sequence_row(self, uow: UnitOfWork, kind: str, ident: str, **changes: Any) -> Any:
+        """Insert the aggregate's sequence row, or lock it and set ``changes`` (no change:
+        touch it)."""
+        insert = dialect_of(uow.session.get_bind()).insert
         t = inbox_sequence_table
-        await session.execute(
+        return (
             insert(t)
             .values(
                 consumer=self.consumer,
-                aggregate_type=envelope.aggregate_type or "",
-                aggregate_id=envelope.aggregate_id,
+                aggregate_type=kind,
+                aggregate_id=ident,
                 last_seq=0,
-                parked=parked,
+                **changes,
             )
             .on_conflict_do_update(
                 index_elements=[t.c.consumer, t.c.aggregate_type, t.c.aggregate_id],
-                set_={"parked": parked},
+                set_=changes or {"last_seq": t.c.last_seq},
             )
+        )
+
+    def _of(self, table: Any, kind: str, ident: str) -> tuple[Any, ...]:
+        """The criteria of this consumer's rows of one aggregate in ``table``."""
+        return (
+            table.c.consumer == self.consumer,
+            table.c.aggregate_type == kind,
+            table.c.aggregate_id == ident,
         )
 
     async def _unpark(self, uow: UnitOfWork, kind: str, ident: str) -> bool:
@@ -423,22 +413,10 @@ class Inbox(Generic[U]):
         changed) when some are left."""
         t = inbox_sequence_table
         session = uow.session
-        await session.execute(
-            update(t)
-            .where(
-                t.c.consumer == self.consumer,
-                t.c.aggregate_type == kind,
-                t.c.aggregate_id == ident,
-            )
-            .values(parked=False)
-        )
+        await session.execute(update(t).where(*self._of(t, kind, ident)).values(parked=False))
         p = inbox_parked_table
         left = await session.scalar(
-            select(func.count())
-            .select_from(p)
-            .where(
-                p.c.consumer == self.consumer, p.c.aggregate_type == kind, p.c.aggregate_id == ident
-            )
+            select(func.count()).select_from(p).where(*self._of(p, kind, ident))
         )
         return not left
 
@@ -468,12 +446,9 @@ class Inbox(Generic[U]):
         """Seconds since this inbox first saw that event arrive before its predecessor."""
         now = self._monotonic()
         first = self._early.setdefault(waiting, now)
-        if len(self._early) > _EARLY_KEPT:
-            # Events another consumer applied meanwhile never come back here: forget the
-            # oldest sightings (a forgotten one only starts its wait again).
-            for stale in sorted(self._early, key=self._early.__getitem__)[: _EARLY_KEPT // 2]:
-                del self._early[stale]
-            self._early[waiting] = first
+        # Events another consumer applied meanwhile never come back here: the oldest
+        # sightings go (a forgotten one only starts its wait again).
+        _forget_oldest(self._early, keep=waiting)
         return now - first
 
     async def _record(self, uow: UnitOfWork, envelope: Envelope) -> bool:
@@ -530,3 +505,19 @@ class EventRouter:
         handler = self._handlers.get(envelope.type)
         if handler is not None:
             await handler(envelope, uow)
+
+
+def _error_text(error: BaseException) -> str:
+    """What a parked message keeps of its handler's error (bounded)."""
+    return f"{type(error).__qualname__}: {error}"[:_ERROR_CHARS]
+
+
+def _forget_oldest(memory: dict[Any, Any], *, keep: Any) -> None:
+    """Keep a per-message memory bounded: past ``_KEPT`` entries the older half goes (dicts
+    keep insertion order, and entries are inserted when first seen), except ``keep``, the
+    entry in use."""
+    if len(memory) > _KEPT:
+        kept = memory[keep]
+        for stale in list(memory)[: _KEPT // 2]:
+            del memory[stale]
+        memory[keep] = kept

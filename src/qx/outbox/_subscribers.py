@@ -64,6 +64,8 @@ logger = logging.getLogger("qx.outbox.subscribe")
 REDELIVERY = Backoff(1.0, 60.0)
 #: How soon an event that arrived before its predecessor is delivered again.
 IN_ORDER = Backoff(0.05, 2.0)
+#: The pauses of an early (or conflicting) event held by the subscriber before it tries again.
+HOLD = Backoff(0.005, 0.1, jitter=False)
 #: How long a subscriber waits before connecting again after losing its broker.
 RECONNECT = Backoff(0.5, 15.0)
 #: The longest a subscriber blocks on its broker before it looks at ``stop`` again.
@@ -141,10 +143,6 @@ class _Subscriber(ABC):
             # before lanes: nothing says their handlers do not touch the same rows.
             key = (envelope.aggregate_type or "", envelope.aggregate_id or "")
             lanes.setdefault(key, []).append((delivery, envelope))
-        if len(lanes) == 1:
-            (lane,) = lanes.values()
-            await self._settle_lane(lane, stop)
-            return
         async with asyncio.TaskGroup() as group:
             for lane in lanes.values():
                 group.create_task(self._settle_lane(lane, stop))
@@ -169,14 +167,16 @@ class _Subscriber(ABC):
         """Run one envelope through the inbox; ``None`` to acknowledge it, else the backoff
         to have it delivered again by."""
         held_until = time.monotonic() + self.hold_seconds
-        pause = 0.005
+        tries = 0
         while True:
+            tries += 1
             try:
                 await self.inbox.process(envelope, self.router.dispatch)
             except (OutOfOrder, ConcurrencyConflict, TransientError) as exc:
                 # Early: its predecessor is on its way, or being applied by another
                 # consumer. A conflict: another lane's handler changed the same rows. Both
                 # pass in a moment.
+                pause = HOLD.delay(tries)
                 if stop.is_set() or time.monotonic() + pause > held_until:
                     if isinstance(exc, OutOfOrder):
                         logger.debug("%s; delivering it again", exc)
@@ -189,7 +189,6 @@ class _Subscriber(ABC):
                     )
                     return REDELIVERY
                 await asyncio.sleep(pause)
-                pause = min(pause * 2, 0.1)
                 continue
             except Exception as exc:
                 try:
