@@ -3,8 +3,8 @@ Kafka-protocol broker started for each test behind a TCP proxy).
 
 - The relay's records: the aggregate as the key (one partition per aggregate, so offsets
   show each aggregate's order), the envelope as the value, its attributes as headers.
-- The broker cut away while the relay runs: attempts stay 0, nothing dead, every row goes
-  out in order once it is back.
+- The broker cut away (refusing) or gone silent (a blackhole) while the relay runs:
+  attempts stay 0, nothing dead, every row goes out in order once it is back.
 - A ``KafkaSubscriber`` applies every event once, each aggregate's in order, through a
   redelivery of the same records and a cut; offsets are committed only for what the inbox
   committed.
@@ -29,6 +29,7 @@ from qx.outbox.publishers._kafka import kafka_servers
 from qx.settings import BrokerSettings, RelaySettings
 from tests import models
 from tests.integration.kafka_broker import KafkaBroker, kafka_broker
+from tests.integration.proxy import Proxy
 from tests.integration.test_inbox_order import counters, logging_router, numbered
 from tests.integration.test_relay_outage import Watched, bump_all, outbox
 
@@ -130,12 +131,39 @@ async def test_the_relay_publishes_records_keyed_by_aggregate_in_order(
     assert headers["ce-id"].decode() == json.loads(found[0].value)["id"]
 
 
+async def _cut(proxy: Proxy) -> None:
+    await proxy.stop()  # connections dropped, new ones refused
+
+
+async def _cut_healed(proxy: Proxy) -> None:
+    await proxy.start()  # back on the same port
+
+
+async def _silence(proxy: Proxy) -> None:
+    proxy.blackhole()  # connections stay open and carry nothing, no reset
+
+
+async def _silence_healed(proxy: Proxy) -> None:
+    # The proxy listens anew (the silent connections, which the client's request timeouts
+    # had given up, are dropped) and new connections carry bytes again.
+    await proxy.stop()
+    proxy.blackholed = False
+    await proxy.start()
+
+
+FAULTS = {"cut": (_cut, _cut_healed), "silent": (_silence, _silence_healed)}
+
+
 @pytest.mark.timeout(120)
-async def test_a_kafka_cut_counts_no_attempt_and_loses_nothing(
-    engine: AsyncEngine, uow_factory: Factory, broker: KafkaBroker
+@pytest.mark.parametrize("fault", sorted(FAULTS))
+async def test_a_kafka_gone_counts_no_attempt_and_loses_nothing(
+    engine: AsyncEngine, uow_factory: Factory, broker: KafkaBroker, fault: str
 ) -> None:
+    """The broker goes away while the relay runs, refusing (a cut) or without a word
+    (silent), then comes back: attempts stay 0, nothing dead, every row goes out in order."""
     if broker.proxy is None:
         pytest.skip("QX_TEST_KAFKA_URL names a broker this test cannot cut")
+    fail, heal = FAULTS[fault]
     settings = settings_for(broker)
     async with uow_factory() as uow:
         made = [models.Counter(name=f"c{i}") for i in range(4)]
@@ -158,18 +186,18 @@ async def test_a_kafka_cut_counts_no_attempt_and_loses_nothing(
     try:
         await bump_all(uow_factory, made, 2)
         await until(all_published, 30, "the first rows")
-        await broker.proxy.stop()  # the broker is gone: connections dropped, refused
+        await fail(broker.proxy)
         await bump_all(uow_factory, made, 3)
 
         async def tried_often() -> bool:
             return publisher.unavailable >= 3
 
-        await until(tried_often, 60, "publishes meeting the cut")
+        await until(tried_often, 60, "publishes meeting the fault")
         rows = await outbox(engine)
         assert all(r["dead_at"] is None and r["attempts"] == 0 for r in rows), rows
         assert publisher.other == []
-        await broker.proxy.start()
-        await until(all_published, 60, "the rows written during the cut")
+        await heal(broker.proxy)
+        await until(all_published, 60, "the rows written during the fault")
     finally:
         relay.stop()
         await asyncio.wait_for(task, 30)
@@ -180,7 +208,7 @@ async def test_a_kafka_cut_counts_no_attempt_and_loses_nothing(
     lanes = by_aggregate(found)
     for counter in made:
         numbers = [n for _, _, n in lanes[f"Counter/{counter.id}"]]
-        # At least once: a publish whose answer the cut swallowed may be there twice, in
+        # At least once: a publish whose answer the fault swallowed may be there twice, in
         # order; each number is there.
         assert sorted(set(numbers)) == [1, 2, 3, 4, 5] and numbers == sorted(numbers), numbers
 
@@ -227,62 +255,3 @@ async def test_a_kafka_subscriber_applies_each_event_once_in_order(
     assert applied == {str(ident): list(range(1, 11)) for ident in idents}
     assert inbox.counts["applied"] == 30
     assert select(outbox_table) is not None  # the consumer side writes no outbox rows
-
-
-@pytest.mark.timeout(120)
-async def test_a_silent_kafka_counts_no_attempt_and_loses_nothing(
-    engine: AsyncEngine, uow_factory: Factory, broker: KafkaBroker
-) -> None:
-    """The broker vanishes without a word (connections stay open, carry nothing, no reset),
-    then comes back."""
-    if broker.proxy is None:
-        pytest.skip("QX_TEST_KAFKA_URL names a broker this test cannot cut")
-    settings = settings_for(broker)
-    async with uow_factory() as uow:
-        made = [models.Counter(name=f"b{i}") for i in range(3)]
-        await uow.counters.add_many(made)
-        await uow.commit()
-    publisher = Watched(publisher_from_settings(settings))
-    relay = OutboxRelay(
-        engine,
-        publisher,
-        settings=RelaySettings(
-            max_attempts=2, backoff_base=0.2, backoff_max=1.0, poll_interval=0.1,
-            reconnect_delay=0.05,
-        ),
-    )  # fmt: skip
-    task = asyncio.create_task(relay.run())
-
-    async def all_published() -> bool:
-        return all(r["published_at"] is not None for r in await outbox(engine))
-
-    try:
-        await bump_all(uow_factory, made, 2)
-        await until(all_published, 30, "the first rows")
-        broker.proxy.blackhole()
-        await bump_all(uow_factory, made, 2)
-
-        async def tried() -> bool:
-            return publisher.unavailable >= 2
-
-        await until(tried, 60, "publishes meeting the silence")
-        rows = await outbox(engine)
-        assert all(r["dead_at"] is None and r["attempts"] == 0 for r in rows), rows
-        assert publisher.other == []
-        # Back: the proxy listens anew (the silent connections, which the client's request
-        # timeouts had given up, are dropped) and new connections carry bytes again.
-        await broker.proxy.stop()
-        broker.proxy.blackholed = False
-        await broker.proxy.start()
-        await until(all_published, 60, "the rows written during the silence")
-    finally:
-        relay.stop()
-        await asyncio.wait_for(task, 30)
-        await publisher.close()
-    rows = await outbox(engine)
-    assert len(rows) == 12 and all(r["dead_at"] is None and r["attempts"] == 0 for r in rows)
-    found = await records(settings, f"{settings.subject_prefix}.tests.counter_changed", 12)
-    lanes = by_aggregate(found)
-    for counter in made:
-        numbers = [n for _, _, n in lanes[f"Counter/{counter.id}"]]
-        assert sorted(set(numbers)) == [1, 2, 3, 4] and numbers == sorted(numbers), numbers
