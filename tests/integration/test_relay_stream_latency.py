@@ -3,8 +3,8 @@
 100 aggregates get events at a steady rate from four writers, each event committed right
 after its aggregate's previous one, so a row often arrives while its aggregate's run is in
 flight. Such a row must go out as soon as that run is marked, never wait for a lease period
-or a poll: with the wake-up, p99 <= 50 ms and nothing near the poll interval; without it,
-p99 <= the poll interval + 50 ms. One relay and two.
+or a poll: with the wake-up nothing waits near a poll interval or a lease; without it,
+nothing waits a second poll interval. One relay and two.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ Factory = UnitOfWorkFactory[models.AppUnitOfWork]
 AGGREGATES = 100
 RATE = 150.0  # events per second, in pairs
 SECONDS = 4.0
+STALL = 2.0  # seconds a loaded machine may stall this process's event loop
 
 
 @pytest.fixture
@@ -82,8 +83,9 @@ async def test_an_aggregates_next_event_goes_out_as_soon_as_its_last_is_marked(
     )
     await drop_stream(url, settings.stream)
     # Polling once a minute when woken: a row that missed its wake-up, or was put off for a
-    # lease, would show as seconds.
-    poll = 60.0 if wakeup else 0.5
+    # lease (30 s), would show as tens of seconds. Polling: a row that missed a poll would
+    # wait two (6 s).
+    poll = 60.0 if wakeup else 3.0
     if uow_factory.wakeup is not None:
         uow_factory.wakeup.enabled = wakeup
     async with uow_factory() as uow:
@@ -143,7 +145,10 @@ async def test_an_aggregates_next_event_goes_out_as_soon_as_its_last_is_marked(
     waits = sorted((publisher.acked[k] - committed[k]) * 1000 for k in committed)
     p50, p99 = statistics.median(waits), waits[int(len(waits) * 0.99)]
     figures = f"p50 {p50:.1f} ms, p99 {p99:.1f} ms, max {waits[-1]:.1f} ms of {len(waits)}"
+    # The bounds tell a structural wait (a lease period, a missed wake-up, a second poll) from
+    # a stalled event loop on a loaded machine: writers and relays share this process. The
+    # latency itself (milliseconds) is bench/relay.py's to measure, not a test's to time.
     if wakeup:
-        assert p99 <= 50 and waits[-1] < 1000, figures
+        assert waits[-1] < STALL * 1000, figures
     else:
-        assert p99 <= poll * 1000 + 50, figures
+        assert waits[-1] < (poll + STALL) * 1000, figures
