@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test test-min test-min-part lint pytest bench clean help
+.PHONY: demo test test-min test-min-part lint docs pytest bench clean help
 
 help:
 	@echo "make demo   - create .venv, install qx, run the orders demo on SQLite (QX_DB__URL to change)"
@@ -11,6 +11,7 @@ help:
 	@echo "              (and a part of them on the minimum versions, in .venv-min)"
 	@echo "make test-min - the tests on the lowest version of every dependency qx declares"
 	@echo "make lint   - ruff check, ruff format --check, mypy --strict"
+	@echo "make docs   - build the documentation site into site/ (strict: warnings fail)"
 	@echo "make bench  - run the benchmarks against the local PostgreSQL"
 
 $(BIN)/python:
@@ -38,11 +39,16 @@ lint: $(VENV)/.dev-installed
 	$(BIN)/ruff format --check src tests bench examples scripts migrations
 	$(BIN)/mypy --strict src
 
+# The site, strict (mkdocs.yml): a broken link or anchor, a page left out of the navigation,
+# or a docstring the API reference cannot read fails the build.
+docs: $(VENV)/.dev-installed
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
 # pytest exits 5 when it collects no tests; make treats any non-zero exit as failure.
 pytest: $(VENV)/.dev-installed
 	$(BIN)/python -m pytest tests
 
-test: lint pytest test-min-part
+test: lint docs pytest test-min-part
 
 # The declared minimums are claims: a second environment resolves every direct dependency
 # (core and extras) to the lowest version pyproject.toml allows and runs the same tests.
@@ -77,4 +83,4 @@ bench: $(VENV)/.dev-installed
 	$(BIN)/python bench/run_all.py
 
 clean:
-	rm -rf $(VENV) $(MIN_VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis qx.sqlite3*
+	rm -rf $(VENV) $(MIN_VENV) site .mypy_cache .ruff_cache .pytest_cache .hypothesis qx.sqlite3*

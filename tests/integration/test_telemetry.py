@@ -327,9 +327,12 @@ def _tree(finished: tuple[ReadableSpan, ...], trace_id: int) -> list[str]:
     return lines
 
 
-def _readme_trace() -> list[str]:
-    """The README's trace, as ``_tree`` writes it: names and kinds, by depth."""
-    text = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _documented_trace() -> list[str]:
+    """The observability page's trace, as ``_tree`` writes it: names and kinds, by depth."""
+    text = (ROOT / "docs" / "how-to" / "observability.md").read_text(encoding="utf-8")
     block = text.split("<!-- trace: written by tests/integration/test_telemetry.py")[1]
     block = block.split("```text\n", 1)[1].split("```", 1)[0]
     lines = []
@@ -341,7 +344,7 @@ def _readme_trace() -> list[str]:
     return lines
 
 
-async def test_the_readme_trace_of_one_order_from_http_to_consumer(
+async def test_the_documented_trace_of_one_order_from_http_to_consumer(
     spans: InMemorySpanExporter, engine: AsyncEngine
 ) -> None:
     import httpx
@@ -385,4 +388,4 @@ async def test_the_readme_trace_of_one_order_from_http_to_consumer(
         await inbox.process(Envelope.from_json(envelope.to_json()), router.dispatch)
     assert seen == ["orders.order_placed"]
     tree = _tree(spans.get_finished_spans(), 0x4BF92F3577B34DA6A3CE929D0E0E4736)
-    assert tree == _readme_trace(), "\n".join(tree)
+    assert tree == _documented_trace(), "\n".join(tree)

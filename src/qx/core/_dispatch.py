@@ -34,6 +34,7 @@ __all__ = ["EventDispatcher", "EventHandler", "InProcessDispatcher"]
 
 E = TypeVar("E", bound=Event)
 EventHandler = Callable[[Any, Any], Awaitable[None]]
+"""``async def handler(event, uow)``: a domain event's handler, run inside the transaction."""
 
 
 @runtime_checkable

@@ -75,7 +75,11 @@ class HandlerContext:
 
 
 Next = Callable[[Message[Any], HandlerContext], Awaitable[Any]]
+"""The rest of the bus's chain, as a middleware calls it: ``await call_next(message,
+context)``."""
 Middleware = Callable[[Message[Any], HandlerContext, Next], Awaitable[Any]]
+"""``async def middleware(message, context, call_next)``: wraps the handling of every
+message."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -76,6 +76,7 @@ NAMING_CONVENTION: Final[dict[str, str]] = {
     "fk": "fk_%(table_name)s_%(column_0_N_name)s_%(referred_table_name)s",
     "pk": "pk_%(table_name)s",
 }
+"""Constraint and index names for ``MetaData``: deterministic, so migrations are stable."""
 
 
 def make_metadata(*, schema: str | None = None) -> MetaData:
@@ -83,9 +84,9 @@ def make_metadata(*, schema: str | None = None) -> MetaData:
     return MetaData(schema=schema, naming_convention=NAMING_CONVENTION)
 
 
-#: The metadata of qx's own tables (outbox, inbox, idempotency keys); each table is defined
-#: by the package that owns it, and ``qx.outbox.include_qx_tables`` copies them all.
 qx_metadata: Final = MetaData(naming_convention=NAMING_CONVENTION)
+"""The metadata of qx's own tables (outbox, inbox, idempotency keys); each table is defined
+by the package that owns it, and ``qx.outbox.include_qx_tables`` copies them all."""
 
 
 def make_registry(metadata: MetaData | None = None) -> registry:

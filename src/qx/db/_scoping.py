@@ -55,8 +55,8 @@ __all__ = [
     "visible_parts",
 ]
 
-#: Execution option that lifts soft-delete filtering for one statement.
 WITH_DELETED: Final = "qx_with_deleted"
+"""Execution option that lifts soft-delete filtering for one statement."""
 
 
 class RowsChecked:

@@ -46,8 +46,8 @@ __all__ = [
     "upgrade",
 ]
 
-#: The branch label of qx's chain (``qx db upgrade qx@head`` upgrades qx's tables alone).
 QX_BRANCH = "qx"
+"""The branch label of qx's chain (``qx db upgrade qx@head`` upgrades qx's tables alone)."""
 
 T = TypeVar("T")
 

@@ -25,8 +25,9 @@ from qx.core._errors import ConfigurationError
 
 __all__ = ["QX_VERSIONS", "Placement", "place_new_revisions", "placement", "qx_versions"]
 
-#: The package resource holding qx's revisions: list it in a service's ``version_locations``.
 QX_VERSIONS = "qx.migrations:versions"
+"""The package resource holding qx's revisions: list it in a service's
+``version_locations``."""
 
 
 def qx_versions() -> Path:

@@ -59,17 +59,19 @@ __all__ = [
 ]
 
 OUTBOX_TABLE: Final = "qx_outbox"
-#: PostgreSQL channel notified after outbox rows commit (relays LISTEN on it); the
-#: notification is sent after the writer's COMMIT, never inside it (see ``_wakeup``).
+"""The name of qx's outbox table."""
 NOTIFY_CHANNEL: Final = "qx_outbox"
+"""PostgreSQL channel notified after outbox rows commit (relays LISTEN on it); the
+notification is sent after the writer's COMMIT, never inside it (see ``_wakeup``)."""
 INBOX_TABLE: Final = "qx_inbox"
 
 _UNPUBLISHED = "published_at IS NULL AND dead_at IS NULL"
 
-#: Lanes the outbox is split into. Part of the schema: rows store their lane.
 OUTBOX_LANES: Final = 64
-#: ``next_attempt_at`` of a row parked behind its aggregate's dead row (never due by itself).
+"""Lanes the outbox is split into. Part of the schema: rows store their lane."""
 PARKED: Final = datetime(9999, 1, 1, tzinfo=UTC)
+"""``next_attempt_at`` of a row parked behind its aggregate's dead row (never due by
+itself)."""
 
 
 def lane_of(aggregate_type: str | None, aggregate_id: str | None, event_id: UUID | None) -> int:
@@ -149,6 +151,8 @@ outbox_table: Final = Table(
     ),
     sqlite_autoincrement=True,
 )
+"""The outbox: one row per integration event, written in the event's transaction and
+published by the relay."""
 
 
 inbox_table: Final = Table(
@@ -159,6 +163,7 @@ inbox_table: Final = Table(
     Column("event_name", String(200), nullable=True),
     Column("received_at", UtcDateTime(), nullable=False),
 )
+"""The inbox: one row per message a consumer applied, written in the handler's transaction."""
 
 #: Per consumer and aggregate, the last event sequence its inbox applied: a delivery of an
 #: earlier number is a duplicate, of a later one than the next is out of order.
