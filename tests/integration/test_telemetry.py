@@ -40,6 +40,7 @@ from qx.outbox import Envelope, EventRouter, Inbox, OutboxRelay, outbox_table
 from qx.outbox.publishers import MemoryPublisher
 from tests.integration.conftest import drop_schema, engine_with_tables
 
+ROOT = Path(__file__).resolve().parents[2]
 md = make_metadata()
 reg = make_registry(md)
 
@@ -325,9 +326,6 @@ def _tree(finished: tuple[ReadableSpan, ...], trace_id: int) -> list[str]:
 
     walk(None, 0)
     return lines
-
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _documented_trace() -> list[str]:

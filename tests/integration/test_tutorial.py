@@ -4,6 +4,7 @@ run``, as the page gives them) carries an account's event through NATS JetStream
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
@@ -97,8 +98,6 @@ def stream() -> Iterator[tuple[str, str]]:
     url = resolve(NATS)
     name = f"QXTUT{new_id().hex[-8:].upper()}"
     yield url, name
-    import asyncio
-
     asyncio.run(drop_stream(url, name))
 
 
