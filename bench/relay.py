@@ -48,7 +48,7 @@ from qx.core import new_id, request_context
 from qx.db import UnitOfWorkFactory, create_engine, create_session_factory
 from qx.examples.orders.domain import Order, OrderLine, OrderShippedV1
 from qx.examples.orders.infrastructure import OrdersUnitOfWork
-from qx.outbox import OutboxRelay, publisher_from_settings
+from qx.outbox import OutboxRelay, OutboxStage, publisher_from_settings
 from qx.settings import BrokerSettings, DatabaseSettings, RelaySettings
 
 BATCH = 200
@@ -529,9 +529,11 @@ async def stream_latency(
     async with db.engine.begin() as conn:
         await conn.execute(text("TRUNCATE qx_outbox, qx_outbox_sequence"))
     await fresh_stream(broker.url, broker.subject_prefix, broker.stream)
-    factory = UnitOfWorkFactory(OrdersUnitOfWork, create_session_factory(db.engine))
-    if getattr(factory, "wakeup", None) is not None:
-        factory.wakeup.enabled = wakeup
+    factory = UnitOfWorkFactory(
+        OrdersUnitOfWork,
+        create_session_factory(db.engine),
+        stages=[OutboxStage(wake_relays=wakeup)],
+    )
     ids = []
     with request_context(tenant_id="bench"):
         async with factory() as uow:

@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from qx.core import utcnow
 from qx.db import UnitOfWorkFactory, create_engine
-from qx.outbox import Envelope, OutboxRelay, Publisher, publisher_from_settings
+from qx.outbox import Envelope, OutboxRelay, OutboxStage, Publisher, publisher_from_settings
 from qx.outbox._table import lane_table
 from qx.settings import BrokerSettings, DatabaseSettings, RelaySettings
 from tests import models
@@ -86,8 +86,9 @@ async def test_an_aggregates_next_event_goes_out_as_soon_as_its_last_is_marked(
     # lease (30 s), would show as tens of seconds. Polling: a row that missed a poll would
     # wait two (6 s).
     poll = 60.0 if wakeup else 3.0
-    if uow_factory.wakeup is not None:
-        uow_factory.wakeup.enabled = wakeup
+    for stage in uow_factory.stages:
+        if isinstance(stage, OutboxStage):
+            stage.wake_relays = wakeup
     async with uow_factory() as uow:
         counters = [models.Counter(name=f"s{i}") for i in range(AGGREGATES)]
         await uow.counters.add_many(counters)

@@ -4,6 +4,7 @@ back: each layer depends on the ones below it only."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -106,3 +107,71 @@ def test_every_package_imports_first_in_a_fresh_interpreter(module: str) -> None
         [sys.executable, "-c", f"import {module}"], capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+ABOVE_THE_DATABASE = ("qx.outbox", "qx.cqrs", "qx.testing", "qx.migrations", "qx.cli", "qx._schema")
+
+
+def test_the_database_layer_imports_nothing_above_it() -> None:
+    # qx.db knows nothing of the outbox or the bus: they plug into the commit from above
+    # (commit stages, the dispatcher), issue 23.
+    found = []
+    for path in sorted((SRC / "qx" / "db").rglob("*.py")):
+        name = module_name(path)
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        for target in sorted(imports_of(path, package)):
+            if target.startswith(ABOVE_THE_DATABASE):
+                found.append(f"{name} imports {target}")
+    assert found == []
+
+
+def test_importing_the_database_layer_loads_nothing_above_it() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, qx.db, qx.db.query\n"
+        f"above = sorted(m for m in sys.modules if m.startswith({ABOVE_THE_DATABASE!r}))\n"
+        "assert not above, above\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+# A backend's name compared with a string, either way round, or a dialect's name compared.
+_DIALECT_TEST = re.compile(
+    r"""(==|!=)\s*["'](postgresql|sqlite)["']|["'](postgresql|sqlite)["']\s*(==|!=)"""
+    r"""|in\s*\(\s*["'](postgresql|sqlite)["']|dialect\.name\s*(==|!=)"""
+    r"""|get_backend_name\(\)\s*(==|!=)"""
+)
+DIALECT_STRATEGIES = {
+    "qx/db/_dialect.py",
+    "qx/db/_dialect_base.py",
+    "qx/db/_postgresql.py",
+    "qx/db/_sqlite.py",
+}
+
+
+def test_no_dialect_name_is_compared_outside_the_dialect_strategies() -> None:
+    found = []
+    for path in sorted((SRC / "qx").rglob("*.py")):
+        relative = path.relative_to(SRC).as_posix()
+        if relative in DIALECT_STRATEGIES:
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if _DIALECT_TEST.search(line):
+                found.append(f"{relative}:{number}: {line.strip()}")
+    assert found == [], "ask the backend's Dialect (qx.db._dialect) instead:\n" + "\n".join(found)
+
+
+def test_the_dialect_rule_sees_the_shapes_it_forbids() -> None:
+    # The rule above is only as good as its pattern: each shape it must catch, caught.
+    for shape in (
+        'if engine.dialect.name == "postgresql":',
+        "render_as_batch = name != 'sqlite'",
+        'if "sqlite" == backend:',
+        "if url.get_backend_name() == backend:",
+        'if name in ("postgresql", "sqlite"):',
+    ):
+        assert _DIALECT_TEST.search(shape), shape
+    assert not _DIALECT_TEST.search('JSON().with_variant(JSONB(), "postgresql")')

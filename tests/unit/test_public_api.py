@@ -160,6 +160,8 @@ EXPECTED = {
     "qx.db": [
         "NAMING_CONVENTION",
         "WITH_DELETED",
+        "CommitContext",
+        "CommitStage",
         "CursorCodec",
         "DatabaseSettings",
         "EntityInfo",
@@ -220,6 +222,7 @@ EXPECTED = {
         "NatsSubscriber",
         "OutboxProblem",
         "OutboxRelay",
+        "OutboxStage",
         "OutboxStatus",
         "OutboxStore",
         "ParkedMessage",

@@ -17,6 +17,7 @@ from qx.db._mapping import (
     uuid_pk,
     version_column,
 )
+from qx.db._pipeline import CommitContext, CommitStage
 from qx.db._repository import Repository
 from qx.db._scoping import WITH_DELETED
 from qx.db._session import QxSession
@@ -29,6 +30,8 @@ from qx.settings import DatabaseSettings
 __all__ = [
     "NAMING_CONVENTION",
     "WITH_DELETED",
+    "CommitContext",
+    "CommitStage",
     "CursorCodec",
     "DatabaseSettings",
     "EntityInfo",

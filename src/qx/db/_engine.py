@@ -15,25 +15,19 @@ from __future__ import annotations
 import importlib.util
 from typing import Any, Final
 
-from sqlalchemy import event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.ext.asyncio import create_async_engine as _create_async_engine
-from sqlalchemy.pool import AsyncAdaptedQueuePool, NullPool, StaticPool
+from sqlalchemy.pool import NullPool, StaticPool
 
 from qx.core._errors import ConfigurationError
-from qx.db._dialect import install_asyncpg_codecs, sqlite_fold
+from qx.db._dialect import BACKENDS, dialect_named
 from qx.db._session import QxSession
 from qx.settings import DatabaseSettings, QxSettings
 
 __all__ = ["create_engine", "create_session_factory", "parse_database_url"]
 
-_DRIVERS: Final[dict[str, tuple[str, str]]] = {
-    # backend → (driver, extra that installs it)
-    "postgresql": ("asyncpg", "postgres"),
-    "sqlite": ("aiosqlite", "sqlite"),
-}
 _ALIASES: Final[dict[str, str]] = {"postgres": "postgresql", "postgresql": "postgresql"}
 
 
@@ -52,13 +46,14 @@ def parse_database_url(url: str | URL) -> URL:
     # SQLAlchemy has no dialect named "postgres" (Heroku-style URLs use it).
     raw_backend = parsed.drivername.split("+", 1)[0]
     backend = _ALIASES.get(raw_backend, raw_backend)
-    if backend not in _DRIVERS:
+    if backend not in BACKENDS:
         raise ConfigurationError(
             f"unsupported database {raw_backend!r} in URL "
             f"{parsed.render_as_string(hide_password=True)!r}: qx supports "
             "postgresql+asyncpg and sqlite+aiosqlite"
         )
-    driver, extra = _DRIVERS[backend]
+    dialect = dialect_named(backend)
+    driver, extra = dialect.driver, dialect.extra
     given = parsed.drivername.split("+", 1)[1] if "+" in parsed.drivername else driver
     if given != driver:
         raise ConfigurationError(
@@ -102,35 +97,8 @@ def create_engine(
     """
     db = _settings(settings)
     parsed = parse_database_url(url if url is not None else db.url)
-    kwargs: dict[str, Any] = {"echo": db.echo}
-    if parsed.get_backend_name() == "postgresql":
-        server_settings = {"application_name": "qx"}
-        if db.statement_timeout is not None:
-            server_settings["statement_timeout"] = str(int(db.statement_timeout * 1000))
-        if db.search_path is not None:
-            server_settings["search_path"] = db.search_path
-        kwargs.update(
-            pool_size=db.pool_size,
-            max_overflow=db.max_overflow,
-            pool_timeout=db.pool_timeout,
-            pool_recycle=db.pool_recycle,
-            pool_pre_ping=db.pool_pre_ping,
-            connect_args={"server_settings": server_settings},
-        )
-    elif _in_memory(parsed):
-        # The database lives in its one connection, so there is exactly one, handed to one
-        # unit of work at a time: the others wait for it (pool_timeout) rather than share
-        # its transaction, as StaticPool would - a concurrent reader's rollback would then
-        # undo a writer's flushed rows.
-        kwargs.update(
-            poolclass=AsyncAdaptedQueuePool,
-            pool_size=1,
-            max_overflow=0,
-            pool_timeout=db.pool_timeout,
-            pool_recycle=-1,
-        )
-    else:
-        kwargs.update(pool_pre_ping=db.pool_pre_ping, pool_timeout=db.pool_timeout)
+    dialect = dialect_named(parsed.get_backend_name())
+    kwargs: dict[str, Any] = {"echo": db.echo, **dialect.engine_options(db, parsed)}
     extra_connect_args = engine_kwargs.pop("connect_args", None)
     if engine_kwargs.get("poolclass") in (NullPool, StaticPool):
         # Pools without a size (migrations use NullPool) refuse the sizing options.
@@ -146,47 +114,8 @@ def create_engine(
         merged.update(extra)
         kwargs["connect_args"] = merged
     engine = _create_async_engine(parsed, **kwargs)
-    if parsed.get_backend_name() == "postgresql":
-        event.listen(engine.sync_engine, "connect", _on_pg_connect)
-    if parsed.get_backend_name() == "sqlite":
-        _configure_sqlite(engine, db, in_memory=_in_memory(parsed))
+    dialect.prepare_engine(engine, db, parsed)
     return engine
-
-
-def _on_pg_connect(dbapi_connection: Any, _record: Any) -> None:
-    dbapi_connection.run_async(install_asyncpg_codecs)
-
-
-def _in_memory(url: URL) -> bool:
-    return url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:")
-
-
-def _configure_sqlite(engine: AsyncEngine, db: DatabaseSettings, *, in_memory: bool) -> None:
-    begin = "BEGIN IMMEDIATE" if db.sqlite_begin == "immediate" else "BEGIN"
-    busy_ms = int(db.sqlite_busy_timeout * 1000)
-
-    @event.listens_for(engine.sync_engine, "connect")
-    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-        # Let SQLAlchemy, not pysqlite's legacy implicit transactions, decide when to BEGIN.
-        dbapi_connection.isolation_level = None
-        cursor = dbapi_connection.cursor()
-        try:
-            cursor.execute("PRAGMA foreign_keys=ON")
-            cursor.execute(f"PRAGMA busy_timeout={busy_ms}")
-            # LIKE is case-insensitive in SQLite by default; PostgreSQL's is not. qx's
-            # contains/startswith/endswith must mean the same on both.
-            cursor.execute("PRAGMA case_sensitive_like=ON")
-            # Case-insensitive lookups fold both sides with Python's rules (Dialect.fold).
-            dbapi_connection.create_function("qx_fold", 1, sqlite_fold, deterministic=True)
-            if not in_memory:
-                cursor.execute("PRAGMA journal_mode=WAL")
-                cursor.execute("PRAGMA synchronous=NORMAL")
-        finally:
-            cursor.close()
-
-    @event.listens_for(engine.sync_engine, "begin")
-    def _on_begin(connection: Any) -> None:
-        connection.exec_driver_sql(begin)
 
 
 #: How qx's sessions are made: objects stay usable after commit (``expire_on_commit=False``:

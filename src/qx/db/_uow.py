@@ -3,9 +3,10 @@
 ``commit()`` runs, in order: collect the events recorded by every aggregate the session has
 seen (new, loaded, deleted) → dispatch them to in-process handlers inside the transaction,
 round after round until no handler records more (bounded by ``max_event_depth``) → flush →
-insert the integration events into ``qx_outbox`` in one statement → COMMIT → after-commit
-hooks. A failure at any step rolls everything back. Leaving the ``async with`` block without
-``commit()`` rolls back.
+the commit stages (:mod:`qx.db._pipeline`; by default the outbox, which inserts the
+integration events into ``qx_outbox`` in one statement) → COMMIT → the stages' after-commit
+step (the outbox wakes its relays) → after-commit hooks. A failure at any step before COMMIT
+rolls everything back. Leaving the ``async with`` block without ``commit()`` rolls back.
 
 Example:
     >>> class OrdersUnitOfWork(UnitOfWork):                        # doctest: +SKIP
@@ -27,13 +28,11 @@ import logging
 import time
 import types
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
 from typing import Any, ClassVar, Generic, Self, TypeVar, get_args, get_origin, get_type_hints
 
 from pydantic import SecretStr
-from sqlalchemy import insert, literal, select
-from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm.attributes import instance_state
 
@@ -56,20 +55,17 @@ from qx.core._errors import (
 )
 from qx.core._events import Event, IntegrationEvent, handling_event
 from qx.core._ids import new_id
-from qx.core._telemetry import active_tracer, span, trace_headers
+from qx.core._telemetry import active_tracer, span
 from qx.db._commit import COMMIT_PROBE_SECONDS, past_cancellation
 from qx.db._dialect import dialect_of
 from qx.db._insert_new import forget_inserted, insert_new_aggregates
-from qx.db._mapping import entity_info
+from qx.db._pipeline import CommitContext, CommitStage, default_stages, unclaimed
 from qx.db._repository import Repository
 from qx.db._session import QxSession, has_writes
 from qx.db._state import UnitOfWorkState
 from qx.db._tracking import renew_transient
-from qx.db._translate import lost_connection, sqlstate_of, translating
+from qx.db._translate import lost_connection, translating
 from qx.db.query._cursor import CursorCodec
-from qx.outbox._recorder import outbox_row
-from qx.outbox._table import outbox_table
-from qx.outbox._wakeup import RelayWakeup
 
 __all__ = ["UnitOfWork", "UnitOfWorkFactory", "UnitOfWorkState"]
 
@@ -111,8 +107,8 @@ class UnitOfWork:
         max_event_depth: dispatch rounds allowed before ``UnitOfWorkError`` (a handler
             loop that never settles).
         cursor_codec: signs keyset-pagination cursors for this unit of work's repositories.
-        wakeup: wakes the outbox relays after a commit that wrote outbox rows (the
-            factory's, shared by its units of work; by default one of this unit's own).
+        stages: the commit's stages (the factory's, shared by its units of work; by
+            default new instances of the installed ones: :func:`default_stages`).
         commit_probe_timeout: seconds to find out whether a transaction committed when
             the connection failed before COMMIT's answer (then ``CommitOutcomeUnknown``).
     """
@@ -127,7 +123,7 @@ class UnitOfWork:
         clock: Clock | None = None,
         max_event_depth: int = 8,
         cursor_codec: CursorCodec | None = None,
-        wakeup: RelayWakeup | None = None,
+        stages: tuple[CommitStage, ...] | None = None,
         commit_probe_timeout: float = COMMIT_PROBE_SECONDS,
     ) -> None:
         if max_event_depth < 1:
@@ -142,7 +138,7 @@ class UnitOfWork:
         self._clock = clock or SystemClock()
         self._max_depth = max_event_depth
         self.cursor_codec = cursor_codec
-        self._wakeup = wakeup
+        self._stages = default_stages() if stages is None else stages
         self._state = UnitOfWorkState.NEW
         self._session: AsyncSession | None = None
         self._emitted: list[RecordedEvent] = []
@@ -342,20 +338,17 @@ class UnitOfWork:
                 break  # nothing runs that could record more events
             await dispatch_round(self._dispatcher, batch, self)
 
-    def _outbox_rows(self, records: list[RecordedEvent]) -> list[dict[str, Any]]:
-        if not records:
-            return []
-        return build_outbox_rows(records, correlation_id=self.correlation_id)
-
     # -- transaction -----------------------------------------------------------------------
 
     async def commit(self) -> None:
-        """Dispatch events, write the outbox, COMMIT, wake the outbox relays (when outbox
-        rows were written), then run after-commit hooks.
+        """Dispatch events, run the commit stages (write the outbox), COMMIT, run the
+        stages' after-commit step (wake the outbox relays), then the after-commit hooks.
 
         Raises:
             UnitOfWorkError: not active (committed already, rolled back, closed), called
                 from an event handler, or events that never settle.
+            ConfigurationError: integration events were recorded and no commit stage
+                delivers them (nothing is written).
             QxError: translated database errors (``ConcurrencyConflict``,
                 ``DuplicateKey``, ``TransientError``, ...); the transaction is rolled back.
         """
@@ -363,55 +356,81 @@ class UnitOfWork:
             raise UnitOfWorkError("commit() cannot be called while the commit is in progress")
         self.require_active()
         with span("qx.uow.commit") as current:
-            records, outbox_rows, cancelled = await self._commit()
+            records, context, written, cancelled = await self._commit()
             if current is not None:
                 current.set_attributes(
                     {
-                        "db.system.name": self.session.sync_session.get_bind().dialect.name,
+                        "db.system.name": dialect_of(self.session).name,
                         "qx.uow.events": len(records),
-                        "qx.outbox.rows": outbox_rows,
+                        **{
+                            f"qx.{stage.name}.rows": rows
+                            for stage, rows in zip(self._stages, written, strict=True)
+                        },
                     }
                 )
         self._state = UnitOfWorkState.COMMITTED
         self.events = [record.event for record in records]
-        if outbox_rows:
-            await self._wake_relays()
+        if context is not None:
+            await self._after_stages(context, written)
         await self._run_after_commit()
         if cancelled:
             # Cancelled while COMMIT was on its way: the commit stands and its bookkeeping
             # is done; the cancellation goes on to the caller.
             raise asyncio.CancelledError
 
-    async def _wake_relays(self) -> None:
-        wakeup = self._wakeup
-        if wakeup is None:
-            wakeup = self._wakeup = relay_wakeup(self._session_factory)
-        if wakeup is not None:
-            await wakeup.committed()
+    async def _after_stages(self, context: CommitContext, written: list[int]) -> None:
+        for stage, rows in zip(self._stages, written, strict=True):
+            if rows:
+                try:
+                    await stage.after_commit(context, rows)
+                except Exception:
+                    # The data is committed: a failing stage must not look like a failed commit.
+                    logger.exception("after-commit step of stage %r failed", stage)
 
-    async def _commit(self) -> tuple[list[RecordedEvent], int, bool]:
-        """The transaction part of :meth:`commit`: the events it settled, the outbox rows
-        it wrote, and whether a cancellation came while COMMIT was on its way."""
+    def _refuse_unclaimed(self, records: list[RecordedEvent]) -> None:
+        kind = unclaimed(self._stages)
+        if kind is None:
+            return
+        for record in records:
+            if isinstance(record.event, kind):
+                raise ConfigurationError(
+                    f"{type(record.event).__qualname__} is an integration event but this unit "
+                    f"of work has no commit stage that delivers it (stages: "
+                    f"{[stage.name for stage in self._stages]}): pass stages=[OutboxStage()] "
+                    "from qx.outbox, or install qx with its default stages"
+                )
+
+    async def _commit(
+        self,
+    ) -> tuple[list[RecordedEvent], CommitContext | None, list[int], bool]:
+        """The transaction part of :meth:`commit`: the events it settled, what the stages
+        saw and wrote, and whether a cancellation came while COMMIT was on its way."""
         session = self.session
         sync: QxSession = session.sync_session  # type: ignore[assignment]
         self._committing = True
         before_commit = next_sequence()  # events recorded earlier have a smaller seq
         records: list[RecordedEvent] = []
         inserted: list[Any] | None = None
-        rows: list[dict[str, Any]] = []
+        context: CommitContext | None = None
+        written: list[int] = [0] * len(self._stages)
         try:
             await self._drain_events(records)
             with translating(sync):
                 if records or sync.new:
+                    self._refuse_unclaimed(records)
                     inserted = await insert_new_aggregates(session)
                     if inserted is None:
-                        await session.flush()  # outbox rows may need flushed keys
-                    rows = self._outbox_rows(records)
-                    if rows:
-                        # Core on the session's connection: the outbox is a table, not a
-                        # mapped class, so the ORM's execute machinery would only add overhead.
-                        connection = await session.connection()
-                        await _write_outbox(connection, rows)
+                        await session.flush()  # the stages may need flushed keys
+                if self._stages:
+                    bind = self._session_factory.kw.get("bind")
+                    context = CommitContext(
+                        records=records,
+                        session=session,
+                        engine=bind if isinstance(bind, AsyncEngine) else None,
+                        _correlation=lambda: self.correlation_id,
+                    )
+                    for index, stage in enumerate(self._stages):
+                        written[index] = await stage.before_commit(context)
                 cancelled = await past_cancellation(self._commit_or_find_out(session))
         except BaseException:
             roots = list(sync.tx_state.roots.values())  # the rollback starts a new record
@@ -423,7 +442,7 @@ class UnitOfWork:
             raise
         finally:
             self._committing = False
-        return records, len(rows), cancelled
+        return records, context, written, cancelled
 
     async def _commit_or_find_out(self, session: AsyncSession) -> None:
         """COMMIT. When the connection fails before COMMIT's answer, ask the database
@@ -483,48 +502,12 @@ class UnitOfWork:
                 logger.exception("after-commit hook %r failed", callback)
 
 
-def relay_wakeup(session_factory: async_sessionmaker[AsyncSession]) -> RelayWakeup | None:
-    """The wake-up of the engine ``session_factory`` is bound to (``None`` when it is bound
-    to a connection: an outer transaction commits, not the unit of work)."""
-    bind = session_factory.kw.get("bind")
-    return RelayWakeup(bind) if isinstance(bind, AsyncEngine) else None
-
-
 def _restore_events(roots: list[Any], records: list[RecordedEvent], before_commit: int) -> None:
     # A failed commit leaves the aggregates as they were before commit(), so the same
     # objects can be retried: the events they had recorded go back on them, and those that
     # handlers recorded during the commit are dropped (the handlers run again on retry).
     discard_events(roots)
     restore_events(record for record in records if record.seq < before_commit)
-
-
-# Per session factory (one per service, usually): the event classes already reported.
-async def _write_outbox(connection: Any, rows: list[dict[str, Any]]) -> None:
-    """INSERT the outbox rows; a database without qx's tables is a configuration mistake
-    with a known fix, not a bare "no such table"."""
-    try:
-        await connection.execute(insert(outbox_table), rows)
-    except DBAPIError as exc:
-        # PostgreSQL: 42P01, undefined table.
-        missing = exc.orig is not None and sqlstate_of(exc.orig) == "42P01"
-        if (
-            not missing
-            and connection.dialect.name == "sqlite"
-            and isinstance(exc, OperationalError)
-        ):
-            # SQLite has no SQLSTATE: rather than read the message, see whether the table
-            # can be read at all (through whatever schemas the connection has attached).
-            try:
-                await connection.execute(select(literal(1)).select_from(outbox_table).limit(0))
-            except DBAPIError:
-                missing = True
-        if missing:
-            raise ConfigurationError(
-                f"the database has no {outbox_table.name} table: run qx's migrations "
-                "(qx db upgrade, or await qx.migrations.upgrade(engine)) or add "
-                "include_qx_tables(metadata) to the metadata your migrations create"
-            ) from exc
-        raise
 
 
 _UNHANDLED_WARNED: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
@@ -564,36 +547,6 @@ async def dispatch_round(dispatcher: EventDispatcher, batch: list[RecordedEvent]
             handling_event.reset(token)
 
 
-def build_outbox_rows(records: list[RecordedEvent], *, correlation_id: str) -> list[dict[str, Any]]:
-    """The ``qx_outbox`` rows of the integration events among ``records``: stamped with the
-    context's ids, the aggregate's type, id and tenant."""
-    ctx = current_context()
-    trace = trace_headers(ctx.traceparent)  # the commit's span: one lookup for every row
-    rows = []
-    for record in records:
-        if not isinstance(record.event, IntegrationEvent):
-            continue
-        aggregate_type = aggregate_id = None
-        tenant = ctx.tenant_id
-        if record.aggregate is not None:
-            info = entity_info(type(record.aggregate))
-            aggregate_type, aggregate_id = info.name, info.identity(record.aggregate)
-            if info.tenant_key is not None:
-                tenant = getattr(record.aggregate, info.tenant_key)
-        row = outbox_row(
-            record.event,
-            aggregate_type=aggregate_type,
-            aggregate_id=aggregate_id,
-            ctx=ctx,
-            correlation_id=correlation_id,
-            causation_id=(str(record.causation_id) if record.causation_id else ctx.causation_id),
-            trace=trace,
-        )
-        row["tenant_id"] = tenant
-        rows.append(row)
-    return rows
-
-
 class UnitOfWorkFactory(Generic[U]):
     """Builds a fresh unit of work per use: ``async with factory() as uow``.
 
@@ -606,6 +559,12 @@ class UnitOfWorkFactory(Generic[U]):
         cursor_secret: key signing keyset-pagination cursors (``QxSettings.pagination_secret``,
             at least 16 characters); keyset ``page()`` needs it.
         commit_probe_timeout: see :class:`UnitOfWork`.
+        stages: the commit stages of every unit of work (:class:`CommitStage`); by
+            default new instances of the installed ones (qx's outbox). ``()``: none, and
+            a commit that recorded integration events fails.
+
+    Attributes:
+        stages: the stages its units of work share.
     """
 
     def __init__(
@@ -618,6 +577,7 @@ class UnitOfWorkFactory(Generic[U]):
         max_event_depth: int = 8,
         cursor_secret: str | bytes | SecretStr | None = None,
         commit_probe_timeout: float = COMMIT_PROBE_SECONDS,
+        stages: Sequence[CommitStage] | None = None,
     ) -> None:
         if not (isinstance(uow_type, type) and issubclass(uow_type, UnitOfWork)):
             raise ConfigurationError(f"expected a UnitOfWork subclass, got {uow_type!r}")
@@ -628,7 +588,7 @@ class UnitOfWorkFactory(Generic[U]):
         self.clock = clock
         self.max_event_depth = max_event_depth
         self.cursor_codec = CursorCodec(cursor_secret) if cursor_secret is not None else None
-        self.wakeup = relay_wakeup(session_factory)
+        self.stages = default_stages() if stages is None else _checked_stages(stages)
         self.commit_probe_timeout = commit_probe_timeout
 
     def __call__(self) -> U:
@@ -639,6 +599,14 @@ class UnitOfWorkFactory(Generic[U]):
             clock=self.clock,
             max_event_depth=self.max_event_depth,
             cursor_codec=self.cursor_codec,
-            wakeup=self.wakeup,
+            stages=self.stages,
             commit_probe_timeout=self.commit_probe_timeout,
         )
+
+
+def _checked_stages(stages: Sequence[CommitStage]) -> tuple[CommitStage, ...]:
+    checked = tuple(stages)
+    for stage in checked:
+        if not isinstance(stage, CommitStage):
+            raise ConfigurationError(f"stages: {stage!r} is not a CommitStage")
+    return checked

@@ -16,6 +16,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
 from qx.core._errors import InvalidQuery, shown
+from qx.db._dialect import dialect_named
 
 __all__ = ["PortableJSON", "UtcDateTime"]
 
@@ -40,17 +41,11 @@ class UtcDateTime(TypeDecorator[datetime]):
             raise InvalidQuery(f"expected a datetime, got {shown(value)}")
         if value.tzinfo is None or value.utcoffset() is None:
             raise InvalidQuery(f"naive datetime {value.isoformat()} refused: attach a timezone")
-        value = value.astimezone(UTC)
-        if dialect.name == "sqlite":
-            # SQLite stores text; one fixed zone keeps lexical order equal to time order.
-            return value.replace(tzinfo=None)
-        return value
+        return dialect_named(dialect.name).store_timestamp(value.astimezone(UTC))
 
     def result_processor(self, dialect: Dialect, coltype: object) -> Any:
-        if dialect.name == "postgresql" and dialect.driver == "asyncpg":
-            # asyncpg decodes timestamptz to aware UTC datetimes whatever the session's
-            # TimeZone, so there is nothing to convert: no per-value call on the read path.
-            return None
+        if dialect_named(dialect.name).decodes_aware_timestamps(dialect.driver):
+            return None  # nothing to convert: no per-value call on the read path
         return super().result_processor(dialect, coltype)
 
     def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:

@@ -42,6 +42,7 @@ from sqlalchemy.types import TypeDecorator, TypeEngine
 from qx._schema import include_qx_tables
 from qx._targets import load_target
 from qx.core._errors import ConfigurationError
+from qx.db._dialect import dialect_named
 from qx.db._engine import create_engine, parse_database_url
 from qx.migrations._placement import place_new_revisions
 from qx.outbox._logging import configured_by_qx
@@ -152,7 +153,7 @@ def configure_context(
     return {
         "process_revision_directives": place,
         "target_metadata": metadata,
-        "render_as_batch": dialect_name == "sqlite",
+        "render_as_batch": dialect_named(dialect_name).batch_migrations,
         "compare_type": compare_type,
         "compare_server_default": True,
         "render_item": render_item,

@@ -23,6 +23,7 @@ from alembic.autogenerate import comparators, renderers
 from alembic.operations import MigrateOperation, Operations
 from sqlalchemy import text
 
+from qx.db._dialect import dialect_of
 from qx.outbox._table import NOTIFY_CHANNEL, OUTBOX_TABLE
 
 __all__ = [
@@ -100,7 +101,7 @@ class DropOutboxNotifyOp(MigrateOperation):
 
 @Operations.implementation_for(CreateOutboxNotifyOp)
 def _create(operations: Operations, operation: CreateOutboxNotifyOp) -> None:
-    if operations.get_context().dialect.name != "postgresql":
+    if not dialect_of(operations.get_context()).notifies:
         return
     operations.execute(NOTIFY_FUNCTION_SQL)
     table = _qualified(operation.table_name, operation.schema)
@@ -110,7 +111,7 @@ def _create(operations: Operations, operation: CreateOutboxNotifyOp) -> None:
 
 @Operations.implementation_for(DropOutboxNotifyOp)
 def _drop(operations: Operations, operation: DropOutboxNotifyOp) -> None:
-    if operations.get_context().dialect.name != "postgresql":
+    if not dialect_of(operations.get_context()).notifies:
         return
     table = _qualified(operation.table_name, operation.schema)
     operations.execute(f"DROP TRIGGER IF EXISTS {TRIGGER} ON {table}")
@@ -130,7 +131,7 @@ def _compare(
     connection = autogen_context.connection
     if table_name != OUTBOX_TABLE or metadata_table is None or connection is None:
         return
-    if connection.dialect.name != "postgresql" or conn_table is None:
+    if not dialect_of(connection).notifies or conn_table is None:
         return
     if _has_trigger(connection, table_name, schema):
         modify_table_ops.ops.append(DropOutboxNotifyOp(table_name, schema=schema))

@@ -2,9 +2,6 @@
 
 from typing import TYPE_CHECKING, Any
 
-# The database layer first: its unit of work writes outbox rows, so it loads parts of this
-# package while it initialises (issue 23 removes that edge).
-import qx.db  # noqa: F401
 from qx.outbox._consumer import InboxService
 from qx.outbox._envelope import Envelope
 from qx.outbox._inbox import EventRouter, Inbox, ParkedMessage
@@ -12,6 +9,7 @@ from qx.outbox._metrics import InboxMetrics, PrometheusMetrics
 from qx.outbox._recorder import event_payload, outbox_row
 from qx.outbox._relay import BatchResult, OutboxRelay, RelayMetrics
 from qx.outbox._relay_state import RelayState
+from qx.outbox._stage import OutboxStage
 from qx.outbox._store import OutboxProblem, OutboxStatus, OutboxStore
 from qx.outbox._subscribers import (
     KafkaSubscriber,
@@ -35,8 +33,8 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str) -> Any:
-    # qx's table list spans the packages (the bus's idempotency table too): loaded on first
-    # use, so that importing qx.outbox from inside qx.db's own import never goes round.
+    # qx's table list spans the packages (the bus's idempotency table too, and the bus sits
+    # above the outbox): loaded on first use, so importing qx.outbox never loads qx.cqrs.
     if name in ("include_qx_tables", "new_metadata", "qx_metadata"):
         from qx import _schema
 
@@ -63,6 +61,7 @@ __all__ = [
     "NatsSubscriber",
     "OutboxProblem",
     "OutboxRelay",
+    "OutboxStage",
     "OutboxStatus",
     "OutboxStore",
     "ParkedMessage",

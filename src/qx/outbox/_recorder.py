@@ -67,9 +67,13 @@ def outbox_row(
     ctx: RequestContext,
     correlation_id: str,
     causation_id: str | None,
+    tenant_id: str | None,
     trace: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Build the ``qx_outbox`` row for one event.
+
+    ``tenant_id``: the tenant the row belongs to (the aggregate's, or the context's for an
+    event of no tenant-scoped aggregate).
 
     ``trace``: the trace-context headers to store (default: the current span's when tracing
     is on, else the request context's ``traceparent``); the relay and consumers continue
@@ -90,6 +94,6 @@ def outbox_row(
         "occurred_at": event.occurred_at,
         "correlation_id": correlation_id,
         "causation_id": causation_id,
-        "tenant_id": ctx.tenant_id,
+        "tenant_id": tenant_id,
         "lane": lane_of(aggregate_type, aggregate_id, event.event_id),
     }

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, ClassVar
 
 from sqlalchemy import (
     BigInteger,
@@ -58,6 +58,8 @@ class RelaySql(ABC):
     Args:
         dialect: the engine's SQLAlchemy dialect (to compile for the driver).
     """
+
+    backend: ClassVar[str]  # the SQLAlchemy backend name these statements are for
 
     #: Whether relays can be woken by ``LISTEN`` (else they poll).
     listens: bool = False

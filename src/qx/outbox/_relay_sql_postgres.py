@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
-from typing import Any
+from typing import Any, ClassVar
 
 from sqlalchemy import (
     BigInteger,
@@ -46,6 +46,8 @@ def _unnest(name: str, *arrays: tuple[str, Any]) -> Any:
 
 class PostgresRelaySql(RelaySql):
     """See :class:`~qx.outbox._relay_sql.RelaySql`."""
+
+    backend: ClassVar[str] = "postgresql"
 
     listens = True
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
-from typing import Any
+from typing import Any, ClassVar
 
 from sqlalchemy import ColumnElement, Integer, bindparam, func, select, tuple_, update
 from sqlalchemy.dialects import sqlite
@@ -27,6 +27,8 @@ _seq = sequence_table
 
 class SqliteRelaySql(RelaySql):
     """See :class:`~qx.outbox._relay_sql.RelaySql`."""
+
+    backend: ClassVar[str] = "sqlite"
 
     def __init__(self, dialect: Any) -> None:
         super().__init__(dialect)

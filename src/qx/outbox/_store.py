@@ -54,7 +54,8 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from qx.core._backoff import Backoff
-from qx.db._dialect import Dialect, dialect_named
+from qx.db._dialect import dialect_named
+from qx.db._dialect_base import Dialect
 from qx.outbox._claimed import AggregateKey, ClaimedRow, Run, sequence_key
 from qx.outbox._relay_sql import PENDING, RelaySql, SequenceKey
 from qx.outbox._relay_sql_postgres import PostgresRelaySql
@@ -84,6 +85,17 @@ __all__ = [
     "relay_server_settings",
     "retry_backoff",
 ]
+
+# The relay's statements, one strategy per backend (each names its own).
+_RELAY_SQL: dict[str, type[RelaySql]] = {
+    sql.backend: sql for sql in (PostgresRelaySql, SqliteRelaySql)
+}
+
+
+def relay_sql(dialect: Dialect, sa_dialect: Any) -> RelaySql:
+    """The relay's statements for ``dialect`` (compiled for ``sa_dialect``)."""
+    return _RELAY_SQL[dialect.name](sa_dialect)
+
 
 _o = outbox_table
 _lane = lane_table
@@ -288,8 +300,7 @@ class OutboxStore:
         self.dialect: Dialect = dialect_named(engine.dialect.name)
         self.timeout = timeout
         self._lanes_created = False
-        backend = PostgresRelaySql if engine.dialect.name == "postgresql" else SqliteRelaySql
-        self.sql: RelaySql = backend(engine.dialect)
+        self.sql: RelaySql = relay_sql(self.dialect, engine.dialect)
         self._rotation = 0
 
     # -- transactions ----------------------------------------------------------------------

@@ -25,6 +25,7 @@ import logging
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from qx.db._dialect import dialect_of
 from qx.outbox._table import NOTIFY_CHANNEL
 from qx.outbox._tx import terminate
 
@@ -45,7 +46,7 @@ class RelayWakeup:
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
-        self.enabled = engine.dialect.name == "postgresql"
+        self.enabled = dialect_of(engine).notifies
         self._task: asyncio.Task[None] | None = None
         self._again = False
 

@@ -27,7 +27,7 @@ import atexit
 import sqlite3
 import uuid
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, Final, Self, TypeVar
 
 from pydantic import SecretStr
@@ -45,6 +45,7 @@ from qx.core._dispatch import EventDispatcher
 from qx.core._errors import ConfigurationError
 from qx.db._engine import SESSION_OPTIONS, create_engine
 from qx.db._mapping import entity_info
+from qx.db._pipeline import CommitStage
 from qx.db._uow import UnitOfWork, UnitOfWorkFactory
 from qx.outbox._table import outbox_table
 from qx.settings import DatabaseSettings
@@ -303,6 +304,7 @@ class InMemoryUnitOfWorkFactory(UnitOfWorkFactory[U]):
         cursor_secret: signs keyset cursors (a fixed test secret by default).
         metadata: more tables to create (for repositories used through
             ``uow.repository(...)`` without being declared).
+        stages: the commit stages (by default the installed ones, as in production).
     """
 
     def __init__(
@@ -315,6 +317,7 @@ class InMemoryUnitOfWorkFactory(UnitOfWorkFactory[U]):
         max_event_depth: int = 8,
         cursor_secret: str | bytes | SecretStr | None = TEST_CURSOR_SECRET,
         metadata: Iterable[MetaData] = (),
+        stages: Sequence[CommitStage] | None = None,
     ) -> None:
         if not (isinstance(uow_type, type) and issubclass(uow_type, UnitOfWork)):
             raise ConfigurationError(f"expected a UnitOfWork subclass, got {uow_type!r}")
@@ -331,4 +334,5 @@ class InMemoryUnitOfWorkFactory(UnitOfWorkFactory[U]):
             clock=clock,
             max_event_depth=max_event_depth,
             cursor_secret=cursor_secret,
+            stages=stages,
         )

@@ -18,7 +18,8 @@ from sqlalchemy.orm import Mapper
 
 from qx.core._clock import Clock
 from qx.core._errors import ConfigurationError, UnitOfWorkError
-from qx.db._dialect import Dialect, dialect_named
+from qx.db._dialect import dialect_named
+from qx.db._dialect_base import Dialect
 from qx.db._mapping import EntityInfo
 from qx.db.query._cursor import CursorCodec
 from qx.db.query._keyset import SortKey, resolve_sort

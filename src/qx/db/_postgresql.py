@@ -1,0 +1,143 @@
+"""PostgreSQL's strategy (asyncpg): row locks, ``ANY`` arrays, ``NOTIFY``, server settings,
+date and timestamp codecs, SQLSTATE-named errors, probing a lost COMMIT by transaction id."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, timedelta
+from typing import TYPE_CHECKING, Any, Final
+
+from sqlalchemy import Table, any_, bindparam, event, func, literal_column
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.engine import URL
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.sql.elements import ColumnElement
+
+from qx.db._commit import PostgresProbe
+from qx.db._dialect_base import Dialect
+from qx.db._translate import sqlstate_of
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from qx.settings import DatabaseSettings
+
+__all__ = ["PostgreSQL", "install_asyncpg_codecs"]
+
+
+class PostgreSQL(Dialect):
+    """PostgreSQL through asyncpg."""
+
+    name = "postgresql"
+    driver = "asyncpg"
+    extra = "postgres"
+    locks_rows = True
+    notifies = True
+
+    def __init__(self) -> None:
+        self.commit_probe = PostgresProbe()
+
+    def insert(self, table: Table) -> postgresql.Insert:
+        return postgresql.insert(table)
+
+    def large_in(self, column: ColumnElement[Any], values: Sequence[Any]) -> ColumnElement[bool]:
+        array = bindparam(None, list(values), type_=postgresql.ARRAY(column.type))
+        return column == any_(array)
+
+    def fold(self, expr: ColumnElement[Any]) -> ColumnElement[Any]:
+        # Decompose (NFKD), then upper- and lower-case, so İ/i̇, Σ/ς and ß/ẞ/ss meet.
+        decomposed = func.normalize(expr, literal_column("NFKD"))
+        return func.replace(func.lower(func.upper(decomposed)), "ß", "ss")
+
+    async def lacks_table(self, connection: AsyncConnection, exc: DBAPIError, table: Table) -> bool:
+        return exc.orig is not None and sqlstate_of(exc.orig) == "42P01"  # undefined table
+
+    def engine_options(self, db: DatabaseSettings, url: URL) -> dict[str, Any]:
+        server_settings = {"application_name": "qx"}
+        if db.statement_timeout is not None:
+            server_settings["statement_timeout"] = str(int(db.statement_timeout * 1000))
+        if db.search_path is not None:
+            server_settings["search_path"] = db.search_path
+        return {
+            "pool_size": db.pool_size,
+            "max_overflow": db.max_overflow,
+            "pool_timeout": db.pool_timeout,
+            "pool_recycle": db.pool_recycle,
+            "pool_pre_ping": db.pool_pre_ping,
+            "connect_args": {"server_settings": server_settings},
+        }
+
+    def prepare_engine(self, engine: AsyncEngine, db: DatabaseSettings, url: URL) -> None:
+        event.listen(engine.sync_engine, "connect", _on_connect)
+
+    def decodes_aware_timestamps(self, driver: str) -> bool:
+        # asyncpg decodes timestamptz to aware UTC datetimes whatever the session's TimeZone.
+        return driver == self.driver
+
+
+def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+    dbapi_connection.run_async(install_asyncpg_codecs)
+
+
+# -- asyncpg: dates and timestamps as themselves, never as infinity ---------------------------
+
+# asyncpg writes date.max/min and datetime.max/min as PostgreSQL's 'infinity'/'-infinity',
+# which most other clients cannot read back. These codecs (PostgreSQL's binary layout, as
+# asyncpg's "tuple" format: days or microseconds since 2000-01-01) write them as the dates
+# they are; a stored infinity still reads as max/min, as asyncpg's own codecs do.
+_EPOCH_DATE: Final = date(2000, 1, 1)
+_EPOCH_DAY: Final = _EPOCH_DATE.toordinal()
+_EPOCH_NAIVE: Final = datetime(2000, 1, 1)
+_EPOCH_UTC: Final = _EPOCH_NAIVE.replace(tzinfo=UTC)
+_MICROSECOND: Final = timedelta(microseconds=1)
+_INT32: Final = (2**31 - 1, -(2**31))
+_INT64: Final = (2**63 - 1, -(2**63))
+
+
+def _encode_date(value: date) -> tuple[int]:
+    if isinstance(value, datetime):
+        value = value.date()
+    return (value.toordinal() - _EPOCH_DAY,)
+
+
+def _decode_date(parts: tuple[int]) -> date:
+    days = parts[0]
+    if days in _INT32:
+        return date.max if days > 0 else date.min
+    return date.fromordinal(days + _EPOCH_DAY)
+
+
+def _encode_timestamptz(value: datetime) -> tuple[int]:
+    aware = value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+    return ((aware - _EPOCH_UTC) // _MICROSECOND,)
+
+
+def _decode_timestamptz(parts: tuple[int]) -> datetime:
+    micros = parts[0]
+    if micros in _INT64:
+        return (datetime.max if micros > 0 else datetime.min).replace(tzinfo=UTC)
+    return _EPOCH_UTC + timedelta(microseconds=micros)
+
+
+def _encode_timestamp(value: datetime) -> tuple[int]:
+    naive = value.astimezone(UTC).replace(tzinfo=None) if value.tzinfo is not None else value
+    return ((naive - _EPOCH_NAIVE) // _MICROSECOND,)
+
+
+def _decode_timestamp(parts: tuple[int]) -> datetime:
+    micros = parts[0]
+    if micros in _INT64:
+        return datetime.max if micros > 0 else datetime.min
+    return _EPOCH_NAIVE + timedelta(microseconds=micros)
+
+
+async def install_asyncpg_codecs(connection: Any) -> None:
+    """Register qx's date and timestamp codecs on an asyncpg connection."""
+    for name, encoder, decoder in (
+        ("date", _encode_date, _decode_date),
+        ("timestamptz", _encode_timestamptz, _decode_timestamptz),
+        ("timestamp", _encode_timestamp, _decode_timestamp),
+    ):
+        await connection.set_type_codec(
+            name, schema="pg_catalog", encoder=encoder, decoder=decoder, format="tuple"
+        )
