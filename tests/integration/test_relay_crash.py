@@ -70,9 +70,9 @@ def relay_env(
     return env
 
 
-async def start_relay(
-    env: dict[str, str], *, wait_ready: bool = False
-) -> asyncio.subprocess.Process:
+async def start_relay(env: dict[str, str]) -> asyncio.subprocess.Process:
+    """A ``qx outbox relay`` process, returned once it says it is relaying: its SIGTERM
+    handler is in place then (a SIGTERM before that kills it with -15, as any process)."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",
@@ -83,10 +83,9 @@ async def start_relay(
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.DEVNULL,
     )
-    if wait_ready:
-        assert process.stdout is not None
-        line = await asyncio.wait_for(process.stdout.readline(), 30)
-        assert b"relaying outbox rows" in line, line
+    assert process.stdout is not None
+    line = await asyncio.wait_for(process.stdout.readline(), 30)
+    assert b"relaying outbox rows" in line, line
     return process
 
 
@@ -197,7 +196,7 @@ async def test_four_relays_at_once_keep_order(
 ) -> None:
     url, prefix, stream = jetstream
     env = relay_env(engine, await current_schema(engine), url, prefix, stream)
-    relays = [await start_relay(env, wait_ready=True) for _ in range(4)]
+    relays = [await start_relay(env) for _ in range(4)]
     try:
         ids = await produce(uow_factory, events_each=10)
         await wait_drained(engine)
@@ -238,8 +237,8 @@ async def test_a_broker_cut_and_a_database_blackhole_lose_reorder_and_duplicate_
     env_a["QX_DB__URL"] = db_url.set(host="127.0.0.1", port=db_proxy.port).render_as_string(
         hide_password=False
     )
-    relay_a = await start_relay(env_a, wait_ready=True)
-    relay_b = await start_relay(env_b, wait_ready=True)
+    relay_a = await start_relay(env_a)
+    relay_b = await start_relay(env_b)
     committed = [0]
     producer = asyncio.create_task(produce(uow_factory, committed, events_each=20))
     try:
