@@ -45,7 +45,8 @@ from qx.examples.orders.infrastructure import (
     order_lines,
     orders,
 )
-from qx.outbox import event_payload, outbox_table
+from qx.outbox import outbox_table
+from qx.outbox._recorder import event_payload
 
 SKUS = (("KB-01", Decimal("49.90")), ("MS-02", Decimal("19.50")), ("HD-03", Decimal("89.00")))
 

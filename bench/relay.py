@@ -48,7 +48,8 @@ from qx.core import new_id, request_context
 from qx.db import UnitOfWorkFactory, create_engine, create_session_factory
 from qx.examples.orders.domain import Order, OrderLine, OrderShippedV1
 from qx.examples.orders.infrastructure import OrdersUnitOfWork
-from qx.outbox import OutboxRelay, OutboxStage, publisher_from_settings
+from qx.outbox import OutboxRelay, OutboxStage
+from qx.outbox.publishers import publisher_from_settings
 from qx.settings import BrokerSettings, DatabaseSettings, RelaySettings
 
 BATCH = 200

@@ -1,56 +1,57 @@
 """qx: persistence for async clean-architecture Python services.
 
-The names most services import; everything else lives in :mod:`qx.core`, :mod:`qx.db` and
-:mod:`qx.outbox`.
+The names most services import; everything else lives in :mod:`qx.core`, :mod:`qx.errors`,
+:mod:`qx.db` and :mod:`qx.outbox`.
 """
 
 from typing import TYPE_CHECKING, Any
 
 from qx.core import (
     AggregateRoot,
-    CommitOutcomeUnknown,
-    ConcurrencyConflict,
-    ConfigurationError,
-    Conflict,
     DomainEvent,
-    DuplicateKey,
     Event,
     EventDispatcher,
     InProcessDispatcher,
     IntegrationEvent,
-    IntegrityViolation,
-    InvalidCursor,
-    InvalidQuery,
-    NotFound,
-    QxError,
     RequestContext,
-    TenantRequired,
-    TenantViolation,
-    TransientError,
-    UnitOfWorkError,
     current_context,
     new_id,
     request_context,
     system_context,
 )
+from qx.errors import (
+    CommitOutcomeUnknown,
+    ConcurrencyConflict,
+    ConfigurationError,
+    Conflict,
+    DuplicateKey,
+    IntegrityViolation,
+    InvalidCursor,
+    InvalidQuery,
+    NotFound,
+    QxError,
+    TenantRequired,
+    TenantViolation,
+    TransientError,
+    UnitOfWorkError,
+)
 
 if TYPE_CHECKING:
     from qx.db import (
-        Page,
-        Q,
         Repository,
         UnitOfWork,
         UnitOfWorkFactory,
         create_engine,
         create_session_factory,
     )
+    from qx.db.query import Page, Q
     from qx.settings import QxSettings, load_settings
 
 # The database and settings layers load on first use: a domain module's
 # `from qx import AggregateRoot` (or `qx.core`) imports no SQLAlchemy and no pydantic.
 _LAZY: dict[str, str] = {
-    "Page": "qx.db",
-    "Q": "qx.db",
+    "Page": "qx.db.query",
+    "Q": "qx.db.query",
     "Repository": "qx.db",
     "UnitOfWork": "qx.db",
     "UnitOfWorkFactory": "qx.db",

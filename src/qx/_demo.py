@@ -37,7 +37,8 @@ from qx.examples.orders.application import (
 from qx.examples.orders.domain import OrderError
 from qx.examples.orders.infrastructure import OrdersUnitOfWork, metadata, migrations, orders
 from qx.migrations import alembic_config, assert_schema_current, current, stamp, upgrade
-from qx.outbox import OutboxRelay, outbox_table, publisher_from_settings
+from qx.outbox import OutboxRelay, outbox_table
+from qx.outbox.publishers import publisher_from_settings
 from qx.settings import QxSettings
 
 __all__ = ["DemoReport", "run_demo"]

@@ -528,7 +528,8 @@ def _outbox_app(console: Console) -> typer.Typer:
         ] = None,
     ) -> None:
         """Publish outbox rows to QX_BROKER__URL until SIGTERM/SIGINT."""
-        from qx.outbox import OutboxRelay, publisher_from_settings
+        from qx.outbox import OutboxRelay
+        from qx.outbox.publishers import publisher_from_settings
 
         async def work(settings: Any, engine: Any) -> None:
             _configure_service_logging(settings, log_level, log_json)

@@ -14,8 +14,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from qx.core import new_id, request_context
 from qx.db import UnitOfWorkFactory
 from qx.errors import PublishError
-from qx.outbox import Envelope, OutboxRelay, outbox_table, publisher_from_settings
+from qx.outbox import Envelope, OutboxRelay, outbox_table
 from qx.outbox._claimed import ClaimedRow, claimed_columns
+from qx.outbox.publishers import publisher_from_settings
 from qx.settings import BrokerSettings, RelaySettings
 from tests import models
 from tests.integration.helpers import drop_stream, relay_once

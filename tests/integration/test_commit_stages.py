@@ -18,7 +18,7 @@ from uuid import UUID
 import pytest
 from sqlalchemy import Column, Integer, String, Table, func, insert, select
 
-from qx.core import AggregateRoot, ConfigurationError, DomainEvent, IntegrationEvent, new_id
+from qx.core import AggregateRoot, DomainEvent, IntegrationEvent, new_id
 from qx.db import (
     CommitContext,
     CommitStage,
@@ -32,6 +32,7 @@ from qx.db import (
     uuid_pk,
     version_column,
 )
+from qx.errors import ConfigurationError
 from qx.outbox import OutboxStage, outbox_table
 from qx.testing import InMemoryStore, InMemoryUnitOfWorkFactory
 from tests.integration.conftest import drop_schema, engine_with_tables

@@ -16,8 +16,9 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from qx.core import ConcurrencyConflict, TransientError, request_context
+from qx.core import request_context
 from qx.db import UnitOfWorkFactory, create_session_factory
+from qx.errors import ConcurrencyConflict, TransientError
 from qx.examples.orders.domain import Order
 from qx.examples.orders.infrastructure import orders
 from tests.integration.conftest import create_tables, make_backend_engine

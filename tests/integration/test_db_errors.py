@@ -8,16 +8,15 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
-from qx.core import (
+from qx.core import new_id, request_context
+from qx.db import UnitOfWorkFactory, create_session_factory, translating
+from qx.errors import (
     ConfigurationError,
     DuplicateKey,
     IntegrityViolation,
     StatementTimeout,
     TransientError,
-    new_id,
-    request_context,
 )
-from qx.db import UnitOfWorkFactory, create_session_factory, translating
 from tests.integration.conftest import drop_schema, make_backend_engine
 from tests.models import AppUnitOfWork, Counter
 

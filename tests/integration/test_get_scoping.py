@@ -14,9 +14,10 @@ import pytest
 from sqlalchemy import event, inspect, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from qx.core import TenantRequired, new_id, request_context, system_context, utcnow
+from qx.core import new_id, request_context, system_context, utcnow
 from qx.db import UnitOfWorkFactory
 from qx.db._scoping import checks_rows_in_python, joined_part
+from qx.errors import TenantRequired
 from qx.examples.orders.domain import Order
 from tests.models import AppUnitOfWork, Book, Folder, Item, Note, Shelf, notes
 

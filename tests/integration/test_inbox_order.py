@@ -22,8 +22,9 @@ from qx.core import new_id, request_context, utcnow
 from qx.core._backoff import Backoff
 from qx.db import UnitOfWorkFactory
 from qx.errors import OutOfOrder
-from qx.outbox import Envelope, EventRouter, Inbox, NatsSubscriber, publisher_from_settings
+from qx.outbox import Envelope, EventRouter, Inbox, NatsSubscriber
 from qx.outbox._subscribers import Delivery
+from qx.outbox.publishers import publisher_from_settings
 from qx.settings import BrokerSettings
 from tests import models
 from tests.integration.helpers import drop_stream

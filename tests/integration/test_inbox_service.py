@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from qx.core import new_id, request_context
 from qx.db import UnitOfWorkFactory
-from qx.outbox import publisher_from_settings
+from qx.outbox.publishers import publisher_from_settings
 from qx.settings import BrokerSettings
 from tests import models
 from tests.integration.helpers import drop_stream

@@ -24,7 +24,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from qx.core import new_id
 from qx.db import UnitOfWorkFactory
-from qx.outbox import Inbox, KafkaSubscriber, OutboxRelay, outbox_table, publisher_from_settings
+from qx.outbox import Inbox, KafkaSubscriber, OutboxRelay, outbox_table
+from qx.outbox.publishers import publisher_from_settings
 from qx.outbox.publishers._kafka import kafka_servers
 from qx.settings import BrokerSettings, RelaySettings
 from tests import models

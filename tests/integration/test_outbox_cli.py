@@ -14,8 +14,9 @@ from typer.testing import CliRunner
 from qx.cli import app
 from qx.core import utcnow
 from qx.db import UnitOfWorkFactory, create_engine, create_session_factory
-from qx.outbox import MemoryPublisher, OutboxRelay, outbox_table
+from qx.outbox import OutboxRelay, outbox_table
 from qx.settings import DatabaseSettings, RelaySettings
+from qx.testing import MemoryPublisher
 from tests import models
 from tests.integration.conftest import create_tables
 

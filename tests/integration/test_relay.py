@@ -15,9 +15,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from qx.core import FixedClock, request_context, utcnow
 from qx.db import UnitOfWorkFactory
 from qx.errors import PublishError
-from qx.outbox import Envelope, MemoryPublisher, OutboxRelay, OutboxStore, outbox_table
+from qx.outbox import Envelope, OutboxRelay, OutboxStore, outbox_table
 from qx.outbox._relay_sql_postgres import PostgresRelaySql
 from qx.settings import RelaySettings
+from qx.testing import MemoryPublisher
 from tests import models
 
 Factory = UnitOfWorkFactory[models.AppUnitOfWork]

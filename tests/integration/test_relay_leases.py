@@ -22,17 +22,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from qx.core import FixedClock, utcnow
 from qx.db import UnitOfWorkFactory, create_engine
 from qx.errors import PublishError
-from qx.outbox import (
-    Envelope,
-    MemoryPublisher,
-    OutboxRelay,
-    OutboxStore,
-    RelayState,
-    outbox_table,
-)
+from qx.outbox import Envelope, OutboxRelay, OutboxStore, RelayState, outbox_table
 from qx.outbox._relay_sql_postgres import PostgresRelaySql
 from qx.outbox._table import lane_table
 from qx.settings import DatabaseSettings, RelaySettings
+from qx.testing import MemoryPublisher
 from tests import models
 from tests.integration.proxy import Proxy
 from tests.integration.test_relay_crash import current_schema

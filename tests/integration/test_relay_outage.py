@@ -13,14 +13,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from qx.core import new_id
 from qx.db import UnitOfWorkFactory
 from qx.errors import BrokerUnavailable
-from qx.outbox import (
-    Envelope,
-    OutboxRelay,
-    Publisher,
-    RelayState,
-    outbox_table,
-    publisher_from_settings,
-)
+from qx.outbox import Envelope, OutboxRelay, RelayState, outbox_table
+from qx.outbox.publishers import Publisher, publisher_from_settings
 from qx.settings import BrokerSettings, RelaySettings
 from tests import models
 from tests.integration.helpers import drop_stream

@@ -22,7 +22,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from qx.core import new_id
 from qx.db import UnitOfWorkFactory
-from qx.outbox import OutboxRelay, publisher_from_settings
+from qx.outbox import OutboxRelay
+from qx.outbox.publishers import publisher_from_settings
 from qx.settings import BrokerSettings, RelaySettings
 from tests import models
 from tests.integration.helpers import drop_stream

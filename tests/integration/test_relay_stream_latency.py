@@ -21,8 +21,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from qx.core import utcnow
 from qx.db import UnitOfWorkFactory, create_engine
-from qx.outbox import Envelope, OutboxRelay, OutboxStage, Publisher, publisher_from_settings
+from qx.outbox import Envelope, OutboxRelay, OutboxStage
 from qx.outbox._table import lane_table
+from qx.outbox.publishers import Publisher, publisher_from_settings
 from qx.settings import BrokerSettings, DatabaseSettings, RelaySettings
 from tests import models
 from tests.integration.helpers import drop_stream

@@ -15,8 +15,9 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from qx.db import UnitOfWorkFactory
-from qx.outbox import MemoryPublisher, OutboxRelay
+from qx.outbox import OutboxRelay
 from qx.settings import RelaySettings
+from qx.testing import MemoryPublisher
 from tests import models
 
 Factory = UnitOfWorkFactory[models.AppUnitOfWork]

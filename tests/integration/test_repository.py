@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from qx.core import InvalidQuery, NotFound, request_context
+from qx.core import request_context
 from qx.db import UnitOfWorkFactory
+from qx.errors import InvalidQuery, NotFound
 from tests.integration.helpers import new_order
 from tests.models import AppUnitOfWork, Counter
 

@@ -33,8 +33,8 @@ from qx.outbox import (
     RabbitSubscriber,
     RedisSubscriber,
     inbox_table,
-    publisher_from_settings,
 )
+from qx.outbox.publishers import publisher_from_settings
 from qx.settings import BrokerSettings
 from tests import models
 from tests.integration.helpers import drop_stream

@@ -23,7 +23,7 @@ from opentelemetry.trace import SpanKind
 from sqlalchemy import Column, String, Table, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from qx.core import AggregateRoot, ConcurrencyConflict, IntegrationEvent, new_id
+from qx.core import AggregateRoot, IntegrationEvent, new_id
 from qx.cqrs import Command, MessageBus
 from qx.db import (
     Repository,
@@ -36,8 +36,9 @@ from qx.db import (
     uuid_pk,
     version_column,
 )
+from qx.errors import ConcurrencyConflict
 from qx.outbox import Envelope, EventRouter, Inbox, OutboxRelay, outbox_table
-from qx.outbox.publishers import MemoryPublisher
+from qx.testing import MemoryPublisher
 from tests.integration.conftest import drop_schema, engine_with_tables
 
 ROOT = Path(__file__).resolve().parents[2]

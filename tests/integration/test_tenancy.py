@@ -8,8 +8,9 @@ import pytest
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from qx.core import NotFound, TenantRequired, TenantViolation, request_context, system_context
+from qx.core import request_context, system_context
 from qx.db import UnitOfWorkFactory
+from qx.errors import NotFound, TenantRequired, TenantViolation
 from qx.examples.orders.domain import Order, OrderLine
 from qx.examples.orders.infrastructure import orders
 from tests.integration.helpers import new_order

@@ -7,7 +7,7 @@ from datetime import UTC, date, datetime, timedelta, timezone
 from sqlalchemy import Column, Date, DateTime, Integer, MetaData, Table, insert, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from qx.db import UtcDateTime
+from qx.db.types import UtcDateTime
 from qx.testing import InMemoryStore
 
 

@@ -9,15 +9,9 @@ from typing import Any
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from qx.core import (
-    DomainEvent,
-    DuplicateKey,
-    InProcessDispatcher,
-    IntegrityViolation,
-    UnitOfWorkError,
-    request_context,
-)
+from qx.core import DomainEvent, InProcessDispatcher, request_context
 from qx.db import UnitOfWorkFactory, UnitOfWorkState
+from qx.errors import DuplicateKey, IntegrityViolation, UnitOfWorkError
 from qx.examples.orders.domain import OrderPlaced, OrderPlacedV1
 from qx.examples.orders.infrastructure import order_lines, orders
 from qx.outbox import outbox_table

@@ -41,21 +41,7 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import relationship
 
-from qx.core import (
-    AggregateRoot,
-    ConcurrencyConflict,
-    ConfigurationError,
-    DatabaseError,
-    DomainEvent,
-    DuplicateKey,
-    InProcessDispatcher,
-    IntegrationEvent,
-    IntegrityViolation,
-    InvalidQuery,
-    StatementTimeout,
-    UnitOfWorkError,
-    new_id,
-)
+from qx.core import AggregateRoot, DomainEvent, InProcessDispatcher, IntegrationEvent, new_id
 from qx.cqrs import Command, MessageBus, RetryPolicy
 from qx.db import (
     Repository,
@@ -69,6 +55,16 @@ from qx.db import (
     map_entity,
     uuid_pk,
     version_column,
+)
+from qx.errors import (
+    ConcurrencyConflict,
+    ConfigurationError,
+    DatabaseError,
+    DuplicateKey,
+    IntegrityViolation,
+    InvalidQuery,
+    StatementTimeout,
+    UnitOfWorkError,
 )
 from qx.migrations import upgrade
 from qx.settings import DatabaseSettings

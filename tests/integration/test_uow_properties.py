@@ -34,14 +34,7 @@ from sqlalchemy import Column, ForeignKey, Integer, String, Table, Uuid, delete,
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import relationship
 
-from qx.core import (
-    AggregateRoot,
-    DomainEvent,
-    InProcessDispatcher,
-    IntegrationEvent,
-    IntegrityViolation,
-    new_id,
-)
+from qx.core import AggregateRoot, DomainEvent, InProcessDispatcher, IntegrationEvent, new_id
 from qx.db import (
     Repository,
     UnitOfWork,
@@ -55,6 +48,7 @@ from qx.db import (
     uuid_pk,
     version_column,
 )
+from qx.errors import IntegrityViolation
 from qx.outbox import outbox_table
 from qx.settings import DatabaseSettings
 from qx.testing import InMemoryUnitOfWorkFactory

@@ -10,7 +10,11 @@ from uuid import UUID
 import pytest
 from sqlalchemy import Boolean, Column, Date, Integer, Numeric, String, Uuid
 
-from qx.core import (
+from qx.db import json_column, parse_database_url
+from qx.db._translate import error_for_sqlstate, translate_error
+from qx.db.query._coerce import coerce_value
+from qx.db.types import UtcDateTime
+from qx.errors import (
     ConfigurationError,
     DatabaseError,
     DuplicateKey,
@@ -19,9 +23,6 @@ from qx.core import (
     StatementTimeout,
     TransientError,
 )
-from qx.db import UtcDateTime, json_column, parse_database_url
-from qx.db._translate import error_for_sqlstate, translate_error
-from qx.db.query._coerce import coerce_value
 from qx.settings import load_settings
 
 

@@ -12,7 +12,6 @@ import pytest
 
 from qx.core import (
     AggregateRoot,
-    ConfigurationError,
     DomainEvent,
     FixedClock,
     InProcessDispatcher,
@@ -23,6 +22,7 @@ from qx.core import (
     system_context,
     uuid7_timestamp_ms,
 )
+from qx.errors import ConfigurationError
 
 
 def test_new_id_is_uuid7_time_ordered_and_monotonic() -> None:

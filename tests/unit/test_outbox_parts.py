@@ -11,18 +11,19 @@ import pytest
 from qx.core._backoff import Backoff
 from qx.cqrs import RetryPolicy
 from qx.errors import ConfigurationError, InvalidMessage, PublishError
-from qx.outbox import (
-    BatchResult,
-    Envelope,
-    LogPublisher,
-    MemoryPublisher,
-    outbox_table,
-    publisher_from_settings,
-)
+from qx.outbox import BatchResult, Envelope, outbox_table
 from qx.outbox._claimed import ClaimedRow, claimed_columns
 from qx.outbox._store import reconnect_backoff, retry_backoff
-from qx.outbox.publishers import KafkaPublisher, NatsPublisher, RabbitPublisher, RedisPublisher
+from qx.outbox.publishers import (
+    KafkaPublisher,
+    LogPublisher,
+    NatsPublisher,
+    RabbitPublisher,
+    RedisPublisher,
+    publisher_from_settings,
+)
 from qx.settings import BrokerSettings, RelaySettings
+from qx.testing import MemoryPublisher
 
 
 def envelope(**changes: object) -> Envelope:

@@ -13,18 +13,12 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from qx.core import utcnow
 from qx.errors import QxError
-from qx.outbox import (
-    Envelope,
-    MemoryPublisher,
-    OutboxRelay,
-    RelayState,
-    outbox_table,
-    qx_metadata,
-)
+from qx.outbox import Envelope, OutboxRelay, RelayState, outbox_table, qx_metadata
 from qx.outbox._relay_state import TRANSITIONS, StateMachine
 from qx.outbox._store import fair_share
 from qx.outbox._table import OUTBOX_LANES
 from qx.settings import RelaySettings
+from qx.testing import MemoryPublisher
 
 
 def test_every_state_has_its_moves_and_only_those() -> None:

@@ -1,73 +1,27 @@
-"""Domain-side building blocks: events, aggregates, ids, request context, clocks, errors."""
+"""Domain-side building blocks: events, aggregates, ids, request context, clocks.
+
+The errors qx raises are in :mod:`qx.errors` (the common ones also in :mod:`qx`)."""
 
 from qx.core._aggregate import AggregateRoot, RecordedEvent
 from qx.core._clock import Clock, FixedClock, SystemClock, utcnow
 from qx.core._context import RequestContext, current_context, request_context, system_context
 from qx.core._dispatch import EventDispatcher, EventHandler, InProcessDispatcher
-from qx.core._errors import (
-    BrokerUnavailable,
-    CommitOutcomeUnknown,
-    ConcurrencyConflict,
-    ConfigurationError,
-    Conflict,
-    DatabaseError,
-    DuplicateKey,
-    HandlerNotFound,
-    IdempotencyKeyReused,
-    IntegrityViolation,
-    InvalidCursor,
-    InvalidMessage,
-    InvalidQuery,
-    NotFound,
-    OutOfOrder,
-    PublishError,
-    QxError,
-    RequestInFlight,
-    StatementTimeout,
-    TenantRequired,
-    TenantViolation,
-    TransientError,
-    UnitOfWorkError,
-)
 from qx.core._events import DomainEvent, Event, IntegrationEvent
 from qx.core._ids import new_id, uuid7_timestamp_ms
 
 __all__ = [
     "AggregateRoot",
-    "BrokerUnavailable",
     "Clock",
-    "CommitOutcomeUnknown",
-    "ConcurrencyConflict",
-    "ConfigurationError",
-    "Conflict",
-    "DatabaseError",
     "DomainEvent",
-    "DuplicateKey",
     "Event",
     "EventDispatcher",
     "EventHandler",
     "FixedClock",
-    "HandlerNotFound",
-    "IdempotencyKeyReused",
     "InProcessDispatcher",
     "IntegrationEvent",
-    "IntegrityViolation",
-    "InvalidCursor",
-    "InvalidMessage",
-    "InvalidQuery",
-    "NotFound",
-    "OutOfOrder",
-    "PublishError",
-    "QxError",
     "RecordedEvent",
     "RequestContext",
-    "RequestInFlight",
-    "StatementTimeout",
     "SystemClock",
-    "TenantRequired",
-    "TenantViolation",
-    "TransientError",
-    "UnitOfWorkError",
     "current_context",
     "new_id",
     "request_context",

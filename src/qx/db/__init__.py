@@ -23,28 +23,18 @@ from qx.db._scoping import WITH_DELETED
 from qx.db._session import QxSession
 from qx.db._translate import translate_error, translating
 from qx.db._uow import UnitOfWork, UnitOfWorkFactory, UnitOfWorkState
-from qx.db.query import CursorCodec, Page, Q, QuerySet
-from qx.db.types import PortableJSON, UtcDateTime
-from qx.settings import DatabaseSettings
 
 __all__ = [
     "NAMING_CONVENTION",
     "WITH_DELETED",
     "CommitContext",
     "CommitStage",
-    "CursorCodec",
-    "DatabaseSettings",
     "EntityInfo",
-    "Page",
-    "PortableJSON",
-    "Q",
-    "QuerySet",
     "QxSession",
     "Repository",
     "UnitOfWork",
     "UnitOfWorkFactory",
     "UnitOfWorkState",
-    "UtcDateTime",
     "audit_columns",
     "configure_mappers",
     "create_engine",

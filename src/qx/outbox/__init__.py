@@ -6,7 +6,6 @@ from qx.outbox._consumer import InboxService
 from qx.outbox._envelope import Envelope
 from qx.outbox._inbox import EventRouter, Inbox, ParkedMessage
 from qx.outbox._metrics import InboxMetrics, PrometheusMetrics
-from qx.outbox._recorder import event_payload, outbox_row
 from qx.outbox._relay import BatchResult, OutboxRelay, RelayMetrics
 from qx.outbox._relay_state import RelayState
 from qx.outbox._stage import OutboxStage
@@ -17,16 +16,7 @@ from qx.outbox._subscribers import (
     RabbitSubscriber,
     RedisSubscriber,
 )
-from qx.outbox._table import (
-    NOTIFY_CHANNEL,
-    OUTBOX_LANES,
-    OUTBOX_TABLE,
-    PARKED,
-    inbox_table,
-    lane_of,
-    outbox_table,
-)
-from qx.outbox.publishers import LogPublisher, MemoryPublisher, Publisher, publisher_from_settings
+from qx.outbox._table import inbox_table, outbox_table
 
 if TYPE_CHECKING:
     from qx._schema import include_qx_tables, new_metadata, qx_metadata
@@ -45,10 +35,6 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "NOTIFY_CHANNEL",
-    "OUTBOX_LANES",
-    "OUTBOX_TABLE",
-    "PARKED",
     "BatchResult",
     "Envelope",
     "EventRouter",
@@ -56,8 +42,6 @@ __all__ = [
     "InboxMetrics",
     "InboxService",
     "KafkaSubscriber",
-    "LogPublisher",
-    "MemoryPublisher",
     "NatsSubscriber",
     "OutboxProblem",
     "OutboxRelay",
@@ -66,18 +50,13 @@ __all__ = [
     "OutboxStore",
     "ParkedMessage",
     "PrometheusMetrics",
-    "Publisher",
     "RabbitSubscriber",
     "RedisSubscriber",
     "RelayMetrics",
     "RelayState",
-    "event_payload",
     "inbox_table",
     "include_qx_tables",
-    "lane_of",
     "new_metadata",
-    "outbox_row",
     "outbox_table",
-    "publisher_from_settings",
     "qx_metadata",
 ]

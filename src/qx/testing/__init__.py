@@ -4,7 +4,7 @@ The pytest plugin (``qx.testing.plugin``) is registered by installing qx; its fi
 ``qx_engine``, ``qx_session`` (one SAVEPOINT per test, rolled back) and ``uow_factory``.
 """
 
-from qx.outbox.publishers import MemoryPublisher
+from qx.outbox.publishers._inprocess import MemoryPublisher
 from qx.testing._memory import InMemoryStore, InMemoryUnitOfWorkFactory
 
 __all__ = ["InMemoryStore", "InMemoryUnitOfWorkFactory", "MemoryPublisher"]

@@ -4,7 +4,7 @@ The broker adapters import their client library when they connect, so each needs
 installed only when it is used (``qx[nats]``, ``qx[rabbitmq]``, ``qx[redis]``, ``qx[kafka]``).
 """
 
-from qx.outbox.publishers._inprocess import LogPublisher, MemoryPublisher
+from qx.outbox.publishers._inprocess import LogPublisher
 from qx.outbox.publishers._kafka import KafkaPublisher
 from qx.outbox.publishers._nats import NatsPublisher
 from qx.outbox.publishers._port import Described, Publisher, publish_many
@@ -16,7 +16,6 @@ __all__ = [
     "Described",
     "KafkaPublisher",
     "LogPublisher",
-    "MemoryPublisher",
     "NatsPublisher",
     "Publisher",
     "RabbitPublisher",
