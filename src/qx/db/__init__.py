@@ -3,7 +3,6 @@
 from qx.db._engine import create_engine, create_session_factory, parse_database_url
 from qx.db._mapping import (
     NAMING_CONVENTION,
-    EntityInfo,
     audit_columns,
     configure_mappers,
     entity_info,
@@ -17,6 +16,7 @@ from qx.db._mapping import (
     uuid_pk,
     version_column,
 )
+from qx.db._model import EntityInfo
 from qx.db._pipeline import CommitContext, CommitStage
 from qx.db._repository import Repository
 from qx.db._scoping import WITH_DELETED

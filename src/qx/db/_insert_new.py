@@ -13,7 +13,6 @@ collections, primary keys left to the database, or ``None`` in a column that has
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Final
 
 from sqlalchemy import Table, insert
@@ -24,39 +23,24 @@ from sqlalchemy.orm.interfaces import ONETOMANY
 from sqlalchemy.sql.util import sort_tables
 
 from qx.core._context import current_context
-from qx.db._mapping import entity_info, mapper_notes
+from qx.db._mapping import entity_info
+from qx.db._model import InsertPlan, Unset, model_of
 from qx.db._session import QxSession, stamp_new
 from qx.db._tracking import members
 
 __all__ = ["forget_inserted", "insert_new_aggregates"]
 
-_PLAN: Final = "qx_fast_insert_plan"
 _MISSING: Final = object()
 
 
-@dataclass(frozen=True, slots=True)
-class _Plan:
-    table: Table
-    #: (attribute key, column key, column has a default or server default)
-    columns: tuple[tuple[str, str, bool], ...]
-    #: (relationship key, ((parent attribute, child attribute), ...)) for owned collections
-    owned: tuple[tuple[str, tuple[tuple[str, str], ...]], ...]
-    #: other relationships: they must be empty for the fast path
-    links: tuple[str, ...]
-    #: attribute keys of the primary key
-    pk: tuple[str, ...]
+def _plan(mapper: Mapper[Any]) -> InsertPlan | None:
+    model = model_of(mapper)
+    if isinstance(model.insert_plan, Unset):
+        model.insert_plan = _build_plan(mapper)
+    return model.insert_plan
 
 
-def _plan(mapper: Mapper[Any]) -> _Plan | None:
-    notes = mapper_notes(mapper)
-    if _PLAN in notes:
-        plan: _Plan | None = notes[_PLAN]
-        return plan
-    notes[_PLAN] = plan = _build_plan(mapper)
-    return plan
-
-
-def _build_plan(mapper: Mapper[Any]) -> _Plan | None:
+def _build_plan(mapper: Mapper[Any]) -> InsertPlan | None:
     table = mapper.local_table
     if (
         not isinstance(table, Table)
@@ -98,7 +82,7 @@ def _build_plan(mapper: Mapper[Any]) -> _Plan | None:
         else:
             links.append(rel.key)
     pk = tuple(mapper.get_property_by_column(column).key for column in mapper.primary_key)
-    return _Plan(table, tuple(columns), tuple(owned), tuple(links), pk)
+    return InsertPlan(table, tuple(columns), tuple(owned), tuple(links), pk)
 
 
 def _eligible_session(sync: Any) -> bool:
@@ -125,7 +109,7 @@ async def insert_new_aggregates(session: AsyncSession) -> list[Any] | None:
     if not isinstance(sync, QxSession) or not _eligible_session(sync):
         return None
     new = list(sync.new)
-    plans: dict[Any, _Plan] = {}
+    plans: dict[Any, InsertPlan] = {}
     for obj in new:
         state = instance_state(obj)
         plan = _plan(state.mapper)

@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import typing
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any, Final, Literal
 from weakref import WeakSet
 
@@ -45,11 +44,11 @@ from qx.core._aggregate import AggregateRoot
 from qx.core._clock import utcnow
 from qx.core._errors import ConfigurationError
 from qx.core._ids import new_id
+from qx.db._model import EntityInfo, LoadPlan, Unset, model_of
 from qx.db.types import PortableJSON, UtcDateTime
 
 __all__ = [
     "NAMING_CONVENTION",
-    "EntityInfo",
     "audit_columns",
     "entity_info",
     "json_column",
@@ -137,61 +136,8 @@ def json_column(name: str, *, nullable: bool = False, default: Any = None) -> Co
     return Column(name, PortableJSON(), nullable=nullable, default=default)
 
 
-@dataclass(frozen=True, slots=True)
-class EntityInfo:
-    """What qx knows about a mapped class: its roles and its place in an aggregate.
-
-    Attributes:
-        cls: the mapped class.
-        name: the class name used in messages and outbox rows.
-        is_root: whether it is an aggregate root (versioned, owns events).
-        pk_keys: attribute names of the primary key.
-        version_key: attribute of the optimistic-concurrency counter, if any.
-        tenant_key: attribute of the tenant column, if any.
-        deleted_key: attribute of the soft-delete column, if any.
-        created_key: attribute of ``created_at``, if any.
-        updated_key: attribute of ``updated_at``, if any.
-        owned: relationship keys whose targets belong to the aggregate (delete-orphan).
-    """
-
-    cls: type[Any]
-    name: str
-    is_root: bool
-    pk_keys: tuple[str, ...]
-    version_key: str | None
-    tenant_key: str | None
-    deleted_key: str | None
-    created_key: str | None
-    updated_key: str | None
-    owned: tuple[str, ...]
-
-    def identity(self, obj: Any) -> str:
-        """Return the primary key of ``obj`` as a string (composite keys joined by ``:``)."""
-        return ":".join(str(getattr(obj, key)) for key in self.pk_keys)
-
-    def describe(self, obj: Any) -> str:
-        """Return ``Name(id)`` for messages."""
-        return f"{self.name}({self.identity(obj)})"
-
-
-_INFO_KEY: Final = "qx_entity"
-# qx's notes about each mapper (root flag, cached EntityInfo, scope closure). SQLAlchemy 2.1
-# mappers have no ``info`` dict, so the notes live in the mapper's own ``__dict__``: they go
-# with a discarded mapping, and reading them is one dict lookup (a WeakKeyDictionary made a
-# weak reference per lookup, several times per flush).
-_NOTES: Final = "_qx_notes"
-
-
-def mapper_notes(mapper: Mapper[Any]) -> dict[str, Any]:
-    """Return qx's private notes for ``mapper`` (created on first use)."""
-    notes: dict[str, Any] | None = mapper.__dict__.get(_NOTES)
-    if notes is None:
-        notes = mapper.__dict__[_NOTES] = {}
-    return notes
-
-
 def entity_info(cls_or_mapper: type[Any] | Mapper[Any]) -> EntityInfo:
-    """Return (and cache on the mapper) the :class:`EntityInfo` of a mapped class.
+    """Return the :class:`EntityInfo` of a mapped class (computed once per mapper).
 
     Raises:
         ConfigurationError: the class is not mapped.
@@ -208,14 +154,14 @@ def entity_info(cls_or_mapper: type[Any] | Mapper[Any]) -> EntityInfo:
             ) from exc
         if not isinstance(mapper, Mapper):
             raise ConfigurationError(f"{cls_or_mapper!r} is not a mapped class")
-    notes = mapper_notes(mapper)
-    cached: EntityInfo | None = notes.get(_INFO_KEY)
-    if cached is None:
-        cached = notes[_INFO_KEY] = _build_info(mapper)
-    return cached
+    model = model_of(mapper)
+    found = model.entity
+    if found is None:
+        found = model.entity = _build_info(mapper, root=model.root)
+    return found
 
 
-def _build_info(mapper: Mapper[Any]) -> EntityInfo:
+def _build_info(mapper: Mapper[Any], *, root: bool) -> EntityInfo:
     roles: dict[str, str] = {}
     for prop in mapper.column_attrs:
         for column in prop.columns:
@@ -226,7 +172,7 @@ def _build_info(mapper: Mapper[Any]) -> EntityInfo:
     if mapper.version_id_col is not None:
         version_key = mapper.get_property_by_column(mapper.version_id_col).key
     owned = tuple(rel.key for rel in mapper.relationships if rel.cascade.delete_orphan)
-    is_root = bool(mapper_notes(mapper).get("qx_root")) or issubclass(mapper.class_, AggregateRoot)
+    is_root = root or issubclass(mapper.class_, AggregateRoot)
     return EntityInfo(
         cls=mapper.class_,
         name=mapper.class_.__name__,
@@ -305,10 +251,10 @@ def map_aggregate(
         mapper_kwargs.setdefault("version_id_col", table.c[version])
         mapper_kwargs.setdefault("version_id_generator", False)
     mapper = _map(reg, cls, table, properties, post_init, mapper_kwargs)
-    mapper_notes(mapper)["qx_root"] = True
-    if not issubclass(cls, AggregateRoot):
-        # AggregateRoot subclasses are tracked by the listener on AggregateRoot itself.
-        event.listen(mapper, "load", _track_loaded_root)
+    model_of(mapper).root = True
+    # The identity map holds unmodified objects weakly: the transaction holds every loaded
+    # root (subclasses mapped by inheritance too) until it ends.
+    event.listen(mapper, "load", _track_loaded_root, propagate=True)
     return mapper
 
 
@@ -327,7 +273,10 @@ def map_entity(
     """
     if not isinstance(cls, type):
         raise ConfigurationError(f"map_entity expects a class, got {cls!r}")
-    return _map(reg, cls, table, properties, post_init, mapper_kwargs)
+    mapper = _map(reg, cls, table, properties, post_init, mapper_kwargs)
+    if issubclass(cls, AggregateRoot):  # a root all the same: its events must not be lost
+        event.listen(mapper, "load", _track_loaded_root, propagate=True)
+    return mapper
 
 
 def _map(
@@ -362,7 +311,7 @@ def _map(
     )
     if dataclasses.is_dataclass(cls):
         run_post_init = defines_post_init and post_init == "run"
-        mapper_notes(mapper)[_POST_INIT] = run_post_init
+        model_of(mapper).post_init = run_post_init
         if run_post_init or _may_have_unmapped_fields(cls, table, properties, mapper_kwargs):
             event.listen(mapper, "load", _apply_load_defaults)
     _remember(reg)
@@ -385,43 +334,10 @@ def _may_have_unmapped_fields(
     return any(f.name not in named for f in dataclasses.fields(cls))
 
 
-_POST_INIT: Final = "qx_post_init"
-_LOAD_PLAN: Final = "qx_load_plan"
-
-
-@dataclass(frozen=True, slots=True)
-class _LoadPlan:
-    """What a loaded instance of a dataclass needs that ``__init__`` would have given it."""
-
-    values: tuple[tuple[str, Any], ...]
-    factories: tuple[tuple[str, Callable[[], Any]], ...]
-    post_init: Callable[..., None] | None
-    init_vars: tuple[Any, ...]
-
-    def apply(self, obj: Any) -> None:
-        given = obj.__dict__
-        for name, value in self.values:
-            if name not in given:
-                given[name] = value  # dataclasses refuse mutable plain defaults: safe to share
-        for name, factory in self.factories:
-            if name not in given:
-                given[name] = factory()
-        if self.post_init is not None:
-            had_events = isinstance(obj, AggregateRoot) and obj.has_pending_events()
-            self.post_init(obj, *self.init_vars)
-            if not had_events and isinstance(obj, AggregateRoot) and obj.has_pending_events():
-                obj.collect_events()
-                raise ConfigurationError(
-                    f"{type(obj).__qualname__}.__post_init__ recorded events while a stored "
-                    "row was loaded; record creation events in a factory method instead"
-                )
-
-
-def _load_plan(mapper: Mapper[Any]) -> _LoadPlan | None:
-    notes = mapper_notes(mapper)
-    if _LOAD_PLAN in notes:
-        found: _LoadPlan | None = notes[_LOAD_PLAN]
-        return found
+def _load_plan(mapper: Mapper[Any]) -> LoadPlan | None:
+    model = model_of(mapper)
+    if not isinstance(model.load_plan, Unset):
+        return model.load_plan
     cls = mapper.class_
     # Known only now, at the first load: backrefs of other mappers add attributes late.
     mapped = set(mapper.all_orm_descriptors.keys()) | set(mapper.attrs.keys())
@@ -442,7 +358,7 @@ def _load_plan(mapper: Mapper[Any]) -> _LoadPlan | None:
             )
     post_init = None
     init_vars: list[Any] = []
-    if notes.get(_POST_INIT):
+    if model.post_init:
         post_init = cls.__post_init__
         regular = {f.name for f in dataclasses.fields(cls)}
         for pseudo in cls.__dataclass_fields__.values():
@@ -461,8 +377,8 @@ def _load_plan(mapper: Mapper[Any]) -> _LoadPlan | None:
                 )
     plan = None
     if values or factories or post_init is not None:
-        plan = _LoadPlan(tuple(values), tuple(factories), post_init, tuple(init_vars))
-    notes[_LOAD_PLAN] = plan
+        plan = LoadPlan(tuple(values), tuple(factories), post_init, tuple(init_vars))
+    model.load_plan = plan
     return plan
 
 
@@ -480,14 +396,10 @@ def _apply_load_defaults(target: Any, _context: Any) -> None:
 
 
 def _track_loaded_root(target: Any, context: Any) -> None:
-    # The identity map holds unmodified objects weakly: the transaction's own record holds
-    # every loaded root (with its events and its parts) until it ends.
+    # The transaction's own record holds every loaded root (with its events and its parts).
     tx = getattr(context.session, "tx_state", None)
     if tx is not None:
         tx.track(target)
-
-
-event.listen(AggregateRoot, "load", _track_loaded_root, propagate=True)
 
 
 # Registries that qx's mapping helpers were used with; filled by user code, never at import.

@@ -25,7 +25,6 @@ from sqlalchemy import Select, and_
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.orm import (
     Mapper,
-    RelationshipProperty,
     Session,
     joinedload,
     with_loader_criteria,
@@ -35,7 +34,8 @@ from sqlalchemy.orm.interfaces import ORMOption
 
 from qx.core._context import RequestContext, current_context
 from qx.core._errors import TenantRequired
-from qx.db._mapping import EntityInfo, entity_info, known_registries, mapper_notes
+from qx.db._mapping import entity_info, known_registries
+from qx.db._model import EntityInfo, JoinedPart, Unset, model_of
 
 __all__ = [
     "WITH_DELETED",
@@ -113,10 +113,9 @@ def _is_scoped(info: EntityInfo) -> bool:
 
 def scoped_closure(mapper: Mapper[Any]) -> tuple[Mapper[Any], ...]:
     """Return the scoped mappers reachable from ``mapper`` (itself included), cached."""
-    notes = mapper_notes(mapper)
-    cached: tuple[Mapper[Any], ...] | None = notes.get("qx_scope_closure")
-    if cached is not None:
-        return cached
+    model = model_of(mapper)
+    if model.scope_closure is not None:
+        return model.scope_closure
     seen: dict[Mapper[Any], None] = {}
     stack = [mapper]
     while stack:
@@ -126,7 +125,7 @@ def scoped_closure(mapper: Mapper[Any]) -> tuple[Mapper[Any], ...]:
         seen[current] = None
         stack.extend(rel.mapper for rel in current.relationships)
     closure = tuple(m for m in seen if _is_scoped(entity_info(m)))
-    notes["qx_scope_closure"] = closure
+    model.scope_closure = closure
     return closure
 
 
@@ -136,8 +135,8 @@ def checks_rows_in_python(mapper: Mapper[Any]) -> bool:
     True when every relationship reachable from it loads related rows in statements of their
     own while the root load runs (``selectin``) or never (``raise``, ``noload``, ...).
     """
-    notes = mapper_notes(mapper)
-    cached: bool | None = notes.get("qx_rows_checked")
+    model = model_of(mapper)
+    cached = model.rows_checked
     if cached is None:
         seen: set[Mapper[Any]] = set()
         stack = [mapper]
@@ -154,33 +153,8 @@ def checks_rows_in_python(mapper: Mapper[Any]) -> bool:
                 if rel.lazy not in _SEPARATE_LOADS:
                     cached = False
                 stack.append(rel.mapper)
-        notes["qx_rows_checked"] = cached
+        model.rows_checked = cached
     return cached
-
-
-class JoinedPart:
-    """The owned relationship ``Repository.get`` reads inside the root's own statement.
-
-    One LEFT OUTER JOIN instead of a second ORM statement: about a third less CPU for a
-    primary-key load of a root with a small collection of parts, and one round trip less.
-    The part rows carry no criteria in SQL, so :func:`visible_parts` checks them in Python
-    afterwards, exactly as :func:`visible` checks the root.
-
-    Attributes:
-        key: the relationship's attribute name on the root.
-        options: the loader option to pass to ``Session.get`` (built once, so SQLAlchemy's
-            statement cache keeps hitting).
-        info: the part class's :class:`EntityInfo`.
-        uselist: whether the relationship is a collection.
-    """
-
-    __slots__ = ("info", "key", "options", "uselist")
-
-    def __init__(self, rel: RelationshipProperty[Any]) -> None:
-        self.key = rel.key
-        self.options: tuple[ORMOption, ...] = (joinedload(getattr(rel.parent.class_, rel.key)),)
-        self.info = entity_info(rel.mapper)
-        self.uselist = bool(rel.uselist)
 
 
 def joined_part(mapper: Mapper[Any]) -> JoinedPart | None:
@@ -191,17 +165,21 @@ def joined_part(mapper: Mapper[Any]) -> JoinedPart | None:
     table). Joining a second collection would multiply rows; the others keep their own
     statements.
     """
-    notes = mapper_notes(mapper)
-    if "qx_joined_part" not in notes:
+    model = model_of(mapper)
+    if isinstance(model.joined_part, Unset):
         chosen: JoinedPart | None = None
         if checks_rows_in_python(mapper):
             for rel in mapper.relationships:
                 if rel.cascade.delete_orphan and rel.lazy == "selectin" and rel.secondary is None:
-                    chosen = JoinedPart(rel)
+                    chosen = JoinedPart(
+                        key=rel.key,
+                        options=(joinedload(getattr(rel.parent.class_, rel.key)),),
+                        info=entity_info(rel.mapper),
+                        uselist=bool(rel.uselist),
+                    )
                     break
-        notes["qx_joined_part"] = chosen
-    found: JoinedPart | None = notes["qx_joined_part"]
-    return found
+        model.joined_part = chosen
+    return model.joined_part
 
 
 def visible_parts(root: Any, part: JoinedPart, ctx: RequestContext, *, with_deleted: bool) -> None:

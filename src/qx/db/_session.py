@@ -30,7 +30,8 @@ from sqlalchemy.orm.attributes import instance_state
 from qx.core._clock import Clock, SystemClock
 from qx.core._context import RequestContext, current_context
 from qx.core._errors import TenantViolation, UnitOfWorkError
-from qx.db._mapping import EntityInfo, entity_info, mapper_notes
+from qx.db._mapping import entity_info
+from qx.db._model import EntityInfo, model_of
 from qx.db._scoping import scope_statement, tenant_for_write
 from qx.db._tracking import TransactionState, linked_root, members, owned_parts
 from qx.db._translate import raise_translated
@@ -232,8 +233,8 @@ def _removed_parts(state: InstanceState[Any], info: EntityInfo) -> Iterator[Any]
 def _in_aggregate(mapper: Mapper[Any]) -> bool:
     """Whether ``mapper``'s objects are parts of an aggregate: owned (delete-orphan) by a
     root, or by a part of one (cached per mapper)."""
-    notes = mapper_notes(mapper)
-    found: bool | None = notes.get("qx_in_aggregate")
+    model = model_of(mapper)
+    found = model.in_aggregate
     if found is None:
         found = False
         seen = {mapper}
@@ -249,7 +250,7 @@ def _in_aggregate(mapper: Mapper[Any]) -> bool:
                     elif owner not in seen:
                         seen.add(owner)
                         stack.append(owner)
-        notes["qx_in_aggregate"] = found
+        model.in_aggregate = found
     return found
 
 

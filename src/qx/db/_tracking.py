@@ -22,7 +22,8 @@ from sqlalchemy.orm import InstanceState
 from sqlalchemy.orm.attributes import flag_modified, instance_state
 
 from qx.core._aggregate import AggregateRoot, set_observer
-from qx.db._mapping import EntityInfo, entity_info
+from qx.db._mapping import entity_info
+from qx.db._model import EntityInfo
 
 __all__ = [
     "TransactionState",
@@ -33,8 +34,10 @@ __all__ = [
     "touched",
 ]
 
-#: Key, in a part's ``__dict__``, of the root a released aggregate's parts point back to.
-ROOT_LINK: Final = "_qx_root"
+# Key, in a part's ``InstanceState.info`` (SQLAlchemy's per-instance dict for extensions), of
+# the root a released aggregate's parts point back to: held by the part, so the root lives as
+# long as anyone holds one of its parts, and goes with them.
+ROOT_LINK: Final = "qx.root"
 
 
 def members(value: Any) -> Iterator[Any]:
@@ -136,13 +139,13 @@ class TransactionState:
 def _link_parts(state: InstanceState[Any], root: Any) -> None:
     for part in owned_parts(state, entity_info(state.mapper)):
         part_state = instance_state(part)
-        part_state.dict[ROOT_LINK] = root
+        part_state.info[ROOT_LINK] = root
         _link_parts(part_state, root)
 
 
 def linked_root(state: InstanceState[Any]) -> Any:
     """The released root a part points back to, or ``None``."""
-    return state.dict.get(ROOT_LINK)
+    return state.info.get(ROOT_LINK)
 
 
 def renew_transient(objects: Iterable[Any]) -> None:

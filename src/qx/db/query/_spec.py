@@ -20,7 +20,7 @@ from qx.core._clock import Clock
 from qx.core._errors import ConfigurationError, UnitOfWorkError
 from qx.db._dialect import dialect_named
 from qx.db._dialect_base import Dialect
-from qx.db._mapping import EntityInfo
+from qx.db._model import EntityInfo
 from qx.db.query._cursor import CursorCodec
 from qx.db.query._keyset import SortKey, resolve_sort
 
