@@ -26,7 +26,7 @@ from qx.core._context import current_context
 from qx.db._mapping import entity_info
 from qx.db._model import InsertPlan, Unset, model_of
 from qx.db._session import QxSession, stamp_new
-from qx.db._tracking import members
+from qx.db._tracking import members, transaction_of
 
 __all__ = ["forget_inserted", "insert_new_aggregates"]
 
@@ -125,7 +125,8 @@ async def insert_new_aggregates(session: AsyncSession) -> list[Any] | None:
             return None
         plans[id(obj)] = plan
     # What the before_flush hook does: tenant, audit and version stamps.
-    stamp_new(sync, current_context(), sync.clock.now(), sync.tx_state)
+    tx = transaction_of(sync)
+    stamp_new(sync, current_context(), tx.clock.now(), tx)
     # What the flush's foreign-key sync does: children take their parent's key.
     for obj in new:
         state = instance_state(obj)
@@ -147,7 +148,7 @@ async def insert_new_aggregates(session: AsyncSession) -> list[Any] | None:
     connection = await session.connection()
     for table in sort_tables(rows):  # parents before children
         await connection.execute(insert(table), rows[table])
-    sync.tx_state.flushed = True
+    transaction_of(sync).flushed = True
     sync.expunge_all()
     for obj in new:
         make_transient_to_detached(obj)

@@ -45,6 +45,7 @@ from qx.core._clock import utcnow
 from qx.core._errors import ConfigurationError
 from qx.core._ids import new_id
 from qx.db._model import EntityInfo, LoadPlan, Unset, model_of
+from qx.db._transaction import existing_transaction
 from qx.db.types import PortableJSON, UtcDateTime
 
 __all__ = [
@@ -397,7 +398,7 @@ def _apply_load_defaults(target: Any, _context: Any) -> None:
 
 def _track_loaded_root(target: Any, context: Any) -> None:
     # The transaction's own record holds every loaded root (with its events and its parts).
-    tx = getattr(context.session, "tx_state", None)
+    tx = existing_transaction(context.session)
     if tx is not None:
         tx.track(target)
 

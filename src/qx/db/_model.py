@@ -6,9 +6,10 @@ relationships and backrefs are final): the class's roles (:class:`EntityInfo`, f
 ``_mapping``), how a loaded instance gets its unmapped fields (:class:`LoadPlan`,
 ``_mapping``), the insert plan (:class:`InsertPlan`, ``_insert_new``), the scoped mappers it
 reaches, how its primary-key loads are checked and the part they join (:class:`JoinedPart`,
-``_scoping``), and whether its objects are parts of an aggregate (``_session``). The model lives in the class manager's
-``info`` dict, SQLAlchemy's place for extension data about a mapped class: it goes with a
-discarded mapping and is one dict lookup away from any mapper, instance state or class.
+``_scoping``), and whether its objects are parts of an aggregate (``_session``). The model
+lives in the class manager's ``info`` dict, SQLAlchemy's place for extension data about a
+mapped class: it goes with a discarded mapping and is one dict lookup away from any mapper,
+instance state or class.
 """
 
 from __future__ import annotations

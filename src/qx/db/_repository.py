@@ -34,7 +34,6 @@ from qx.db._mapping import entity_info
 from qx.db._scoping import (
     WITH_DELETED,
     JoinedPart,
-    RowsChecked,
     checks_rows_in_python,
     joined_part,
     scope_tenant,
@@ -44,6 +43,8 @@ from qx.db._scoping import (
     visible_parts,
 )
 from qx.db._session import QxSession, loading_by_key
+from qx.db._tracking import transaction_of
+from qx.db._transaction import RowsChecked
 from qx.db._translate import translating
 from qx.db.query._bulk import upsert_rows
 from qx.db.query._coerce import coerce_value
@@ -216,6 +217,7 @@ class Repository(Generic[T]):
         if ctx.tenant_id is None and not ctx.system:
             scope_tenant(scoped_closure(self._spec.mapper), ctx)  # fail closed, found or not
         sync: QxSession = session.sync_session  # type: ignore[assignment]
+        tx = transaction_of(sync)
         try:
             with loading_by_key(sync, self._spec.mapper, (key,)):
                 if resolved.rows_checked:
@@ -226,13 +228,13 @@ class Repository(Generic[T]):
                     # and gives each eager load it triggers a tenant/soft-delete WHERE of its
                     # own. One owned relationship is joined into that load (see JoinedPart);
                     # its rows are checked by visible_parts() below.
-                    sync.rows_checked = RowsChecked(with_deleted=with_deleted)
+                    tx.rows_checked = RowsChecked(with_deleted=with_deleted)
                     obj = await session.get(self._spec.entity, key, options=resolved.get_options)
                 else:
                     options = {WITH_DELETED: True} if with_deleted else {}
                     obj = await session.get(self._spec.entity, key, execution_options=options)
         finally:
-            sync.rows_checked = None
+            tx.rows_checked = None
         if obj is None or not visible(self._info, obj, ctx, with_deleted=with_deleted):
             return None
         if sync._deleted and instance_state(obj) in sync._deleted:

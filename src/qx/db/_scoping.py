@@ -5,7 +5,7 @@
 statement and every class reachable from them through relationships — so SELECTs,
 relationship loads (which inherit the criteria), and ORM-enabled bulk UPDATE/DELETE are all
 filtered. Objects the identity map returns without SQL are checked by :func:`visible`
-instead; ``Repository.get`` reads its row that way too (see :class:`RowsChecked`).
+instead; ``Repository.get`` reads its row that way too (see ``RowsChecked``).
 
 Scoping reads :func:`qx.core._context.current_context`: no tenant and no system context means
 refusal (``TenantRequired``), never "all tenants".
@@ -36,11 +36,11 @@ from qx.core._context import RequestContext, current_context
 from qx.core._errors import TenantRequired
 from qx.db._mapping import entity_info, known_registries
 from qx.db._model import EntityInfo, JoinedPart, Unset, model_of
+from qx.db._transaction import existing_transaction
 
 __all__ = [
     "WITH_DELETED",
     "JoinedPart",
-    "RowsChecked",
     "all_scoped_mappers",
     "checks_rows_in_python",
     "criteria_options",
@@ -57,23 +57,6 @@ __all__ = [
 
 WITH_DELETED: Final = "qx_with_deleted"
 """Execution option that lifts soft-delete filtering for one statement."""
-
-
-class RowsChecked:
-    """Note kept in ``QxSession.rows_checked`` while ``Repository.get`` loads one row by
-    primary key.
-
-    The first ORM statement the session then executes (the primary-key load) runs without
-    criteria; get() checks its row with :func:`visible`. Relationship loads executed
-    meanwhile get their WHERE from :func:`loader_where`. Any other statement (one a flush
-    listener runs, say) is scoped as usual.
-    """
-
-    __slots__ = ("root_pending", "with_deleted")
-
-    def __init__(self, *, with_deleted: bool) -> None:
-        self.with_deleted = with_deleted
-        self.root_pending = True
 
 
 # Loader strategies that never read related rows inside the root statement nor later on
@@ -130,7 +113,7 @@ def scoped_closure(mapper: Mapper[Any]) -> tuple[Mapper[Any], ...]:
 
 
 def checks_rows_in_python(mapper: Mapper[Any]) -> bool:
-    """Return whether loads of ``mapper`` may use :class:`RowsChecked` (cached per mapper).
+    """Return whether loads of ``mapper`` may use ``RowsChecked`` (cached per mapper).
 
     True when every relationship reachable from it loads related rows in statements of their
     own while the root load runs (``selectin``) or never (``raise``, ``noload``, ...).
@@ -258,7 +241,7 @@ def loader_where(
 ) -> tuple[Any, ...]:
     """Return plain WHERE clauses scoping ``mappers`` for ``ctx`` (no loader options).
 
-    Used for the relationship loads under :class:`RowsChecked`: one statement, one entity,
+    Used for the relationship loads under ``RowsChecked``: one statement, one entity,
     so a WHERE costs SQLAlchemy far less per execution than ``with_loader_criteria``.
 
     Raises:
@@ -308,7 +291,7 @@ def scope_statement(session: Session, statement: Any, execution_options: Any) ->
     Statements that are not ORM SELECT/UPDATE/DELETE come back unchanged (criteria for mapped
     classes cannot apply to them), as do column loads (a refresh of an object loaded, and
     scoped, before) and relationship loads (they inherit the criteria of the statement that
-    loaded their parent) - except under :class:`RowsChecked`, where the parent's statement
+    loaded their parent) - except under ``RowsChecked``, where the parent's statement
     carried none and each relationship load gets a WHERE of its own.
 
     Raises:
@@ -318,7 +301,8 @@ def scope_statement(session: Session, statement: Any, execution_options: Any) ->
         return statement
     if statement._propagate_attrs.get("compile_state_plugin") != "orm":
         return statement  # Core on tables: loader criteria never apply to it
-    note: RowsChecked | None = getattr(session, "rows_checked", None)
+    tx = existing_transaction(session)
+    note = tx.rows_checked if tx is not None else None
     if statement.is_select:
         # SQLAlchemy marks its own loads in the statement's ORM compile options: a path below
         # the root for relationship loads, the refreshed state for column loads.

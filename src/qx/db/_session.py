@@ -5,8 +5,8 @@
 * ``execute`` / ``scalar`` / ``scalars`` / ``flush`` / ``commit``: driver and ORM errors
   leave as qx errors (:mod:`qx.db._translate`), whoever runs the statement - a repository, a
   query, an event handler using ``uow.session`` directly, or an autoflush.
-* ``tx_state``: the transaction's own record of every aggregate root it has seen, held
-  strongly until it ends (:class:`qx.db._tracking.TransactionState`).
+* the transaction's own record of every aggregate root it has seen, held strongly until it
+  ends, and its clock (:class:`qx.db._tracking.TransactionState`, in ``Session.info``).
 * ``before_flush``: tenant stamping and cross-tenant write refusal, audit timestamps, and the
   aggregate version bump: any change inside an aggregate (its own columns and collections,
   its parts' columns and collections, new or deleted parts) bumps the root's version once per
@@ -20,24 +20,27 @@ import functools
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from itertools import chain
-from typing import TYPE_CHECKING, Any, Final, TypeVar
+from typing import Any, Final, TypeVar
 
 from sqlalchemy import event
 from sqlalchemy.orm import InstanceState, Mapper, PassiveFlag, Session, UOWTransaction
 from sqlalchemy.orm import attributes as orm_attributes
 from sqlalchemy.orm.attributes import instance_state
 
-from qx.core._clock import Clock, SystemClock
+from qx.core._clock import SystemClock
 from qx.core._context import RequestContext, current_context
 from qx.core._errors import TenantViolation, UnitOfWorkError
 from qx.db._mapping import entity_info
 from qx.db._model import EntityInfo, model_of
 from qx.db._scoping import scope_statement, tenant_for_write
-from qx.db._tracking import TransactionState, linked_root, members, owned_parts
+from qx.db._tracking import (
+    TransactionState,
+    linked_root,
+    members,
+    owned_parts,
+    transaction_of,
+)
 from qx.db._translate import raise_translated
-
-if TYPE_CHECKING:
-    from qx.db._scoping import RowsChecked
 
 __all__ = ["QxSession", "has_writes", "key_load_sees_pending", "loading_by_key", "stamp_new"]
 
@@ -56,7 +59,7 @@ def _translated(method: F) -> F:
         try:
             return method(self, *args, **kwargs)
         except Exception as exc:
-            raise_translated(exc, self.tx_state.stale)
+            raise_translated(exc, transaction_of(self).stale)
             raise
 
     return run  # type: ignore[return-value]
@@ -72,18 +75,9 @@ class QxSession(Session):
     with its lines about 5% of its CPU time. Users' own ``do_orm_execute`` listeners still
     run, and see the scoped statement.
 
-    Attributes:
-        tx_state: the aggregates the current transaction has seen (a new one per
-            transaction).
-        clock: the clock used for audit columns and soft deletes.
-        rows_checked: set while ``Repository.get`` reads one row it checks itself.
+    What qx tracks per transaction is not on the session: it is the session's
+    :class:`~qx.db._tracking.TransactionState` (:func:`~qx.db._tracking.transaction_of`).
     """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.tx_state = TransactionState()
-        self.clock: Clock = _SYSTEM_CLOCK
-        self.rows_checked: RowsChecked | None = None
 
     @_translated
     def execute(self, statement: Any, params: Any = None, **kw: Any) -> Any:
@@ -175,7 +169,7 @@ def has_writes(session: QxSession) -> bool:
     # check_modified() reads the identity map's modified set; ``session.dirty`` would diff
     # every loaded object's attributes, which a read-only unit of work pays on every exit.
     return (
-        session.tx_state.flushed
+        transaction_of(session).flushed
         or session.identity_map.check_modified()
         or bool(session.new or session.deleted)
     )
@@ -330,10 +324,10 @@ def _bump(root: Any, state: InstanceState[Any], info: EntityInfo, now: Any) -> N
 
 @event.listens_for(QxSession, "before_flush")
 def _before_flush(session: QxSession, _flush: UOWTransaction, _instances: Any) -> None:
-    tx = session.tx_state
+    tx = transaction_of(session)
     tx.flushed = True
     ctx = current_context()
-    now = session.clock.now()
+    now = tx.clock.now()
     # (info, state) of each version-checked root, described only if the check fails.
     checked: list[tuple[EntityInfo, InstanceState[Any]]] = []
     changed, child_changed = stamp_new(session, ctx, now, tx)
@@ -453,10 +447,10 @@ def _bump_for_parts(
 def _track_attached(session: QxSession, obj: Any) -> None:
     # Added, merged or re-attached roots: held like loaded ones (see TransactionState).
     if entity_info(instance_state(obj).mapper).is_root:
-        session.tx_state.track(obj)
+        transaction_of(session).track(obj)
 
 
 @event.listens_for(QxSession, "after_transaction_end")
 def _forget_transaction(session: QxSession, transaction: Any) -> None:
     if transaction.parent is None:
-        session.tx_state = TransactionState()
+        transaction_of(session).reset()

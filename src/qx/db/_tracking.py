@@ -22,8 +22,10 @@ from sqlalchemy.orm import InstanceState
 from sqlalchemy.orm.attributes import flag_modified, instance_state
 
 from qx.core._aggregate import AggregateRoot, set_observer
+from qx.core._clock import Clock, SystemClock
 from qx.db._mapping import entity_info
 from qx.db._model import EntityInfo
+from qx.db._transaction import TX_KEY, RowsChecked
 
 __all__ = [
     "TransactionState",
@@ -32,12 +34,14 @@ __all__ = [
     "owned_parts",
     "renew_transient",
     "touched",
+    "transaction_of",
 ]
 
-# Key, in a part's ``InstanceState.info`` (SQLAlchemy's per-instance dict for extensions), of
-# the root a released aggregate's parts point back to: held by the part, so the root lives as
-# long as anyone holds one of its parts, and goes with them.
-ROOT_LINK: Final = "qx.root"
+# Key, in a part's instance dict, of the root a released aggregate's parts point back to: held
+# by the part object, so the root lives as long as anyone holds one of its parts and goes with
+# them. Not in ``InstanceState.info``: the identity map holds every state strongly, so a link
+# there would keep each released root alive for the session's life (a stream's memory grows).
+ROOT_LINK: Final = "_qx_root"
 
 
 def members(value: Any) -> Iterator[Any]:
@@ -73,13 +77,20 @@ def touched(state: InstanceState[Any]) -> bool:
     )
 
 
-class TransactionState:
-    """The aggregates one transaction has seen and the version bumps it made.
+_SYSTEM_CLOCK: Final = SystemClock()
 
-    One instance per outermost transaction (``QxSession.tx``); a new one replaces it when
-    the transaction ends, so nothing leaks into the next.
+
+class TransactionState:
+    """One session's transaction as qx's hooks, repositories and queries see it: the
+    aggregates it has seen, the version bumps it made, its clock.
+
+    Made with the session (its unit of work sets the clock) and found through
+    :func:`transaction_of`; cleared when an outermost transaction ends, so nothing leaks
+    into the next.
 
     Attributes:
+        clock: the clock of audit columns and soft deletes.
+        rows_checked: set while ``Repository.get`` reads one row it checks itself.
         roots: every aggregate root seen, held strongly, in the order first seen.
         bumped: identity keys (persistent roots) and states (roots inserted in this
             transaction) whose version needs no further bump until the transaction ends.
@@ -88,12 +99,22 @@ class TransactionState:
         flushed: whether the transaction has written anything.
     """
 
-    __slots__ = ("bumped", "checked", "flushed", "roots")
+    __slots__ = ("bumped", "checked", "clock", "flushed", "roots", "rows_checked")
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Clock = _SYSTEM_CLOCK) -> None:
+        self.clock = clock
+        self.rows_checked: RowsChecked | None = None
         self.roots: dict[int, Any] = {}
         self.bumped: set[Any] = set()
         self.checked: list[tuple[EntityInfo, InstanceState[Any]]] = []
+        self.flushed = False
+
+    def reset(self) -> None:
+        """Forget the transaction that ended (the clock stays)."""
+        self.rows_checked = None
+        self.roots = {}
+        self.bumped = set()
+        self.checked = []
         self.flushed = False
 
     def track(self, root: Any) -> None:
@@ -136,16 +157,25 @@ class TransactionState:
         )
 
 
+def transaction_of(session: Any) -> TransactionState:
+    """The :class:`TransactionState` of a (sync) session, made on first use."""
+    info = session.info
+    tx: TransactionState | None = info.get(TX_KEY)
+    if tx is None:
+        tx = info[TX_KEY] = TransactionState()
+    return tx
+
+
 def _link_parts(state: InstanceState[Any], root: Any) -> None:
     for part in owned_parts(state, entity_info(state.mapper)):
         part_state = instance_state(part)
-        part_state.info[ROOT_LINK] = root
+        part_state.dict[ROOT_LINK] = root
         _link_parts(part_state, root)
 
 
 def linked_root(state: InstanceState[Any]) -> Any:
     """The released root a part points back to, or ``None``."""
-    return state.info.get(ROOT_LINK)
+    return state.dict.get(ROOT_LINK)
 
 
 def renew_transient(objects: Iterable[Any]) -> None:

@@ -17,7 +17,7 @@ import sqlite3
 import sys
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from typing import Any, Final
+from typing import Final
 
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
@@ -32,6 +32,7 @@ from qx.core._errors import (
     StatementTimeout,
     TransientError,
 )
+from qx.db._transaction import existing_transaction
 
 __all__ = [
     "error_for_sqlstate",
@@ -268,7 +269,7 @@ class _Translating:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object
     ) -> None:
         if exc is not None:
-            state: Any = getattr(self._session, "tx_state", None)
+            state = existing_transaction(self._session) if self._session is not None else None
             raise_translated(exc, _no_stale if state is None else state.stale)
 
 

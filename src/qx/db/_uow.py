@@ -63,7 +63,7 @@ from qx.db._pipeline import CommitContext, CommitStage, default_stages, unclaime
 from qx.db._repository import Repository
 from qx.db._session import QxSession, has_writes
 from qx.db._state import UnitOfWorkState
-from qx.db._tracking import renew_transient
+from qx.db._tracking import renew_transient, transaction_of
 from qx.db._translate import lost_connection, translating
 from qx.db.query._cursor import CursorCodec
 
@@ -230,7 +230,7 @@ class UnitOfWork:
             raise ConfigurationError(
                 "UnitOfWork needs a session factory from qx.db.create_session_factory()"
             )
-        session.sync_session.clock = self._clock
+        transaction_of(session.sync_session).clock = self._clock
         self._session = session
         self._state = UnitOfWorkState.ACTIVE
         self._correlation_id = current_context().correlation_id
@@ -311,7 +311,7 @@ class UnitOfWork:
         batch, self._emitted = self._emitted, []
         sync = self.session.sync_session
         session_id = sync.hash_key
-        for obj in sync.tx_state.roots.values():  # type: ignore[attr-defined]
+        for obj in transaction_of(sync).roots.values():
             if (
                 isinstance(obj, AggregateRoot)
                 and obj.has_pending_events()
@@ -433,7 +433,7 @@ class UnitOfWork:
                         written[index] = await stage.before_commit(context)
                 cancelled = await past_cancellation(self._commit_or_find_out(session))
         except BaseException:
-            roots = list(sync.tx_state.roots.values())  # the rollback starts a new record
+            roots = list(transaction_of(sync).roots.values())  # the rollback clears the record
             _restore_events(roots, records, before_commit)
             await asyncio.shield(self._rollback_quietly(session))
             if inserted is not None:

@@ -29,6 +29,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from qx.core._errors import InvalidCursor, InvalidQuery, NotFound, shown
 from qx.db._scoping import WITH_DELETED
+from qx.db._tracking import transaction_of
 from qx.db._translate import translating
 from qx.db.query._bulk import delete_owned
 from qx.db.query._coerce import coerce_value
@@ -625,7 +626,7 @@ class QuerySet(Generic[T]):
                         # A new chunk has just been loaded. Writing what the caller changed
                         # lets the chunk before go: memory stays flat.
                         await session.flush()
-                        sync.tx_state.release(yielded)
+                        transaction_of(sync).release(yielded)
                         yielded = []
                     yielded.append(row)
                     yield row

@@ -21,6 +21,7 @@ from qx.core._errors import ConfigurationError, UnitOfWorkError
 from qx.db._dialect import dialect_named
 from qx.db._dialect_base import Dialect
 from qx.db._model import EntityInfo
+from qx.db._tracking import transaction_of
 from qx.db.query._cursor import CursorCodec
 from qx.db.query._keyset import SortKey, resolve_sort
 
@@ -118,7 +119,7 @@ class Bound:
 
     def clock(self) -> Clock:
         """The clock of audit columns and soft deletes."""
-        return self.sync.clock
+        return transaction_of(self.sync).clock
 
     def cursor_codec(self) -> CursorCodec:
         """The codec signing keyset cursors.

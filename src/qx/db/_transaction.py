@@ -1,0 +1,53 @@
+"""Where a session keeps qx's record of its transaction, for the modules below the tracking.
+
+The record itself, :class:`qx.db._tracking.TransactionState`, walks aggregates and so needs
+the mapping; the mapping's load hook, the statement scoping and the error translation only
+need to find the record of a session and use a few of its members. They find it here, by the
+:class:`TransactionView` it offers them, so none of them imports the tracking (which imports
+the mapping back).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final, Protocol
+
+__all__ = ["TX_KEY", "RowsChecked", "TransactionView", "existing_transaction"]
+
+# Key of the record in ``Session.info``, SQLAlchemy's per-session dict for extensions: the
+# session hooks receive only the session, so that is where they find it.
+TX_KEY: Final = "qx.transaction"
+
+
+class RowsChecked:
+    """Set on the transaction while ``Repository.get`` loads one row by primary key.
+
+    The first ORM statement the session then executes (the primary-key load) runs without
+    criteria; get() checks its row with ``visible``. Relationship loads executed meanwhile
+    get their WHERE from ``loader_where``. Any other statement (one a flush listener runs,
+    say) is scoped as usual.
+    """
+
+    __slots__ = ("root_pending", "with_deleted")
+
+    def __init__(self, *, with_deleted: bool) -> None:
+        self.with_deleted = with_deleted
+        self.root_pending = True
+
+
+class TransactionView(Protocol):
+    """What the modules below the tracking use of a transaction's record."""
+
+    rows_checked: RowsChecked | None
+
+    def track(self, root: Any) -> None:
+        """Hold ``root`` until the transaction ends."""
+
+    def stale(self) -> tuple[str, ...]:
+        """``Type(id)`` of the roots the last flush version-checked."""
+
+
+def existing_transaction(session: Any) -> TransactionView | None:
+    """The record of a (sync) session's transaction, or ``None`` for a session qx did not
+    make or that has not started one."""
+    found: TransactionView | None = session.info.get(TX_KEY)
+    return found
