@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
+from weakref import WeakKeyDictionary
 
 from sqlalchemy import Table
 from sqlalchemy.orm import Mapper
@@ -174,6 +175,9 @@ class MapperModel:
         rows_checked: whether its primary-key loads may check rows in Python.
         joined_part: the owned relationship its primary-key load joins (``None``: none).
         in_aggregate: whether its objects are parts of an aggregate.
+        repositories: what each repository class of the mapped class resolved about it
+            (its query spec, its primary-key load), weakly keyed by the repository class: it
+            goes with the mapping, so a class mapped again never meets a stale one.
     """
 
     __slots__ = (
@@ -184,6 +188,7 @@ class MapperModel:
         "load_plan",
         "mapper",
         "post_init",
+        "repositories",
         "root",
         "rows_checked",
         "scope_closure",
@@ -200,6 +205,7 @@ class MapperModel:
         self.rows_checked: bool | None = None
         self.joined_part: JoinedPart | Unset | None = UNSET
         self.in_aggregate: bool | None = None
+        self.repositories: WeakKeyDictionary[type, Any] = WeakKeyDictionary()
 
     def __repr__(self) -> str:
         return f"MapperModel({self.mapper.class_.__qualname__})"

@@ -26,11 +26,13 @@ from sqlalchemy import Uuid, inspect, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapper
 from sqlalchemy.orm.attributes import instance_state
+from sqlalchemy.orm.base import opt_manager_of_class
 from sqlalchemy.orm.interfaces import ORMOption
 
 from qx.core._context import current_context
 from qx.core._errors import ConfigurationError, DuplicateKey, InvalidQuery, NotFound, shown
 from qx.db._mapping import entity_info
+from qx.db._model import model_of
 from qx.db._scoping import (
     WITH_DELETED,
     JoinedPart,
@@ -118,6 +120,19 @@ def _resolve(cls: type[Repository[Any]]) -> _Resolved:
     )
 
 
+def _resolved(cls: type[Repository[Any]]) -> _Resolved:
+    # Once per repository class and mapping, not per unit of work: held by the entity's
+    # MapperModel, not on the user's class.
+    manager = opt_manager_of_class(getattr(cls, "entity", None))  # type: ignore[arg-type]
+    repositories = model_of(manager.mapper).repositories if manager is not None else None
+    found: _Resolved | None = repositories.get(cls) if repositories is not None else None
+    if found is None:
+        found = _resolve(cls)  # a clear ConfigurationError when the entity is not mapped
+        repositories = model_of(found.spec.mapper).repositories
+        repositories[cls] = found
+    return found
+
+
 class Repository(Generic[T]):
     """Generic repository of one mapped aggregate type.
 
@@ -137,7 +152,6 @@ class Repository(Generic[T]):
     sortable: ClassVar[frozenset[str]] = frozenset()
     default_order: ClassVar[tuple[str, ...]] = ()
     max_limit: ClassVar[int] = 1000
-    _qx_resolved: ClassVar[_Resolved | None] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -161,10 +175,7 @@ class Repository(Generic[T]):
         uow: Owner | None = None,
         cursor_codec: CursorCodec | None = None,
     ) -> None:
-        cls = type(self)
-        resolved = cls.__dict__.get("_qx_resolved")
-        if resolved is None:
-            resolved = cls._qx_resolved = _resolve(cls)  # once per class, not per unit of work
+        resolved = _resolved(type(self))
         if not isinstance(session.sync_session, QxSession):
             raise ConfigurationError(
                 "repositories need a session from qx.db.create_session_factory() "

@@ -30,7 +30,7 @@ import types
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
-from typing import Any, ClassVar, Generic, Self, TypeVar, get_args, get_origin, get_type_hints
+from typing import Any, Generic, Self, TypeVar, get_args, get_origin, get_type_hints
 
 from pydantic import SecretStr
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
@@ -77,6 +77,11 @@ AfterCommit = Callable[[], Awaitable[None] | None]
 
 
 _GENERIC_REPOSITORIES: dict[Any, type[Repository[Any]]] = {}
+# The repositories each unit-of-work class declares, resolved once (kept here, weakly keyed,
+# not on the user's class).
+_DECLARED: weakref.WeakKeyDictionary[type[UnitOfWork], dict[str, type[Repository[Any]]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def _is_generic_repository(hint: Any) -> bool:
@@ -112,8 +117,6 @@ class UnitOfWork:
         commit_probe_timeout: seconds to find out whether a transaction committed when
             the connection failed before COMMIT's answer (then ``CommitOutcomeUnknown``).
     """
-
-    _repository_types: ClassVar[dict[str, type[Repository[Any]]] | None] = None
 
     def __init__(
         self,
@@ -153,7 +156,7 @@ class UnitOfWork:
     @classmethod
     def declared_repositories(cls) -> dict[str, type[Repository[Any]]]:
         """Return the repositories declared as annotations on this class and its bases."""
-        found = cls.__dict__.get("_repository_types")
+        found = _DECLARED.get(cls)
         if found is None:
             try:
                 hints = get_type_hints(cls)
@@ -169,7 +172,7 @@ class UnitOfWork:
                     # ``books: Repository[Book]``: the plain repository of that class, as
                     # if the service had written ``class BookRepository(Repository[Book])``.
                     found[name] = _generic_repository(hint)
-            cls._repository_types = found
+            _DECLARED[cls] = found
         return found
 
     def __getattr__(self, name: str) -> Any:
