@@ -45,7 +45,7 @@ QUICK = {
         "1,2",
     ],
     "writers.py": ["--seconds", "3", "--rounds", "1"],
-    "peers.py": ["--rows", "100", "--rounds", "1"],
+    "peers.py": ["--rows", "200", "--rounds", "3"],
 }
 
 
