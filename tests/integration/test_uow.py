@@ -7,6 +7,7 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from qx.core import DomainEvent, InProcessDispatcher, request_context
@@ -334,3 +335,30 @@ async def test_cancellation_inside_the_block_rolls_back_and_releases_connection(
         await task
     assert await count_rows(engine, counters) == 0
     assert engine.sync_engine.pool.checkedout() == 0
+
+
+async def test_a_unit_of_work_that_ran_no_statement_commits_without_a_connection(
+    engine: AsyncEngine, uow_factory: Factory
+) -> None:
+    # A command that decides there is nothing to do still commits: that must not cost a
+    # connection, a BEGIN and a question about the transaction's fate.
+    checkouts: list[object] = []
+
+    def checkout(*_args: object) -> None:
+        checkouts.append(None)
+
+    event.listen(engine.sync_engine.pool, "checkout", checkout)
+    try:
+        with request_context(tenant_id="t1"):
+            async with uow_factory() as uow:
+                await uow.commit()
+            assert checkouts == []
+            async with uow_factory() as uow:
+                order = new_order("nothing-then-something", "A")
+                await uow.orders.add(order)
+                await uow.commit()
+            assert checkouts  # (PostgreSQL: a second one wakes the relays after COMMIT)
+            async with uow_factory() as uow:
+                assert (await uow.orders.require(order.id)).customer == "nothing-then-something"
+    finally:
+        event.remove(engine.sync_engine.pool, "checkout", checkout)

@@ -25,6 +25,10 @@ from typing import Any, Protocol
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy.orm import Session
+from sqlalchemy.util import await_only
+
+from qx.db._transaction import existing_transaction
 
 __all__ = [
     "COMMIT_PROBE_SECONDS",
@@ -88,13 +92,9 @@ class PostgresProbe:
     """PostgreSQL's: the transaction's id, then ``pg_xact_status``."""
 
     async def handle(self, session: AsyncSession) -> str | None:
-        # The flush's writes give the transaction its id: ask after them.
-        await session.flush()
-        connection = await session.connection()
-        raw = await connection.get_raw_connection()
-        driver: Any = raw.driver_connection
-        found = await driver.fetchval("SELECT pg_current_xact_id_if_assigned()")
-        return None if found is None else str(found)
+        # One trip into the session's greenlet for the flush and the question, not one per
+        # step (each costs about as much CPU as a small statement).
+        return await session.run_sync(_transaction_id)
 
     async def outcome(self, engine: AsyncEngine, handle: str, *, deadline: float) -> bool | None:
         pause = 0.05
@@ -117,6 +117,18 @@ class PostgresProbe:
                 return None
             await asyncio.sleep(pause)
             pause = min(pause * 2, 1.0)
+
+
+def _transaction_id(session: Session) -> str | None:
+    # The flush's writes give the transaction its id: ask after them, on the driver's own
+    # connection (no SQLAlchemy statement: nothing for the session's hooks to scope).
+    session.flush()
+    record = existing_transaction(session)
+    if record is not None and not record.connected:
+        return None  # no statement ran: nothing to lose, and no connection to take for it
+    fairy: Any = session.connection().connection
+    found = await_only(fairy.driver_connection.fetchval("SELECT pg_current_xact_id_if_assigned()"))
+    return None if found is None else str(found)
 
 
 class LocalProbe:

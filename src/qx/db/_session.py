@@ -450,6 +450,13 @@ def _track_attached(session: QxSession, obj: Any) -> None:
         transaction_of(session).track(obj)
 
 
+@event.listens_for(QxSession, "after_begin")
+def _note_connection(session: QxSession, _transaction: Any, _connection: Any) -> None:
+    # A connection joined the transaction: a COMMIT whose answer is lost has something to
+    # find out (see qx.db._commit).
+    transaction_of(session).connected = True
+
+
 @event.listens_for(QxSession, "after_transaction_end")
 def _forget_transaction(session: QxSession, transaction: Any) -> None:
     if transaction.parent is None:

@@ -97,9 +97,10 @@ class TransactionState:
         checked: ``(info, state)`` of the roots whose version the last flush checked, to
             name them if the check fails.
         flushed: whether the transaction has written anything.
+        connected: whether it has taken a connection (run any statement).
     """
 
-    __slots__ = ("bumped", "checked", "clock", "flushed", "roots", "rows_checked")
+    __slots__ = ("bumped", "checked", "clock", "connected", "flushed", "roots", "rows_checked")
 
     def __init__(self, clock: Clock = _SYSTEM_CLOCK) -> None:
         self.clock = clock
@@ -108,6 +109,7 @@ class TransactionState:
         self.bumped: set[Any] = set()
         self.checked: list[tuple[EntityInfo, InstanceState[Any]]] = []
         self.flushed = False
+        self.connected = False
 
     def reset(self) -> None:
         """Forget the transaction that ended (the clock stays)."""
@@ -116,6 +118,7 @@ class TransactionState:
         self.bumped = set()
         self.checked = []
         self.flushed = False
+        self.connected = False
 
     def track(self, root: Any) -> None:
         """Hold ``root`` until the transaction ends."""

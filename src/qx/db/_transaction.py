@@ -38,6 +38,7 @@ class TransactionView(Protocol):
     """What the modules below the tracking use of a transaction's record."""
 
     rows_checked: RowsChecked | None
+    connected: bool
 
     def track(self, root: Any) -> None:
         """Hold ``root`` until the transaction ends."""
