@@ -252,9 +252,12 @@ class QuerySet(Generic[T]):
         stmt = self._from(select(entity))
         if self._distinct:
             stmt = stmt.distinct()
-        stmt = stmt.order_by(
-            *order_clauses(entity, self._sort() if sort is None else sort, reverse=reverse)
-        )
+        if sort is None and self._order is None and not reverse:
+            stmt = stmt.order_by(*self._spec.default_order)
+        else:
+            stmt = stmt.order_by(
+                *order_clauses(entity, self._sort() if sort is None else sort, reverse=reverse)
+            )
         if window:
             if self._limit is not None:
                 stmt = stmt.limit(self._limit)

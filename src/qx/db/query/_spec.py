@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapper
+from sqlalchemy.sql.elements import ColumnElement
 
 from qx.core._clock import Clock
 from qx.core._errors import ConfigurationError, UnitOfWorkError
@@ -23,7 +24,7 @@ from qx.db._dialect_base import Dialect
 from qx.db._model import EntityInfo
 from qx.db._tracking import transaction_of
 from qx.db.query._cursor import CursorCodec
-from qx.db.query._keyset import SortKey, resolve_sort
+from qx.db.query._keyset import SortKey, order_clauses, resolve_sort
 
 if TYPE_CHECKING:
     from qx.db._session import QxSession
@@ -53,6 +54,8 @@ class QuerySpec:
         sortable: fields accepted as sort keys.
         default_sort: the sort when none is given (the primary key last).
         max_limit: the largest ``limit`` or page size.
+        default_order: the ORDER BY clauses of ``default_sort``, built once (SQL expressions
+            are immutable; building them is a third of a query's own CPU).
     """
 
     entity: type[Any]
@@ -63,6 +66,11 @@ class QuerySpec:
     sortable: frozenset[str]
     default_sort: tuple[SortKey, ...]
     max_limit: int
+    default_order: tuple[ColumnElement[Any], ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        order = tuple(order_clauses(self.entity, self.default_sort))
+        object.__setattr__(self, "default_order", order)  # frozen: set once, here
 
     def sort_keys(self, spec: str | Sequence[str] | None) -> tuple[SortKey, ...]:
         """Resolve a caller's sort (``"-created_at,name"``) against ``sortable``."""
