@@ -17,9 +17,39 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from qx.core._errors import ConfigurationError
 
-__all__ = ["BrokerSettings", "DatabaseSettings", "QxSettings", "RelaySettings", "load_settings"]
+__all__ = [
+    "BrokerSettings",
+    "DatabaseSettings",
+    "QxSettings",
+    "RelaySettings",
+    "ReplicaSettings",
+    "load_settings",
+]
 
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./qx.sqlite3"
+
+
+class ReplicaSettings(BaseModel):
+    """One read replica (an item of ``QX_DB__REPLICAS``, a JSON list).
+
+    Attributes:
+        url: its SQLAlchemy URL (``postgresql+asyncpg://…``).
+        weight: its share of the reads against the other replicas' (0: none).
+        pool_size: connections kept open to it.
+        max_overflow: extra connections allowed under load.
+        pool_timeout: seconds to wait for a free connection.
+
+    Example:
+        ``QX_DB__REPLICAS='[{"url": "postgresql+asyncpg://app@replica-1/app", "weight": 3}]'``
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str
+    weight: int = Field(default=1, ge=0)
+    pool_size: int = Field(default=10, ge=1)
+    max_overflow: int = Field(default=10, ge=0)
+    pool_timeout: float = Field(default=30.0, gt=0)
 
 
 class DatabaseSettings(BaseModel):
@@ -39,6 +69,12 @@ class DatabaseSettings(BaseModel):
         sqlite_begin: ``immediate`` takes SQLite's write lock at BEGIN, so concurrent units of
             work queue on ``busy_timeout`` instead of failing to upgrade a read lock.
         sqlite_busy_timeout: seconds SQLite waits for a lock.
+        replicas: read replicas (PostgreSQL streaming standbys) for read-only units of work.
+        replica_max_lag: seconds a replica may be behind for a read without a consistency
+            token; a replica further behind is skipped.
+        replica_wait: seconds a read with a consistency token waits for a replica to
+            replay it before it reads on the primary.
+        replica_retry: seconds a replica that refused a connection is left out.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -54,6 +90,10 @@ class DatabaseSettings(BaseModel):
     echo: bool = False
     sqlite_begin: Literal["deferred", "immediate"] = "immediate"
     sqlite_busy_timeout: float = Field(default=30.0, ge=0)
+    replicas: list[ReplicaSettings] = Field(default_factory=list)
+    replica_max_lag: float = Field(default=10.0, ge=0)
+    replica_wait: float = Field(default=1.0, ge=0)
+    replica_retry: float = Field(default=5.0, ge=0)
 
 
 class BrokerSettings(BaseModel):

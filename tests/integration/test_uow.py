@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from qx.core import DomainEvent, InProcessDispatcher, request_context
 from qx.db import UnitOfWorkFactory, UnitOfWorkState
-from qx.errors import DuplicateKey, IntegrityViolation, UnitOfWorkError
+from qx.errors import DuplicateKey, IntegrityViolation, InvalidConsistencyToken, UnitOfWorkError
 from qx.examples.orders.domain import OrderPlaced, OrderPlacedV1
 from qx.examples.orders.infrastructure import order_lines, orders
 from qx.outbox import outbox_table
@@ -362,3 +362,26 @@ async def test_a_unit_of_work_that_ran_no_statement_commits_without_a_connection
                 assert (await uow.orders.require(order.id)).customer == "nothing-then-something"
     finally:
         event.remove(engine.sync_engine.pool, "checkout", checkout)
+
+
+async def test_a_read_only_unit_of_work_reads_and_refuses_writes_on_every_backend(
+    uow_factory: Factory,
+) -> None:
+    # Same code path with or without replicas: the kit and SQLite read on their one database.
+    with request_context(tenant_id="t1"):
+        async with uow_factory() as uow:
+            order = new_order("read-only", "A")
+            await uow.orders.add(order)
+            await uow.commit()
+        async with uow_factory.read_only() as uow:
+            loaded = await uow.orders.require(order.id)
+            assert loaded.customer == "read-only"
+            loaded.customer = "changed"
+            with pytest.raises(UnitOfWorkError, match="read-only"):
+                await uow.commit()
+        async with uow_factory.read_only() as uow:
+            assert (await uow.orders.require(order.id)).customer == "read-only"
+            assert uow.consistency_token is None
+        with pytest.raises(InvalidConsistencyToken):
+            async with uow_factory.read_only(consistency_token="forged.token"):
+                pass

@@ -35,6 +35,8 @@ class RequestContext:
         tenant_id: the tenant whose data may be read and written.
         user_id: the acting user, if any.
         traceparent: W3C trace context header, propagated to outbox rows.
+        consistency_token: a commit the client has seen (``uow.consistency_token``, sent
+            back by the client): read-only units of work read no older state than it.
         system: ``True`` inside :func:`system_context`: tenant scoping is bypassed.
     """
 
@@ -43,6 +45,7 @@ class RequestContext:
     tenant_id: str | None = None
     user_id: str | None = None
     traceparent: str | None = None
+    consistency_token: str | None = None
     system: bool = False
 
 
@@ -85,13 +88,14 @@ class _ContextBlock:
 def _layered(base: RequestContext, changes: tuple[str | bool | None, ...]) -> RequestContext:
     # Contexts are immutable values, and a service sees the same few (tenant, user) pairs
     # again and again: building each once keeps the per-request cost to a dict lookup.
-    correlation_id, causation_id, tenant_id, user_id, traceparent, system = changes
+    correlation_id, causation_id, tenant_id, user_id, traceparent, token, system = changes
     return RequestContext(
         correlation_id=base.correlation_id if correlation_id is None else str(correlation_id),
         causation_id=base.causation_id if causation_id is None else str(causation_id),
         tenant_id=base.tenant_id if tenant_id is None else str(tenant_id),
         user_id=base.user_id if user_id is None else str(user_id),
         traceparent=base.traceparent if traceparent is None else str(traceparent),
+        consistency_token=base.consistency_token if token is None else str(token),
         system=base.system if system is None else bool(system),
     )
 
@@ -103,6 +107,7 @@ def request_context(
     tenant_id: str | None = None,
     user_id: str | None = None,
     traceparent: str | None = None,
+    consistency_token: str | None = None,
 ) -> AbstractContextManager[RequestContext]:
     """Run a block with the given ids layered over the current context.
 
@@ -118,7 +123,7 @@ def request_context(
         ...         (ctx.tenant_id, ctx.user_id)
         ('t1', 'u1')
     """
-    changes = (correlation_id, causation_id, tenant_id, user_id, traceparent)
+    changes = (correlation_id, causation_id, tenant_id, user_id, traceparent, consistency_token)
     for key, value in zip(_ID_FIELDS, changes, strict=True):
         if value is not None and (not isinstance(value, str) or not value):
             raise ConfigurationError(
@@ -127,8 +132,15 @@ def request_context(
     return _ContextBlock((*changes, None))
 
 
-_ID_FIELDS: Final = ("correlation_id", "causation_id", "tenant_id", "user_id", "traceparent")
-_SYSTEM: Final = (None, None, None, None, None, True)
+_ID_FIELDS: Final = (
+    "correlation_id",
+    "causation_id",
+    "tenant_id",
+    "user_id",
+    "traceparent",
+    "consistency_token",
+)
+_SYSTEM: Final = (None, None, None, None, None, None, True)
 
 
 def system_context() -> AbstractContextManager[RequestContext]:

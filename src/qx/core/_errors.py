@@ -26,6 +26,7 @@ __all__ = [
     "HandlerNotFound",
     "IdempotencyKeyReused",
     "IntegrityViolation",
+    "InvalidConsistencyToken",
     "InvalidCursor",
     "InvalidMessage",
     "InvalidQuery",
@@ -211,6 +212,10 @@ class InvalidQuery(QxError):
 
 class InvalidCursor(InvalidQuery):
     """A pagination cursor is malformed, tampered with, or belongs to another query."""
+
+
+class InvalidConsistencyToken(InvalidQuery):
+    """A consistency token is malformed, forged, or belongs to another tenant."""
 
 
 class UnitOfWorkError(QxError):

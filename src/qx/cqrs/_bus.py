@@ -213,7 +213,9 @@ class MessageBus:
                 idempotency_result_middleware,
             ]
         else:
-            chain += [read_only_middleware]
+            # A query writes nothing: another try (on another replica, when one went away
+            # mid-read) is always safe.
+            chain += [retry_middleware, read_only_middleware]
         call: Next = self._call_handler
         for middleware in reversed(chain):
             call = _bind(middleware, call)
@@ -341,8 +343,10 @@ async def unit_of_work_middleware(
 
 
 async def read_only_middleware(message: Message[Any], ctx: HandlerContext, call_next: Next) -> Any:
-    """A unit of work for a query: opened, read from, never committed."""
-    async with ctx.bus._factory()() as uow:
+    """A read-only unit of work for a query (on a replica when the factory has usable ones,
+    no older than the request context's consistency token): opened, read from, never
+    committed."""
+    async with ctx.bus._factory().read_only() as uow:
         ctx.uow = uow
         try:
             return await call_next(message, ctx)

@@ -18,6 +18,7 @@ from qx.db._mapping import (
 )
 from qx.db._model import EntityInfo
 from qx.db._pipeline import CommitContext, CommitStage
+from qx.db._replicas import Replicas
 from qx.db._repository import Repository
 from qx.db._scoping import WITH_DELETED
 from qx.db._session import QxSession
@@ -31,6 +32,7 @@ __all__ = [
     "CommitStage",
     "EntityInfo",
     "QxSession",
+    "Replicas",
     "Repository",
     "UnitOfWork",
     "UnitOfWorkFactory",

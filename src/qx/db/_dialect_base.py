@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 from sqlalchemy import Table, false
@@ -38,6 +39,11 @@ class Dialect:
         naive_timestamps: whether timestamps are stored without a zone (as UTC; SQLite).
         commit_probe: how to find out whether a transaction whose COMMIT answer was lost
             committed (:mod:`qx.db._commit`).
+        replicates: whether it has read replicas that report what they replayed (PostgreSQL
+            streaming standbys).
+        read_only_options: connection execution options that make the server refuse writes
+            in a transaction (PostgreSQL's ``READ ONLY``; none on SQLite, where qx's own
+            check is all there is).
     """
 
     name: ClassVar[str]
@@ -47,6 +53,8 @@ class Dialect:
     notifies: ClassVar[bool] = False
     batch_migrations: ClassVar[bool] = False
     naive_timestamps: ClassVar[bool] = False
+    replicates: ClassVar[bool] = False
+    read_only_options: ClassVar[Mapping[str, Any]] = MappingProxyType({})
     commit_probe: CommitProbe
 
     def insert(self, table: Table) -> postgresql.Insert | sqlite.Insert:

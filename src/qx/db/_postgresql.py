@@ -3,8 +3,10 @@ date and timestamp codecs, SQLSTATE-named errors, probing a lost COMMIT by trans
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import UTC, date, datetime, timedelta
-from typing import TYPE_CHECKING, Any, Final
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 from sqlalchemy import Table, any_, bindparam, event, func, literal_column
 from sqlalchemy.dialects import postgresql
@@ -33,6 +35,8 @@ class PostgreSQL(Dialect):
     extra = "postgres"
     locks_rows = True
     notifies = True
+    replicates = True
+    read_only_options: ClassVar[Mapping[str, Any]] = MappingProxyType({"postgresql_readonly": True})
 
     def __init__(self) -> None:
         self.commit_probe = PostgresProbe()

@@ -325,6 +325,11 @@ def _bump(root: Any, state: InstanceState[Any], info: EntityInfo, now: Any) -> N
 @event.listens_for(QxSession, "before_flush")
 def _before_flush(session: QxSession, _flush: UOWTransaction, _instances: Any) -> None:
     tx = transaction_of(session)
+    if tx.read_only and (session.new or session.deleted or session.dirty):
+        raise UnitOfWorkError(
+            "a read-only unit of work cannot write (use the factory's read-write units of "
+            "work for commands)"
+        )
     tx.flushed = True
     ctx = current_context()
     now = tx.clock.now()

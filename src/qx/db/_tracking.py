@@ -98,9 +98,20 @@ class TransactionState:
             name them if the check fails.
         flushed: whether the transaction has written anything.
         connected: whether it has taken a connection (run any statement).
+        read_only: the unit of work refuses writes (kept across transactions, like the
+            clock).
     """
 
-    __slots__ = ("bumped", "checked", "clock", "connected", "flushed", "roots", "rows_checked")
+    __slots__ = (
+        "bumped",
+        "checked",
+        "clock",
+        "connected",
+        "flushed",
+        "read_only",
+        "roots",
+        "rows_checked",
+    )
 
     def __init__(self, clock: Clock = _SYSTEM_CLOCK) -> None:
         self.clock = clock
@@ -110,6 +121,7 @@ class TransactionState:
         self.checked: list[tuple[EntityInfo, InstanceState[Any]]] = []
         self.flushed = False
         self.connected = False
+        self.read_only = False
 
     def reset(self) -> None:
         """Forget the transaction that ended (the clock stays)."""

@@ -60,6 +60,7 @@ from qx.db._commit import COMMIT_PROBE_SECONDS, past_cancellation
 from qx.db._dialect import dialect_of
 from qx.db._insert_new import forget_inserted, insert_new_aggregates
 from qx.db._pipeline import CommitContext, CommitStage, default_stages, unclaimed
+from qx.db._replicas import ConsistencyTokens, Replicas, Routing, commit_lsn
 from qx.db._repository import Repository
 from qx.db._session import QxSession, has_writes
 from qx.db._state import UnitOfWorkState
@@ -116,6 +117,15 @@ class UnitOfWork:
             default new instances of the installed ones: :func:`default_stages`).
         commit_probe_timeout: seconds to find out whether a transaction committed when
             the connection failed before COMMIT's answer (then ``CommitOutcomeUnknown``).
+        routing: the factory's replicas and consistency-token codec.
+        read_only: refuse writes; read on a replica when the routing has usable ones.
+        consistency_token: read no state older than this token's commit (by default the
+            request context's).
+
+    Attributes:
+        consistency_token: after a commit, when the factory has replicas, the signed token
+            of that commit: give it to a read-only unit of work (through the request
+            context, an HTTP header) to read your own writes on a replica.
     """
 
     def __init__(
@@ -128,6 +138,9 @@ class UnitOfWork:
         cursor_codec: CursorCodec | None = None,
         stages: tuple[CommitStage, ...] | None = None,
         commit_probe_timeout: float = COMMIT_PROBE_SECONDS,
+        routing: Routing | None = None,
+        read_only: bool = False,
+        consistency_token: str | None = None,
     ) -> None:
         if max_event_depth < 1:
             raise ConfigurationError(f"max_event_depth must be >= 1, got {max_event_depth}")
@@ -136,6 +149,10 @@ class UnitOfWork:
                 f"commit_probe_timeout must be > 0 seconds, got {commit_probe_timeout!r}"
             )
         self._probe_seconds = commit_probe_timeout
+        self._routing = routing
+        self._read_only = read_only
+        self._after = consistency_token
+        self.consistency_token: str | None = None
         self._session_factory = session_factory
         self._dispatcher = dispatcher
         self._clock = clock or SystemClock()
@@ -227,13 +244,15 @@ class UnitOfWork:
             raise UnitOfWorkError(
                 f"a unit of work is entered once; this one is {self._state.value}"
             )
-        session = self._session_factory()
+        session = await self._read_session() if self._read_only else self._session_factory()
         if not isinstance(session.sync_session, QxSession):
             await session.close()
             raise ConfigurationError(
                 "UnitOfWork needs a session factory from qx.db.create_session_factory()"
             )
-        transaction_of(session.sync_session).clock = self._clock
+        record = transaction_of(session.sync_session)
+        record.clock = self._clock
+        record.read_only = self._read_only
         self._session = session
         self._state = UnitOfWorkState.ACTIVE
         self._correlation_id = current_context().correlation_id
@@ -246,6 +265,46 @@ class UnitOfWork:
             # Generated lazily: most units of work that read never need one.
             self._correlation_id = str(new_id())
         return self._correlation_id
+
+    async def _read_session(self) -> AsyncSession:
+        # A replica that has replayed what the caller has seen, else the primary in a
+        # read-only transaction.
+        token = self._after if self._after is not None else current_context().consistency_token
+        after: int | None = None
+        routing = self._routing
+        if token is not None:
+            if routing is None or routing.tokens is None:
+                raise ConfigurationError(
+                    "consistency tokens are signed with the factory's cursor secret: pass "
+                    "cursor_secret= to UnitOfWorkFactory"
+                )
+            after = routing.tokens.read(token, tenant=current_context().tenant_id)
+        if routing is not None and routing.replicas is not None:
+            found = await routing.replicas.open(self._session_factory, after=after)
+            if found is not None:
+                return found
+        session = self._session_factory()
+        options = dialect_of(session).read_only_options
+        if options:
+            await session.connection(execution_options=options)
+        return session
+
+    async def _issue_token(self) -> None:
+        routing = self._routing
+        engine = self._session_factory.kw.get("bind")
+        if (
+            routing is None
+            or routing.replicas is None
+            or routing.tokens is None
+            or not isinstance(engine, AsyncEngine)
+        ):
+            return
+        try:
+            lsn = await commit_lsn(engine)
+        except Exception:  # the commit stands: without a token the next read goes anywhere
+            logger.warning("reading the commit's WAL position failed", exc_info=True)
+            return
+        self.consistency_token = routing.tokens.issue(lsn, tenant=current_context().tenant_id)
 
     async def __aexit__(
         self,
@@ -372,6 +431,8 @@ class UnitOfWork:
                     }
                 )
         self._state = UnitOfWorkState.COMMITTED
+        if not self._read_only and self._routing is not None:
+            await self._issue_token()
         self.events = [record.event for record in records]
         if context is not None:
             await self._after_stages(context, written)
@@ -565,9 +626,12 @@ class UnitOfWorkFactory(Generic[U]):
         stages: the commit stages of every unit of work (:class:`CommitStage`); by
             default new instances of the installed ones (qx's outbox). ``()``: none, and
             a commit that recorded integration events fails.
+        replicas: where read-only units of work read (:class:`Replicas`); ``None``: on
+            the primary. Needs ``cursor_secret`` (it signs the consistency tokens).
 
     Attributes:
         stages: the stages its units of work share.
+        replicas: the replicas reads go to, if any.
     """
 
     def __init__(
@@ -581,6 +645,7 @@ class UnitOfWorkFactory(Generic[U]):
         cursor_secret: str | bytes | SecretStr | None = None,
         commit_probe_timeout: float = COMMIT_PROBE_SECONDS,
         stages: Sequence[CommitStage] | None = None,
+        replicas: Replicas | None = None,
     ) -> None:
         if not (isinstance(uow_type, type) and issubclass(uow_type, UnitOfWork)):
             raise ConfigurationError(f"expected a UnitOfWork subclass, got {uow_type!r}")
@@ -593,9 +658,38 @@ class UnitOfWorkFactory(Generic[U]):
         self.cursor_codec = CursorCodec(cursor_secret) if cursor_secret is not None else None
         self.stages = default_stages() if stages is None else _checked_stages(stages)
         self.commit_probe_timeout = commit_probe_timeout
+        if replicas is not None and cursor_secret is None:
+            raise ConfigurationError(
+                "replicas need cursor_secret= (QX_PAGINATION_SECRET): it signs the consistency "
+                "tokens that let a client read its own writes on a replica"
+            )
+        self.replicas = replicas
+        self._routing = Routing(
+            replicas, ConsistencyTokens(cursor_secret) if cursor_secret is not None else None
+        )
 
     def __call__(self) -> U:
-        """Return a new, not yet entered, unit of work."""
+        """Return a new, not yet entered, unit of work (read-write, on the primary)."""
+        return self._make(read_only=False, token=None)
+
+    def read_only(self, *, consistency_token: str | None = None) -> U:
+        """Return a new read-only unit of work: on a replica when one is usable.
+
+        Args:
+            consistency_token: a commit's token (``uow.consistency_token``): the unit of
+                work reads no older state; by default the request context's.
+
+        Raises:
+            InvalidConsistencyToken: (on entry) the token is malformed, forged or another
+                tenant's.
+
+        Example:
+            >>> async with uow_factory.read_only(consistency_token=token) as uow:
+            ...     order = await uow.orders.require(order_id)              # doctest: +SKIP
+        """
+        return self._make(read_only=True, token=consistency_token)
+
+    def _make(self, *, read_only: bool, token: str | None) -> U:
         return self.uow_type(
             self.session_factory,
             dispatcher=self.dispatcher,
@@ -604,6 +698,9 @@ class UnitOfWorkFactory(Generic[U]):
             cursor_codec=self.cursor_codec,
             stages=self.stages,
             commit_probe_timeout=self.commit_probe_timeout,
+            routing=self._routing,
+            read_only=read_only,
+            consistency_token=token,
         )
 
 

@@ -32,7 +32,7 @@ from pydantic import SecretStr
 
 from qx.core._errors import ConfigurationError, InvalidCursor
 
-__all__ = ["MAX_CURSOR", "Boundary", "CursorCodec"]
+__all__ = ["MAX_CURSOR", "Boundary", "CursorCodec", "b64", "unb64"]
 
 _VERSION: Final = 2
 #: The longest cursor accepted, and so the longest issued (a cursor travels in a URL).
@@ -51,11 +51,11 @@ class Boundary(NamedTuple):
     by_key: bool
 
 
-def _b64(data: bytes) -> str:
+def b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
-def _unb64(text: str) -> bytes:
+def unb64(text: str) -> bytes:
     padded = text + "=" * (-len(text) % 4)
     return base64.urlsafe_b64decode(padded.encode("ascii"))
 
@@ -99,7 +99,7 @@ class CursorCodec:
         text = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
         data = text.encode("utf-8", "surrogatepass")
         body = b"z" + zlib.compress(data, 9) if len(data) >= _COMPRESS_FROM else b"j" + data
-        return f"{_b64(body)}.{_b64(self._tag(body))}"
+        return f"{b64(body)}.{b64(self._tag(body))}"
 
     def encode(
         self, *, sort: str, backward: bool, values: list[Any], key: list[Any] | None = None
@@ -131,7 +131,7 @@ class CursorCodec:
         if not dot:
             raise InvalidCursor("invalid cursor: malformed", field="cursor")
         try:
-            body, tag = _unb64(body_text), _unb64(tag_text)
+            body, tag = unb64(body_text), unb64(tag_text)
         except (binascii.Error, ValueError, UnicodeEncodeError):
             raise InvalidCursor("invalid cursor: malformed", field="cursor") from None
         if not hmac.compare_digest(tag, self._tag(body)):
