@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from uuid import UUID
 
+import httpx
 import pytest
 from sqlalchemy import Column, String, Table, text
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -35,7 +36,9 @@ from qx.db import (
     version_column,
 )
 from qx.errors import ConfigurationError, InvalidConsistencyToken, UnitOfWorkError
-from qx.settings import DatabaseSettings, ReplicaSettings
+from qx.examples.orders.api import create_app
+from qx.examples.orders.infrastructure import metadata as orders_metadata
+from qx.settings import DatabaseSettings, QxSettings, ReplicaSettings
 from tests.integration.pg_cluster import PgCluster, PgServer, server_binaries
 
 SECRET = "replica-test-secret-0123456789"
@@ -344,3 +347,52 @@ async def test_settings_name_replicas_and_bad_ones_are_refused(servers: Servers)
             NotesUnitOfWork, create_session_factory(engine), replicas=Replicas([(engine, 1)])
         )
     await engine.dispose()
+
+
+async def test_the_api_hands_a_token_after_a_command_and_reads_with_it(servers: Servers) -> None:
+    # The orders example on the primary, with the 2 s delayed standby as its only replica: a
+    # browser that sends back the token of its command sees its order on the very next
+    # request; a forged token or another tenant's is refused (422, problem+json).
+    engine = create_engine(url=servers.primary.url())
+    async with engine.begin() as conn:
+        await conn.run_sync(orders_metadata.create_all)
+    servers.cluster.wait_caught_up(servers.slow)
+    settings = QxSettings(
+        pagination_secret=SECRET,
+        db=DatabaseSettings(
+            url=servers.primary.url(),
+            replicas=[ReplicaSettings(url=servers.slow.url())],
+            replica_wait=DELAY * 3,
+        ),
+    )
+    app = create_app(settings=settings, engine=engine)
+    try:
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(
+                transport=transport, base_url="http://test", headers={"X-Tenant-ID": "acme"}
+            ) as http:
+                stocked = await http.post(
+                    "/products",
+                    json={"sku": "R-1", "name": "r", "price": "1.00", "quantity": 5},
+                )
+                assert stocked.status_code == 201, stocked.text
+                placed = await http.post(
+                    "/orders",
+                    json={"customer": "ada", "lines": [{"sku": "R-1", "quantity": 1}]},
+                    headers={"X-Consistency-Token": stocked.headers["X-Consistency-Token"]},
+                )
+                assert placed.status_code == 201, placed.text
+                token = placed.headers["X-Consistency-Token"]
+                order_id = placed.json()["id"]
+                seen = await http.get(f"/orders/{order_id}", headers={"X-Consistency-Token": token})
+                assert seen.status_code == 200 and seen.json()["status"] == "placed"
+                for bad, tenant in (("forged.token", "acme"), (token, "other")):
+                    refused = await http.get(
+                        f"/orders/{order_id}",
+                        headers={"X-Consistency-Token": bad, "X-Tenant-ID": tenant},
+                    )
+                    assert refused.status_code == 422, refused.text
+                    assert refused.headers["content-type"] == "application/problem+json"
+    finally:
+        await engine.dispose()

@@ -20,6 +20,7 @@ EXPECTED = {
         "Next",
         "Query",
         "RetryPolicy",
+        "consistency_token",
         "idempotency_middleware",
         "idempotency_result_middleware",
         "logging_middleware",

@@ -28,6 +28,7 @@ import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, get_type_hints
 
@@ -50,7 +51,14 @@ from qx.cqrs._idempotency import (
 from qx.cqrs._messages import Command, Message, Query
 from qx.db._state import UnitOfWorkState
 
-__all__ = ["HandlerContext", "MessageBus", "Middleware", "Next", "RetryPolicy"]
+__all__ = [
+    "HandlerContext",
+    "MessageBus",
+    "Middleware",
+    "Next",
+    "RetryPolicy",
+    "consistency_token",
+]
 
 logger = logging.getLogger("qx.cqrs")
 
@@ -260,6 +268,25 @@ class MessageBus:
         return factory
 
 
+# Per task, like the request context: the caller of bus.execute() reads it after the await.
+_LAST_TOKEN: ContextVar[str | None] = ContextVar("qx_consistency_token", default=None)
+
+
+def consistency_token() -> str | None:
+    """The consistency token of the last command this task ran through a bus that committed.
+
+    ``None`` until one committed on a factory with replicas. Send it to the client (a
+    response header); the client sends it back with its next reads, which then see the
+    command's writes (``request_context(consistency_token=...)``).
+
+    Example:
+        >>> order_id = await bus.execute(PlaceOrder(...))                  # doctest: +SKIP
+        >>> response.headers["X-Consistency-Token"] = consistency_token() or ""
+        ...                                                               # doctest: +SKIP
+    """
+    return _LAST_TOKEN.get()
+
+
 def _bind(middleware: Middleware, following: Next) -> Next:
     async def call(message: Message[Any], ctx: HandlerContext) -> Any:
         return await middleware(message, ctx, following)
@@ -337,6 +364,8 @@ async def unit_of_work_middleware(
             result = await call_next(message, ctx)
             if uow.state is UnitOfWorkState.ACTIVE:  # the handler may have committed itself
                 await uow.commit()
+            if uow.state is UnitOfWorkState.COMMITTED:
+                _LAST_TOKEN.set(uow.consistency_token)
             return result
         finally:
             ctx.uow = None

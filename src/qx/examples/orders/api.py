@@ -46,7 +46,8 @@ from qx.core._errors import (
     TransientError,
 )
 from qx.core._ids import new_id
-from qx.db import UnitOfWorkFactory, create_engine, create_session_factory
+from qx.cqrs import consistency_token
+from qx.db import Replicas, UnitOfWorkFactory, create_engine, create_session_factory
 from qx.examples.orders.application import (
     CancelOrder,
     GetOrder,
@@ -167,6 +168,23 @@ class OrderPageOut(BaseModel):
     prev_cursor: str | None
 
 
+def _hand_token(response: Response) -> str | None:
+    # The command's consistency token goes back to the client, which sends it with its next
+    # reads (X-Consistency-Token): they then see this command's writes, even on a replica.
+    token = consistency_token()
+    if token is not None:
+        response.headers["X-Consistency-Token"] = token
+    return token
+
+
+async def _read_own_write(bus: Any, response: Response, query: Any) -> Any:
+    token = _hand_token(response)
+    if token is None:
+        return await bus.ask(query)
+    with request_context(consistency_token=token):
+        return await bus.ask(query)
+
+
 def _problem(status: int, title: str, detail: str, **extra: Any) -> JSONResponse:
     body = {"type": "about:blank", "title": title, "status": status, "detail": detail, **extra}
     return JSONResponse(body, status_code=status, media_type=PROBLEM)
@@ -213,17 +231,22 @@ def create_app(
             # An example service: cursors from a previous process will read as invalid.
             logger.warning("QX_PAGINATION_SECRET is not set; using a per-process secret")
         bus = build_bus()
+        # QX_DB__REPLICAS: queries read on replicas, each no older than the client's token.
+        replicas = Replicas.from_settings(config.db)
         factory = UnitOfWorkFactory(
             OrdersUnitOfWork,
             create_session_factory(active),
             dispatcher=bus,
             cursor_secret=secret or secrets.token_urlsafe(32),
+            replicas=replicas,
         )
         bus.provide(uow_factory=factory)
         app.state.bus = bus
         try:
             yield
         finally:
+            if replicas is not None:
+                await replicas.dispose()
             if own:
                 await active.dispose()
 
@@ -242,6 +265,8 @@ def create_app(
         if not _CORRELATION.fullmatch(correlation):
             correlation = str(new_id())
         tenant = request.headers.get("x-tenant-id") or None
+        # The token of the client's last command: its reads see that command's writes.
+        token = request.headers.get("x-consistency-token") or None
         traceparent = request.headers.get("traceparent")
         if traceparent is not None and not _TRACEPARENT.fullmatch(traceparent):
             traceparent = None  # a malformed one starts a new trace, as W3C asks
@@ -254,7 +279,10 @@ def create_app(
             )
         else:
             with request_context(
-                correlation_id=correlation, tenant_id=tenant, traceparent=traceparent
+                correlation_id=correlation,
+                tenant_id=tenant,
+                traceparent=traceparent,
+                consistency_token=token,
             ):
                 response = await call_next(request)
         response.headers["X-Correlation-ID"] = correlation
@@ -291,12 +319,13 @@ def create_app(
         return _problem(422, "Unprocessable Content", "the request is not valid", errors=errors)
 
     @app.post("/products", status_code=201)
-    async def stock(product: ProductIn, request: Request) -> dict[str, UUID]:
+    async def stock(product: ProductIn, request: Request, response: Response) -> dict[str, UUID]:
         ident = await request.app.state.bus.execute(
             StockProduct(
                 sku=product.sku, name=product.name, price=product.price, quantity=product.quantity
             )
         )
+        _hand_token(response)
         return {"id": ident}
 
     @app.post("/orders", status_code=201)
@@ -317,7 +346,7 @@ def create_app(
             )
         )
         response.headers["Location"] = f"/orders/{ident}"
-        return OrderOut.of(await bus.ask(GetOrder(order_id=ident)))
+        return OrderOut.of(await _read_own_write(bus, response, GetOrder(order_id=ident)))
 
     @app.get("/orders")
     async def list_orders(
@@ -345,21 +374,22 @@ def create_app(
     async def get_order(order_id: UUID, request: Request) -> OrderOut:
         return OrderOut.of(await request.app.state.bus.ask(GetOrder(order_id=order_id)))
 
-    async def transition(request: Request, command: Any) -> OrderOut:
+    async def transition(request: Request, response: Response, command: Any) -> OrderOut:
         bus = request.app.state.bus
         await bus.execute(command)
-        return OrderOut.of(await bus.ask(GetOrder(order_id=command.order_id)))
+        view = await _read_own_write(bus, response, GetOrder(order_id=command.order_id))
+        return OrderOut.of(view)
 
     @app.post("/orders/{order_id}/pay")
-    async def pay(order_id: UUID, request: Request) -> OrderOut:
-        return await transition(request, PayOrder(order_id=order_id))
+    async def pay(order_id: UUID, request: Request, response: Response) -> OrderOut:
+        return await transition(request, response, PayOrder(order_id=order_id))
 
     @app.post("/orders/{order_id}/ship")
-    async def ship(order_id: UUID, request: Request) -> OrderOut:
-        return await transition(request, ShipOrder(order_id=order_id))
+    async def ship(order_id: UUID, request: Request, response: Response) -> OrderOut:
+        return await transition(request, response, ShipOrder(order_id=order_id))
 
     @app.post("/orders/{order_id}/cancel")
-    async def cancel(order_id: UUID, request: Request) -> OrderOut:
-        return await transition(request, CancelOrder(order_id=order_id))
+    async def cancel(order_id: UUID, request: Request, response: Response) -> OrderOut:
+        return await transition(request, response, CancelOrder(order_id=order_id))
 
     return app
