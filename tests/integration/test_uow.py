@@ -382,6 +382,10 @@ async def test_a_read_only_unit_of_work_reads_and_refuses_writes_on_every_backen
         async with uow_factory.read_only() as uow:
             assert (await uow.orders.require(order.id)).customer == "read-only"
             assert uow.consistency_token is None
+            # Rows are locked where they are changed: never in a read-only unit of work,
+            # which may be on a replica.
+            with pytest.raises(UnitOfWorkError, match="cannot lock"):
+                await uow.orders.query().filter(customer="read-only").for_update().all()
         with pytest.raises(InvalidConsistencyToken):
             async with uow_factory.read_only(consistency_token="forged.token"):
                 pass

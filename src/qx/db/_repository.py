@@ -482,7 +482,7 @@ class Repository(Generic[T]):
         stmt = select(self._spec.entity).where(*criteria).limit(2)
         session = self._bound.session
         if lock:
-            stmt = self._bound.dialect(self._spec.mapper).for_update(stmt)
+            stmt = self._bound.for_update(stmt, self._spec.mapper)
         rows = builtins.list((await session.scalars(stmt)).all())
         if len(rows) > 1:
             raise InvalidQuery(f"the lookup keys match more than one {self._info.name}")

@@ -431,7 +431,7 @@ class UnitOfWork:
                     }
                 )
         self._state = UnitOfWorkState.COMMITTED
-        if not self._read_only and self._routing is not None:
+        if not self._read_only and self._routing is not None and self._routing.replicas:
             await self._issue_token()
         self.events = [record.event for record in records]
         if context is not None:

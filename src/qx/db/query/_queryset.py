@@ -266,8 +266,7 @@ class QuerySet(Generic[T]):
         if self._loads:
             stmt = stmt.options(*self._loads)
         if self._lock:
-            dialect = self._bound.dialect(self._spec.mapper)
-            stmt = dialect.for_update(stmt, of=self._spec.mapper.local_table)
+            stmt = self._bound.for_update(stmt, self._spec.mapper, of=self._spec.mapper.local_table)
         return stmt
 
     def _options(self) -> dict[str, Any]:

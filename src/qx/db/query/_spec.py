@@ -125,6 +125,20 @@ class Bound:
             self._dialect = dialect_named(bind.dialect.name)
         return self._dialect
 
+    def for_update(self, stmt: Any, mapper: Mapper[Any], *, of: Any = None) -> Any:
+        """``stmt`` locking the rows it reads, where the backend locks rows.
+
+        Raises:
+            UnitOfWorkError: the unit of work is read-only (it may be on a replica, where
+                nothing can be locked; lock in the unit of work that writes).
+        """
+        if transaction_of(self.sync).read_only:
+            raise UnitOfWorkError(
+                "a read-only unit of work cannot lock rows (for_update): lock them in the "
+                "read-write unit of work that changes them"
+            )
+        return self.dialect(mapper).for_update(stmt, of=of)
+
     def clock(self) -> Clock:
         """The clock of audit columns and soft deletes."""
         return transaction_of(self.sync).clock
