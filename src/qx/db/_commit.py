@@ -126,6 +126,8 @@ def _transaction_id(session: Session) -> str | None:
     record = existing_transaction(session)
     if record is not None and not record.connected:
         return None  # no statement ran: nothing to lose, and no connection to take for it
+    if record is not None and record.transaction_id is not None:
+        return record.transaction_id  # a qx write brought it back (qx.db._writes)
     fairy: Any = session.connection().connection
     found = await_only(fairy.driver_connection.fetchval("SELECT pg_current_xact_id_if_assigned()"))
     return None if found is None else str(found)

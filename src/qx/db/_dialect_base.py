@@ -41,6 +41,8 @@ class Dialect:
             committed (:mod:`qx.db._commit`).
         replicates: whether it has read replicas that report what they replayed (PostgreSQL
             streaming standbys).
+        transaction_id: a column expression a write can return to name its transaction
+            (``None``: the backend needs no name, see ``qx.db._commit``).
         read_only_options: connection execution options that make the server refuse writes
             in a transaction (PostgreSQL's ``READ ONLY``; none on SQLite, where qx's own
             check is all there is).
@@ -54,6 +56,7 @@ class Dialect:
     batch_migrations: ClassVar[bool] = False
     naive_timestamps: ClassVar[bool] = False
     replicates: ClassVar[bool] = False
+    transaction_id: ClassVar[ColumnElement[str] | None] = None
     read_only_options: ClassVar[Mapping[str, Any]] = MappingProxyType({})
     commit_probe: CommitProbe
 

@@ -27,6 +27,7 @@ from qx.db._mapping import entity_info
 from qx.db._model import InsertPlan, Unset, model_of
 from qx.db._session import QxSession, stamp_new
 from qx.db._tracking import members, transaction_of
+from qx.db._writes import execute_write
 
 __all__ = ["forget_inserted", "insert_new_aggregates"]
 
@@ -146,8 +147,11 @@ async def insert_new_aggregates(session: AsyncSession) -> list[Any] | None:
             row[column] = value
         rows.setdefault(plan.table, []).append(row)
     connection = await session.connection()
-    for table in sort_tables(rows):  # parents before children
-        await connection.execute(insert(table), rows[table])
+    for index, table in enumerate(sort_tables(rows)):  # parents before children
+        if index == 0:
+            await execute_write(session, insert(table), rows[table])  # names the transaction
+        else:
+            await connection.execute(insert(table), rows[table])
     transaction_of(sync).flushed = True
     sync.expunge_all()
     for obj in new:

@@ -33,13 +33,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from importlib.metadata import entry_points
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
+from sqlalchemy import Insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from qx.core._aggregate import RecordedEvent
 from qx.core._errors import ConfigurationError
 from qx.core._events import Event, IntegrationEvent
+from qx.db._writes import execute_write
 
 __all__ = [
     "STAGE_ENTRY_POINTS",
@@ -78,6 +80,12 @@ class CommitContext:
     async def connection(self) -> AsyncConnection:
         """The transaction's connection, for statements outside the ORM."""
         return await self.session.connection()
+
+    async def insert(self, statement: Insert, rows: Sequence[dict[str, Any]]) -> None:
+        """INSERT ``rows`` in the transaction. Where the backend can, the same round trip
+        names the transaction, and COMMIT then needs no question of its own to be safe
+        against a lost answer (see ``qx.db._writes``)."""
+        await execute_write(self.session, statement, rows)
 
 
 @runtime_checkable

@@ -8,7 +8,7 @@ from datetime import UTC, date, datetime, timedelta
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 
-from sqlalchemy import Table, any_, bindparam, event, func, literal_column
+from sqlalchemy import Table, Text, any_, bindparam, cast, event, func, literal_column
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError
@@ -36,6 +36,10 @@ class PostgreSQL(Dialect):
     locks_rows = True
     notifies = True
     replicates = True
+    # The top-level transaction's id, as text (what the commit probe keeps and asks about).
+    transaction_id: ClassVar[ColumnElement[str] | None] = cast(
+        func.pg_current_xact_id(), Text
+    ).label("qx_transaction_id")
     read_only_options: ClassVar[Mapping[str, Any]] = MappingProxyType({"postgresql_readonly": True})
 
     def __init__(self) -> None:

@@ -98,6 +98,8 @@ class TransactionState:
             name them if the check fails.
         flushed: whether the transaction has written anything.
         connected: whether it has taken a connection (run any statement).
+        transaction_id: the database's id of the transaction, once a write brought it back
+            (``None``: not known yet; see ``qx.db._writes``).
         read_only: the unit of work refuses writes (kept across transactions, like the
             clock).
     """
@@ -111,6 +113,7 @@ class TransactionState:
         "read_only",
         "roots",
         "rows_checked",
+        "transaction_id",
     )
 
     def __init__(self, clock: Clock = _SYSTEM_CLOCK) -> None:
@@ -122,6 +125,7 @@ class TransactionState:
         self.flushed = False
         self.connected = False
         self.read_only = False
+        self.transaction_id: str | None = None
 
     def reset(self) -> None:
         """Forget the transaction that ended (the clock stays)."""
@@ -131,6 +135,7 @@ class TransactionState:
         self.checked = []
         self.flushed = False
         self.connected = False
+        self.transaction_id = None
 
     def track(self, root: Any) -> None:
         """Hold ``root`` until the transaction ends."""

@@ -19,7 +19,6 @@ from typing import Any
 
 from sqlalchemy import insert
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from qx.core._aggregate import RecordedEvent
 from qx.core._context import current_context
@@ -60,7 +59,7 @@ class OutboxStage:
         if not any(isinstance(record.event, IntegrationEvent) for record in commit.records):
             return 0  # no correlation id generated, no context looked up
         rows = build_outbox_rows(commit.records, correlation_id=commit.correlation_id)
-        await _write_outbox(await commit.connection(), rows)
+        await _write_outbox(commit, rows)
         return len(rows)
 
     async def after_commit(self, commit: CommitContext, written: int) -> None:
@@ -112,14 +111,15 @@ def build_outbox_rows(
     return rows
 
 
-async def _write_outbox(connection: AsyncConnection, rows: list[dict[str, Any]]) -> None:
+async def _write_outbox(commit: CommitContext, rows: list[dict[str, Any]]) -> None:
     """INSERT the outbox rows; a database without qx's tables is a configuration mistake
     with a known fix, not a bare "no such table"."""
     try:
         # Core on the session's connection: the outbox is a table, not a mapped class, so
         # the ORM's execute machinery would only add overhead.
-        await connection.execute(insert(outbox_table), rows)
+        await commit.insert(insert(outbox_table), rows)
     except DBAPIError as exc:
+        connection = await commit.connection()
         if await dialect_of(connection).lacks_table(connection, exc, outbox_table):
             raise ConfigurationError(
                 f"the database has no {outbox_table.name} table: run qx's migrations "
