@@ -43,6 +43,24 @@ def test_invalid_settings_name_the_variable(monkeypatch: pytest.MonkeyPatch) -> 
         load_settings()
 
 
+def test_replicas_come_from_one_json_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(
+        "QX_DB__REPLICAS",
+        '[{"url": "postgresql://u@r1/db"}, {"url": "postgresql://u@r2/db", "weight": 3,'
+        ' "pool_size": 4}]',
+    )
+    monkeypatch.setenv("QX_DB__REPLICA_WAIT", "0.5")
+    settings = load_settings()
+    assert [(r.url, r.weight, r.pool_size) for r in settings.db.replicas] == [
+        ("postgresql://u@r1/db", 1, 10),
+        ("postgresql://u@r2/db", 3, 4),
+    ]
+    assert settings.db.replica_wait == 0.5
+    monkeypatch.setenv("QX_DB__REPLICAS", '[{"url": "postgresql://u@r1/db", "weight": -1}]')
+    with pytest.raises(ConfigurationError, match="QX_DB__REPLICAS"):
+        load_settings()
+
+
 @pytest.mark.parametrize(
     ("url", "expected"),
     [
