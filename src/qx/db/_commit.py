@@ -73,6 +73,7 @@ async def past_cancellation(step: Awaitable[None]) -> bool:
 
 
 _STATUS = text("SELECT pg_xact_status(CAST(:xid AS xid8))")
+_TAKE_ID = text("SELECT pg_current_xact_id()")
 
 
 class CommitProbe(Protocol):
@@ -101,8 +102,16 @@ class PostgresProbe:
         while True:
             try:
                 async with asyncio.timeout(max(deadline - time.monotonic(), 0.01)):
-                    async with engine.connect() as conn:
+                    async with engine.connect() as conn, conn.begin():
                         status = await conn.scalar(_STATUS, {"xid": int(handle)})
+                        if status == "committed":
+                            # A primary shows its own commits as committed before its
+                            # synchronous standbys have them (and a client was told). This
+                            # transaction takes an id, so its COMMIT writes a record and waits
+                            # for those standbys like any other: once it returns, ours (an
+                            # earlier record) is replicated as the server's policy asks, and
+                            # survives a failover to them.
+                            await conn.execute(_TAKE_ID)
             except Exception as exc:  # the server may be away a little longer
                 logger.info("asking about transaction %s failed (%s)", handle, exc)
                 status = "unreachable"
