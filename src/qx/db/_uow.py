@@ -289,22 +289,16 @@ class UnitOfWork:
             await session.connection(execution_options=options)
         return session
 
-    async def _issue_token(self) -> None:
-        routing = self._routing
+    async def _issue_token(self, tokens: ConsistencyTokens) -> None:
         engine = self._session_factory.kw.get("bind")
-        if (
-            routing is None
-            or routing.replicas is None
-            or routing.tokens is None
-            or not isinstance(engine, AsyncEngine)
-        ):
-            return
+        if not isinstance(engine, AsyncEngine):
+            return  # bound to a connection: an outer transaction commits, not this one
         try:
             lsn = await commit_lsn(engine)
         except Exception:  # the commit stands: without a token the next read goes anywhere
             logger.warning("reading the commit's WAL position failed", exc_info=True)
             return
-        self.consistency_token = routing.tokens.issue(lsn, tenant=current_context().tenant_id)
+        self.consistency_token = tokens.issue(lsn, tenant=current_context().tenant_id)
 
     async def __aexit__(
         self,
@@ -431,8 +425,14 @@ class UnitOfWork:
                     }
                 )
         self._state = UnitOfWorkState.COMMITTED
-        if not self._read_only and self._routing is not None and self._routing.replicas:
-            await self._issue_token()
+        routing = self._routing
+        if (
+            not self._read_only
+            and routing is not None
+            and routing.replicas is not None
+            and routing.tokens is not None  # the factory refuses replicas without a secret
+        ):
+            await self._issue_token(routing.tokens)
         self.events = [record.event for record in records]
         if context is not None:
             await self._after_stages(context, written)
