@@ -27,10 +27,15 @@ class Proxy:
         self._cut: tuple[bytes, bool, bool] | None = None
         self.refusing = False
         self.cuts = 0
+        self.cut_made = asyncio.Event()  # set by the first cut
 
     def cut_at(self, marker: bytes, *, deliver: bool = True, refuse: bool = False) -> None:
         """Kill the next connection whose client sends ``marker`` (see the class)."""
         self._cut = (marker, deliver, refuse)
+
+    def _count_cut(self) -> None:
+        self.cuts += 1
+        self.cut_made.set()
 
     def blackhole(self) -> None:
         """From now on, accept and read but never deliver a byte, in either direction."""
@@ -94,7 +99,7 @@ class Proxy:
                 await self._open.wait()
                 if answer_lost.is_set():
                     # The server answered the cut message: the client never hears it.
-                    self.cuts += 1
+                    self._count_cut()
                     for end in (writer, client):
                         if end is not None:
                             end.close()
@@ -107,7 +112,7 @@ class Proxy:
                     _, deliver, refuse = cut
                     self.refusing = refuse
                     if not deliver:  # lost on the way: the server sees the client vanish
-                        self.cuts += 1
+                        self._count_cut()
                         writer.close()
                         client.close()
                         return

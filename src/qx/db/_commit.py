@@ -9,19 +9,31 @@ connection it asks a fresh connection what became of that transaction
 happened: safe to retry), or still unknown when ``deadline`` passes
 (:class:`~qx.core.CommitOutcomeUnknown`).
 
-PostgreSQL names its transactions: ``pg_current_xact_id_if_assigned()`` before COMMIT (one
-round trip; ``NULL`` for a transaction that wrote nothing, which has nothing to lose), then
-``pg_xact_status()``. SQLite commits to a local file in the same process: its COMMIT
-either returns or raises, and an error means it did not commit; nothing to probe.
+PostgreSQL names its transactions, but a transaction id names one transaction only within
+one run of one server. A server restarted after a crash, or a standby promoted after a
+failover, continues from the last id its WAL holds: a transaction whose records never
+reached it leaves its id free, and the next transaction there takes it. Asked about the id
+afterwards, the server answers for that other transaction ("committed"), and a commit that
+was lost would be reported done. So the handle is the id *and* the server run that gave it
+(the postmaster's start time; a promotion never happens inside a run that assigned ids as a
+primary, and a restart starts a new run): within the same run the server's answer is about
+our transaction; from another run only an answer that rules our transaction out is taken
+(an id not reached yet, aborted, or running), and "committed" is unknown. The handle is
+taken with ``pg_current_xact_id_if_assigned()`` before COMMIT (one round trip; ``NULL`` for
+a transaction that wrote nothing, which has nothing to lose), or returned by qx's own first
+INSERT (:mod:`qx.db._writes`); the question is asked with ``pg_xact_status()``. SQLite
+commits to a local file in the same process: its COMMIT either returns or raises, and an
+error means it did not commit; nothing to probe.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import time
 from collections.abc import Awaitable
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
@@ -35,6 +47,7 @@ __all__ = [
     "CommitProbe",
     "LocalProbe",
     "PostgresProbe",
+    "TransactionHandle",
     "past_cancellation",
 ]
 
@@ -72,39 +85,107 @@ async def past_cancellation(step: Awaitable[None]) -> bool:
             return cancelled
 
 
-_STATUS = text("SELECT pg_xact_status(CAST(:xid AS xid8))")
+# The server run, as text the same in every session (no time zone or date style in it).
+_RUN = "extract(epoch FROM pg_postmaster_start_time())::text"
+#: The name of the session's top-level transaction, ``<id>@<server run>`` (a SQL expression
+#: for qx's INSERTs to return; see :class:`TransactionHandle`).
+TRANSACTION_NAME_SQL = f"pg_current_xact_id()::text || '@' || {_RUN}"
+_NAME_IF_ASSIGNED = f"SELECT pg_current_xact_id_if_assigned()::text || '@' || {_RUN}"
+# One question: what became of the id here (or that this server has not reached it yet),
+# which run answers, and whether it is a standby (whose history may still grow).
+_STATUS = text(
+    "SELECT CASE WHEN CAST(:xid AS xid8) >= pg_snapshot_xmax(pg_current_snapshot()) "
+    f"THEN 'not reached' ELSE pg_xact_status(CAST(:xid AS xid8)) END, {_RUN}, "
+    "pg_is_in_recovery()"
+)
 _TAKE_ID = text("SELECT pg_current_xact_id()")
+
+
+class TransactionHandle(NamedTuple):
+    """A transaction named so that a server can be asked about it after its COMMIT was lost.
+
+    Attributes:
+        transaction: the database's id of the transaction (what an operator asks about).
+        server: the run of the server that gave the id (an id is reused across runs).
+    """
+
+    transaction: str
+    server: str
+
+    @classmethod
+    def parse(cls, name: str) -> TransactionHandle:
+        """Read ``<id>@<server run>`` (as :data:`TRANSACTION_NAME_SQL` returns it)."""
+        transaction, _, server = name.partition("@")
+        return cls(transaction, server)
 
 
 class CommitProbe(Protocol):
     """How a backend tells what became of a transaction whose COMMIT answer was lost."""
 
-    async def handle(self, session: AsyncSession) -> str | None:
+    async def handle(self, session: AsyncSession) -> TransactionHandle | None:
         """A handle on the session's transaction, taken just before COMMIT (``None``:
         nothing to find out). A backend that needs the transaction's writes done first
         flushes the session itself."""
 
-    async def outcome(self, engine: AsyncEngine, handle: str, *, deadline: float) -> bool | None:
+    async def outcome(
+        self, engine: AsyncEngine, handle: TransactionHandle, *, deadline: float
+    ) -> bool | None:
         """``True`` committed, ``False`` not, ``None`` not known by ``deadline``
         (``time.monotonic()``)."""
 
 
-class PostgresProbe:
-    """PostgreSQL's: the transaction's id, then ``pg_xact_status``."""
+class _Verdict(enum.Enum):
+    COMMITTED = True
+    NOT_COMMITTED = False
+    UNKNOWABLE = None
+    ASK_AGAIN = "ask again"
 
-    async def handle(self, session: AsyncSession) -> str | None:
+
+def _verdict(handle: TransactionHandle, status: str | None, server: str) -> _Verdict:
+    """What one answer from a primary says of ``handle``'s transaction."""
+    if server == handle.server:  # the run that gave the id: its answer is about ours
+        if status == "committed":
+            return _Verdict.COMMITTED
+        if status == "aborted":
+            return _Verdict.NOT_COMMITTED
+        if status is None:  # too old for the server to remember: cannot happen in time
+            return _Verdict.UNKNOWABLE
+        return _Verdict.ASK_AGAIN  # in progress: the server has not yet seen the client go
+    # Another run (a restart, a promoted standby): the id may have been given again. An
+    # answer that rules ours out holds whoever has the id now: not reached (our
+    # transaction is not in this history), aborted (ours or the new one: neither
+    # committed ours here), running (ours died with its run). "Committed" may be the
+    # other transaction's: cannot be known.
+    if status in ("not reached", "aborted", "in progress"):
+        return _Verdict.NOT_COMMITTED
+    return _Verdict.UNKNOWABLE
+
+
+class PostgresProbe:
+    """PostgreSQL's: the transaction's id and server run, then ``pg_xact_status``."""
+
+    async def handle(self, session: AsyncSession) -> TransactionHandle | None:
         # One trip into the session's greenlet for the flush and the question, not one per
         # step (each costs about as much CPU as a small statement).
-        return await session.run_sync(_transaction_id)
+        name = await session.run_sync(_transaction_name)
+        return None if name is None else TransactionHandle.parse(name)
 
-    async def outcome(self, engine: AsyncEngine, handle: str, *, deadline: float) -> bool | None:
+    async def outcome(
+        self, engine: AsyncEngine, handle: TransactionHandle, *, deadline: float
+    ) -> bool | None:
         pause = 0.05
         while True:
+            verdict = _Verdict.ASK_AGAIN
             try:
                 async with asyncio.timeout(max(deadline - time.monotonic(), 0.01)):
                     async with engine.connect() as conn, conn.begin():
-                        status = await conn.scalar(_STATUS, {"xid": int(handle)})
-                        if status == "committed":
+                        answer = (
+                            await conn.execute(_STATUS, {"xid": int(handle.transaction)})
+                        ).one()
+                        status, server, standby = answer
+                        if not standby:  # a standby's history may still grow: ask again
+                            verdict = _verdict(handle, status, server)
+                        if verdict is _Verdict.COMMITTED:
                             # A primary shows its own commits as committed before its
                             # synchronous standbys have them (and a client was told). This
                             # transaction takes an id, so its COMMIT writes a record and waits
@@ -113,22 +194,17 @@ class PostgresProbe:
                             # survives a failover to them.
                             await conn.execute(_TAKE_ID)
             except Exception as exc:  # the server may be away a little longer
-                logger.info("asking about transaction %s failed (%s)", handle, exc)
-                status = "unreachable"
-            if status == "committed":
-                return True
-            if status == "aborted":
-                return False
-            if status is None:  # too old for the server to remember: cannot happen in time
-                return None
-            # "in progress": the server has not yet seen the client go; or unreachable.
+                logger.info("asking about transaction %s failed (%s)", handle.transaction, exc)
+                verdict = _Verdict.ASK_AGAIN
+            if verdict is not _Verdict.ASK_AGAIN:
+                return verdict.value  # type: ignore[no-any-return]
             if time.monotonic() + pause >= deadline:
                 return None
             await asyncio.sleep(pause)
             pause = min(pause * 2, 1.0)
 
 
-def _transaction_id(session: Session) -> str | None:
+def _transaction_name(session: Session) -> str | None:
     # The flush's writes give the transaction its id: ask after them, on the driver's own
     # connection (no SQLAlchemy statement: nothing for the session's hooks to scope).
     session.flush()
@@ -138,15 +214,17 @@ def _transaction_id(session: Session) -> str | None:
     if record is not None and record.transaction_id is not None:
         return record.transaction_id  # a qx write brought it back (qx.db._writes)
     fairy: Any = session.connection().connection
-    found = await_only(fairy.driver_connection.fetchval("SELECT pg_current_xact_id_if_assigned()"))
+    found = await_only(fairy.driver_connection.fetchval(_NAME_IF_ASSIGNED))
     return None if found is None else str(found)
 
 
 class LocalProbe:
     """SQLite's: nothing to find out (a local COMMIT returns or raises)."""
 
-    async def handle(self, session: AsyncSession) -> str | None:
+    async def handle(self, session: AsyncSession) -> TransactionHandle | None:
         return None
 
-    async def outcome(self, engine: AsyncEngine, handle: str, *, deadline: float) -> bool | None:
+    async def outcome(
+        self, engine: AsyncEngine, handle: TransactionHandle, *, deadline: float
+    ) -> bool | None:
         return None  # pragma: no cover - no handle is ever given

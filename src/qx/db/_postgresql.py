@@ -8,14 +8,14 @@ from datetime import UTC, date, datetime, timedelta
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 
-from sqlalchemy import Table, Text, any_, bindparam, cast, event, func, literal_column
+from sqlalchemy import Table, Text, any_, bindparam, event, func, literal_column
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql.elements import ColumnElement
 
-from qx.db._commit import PostgresProbe
+from qx.db._commit import TRANSACTION_NAME_SQL, PostgresProbe
 from qx.db._dialect_base import Dialect
 from qx.db._translate import sqlstate_of
 
@@ -36,9 +36,9 @@ class PostgreSQL(Dialect):
     locks_rows = True
     notifies = True
     replicates = True
-    # The top-level transaction's id, as text (what the commit probe keeps and asks about).
-    transaction_id: ClassVar[ColumnElement[str] | None] = cast(
-        func.pg_current_xact_id(), Text
+    # The top-level transaction's name (what the commit probe keeps and asks about).
+    transaction_id: ClassVar[ColumnElement[str] | None] = literal_column(
+        TRANSACTION_NAME_SQL, Text
     ).label("qx_transaction_id")
     read_only_options: ClassVar[Mapping[str, Any]] = MappingProxyType({"postgresql_readonly": True})
 

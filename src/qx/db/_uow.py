@@ -532,21 +532,21 @@ class UnitOfWork:
             if committed:
                 logger.warning(
                     "the connection failed before COMMIT's answer; transaction %s committed",
-                    handle,
+                    handle.transaction,
                 )
                 with contextlib.suppress(Exception):
                     await session.close()
                 return
             if committed is False:
                 raise TransientError(
-                    f"the connection failed during COMMIT and transaction {handle} did not "
-                    "commit; safe to retry"
+                    f"the connection failed during COMMIT and transaction {handle.transaction} "
+                    "did not commit; safe to retry"
                 ) from exc
             raise CommitOutcomeUnknown(
                 f"the connection failed before COMMIT's answer and whether transaction "
-                f"{handle} committed is not known after {self._probe_seconds:g}s; "
+                f"{handle.transaction} committed is not known after {self._probe_seconds:g}s; "
                 "retrying could apply it twice",
-                transaction=handle,
+                transaction=handle.transaction,
             ) from exc
 
     async def rollback(self) -> None:
