@@ -21,8 +21,6 @@ nor use another tenant's.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import json
 import logging
 import time
@@ -37,7 +35,7 @@ from sqlalchemy.util import await_only
 
 from qx.core._errors import ConfigurationError, InvalidConsistencyToken
 from qx.db._dialect import dialect_of
-from qx.db.query._cursor import b64, unb64
+from qx.db._signing import BadSeal, Signer, key_of
 
 __all__ = ["ConsistencyTokens", "Replica", "Replicas", "Routing", "commit_lsn"]
 
@@ -54,7 +52,6 @@ _OBSERVE: Final = (
     " OR pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0"
     " ELSE coalesce(extract(epoch FROM now() - pg_last_xact_replay_timestamp()), 0) END"
 )
-_TAG_BYTES: Final = 16
 MAX_TOKEN: Final = 512
 
 
@@ -265,20 +262,15 @@ class ConsistencyTokens:
         1234
     """
 
-    __slots__ = ("_key",)
+    __slots__ = ("_signer",)
 
     def __init__(self, secret: str | bytes | SecretStr) -> None:
-        raw = secret.get_secret_value() if isinstance(secret, SecretStr) else secret
-        key = raw.encode("utf-8") if isinstance(raw, str) else bytes(raw)
-        self._key = hmac.new(key, b"qx consistency token", hashlib.sha256).digest()
-
-    def _tag(self, body: bytes) -> bytes:
-        return hmac.new(self._key, body, hashlib.sha256).digest()[:_TAG_BYTES]
+        self._signer = Signer(key_of(secret), purpose=b"qx consistency token")
 
     def issue(self, lsn: int, *, tenant: str | None) -> str:
         """The token of a commit at ``lsn`` made for ``tenant``."""
         body = json.dumps({"l": lsn, "t": tenant}, separators=(",", ":")).encode("utf-8")
-        return f"{b64(body)}.{b64(self._tag(body))}"
+        return self._signer.seal(body)
 
     def read(self, token: object, *, tenant: str | None) -> int:
         """The WAL position ``token`` names, if it is genuine and ``tenant``'s.
@@ -289,16 +281,13 @@ class ConsistencyTokens:
         """
         if not isinstance(token, str) or not token or len(token) > MAX_TOKEN:
             raise InvalidConsistencyToken("invalid consistency token", field="consistency_token")
-        body_text, dot, tag_text = token.partition(".")
         try:
-            body, tag = unb64(body_text), unb64(tag_text)
-        except ValueError:
-            body, tag = b"", b""
-        if not dot or not hmac.compare_digest(tag, self._tag(body)):
+            body = self._signer.open(token)
+        except BadSeal:
             raise InvalidConsistencyToken(
                 "invalid consistency token: malformed or not signed by this service",
                 field="consistency_token",
-            )
+            ) from None
         payload = json.loads(body)  # signed, so ours
         if payload.get("t") != tenant:
             raise InvalidConsistencyToken(

@@ -17,10 +17,6 @@ Example:
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
-import hmac
 import json
 import zlib
 from datetime import date, datetime
@@ -31,13 +27,13 @@ from uuid import UUID
 from pydantic import SecretStr
 
 from qx.core._errors import ConfigurationError, InvalidCursor
+from qx.db._signing import BadSeal, Signer, key_of
 
-__all__ = ["MAX_CURSOR", "Boundary", "CursorCodec", "b64", "unb64"]
+__all__ = ["MAX_CURSOR", "Boundary", "CursorCodec"]
 
 _VERSION: Final = 2
 #: The longest cursor accepted, and so the longest issued (a cursor travels in a URL).
 MAX_CURSOR: Final = 4096
-_TAG_BYTES: Final = 16
 _COMPRESS_FROM: Final = 256  # bytes of JSON
 _MAX_BODY: Final = 64 * 1024  # bytes a compressed body may expand to
 
@@ -49,15 +45,6 @@ class Boundary(NamedTuple):
     backward: bool
     values: list[Any]
     by_key: bool
-
-
-def b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def unb64(text: str) -> bytes:
-    padded = text + "=" * (-len(text) % 4)
-    return base64.urlsafe_b64decode(padded.encode("ascii"))
 
 
 def _plain(value: Any) -> Any:
@@ -81,25 +68,21 @@ class CursorCodec:
         ConfigurationError: the secret is missing or too short.
     """
 
-    __slots__ = ("_key",)
+    __slots__ = ("_signer",)
 
     def __init__(self, secret: str | bytes | SecretStr) -> None:
-        raw = secret.get_secret_value() if isinstance(secret, SecretStr) else secret
-        key = raw.encode("utf-8") if isinstance(raw, str) else bytes(raw)
+        key = key_of(secret)
         if len(key) < 16:
             raise ConfigurationError(
                 "the cursor secret (QX_PAGINATION_SECRET) must be at least 16 characters"
             )
-        self._key = key
-
-    def _tag(self, body: bytes) -> bytes:
-        return hmac.new(self._key, body, hashlib.sha256).digest()[:_TAG_BYTES]
+        self._signer = Signer(key)
 
     def _token(self, payload: dict[str, Any]) -> str:
         text = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
         data = text.encode("utf-8", "surrogatepass")
         body = b"z" + zlib.compress(data, 9) if len(data) >= _COMPRESS_FROM else b"j" + data
-        return f"{b64(body)}.{b64(self._tag(body))}"
+        return self._signer.seal(body)
 
     def encode(
         self, *, sort: str, backward: bool, values: list[Any], key: list[Any] | None = None
@@ -127,15 +110,11 @@ class CursorCodec:
         """
         if not isinstance(token, str) or not token or len(token) > MAX_CURSOR:
             raise InvalidCursor("invalid cursor", field="cursor")
-        body_text, dot, tag_text = token.partition(".")
-        if not dot:
-            raise InvalidCursor("invalid cursor: malformed", field="cursor")
         try:
-            body, tag = unb64(body_text), unb64(tag_text)
-        except (binascii.Error, ValueError, UnicodeEncodeError):
-            raise InvalidCursor("invalid cursor: malformed", field="cursor") from None
-        if not hmac.compare_digest(tag, self._tag(body)):
-            raise InvalidCursor("invalid cursor: signature does not match", field="cursor")
+            body = self._signer.open(token)
+        except BadSeal as bad:
+            problem = "signature does not match" if bad.reason == "signature" else "malformed"
+            raise InvalidCursor(f"invalid cursor: {problem}", field="cursor") from None
         payload = _payload(body)
         if not isinstance(payload, dict) or payload.get("v") != _VERSION:
             raise InvalidCursor("invalid cursor: unknown format", field="cursor")
