@@ -33,13 +33,13 @@ import enum
 import logging
 import time
 from collections.abc import Awaitable
-from typing import Any, NamedTuple, Protocol
+from typing import NamedTuple, Protocol
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
-from sqlalchemy.util import await_only
 
+from qx.db._driver import fetch_row
 from qx.db._transaction import existing_transaction
 
 __all__ = [
@@ -213,8 +213,7 @@ def _transaction_name(session: Session) -> str | None:
         return None  # no statement ran: nothing to lose, and no connection to take for it
     if record is not None and record.transaction_id is not None:
         return record.transaction_id  # a qx write brought it back (qx.db._writes)
-    fairy: Any = session.connection().connection
-    found = await_only(fairy.driver_connection.fetchval(_NAME_IF_ASSIGNED))
+    found = fetch_row(session, _NAME_IF_ASSIGNED)[0]
     return None if found is None else str(found)
 
 

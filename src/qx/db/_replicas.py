@@ -31,10 +31,10 @@ from typing import Any, Final
 from pydantic import SecretStr
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
-from sqlalchemy.util import await_only
 
 from qx.core._errors import ConfigurationError, InvalidConsistencyToken
 from qx.db._dialect import dialect_of
+from qx.db._driver import fetch_row
 from qx.db._signing import BadSeal, Signer, key_of
 
 __all__ = ["ConsistencyTokens", "Replica", "Replicas", "Routing", "commit_lsn"]
@@ -228,8 +228,7 @@ class Replicas:
 
 
 def _observe(session: Session) -> tuple[int, float]:
-    fairy: Any = session.connection().connection
-    row = await_only(fairy.driver_connection.fetchrow(_OBSERVE))
+    row = fetch_row(session, _OBSERVE)
     return int(row[0]), float(row[1])
 
 
