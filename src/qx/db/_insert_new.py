@@ -6,9 +6,14 @@ multi-row Core INSERT per table (parents first, foreign keys copied from the par
 flush would), then hands the objects back to the session's bookkeeping as persistent rows —
 the same rows, stamps and errors as the flush, without its per-object machinery.
 
+A primary key the database generates (an autoincrement integer left ``None``) is read back
+with ``RETURNING`` in the order the rows were given, then copied into the children, as the
+flush does, before their own INSERT.
+
 Anything unusual falls back to the regular flush: loaded, changed or deleted objects in the
 session, mapper or flush event listeners, inheritance, links other than owned one-to-many
-collections, primary keys left to the database, or ``None`` in a column that has a default.
+collections, a key left ``None`` that the database does not generate (or left by some rows
+of a table and given by others), or ``None`` in a column that has a default.
 """
 
 from __future__ import annotations
@@ -83,7 +88,11 @@ def _build_plan(mapper: Mapper[Any]) -> InsertPlan | None:
         else:
             links.append(rel.key)
     pk = tuple(mapper.get_property_by_column(column).key for column in mapper.primary_key)
-    return InsertPlan(table, tuple(columns), tuple(owned), tuple(links), pk)
+    auto = table.autoincrement_column
+    generated = None
+    if auto is not None and tuple(mapper.primary_key) == (auto,):
+        generated = (mapper.get_property_by_column(auto).key, auto)
+    return InsertPlan(table, tuple(columns), tuple(owned), tuple(links), pk, generated)
 
 
 def _eligible_session(sync: Any) -> bool:
@@ -110,7 +119,8 @@ async def insert_new_aggregates(session: AsyncSession) -> list[Any] | None:
     if not isinstance(sync, QxSession) or not _eligible_session(sync):
         return None
     new = list(sync.new)
-    plans: dict[Any, InsertPlan] = {}
+    plans: dict[int, InsertPlan] = {}
+    keyless: dict[Table, bool] = {}  # per table: its rows leave the key to the database
     for obj in new:
         state = instance_state(obj)
         plan = _plan(state.mapper)
@@ -120,43 +130,77 @@ async def insert_new_aggregates(session: AsyncSession) -> list[Any] | None:
             value = state.dict.get(key)
             if value:  # a link to another object needs the flush's dependency handling
                 return None
-        if any(state.dict.get(key) is None for key in plan.pk):
-            # A key the database generates: the flush reads it back. Found before anything
-            # is stamped or built, so the flush that takes over does that work once.
-            return None
+        missing = any(state.dict.get(key) is None for key in plan.pk)
+        if missing and plan.generated is None:
+            return None  # a key nobody generates: the flush says what is wrong
+        if keyless.setdefault(plan.table, missing) is not missing:
+            return None  # some rows give their key, some leave it: not one statement
         plans[id(obj)] = plan
-    # What the before_flush hook does: tenant, audit and version stamps.
-    tx = transaction_of(sync)
-    stamp_new(sync, current_context(), tx.clock.now(), tx)
-    # What the flush's foreign-key sync does: children take their parent's key.
+    # What the flush would copy from a parent's key into each child (filled later when the
+    # parent's key comes back from the database).
+    filled: dict[int, set[str]] = {}
     for obj in new:
-        state = instance_state(obj)
         for key, pairs in plans[id(obj)].owned:
-            for child in members(state.dict.get(key)):
-                for parent_key, child_key in pairs:
-                    setattr(child, child_key, state.dict.get(parent_key))
-    rows: dict[Table, list[dict[str, Any]]] = {}
+            for child in members(instance_state(obj).dict.get(key)):
+                filled.setdefault(id(child), set()).update(child_key for _, child_key in pairs)
+    # Found before anything is stamped or written: a value the flush would default.
     for obj in new:
         plan = plans[id(obj)]
         values = instance_state(obj).dict
-        row: dict[str, Any] = {}
-        for attr, column, defaulted in plan.columns:
+        skip = filled.get(id(obj), set())
+        if keyless[plan.table] and plan.generated is not None:
+            skip = skip | {plan.generated[0]}
+        for attr, _, defaulted in plan.columns:
+            if attr in skip:
+                continue
             value = values.get(attr, _MISSING)
             if value is _MISSING or (value is None and defaulted):
                 return None  # the flush would apply a default we cannot see here
-            row[column] = value
-        rows.setdefault(plan.table, []).append(row)
+    # What the before_flush hook does: tenant, audit and version stamps.
+    tx = transaction_of(sync)
+    stamp_new(sync, current_context(), tx.clock.now(), tx)
+    by_table: dict[Table, list[Any]] = {}
+    for obj in new:
+        by_table.setdefault(plans[id(obj)].table, []).append(obj)
     connection = await session.connection()
-    for index, table in enumerate(sort_tables(rows)):  # parents before children
-        if index == 0:
-            await execute_write(session, insert(table), rows[table])  # names the transaction
+    for index, table in enumerate(sort_tables(by_table)):  # parents before children
+        objects = by_table[table]
+        plan = plans[id(objects[0])]
+        generated = plan.generated if keyless[table] else None
+        rows = [_row(plan, obj, generated) for obj in objects]
+        returning = () if generated is None else (generated[1],)
+        if index == 0:  # names the transaction too
+            back = await execute_write(session, insert(table), rows, returning=returning)
+        elif generated is None:
+            await connection.execute(insert(table), rows)
         else:
-            await connection.execute(insert(table), rows[table])
+            back = (
+                await connection.execute(
+                    insert(table).returning(*returning, sort_by_parameter_order=len(rows) > 1),
+                    rows,
+                )
+            ).all()
+        if generated is not None:
+            for obj, row in zip(objects, back, strict=True):
+                setattr(obj, generated[0], row[0])
+        # What the flush's foreign-key sync does: children take their parent's key.
+        for obj in objects:
+            state = instance_state(obj)
+            for key, pairs in plan.owned:
+                for child in members(state.dict.get(key)):
+                    for parent_key, child_key in pairs:
+                        setattr(child, child_key, state.dict.get(parent_key))
     transaction_of(sync).flushed = True
     sync.expunge_all()
     for obj in new:
         make_transient_to_detached(obj)
     return new
+
+
+def _row(plan: InsertPlan, obj: Any, generated: tuple[str, Any] | None) -> dict[str, Any]:
+    values = instance_state(obj).dict
+    skip = None if generated is None else generated[0]
+    return {column: values.get(attr) for attr, column, _ in plan.columns if attr != skip}
 
 
 def forget_inserted(objects: list[Any]) -> None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 from weakref import WeakKeyDictionary
 
-from sqlalchemy import Table
+from sqlalchemy import Column, Table
 from sqlalchemy.orm import Mapper
 from sqlalchemy.orm.interfaces import ORMOption
 
@@ -130,6 +130,9 @@ class InsertPlan:
     links: tuple[str, ...]
     #: attribute keys of the primary key
     pk: tuple[str, ...]
+    #: (attribute key, column) of a primary key the database generates (an autoincrement
+    #: integer) when the object leaves it ``None``; read back by ``RETURNING``
+    generated: tuple[str, Column[Any]] | None = None
 
 
 class JoinedPart:

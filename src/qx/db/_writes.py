@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Insert
+from sqlalchemy import ColumnElement, Insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from qx.db._dialect import dialect_of
@@ -22,15 +22,33 @@ __all__ = ["execute_write"]
 
 
 async def execute_write(
-    session: AsyncSession, statement: Insert, rows: Sequence[dict[str, Any]]
-) -> None:
+    session: AsyncSession,
+    statement: Insert,
+    rows: Sequence[dict[str, Any]],
+    *,
+    returning: Sequence[ColumnElement[Any]] = (),
+) -> Sequence[Any]:
     """Execute ``statement`` with ``rows`` on the session's connection; note the
-    transaction's id from the same round trip when it is not known yet."""
+    transaction's name from the same round trip when it is not known yet.
+
+    Returns:
+        The ``returning`` columns of each row, in the order of ``rows`` (empty without).
+    """
     connection = await session.connection()
     column = dialect_of(connection).transaction_id
     record = existing_transaction(session.sync_session)
-    if column is None or record is None or record.transaction_id is not None:
+    wanted: tuple[ColumnElement[Any], ...] = tuple(returning)
+    named = column is not None and record is not None and record.transaction_id is None
+    if named and column is not None:
+        wanted = (*wanted, column)
+    if not wanted:
         await connection.execute(statement, rows)
-        return
-    result = await connection.execute(statement.returning(column), rows)
-    record.transaction_id = result.scalars().first()
+        return ()
+    ordered = bool(returning) and len(rows) > 1  # keys must match their rows
+    result = await connection.execute(
+        statement.returning(*wanted, sort_by_parameter_order=ordered), rows
+    )
+    fetched = result.all()
+    if named and record is not None and fetched:
+        record.transaction_id = fetched[0][-1]
+    return fetched
