@@ -143,7 +143,10 @@ async def insert_new_aggregates(session: AsyncSession) -> list[Any] | None:
         for key, pairs in plans[id(obj)].owned:
             for child in members(instance_state(obj).dict.get(key)):
                 filled.setdefault(id(child), set()).update(child_key for _, child_key in pairs)
-    # Found before anything is stamped or written: a value the flush would default.
+    # What the before_flush hook does: tenant, audit and version stamps.
+    tx = transaction_of(sync)
+    stamp_new(sync, current_context(), tx.clock.now(), tx)
+    # Found before anything is written: a value the flush would default.
     for obj in new:
         plan = plans[id(obj)]
         values = instance_state(obj).dict
@@ -156,9 +159,6 @@ async def insert_new_aggregates(session: AsyncSession) -> list[Any] | None:
             value = values.get(attr, _MISSING)
             if value is _MISSING or (value is None and defaulted):
                 return None  # the flush would apply a default we cannot see here
-    # What the before_flush hook does: tenant, audit and version stamps.
-    tx = transaction_of(sync)
-    stamp_new(sync, current_context(), tx.clock.now(), tx)
     by_table: dict[Table, list[Any]] = {}
     for obj in new:
         by_table.setdefault(plans[id(obj)].table, []).append(obj)
