@@ -21,9 +21,13 @@ our transaction; from another run only an answer that rules our transaction out 
 (an id not reached yet, aborted, or running), and "committed" is unknown. The handle is
 taken with ``pg_current_xact_id_if_assigned()`` before COMMIT (one round trip; ``NULL`` for
 a transaction that wrote nothing, which has nothing to lose), or returned by qx's own first
-INSERT (:mod:`qx.db._writes`); the question is asked with ``pg_xact_status()``. SQLite
-commits to a local file in the same process: its COMMIT either returns or raises, and an
-error means it did not commit; nothing to probe.
+INSERT (:mod:`qx.db._writes`); the question is asked with ``pg_xact_status()``.
+
+SQLite commits in the process: no answer is lost on a wire, but its own COMMIT can fail. A
+busy or locked database, a deferred constraint or an interrupt leave the transaction undone
+(safe to retry); an I/O error, a full disk or a corrupt file can come after the commit record
+reached the write-ahead log, and SQLite does not say which: that transaction's outcome is
+unknown, and there is nobody to ask.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import enum
 import logging
 import time
 from collections.abc import Awaitable
-from typing import NamedTuple, Protocol
+from typing import Final, NamedTuple, Protocol
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
@@ -41,6 +45,7 @@ from sqlalchemy.orm import Session
 
 from qx.db._driver import fetch_row
 from qx.db._transaction import existing_transaction
+from qx.db._translate import driver_error, lost_connection, sqlstate_of
 
 __all__ = [
     "COMMIT_PROBE_SECONDS",
@@ -119,8 +124,15 @@ class TransactionHandle(NamedTuple):
         return cls(transaction, server)
 
 
+#: The handle of a transaction nobody can be asked about (an SQLite file's).
+LOCAL_HANDLE: Final = TransactionHandle("", "")
+
+
 class CommitProbe(Protocol):
     """How a backend tells what became of a transaction whose COMMIT answer was lost."""
+
+    def ambiguous(self, error: BaseException) -> bool:
+        """Whether a COMMIT that failed with ``error`` may have committed all the same."""
 
     async def handle(self, session: AsyncSession) -> TransactionHandle | None:
         """A handle on the session's transaction, taken just before COMMIT (``None``:
@@ -163,6 +175,11 @@ def _verdict(handle: TransactionHandle, status: str | None, server: str) -> _Ver
 
 class PostgresProbe:
     """PostgreSQL's: the transaction's id and server run, then ``pg_xact_status``."""
+
+    def ambiguous(self, error: BaseException) -> bool:
+        # An error the server answered with means it did not commit; a connection that
+        # failed may have carried the COMMIT and lost only its answer.
+        return lost_connection(error)
 
     async def handle(self, session: AsyncSession) -> TransactionHandle | None:
         # One trip into the session's greenlet for the flush and the question, not one per
@@ -217,13 +234,30 @@ def _transaction_name(session: Session) -> str | None:
     return None if found is None else str(found)
 
 
+# SQLSTATEs (SQLite's codes mapped, qx.db._translate) of a COMMIT that did not happen: busy
+# or locked (the transaction stays open, and is rolled back), a deferred constraint, an
+# interrupt, a snapshot that went stale.
+_UNDONE: Final = ("55P03", "40001", "57014", "23")
+
+
 class LocalProbe:
-    """SQLite's: nothing to find out (a local COMMIT returns or raises)."""
+    """SQLite's: an error from COMMIT either left nothing done or cannot be resolved."""
+
+    def ambiguous(self, error: BaseException) -> bool:
+        state = sqlstate_of(driver_error(error))
+        return state is None or not state.startswith(_UNDONE)
 
     async def handle(self, session: AsyncSession) -> TransactionHandle | None:
-        return None
+        # Flush first, so an error of the writes is not taken for one of the COMMIT.
+        return await session.run_sync(_local_handle)
 
     async def outcome(
         self, engine: AsyncEngine, handle: TransactionHandle, *, deadline: float
     ) -> bool | None:
-        return None  # pragma: no cover - no handle is ever given
+        return None  # nobody to ask: a file in this process
+
+
+def _local_handle(session: Session) -> TransactionHandle | None:
+    session.flush()
+    record = existing_transaction(session)
+    return LOCAL_HANDLE if record is None or record.flushed else None

@@ -39,6 +39,7 @@ class TransactionView(Protocol):
 
     rows_checked: RowsChecked | None
     connected: bool
+    flushed: bool
     transaction_id: str | None
 
     def track(self, root: Any) -> None:

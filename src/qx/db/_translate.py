@@ -35,6 +35,7 @@ from qx.core._errors import (
 from qx.db._transaction import existing_transaction
 
 __all__ = [
+    "driver_error",
     "error_for_sqlstate",
     "lost_connection",
     "raise_translated",
@@ -80,6 +81,20 @@ _TRANSIENT: Final[frozenset[str]] = frozenset(
         "53300",  # too_many_connections
     }
 )
+
+
+def driver_error(error: BaseException) -> BaseException:
+    """The driver's own error behind ``error`` (inside SQLAlchemy's wrapper, or the cause
+    of qx's translation), or ``error`` itself when there is none."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, sqlite3.Error) or _is_asyncpg_error(current):
+            return current
+        orig = getattr(current, "orig", None) if isinstance(current, sa_exc.DBAPIError) else None
+        current = orig if isinstance(orig, BaseException) else current.__cause__
+    return error
 
 
 def sqlstate_of(error: BaseException) -> str | None:

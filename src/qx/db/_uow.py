@@ -65,7 +65,7 @@ from qx.db._repository import Repository
 from qx.db._session import QxSession, has_writes
 from qx.db._state import UnitOfWorkState
 from qx.db._tracking import renew_transient, transaction_of
-from qx.db._translate import lost_connection, translating
+from qx.db._translate import driver_error, translating
 from qx.db.query._cursor import CursorCodec
 
 __all__ = ["UnitOfWork", "UnitOfWorkFactory", "UnitOfWorkState"]
@@ -525,7 +525,7 @@ class UnitOfWork:
         try:
             await session.commit()
         except Exception as exc:
-            if not lost_connection(exc):
+            if not probe.ambiguous(exc):
                 raise
             deadline = time.monotonic() + self._probe_seconds
             committed = await probe.outcome(engine, handle, deadline=deadline)
@@ -541,6 +541,12 @@ class UnitOfWork:
                 raise TransientError(
                     f"the connection failed during COMMIT and transaction {handle.transaction} "
                     "did not commit; safe to retry"
+                ) from exc
+            if not handle.transaction:  # nobody to ask (an SQLite file)
+                raise CommitOutcomeUnknown(
+                    f"COMMIT failed in a way that may have left it committed "
+                    f"({_driver_reason(exc)}); whether it did cannot be found out; retrying "
+                    "could apply it twice"
                 ) from exc
             raise CommitOutcomeUnknown(
                 f"the connection failed before COMMIT's answer and whether transaction "
@@ -575,6 +581,14 @@ def _restore_events(roots: list[Any], records: list[RecordedEvent], before_commi
 
 
 _UNHANDLED_WARNED: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
+
+
+def _driver_reason(error: BaseException) -> str:
+    """The driver's name and text for an error, bounded (SQLite: ``SQLITE_IOERR_FSYNC: disk
+    I/O error``)."""
+    orig = driver_error(error)
+    name = getattr(orig, "sqlite_errorname", None) or type(orig).__name__
+    return f"{name}: {str(orig)[:120]}"
 
 
 def _warn_unhandled(batch: list[RecordedEvent], session_factory: Any) -> None:

@@ -1,0 +1,144 @@
+"""A COMMIT that fails on an SQLite file (issue 22): what the bus may retry.
+
+SQLite commits in the process, so no answer is lost on a wire; what can go wrong is SQLite's
+own COMMIT failing. Some failures leave the transaction undone (busy or locked: the
+transaction stays open and is rolled back; a deferred constraint): retrying is safe. Others
+can come after the commit record reached the write-ahead log — an I/O error syncing it —
+and SQLite does not say which happened: that is ``CommitOutcomeUnknown``, never retried.
+
+The faults are injected into the driver's COMMIT of the connections the unit of work uses:
+a busy database refuses it, or the COMMIT is done and then reported failed (what an fsync
+error after the log write looks like from above).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+import pytest
+from sqlalchemy import event, select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from qx.cqrs import Command, MessageBus
+from qx.db import UnitOfWorkFactory, create_session_factory
+from qx.errors import CommitOutcomeUnknown
+from tests import models
+
+
+@pytest.fixture
+def backend() -> str:
+    return "sqlite"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Deposit(Command[int]):
+    counter_id: UUID
+
+
+@dataclass
+class Ledger:
+    bus: MessageBus
+    factory: UnitOfWorkFactory[models.AppUnitOfWork]
+    runs: list[UUID]
+
+
+@pytest.fixture
+async def ledger(engine: AsyncEngine) -> Ledger:
+    bus = MessageBus()
+    runs: list[UUID] = []
+    factory = UnitOfWorkFactory(
+        models.AppUnitOfWork, create_session_factory(engine), dispatcher=bus
+    )
+    bus.provide(uow_factory=factory)
+
+    @bus.handler(Deposit)
+    async def deposit(command: Deposit, uow: models.AppUnitOfWork) -> int:
+        runs.append(command.counter_id)
+        counter = await uow.counters.require(command.counter_id)
+        counter.increment(integration=True)
+        return counter.value
+
+    return Ledger(bus, factory, runs)
+
+
+def sqlite_error(name: str, code: int, message: str) -> sqlite3.OperationalError:
+    error = sqlite3.OperationalError(message)
+    error.sqlite_errorname = name
+    error.sqlite_errorcode = code
+    return error
+
+
+@contextmanager
+def failing_commit(engine: AsyncEngine, *, commit_first: bool, error: Exception) -> Iterator[None]:
+    """The next COMMIT on a connection of ``engine`` fails with ``error`` (after committing,
+    with ``commit_first``)."""
+    armed = [True]
+
+    def on_commit(conn: Any) -> None:
+        if not armed[0]:
+            return
+        armed[0] = False
+        driver = conn.connection.dbapi_connection._connection  # aiosqlite's connection
+        original = driver.commit
+
+        async def commit() -> None:
+            driver.commit = original
+            if commit_first:
+                await original()
+            raise error
+
+        driver.commit = commit
+
+    event.listen(engine.sync_engine, "commit", on_commit)
+    try:
+        yield
+    finally:
+        event.remove(engine.sync_engine, "commit", on_commit)
+
+
+async def opened(ledger: Ledger) -> UUID:
+    async with ledger.factory() as uow:
+        counter = models.Counter(name="deposits")
+        await uow.counters.add(counter)
+        await uow.commit()
+    return counter.id
+
+
+async def value(engine: AsyncEngine, ident: UUID) -> int:
+    async with engine.connect() as conn:
+        return int(
+            await conn.scalar(select(models.counters.c.value).where(models.counters.c.id == ident))
+        )
+
+
+async def test_a_busy_database_refuses_commit_and_the_command_is_retried_once(
+    engine: AsyncEngine, ledger: Ledger
+) -> None:
+    ident = await opened(ledger)
+    busy = sqlite_error("SQLITE_BUSY", 5, "database is locked")
+    with failing_commit(engine, commit_first=False, error=busy):
+        assert await ledger.bus.execute(Deposit(counter_id=ident)) == 1
+    assert ledger.runs == [ident, ident]  # not committed: retried, once
+    assert await value(engine, ident) == 1
+
+
+async def test_a_commit_that_may_have_happened_is_unknown_and_never_retried(
+    engine: AsyncEngine, ledger: Ledger
+) -> None:
+    ident = await opened(ledger)
+    fsync = sqlite_error("SQLITE_IOERR_FSYNC", 1034, "disk I/O error")
+    with (
+        failing_commit(engine, commit_first=True, error=fsync),
+        pytest.raises(CommitOutcomeUnknown, match="SQLITE_IOERR_FSYNC") as caught,
+    ):
+        await ledger.bus.execute(Deposit(counter_id=ident))
+    assert ledger.runs == [ident]  # never retried
+    assert await value(engine, ident) == 1  # it had committed: applied exactly once
+    assert len(str(caught.value)) < 500
+    # The factory goes on working.
+    assert await ledger.bus.execute(Deposit(counter_id=ident)) == 2
