@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import insert, text
 
 from qx.core import new_id, request_context
 from qx.db import UnitOfWorkFactory, create_session_factory, translating
@@ -16,7 +17,10 @@ from qx.errors import (
     IntegrityViolation,
     StatementTimeout,
     TransientError,
+    UnitOfWorkError,
 )
+from qx.examples.orders.domain import OrderLine
+from qx.examples.orders.infrastructure import order_lines
 from tests.integration.conftest import drop_schema, make_backend_engine
 from tests.models import AppUnitOfWork, Counter
 
@@ -56,19 +60,33 @@ async def test_not_null_and_foreign_key_violations(uow_factory: Factory) -> None
     with request_context(tenant_id="t"):
         async with uow_factory() as uow:
             with pytest.raises(IntegrityViolation) as fk:
-                await _insert_orphan_line(uow)
+                await uow.session.execute(
+                    insert(order_lines).values(
+                        id=new_id(),
+                        order_id=new_id(),  # no such order
+                        sku="X",
+                        quantity=1,
+                        unit_price=Decimal(1),
+                        tenant_id="t",
+                    )
+                )
+                await uow.commit()
     assert fk.value.sqlstate == "23503"
 
 
-async def _insert_orphan_line(uow: AppUnitOfWork) -> None:
-    from decimal import Decimal
-
-    from qx.examples.orders.domain import OrderLine
-
-    line = OrderLine(sku="X", quantity=1, unit_price=Decimal(1))
-    uow.session.add(line)
-    line.order_id = new_id()  # type: ignore[attr-defined]
-    await uow.commit()
+async def test_a_part_added_without_its_root_is_refused_on_every_path(
+    uow_factory: Factory,
+) -> None:
+    """A new part no root holds: the insert fast path steps aside and the flush's rule
+    refuses it, so the outcome does not depend on which path wrote (it did: the fast path
+    let the database answer with a foreign-key error)."""
+    with request_context(tenant_id="t"):
+        async with uow_factory() as uow:
+            line = OrderLine(sku="X", quantity=1, unit_price=Decimal(1))
+            uow.session.add(line)
+            line.order_id = new_id()  # type: ignore[attr-defined]
+            with pytest.raises(UnitOfWorkError, match="whose root this unit of work has not"):
+                await uow.commit()
 
 
 @pytest.mark.postgres_only

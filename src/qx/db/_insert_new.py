@@ -30,7 +30,7 @@ from sqlalchemy.sql.util import sort_tables
 from qx.core._context import current_context
 from qx.db._mapping import entity_info
 from qx.db._model import InsertPlan, Unset, model_of
-from qx.db._session import QxSession, stamp_new
+from qx.db._session import QxSession, in_aggregate, stamp_new
 from qx.db._tracking import members, transaction_of
 from qx.db._writes import execute_write
 
@@ -143,6 +143,10 @@ async def insert_new_aggregates(session: AsyncSession) -> list[Any] | None:
         for key, pairs in plans[id(obj)].owned:
             for child in members(instance_state(obj).dict.get(key)):
                 filled.setdefault(id(child), set()).update(child_key for _, child_key in pairs)
+    for obj in new:
+        mapper = instance_state(obj).mapper
+        if id(obj) not in filled and not entity_info(mapper).is_root and in_aggregate(mapper):
+            return None  # a part no new root holds: the flush's rule refuses it, once
     # What the before_flush hook does: tenant, audit and version stamps.
     tx = transaction_of(sync)
     stamp_new(sync, current_context(), tx.clock.now(), tx)

@@ -42,7 +42,14 @@ from qx.db._tracking import (
 )
 from qx.db._translate import raise_translated
 
-__all__ = ["QxSession", "has_writes", "key_load_sees_pending", "loading_by_key", "stamp_new"]
+__all__ = [
+    "QxSession",
+    "has_writes",
+    "in_aggregate",
+    "key_load_sees_pending",
+    "loading_by_key",
+    "stamp_new",
+]
 
 _SYSTEM_CLOCK: Final = SystemClock()
 _NO_LOAD: Final = PassiveFlag.PASSIVE_NO_INITIALIZE
@@ -224,7 +231,7 @@ def _removed_parts(state: InstanceState[Any], info: EntityInfo) -> Iterator[Any]
                 yield item
 
 
-def _in_aggregate(mapper: Mapper[Any]) -> bool:
+def in_aggregate(mapper: Mapper[Any]) -> bool:
     """Whether ``mapper``'s objects are parts of an aggregate: owned (delete-orphan) by a
     root, or by a part of one (cached per mapper)."""
     model = model_of(mapper)
@@ -292,7 +299,7 @@ def stamp_new(
             if info.version_key is not None and getattr(obj, info.version_key) is None:
                 setattr(obj, info.version_key, 1)
         else:
-            child_changed = child_changed or _in_aggregate(state.mapper)
+            child_changed = child_changed or in_aggregate(state.mapper)
             _hold_linked_root(tx, state)
     return changed, child_changed
 
@@ -348,7 +355,7 @@ def _before_flush(session: QxSession, _flush: UOWTransaction, _instances: Any) -
             tx.track(obj)
         elif _net_modified(state):
             changed.add(state)
-            child_changed = child_changed or _in_aggregate(state.mapper)
+            child_changed = child_changed or in_aggregate(state.mapper)
             _hold_linked_root(tx, state)
             if info.updated_key is not None:
                 setattr(obj, info.updated_key, now)
@@ -364,7 +371,7 @@ def _before_flush(session: QxSession, _flush: UOWTransaction, _instances: Any) -
             if info.version_key is not None:
                 checked.append((info, state))
         else:
-            child_changed = child_changed or _in_aggregate(state.mapper)
+            child_changed = child_changed or in_aggregate(state.mapper)
             _hold_linked_root(tx, state)
 
     if child_changed:
@@ -425,7 +432,7 @@ def _bump_for_parts(
     unclaimed = [
         s
         for s in changed
-        if s not in claimed and not entity_info(s.mapper).is_root and _in_aggregate(s.mapper)
+        if s not in claimed and not entity_info(s.mapper).is_root and in_aggregate(s.mapper)
     ]
     if not unclaimed:
         return
