@@ -40,6 +40,8 @@ class TransactionView(Protocol):
     rows_checked: RowsChecked | None
     connected: bool
     flushed: bool
+    #: the roots held until the transaction ends, by ``id()``
+    roots: dict[int, Any]
     transaction_id: str | None
 
     def track(self, root: Any) -> None:
