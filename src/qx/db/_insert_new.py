@@ -119,57 +119,58 @@ async def insert_new_aggregates(session: AsyncSession) -> list[Any] | None:
     if not isinstance(sync, QxSession) or not _eligible_session(sync):
         return None
     new = list(sync.new)
-    plans: dict[int, InsertPlan] = {}
+    states = [instance_state(obj) for obj in new]
+    plans: list[InsertPlan] = []
     keyless: dict[Table, bool] = {}  # per table: its rows leave the key to the database
-    for obj in new:
-        state = instance_state(obj)
+    for state in states:
         plan = _plan(state.mapper)
         if plan is None:
             return None
+        values = state.dict
         for key in plan.links:
-            value = state.dict.get(key)
-            if value:  # a link to another object needs the flush's dependency handling
+            if values.get(key):  # a link to another object needs the flush's dependencies
                 return None
-        missing = any(state.dict.get(key) is None for key in plan.pk)
+        missing = any(values.get(key) is None for key in plan.pk)
         if missing and plan.generated is None:
             return None  # a key nobody generates: the flush says what is wrong
         if keyless.setdefault(plan.table, missing) is not missing:
             return None  # some rows give their key, some leave it: not one statement
-        plans[id(obj)] = plan
-    # What the flush would copy from a parent's key into each child (filled later when the
-    # parent's key comes back from the database).
-    filled: dict[int, set[str]] = {}
-    for obj in new:
-        for key, pairs in plans[id(obj)].owned:
-            for child in members(instance_state(obj).dict.get(key)):
-                filled.setdefault(id(child), set()).update(child_key for _, child_key in pairs)
-    for obj in new:
-        mapper = instance_state(obj).mapper
+        plans.append(plan)
+    # What the flush copies from a parent's key into each child (later, when the parent's
+    # key comes back from the database): the children's attributes, by child.
+    filled: dict[int, tuple[str, ...]] = {}
+    for state, plan in zip(states, plans, strict=True):
+        for key, pairs in plan.owned:
+            child_keys = tuple(child_key for _, child_key in pairs)
+            for child in members(state.dict.get(key)):
+                filled[id(child)] = child_keys
+    for obj, state in zip(new, states, strict=True):
+        mapper = state.mapper
         if id(obj) not in filled and not entity_info(mapper).is_root and in_aggregate(mapper):
             return None  # a part no new root holds: the flush's rule refuses it, once
     # What the before_flush hook does: tenant, audit and version stamps.
     tx = transaction_of(sync)
     stamp_new(sync, current_context(), tx.clock.now(), tx)
     # Found before anything is written: a value the flush would default.
-    for obj in new:
-        plan = plans[id(obj)]
-        values = instance_state(obj).dict
-        skip = filled.get(id(obj), set())
-        if keyless[plan.table] and plan.generated is not None:
-            skip = skip | {plan.generated[0]}
+    for obj, state, plan in zip(new, states, plans, strict=True):
+        values = state.dict
+        skip = filled.get(id(obj), ())
+        left = plan.generated[0] if keyless[plan.table] and plan.generated else None
         for attr, _, defaulted in plan.columns:
-            if attr in skip:
-                continue
             value = values.get(attr, _MISSING)
-            if value is _MISSING or (value is None and defaulted):
+            if (value is _MISSING or (value is None and defaulted)) and (
+                attr not in skip and attr != left
+            ):
                 return None  # the flush would apply a default we cannot see here
     by_table: dict[Table, list[Any]] = {}
-    for obj in new:
-        by_table.setdefault(plans[id(obj)].table, []).append(obj)
+    by_plan: dict[Table, InsertPlan] = {}
+    for obj, plan in zip(new, plans, strict=True):
+        by_table.setdefault(plan.table, []).append(obj)
+        by_plan[plan.table] = plan
     connection = await session.connection()
     for index, table in enumerate(sort_tables(by_table)):  # parents before children
         objects = by_table[table]
-        plan = plans[id(objects[0])]
+        plan = by_plan[table]
         generated = plan.generated if keyless[table] else None
         rows = [_row(plan, obj, generated) for obj in objects]
         returning = () if generated is None else (generated[1],)
