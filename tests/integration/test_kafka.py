@@ -66,7 +66,9 @@ async def until(check: Callable[[], Awaitable[bool]], seconds: float, what: str)
 
 
 async def records(settings: BrokerSettings, topic: str, count: int) -> list[Any]:
-    """Every record of ``topic`` (at least ``count``), read by a group of its own."""
+    """Every record of ``topic``: at least ``count``, and then on to the end of every
+    partition (a relay killed mid-run sends some records twice, so ``count`` records can be
+    reached with some of the rest still unread)."""
     from aiokafka import AIOKafkaConsumer
 
     consumer = AIOKafkaConsumer(
@@ -80,10 +82,17 @@ async def records(settings: BrokerSettings, topic: str, count: int) -> list[Any]
     found: list[Any] = []
     try:
         deadline = asyncio.get_running_loop().time() + 30
-        while len(found) < count and asyncio.get_running_loop().time() < deadline:
+        while asyncio.get_running_loop().time() < deadline:
             batch = await consumer.getmany(timeout_ms=500)
             for chunk in batch.values():
                 found.extend(chunk)
+            if len(found) < count or batch:
+                continue
+            assigned = consumer.assignment()
+            ends = await consumer.end_offsets(list(assigned))
+            positions = {tp: await consumer.position(tp) for tp in ends}
+            if all(positions[tp] >= end for tp, end in ends.items()):
+                break
     finally:
         await consumer.stop()
     return found
