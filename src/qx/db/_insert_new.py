@@ -25,6 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapper, make_transient, make_transient_to_detached
 from sqlalchemy.orm.attributes import instance_state
 from sqlalchemy.orm.interfaces import ONETOMANY
+from sqlalchemy.orm.state import InstanceState
 from sqlalchemy.sql.util import sort_tables
 
 from qx.core._context import current_context
@@ -162,17 +163,17 @@ async def insert_new_aggregates(session: AsyncSession) -> list[Any] | None:
                 attr not in skip and attr != left
             ):
                 return None  # the flush would apply a default we cannot see here
-    by_table: dict[Table, list[Any]] = {}
+    by_table: dict[Table, list[InstanceState[Any]]] = {}
     by_plan: dict[Table, InsertPlan] = {}
-    for obj, plan in zip(new, plans, strict=True):
-        by_table.setdefault(plan.table, []).append(obj)
+    for state, plan in zip(states, plans, strict=True):
+        by_table.setdefault(plan.table, []).append(state)
         by_plan[plan.table] = plan
     connection = await session.connection()
     for index, table in enumerate(sort_tables(by_table)):  # parents before children
-        objects = by_table[table]
+        table_states = by_table[table]
         plan = by_plan[table]
         generated = plan.generated if keyless[table] else None
-        rows = [_row(plan, obj, generated) for obj in objects]
+        rows = [_row(plan, state, generated) for state in table_states]
         returning = () if generated is None else (generated[1],)
         if index == 0:  # names the transaction too
             back = await execute_write(session, insert(table), rows, returning=returning)
@@ -186,11 +187,10 @@ async def insert_new_aggregates(session: AsyncSession) -> list[Any] | None:
                 )
             ).all()
         if generated is not None:
-            for obj, row in zip(objects, back, strict=True):
-                setattr(obj, generated[0], row[0])
+            for state, row in zip(table_states, back, strict=True):
+                setattr(state.obj(), generated[0], row[0])
         # What the flush's foreign-key sync does: children take their parent's key.
-        for obj in objects:
-            state = instance_state(obj)
+        for state in table_states:
             for key, pairs in plan.owned:
                 for child in members(state.dict.get(key)):
                     for parent_key, child_key in pairs:
@@ -202,8 +202,10 @@ async def insert_new_aggregates(session: AsyncSession) -> list[Any] | None:
     return new
 
 
-def _row(plan: InsertPlan, obj: Any, generated: tuple[str, Any] | None) -> dict[str, Any]:
-    values = instance_state(obj).dict
+def _row(
+    plan: InsertPlan, state: InstanceState[Any], generated: tuple[str, Any] | None
+) -> dict[str, Any]:
+    values = state.dict
     skip = None if generated is None else generated[0]
     return {column: values.get(attr) for attr, column, _ in plan.columns if attr != skip}
 

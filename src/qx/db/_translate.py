@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import sqlite3
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from typing import Final
 
@@ -83,17 +83,24 @@ _TRANSIENT: Final[frozenset[str]] = frozenset(
 )
 
 
-def driver_error(error: BaseException) -> BaseException:
-    """The driver's own error behind ``error`` (inside SQLAlchemy's wrapper, or the cause
-    of qx's translation), or ``error`` itself when there is none."""
+def _chain(error: BaseException) -> Iterator[BaseException]:
+    """``error``, then what it wraps: SQLAlchemy's ``orig``, else the ``__cause__`` (qx's
+    translations chain to what they translated), once each."""
     seen: set[int] = set()
     current: BaseException | None = error
     while current is not None and id(current) not in seen:
         seen.add(id(current))
+        yield current
+        orig = getattr(current, "orig", None)
+        current = orig if isinstance(orig, BaseException) else current.__cause__
+
+
+def driver_error(error: BaseException) -> BaseException:
+    """The driver's own error behind ``error`` (inside SQLAlchemy's wrapper, or the cause
+    of qx's translation), or ``error`` itself when there is none."""
+    for current in _chain(error):
         if isinstance(current, sqlite3.Error) or _is_asyncpg_error(current):
             return current
-        orig = getattr(current, "orig", None) if isinstance(current, sa_exc.DBAPIError) else None
-        current = orig if isinstance(orig, BaseException) else current.__cause__
     return error
 
 
@@ -112,10 +119,7 @@ def lost_connection(error: BaseException) -> bool:
     """Whether ``error`` says the connection failed (closed, reset, timed out, SQLSTATE class
     08) rather than the server refusing the statement. A COMMIT that fails so may have
     committed: the answer was lost, not the transaction."""
-    seen: set[int] = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
+    for current in _chain(error):
         if isinstance(current, sa_exc.DBAPIError) and current.connection_invalidated:
             return True
         if isinstance(current, ConnectionError | TimeoutError | BrokenPipeError):
@@ -126,8 +130,6 @@ def lost_connection(error: BaseException) -> bool:
         kind = type(current)
         if kind.__module__.startswith("asyncpg") and kind.__name__ in _LOST_CONNECTION_TYPES:
             return True
-        orig = getattr(current, "orig", None)
-        current = orig if isinstance(orig, BaseException) else current.__cause__
     return False
 
 

@@ -37,10 +37,9 @@ async def execute_write(
     connection = await session.connection()
     column = dialect_of(connection).transaction_id
     record = existing_transaction(session.sync_session)
-    wanted: tuple[ColumnElement[Any], ...] = tuple(returning)
-    named = column is not None and record is not None and record.transaction_id is None
-    if named and column is not None:
-        wanted = (*wanted, column)
+    if record is None or record.transaction_id is not None:
+        column = None  # named already, or no record to note it in
+    wanted = (*returning, column) if column is not None else tuple(returning)
     if not wanted:
         await connection.execute(statement, rows)
         return ()
@@ -49,6 +48,6 @@ async def execute_write(
         statement.returning(*wanted, sort_by_parameter_order=ordered), rows
     )
     fetched = result.all()
-    if named and record is not None and fetched:
+    if column is not None and record is not None and fetched:
         record.transaction_id = fetched[0][-1]
     return fetched
