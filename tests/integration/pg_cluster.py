@@ -18,7 +18,23 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["PgCluster", "PgServer", "server_binaries"]
+import pytest
+
+__all__ = ["PgCluster", "PgServer", "cluster_or_skip", "server_binaries"]
+
+
+def cluster_or_skip(what: str) -> PgCluster:
+    """A new cluster folder, or skip the test saying how to run it: ``what`` says what the
+    test starts (its servers, never the machine's)."""
+    if os.environ.get("QX_TEST_SKIP_REPLICAS"):
+        pytest.skip("QX_TEST_SKIP_REPLICAS is set")
+    bindir = server_binaries()
+    if bindir is None:
+        pytest.skip(
+            f"{what}: install the PostgreSQL server binaries (pg_config --bindir must name "
+            "initdb, pg_ctl, pg_basebackup)"
+        )
+    return PgCluster(bindir)
 
 
 def server_binaries() -> Path | None:

@@ -21,23 +21,19 @@ from typing import Any
 from uuid import UUID
 
 import pytest
-from sqlalchemy import event, select
+from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from qx.cqrs import Command, MessageBus
+from qx.cqrs import MessageBus
 from qx.db import UnitOfWorkFactory, create_session_factory
 from qx.errors import CommitOutcomeUnknown
 from tests import models
+from tests.integration.test_commit_outcome import Deposit, balance, opened
 
 
 @pytest.fixture
 def backend() -> str:
     return "sqlite"
-
-
-@dataclass(frozen=True, kw_only=True)
-class Deposit(Command[int]):
-    counter_id: UUID
 
 
 @dataclass
@@ -101,21 +97,6 @@ def failing_commit(engine: AsyncEngine, *, commit_first: bool, error: Exception)
         event.remove(engine.sync_engine, "commit", on_commit)
 
 
-async def opened(ledger: Ledger) -> UUID:
-    async with ledger.factory() as uow:
-        counter = models.Counter(name="deposits")
-        await uow.counters.add(counter)
-        await uow.commit()
-    return counter.id
-
-
-async def value(engine: AsyncEngine, ident: UUID) -> int:
-    async with engine.connect() as conn:
-        return int(
-            await conn.scalar(select(models.counters.c.value).where(models.counters.c.id == ident))
-        )
-
-
 async def test_a_busy_database_refuses_commit_and_the_command_is_retried_once(
     engine: AsyncEngine, ledger: Ledger
 ) -> None:
@@ -124,7 +105,7 @@ async def test_a_busy_database_refuses_commit_and_the_command_is_retried_once(
     with failing_commit(engine, commit_first=False, error=busy):
         assert await ledger.bus.execute(Deposit(counter_id=ident)) == 1
     assert ledger.runs == [ident, ident]  # not committed: retried, once
-    assert await value(engine, ident) == 1
+    assert await balance(engine, ident) == 1
 
 
 async def test_a_commit_that_may_have_happened_is_unknown_and_never_retried(
@@ -138,7 +119,7 @@ async def test_a_commit_that_may_have_happened_is_unknown_and_never_retried(
     ):
         await ledger.bus.execute(Deposit(counter_id=ident))
     assert ledger.runs == [ident]  # never retried
-    assert await value(engine, ident) == 1  # it had committed: applied exactly once
+    assert await balance(engine, ident) == 1  # it had committed: applied exactly once
     assert len(str(caught.value)) < 500
     # The factory goes on working.
     assert await ledger.bus.execute(Deposit(counter_id=ident)) == 2

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -47,7 +46,7 @@ from qx.errors import CommitOutcomeUnknown, TransientError
 from qx.outbox import Envelope, Inbox, OutboxRelay, include_qx_tables
 from qx.settings import RelaySettings
 from qx.testing import MemoryPublisher
-from tests.integration.pg_cluster import PgCluster, PgServer, server_binaries
+from tests.integration.pg_cluster import PgCluster, PgServer, cluster_or_skip
 from tests.integration.proxy import Proxy
 
 md = make_metadata()
@@ -149,16 +148,7 @@ class Pair:
 
 @pytest.fixture
 def pair() -> Iterator[Pair]:
-    if os.environ.get("QX_TEST_SKIP_REPLICAS"):
-        pytest.skip("QX_TEST_SKIP_REPLICAS is set")
-    bindir = server_binaries()
-    if bindir is None:
-        pytest.skip(
-            "the failover test starts its own PostgreSQL primary and standby: install the "
-            "PostgreSQL server binaries (pg_config --bindir must name initdb, pg_ctl, "
-            "pg_basebackup)"
-        )
-    cluster = PgCluster(bindir)
+    cluster = cluster_or_skip("the failover test starts its own PostgreSQL primary and standby")
     try:
         primary = cluster.start_primary()
         # The standby's own settings: it must not wait for a synchronous standby of its own
@@ -307,15 +297,7 @@ async def test_a_promoted_standby_holds_every_acknowledged_command_once(pair: Pa
 
 @pytest.fixture
 def lone_primary() -> Iterator[tuple[PgCluster, PgServer]]:
-    if os.environ.get("QX_TEST_SKIP_REPLICAS"):
-        pytest.skip("QX_TEST_SKIP_REPLICAS is set")
-    bindir = server_binaries()
-    if bindir is None:
-        pytest.skip(
-            "this test restarts a PostgreSQL server of its own: install the PostgreSQL "
-            "server binaries (pg_config --bindir must name initdb and pg_ctl)"
-        )
-    cluster = PgCluster(bindir)
+    cluster = cluster_or_skip("this test restarts a PostgreSQL server of its own")
     try:
         # WAL leaves the server's buffers only when a commit flushes it (no writer timer
         # within the test), so a crash forgets the last transaction that did not commit.

@@ -8,7 +8,6 @@ server ``pg_is_in_recovery()`` and ``inet_server_port()``.
 from __future__ import annotations
 
 import asyncio
-import os
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -39,7 +38,7 @@ from qx.errors import ConfigurationError, InvalidConsistencyToken, UnitOfWorkErr
 from qx.examples.orders.api import create_app
 from qx.examples.orders.infrastructure import metadata as orders_metadata
 from qx.settings import DatabaseSettings, QxSettings, ReplicaSettings
-from tests.integration.pg_cluster import PgCluster, PgServer, server_binaries
+from tests.integration.pg_cluster import PgCluster, PgServer, cluster_or_skip
 
 SECRET = "replica-test-secret-0123456789"
 DELAY = 2.0
@@ -88,16 +87,7 @@ class Servers:
 
 @pytest.fixture(scope="module")
 def servers() -> Iterator[Servers]:
-    if os.environ.get("QX_TEST_SKIP_REPLICAS"):
-        pytest.skip("QX_TEST_SKIP_REPLICAS is set")
-    bindir = server_binaries()
-    if bindir is None:
-        pytest.skip(
-            "the replica tests start their own PostgreSQL primary and standbys: install the "
-            "PostgreSQL server binaries (pg_config --bindir must name initdb, pg_ctl, "
-            "pg_basebackup)"
-        )
-    cluster = PgCluster(bindir)
+    cluster = cluster_or_skip("the replica tests start their own PostgreSQL primary and standbys")
     try:
         primary = cluster.start_primary()
         fast = cluster.add_standby("fast")
