@@ -118,8 +118,21 @@ def _inbox_app(console: Console) -> typer.Typer:
             ),
         ],
         concurrency: Annotated[
-            int, typer.Option("--concurrency", min=1, help="Subscribers in this process.")
+            int,
+            typer.Option(
+                "--concurrency",
+                min=1,
+                help="Subscribers (with QX_BROKER__PARTITIONS: group members) in this process.",
+            ),
         ] = 1,
+        lease_seconds: Annotated[
+            float,
+            typer.Option(
+                "--lease-seconds",
+                min=0.5,
+                help="With QX_BROKER__PARTITIONS: how long a dead process's partitions wait.",
+            ),
+        ] = 10.0,
         metrics_port: Annotated[
             int | None, typer.Option("--metrics-port", help="Serve Prometheus /metrics.")
         ] = None,
@@ -130,8 +143,10 @@ def _inbox_app(console: Console) -> typer.Typer:
             bool | None, typer.Option("--log-json/--log-text", help="Log JSON lines.")
         ] = None,
     ) -> None:
-        """Feed the inbox from QX_BROKER__URL (nats://, amqp:// or redis://) until
-        SIGTERM/SIGINT: each message's handler runs once, in its own transaction."""
+        """Feed the inbox from QX_BROKER__URL (nats://, amqp://, redis:// or kafka://) until
+        SIGTERM/SIGINT: each message's handler runs once, in its own transaction. With
+        QX_BROKER__PARTITIONS, the processes of one --consumer share the partitions, each
+        aggregate's events going to one of them at a time."""
         from qx.outbox import InboxService
 
         async def main() -> None:
@@ -142,7 +157,12 @@ def _inbox_app(console: Console) -> typer.Typer:
 
                     InboxMetrics(inbox).serve(metrics_port)
                 service = InboxService(
-                    settings.broker, inbox, routes, name=consumer, concurrency=concurrency
+                    settings.broker,
+                    inbox,
+                    routes,
+                    name=consumer,
+                    concurrency=concurrency,
+                    lease_seconds=lease_seconds,
                 )
                 await service.serve(
                     ready=lambda: console.print(

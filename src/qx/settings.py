@@ -118,6 +118,13 @@ class BrokerSettings(BaseModel):
             event name, ``<subject_prefix>.<event name>``. The record key is the aggregate,
             so an aggregate's events share a partition and keep their order.
         kafka_partitions: partitions of the topics the publisher creates.
+        partitions: ``0`` (the default): NATS subjects, RabbitMQ routing keys and the Redis
+            stream name only the event. ``N``: they carry the event's partition too, a hash
+            of its aggregate among ``N`` (``<prefix>.p<k>.<event name>``,
+            ``p<k>.<event name>``, ``<redis_stream>.p<k>``), and a consumer group's
+            :class:`~qx.outbox.InboxService` gives each partition to exactly one of its
+            consumers at a time. Publishers and consumers must agree on it. Kafka has its
+            own partitions (``kafka_partitions``) and ignores it.
         publish_timeout: seconds to wait for the broker's acknowledgement. A message not
             acknowledged in time counts an attempt only if the broker acknowledged others
             meanwhile; otherwise the broker is unavailable and the row waits untried.
@@ -140,6 +147,7 @@ class BrokerSettings(BaseModel):
     redis_maxlen: int | None = Field(default=None, ge=1)
     kafka_topic: str = Field(default="", pattern=r"^[A-Za-z0-9._\-]{0,249}$")
     kafka_partitions: int = Field(default=6, ge=1, le=10_000)
+    partitions: int = Field(default=0, ge=0, le=1024)
     publish_timeout: float = Field(default=5.0, gt=0)
     heartbeat: float = Field(default=2.0, gt=0)
 

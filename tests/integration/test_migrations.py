@@ -62,11 +62,13 @@ QX_TABLES = {
     "qx_inbox",
     "qx_inbox_sequence",
     "qx_inbox_parked",
+    "qx_inbox_lane",
+    "qx_inbox_member",
     "qx_idempotency",
 }
 #: qx's newest revision, and the one before it.
-QX_HEAD = "qx_0008"
-QX_PREVIOUS = "qx_0007"
+QX_HEAD = "qx_0009"
+QX_PREVIOUS = "qx_0008"
 ORDERS_TABLES = {"orders", "order_lines", "products"}
 
 
@@ -137,6 +139,8 @@ async def test_a_database_of_the_earlier_single_chain_is_adopted(empty: AsyncEng
             # What qx revisions after the single chain added is not there yet.
             await conn.execute(text("DROP TABLE IF EXISTS qx_inbox_sequence"))
             await conn.execute(text("DROP TABLE IF EXISTS qx_inbox_parked"))
+            await conn.execute(text("DROP TABLE IF EXISTS qx_inbox_lane"))
+            await conn.execute(text("DROP TABLE IF EXISTS qx_inbox_member"))
 
     await stamp_as_single_chain()
     await upgrade(empty)
@@ -444,7 +448,7 @@ def test_a_new_qx_revision_arrives_without_editing_the_service_s_revisions(
             from alembic import op
 
             revision = "qx_9001"
-            down_revision = "qx_0008"
+            down_revision = "qx_0009"
             branch_labels = None
             depends_on = None
 

@@ -14,8 +14,8 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from qx.core import utcnow
 from qx.errors import QxError
 from qx.outbox import Envelope, OutboxRelay, RelayState, outbox_table, qx_metadata
+from qx.outbox._leases import fair_share
 from qx.outbox._relay_state import TRANSITIONS, StateMachine
-from qx.outbox._store import fair_share
 from qx.outbox._table import OUTBOX_LANES
 from qx.settings import RelaySettings
 from qx.testing import MemoryPublisher
@@ -114,11 +114,11 @@ async def test_a_relay_names_where_it_is_as_the_database_and_the_broker_come_and
 @pytest.mark.parametrize("count", [1, 2, 3, 7, 11, 12, 16, 63, 64, 65, 100])
 def test_fair_shares_add_up_to_every_lane_and_differ_by_at_most_one(count: int) -> None:
     alive = [f"relay-{n}" for n in reversed(range(count))]  # any order: ranked by id
-    shares = [fair_share(relay, alive) for relay in alive]
+    shares = [fair_share(relay, alive, lanes=OUTBOX_LANES) for relay in alive]
     assert sum(shares) == OUTBOX_LANES
     assert max(shares) - min(shares) <= 1
     # A relay whose heartbeat is not in yet takes the smallest share.
-    assert fair_share("relay-new", alive) == min(shares)
+    assert fair_share("relay-new", alive, lanes=OUTBOX_LANES) == min(shares)
 
 
 class Stuck(MemoryPublisher):

@@ -54,6 +54,7 @@ from qx.core._telemetry import active_tracer, span, trace_headers
 from qx.db._translate import translate_error
 from qx.outbox._claimed import Run
 from qx.outbox._envelope import Envelope
+from qx.outbox._leases import Leases
 from qx.outbox._logging import RateLimitedLog
 from qx.outbox._relay_state import RelayState, StateMachine
 from qx.outbox._signals import until_signalled
@@ -61,7 +62,6 @@ from qx.outbox._store import (
     Claim,
     Failure,
     Finished,
-    Leases,
     Marks,
     OutboxStore,
     Sent,

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -46,7 +45,6 @@ from sqlalchemy import (
     and_,
     delete,
     func,
-    or_,
     select,
     tuple_,
     update,
@@ -57,6 +55,7 @@ from qx.core._backoff import Backoff
 from qx.db._dialect import dialect_named
 from qx.db._dialect_base import Dialect
 from qx.outbox._claimed import AggregateKey, ClaimedRow, Run, sequence_key
+from qx.outbox._leases import LeaseBook, Leases
 from qx.outbox._relay_sql import PENDING, RelaySql, SequenceKey
 from qx.outbox._relay_sql_postgres import PostgresRelaySql
 from qx.outbox._relay_sql_sqlite import SqliteRelaySql
@@ -74,13 +73,11 @@ __all__ = [
     "Claim",
     "Failure",
     "Finished",
-    "Leases",
     "Marks",
     "OutboxProblem",
     "OutboxStatus",
     "OutboxStore",
     "Sent",
-    "fair_share",
     "reconnect_backoff",
     "relay_server_settings",
     "retry_backoff",
@@ -111,19 +108,6 @@ def reconnect_backoff(settings: RelaySettings) -> Backoff:
     """How long to wait after failures in a row to reach the database or the broker:
     doubling from ``reconnect_delay``, at most 30 s, not jittered (one relay's own pace)."""
     return Backoff(settings.reconnect_delay, 30.0, jitter=False)
-
-
-def fair_share(relay_id: str, alive: Sequence[str]) -> int:
-    """The lanes ``relay_id`` should hold among the ``alive`` relays: every
-    relay ``OUTBOX_LANES // n`` lanes, the first ``OUTBOX_LANES % n`` one more. The shares
-    add up to every lane, so none is left to nobody; a share of ``ceil(lanes / n)`` for
-    all would let fewer relays hold every lane (64 lanes: 11 relays of 6, the 12th none).
-    """
-    ranked = sorted(alive)  # in Python: the same order in every relay, whatever collation
-    count = max(len(ranked), 1)
-    base, extra = divmod(OUTBOX_LANES, count)
-    rank = ranked.index(relay_id) if relay_id in ranked else count - 1
-    return base + (1 if rank < extra else 0)
 
 
 class Sent(NamedTuple):
@@ -226,19 +210,6 @@ class Claim:
 
 
 @dataclass(frozen=True, slots=True)
-class Leases:
-    """The lanes a relay holds after :meth:`OutboxStore.lease`.
-
-    Attributes:
-        tokens: lane → fencing token.
-        draining: lanes being handed over: not claimed in, given up once idle.
-    """
-
-    tokens: dict[int, int]
-    draining: frozenset[int] = frozenset()
-
-
-@dataclass(frozen=True, slots=True)
 class OutboxStatus:
     """A snapshot of the outbox.
 
@@ -299,7 +270,7 @@ class OutboxStore:
         self.engine = engine
         self.dialect: Dialect = dialect_named(engine.dialect.name)
         self.timeout = timeout
-        self._lanes_created = False
+        self._leases = LeaseBook(lane_table, relay_table, "relay_id", OUTBOX_LANES)
         self.sql: RelaySql = relay_sql(self.dialect, engine.dialect)
         self._rotation = 0
 
@@ -369,76 +340,15 @@ class OutboxStore:
             now: the time.
             lease_seconds: how long a lease lasts without renewal.
         """
-        until = now + timedelta(seconds=lease_seconds)
         async with self.transaction() as conn:
-            if not self._lanes_created:
-                await conn.execute(
-                    self.dialect.insert(_lane)
-                    .values([{"lane": lane, "token": 0} for lane in range(OUTBOX_LANES)])
-                    .on_conflict_do_nothing()
-                )
-                self._lanes_created = True
-            beat = self.dialect.insert(relay_table).values(relay_id=relay_id, alive_until=until)
-            await conn.execute(
-                beat.on_conflict_do_update(
-                    index_elements=[relay_table.c.relay_id], set_={"alive_until": until}
-                )
+            return await self._leases.lease(
+                conn, self.dialect, relay_id, busy=busy, now=now, lease_seconds=lease_seconds
             )
-            renewed = await conn.execute(
-                update(_lane)
-                .where(_lane.c.owner == relay_id)
-                .values(lease_until=until)
-                .returning(_lane.c.lane, _lane.c.token)
-            )
-            mine = {int(lane): int(token) for lane, token in renewed.all()}
-            draining: set[int] = set()
-            alive = await conn.scalars(
-                select(relay_table.c.relay_id).where(relay_table.c.alive_until > now)
-            )
-            fair = fair_share(relay_id, list(alive))
-            if len(mine) > fair:
-                surplus = sorted(mine)[fair:]
-                release = [lane for lane in surplus if lane not in busy]
-                draining = set(surplus) - set(release)
-                if release:
-                    await conn.execute(
-                        update(_lane)
-                        .where(_lane.c.lane.in_(release), _lane.c.owner == relay_id)
-                        .values(owner=None, lease_until=None)
-                    )
-                    for lane in release:
-                        del mine[lane]
-            elif len(mine) < fair:
-                free = self.dialect.for_update(
-                    select(_lane.c.lane)
-                    .where(or_(_lane.c.lease_until.is_(None), _lane.c.lease_until <= now))
-                    .order_by(_lane.c.lane)
-                    .limit(fair - len(mine)),
-                    skip_locked=True,
-                )
-                taken = await conn.execute(
-                    update(_lane)
-                    .where(
-                        _lane.c.lane.in_(free),
-                        or_(_lane.c.lease_until.is_(None), _lane.c.lease_until <= now),
-                    )
-                    .values(owner=relay_id, token=_lane.c.token + 1, lease_until=until)
-                    .returning(_lane.c.lane, _lane.c.token)
-                )
-                mine.update({int(lane): int(token) for lane, token in taken.all()})
-            if random.random() < 0.01:  # forget relays gone for good, now and then
-                await conn.execute(
-                    delete(relay_table).where(relay_table.c.alive_until < now - timedelta(hours=1))
-                )
-        return Leases(mine, frozenset(draining))
 
     async def release(self, relay_id: str) -> None:
         """Give up every lane and the heartbeat (a relay that stops cleanly)."""
         async with self.transaction() as conn:
-            await conn.execute(
-                update(_lane).where(_lane.c.owner == relay_id).values(owner=None, lease_until=None)
-            )
-            await conn.execute(delete(relay_table).where(relay_table.c.relay_id == relay_id))
+            await self._leases.release(conn, relay_id)
 
     async def _valid(
         self, tx: Tx, relay_id: str, tokens: Mapping[int, int], now: datetime | None

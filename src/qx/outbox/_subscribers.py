@@ -50,6 +50,7 @@ from qx.core._errors import (
     OutOfOrder,
     TransientError,
 )
+from qx.outbox._destinations import nats_filter, rabbit_bindings, redis_stream_of
 from qx.outbox._envelope import Envelope
 from qx.outbox._inbox import EventRouter, Inbox
 from qx.outbox.publishers._kafka import kafka_servers, kafka_topic
@@ -222,6 +223,8 @@ class NatsSubscriber(_Subscriber):
             message again, when this subscriber creates the durable consumer: messages
             fetched by a connection that died come back after it (the inbox absorbs a
             redelivery of one still being handled).
+        partition: read only this partition's subjects (``QX_BROKER__PARTITIONS``; the
+            durable is then that partition's alone); ``None``: every subject of the prefix.
     """
 
     system = "NATS"
@@ -235,11 +238,13 @@ class NatsSubscriber(_Subscriber):
         durable: str,
         batch: int = 100,
         ack_wait: float = 30.0,
+        partition: int | None = None,
     ) -> None:
         super().__init__(settings, inbox, router)
         self.durable = durable
         self.batch = batch
         self.ack_wait = ack_wait
+        self.subject = nats_filter(settings, partition)
 
     async def _consume(self, stop: asyncio.Event) -> None:
         # This loop reconnects (and subscribes again); the client's own reconnection would
@@ -249,9 +254,8 @@ class NatsSubscriber(_Subscriber):
 
         try:
             js = nc.jetstream(timeout=self.settings.publish_timeout)
-            subject = f"{self.settings.subject_prefix}.>"
             sub = await js.pull_subscribe(
-                subject,
+                self.subject,
                 durable=self.durable,
                 stream=self.settings.stream,
                 config=ConsumerConfig(ack_wait=self.ack_wait),
@@ -279,8 +283,12 @@ class RabbitSubscriber(_Subscriber):
         settings: broker URL and exchange.
         inbox: runs handlers once per message.
         router: handlers by event type; each type is bound as a routing key.
-        queue: the durable queue name (one per service).
+        queue: the durable queue name (one per service, or per partition).
         prefetch: unacknowledged messages in flight.
+        partition: bind only this partition's routing keys (``QX_BROKER__PARTITIONS``); the
+            queue then has a single active consumer, so even two members of the group that
+            both believe they hold the partition (one of them late to notice it lost its
+            lease) never receive its messages at once.
     """
 
     system = "RabbitMQ"
@@ -293,10 +301,12 @@ class RabbitSubscriber(_Subscriber):
         *,
         queue: str,
         prefetch: int = 100,
+        partition: int | None = None,
     ) -> None:
         super().__init__(settings, inbox, router)
         self.queue = queue
         self.prefetch = prefetch
+        self.partition = partition
 
     async def _consume(self, stop: asyncio.Event) -> None:
         try:
@@ -315,9 +325,12 @@ class RabbitSubscriber(_Subscriber):
             exchange = await channel.declare_exchange(
                 self.settings.exchange, aio_pika.ExchangeType.TOPIC, durable=True
             )
-            queue = await channel.declare_queue(self.queue, durable=True)
-            for event_type in self.router.types or ("#",):
-                await queue.bind(exchange, routing_key=event_type)
+            single: Any = None
+            if self.partition is not None:
+                single = {"x-single-active-consumer": True}
+            queue = await channel.declare_queue(self.queue, durable=True, arguments=single)
+            for key in rabbit_bindings(self.settings, self.router.types, self.partition):
+                await queue.bind(exchange, routing_key=key)
             self._connected()
             async with queue.iterator() as messages:
                 iterator = messages.__aiter__()
@@ -358,6 +371,9 @@ class RedisSubscriber(_Subscriber):
         consumer: this process's name in the group.
         batch: entries read at a time.
         idle_seconds: how long an unacknowledged entry waits before it is claimed again.
+        partition: read this partition's stream (``<redis_stream>.p<k>``), which
+            ``QX_BROKER__PARTITIONS`` requires; give the partition's own ``consumer`` name, so
+            a new holder reads at once what the last one took and never acknowledged.
     """
 
     system = "Redis"
@@ -372,12 +388,19 @@ class RedisSubscriber(_Subscriber):
         consumer: str,
         batch: int = 100,
         idle_seconds: float = 30.0,
+        partition: int | None = None,
     ) -> None:
         super().__init__(settings, inbox, router)
+        if settings.partitions and partition is None:
+            raise ConfigurationError(
+                f"QX_BROKER__PARTITIONS is {settings.partitions}: events are in one Redis "
+                "stream per partition; give RedisSubscriber(partition=...) or run an InboxService"
+            )
         self.group = group
         self.consumer = consumer
         self.batch = batch
         self.idle_seconds = idle_seconds
+        self.stream = redis_stream_of(settings, partition)
 
     async def _consume(self, stop: asyncio.Event) -> None:
         try:
@@ -392,7 +415,7 @@ class RedisSubscriber(_Subscriber):
             health_check_interval=self.settings.heartbeat,
             socket_keepalive=True,
         )
-        stream = self.settings.redis_stream
+        stream = self.stream
         try:
             try:
                 await client.xgroup_create(stream, self.group, id="0", mkstream=True)

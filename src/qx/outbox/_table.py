@@ -21,7 +21,6 @@ Example:
 
 from __future__ import annotations
 
-import zlib
 from datetime import UTC, datetime
 from typing import Final
 from uuid import UUID
@@ -42,12 +41,15 @@ from sqlalchemy import (
 
 from qx.db._mapping import qx_metadata
 from qx.db.types import PortableJSON, UtcDateTime
+from qx.outbox._destinations import aggregate_hash
 
 __all__ = [
     "NOTIFY_CHANNEL",
     "OUTBOX_LANES",
     "OUTBOX_TABLE",
     "PARKED",
+    "inbox_lane_table",
+    "inbox_member_table",
     "inbox_parked_table",
     "inbox_sequence_table",
     "inbox_table",
@@ -77,13 +79,9 @@ itself)."""
 def lane_of(aggregate_type: str | None, aggregate_id: str | None, event_id: UUID | None) -> int:
     """The lane of a row: a stable hash of its aggregate (of its id when it has none).
 
-    The same in every process and Python version (CRC-32, not ``hash()``).
+    The same hash as a broker partition's (:func:`~qx.outbox._destinations.aggregate_hash`).
     """
-    if aggregate_id is None:
-        key = str(event_id).encode()
-    else:
-        key = f"{aggregate_type or ''}\x00{aggregate_id}".encode()
-    return zlib.crc32(key) % OUTBOX_LANES
+    return aggregate_hash(aggregate_type, aggregate_id, event_id) % OUTBOX_LANES
 
 
 outbox_table: Final = Table(
@@ -194,6 +192,27 @@ inbox_parked_table: Final = Table(
     Column("attempts", Integer(), nullable=False),
     Column("parked_at", UtcDateTime(), nullable=False),
     Index("ix_qx_inbox_parked_aggregate", "consumer", "aggregate_type", "aggregate_id", "sequence"),
+)
+
+#: A consumer group's partitions (``QX_BROKER__PARTITIONS``): one row per partition, leased to
+#: one member of the group at a time (the relays' lease rule, :mod:`qx.outbox._leases`).
+inbox_lane_table: Final = Table(
+    "qx_inbox_lane",
+    qx_metadata,
+    Column("consumer", String(200), primary_key=True),
+    Column("lane", Integer(), primary_key=True, autoincrement=False),
+    Column("owner", String(200), nullable=True),
+    Column("token", BigInteger(), nullable=False, server_default=text("0")),
+    Column("lease_until", UtcDateTime(), nullable=True),
+)
+
+#: The members of a consumer group alive (a heartbeat each): partitions are shared among them.
+inbox_member_table: Final = Table(
+    "qx_inbox_member",
+    qx_metadata,
+    Column("consumer", String(200), primary_key=True),
+    Column("member_id", String(200), primary_key=True),
+    Column("alive_until", UtcDateTime(), nullable=False),
 )
 
 #: Lane leases: one row per lane, created by the first relay (or migration 0006).

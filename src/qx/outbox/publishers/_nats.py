@@ -1,11 +1,12 @@
 """NATS JetStream publisher (``nats://``; needs the ``nats`` extra: nats-py).
 
-Each envelope goes to ``<subject_prefix>.<event name>`` with ``Nats-Msg-Id`` set to the event
-id, so JetStream drops a redelivery inside its duplicate window: a relay that crashed after
-publishing but before marking the row causes no second message. The window is JetStream's
-stream setting (2 minutes by default); qx sets it to ``QX_BROKER__DUPLICATE_WINDOW`` when
-it creates the stream, and it must outlast the relay's lease period. ``publish`` waits for the
-stream's PubAck.
+Each envelope goes to ``<subject_prefix>.<event name>`` (with ``QX_BROKER__PARTITIONS``,
+``<subject_prefix>.p<k>.<event name>``: :mod:`qx.outbox._destinations`) with ``Nats-Msg-Id``
+set to the event id, so JetStream drops a redelivery inside its duplicate window: a relay
+that crashed after publishing but before marking the row causes no second message. The
+window is JetStream's stream setting (2 minutes by default); qx sets it to
+``QX_BROKER__DUPLICATE_WINDOW`` when it creates the stream, and it must outlast the relay's
+lease period. ``publish`` waits for the stream's PubAck.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from qx.core._errors import BrokerUnavailable, ConfigurationError, PublishError
+from qx.outbox._destinations import nats_subject
 from qx.outbox._envelope import Envelope
 from qx.outbox.publishers._connecting import Connecting
 from qx.outbox.publishers._health import AckWatch
@@ -109,7 +111,7 @@ class NatsPublisher(Connecting):
 
     def subject(self, envelope: Envelope) -> str:
         """The subject an envelope is published on."""
-        return f"{self.settings.subject_prefix}.{envelope.type}"
+        return nats_subject(self.settings, envelope)
 
     destination = subject
 

@@ -13,6 +13,7 @@ import contextlib
 from typing import Any
 
 from qx.core._errors import BrokerUnavailable, ConfigurationError, PublishError
+from qx.outbox._destinations import rabbit_routing_key
 from qx.outbox._envelope import Envelope
 from qx.outbox.publishers._connecting import Connecting
 from qx.outbox.publishers._health import AckWatch
@@ -38,7 +39,8 @@ class RabbitPublisher(Connecting):
         self._watch = AckWatch("RabbitMQ")
 
     def destination(self, envelope: Envelope) -> str:
-        """The exchange (the event type is the routing key)."""
+        """The exchange (the routing key is the event type, and its partition when
+        ``partitions`` is set: :func:`~qx.outbox._destinations.rabbit_routing_key`)."""
         return self.settings.exchange
 
     @property
@@ -91,7 +93,7 @@ class RabbitPublisher(Connecting):
         try:
             await self._exchange.publish(
                 message,
-                routing_key=envelope.type,
+                routing_key=rabbit_routing_key(self.settings, envelope),
                 mandatory=self.settings.mandatory,
                 timeout=self.settings.publish_timeout,
             )

@@ -1,6 +1,7 @@
 """Redis Streams publisher (``redis://``; needs the ``redis`` extra).
 
-Each envelope is one ``XADD`` to ``redis_stream`` (optionally capped with an approximate
+Each envelope is one ``XADD`` to ``redis_stream`` (``<redis_stream>.p<k>`` with
+``QX_BROKER__PARTITIONS``: :mod:`qx.outbox._destinations`; optionally capped with an approximate
 ``MAXLEN``) with the fields ``id``, ``type`` and ``envelope`` (the JSON). Redis has no
 deduplication: consumers use the inbox (``id``) to drop redeliveries.
 """
@@ -11,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from qx.core._errors import BrokerUnavailable, ConfigurationError, PublishError
+from qx.outbox._destinations import redis_stream
 from qx.outbox._envelope import Envelope
 from qx.outbox.publishers._connecting import Connecting
 from qx.settings import BrokerSettings
@@ -33,8 +35,8 @@ class RedisPublisher(Connecting):
         self._client: Any = None
 
     def destination(self, envelope: Envelope) -> str:
-        """The stream."""
-        return self.settings.redis_stream
+        """The stream (its partition's, with ``partitions``)."""
+        return redis_stream(self.settings, envelope)
 
     @property
     def connected(self) -> bool:
@@ -71,7 +73,7 @@ class RedisPublisher(Connecting):
         fields = {"id": str(envelope.id), "type": envelope.type, "envelope": envelope.to_json()}
         try:
             await self._client.xadd(
-                self.settings.redis_stream,
+                redis_stream(self.settings, envelope),
                 fields,
                 maxlen=self.settings.redis_maxlen,
                 approximate=True,
@@ -86,7 +88,7 @@ class RedisPublisher(Connecting):
         pipe = self._client.pipeline(transaction=False)
         for envelope in envelopes:
             pipe.xadd(
-                self.settings.redis_stream,
+                redis_stream(self.settings, envelope),
                 {"id": str(envelope.id), "type": envelope.type, "envelope": envelope.to_json()},
                 maxlen=self.settings.redis_maxlen,
                 approximate=True,
