@@ -3,8 +3,9 @@
 Example:
     >>> from qx.db import make_metadata
     >>> sorted(include_qx_tables(make_metadata()))  # doctest: +NORMALIZE_WHITESPACE
-    ['qx_idempotency', 'qx_inbox', 'qx_inbox_parked', 'qx_inbox_sequence', 'qx_outbox',
-     'qx_outbox_lane', 'qx_outbox_relay', 'qx_outbox_sequence']
+    ['qx_idempotency', 'qx_inbox', 'qx_inbox_lane', 'qx_inbox_member', 'qx_inbox_parked',
+     'qx_inbox_sequence', 'qx_outbox', 'qx_outbox_lane', 'qx_outbox_relay',
+     'qx_outbox_sequence']
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from sqlalchemy import MetaData, Table
 from qx.cqrs._table import idempotency_table
 from qx.db._mapping import make_metadata, qx_metadata
 from qx.outbox._table import (
+    inbox_lane_table,
+    inbox_member_table,
     inbox_parked_table,
     inbox_sequence_table,
     inbox_table,
@@ -34,6 +37,8 @@ QX_TABLES: tuple[Table, ...] = (
     inbox_table,
     inbox_sequence_table,
     inbox_parked_table,
+    inbox_lane_table,
+    inbox_member_table,
     idempotency_table,
 )
 

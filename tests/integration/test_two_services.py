@@ -4,16 +4,19 @@ Service A: two writer processes send 2,000 commands through qx's bus, each incre
 of 12 counters (the integration event goes to the outbox in the same commit); one command
 in ten fails after recording its event, so nothing of it may leave. Two ``qx outbox relay``
 processes publish to NATS JetStream through a TCP proxy. Service B: three ``qx inbox run``
-processes consume through the same proxy into a database of their own; the handler only
-writes down what it applies (no ordering guard of its own). Meanwhile a relay and a consumer
+processes consume through the same proxy into a database of their own, sharing the stream's
+six partitions (``QX_BROKER__PARTITIONS``); the handler only writes down what it applies and
+where (no ordering guard of its own). Meanwhile a relay and a consumer
 are killed with SIGKILL and the broker is cut for 4 s. After the drain: every committed
 event applied once, none of a failed command, every counter's events applied in commit
-order, nothing left pending.
+order, each counter's by one consumer at a time (it moves only when partitions are shared
+anew: consumers joining, one dying), nothing left pending.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import signal
 import sys
@@ -99,6 +102,7 @@ WRITER = """
     """
 
 CONSUMER = """
+    import os
     from sqlalchemy import text
     from qx.outbox import EventRouter
 
@@ -108,8 +112,8 @@ CONSUMER = """
     @router.on("tests.counter_changed")
     async def apply(envelope, uow):
         await uow.session.execute(
-            text("INSERT INTO applied (counter_id, value) VALUES (:c, :v)"),
-            {"c": envelope.data["counter_id"], "v": envelope.data["value"]},
+            text("INSERT INTO applied (counter_id, value, pid) VALUES (:c, :v, :p)"),
+            {"c": envelope.data["counter_id"], "v": envelope.data["value"], "p": os.getpid()},
         )
     """
 
@@ -126,7 +130,7 @@ async def service_b(tmp_path: Path) -> AsyncIterator[AsyncEngine]:
         await conn.execute(
             text(
                 "CREATE TABLE applied (n BIGSERIAL PRIMARY KEY, counter_id TEXT NOT NULL,"
-                " value INT NOT NULL)"
+                " value INT NOT NULL, pid INT NOT NULL)"
             )
         )
     try:
@@ -155,7 +159,6 @@ async def test_writers_relays_and_consumers_lose_duplicate_and_reorder_nothing(
     engine: AsyncEngine, uow_factory: Factory, service_b: AsyncEngine, tmp_path: Path
 ) -> None:
     import nats
-    from nats.js.api import ConsumerConfig
 
     url = resolve(NATS)
     tag = new_id().hex[-10:]
@@ -174,10 +177,6 @@ async def test_writers_relays_and_consumers_lose_duplicate_and_reorder_nothing(
     nc = await nats.connect(url)
     js = nc.jetstream()
     await js.add_stream(name=stream, subjects=[f"{prefix}.>"], duplicate_window=120)
-    # What a SIGKILLed consumer held goes to another after 3 s, not the default 30 s.
-    await js.add_consumer(
-        stream, ConsumerConfig(durable_name=name, ack_wait=3, max_ack_pending=1000)
-    )
     base = {k: v for k, v in os.environ.items() if not k.startswith("QX_")}
     base.update(
         PYTHONPATH=os.pathsep.join([str(tmp_path), str(ROOT)]),
@@ -186,6 +185,7 @@ async def test_writers_relays_and_consumers_lose_duplicate_and_reorder_nothing(
         QX_BROKER__STREAM=stream,
         QX_BROKER__CREATE_STREAM="false",
         QX_BROKER__HEARTBEAT="1",
+        QX_BROKER__PARTITIONS="6",
     )
     side_a = {
         **base,
@@ -205,7 +205,7 @@ async def test_writers_relays_and_consumers_lose_duplicate_and_reorder_nothing(
     consumer = [
         "-c", "from qx.cli import main; main()", "inbox", "run",
         "--router", f"consumers_{tag}:router", "--uow", "tests.models:AppUnitOfWork",
-        "--consumer", name,
+        "--consumer", name, "--lease-seconds", "2",
     ]  # fmt: skip
     processes: list[asyncio.subprocess.Process] = []
     try:
@@ -261,16 +261,27 @@ async def test_writers_relays_and_consumers_lose_duplicate_and_reorder_nothing(
         await drop_stream(url, stream)
         await nc.close()
     async with service_b.connect() as conn:
-        rows = (await conn.execute(text("SELECT counter_id, value FROM applied ORDER BY n"))).all()
+        rows = (
+            await conn.execute(text("SELECT counter_id, value, pid FROM applied ORDER BY n"))
+        ).all()
     by_counter: dict[str, list[int]] = {}
-    for counter_id, value in rows:
+    appliers: dict[str, list[int]] = {}
+    for counter_id, value, pid in rows:
         by_counter.setdefault(counter_id, []).append(value)
+        appliers.setdefault(counter_id, []).append(pid)
     async with uow_factory() as uow:
         finals = {str(c.id): (await uow.counters.require(c.id)).value for c in made}
     assert sum(finals.values()) == 2 * EACH_WRITER
     # Every committed event applied once, each counter's in commit order.
     assert {k: v for k, v in by_counter.items() if v != list(range(1, finals[k] + 1))} == {}
     assert {k: len(v) for k, v in by_counter.items()} == {k: v for k, v in finals.items() if v}
+    # One consumer at a time per counter: its events change hands only when the partitions
+    # are shared anew (the second and third consumer joining, the first one dying), never
+    # back and forth between consumers reading at once (without partitions: hundreds).
+    handovers = {k: sum(a != b for a, b in itertools.pairwise(v)) for k, v in appliers.items()}
+    print("handovers", handovers)
+    assert max(handovers.values()) <= 3, handovers
+    assert len({pid for pids in appliers.values() for pid in pids}) >= 2  # the work was shared
     async with engine.connect() as conn:
         stuck = await conn.scalar(select(func.count()).where(outbox_table.c.published_at.is_(None)))
     assert stuck == 0
