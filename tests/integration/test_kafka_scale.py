@@ -2,9 +2,9 @@
 
 20,000 events over 300 aggregates wait in the outbox; two ``qx outbox relay`` processes
 publish them to one topic. One relay is killed with SIGKILL a quarter of the way; halfway the
-broker is gone for 10 s. Afterwards: every row published, no attempt counted, nothing dead; a
-``KafkaSubscriber`` with the inbox applies every event exactly once, each aggregate's in its
-order; and in the topic every aggregate's records sit on one partition in offset order.
+broker is gone for 10 s. Meanwhile a ``KafkaSubscriber`` with the inbox consumes (through the
+broker stop too). Afterwards: every row published, no attempt counted, nothing dead; every
+event applied exactly once, each aggregate's in its order; and in the topic every aggregate's records sit on one partition in offset order.
 """
 
 from __future__ import annotations
@@ -91,57 +91,8 @@ async def test_twenty_thousand_events_through_a_kill_and_a_broker_stop(
         url=broker.url, kafka_topic=topic, kafka_partitions=6, publish_timeout=2.0, heartbeat=1.0
     )
     await backlog(engine)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("QX_")}
-    env.update(
-        PYTHONPATH=str(ROOT),
-        QX_DB__URL=pg_url_for(engine),
-        QX_DB__SEARCH_PATH=await current_schema(engine),
-        QX_BROKER__URL=broker.url,
-        QX_BROKER__KAFKA_TOPIC=topic,
-        QX_BROKER__PUBLISH_TIMEOUT="2",
-        QX_RELAY__LEASE_SECONDS="2",
-        QX_RELAY__POLL_INTERVAL="0.2",
-        QX_RELAY__RECONNECT_DELAY="0.2",
-    )
-    relays = [
-        await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-c",
-            "from qx.cli import main; main()",
-            "outbox",
-            "relay",
-            env=env,
-            cwd=tmp_path,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
-        for _ in range(2)
-    ]
-
-    async def reached(published: int, seconds: float) -> None:
-        deadline = time.monotonic() + seconds
-        while (await counts(engine))[0] < published:
-            assert time.monotonic() < deadline, f"{await counts(engine)} of {published}"
-            await asyncio.sleep(0.2)
-
-    try:
-        await reached(EVENTS // 4, 120)
-        relays[0].send_signal(signal.SIGKILL)
-        await reached(EVENTS // 2, 120)
-        await broker.proxy.stop()  # gone: connections dropped, new ones refused
-        await asyncio.sleep(10)  # the outage's length is this test's input
-        assert (await counts(engine))[1:] == (0, 0)  # no attempt counted, nothing dead
-        await broker.proxy.start()
-        await reached(EVENTS, 180)
-    finally:
-        for relay in relays:
-            if relay.returncode is None:
-                relay.send_signal(signal.SIGTERM)
-        for relay in relays:
-            await asyncio.wait_for(relay.wait(), 60)
-    assert await counts(engine) == (EVENTS, 0, 0)
-
-    # Consumed: once each after the inbox's deduplication, each aggregate in order.
+    # Consumed as it is published (through the same broker stop): once each after the
+    # inbox's deduplication, each aggregate in order.
     router = EventRouter()
     applied: dict[str, list[int]] = {}
 
@@ -155,6 +106,56 @@ async def test_twenty_thousand_events_through_a_kill_and_a_broker_stop(
     stop = asyncio.Event()
     task = asyncio.create_task(subscriber.run(stop))
     try:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("QX_")}
+        env.update(
+            PYTHONPATH=str(ROOT),
+            QX_DB__URL=pg_url_for(engine),
+            QX_DB__SEARCH_PATH=await current_schema(engine),
+            QX_BROKER__URL=broker.url,
+            QX_BROKER__KAFKA_TOPIC=topic,
+            QX_BROKER__PUBLISH_TIMEOUT="2",
+            QX_RELAY__LEASE_SECONDS="2",
+            QX_RELAY__POLL_INTERVAL="0.2",
+            QX_RELAY__RECONNECT_DELAY="0.2",
+        )
+        relays = [
+            await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-c",
+                "from qx.cli import main; main()",
+                "outbox",
+                "relay",
+                env=env,
+                cwd=tmp_path,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.DEVNULL,
+            )
+            for _ in range(2)
+        ]
+
+        async def reached(published: int, seconds: float) -> None:
+            deadline = time.monotonic() + seconds
+            while (await counts(engine))[0] < published:
+                assert time.monotonic() < deadline, f"{await counts(engine)} of {published}"
+                await asyncio.sleep(0.2)
+
+        try:
+            await reached(EVENTS // 4, 120)
+            relays[0].send_signal(signal.SIGKILL)
+            await reached(EVENTS // 2, 120)
+            await broker.proxy.stop()  # gone: connections dropped, new ones refused
+            await asyncio.sleep(10)  # the outage's length is this test's input
+            assert (await counts(engine))[1:] == (0, 0)  # no attempt counted, nothing dead
+            await broker.proxy.start()
+            await reached(EVENTS, 180)
+        finally:
+            for relay in relays:
+                if relay.returncode is None:
+                    relay.send_signal(signal.SIGTERM)
+            for relay in relays:
+                await asyncio.wait_for(relay.wait(), 60)
+        assert await counts(engine) == (EVENTS, 0, 0)
+
         deadline = time.monotonic() + 180
         while sum(len(v) for v in applied.values()) < EVENTS:
             assert time.monotonic() < deadline, sum(len(v) for v in applied.values())

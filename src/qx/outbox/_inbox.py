@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import bindparam, delete, func, select, update
 
 from qx.core._clock import utcnow
 from qx.core._context import request_context
@@ -139,6 +139,7 @@ class Inbox(Generic[U]):
         self._monotonic = monotonic
         # (aggregate type, aggregate id, number) -> when it was first seen too early.
         self._early: dict[tuple[str, str, int], float] = {}
+        self._hot: dict[str, _Statements] = {}
 
     async def process(self, envelope: Envelope, handler: Handler) -> bool:
         """Run ``handler(envelope, uow)`` and commit, unless this message was processed.
@@ -345,11 +346,11 @@ class Inbox(Generic[U]):
             return _Place.NEXT
         key = (envelope.aggregate_type or "", envelope.aggregate_id)
         session = uow.session
-        t = inbox_sequence_table
+        hot = self._statements(uow)
+        row = {"group": self.consumer, "kind": key[0], "ident": key[1]}
         # Insert-or-touch: either way the row is locked until this transaction ends, so a
         # consumer holding the same aggregate's next event waits here, then reads ours.
-        stmt = self._sequence_row(uow, *key).returning(t.c.last_seq, t.c.parked)
-        last, parked = (await session.execute(stmt)).one()
+        last, parked = (await session.execute(hot.touch, row)).one()
         if number <= last:
             return _Place.DUPLICATE
         if parked and not replaying:
@@ -377,7 +378,7 @@ class Inbox(Generic[U]):
                 number,
             )
         self._early.pop(waiting, None)
-        await session.execute(t.update().where(*self._of(t, *key)).values(last_seq=number))
+        await session.execute(hot.advance, {**row, "number": number})
         return _Place.NEXT
 
     def _sequence_row(self, uow: UnitOfWork, kind: str, ident: str, **changes: Any) -> Any:
@@ -452,21 +453,72 @@ class Inbox(Generic[U]):
         return now - first
 
     async def _record(self, uow: UnitOfWork, envelope: Envelope) -> bool:
-        session = uow.session
-        insert = dialect_of(session.get_bind()).insert
-        stmt = (
-            insert(inbox_table)
+        row = {
+            "message": str(envelope.id),
+            "group": self.consumer,
+            "name": envelope.type,
+            "at": utcnow(),
+        }
+        result = await uow.session.execute(self._statements(uow).record, row)
+        return result.first() is not None
+
+    def _statements(self, uow: UnitOfWork) -> _Statements:
+        """The statements every message runs, built once per backend (a statement built per
+        message cost a third of the inbox's CPU per message)."""
+        bind = uow.session.get_bind()
+        found = self._hot.get(bind.dialect.name)
+        if found is None:
+            found = self._hot[bind.dialect.name] = _Statements.of(dialect_of(bind).insert)
+        return found
+
+
+@dataclass(frozen=True, slots=True)
+class _Statements:
+    """The inbox's per-message statements for one backend, with named parameters."""
+
+    #: Insert or lock an aggregate's sequence row (``group``, ``kind``, ``ident``);
+    #: returns ``last_seq`` and ``parked``.
+    touch: Any
+    #: Move an aggregate's sequence on to ``number``.
+    advance: Any
+    #: Insert the message's row unless it is there; returns its id when it was inserted.
+    record: Any
+
+    @classmethod
+    def of(cls, insert: Callable[[Any], Any]) -> _Statements:
+        t = inbox_sequence_table
+        key = {
+            "consumer": bindparam("group", type_=t.c.consumer.type),
+            "aggregate_type": bindparam("kind", type_=t.c.aggregate_type.type),
+            "aggregate_id": bindparam("ident", type_=t.c.aggregate_id.type),
+        }
+        touch = (
+            insert(t)
+            .values(last_seq=0, **key)
+            .on_conflict_do_update(
+                index_elements=[t.c.consumer, t.c.aggregate_type, t.c.aggregate_id],
+                set_={"last_seq": t.c.last_seq},
+            )
+            .returning(t.c.last_seq, t.c.parked)
+        )
+        advance = (
+            update(t)
+            .where(*(t.c[name] == value for name, value in key.items()))
+            .values(last_seq=bindparam("number", type_=t.c.last_seq.type))
+        )
+        i = inbox_table
+        record = (
+            insert(i)
             .values(
-                message_id=str(envelope.id),
-                consumer=self.consumer,
-                event_name=envelope.type,
-                received_at=utcnow(),
+                message_id=bindparam("message", type_=i.c.message_id.type),
+                consumer=bindparam("group", type_=i.c.consumer.type),
+                event_name=bindparam("name", type_=i.c.event_name.type),
+                received_at=bindparam("at", type_=i.c.received_at.type),
             )
             .on_conflict_do_nothing()
-            .returning(inbox_table.c.message_id)
+            .returning(i.c.message_id)
         )
-        result = await session.execute(stmt)
-        return result.first() is not None
+        return cls(touch, advance, record)
 
 
 class EventRouter:
