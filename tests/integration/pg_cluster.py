@@ -130,7 +130,8 @@ class PgCluster:
         assert self.primary is not None, "start the primary first"
         server = PgServer(name, self.root / name, _free_port())
         self._run("pg_basebackup", "-h", "127.0.0.1", "-p", str(self.primary.port), "-U",
-                  "postgres", "-D", str(server.data), "-R", "-X", "stream", "--no-sync")  # fmt: skip
+                  "postgres", "-D", str(server.data), "-R", "-X", "stream", "--no-sync",
+                  "--checkpoint=fast")  # fmt: skip
         # pg_basebackup copied the primary's settings: the standby's own come after them.
         self._configure(server, settings)
         self.standbys.append(server)

@@ -162,6 +162,9 @@ def pair() -> Iterator[Pair]:
             != "sync"
         ):
             assert time.monotonic() < deadline, "the standby never became synchronous"
+            # A standby counts as synchronous once it reported flushing WAL; an idle primary
+            # writes some only every 15 s (its standby snapshot): write a little now.
+            cluster.psql(primary, "SELECT pg_logical_emit_message(false, 'qx', 'wake')")
             time.sleep(0.05)  # a separate server process, polled: nothing to wait on in-process
         yield Pair(cluster, primary, standby)
     finally:
