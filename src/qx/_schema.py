@@ -3,8 +3,8 @@
 Example:
     >>> from qx.db import make_metadata
     >>> sorted(include_qx_tables(make_metadata()))  # doctest: +NORMALIZE_WHITESPACE
-    ['qx_idempotency', 'qx_inbox', 'qx_inbox_lane', 'qx_inbox_member', 'qx_inbox_parked',
-     'qx_inbox_sequence', 'qx_outbox', 'qx_outbox_lane', 'qx_outbox_relay',
+    ['qx_commit', 'qx_idempotency', 'qx_inbox', 'qx_inbox_lane', 'qx_inbox_member',
+     'qx_inbox_parked', 'qx_inbox_sequence', 'qx_outbox', 'qx_outbox_lane', 'qx_outbox_relay',
      'qx_outbox_sequence']
 """
 
@@ -14,6 +14,7 @@ from sqlalchemy import MetaData, Table
 
 from qx.cqrs._table import idempotency_table
 from qx.db._mapping import make_metadata, qx_metadata
+from qx.db._tables import commit_marker_table
 from qx.outbox._table import (
     inbox_lane_table,
     inbox_member_table,
@@ -40,6 +41,7 @@ QX_TABLES: tuple[Table, ...] = (
     inbox_lane_table,
     inbox_member_table,
     idempotency_table,
+    commit_marker_table,
 )
 
 

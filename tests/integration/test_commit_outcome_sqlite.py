@@ -3,12 +3,14 @@
 SQLite commits in the process, so no answer is lost on a wire; what can go wrong is SQLite's
 own COMMIT failing. Some failures leave the transaction undone (busy or locked: the
 transaction stays open and is rolled back; a deferred constraint): retrying is safe. Others
-can come after the commit record reached the write-ahead log — an I/O error syncing it —
-and SQLite does not say which happened: that is ``CommitOutcomeUnknown``, never retried.
+can come after the commit record reached the write-ahead log (an I/O error syncing it), and
+SQLite does not say which happened. The transaction wrote its commit marker; a fresh
+connection writes the same key: taken, the command committed and ``execute`` returns its
+result; written, it did not (and now never can) and the bus retries it; neither in time,
+``CommitOutcomeUnknown``, never retried.
 
 The faults are injected into the driver's COMMIT of the connections the unit of work uses:
-a busy database refuses it, or the COMMIT is done and then reported failed (what an fsync
-error after the log write looks like from above).
+a busy database refuses it, or the COMMIT is reported failed after it was done, or before.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 from uuid import UUID
 
 import pytest
-from sqlalchemy import event
+from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from qx.cqrs import MessageBus
@@ -48,7 +50,10 @@ async def ledger(engine: AsyncEngine) -> Ledger:
     bus = MessageBus()
     runs: list[UUID] = []
     factory = UnitOfWorkFactory(
-        models.AppUnitOfWork, create_session_factory(engine), dispatcher=bus
+        models.AppUnitOfWork,
+        create_session_factory(engine),
+        dispatcher=bus,
+        commit_probe_timeout=1.0,
     )
     bus.provide(uow_factory=factory)
 
@@ -108,18 +113,67 @@ async def test_a_busy_database_refuses_commit_and_the_command_is_retried_once(
     assert await balance(engine, ident) == 1
 
 
-async def test_a_commit_that_may_have_happened_is_unknown_and_never_retried(
+async def test_a_commit_reported_failed_after_it_happened_returns_its_result(
+    engine: AsyncEngine, ledger: Ledger
+) -> None:
+    ident = await opened(ledger)
+    fsync = sqlite_error("SQLITE_IOERR_FSYNC", 1034, "disk I/O error")
+    with failing_commit(engine, commit_first=True, error=fsync):
+        # The marker is there: the commit happened, and the command's result comes back.
+        assert await ledger.bus.execute(Deposit(counter_id=ident)) == 1
+    assert ledger.runs == [ident]  # never run again
+    assert await balance(engine, ident) == 1  # applied exactly once
+    assert await ledger.bus.execute(Deposit(counter_id=ident)) == 2  # and the factory goes on
+
+
+async def test_a_commit_reported_failed_before_it_happened_is_fenced_and_retried(
+    engine: AsyncEngine, ledger: Ledger
+) -> None:
+    ident = await opened(ledger)
+    fsync = sqlite_error("SQLITE_IOERR_FSYNC", 1034, "disk I/O error")
+    with failing_commit(engine, commit_first=False, error=fsync):
+        assert await ledger.bus.execute(Deposit(counter_id=ident)) == 1
+    assert ledger.runs == [ident, ident]  # fenced, so the retry was safe: run again, once
+    assert await balance(engine, ident) == 1
+    async with engine.connect() as conn:  # the fence holds the first try's key
+        markers = await conn.scalar(text("SELECT count(*) FROM qx_commit"))
+    assert markers is not None and markers >= 3  # the opening, the fence, the retry
+
+
+async def test_a_commit_that_cannot_be_resolved_is_unknown_and_never_retried(
     engine: AsyncEngine, ledger: Ledger
 ) -> None:
     ident = await opened(ledger)
     fsync = sqlite_error("SQLITE_IOERR_FSYNC", 1034, "disk I/O error")
     with (
         failing_commit(engine, commit_first=True, error=fsync),
+        unreachable_after_first_commit(engine),
         pytest.raises(CommitOutcomeUnknown, match="SQLITE_IOERR_FSYNC") as caught,
     ):
         await ledger.bus.execute(Deposit(counter_id=ident))
     assert ledger.runs == [ident]  # never retried
     assert await balance(engine, ident) == 1  # it had committed: applied exactly once
     assert len(str(caught.value)) < 500
-    # The factory goes on working.
     assert await ledger.bus.execute(Deposit(counter_id=ident)) == 2
+
+
+@contextmanager
+def unreachable_after_first_commit(engine: AsyncEngine) -> Iterator[None]:
+    """Once a COMMIT was attempted, no new transaction can begin on ``engine`` (the file
+    failing for the marker's check too)."""
+    committed = [False]
+
+    def on_commit(_conn: Any) -> None:
+        committed[0] = True
+
+    def on_begin(_conn: Any) -> None:
+        if committed[0]:
+            raise sqlite_error("SQLITE_IOERR_READ", 266, "disk I/O error")
+
+    event.listen(engine.sync_engine, "commit", on_commit)
+    event.listen(engine.sync_engine, "begin", on_begin)
+    try:
+        yield
+    finally:
+        event.remove(engine.sync_engine, "commit", on_commit)
+        event.remove(engine.sync_engine, "begin", on_begin)

@@ -65,10 +65,11 @@ QX_TABLES = {
     "qx_inbox_lane",
     "qx_inbox_member",
     "qx_idempotency",
+    "qx_commit",
 }
 #: qx's newest revision, and the one before it.
-QX_HEAD = "qx_0009"
-QX_PREVIOUS = "qx_0008"
+QX_HEAD = "qx_0010"
+QX_PREVIOUS = "qx_0009"
 ORDERS_TABLES = {"orders", "order_lines", "products"}
 
 
@@ -141,6 +142,7 @@ async def test_a_database_of_the_earlier_single_chain_is_adopted(empty: AsyncEng
             await conn.execute(text("DROP TABLE IF EXISTS qx_inbox_parked"))
             await conn.execute(text("DROP TABLE IF EXISTS qx_inbox_lane"))
             await conn.execute(text("DROP TABLE IF EXISTS qx_inbox_member"))
+            await conn.execute(text("DROP TABLE IF EXISTS qx_commit"))
 
     await stamp_as_single_chain()
     await upgrade(empty)
@@ -448,7 +450,7 @@ def test_a_new_qx_revision_arrives_without_editing_the_service_s_revisions(
             from alembic import op
 
             revision = "qx_9001"
-            down_revision = "qx_0009"
+            down_revision = "qx_0010"
             branch_labels = None
             depends_on = None
 

@@ -152,7 +152,7 @@ def test_the_installed_wheel_serves_a_new_service_outside_the_repository(
     run(*cli, "db", "upgrade", "qx_0007")
     assert "qx_0007" in run(*cli, "db", "current")
     run(*cli, "db", "upgrade")
-    assert "qx_0009 (head)" in run(*cli, "db", "current")
+    assert "qx_0010 (head)" in run(*cli, "db", "current")
     run(*cli, "db", "revision", "--autogenerate", "-m", "books")
     (revision,) = (service / "migrations" / "versions").glob("*_books.py")
     assert "create_table('books'" in revision.read_text()

@@ -345,7 +345,8 @@ async def test_add_many_writes_each_table_in_one_statement(
             with statements(engine) as seen:
                 await uow.commit()
     inserts = [s for s in seen if s.lstrip().upper().startswith("INSERT")]
-    tables = [s.split()[2].strip('"') for s in inserts]
+    # The commit marker (an SQLite file's bookkeeping, one per transaction) is not the flush's.
+    tables = [s.split()[2].strip('"') for s in inserts if "qx_commit" not in s]
     assert sorted(tables) == ["order_lines", "orders", "qx_outbox"], inserts
 
 

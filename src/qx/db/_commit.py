@@ -26,8 +26,15 @@ INSERT (:mod:`qx.db._writes`); the question is asked with ``pg_xact_status()``.
 SQLite commits in the process: no answer is lost on a wire, but its own COMMIT can fail. A
 busy or locked database, a deferred constraint or an interrupt leave the transaction undone
 (safe to retry); an I/O error, a full disk or a corrupt file can come after the commit record
-reached the write-ahead log, and SQLite does not say which: that transaction's outcome is
-unknown, and there is nobody to ask.
+reached the write-ahead log, and SQLite does not say which. So a transaction on an SQLite
+file that wrote something also writes a *commit marker*, a row of its own in ``qx_commit``
+(one more INSERT, in the same trip as the flush). After an ambiguous COMMIT a fresh
+connection tries to write the same marker, in a transaction of its own: the key is taken
+(our transaction committed), or the fence commits, and then ours never can: the fence's
+frames take the place in the write-ahead log where ours would have been found on recovery,
+and its row holds the key. Failing that until the deadline, the outcome is unknown. Markers
+older than an hour are deleted now and then by the commits themselves. An in-memory database
+has no second connection to ask: its ambiguous COMMIT is unknown.
 """
 
 from __future__ import annotations
@@ -45,12 +52,13 @@ from sqlalchemy.orm import Session
 
 from qx.db._driver import fetch_row
 from qx.db._transaction import existing_transaction
-from qx.db._translate import driver_error, lost_connection, sqlstate_of
+from qx.db._translate import lost_connection
 
 __all__ = [
     "COMMIT_PROBE_SECONDS",
+    "LOCAL_HANDLE",
+    "UNDONE",
     "CommitProbe",
-    "LocalProbe",
     "PostgresProbe",
     "TransactionHandle",
     "past_cancellation",
@@ -140,10 +148,16 @@ class CommitProbe(Protocol):
         flushes the session itself."""
 
     async def outcome(
-        self, engine: AsyncEngine, handle: TransactionHandle, *, deadline: float
+        self,
+        engine: AsyncEngine,
+        handle: TransactionHandle,
+        *,
+        session: AsyncSession,
+        deadline: float,
     ) -> bool | None:
         """``True`` committed, ``False`` not, ``None`` not known by ``deadline``
-        (``time.monotonic()``)."""
+        (``time.monotonic()``). ``session`` is the one whose COMMIT failed (a backend whose
+        failed transaction still holds locks there releases them first)."""
 
 
 class _Verdict(enum.Enum):
@@ -188,8 +202,15 @@ class PostgresProbe:
         return None if name is None else TransactionHandle.parse(name)
 
     async def outcome(
-        self, engine: AsyncEngine, handle: TransactionHandle, *, deadline: float
+        self,
+        engine: AsyncEngine,
+        handle: TransactionHandle,
+        *,
+        session: AsyncSession,
+        deadline: float,
     ) -> bool | None:
+        # The session's connection is left alone: it failed, and a ROLLBACK sent on a
+        # connection that went silent would wait for nothing.
         pause = 0.05
         while True:
             verdict = _Verdict.ASK_AGAIN
@@ -234,30 +255,7 @@ def _transaction_name(session: Session) -> str | None:
     return None if found is None else str(found)
 
 
-# SQLSTATEs (SQLite's codes mapped, qx.db._translate) of a COMMIT that did not happen: busy
-# or locked (the transaction stays open, and is rolled back), a deferred constraint, an
-# interrupt, a snapshot that went stale.
-_UNDONE: Final = ("55P03", "40001", "57014", "23")
-
-
-class LocalProbe:
-    """SQLite's: an error from COMMIT either left nothing done or cannot be resolved."""
-
-    def ambiguous(self, error: BaseException) -> bool:
-        state = sqlstate_of(driver_error(error))
-        return state is None or not state.startswith(_UNDONE)
-
-    async def handle(self, session: AsyncSession) -> TransactionHandle | None:
-        # Flush first, so an error of the writes is not taken for one of the COMMIT.
-        return await session.run_sync(_local_handle)
-
-    async def outcome(
-        self, engine: AsyncEngine, handle: TransactionHandle, *, deadline: float
-    ) -> bool | None:
-        return None  # nobody to ask: a file in this process
-
-
-def _local_handle(session: Session) -> TransactionHandle | None:
-    session.flush()
-    record = existing_transaction(session)
-    return LOCAL_HANDLE if record is None or record.flushed else None
+#: SQLSTATEs (SQLite's codes mapped, qx.db._translate) of a COMMIT that did not happen: busy
+#: or locked (the transaction stays open, and is rolled back), a deferred constraint, an
+#: interrupt, a snapshot that went stale.
+UNDONE: Final = ("55P03", "40001", "57014", "23")

@@ -1,33 +1,45 @@
 """SQLite's strategy (aiosqlite): no row locks (``BEGIN IMMEDIATE`` takes the write lock),
 ``IN`` over a JSON document, Python's case folding as a SQL function, zone-less UTC
-timestamps, pragmas per connection, one connection for an in-memory database, and a COMMIT
-that either returns or did not happen (a local file: nothing to probe)."""
+timestamps, pragmas per connection, one connection for an in-memory database, and a commit
+marker per transaction on a file, fenced by a fresh connection when COMMIT failed
+ambiguously (:mod:`qx.db._commit`)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import logging
+import time
 import unicodedata
+import uuid
 from functools import cache
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from sqlalchemy import Table, event, func, literal, select
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.dialects.sqlite import aiosqlite
 from sqlalchemy.engine import URL
-from sqlalchemy.exc import DBAPIError, OperationalError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
+from sqlalchemy.orm import Session
 from sqlalchemy.pool import AsyncAdaptedQueuePool
 from sqlalchemy.sql.elements import ColumnElement
 
-from qx.db._commit import LocalProbe
+from qx.db._commit import LOCAL_HANDLE, UNDONE, TransactionHandle
+from qx.db._commit_marker import FENCE, MARK, PURGE
 from qx.db._dialect_base import Dialect
+from qx.db._transaction import existing_transaction
+from qx.db._translate import driver_error, sqlstate_of
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from qx.settings import DatabaseSettings
 
-__all__ = ["SQLite", "in_memory", "sqlite_fold"]
+__all__ = ["LocalProbe", "SQLite", "in_memory", "sqlite_fold"]
+
+logger = logging.getLogger("qx.db.commit")
 
 
 class SQLite(Dialect):
@@ -113,8 +125,14 @@ class SQLite(Dialect):
 
 
 def in_memory(url: URL) -> bool:
-    """Whether ``url`` names an in-memory SQLite database."""
+    """Whether ``url`` names a private in-memory SQLite database (one per connection)."""
     return url.get_backend_name() == SQLite.name and url.database in (None, "", ":memory:")
+
+
+def _lives_in_memory(url: URL) -> bool:
+    """Whether ``url``'s database is in memory, private or named (``mode=memory``, as the
+    testing kit's): gone with the process, so a commit's outcome is never asked about later."""
+    return in_memory(url) or url.query.get("mode") == "memory"
 
 
 @cache
@@ -129,3 +147,87 @@ def sqlite_fold(text: str | None) -> str | None:
     if text is None:
         return None
     return unicodedata.normalize("NFKD", text).casefold()
+
+
+#: Markers are purged once every this many marked commits (per process).
+_PURGE_EVERY: Final = 1000
+#: Seconds a marker is kept: far longer than any commit probe asks.
+_MARKER_KEPT: Final = 3600
+_MARKED: Final = "marker"
+
+
+class LocalProbe:
+    """SQLite's: a commit marker written in the transaction, fenced by a fresh connection
+    when COMMIT failed ambiguously (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._marked = 0
+        self._warned = False
+
+    def ambiguous(self, error: BaseException) -> bool:
+        state = sqlstate_of(driver_error(error))
+        return state is None or not state.startswith(UNDONE)
+
+    async def handle(self, session: AsyncSession) -> TransactionHandle | None:
+        # Flush first, so an error of the writes is not taken for one of the COMMIT; the
+        # marker in the same trip into the session's greenlet.
+        return await session.run_sync(self._local_handle)
+
+    def _local_handle(self, session: Session) -> TransactionHandle | None:
+        session.flush()
+        record = existing_transaction(session)
+        if record is not None and not record.flushed:
+            return None  # wrote nothing: nothing to lose
+        conn = session.connection()
+        if _lives_in_memory(conn.engine.url):
+            return LOCAL_HANDLE  # nobody else to ask
+        marker = uuid.uuid4().hex
+        # On the session's connection, not through the session: no hook of the session's
+        # (tenant scoping, statement tracking) is about qx's own bookkeeping.
+        try:
+            conn.execute(MARK, {"marker": marker, "at": int(time.time())})
+            self._marked += 1
+            if self._marked % _PURGE_EVERY == 0:
+                conn.execute(PURGE, {"before": int(time.time() - _MARKER_KEPT)})
+        except Exception as exc:  # no qx_commit: a database qx's migrations did not reach
+            if not self._warned:
+                self._warned = True
+                logger.warning(
+                    "cannot write commit markers (%s): an SQLite COMMIT that fails ambiguously "
+                    "will be CommitOutcomeUnknown; run `qx db upgrade`",
+                    exc,
+                )
+            return LOCAL_HANDLE
+        return TransactionHandle(marker, _MARKED)
+
+    async def outcome(
+        self,
+        engine: AsyncEngine,
+        handle: TransactionHandle,
+        *,
+        session: AsyncSession,
+        deadline: float,
+    ) -> bool | None:
+        if handle.server != _MARKED:
+            return None  # nobody to ask: an in-memory database, or no marker written
+        # A COMMIT that failed may leave its transaction open, holding the file's write lock
+        # that the fence needs: end it first (a local file: a rollback cannot hang on a
+        # network).
+        with contextlib.suppress(Exception):
+            await session.rollback()
+        fence = {"marker": handle.transaction, "at": int(time.time())}
+        pause = 0.02
+        while True:
+            try:
+                async with asyncio.timeout(max(deadline - time.monotonic(), 0.01)):
+                    async with engine.begin() as conn:
+                        await conn.execute(FENCE, fence)
+                return False  # fenced: ours did not commit, and now never will
+            except IntegrityError:
+                return True  # the key is taken: ours committed
+            except Exception as exc:  # busy, or the file still failing: ask again
+                logger.info("fencing transaction %s failed (%s)", handle.transaction, exc)
+            if time.monotonic() + pause >= deadline:
+                return None
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.5)

@@ -528,7 +528,7 @@ class UnitOfWork:
             if not probe.ambiguous(exc):
                 raise
             deadline = time.monotonic() + self._probe_seconds
-            committed = await probe.outcome(engine, handle, deadline=deadline)
+            committed = await probe.outcome(engine, handle, session=session, deadline=deadline)
             if committed:
                 logger.warning(
                     "the connection failed before COMMIT's answer; transaction %s committed",
@@ -549,9 +549,9 @@ class UnitOfWork:
                     "could apply it twice"
                 ) from exc
             raise CommitOutcomeUnknown(
-                f"the connection failed before COMMIT's answer and whether transaction "
-                f"{handle.transaction} committed is not known after {self._probe_seconds:g}s; "
-                "retrying could apply it twice",
+                f"COMMIT failed before its answer ({_driver_reason(exc)}) and whether "
+                f"transaction {handle.transaction} committed is not known after "
+                f"{self._probe_seconds:g}s; retrying could apply it twice",
                 transaction=handle.transaction,
             ) from exc
 
