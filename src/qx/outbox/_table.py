@@ -194,45 +194,41 @@ inbox_parked_table: Final = Table(
     Index("ix_qx_inbox_parked_aggregate", "consumer", "aggregate_type", "aggregate_id", "sequence"),
 )
 
-#: A consumer group's partitions (``QX_BROKER__PARTITIONS``): one row per partition, leased to
-#: one member of the group at a time (the relays' lease rule, :mod:`qx.outbox._leases`).
-inbox_lane_table: Final = Table(
-    "qx_inbox_lane",
-    qx_metadata,
-    Column("consumer", String(200), primary_key=True),
-    Column("lane", Integer(), primary_key=True, autoincrement=False),
-    Column("owner", String(200), nullable=True),
-    Column("token", BigInteger(), nullable=False, server_default=text("0")),
-    Column("lease_until", UtcDateTime(), nullable=True),
-)
 
-#: The members of a consumer group alive (a heartbeat each): partitions are shared among them.
-inbox_member_table: Final = Table(
-    "qx_inbox_member",
-    qx_metadata,
-    Column("consumer", String(200), primary_key=True),
-    Column("member_id", String(200), primary_key=True),
-    Column("alive_until", UtcDateTime(), nullable=False),
-)
+def _lanes(name: str, *group: str) -> Table:
+    """A lease table (:mod:`qx.outbox._leases`): one row per lane of a group (the ``group``
+    columns name it; none: the table is one group)."""
+    return Table(
+        name,
+        qx_metadata,
+        *(Column(column, String(200), primary_key=True) for column in group),
+        Column("lane", Integer(), primary_key=True, autoincrement=False),
+        Column("owner", String(200), nullable=True),
+        # Grows with every change of owner: a member's work is accepted only under its token.
+        Column("token", BigInteger(), nullable=False, server_default=text("0")),
+        Column("lease_until", UtcDateTime(), nullable=True),
+    )
 
-#: Lane leases: one row per lane, created by the first relay (or migration 0006).
-lane_table: Final = Table(
-    "qx_outbox_lane",
-    qx_metadata,
-    Column("lane", Integer(), primary_key=True, autoincrement=False),
-    Column("owner", String(200), nullable=True),
-    # Grows with every change of owner: a relay's marks are accepted only under its token.
-    Column("token", BigInteger(), nullable=False, server_default=text("0")),
-    Column("lease_until", UtcDateTime(), nullable=True),
-)
 
-#: Relays alive (a heartbeat each): lanes are shared fairly among them.
-relay_table: Final = Table(
-    "qx_outbox_relay",
-    qx_metadata,
-    Column("relay_id", String(200), primary_key=True),
-    Column("alive_until", UtcDateTime(), nullable=False),
-)
+def _members(name: str, member: str, *group: str) -> Table:
+    """A group's members alive, a heartbeat each: lanes are shared fairly among them."""
+    return Table(
+        name,
+        qx_metadata,
+        *(Column(column, String(200), primary_key=True) for column in (*group, member)),
+        Column("alive_until", UtcDateTime(), nullable=False),
+    )
+
+
+#: The relays' lanes: one row per lane, created by the first relay (or migration 0006).
+lane_table: Final = _lanes("qx_outbox_lane")
+#: Relays alive.
+relay_table: Final = _members("qx_outbox_relay", "relay_id")
+#: A consumer group's partitions (``QX_BROKER__PARTITIONS``), leased to one member of the
+#: group at a time by the relays' rule.
+inbox_lane_table: Final = _lanes("qx_inbox_lane", "consumer")
+#: The members of a consumer group alive.
+inbox_member_table: Final = _members("qx_inbox_member", "member_id", "consumer")
 
 #: The last ``aggregate_seq`` given to each aggregate.
 sequence_table: Final = Table(
