@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import MetaData, text
+from sqlalchemy import MetaData, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
@@ -104,12 +104,55 @@ async def drop_schema(schema: str) -> None:
     await admin.dispose()
 
 
+#: Per backend, the statements the first ``create_tables`` of the session sent.
+_SCHEMA_SCRIPTS: dict[str, list[tuple[str, Any]]] = {}
+
+
 async def create_tables(engine: AsyncEngine) -> None:
     """qx's and the orders example's tables through the example's migrations (its chain and
-    qx's), then the test-only models' tables."""
-    await upgrade(engine, config=alembic_config(orders_migrations()))
-    async with engine.begin() as conn:
-        await conn.run_sync(models.metadata.create_all)
+    qx's), then the test-only models' tables.
+
+    The first time per backend in a session the migrations run, and every statement they send
+    that changes the database is recorded; later databases get those statements again, in
+    one transaction: what the migrations do, without Alembic's own work each time (0.3 s a
+    test on PostgreSQL, 0.15 s on SQLite; about 500 tests). ``test_migrations`` runs the
+    migrations themselves, both ways.
+    """
+    script = _SCHEMA_SCRIPTS.get(engine.dialect.name)
+    if script is not None:
+        async with engine.begin() as conn:
+            driver = (await conn.get_raw_connection()).driver_connection
+            batch: list[str] = []
+            for statement, parameters in [*script, ("", None)]:
+                if engine.dialect.name == "postgresql" and not parameters and statement:
+                    batch.append(statement)  # asyncpg sends these as one query: one trip
+                    continue
+                if batch:
+                    await driver.execute(";\n".join(batch))
+                    batch = []
+                if statement:
+                    await conn.exec_driver_sql(statement, parameters)
+        return
+    sent: list[tuple[str, Any]] = []
+
+    def record(
+        _conn: Any, _cursor: Any, statement: str, parameters: Any, _context: Any, _many: bool
+    ) -> None:
+        if statement.lstrip().split(None, 1)[0].upper() not in _NOT_REPLAYED:
+            sent.append((statement, parameters))
+
+    event.listen(engine.sync_engine, "before_cursor_execute", record)
+    try:
+        await upgrade(engine, config=alembic_config(orders_migrations()))
+        async with engine.begin() as conn:
+            await conn.run_sync(models.metadata.create_all)
+    finally:
+        event.remove(engine.sync_engine, "before_cursor_execute", record)
+    _SCHEMA_SCRIPTS[engine.dialect.name] = sent
+
+
+#: Statements that read, or open a transaction (the replay runs in one of its own).
+_NOT_REPLAYED = frozenset({"SELECT", "BEGIN", "SHOW", "PRAGMA", "WITH"})
 
 
 @pytest.fixture
