@@ -7,7 +7,9 @@ shares its durable, a RabbitMQ queue its consumers, a Redis or Kafka group its c
 SIGTERM or SIGINT; it then stops every subscriber and returns within about a second plus the
 handlers in progress. Subscribers reconnect by themselves (see :mod:`qx.outbox._subscribers`).
 With ``concurrency`` > 1 an aggregate's events still apply in order, one at a time (the
-inbox's sequence row serializes them).
+inbox's sequence row serializes them). With ``QX_BROKER__PARTITIONS`` each of them is instead
+a member of the consumer group holding a share of its partitions
+(:mod:`qx.outbox._partitions`): an aggregate's events go to one member at a time.
 
 Example:
     >>> service = InboxService(settings.broker, inbox, router, name="billing")  # doctest: +SKIP

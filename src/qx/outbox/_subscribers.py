@@ -19,6 +19,11 @@ its aggregate's later events behind it) in the consumer's database after the inb
 ``max_attempts`` (:meth:`Inbox.failed`); they are acknowledged, and the operator requeues
 them (``qx inbox requeue``).
 
+With ``QX_BROKER__PARTITIONS`` a NATS, RabbitMQ or Redis subscriber given ``partition=k`` reads
+only that partition (:mod:`qx.outbox._destinations`), from the partition's own durable
+consumer, queue or Redis consumer; :class:`~qx.outbox.InboxService` runs one per partition its
+process holds.
+
 Every subscriber lives through its broker going away: ``run(stop)`` reconnects with the one
 :class:`~qx.core._backoff.Backoff` rule (a lost connection, a refused one, a broker restart,
 a silent partition found by heartbeats) and resumes where the broker's consumer state says,
