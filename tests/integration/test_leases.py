@@ -14,7 +14,7 @@ from qx.core import utcnow
 from qx.db._dialect import dialect_named
 from qx.outbox import OutboxStore
 from qx.outbox._leases import LeaseBook, Leases
-from qx.outbox._table import OUTBOX_LANES, inbox_lane_table, inbox_member_table
+from qx.outbox._table import inbox_lane_table, inbox_member_table
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
