@@ -1,6 +1,7 @@
 """A silent broker partition is never charged to the messages (NATS, RabbitMQ, Redis Streams).
 
-Between the relay and the broker sits a TCP proxy that, for ten seconds, delivers nothing in
+For each broker at once (each its own relay and database), between the relay and the broker
+sits a TCP proxy that, for ten seconds, delivers nothing in
 either direction and says nothing either (a blackhole: no reset, no refusal), while the
 application commits 100 events over 10 aggregates. Then the path heals. Every event must
 reach the broker within a lease period plus 10 s, with ``attempts`` still 0, nothing dead
@@ -11,9 +12,11 @@ or parked, and each aggregate's events first seen by the broker in the order com
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -21,11 +24,12 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from qx.core import new_id
-from qx.db import UnitOfWorkFactory
+from qx.db import UnitOfWorkFactory, create_session_factory
 from qx.outbox import OutboxRelay
 from qx.outbox.publishers import publisher_from_settings
 from qx.settings import BrokerSettings, RelaySettings
 from tests import models
+from tests.integration.conftest import create_tables, drop_schema, make_backend_engine
 from tests.integration.helpers import drop_stream
 from tests.integration.proxy import Proxy
 from tests.integration.test_relay_crash import stream_contents
@@ -38,11 +42,6 @@ PARTITION_SECONDS = 10.0
 LEASE_SECONDS = 5.0
 AGGREGATES = 10
 EVENTS_EACH = 10
-
-
-@pytest.fixture
-def backend() -> str:
-    return "postgresql"
 
 
 @dataclass
@@ -61,9 +60,8 @@ def _through(proxy: Proxy, url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
-@pytest.fixture(params=["nats", "rabbitmq", "redis"])
-async def broker(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Proxy, Broker]]:
-    kind = request.param
+@contextlib.asynccontextmanager
+async def behind_proxy(kind: str) -> AsyncIterator[tuple[Proxy, Broker]]:
     url = resolve({"nats": NATS, "rabbitmq": AMQP, "redis": REDIS}[kind])
     target = urlsplit(url)
     proxy = Proxy(target.hostname or "127.0.0.1", target.port or 0)
@@ -125,9 +123,36 @@ async def broker(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Proxy, B
 # without closing them; they are the client library's, collected after the test.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 async def test_a_silent_partition_publishes_everything_after_it_heals_uncharged(
-    engine: AsyncEngine, uow_factory: Factory, broker: tuple[Proxy, Broker]
+    tmp_path: Path,
 ) -> None:
-    proxy, target = broker
+    # The three brokers at once, each with its own relay and database: the partition's
+    # length is the scenario's input, not something to pay three times.
+    kinds = ("nats", "rabbitmq", "redis")
+    databases: list[tuple[AsyncEngine, str | None]] = []
+    try:
+        for _ in kinds:  # one after the other: Alembic's environment is one per process
+            databases.append(await make_backend_engine("postgresql", tmp_path))
+            await create_tables(databases[-1][0])
+        await asyncio.gather(
+            *(
+                _partitioned(kind, engine)
+                for kind, (engine, _) in zip(kinds, databases, strict=True)
+            )
+        )
+    finally:
+        for engine, schema in databases:
+            await engine.dispose()
+            if schema is not None:
+                await drop_schema(schema)
+
+
+async def _partitioned(kind: str, engine: AsyncEngine) -> None:
+    async with behind_proxy(kind) as (proxy, target):
+        await _scenario(engine, proxy, target)
+
+
+async def _scenario(engine: AsyncEngine, proxy: Proxy, target: Broker) -> None:
+    uow_factory = UnitOfWorkFactory(models.AppUnitOfWork, create_session_factory(engine))
     async with uow_factory() as uow:
         counters = [models.Counter(name=f"p{i}") for i in range(AGGREGATES)]
         await uow.counters.add_many(counters)
