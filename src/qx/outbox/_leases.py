@@ -20,7 +20,6 @@ import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
 
 from sqlalchemy import ColumnElement, Table, and_, delete, or_, select, true, update
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -187,13 +186,4 @@ class LeaseBook:
         )
         await conn.execute(
             delete(members_t).where(self._of(members_t), members_t.c[self.member_column] == member)
-        )
-
-    def holders(self) -> Any:
-        """A statement listing the group's lanes: ``lane``, ``owner``, ``lease_until``."""
-        lanes_t = self.lanes_table
-        return (
-            select(lanes_t.c.lane, lanes_t.c.owner, lanes_t.c.lease_until)
-            .where(self._of(lanes_t))
-            .order_by(lanes_t.c.lane)
         )

@@ -43,6 +43,7 @@ from qx.core._clock import utcnow
 from qx.core._errors import ConfigurationError
 from qx.db._dialect import dialect_named
 from qx.outbox._leases import LeaseBook
+from qx.outbox._signals import pause
 from qx.outbox._table import inbox_lane_table, inbox_member_table
 
 __all__ = ["PartitionMember", "Runs"]
@@ -140,12 +141,12 @@ class PartitionMember:
                     if time.monotonic() >= held_until - self.lease_seconds / 4:
                         # Our leases are running out: another member may take them soon.
                         self._hold(frozenset())
-                    await _wait(stop, _AGAIN.delay(failures))
+                    await pause(stop, _AGAIN.delay(failures))
                     continue
                 failures = 0
                 held_until = started + self.lease_seconds
                 self._hold(frozenset(leases.tokens) - leases.draining)
-                await _wait(stop, self.lease_seconds / 3)
+                await pause(stop, self.lease_seconds / 3)
         finally:
             self._hold(frozenset())
             await asyncio.gather(
@@ -181,8 +182,3 @@ class PartitionMember:
             error = None if running.task.cancelled() else running.task.exception()
             if error is not None:
                 raise error
-
-
-async def _wait(flag: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(flag.wait(), seconds)

@@ -57,7 +57,7 @@ from qx.outbox._envelope import Envelope
 from qx.outbox._leases import Leases
 from qx.outbox._logging import RateLimitedLog
 from qx.outbox._relay_state import RelayState, StateMachine
-from qx.outbox._signals import until_signalled
+from qx.outbox._signals import pause, until_signalled
 from qx.outbox._store import (
     Claim,
     Failure,
@@ -451,12 +451,12 @@ class OutboxRelay:
                     self._log.warning(
                         "turn", "relay turn failed (%s); retrying in %.1fs", reason, delay
                     )
-                    await _wait(self._stop, delay)
+                    await pause(self._stop, delay)
                     continue
                 if self._machine.state in (RelayState.STARTING, RelayState.DATABASE_DOWN):
                     down = self._outage_until > time.monotonic()
                     self._machine.to(RelayState.BROKER_DOWN if down else RelayState.RELAYING)
-                await _wait(self._wake, self._idle_seconds())
+                await pause(self._wake, self._idle_seconds())
         finally:
             await self._shutdown(listener)
 
@@ -583,17 +583,10 @@ class OutboxRelay:
                 raise
             except Exception as exc:
                 logger.info("LISTEN %s lost (%s); polling meanwhile", NOTIFY_CHANNEL, exc)
-            await _wait(self._stop, self.settings.reconnect_delay)
+            await pause(self._stop, self.settings.reconnect_delay)
 
     def _notified(self, *_args: Any) -> None:
         self._wake.set()
-
-
-async def _wait(flag: asyncio.Event, seconds: float) -> None:
-    """Wait until ``flag`` is set or ``seconds`` pass."""
-    if not flag.is_set():
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(flag.wait(), timeout=seconds)
 
 
 def _setter(flag: asyncio.Event) -> Any:

@@ -1,12 +1,14 @@
-"""Running a service until SIGTERM or SIGINT: one way for the relay and the inbox service."""
+"""Running a service until SIGTERM or SIGINT, and pausing until asked to stop: one way for the
+relay, the inbox service and the subscribers."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 from collections.abc import Awaitable, Callable
 
-__all__ = ["until_signalled"]
+__all__ = ["pause", "until_signalled"]
 
 
 async def until_signalled(
@@ -26,3 +28,10 @@ async def until_signalled(
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+
+
+async def pause(flag: asyncio.Event, seconds: float) -> None:
+    """Wait until ``flag`` is set or ``seconds`` pass."""
+    if not flag.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(flag.wait(), timeout=seconds)

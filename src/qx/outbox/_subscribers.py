@@ -58,6 +58,7 @@ from qx.core._errors import (
 from qx.outbox._destinations import nats_filter, rabbit_bindings, redis_stream_of
 from qx.outbox._envelope import Envelope
 from qx.outbox._inbox import EventRouter, Inbox
+from qx.outbox._signals import pause
 from qx.outbox.publishers._kafka import kafka_servers, kafka_topic
 from qx.outbox.publishers._nats import connect_nats
 from qx.settings import BrokerSettings
@@ -128,8 +129,7 @@ class _Subscriber(ABC):
                     exc,
                     delay,
                 )
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), delay)
+                await pause(stop, delay)
 
     def _connected(self) -> None:
         """The broker answered: the next loss starts the backoff afresh."""
