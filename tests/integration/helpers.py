@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
 from decimal import Decimal
 from typing import Any
 
@@ -8,6 +11,15 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from qx.examples.orders.domain import Order, OrderLine
 from qx.outbox import outbox_table
+
+
+async def until(check: Callable[[], Awaitable[bool]], seconds: float, what: str) -> None:
+    """Wait until ``check()`` holds, polling; fail naming ``what`` after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {seconds}s")
+        await asyncio.sleep(0.05)
 
 
 def new_order(customer: str = "alice", *skus: str) -> Order:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,7 +33,7 @@ from qx.outbox._table import inbox_lane_table
 from qx.outbox.publishers import publisher_from_settings
 from qx.settings import BrokerSettings
 from tests import models
-from tests.integration.helpers import drop_stream
+from tests.integration.helpers import drop_stream, until
 from tests.integration.test_inbox_order import counters, numbered
 from tests.services import AMQP, NATS, REDIS, Service, resolve
 
@@ -159,14 +159,6 @@ class _NeverReleases:
 
     async def release(self, conn: Any, member: str) -> None:
         raise ConnectionError("the process is gone")
-
-
-async def until(condition: Callable[[], Awaitable[bool]], seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while not await condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {seconds}s: {what}")
-        await asyncio.sleep(0.05)
 
 
 @contextlib.asynccontextmanager

@@ -29,6 +29,7 @@ from qx.outbox.publishers import publisher_from_settings
 from qx.outbox.publishers._kafka import kafka_servers
 from qx.settings import BrokerSettings, RelaySettings
 from tests import models
+from tests.integration.helpers import until
 from tests.integration.kafka_broker import KafkaBroker, kafka_broker
 from tests.integration.proxy import Proxy
 from tests.integration.test_inbox_order import counters, logging_router, numbered
@@ -56,13 +57,6 @@ def settings_for(broker: KafkaBroker) -> BrokerSettings:
         publish_timeout=2.0,
         heartbeat=1.0,
     )
-
-
-async def until(check: Callable[[], Awaitable[bool]], seconds: float, what: str) -> None:
-    deadline = asyncio.get_running_loop().time() + seconds
-    while not await check():
-        assert asyncio.get_running_loop().time() < deadline, f"{what}: not within {seconds}s"
-        await asyncio.sleep(0.1)
 
 
 async def records(settings: BrokerSettings, topic: str, count: int) -> list[Any]:

@@ -37,7 +37,7 @@ from qx.outbox import (
 from qx.outbox.publishers import publisher_from_settings
 from qx.settings import BrokerSettings
 from tests import models
-from tests.integration.helpers import drop_stream
+from tests.integration.helpers import drop_stream, until
 from tests.integration.proxy import Proxy
 from tests.integration.test_inbox import envelope_for, new_counter, router_incrementing, value_of
 from tests.services import AMQP, NATS, REDIS, resolve
@@ -58,14 +58,6 @@ def _via(url: str, port: int) -> str:
     parts = urlsplit(url)
     auth = parts.netloc.rsplit("@", 1)[0] + "@" if "@" in parts.netloc else ""
     return urlunsplit(parts._replace(netloc=f"{auth}127.0.0.1:{port}"))
-
-
-async def until(check: Callable[[], Awaitable[bool]], seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {seconds}s")
-        await asyncio.sleep(0.05)
 
 
 async def _prepare(kind: str, settings: BrokerSettings, queue: str) -> None:
@@ -197,17 +189,23 @@ async def consuming(uow_factory: Factory, kind: str) -> AsyncIterator[Line]:
         assert await value_of(uow_factory, ident) == len(sent), kind  # every event once
 
 
+@contextlib.asynccontextmanager
+async def consuming_each(uow_factory: Factory) -> AsyncIterator[list[Line]]:
+    """A subscriber of every broker (NATS, RabbitMQ, Redis) at once, as :func:`consuming`."""
+    async with contextlib.AsyncExitStack() as stack:
+        yield [
+            await stack.enter_async_context(consuming(uow_factory, kind))
+            for kind in ("nats", "rabbitmq", "redis")
+        ]
+
+
 @pytest.mark.timeout(120)
 async def test_subscribers_reconnect_after_a_cut_and_apply_every_event_once(
     uow_factory: Factory,
 ) -> None:
     # The three brokers at once: the cut is the same scenario for each, and its length is
     # the test's input, not something to pay three times.
-    async with contextlib.AsyncExitStack() as stack:
-        lines = [
-            await stack.enter_async_context(consuming(uow_factory, kind))
-            for kind in ("nats", "rabbitmq", "redis")
-        ]
+    async with consuming_each(uow_factory) as lines:
         for line in lines:
             await line.publish(10)
         for line in lines:
@@ -243,11 +241,7 @@ async def test_subscribers_live_through_idleness_under_load_a_restart_and_a_sile
     uow_factory: Factory,
 ) -> None:
     """The three subscribers side by side, so the 30 s of idleness are spent once."""
-    async with contextlib.AsyncExitStack() as stack:
-        lines = [
-            await stack.enter_async_context(consuming(uow_factory, kind))
-            for kind in ("nats", "rabbitmq", "redis")
-        ]
+    async with consuming_each(uow_factory) as lines:
         for line in lines:
             await line.publish(3)
         for line in lines:
