@@ -211,9 +211,8 @@ class Inbox(Generic[U]):
         async with self.uow_factory() as uow:
             if envelope.sequence is not None and envelope.aggregate_id is not None:
                 kind = envelope.aggregate_type or ""
-                await uow.session.execute(
-                    self._sequence_row(uow, kind, envelope.aggregate_id, parked=True)
-                )
+                row = {"group": self.consumer, "kind": kind, "ident": envelope.aggregate_id}
+                await uow.session.execute(self._statements(uow).park, row)
             await self._park(uow, envelope, error=text, attempts=attempts)
             await uow.commit()
         self._failures.pop(ident, None)
@@ -381,26 +380,6 @@ class Inbox(Generic[U]):
         await session.execute(hot.advance, {**row, "number": number})
         return _Place.NEXT
 
-    def _sequence_row(self, uow: UnitOfWork, kind: str, ident: str, **changes: Any) -> Any:
-        """Insert the aggregate's sequence row, or lock it and set ``changes`` (no change:
-        touch it)."""
-        insert = dialect_of(uow.session.get_bind()).insert
-        t = inbox_sequence_table
-        return (
-            insert(t)
-            .values(
-                consumer=self.consumer,
-                aggregate_type=kind,
-                aggregate_id=ident,
-                last_seq=0,
-                **changes,
-            )
-            .on_conflict_do_update(
-                index_elements=[t.c.consumer, t.c.aggregate_type, t.c.aggregate_id],
-                set_=changes or {"last_seq": t.c.last_seq},
-            )
-        )
-
     def _of(self, table: Any, kind: str, ident: str) -> tuple[Any, ...]:
         """The criteria of this consumer's rows of one aggregate in ``table``."""
         return (
@@ -479,6 +458,8 @@ class _Statements:
     #: Insert or lock an aggregate's sequence row (``group``, ``kind``, ``ident``);
     #: returns ``last_seq`` and ``parked``.
     touch: Any
+    #: Insert an aggregate's sequence row parked, or park it.
+    park: Any
     #: Move an aggregate's sequence on to ``number``.
     advance: Any
     #: Insert the message's row unless it is there; returns its id when it was inserted.
@@ -492,15 +473,20 @@ class _Statements:
             "aggregate_type": bindparam("kind", type_=t.c.aggregate_type.type),
             "aggregate_id": bindparam("ident", type_=t.c.aggregate_id.type),
         }
-        touch = (
-            insert(t)
-            .values(last_seq=0, **key)
-            .on_conflict_do_update(
-                index_elements=[t.c.consumer, t.c.aggregate_type, t.c.aggregate_id],
-                set_={"last_seq": t.c.last_seq},
+
+        def sequence_row(**changes: Any) -> Any:
+            # Inserted, or locked with ``changes`` set (no change: touched).
+            return (
+                insert(t)
+                .values(last_seq=0, **key, **changes)
+                .on_conflict_do_update(
+                    index_elements=[t.c.consumer, t.c.aggregate_type, t.c.aggregate_id],
+                    set_=changes or {"last_seq": t.c.last_seq},
+                )
             )
-            .returning(t.c.last_seq, t.c.parked)
-        )
+
+        touch = sequence_row().returning(t.c.last_seq, t.c.parked)
+        park = sequence_row(parked=True)
         advance = (
             update(t)
             .where(*(t.c[name] == value for name, value in key.items()))
@@ -518,7 +504,7 @@ class _Statements:
             .on_conflict_do_nothing()
             .returning(i.c.message_id)
         )
-        return cls(touch, advance, record)
+        return cls(touch, park, advance, record)
 
 
 class EventRouter:
