@@ -475,6 +475,37 @@ async def test_stream_over_roots_with_parts_keeps_events_and_guards_parts_change
     )
 
 
+@pytest.mark.postgres_only  # SQLite's BEGIN IMMEDIATE serialises the two transactions
+@pytest.mark.parametrize("meanwhile", ["changed", "deleted"])
+async def test_a_kept_part_of_a_streamed_root_changed_elsewhere_meanwhile_conflicts(
+    factory: Factory, warehouse: AsyncEngine, meanwhile: str
+) -> None:
+    product_id = await seed_product(factory, batches_=1, purchased=10)
+    async with factory() as uow:
+        await uow.products.add(Product(sku="ZZZ"))  # streamed last, in a chunk of its own
+        await uow.commit()
+    async with factory() as uow:
+        stream = uow.products.query().order_by("sku").stream(chunk_size=1)
+        kept = [p.batches[0] async for p in stream if p.sku == "LAMP"]
+        gc.collect()  # the stream let go of the product; only its batch is held
+        assert product_id not in {
+            getattr(o, "id", None) for o in uow.session.sync_session.identity_map.values()
+        }
+        async with factory() as other:
+            product = await other.products.require(product_id)
+            if meanwhile == "changed":
+                product.batches[0].purchased = 50
+            else:
+                await other.products.remove(product)
+            await other.commit()
+        kept[0].purchased += 1
+        with pytest.raises(ConcurrencyConflict) as caught:
+            await uow.commit()
+    assert caught.value.entities == (f"Product({product_id})",)
+    stored = await scalar(warehouse, select(func.max(batches.c.purchased)))
+    assert stored == (50 if meanwhile == "changed" else None)
+
+
 # -- 3. a failed commit leaves the aggregates retryable ------------------------------------
 
 

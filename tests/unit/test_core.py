@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 from uuid import UUID
 
@@ -118,7 +119,20 @@ def test_aggregate_records_lazily_and_collects_once() -> None:
     assert [r.seq for r in records] == sorted(r.seq for r in records)
     assert all(r.aggregate is thing for r in records)
     assert thing.collect_events() == [] and not thing.has_pending_events()
-    assert "_qx_pending_events" not in vars(Thing)
+
+
+def test_recorded_events_stay_out_of_the_instance_dict_and_the_dataclass() -> None:
+    thing = Thing(n=3)
+    thing.record(Happened(n=1))
+    # The object's __dict__ (where the ORM keeps mapped state) holds its fields only; the
+    # events are not a field: equality, repr and replace() never see them.
+    assert vars(thing) == {"n": 3}
+    assert "Happened" not in repr(thing)
+    assert replace(thing, n=4).pending_events == ()
+    assert [e.n for e in thing.pending_events] == [1]  # type: ignore[attr-defined]
+    # A copy is a value copy of the object, events included (as with any attribute).
+    twin = copy.copy(thing)
+    assert len(twin.pending_events) == 1 and vars(twin) == {"n": 3}
 
 
 def test_aggregate_refuses_non_events() -> None:

@@ -37,24 +37,12 @@ from qx.db import (
 SRC = Path(qx.__file__).resolve().parent
 
 # (module, literal) -> why it is still there. Each must still occur: fix one, drop its line.
-KNOWN_KEYS = {
-    ("core/_aggregate.py", "_qx_pending_events"): (
-        "the events an aggregate recorded: the domain object's own state, written by its "
-        "record(), read by pending_events"
-    ),
-    ("core/_aggregate.py", "_qx_observer"): (
-        "issue 23, open: the callback that re-holds a released root when it records an event"
-    ),
-    ("db/_tracking.py", "_qx_root"): (
-        "issue 23, open: a released aggregate's parts point back to their root from the part "
-        "object (InstanceState.info is anchored by the identity map; see ROOT_LINK)"
-    ),
-}
+# Empty since issue 23: recorded events live in a slot AggregateRoot declares, and a stream's
+# released roots are remembered by the transaction (weakly), not by their parts.
+KNOWN_KEYS: dict[tuple[str, str], str] = {}
 # Modules allowed to write through an object's ``__dict__`` (and why).
 DICT_WRITERS = {
-    "core/_aggregate.py": "the keys above",
     "db/_model.py": "LoadPlan.apply gives a loaded dataclass the defaults __init__ would have",
-    "db/_tracking.py": "the root link above",
 }
 # Names under which qx code holds a session or a mapper: no attribute is ever set on them.
 FOREIGN_OBJECTS = {"session", "sync", "sync_session", "mapper", "manager", "class_manager"}

@@ -1,8 +1,10 @@
 """Aggregate roots record events; the unit of work collects them at commit.
 
-SQLAlchemy does not call ``__init__`` when it loads a row, so the pending-events list is
-created lazily in the instance ``__dict__`` under a key that is not mapped. Loaded and new
-aggregates therefore record events the same way, and the events never touch mapped state.
+The pending events are the aggregate's own state, in a slot :class:`AggregateRoot` declares:
+not in the instance ``__dict__`` (where the ORM keeps mapped state), not a dataclass field (so
+they never reach ``__init__``, ``__eq__`` or ``repr``). SQLAlchemy does not call ``__init__``
+when it loads a row, so the list is made on the first ``record``: loaded and new aggregates
+record events the same way.
 
 Example:
     >>> from dataclasses import dataclass
@@ -25,7 +27,7 @@ Example:
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import NamedTuple
 from uuid import UUID
 
@@ -38,14 +40,10 @@ __all__ = [
     "discard_events",
     "make_record",
     "next_sequence",
+    "recorded",
     "restore_events",
-    "set_observer",
 ]
 
-_PENDING = "_qx_pending_events"
-# Called with the aggregate when it records an event: how a unit of work that stopped holding
-# a clean aggregate (a long stream) holds it again before the event could be lost.
-_OBSERVER = "_qx_observer"
 # One process-wide sequence orders events across aggregates in the order they were recorded.
 _sequence = itertools.count()
 
@@ -85,35 +83,51 @@ class AggregateRoot:
     keeps identity semantics, which the ORM's identity map relies on.
     """
 
+    # The recorded events live in this slot, outside the instance ``__dict__``; a subclass
+    # without ``__slots__`` still gets its ``__dict__`` and ``__weakref__``. The list, once
+    # made, is the same object for the aggregate's life (collecting empties it): whoever
+    # holds it (see ``recorded``) sees every event recorded later.
+    __slots__ = ("__events",)  # stored as _AggregateRoot__events (name mangling)
+    __events: list[RecordedEvent]
+
     def record(self, event: Event) -> None:
         """Record an event to be dispatched and written to the outbox at commit."""
-        pending: list[RecordedEvent] | None = self.__dict__.get(_PENDING)
-        if pending is None:
-            pending = self.__dict__[_PENDING] = []
-        pending.append(make_record(event, self))
-        observer = self.__dict__.get(_OBSERVER)
-        if observer is not None:
-            observer(self)
+        record = make_record(event, self)
+        try:
+            self.__events.append(record)
+        except AttributeError:  # loaded by the ORM, or nothing recorded yet
+            self.__events = [record]
 
     @property
     def pending_events(self) -> tuple[Event, ...]:
         """The events recorded since the last collection, oldest first."""
-        pending: list[RecordedEvent] = self.__dict__.get(_PENDING) or []
-        return tuple(record.event for record in pending)
+        return tuple(record.event for record in getattr(self, _SLOT, ()))
 
     def collect_events(self) -> list[RecordedEvent]:
         """Remove and return the recorded events (used by units of work)."""
-        pending: list[RecordedEvent] | None = self.__dict__.pop(_PENDING, None)
-        return pending or []
+        pending: list[RecordedEvent] | None = getattr(self, _SLOT, None)
+        if not pending:
+            return []
+        taken = pending.copy()
+        pending.clear()
+        return taken
 
     def has_pending_events(self) -> bool:
         """Return whether events are waiting to be collected."""
-        return bool(self.__dict__.get(_PENDING))
+        return bool(getattr(self, _SLOT, None))
 
 
-def set_observer(aggregate: AggregateRoot, observer: Callable[[AggregateRoot], None]) -> None:
-    """Have ``observer(aggregate)`` called each time ``aggregate`` records an event."""
-    aggregate.__dict__[_OBSERVER] = observer
+_SLOT = "_AggregateRoot__events"
+
+
+def recorded(aggregate: AggregateRoot) -> list[RecordedEvent]:
+    """The list ``aggregate`` records its events into (made if it has none yet): the same
+    object for the aggregate's life, so holding it is watching what the aggregate records."""
+    pending: list[RecordedEvent] | None = getattr(aggregate, _SLOT, None)
+    if pending is None:
+        pending = []
+        setattr(aggregate, _SLOT, pending)
+    return pending
 
 
 def restore_events(records: Iterable[RecordedEvent]) -> None:
@@ -126,11 +140,11 @@ def restore_events(records: Iterable[RecordedEvent]) -> None:
             entry[1].append(record)
     for aggregate, pending in by_aggregate.values():
         pending.sort(key=lambda record: record.seq)
-        aggregate.__dict__[_PENDING] = pending
+        recorded(aggregate)[:] = pending
 
 
 def discard_events(aggregates: Iterable[object]) -> None:
     """Drop the pending events of ``aggregates`` (those that are aggregate roots)."""
     for aggregate in aggregates:
         if isinstance(aggregate, AggregateRoot):
-            aggregate.__dict__.pop(_PENDING, None)
+            recorded(aggregate).clear()

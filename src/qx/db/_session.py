@@ -29,13 +29,12 @@ from sqlalchemy.orm.attributes import instance_state
 
 from qx.core._clock import SystemClock
 from qx.core._context import RequestContext, current_context
-from qx.core._errors import TenantViolation, UnitOfWorkError
+from qx.core._errors import ConcurrencyConflict, TenantViolation, UnitOfWorkError
 from qx.db._mapping import entity_info
 from qx.db._model import EntityInfo, model_of
 from qx.db._scoping import scope_statement, tenant_for_write
 from qx.db._tracking import (
     TransactionState,
-    linked_root,
     members,
     owned_parts,
     transaction_of,
@@ -300,14 +299,33 @@ def stamp_new(
                 setattr(obj, info.version_key, 1)
         else:
             child_changed = child_changed or in_aggregate(state.mapper)
-            _hold_linked_root(tx, state)
+            _hold_linked_root(session, tx, state)
     return changed, child_changed
 
 
-def _hold_linked_root(tx: TransactionState, state: InstanceState[Any]) -> None:
-    root = linked_root(state)
-    if root is not None:
-        tx.track(root)  # a part of a released root changed: its root must be versioned
+def _hold_linked_root(session: Session, tx: TransactionState, state: InstanceState[Any]) -> None:
+    # A part of a root a stream let go of changed: its root must be held and versioned. If
+    # nobody kept the root it is loaded again, at the version the transaction saw, or the
+    # change is refused: versioning the row someone else has changed since would hide their
+    # change from this one.
+    link = tx.link_of(state)
+    if link is None:
+        return
+    root = session.identity_map.get(link.key)
+    if root is None:
+        cls, ident, token = link.key
+        root = session.get(cls, ident, identity_token=token)
+        info = entity_info(state.mapper if root is None else instance_state(root).mapper)
+        if root is None or (
+            info.version_key is not None and getattr(root, info.version_key) != link.version
+        ):
+            described = f"{entity_info(cls.__mapper__).name}({':'.join(map(str, ident))})"
+            raise ConcurrencyConflict(
+                f"{described} changed or vanished since this unit of work read it, and a "
+                "part of it was changed here: load it again and retry",
+                entities=(described,),
+            )
+    tx.track(root)
 
 
 def _bump(root: Any, state: InstanceState[Any], info: EntityInfo, now: Any) -> None:
@@ -356,7 +374,7 @@ def _before_flush(session: QxSession, _flush: UOWTransaction, _instances: Any) -
         elif _net_modified(state):
             changed.add(state)
             child_changed = child_changed or in_aggregate(state.mapper)
-            _hold_linked_root(tx, state)
+            _hold_linked_root(session, tx, state)
             if info.updated_key is not None:
                 setattr(obj, info.updated_key, now)
 
@@ -372,7 +390,7 @@ def _before_flush(session: QxSession, _flush: UOWTransaction, _instances: Any) -
                 checked.append((info, state))
         else:
             child_changed = child_changed or in_aggregate(state.mapper)
-            _hold_linked_root(tx, state)
+            _hold_linked_root(session, tx, state)
 
     if child_changed:
         _bump_for_parts(session, tx, dirty_roots, changed, now, checked)

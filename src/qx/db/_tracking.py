@@ -9,27 +9,32 @@ path, is held strongly until the transaction ends, and events are collected from
 
 The one exception is :meth:`TransactionState.release`, which ``Query.stream`` uses to keep
 memory flat: it lets go of a root only when nothing about it can be lost - no unflushed
-change, no pending event - and arranges that the root is held again the moment that stops
-being true (it records an event, or a part of it is changed).
+change, no pending event - and keeps what it needs to hold it again the moment that stops
+being true, without a reference that would keep it alive: the list the root records its
+events into (an event recorded there holds its aggregate, so a root that records one lives
+until events are collected, whoever drops it) and, for each of its parts, the root's identity
+and version (a changed part brings its root back, reloaded if nobody kept it; see
+:class:`RootLink`). Nothing is written into the domain objects.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
-from typing import Any, Final
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, Final, NamedTuple
+from weakref import WeakKeyDictionary, ref
 
 from sqlalchemy.orm import InstanceState
 from sqlalchemy.orm.attributes import flag_modified, instance_state
 
-from qx.core._aggregate import AggregateRoot, set_observer
+from qx.core._aggregate import AggregateRoot, RecordedEvent, recorded
 from qx.core._clock import Clock, SystemClock
 from qx.db._mapping import entity_info
 from qx.db._model import EntityInfo
 from qx.db._transaction import TX_KEY, RowsChecked
 
 __all__ = [
+    "RootLink",
     "TransactionState",
-    "linked_root",
     "members",
     "owned_parts",
     "renew_transient",
@@ -37,11 +42,19 @@ __all__ = [
     "transaction_of",
 ]
 
-# Key, in a part's instance dict, of the root a released aggregate's parts point back to: held
-# by the part object, so the root lives as long as anyone holds one of its parts and goes with
-# them. Not in ``InstanceState.info``: the identity map holds every state strongly, so a link
-# there would keep each released root alive for the session's life (a stream's memory grows).
-ROOT_LINK: Final = "_qx_root"
+
+class RootLink(NamedTuple):
+    """Where a released root's part belongs: the root's identity key and the version the
+    transaction saw, so a changed part can bring back (or reload) its root and a reload can
+    tell whether someone else changed the root meanwhile.
+
+    Plain values, not the root: a link must not keep a released root alive (the identity map
+    holds every part's state strongly, so an object here would keep each released root for
+    the session's life and a stream's memory would grow).
+    """
+
+    key: Any
+    version: Any
 
 
 def members(value: Any) -> Iterator[Any]:
@@ -102,6 +115,9 @@ class TransactionState:
             (``None``: not known yet; see ``qx.db._writes``).
         read_only: the unit of work refuses writes (kept across transactions, like the
             clock).
+        released: for each root let go of by :meth:`release` and still alive, the list it
+            records events into (the root itself weakly, to forget it when it goes).
+        links: for each part of a released root (its state, weakly), its :class:`RootLink`.
     """
 
     __slots__ = (
@@ -110,7 +126,9 @@ class TransactionState:
         "clock",
         "connected",
         "flushed",
+        "links",
         "read_only",
+        "released",
         "roots",
         "rows_checked",
         "transaction_id",
@@ -126,6 +144,9 @@ class TransactionState:
         self.connected = False
         self.read_only = False
         self.transaction_id: str | None = None
+        # Made by the first release: most transactions never stream.
+        self.released: dict[int, tuple[ref[Any], list[RecordedEvent]]] | None = None
+        self.links: WeakKeyDictionary[InstanceState[Any], RootLink] | None = None
 
     def reset(self) -> None:
         """Forget the transaction that ended (the clock stays)."""
@@ -136,6 +157,8 @@ class TransactionState:
         self.flushed = False
         self.connected = False
         self.transaction_id = None
+        self.released = None
+        self.links = None
 
     def track(self, root: Any) -> None:
         """Hold ``root`` until the transaction ends."""
@@ -152,10 +175,15 @@ class TransactionState:
     def release(self, roots: Iterable[Any]) -> None:
         """Stop holding each of ``roots`` that has nothing left to lose.
 
-        A released root is held again as soon as it records an event (its observer) or one
-        of its parts is changed (the parts point back to it), so a caller who kept a
-        reference can still use it normally.
+        A released root is held again as soon as it could lose something: when events are
+        collected, if it recorded one (:meth:`take_back`); at the next flush, if one of its
+        parts changed (:meth:`link_of`). A caller who kept a reference uses it normally.
         """
+        released = self.released
+        links = self.links
+        if released is None or links is None:
+            released = self.released = {}
+            links = self.links = WeakKeyDictionary()
         for root in roots:
             state = instance_state(root)
             if touched(state):
@@ -164,8 +192,27 @@ class TransactionState:
                 self.bumped.add(state.key)  # a reload of the same row is the same aggregate
             self.roots.pop(id(root), None)
             if isinstance(root, AggregateRoot):
-                set_observer(root, self.track)
-            _link_parts(state, root)
+                key = id(root)
+                # The weak reference's callback forgets a root that died with nothing
+                # recorded (one that recorded an event is kept alive by the event's record).
+                released[key] = (ref(root, _forgetting(released, key)), recorded(root))
+            info = entity_info(state.mapper)
+            version = None if info.version_key is None else state.dict.get(info.version_key)
+            link = RootLink(state.key, version)
+            for part_state in _part_states(state, info):
+                links[part_state] = link
+
+    def take_back(self) -> None:
+        """Hold again every released root that recorded an event since it was released."""
+        if self.released:
+            for key, (_, pending) in list(self.released.items()):
+                if pending:
+                    del self.released[key]
+                    self.track(pending[0].aggregate)
+
+    def link_of(self, state: InstanceState[Any]) -> RootLink | None:
+        """The :class:`RootLink` of a released root's part, or ``None``."""
+        return None if self.links is None else self.links.get(state)
 
     def stale(self) -> tuple[str, ...]:
         """``Type(id)`` of the roots the last flush version-checked (for error messages)."""
@@ -186,16 +233,18 @@ def transaction_of(session: Any) -> TransactionState:
     return tx
 
 
-def _link_parts(state: InstanceState[Any], root: Any) -> None:
-    for part in owned_parts(state, entity_info(state.mapper)):
+def _forgetting(released: dict[int, Any], key: int) -> Callable[[Any], None]:
+    def forget(_: Any) -> None:
+        released.pop(key, None)
+
+    return forget
+
+
+def _part_states(state: InstanceState[Any], info: EntityInfo) -> Iterator[InstanceState[Any]]:
+    for part in owned_parts(state, info):
         part_state = instance_state(part)
-        part_state.dict[ROOT_LINK] = root
-        _link_parts(part_state, root)
-
-
-def linked_root(state: InstanceState[Any]) -> Any:
-    """The released root a part points back to, or ``None``."""
-    return state.dict.get(ROOT_LINK)
+        yield part_state
+        yield from _part_states(part_state, entity_info(part_state.mapper))
 
 
 def renew_transient(objects: Iterable[Any]) -> None:

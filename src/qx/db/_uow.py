@@ -367,7 +367,9 @@ class UnitOfWork:
         batch, self._emitted = self._emitted, []
         sync = self.session.sync_session
         session_id = sync.hash_key
-        for obj in transaction_of(sync).roots.values():
+        tx = transaction_of(sync)
+        tx.take_back()  # roots a stream let go of that recorded events since
+        for obj in tx.roots.values():
             if (
                 isinstance(obj, AggregateRoot)
                 and obj.has_pending_events()
