@@ -17,6 +17,11 @@ Cases (PostgreSQL, the orders example, one order with 3 lines):
     get: load one order with its lines; save: load, change a line, commit (qx bumps the
         order's version itself; the hand-written ORM does it explicitly);
     list: a filtered, sorted page of 50 orders with their lines (as ``bench/list.py``).
+
+Cases on ``bench/peers.py``'s one-table journal, its qx and SQLAlchemy ORM loops as they are
+(one op is one row, the figure is instructions per row):
+    insert-one: a transaction inserting one row; get-key: one row by primary key (300 per
+    unit of work); filter-large: one query reading 300 rows.
 """
 
 from __future__ import annotations
@@ -41,6 +46,8 @@ from qx.examples.orders.infrastructure import OrdersUnitOfWork
 from qx.outbox import outbox_table
 
 CASES = ("place", "get", "save", "list")
+PEER_CASES = {"insert-one": "insert one", "get-key": "get by key", "filter-large": "filter large"}
+PEER_ROWS = 300
 IMPLS = ("qx", "orm")
 
 
@@ -48,7 +55,29 @@ def _lines() -> list[OrderLine]:
     return [OrderLine(sku=f"S{k}", quantity=1, unit_price=Decimal("9.90")) for k in range(3)]
 
 
+async def run_peer(url: str, case: str, impl: str, ops: int) -> None:
+    import peers  # the same loops bench/peers.py times
+
+    async with bench_schema(url, pool_size=2) as db:
+        async with db.engine.begin() as conn:
+            await conn.run_sync(peers.qx_metadata.create_all)
+            await conn.run_sync(peers.orm_metadata.create_all)
+            if case != "insert-one":
+                rows = [{"level": 1, "text": peers.text_of(i)} for i in range(1, PEER_ROWS + 1)]
+                for table in (peers.qx_journal, peers.orm_journal):
+                    await conn.execute(insert(table), rows)
+        loops = peers.qx_loops(db) if impl == "qx" else peers.orm_loops(db)
+        loop = loops[PEER_CASES[case]]
+        ids = list(range(1, PEER_ROWS + 1))
+        await loop(ids[:20])  # warm caches in every run
+        for start in range(0, ops, PEER_ROWS):
+            await loop(ids[: min(PEER_ROWS, ops - start)])
+
+
 async def run(url: str, case: str, impl: str, ops: int) -> None:
+    if case in PEER_CASES:
+        await run_peer(url, case, impl, ops)
+        return
     async with bench_schema(url, pool_size=2) as db:
         factory = UnitOfWorkFactory(OrdersUnitOfWork, create_session_factory(db.engine))
         plain = async_sessionmaker(db.engine, expire_on_commit=False)
@@ -202,16 +231,16 @@ def measure_all(url: str, ops: int, cases: tuple[str, ...]) -> None:
             base = count(case, impl, 0, url)
             total = count(case, impl, ops, url)
             per_op[(case, impl)] = (total - base) / ops
-            print(f"{case:<6}{impl:<5}{per_op[(case, impl)] / 1000:>10.0f}K instructions/op")
-    print(f"{'case':<6}{'qx / ORM':>10}")
+            print(f"{case:<13}{impl:<5}{per_op[(case, impl)] / 1000:>10.1f}K instructions/op")
+    print(f"{'case':<13}{'qx / ORM':>10}")
     for case in cases:
-        print(f"{case:<6}{per_op[(case, 'qx')] / per_op[(case, 'orm')]:>9.3f}x")
+        print(f"{case:<13}{per_op[(case, 'qx')] / per_op[(case, 'orm')]:>9.3f}x")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_url_argument(parser)
-    parser.add_argument("--case", choices=CASES)
+    parser.add_argument("--case", choices=(*CASES, *PEER_CASES))
     parser.add_argument("--impl", choices=IMPLS)
     parser.add_argument("--ops", type=int, default=300)
     parser.add_argument(

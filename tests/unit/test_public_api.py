@@ -148,6 +148,7 @@ EXPECTED = {
         "UnitOfWork",
         "UnitOfWorkFactory",
         "UnitOfWorkState",
+        "WriteStatement",
         "audit_columns",
         "configure_mappers",
         "create_engine",

@@ -24,6 +24,7 @@ from qx.db._scoping import WITH_DELETED
 from qx.db._session import QxSession
 from qx.db._translate import translate_error, translating
 from qx.db._uow import UnitOfWork, UnitOfWorkFactory, UnitOfWorkState
+from qx.db._writes import WriteStatement
 
 __all__ = [
     "NAMING_CONVENTION",
@@ -37,6 +38,7 @@ __all__ = [
     "UnitOfWork",
     "UnitOfWorkFactory",
     "UnitOfWorkState",
+    "WriteStatement",
     "audit_columns",
     "configure_mappers",
     "create_engine",

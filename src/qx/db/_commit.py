@@ -142,10 +142,13 @@ class CommitProbe(Protocol):
     def ambiguous(self, error: BaseException) -> bool:
         """Whether a COMMIT that failed with ``error`` may have committed all the same."""
 
-    async def handle(self, session: AsyncSession) -> TransactionHandle | None:
+    def handle(self, session: Session) -> TransactionHandle | None:
         """A handle on the session's transaction, taken just before COMMIT (``None``:
         nothing to find out). A backend that needs the transaction's writes done first
-        flushes the session itself."""
+        flushes the session itself.
+
+        Synchronous, on the session of the unit of work's ``AsyncSession``: the unit of work
+        takes the handle and commits in one trip into the session's greenlet."""
 
     async def outcome(
         self,
@@ -195,10 +198,8 @@ class PostgresProbe:
         # failed may have carried the COMMIT and lost only its answer.
         return lost_connection(error)
 
-    async def handle(self, session: AsyncSession) -> TransactionHandle | None:
-        # One trip into the session's greenlet for the flush and the question, not one per
-        # step (each costs about as much CPU as a small statement).
-        name = await session.run_sync(_transaction_name)
+    def handle(self, session: Session) -> TransactionHandle | None:
+        name = _transaction_name(session)
         return None if name is None else TransactionHandle.parse(name)
 
     async def outcome(

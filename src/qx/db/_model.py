@@ -25,6 +25,7 @@ from sqlalchemy.orm.interfaces import ORMOption
 
 from qx.core._aggregate import AggregateRoot
 from qx.core._errors import ConfigurationError
+from qx.db._writes import WriteStatement
 
 __all__ = [
     "UNSET",
@@ -122,6 +123,8 @@ class LoadPlan:
 @dataclass(frozen=True, slots=True)
 class InsertPlan:
     table: Table
+    #: ``insert(table)``, built once (see ``qx.db._writes.WriteStatement``)
+    statement: WriteStatement
     #: (attribute key, column key, column has a default or server default)
     columns: tuple[tuple[str, str, bool], ...]
     #: (relationship key, ((parent attribute, child attribute), ...)) for owned collections

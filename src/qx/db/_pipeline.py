@@ -41,7 +41,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from qx.core._aggregate import RecordedEvent
 from qx.core._errors import ConfigurationError
 from qx.core._events import Event, IntegrationEvent
-from qx.db._writes import execute_write
+from qx.db._writes import WriteStatement, execute_write
 
 __all__ = [
     "STAGE_ENTRY_POINTS",
@@ -81,11 +81,18 @@ class CommitContext:
         """The transaction's connection, for statements outside the ORM."""
         return await self.session.connection()
 
-    async def insert(self, statement: Insert, rows: Sequence[dict[str, Any]]) -> None:
+    async def insert(
+        self, statement: Insert | WriteStatement, rows: Sequence[dict[str, Any]]
+    ) -> None:
         """INSERT ``rows`` in the transaction. Where the backend can, the same round trip
         names the transaction, and COMMIT then needs no question of its own to be safe
-        against a lost answer (see ``qx.db._writes``)."""
-        await execute_write(self.session, statement, rows)
+        against a lost answer (see ``qx.db._writes``).
+
+        A stage that inserts on every commit passes a ``WriteStatement`` it built once: a
+        bare ``Insert`` is walked again each time to find its compiled form."""
+        if not isinstance(statement, WriteStatement):
+            statement = WriteStatement(statement)
+        await self.session.run_sync(execute_write, statement, rows)
 
 
 @runtime_checkable

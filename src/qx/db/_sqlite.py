@@ -168,12 +168,8 @@ class LocalProbe:
         state = sqlstate_of(driver_error(error))
         return state is None or not state.startswith(UNDONE)
 
-    async def handle(self, session: AsyncSession) -> TransactionHandle | None:
-        # Flush first, so an error of the writes is not taken for one of the COMMIT; the
-        # marker in the same trip into the session's greenlet.
-        return await session.run_sync(self._local_handle)
-
-    def _local_handle(self, session: Session) -> TransactionHandle | None:
+    def handle(self, session: Session) -> TransactionHandle | None:
+        # Flush first, so an error of the writes is not taken for one of the COMMIT.
         session.flush()
         record = existing_transaction(session)
         if record is not None and not record.flushed:

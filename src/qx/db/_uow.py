@@ -34,6 +34,7 @@ from typing import Any, Generic, Self, TypeVar, get_args, get_origin, get_type_h
 
 from pydantic import SecretStr
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import instance_state
 
 from qx.core._aggregate import (
@@ -56,7 +57,12 @@ from qx.core._errors import (
 from qx.core._events import Event, IntegrationEvent, handling_event
 from qx.core._ids import new_id
 from qx.core._telemetry import active_tracer, span
-from qx.db._commit import COMMIT_PROBE_SECONDS, past_cancellation
+from qx.db._commit import (
+    COMMIT_PROBE_SECONDS,
+    CommitProbe,
+    TransactionHandle,
+    past_cancellation,
+)
 from qx.db._dialect import dialect_of
 from qx.db._insert_new import forget_inserted, insert_new_aggregates
 from qx.db._pipeline import CommitContext, CommitStage, default_stages, unclaimed
@@ -517,18 +523,20 @@ class UnitOfWork:
         time, raise ``CommitOutcomeUnknown`` (never safe to retry blindly)."""
         engine = self._session_factory.kw.get("bind")
         probe = dialect_of(engine).commit_probe if isinstance(engine, AsyncEngine) else None
-        handle = await probe.handle(session) if probe is not None else None
-        if handle is None or probe is None or not isinstance(engine, AsyncEngine):
-            # Nothing to find out (SQLite, or a transaction that wrote nothing): COMMIT
-            # flushes what is left itself, one call. (A handle only ever comes from the probe
-            # of an engine: the other two tests narrow the types.)
+        if probe is None or not isinstance(engine, AsyncEngine):
+            # Nothing to find out (bound to an outer connection): COMMIT flushes what is
+            # left itself, one call.
             await session.commit()
             return
+        # The handle and COMMIT in one trip into the session's greenlet (each trip costs
+        # about as much CPU as a small statement).
+        taken: list[TransactionHandle | None] = []
         try:
-            await session.commit()
+            await session.run_sync(_name_and_commit, probe, taken)
         except Exception as exc:
-            if not probe.ambiguous(exc):
-                raise
+            handle = taken[0] if taken else None
+            if handle is None or not probe.ambiguous(exc):
+                raise  # the handle failed, nothing to find out, or a plain refusal
             deadline = time.monotonic() + self._probe_seconds
             committed = await probe.outcome(engine, handle, session=session, deadline=deadline)
             if committed:
@@ -591,6 +599,15 @@ def _driver_reason(error: BaseException) -> str:
     orig = driver_error(error)
     name = getattr(orig, "sqlite_errorname", None) or type(orig).__name__
     return f"{name}: {str(orig)[:120]}"
+
+
+def _name_and_commit(
+    session: Session, probe: CommitProbe, taken: list[TransactionHandle | None]
+) -> None:
+    """Take the transaction's handle (kept in ``taken`` before anything else can fail),
+    then COMMIT."""
+    taken.append(probe.handle(session))
+    session.commit()
 
 
 def _warn_unhandled(batch: list[RecordedEvent], session_factory: Any) -> None:

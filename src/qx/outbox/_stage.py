@@ -28,11 +28,15 @@ from qx.core._telemetry import trace_headers
 from qx.db._dialect import dialect_of
 from qx.db._mapping import entity_info
 from qx.db._pipeline import CommitContext
+from qx.db._writes import WriteStatement
 from qx.outbox._recorder import outbox_row
 from qx.outbox._table import outbox_table
 from qx.outbox._wakeup import RelayWakeup
 
 __all__ = ["OutboxStage", "build_outbox_rows"]
+
+# Built once: a statement object keeps its cache key (see WriteStatement).
+_INSERT = WriteStatement(insert(outbox_table))
 
 
 class OutboxStage:
@@ -117,7 +121,7 @@ async def _write_outbox(commit: CommitContext, rows: list[dict[str, Any]]) -> No
     try:
         # Core on the session's connection: the outbox is a table, not a mapped class, so
         # the ORM's execute machinery would only add overhead.
-        await commit.insert(insert(outbox_table), rows)
+        await commit.insert(_INSERT, rows)
     except DBAPIError as exc:
         connection = await commit.connection()
         if await dialect_of(connection).lacks_table(connection, exc, outbox_table):
