@@ -125,11 +125,6 @@ class Settled:
         return Delivery(envelope.to_json(), ack, again)
 
 
-@pytest.mark.skip_on(
-    "memory",
-    reason="the testing kit's database refuses a second concurrent writer at once "
-    "(TransientError) where PostgreSQL and an SQLite file make it wait; aggregates go at once",
-)
 async def test_what_arrives_together_is_applied_in_each_aggregates_order(
     uow_factory: Factory,
 ) -> None:

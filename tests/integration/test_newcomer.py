@@ -155,8 +155,8 @@ def test_a_frozen_dataclass_is_refused_at_mapping_with_the_fix() -> None:
 
 @pytest.mark.skip_on(
     "memory",
-    reason="the testing kit's database refuses a second concurrent writer at once "
-    "(TransientError, retried by the bus) where PostgreSQL and an SQLite file make it wait",
+    reason="the testing kit's database begins deferred (stores' units of work interleave), "
+    "so a read for update takes no lock: of two readers that both write, one conflicts",
 )
 async def test_rows_read_for_update_queue_their_writers_instead_of_conflicting(
     backend: str, tmp_path: Path

@@ -642,11 +642,6 @@ async def test_get_or_create_and_update_or_create(uow_factory: Factory) -> None:
                 await uow.categories.get_or_create(code="c-3")  # name is required
 
 
-@pytest.mark.skip_on(
-    "memory",
-    reason="the testing kit's database refuses a second concurrent writer at once "
-    "(TransientError, retried by the bus) where PostgreSQL and an SQLite file make it wait",
-)
 async def test_get_or_create_is_safe_under_concurrency(uow_factory: Factory) -> None:
     import asyncio
 

@@ -190,3 +190,32 @@ async def test_metadata_made_and_dropped_again_and_again_gets_its_own_tables() -
         await store.close()
         del md, table, store
         gc.collect()
+
+
+async def test_a_second_writer_waits_for_the_first_instead_of_failing() -> None:
+    """Two units of work writing at once both commit, as on PostgreSQL or an SQLite file:
+    the second waits for the first's write lock (a shared-cache database refuses it at once)."""
+    import asyncio
+
+    factory: InMemoryUnitOfWorkFactory[OrdersUnitOfWork] = InMemoryUnitOfWorkFactory(
+        OrdersUnitOfWork
+    )
+
+    async def second() -> None:
+        async with factory() as uow:
+            await uow.orders.add(order("bob"))
+            await uow.commit()
+
+    with request_context(tenant_id="acme"):
+        async with factory() as first:
+            await first.orders.add(order("ada"))
+            await first.session.flush()  # takes the write lock, held until COMMIT
+            waiting = asyncio.create_task(second())
+            # While the lock is held the second cannot finish - neither commit nor fail.
+            done, _ = await asyncio.wait({waiting}, timeout=0.3)
+            assert not done
+            await first.commit()
+        await asyncio.wait_for(waiting, timeout=20)
+        async with factory() as uow:
+            assert sorted(o.customer for o in await uow.orders.list()) == ["ada", "bob"]
+    assert len(await factory.store.outbox_rows()) == 2

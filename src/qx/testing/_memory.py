@@ -25,9 +25,10 @@ from __future__ import annotations
 import asyncio
 import atexit
 import sqlite3
+import time
 import uuid
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Final, Self, TypeVar
 
 from pydantic import SecretStr
@@ -38,6 +39,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Mapper
 from sqlalchemy.pool import AsyncAdaptedQueuePool, StaticPool
+from sqlalchemy.util import await_only
 
 from qx._schema import qx_metadata
 from qx.core._clock import Clock
@@ -60,6 +62,8 @@ TEST_CURSOR_SECRET: Final = "qx-testing-cursor-secret"
 _STORE: Final = "qx_memory_store"
 _HOLDS: Final = "qx_memory_database"  # keeps the database alive with the engine
 _ATTACHED: Final = "qx_memory_attached"
+#: SQLITE_LOCKED and SQLITE_LOCKED_SHAREDCACHE: another connection holds the write lock.
+_LOCKED: Final = frozenset({6, 262})
 
 
 class InMemoryStore:
@@ -199,7 +203,7 @@ def _shared_engine() -> AsyncEngine:
             DatabaseSettings(
                 url="sqlite+aiosqlite:///file:qx-memory-main?mode=memory&uri=true",
                 # Several stores' units of work may interleave: BEGIN takes no lock, the
-                # first write does (a second concurrent writer gets TransientError at once).
+                # first write does (a second concurrent writer waits: _until_unlocked).
                 sqlite_begin="deferred",
             ),
             poolclass=AsyncAdaptedQueuePool,
@@ -208,6 +212,9 @@ def _shared_engine() -> AsyncEngine:
         )
         event.listen(engine.sync_engine, "connect", _read_uncommitted)
         event.listen(engine.sync_engine, "before_cursor_execute", _refuse_ddl)
+        event.listen(engine.sync_engine, "do_execute", _execute)
+        event.listen(engine.sync_engine, "do_executemany", _executemany)
+        event.listen(engine.sync_engine, "do_execute_no_params", _execute_no_params)
         # Before qx's own "begin" listener issues BEGIN: ATTACH is refused in a transaction.
         event.listen(engine.sync_engine, "begin", _attach_store, insert=True)
         atexit.register(_dispose, engine)
@@ -230,6 +237,48 @@ def _read_uncommitted(dbapi_connection: Any, _record: Any) -> None:
         cursor.execute("PRAGMA read_uncommitted=1")
     finally:
         cursor.close()
+
+
+def _execute(cursor: Any, statement: str, parameters: Any, _context: Any) -> bool:
+    _until_unlocked(lambda: cursor.execute(statement, parameters))
+    return True  # executed here: SQLAlchemy does not run it again
+
+
+def _executemany(cursor: Any, statement: str, parameters: Any, _context: Any) -> bool:
+    _until_unlocked(lambda: cursor.executemany(statement, parameters))
+    return True
+
+
+def _execute_no_params(cursor: Any, statement: str, _context: Any) -> bool:
+    _until_unlocked(lambda: cursor.execute(statement))
+    return True
+
+
+def _until_unlocked(run: Callable[[], object], *, patience: float = 30.0) -> None:
+    """Run a statement, waiting while another unit of work holds the write lock.
+
+    A shared-cache database refuses a second writer with SQLITE_LOCKED at once, and SQLite's
+    busy timeout does not apply to that code: without this, two units of work writing at once
+    would fail where PostgreSQL and an SQLite file make the second wait. A refused statement
+    did nothing, so running it again is safe; after ``patience`` seconds (an SQLite file's
+    default busy timeout: two writers waiting on each other) the refusal stands.
+    """
+    delay = 0.0005
+    deadline: float | None = None
+    while True:
+        try:
+            run()
+            return
+        except sqlite3.OperationalError as exc:
+            if getattr(exc, "sqlite_errorcode", None) not in _LOCKED:
+                raise
+            now = time.monotonic()
+            deadline = now + patience if deadline is None else deadline
+            if now >= deadline:
+                raise
+        # Outside the except block: the wait must not chain the refusal into later errors.
+        await_only(asyncio.sleep(delay))
+        delay = min(delay * 2, 0.02)
 
 
 def _refuse_ddl(connection: Connection, _cursor: Any, statement: str, *_args: Any) -> None:
