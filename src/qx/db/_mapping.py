@@ -45,7 +45,6 @@ from qx.core._clock import utcnow
 from qx.core._errors import ConfigurationError
 from qx.core._ids import new_id
 from qx.db._model import EntityInfo, LoadPlan, Unset, model_of
-from qx.db._transaction import TX_KEY, TransactionView
 from qx.db.types import PortableJSON, UtcDateTime
 
 __all__ = [
@@ -252,10 +251,10 @@ def map_aggregate(
         mapper_kwargs.setdefault("version_id_col", table.c[version])
         mapper_kwargs.setdefault("version_id_generator", False)
     mapper = _map(reg, cls, table, properties, post_init, mapper_kwargs)
-    model_of(mapper).root = True
-    # The identity map holds unmodified objects weakly: the transaction holds every loaded
-    # root (subclasses mapped by inheritance too) until it ends.
-    event.listen(mapper, "load", _track_loaded_root, propagate=True, raw=True)
+    model = model_of(mapper)
+    # The identity map holds unmodified objects weakly: a qx session's transaction holds
+    # every loaded root (subclasses mapped by inheritance too) until it ends (_identity).
+    model.root = model.held = True
     return mapper
 
 
@@ -274,10 +273,9 @@ def map_entity(
     """
     if not isinstance(cls, type):
         raise ConfigurationError(f"map_entity expects a class, got {cls!r}")
-    mapper = _map(reg, cls, table, properties, post_init, mapper_kwargs)
-    if issubclass(cls, AggregateRoot):  # a root all the same: its events must not be lost
-        event.listen(mapper, "load", _track_loaded_root, propagate=True, raw=True)
-    return mapper
+    # An AggregateRoot mapped here is held like a root all the same (holds_loaded): its
+    # events must not be lost.
+    return _map(reg, cls, table, properties, post_init, mapper_kwargs)
 
 
 def _map(
@@ -394,16 +392,6 @@ def _apply_load_defaults(state: InstanceState[Any], _context: Any) -> None:
     plan = _load_plan(state.mapper)
     if plan is not None:
         plan.apply(state.obj())
-
-
-def _track_loaded_root(state: InstanceState[Any], context: Any) -> None:
-    # The transaction's own record holds every loaded root (with its events and its parts).
-    # Called for every row a query loads: a raw listener (no wrapper frame) that does the
-    # one thing it is for.
-    tx: TransactionView | None = context.session.info.get(TX_KEY)
-    if tx is not None:
-        root = state.obj()
-        tx.roots[id(root)] = root  # TransactionState.track, inline: one call less per row
 
 
 # Registries that qx's mapping helpers were used with; filled by user code, never at import.

@@ -28,6 +28,7 @@ from qx.core._errors import ConfigurationError
 from qx.db._writes import WriteStatement
 
 __all__ = [
+    "MODEL_KEY",
     "UNSET",
     "EntityInfo",
     "InsertPlan",
@@ -35,10 +36,11 @@ __all__ = [
     "LoadPlan",
     "MapperModel",
     "Unset",
+    "holds_loaded",
     "model_of",
 ]
 
-_KEY: Final = "qx"
+MODEL_KEY: Final = "qx"
 
 
 class Unset:
@@ -171,6 +173,8 @@ class MapperModel:
     Attributes:
         mapper: the mapper.
         root: mapped with ``map_aggregate`` (an aggregate root).
+        held: whether a transaction holds its loaded instances (a root, a class mapped by
+            inheritance from one, or an ``AggregateRoot``); ``None``: not worked out yet.
         post_init: loaded instances get ``__post_init__`` called.
         entity: the class's roles, once computed.
         load_plan: what a loaded instance needs that ``__init__`` would have given it
@@ -188,6 +192,7 @@ class MapperModel:
 
     __slots__ = (
         "entity",
+        "held",
         "in_aggregate",
         "insert_plan",
         "joined_part",
@@ -203,6 +208,7 @@ class MapperModel:
     def __init__(self, mapper: Mapper[Any]) -> None:
         self.mapper = mapper
         self.root = False
+        self.held: bool | None = None
         self.post_init = False
         self.entity: EntityInfo | None = None
         self.load_plan: LoadPlan | Unset | None = UNSET
@@ -220,7 +226,18 @@ class MapperModel:
 def model_of(mapper: Mapper[Any]) -> MapperModel:
     """The :class:`MapperModel` of ``mapper`` (made on first use)."""
     info = mapper.class_manager.info
-    model: MapperModel | None = info.get(_KEY)
+    model: MapperModel | None = info.get(MODEL_KEY)
     if model is None:
-        model = info[_KEY] = MapperModel(mapper)
+        model = info[MODEL_KEY] = MapperModel(mapper)
     return model
+
+
+def holds_loaded(mapper: Mapper[Any]) -> bool:
+    """Whether a transaction holds the instances of ``mapper`` it loads (cached per mapper):
+    aggregate roots, whose recorded events must outlive the application's references."""
+    model = model_of(mapper)
+    if model.held is None:
+        model.held = issubclass(mapper.class_, AggregateRoot) or any(
+            model_of(m).root for m in mapper.iterate_to_root()
+        )
+    return model.held

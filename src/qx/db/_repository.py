@@ -44,7 +44,7 @@ from qx.db._scoping import (
     visible,
     visible_parts,
 )
-from qx.db._session import QxSession, loading_by_key
+from qx.db._session import LoadingByKey, QxSession
 from qx.db._tracking import transaction_of
 from qx.db._transaction import RowsChecked
 from qx.db._translate import translating
@@ -78,6 +78,9 @@ class _Resolved:
 
     spec: QuerySpec
     uuid_pk: bool
+    #: whether a tenant or soft-delete column is reachable from the entity (else a load has
+    #: nothing to scope and get() nothing to check)
+    scoped: bool
     rows_checked: bool
     joined: JoinedPart | None
     get_options: tuple[ORMOption, ...]
@@ -114,6 +117,7 @@ def _resolve(cls: type[Repository[Any]]) -> _Resolved:
     return _Resolved(
         spec=spec,
         uuid_pk=len(keys) == 1 and isinstance(keys[0].type, Uuid) and keys[0].type.as_uuid,
+        scoped=bool(scoped_closure(mapper)),
         rows_checked=checks_rows_in_python(mapper),
         joined=joined,
         get_options=joined.options if joined is not None else (),
@@ -197,6 +201,11 @@ class Repository(Generic[T]):
         if type(ident) is UUID and self._resolved.uuid_pk:
             return ident  # the common case needs no conversion or range check
         columns = self._spec.mapper.primary_key
+        if len(columns) == 1 and not isinstance(ident, tuple):
+            value = coerce_value(columns[0], ident, field=self._info.pk_keys[0])
+            if value is None:
+                raise InvalidQuery(f"{self._info.name} id cannot be None", field="id")
+            return value
         values = ident if isinstance(ident, tuple) else (ident,)
         if len(values) != len(columns):
             raise InvalidQuery(
@@ -223,22 +232,25 @@ class Repository(Generic[T]):
         """
         session = self._bound.session
         key = self._coerce_id(ident)
-        ctx = current_context()
         resolved = self._resolved
-        if ctx.tenant_id is None and not ctx.system:
-            scope_tenant(scoped_closure(self._spec.mapper), ctx)  # fail closed, found or not
+        scoped = resolved.scoped  # else no tenant, no soft delete: nothing to check
+        if scoped:
+            ctx = current_context()
+            if ctx.tenant_id is None and not ctx.system:
+                scope_tenant(scoped_closure(self._spec.mapper), ctx)  # fail closed, found or not
         sync: QxSession = session.sync_session  # type: ignore[assignment]
         tx = transaction_of(sync)
         try:
-            with loading_by_key(sync, self._spec.mapper, (key,)):
-                if resolved.rows_checked:
+            with LoadingByKey(sync, self._spec.mapper, (key,)):
+                if resolved.rows_checked or not scoped:
                     # The aggregate's relationships load in statements of their own, so
                     # SQLAlchemy's cached primary-key load reads the row as is (loader
                     # criteria would be processed again on every execution) and visible()
                     # checks it below. The note lets exactly that one load through unscoped
                     # and gives each eager load it triggers a tenant/soft-delete WHERE of its
                     # own. One owned relationship is joined into that load (see JoinedPart);
-                    # its rows are checked by visible_parts() below.
+                    # its rows are checked by visible_parts() below. An entity with nothing
+                    # to scope takes this path whatever its relationships: nothing to check.
                     tx.rows_checked = RowsChecked(with_deleted=with_deleted)
                     obj = await session.get(self._spec.entity, key, options=resolved.get_options)
                 else:
@@ -246,13 +258,13 @@ class Repository(Generic[T]):
                     obj = await session.get(self._spec.entity, key, execution_options=options)
         finally:
             tx.rows_checked = None
-        if obj is None or not visible(self._info, obj, ctx, with_deleted=with_deleted):
+        if obj is None or (scoped and not visible(self._info, obj, ctx, with_deleted=with_deleted)):
             return None
         if sync._deleted and instance_state(obj) in sync._deleted:
             # Removed in this unit of work, its DELETE not flushed yet: the identity map
             # still holds it, but it is gone (SQLAlchemy's pending-deletion set).
             return None
-        if resolved.joined is not None:  # only ever set under rows_checked (joined_part)
+        if scoped and resolved.joined is not None:  # only set under rows_checked (joined_part)
             visible_parts(obj, resolved.joined, ctx, with_deleted=with_deleted)
         result: T = obj
         return result
@@ -378,7 +390,7 @@ class Repository(Generic[T]):
         if not isinstance(ids, Iterable) or isinstance(ids, str | bytes | bytearray | Mapping):
             raise InvalidQuery(f"ids must be a list of ids, got {shown(ids)}", field="ids")
         wanted = builtins.list(dict.fromkeys(self._coerce_id(ident) for ident in ids))
-        with loading_by_key(self._bound.sync, self._spec.mapper, wanted):
+        with LoadingByKey(self._bound.sync, self._spec.mapper, wanted):
             return await self.query().with_deleted(with_deleted).by_keys(wanted)
 
     async def stream(
