@@ -3,6 +3,7 @@ database."""
 
 from __future__ import annotations
 
+import asyncio
 from decimal import Decimal
 
 import pytest
@@ -195,8 +196,6 @@ async def test_metadata_made_and_dropped_again_and_again_gets_its_own_tables() -
 async def test_a_second_writer_waits_for_the_first_instead_of_failing() -> None:
     """Two units of work writing at once both commit, as on PostgreSQL or an SQLite file:
     the second waits for the first's write lock (a shared-cache database refuses it at once)."""
-    import asyncio
-
     factory: InMemoryUnitOfWorkFactory[OrdersUnitOfWork] = InMemoryUnitOfWorkFactory(
         OrdersUnitOfWork
     )

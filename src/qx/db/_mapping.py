@@ -251,10 +251,10 @@ def map_aggregate(
         mapper_kwargs.setdefault("version_id_col", table.c[version])
         mapper_kwargs.setdefault("version_id_generator", False)
     mapper = _map(reg, cls, table, properties, post_init, mapper_kwargs)
-    model = model_of(mapper)
     # The identity map holds unmodified objects weakly: a qx session's transaction holds
-    # every loaded root (subclasses mapped by inheritance too) until it ends (_identity).
-    model.root = model.held = True
+    # every loaded root (subclasses mapped by inheritance too) until it ends (_identity,
+    # holds_loaded).
+    model_of(mapper).root = True
     return mapper
 
 

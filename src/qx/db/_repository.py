@@ -201,24 +201,23 @@ class Repository(Generic[T]):
         if type(ident) is UUID and self._resolved.uuid_pk:
             return ident  # the common case needs no conversion or range check
         columns = self._spec.mapper.primary_key
-        if len(columns) == 1 and not isinstance(ident, tuple):
-            value = coerce_value(columns[0], ident, field=self._info.pk_keys[0])
-            if value is None:
-                raise InvalidQuery(f"{self._info.name} id cannot be None", field="id")
-            return value
         values = ident if isinstance(ident, tuple) else (ident,)
         if len(values) != len(columns):
             raise InvalidQuery(
                 f"{self._info.name} has a {len(columns)}-column primary key, got {shown(ident)}",
                 field="id",
             )
-        coerced = tuple(
-            coerce_value(column, value, field=self._info.pk_keys[i])
+        pk_keys = self._info.pk_keys
+        # A list comprehension and a plain loop: this runs on every get() of a key that is not
+        # a UUID, and generator expressions cost a call each.
+        coerced = [
+            coerce_value(column, value, field=pk_keys[i])
             for i, (column, value) in enumerate(zip(columns, values, strict=True))
-        )
-        if any(v is None for v in coerced):
-            raise InvalidQuery(f"{self._info.name} id cannot be None", field="id")
-        return coerced if len(coerced) > 1 else coerced[0]
+        ]
+        for value in coerced:
+            if value is None:
+                raise InvalidQuery(f"{self._info.name} id cannot be None", field="id")
+        return tuple(coerced) if len(coerced) > 1 else coerced[0]
 
     async def get(self, ident: Any, *, with_deleted: bool = False) -> T | None:
         """Return the entity with this primary key, or ``None``.

@@ -64,6 +64,8 @@ _HOLDS: Final = "qx_memory_database"  # keeps the database alive with the engine
 _ATTACHED: Final = "qx_memory_attached"
 #: SQLITE_LOCKED and SQLITE_LOCKED_SHAREDCACHE: another connection holds the write lock.
 _LOCKED: Final = frozenset({6, 262})
+#: How long a refused writer waits: what an SQLite file waits by default (its busy timeout).
+_PATIENCE: Final[float] = DatabaseSettings.model_fields["sqlite_busy_timeout"].default
 
 
 class InMemoryStore:
@@ -254,14 +256,14 @@ def _execute_no_params(cursor: Any, statement: str, _context: Any) -> bool:
     return True
 
 
-def _until_unlocked(run: Callable[[], object], *, patience: float = 30.0) -> None:
+def _until_unlocked(run: Callable[[], object], *, patience: float = _PATIENCE) -> None:
     """Run a statement, waiting while another unit of work holds the write lock.
 
     A shared-cache database refuses a second writer with SQLITE_LOCKED at once, and SQLite's
     busy timeout does not apply to that code: without this, two units of work writing at once
     would fail where PostgreSQL and an SQLite file make the second wait. A refused statement
-    did nothing, so running it again is safe; after ``patience`` seconds (an SQLite file's
-    default busy timeout: two writers waiting on each other) the refusal stands.
+    did nothing, so running it again is safe; after ``patience`` seconds (two writers waiting
+    on each other) the refusal stands.
     """
     delay = 0.0005
     deadline: float | None = None
