@@ -21,7 +21,8 @@ Cases (PostgreSQL, the orders example, one order with 3 lines):
 Cases on ``bench/peers.py``'s one-table journal, its qx and SQLAlchemy ORM loops as they are
 (one op is one row, the figure is instructions per row):
     insert-one: a transaction inserting one row; get-key: one row by primary key (300 per
-    unit of work); filter-large: one query reading 300 rows.
+    unit of work); filter-large: one query reading 300 rows; filter-small: one query per
+    row, each finding one row by an unindexed text column (300 per unit of work).
 """
 
 from __future__ import annotations
@@ -46,7 +47,12 @@ from qx.examples.orders.infrastructure import OrdersUnitOfWork
 from qx.outbox import outbox_table
 
 CASES = ("place", "get", "save", "list")
-PEER_CASES = {"insert-one": "insert one", "get-key": "get by key", "filter-large": "filter large"}
+PEER_CASES = {
+    "insert-one": "insert one",
+    "get-key": "get by key",
+    "filter-large": "filter large",
+    "filter-small": "filter small",
+}
 PEER_ROWS = 300
 IMPLS = ("qx", "orm")
 

@@ -41,6 +41,7 @@ from qx.db._transaction import existing_transaction
 __all__ = [
     "WITH_DELETED",
     "JoinedPart",
+    "ScopedStatement",
     "all_scoped_mappers",
     "checks_rows_in_python",
     "criteria_options",
@@ -57,6 +58,11 @@ __all__ = [
 
 WITH_DELETED: Final = "qx_with_deleted"
 """Execution option that lifts soft-delete filtering for one statement."""
+
+# Execution option of a statement ScopedStatement scoped: (mappers, scope) it was scoped for.
+_SCOPED_FOR: Final = "qx_scoped_for"
+# Scoped variants kept per statement (tenants it ran for); beyond it, they are built again.
+_VARIANTS: Final = 64
 
 
 # Loader strategies that never read related rows inside the root statement nor later on
@@ -321,11 +327,60 @@ def scope_statement(session: Session, statement: Any, execution_options: Any) ->
         (execution_options and execution_options.get(WITH_DELETED))
         or statement._execution_options.get(WITH_DELETED)
     )
+    marked = statement._execution_options.get(_SCOPED_FOR)
+    if marked is not None and marked[1] == _scope(marked[0], with_deleted):
+        return statement  # scoped by ScopedStatement for this very scope
     mappers = _involved_mappers(statement)
     if not mappers:
         return statement
     criteria = criteria_options(mappers, current_context(), with_deleted=with_deleted)
     return statement.options(*criteria) if criteria else statement
+
+
+def _scope(mappers: tuple[Mapper[Any], ...], with_deleted: bool) -> tuple[Any, ...]:
+    # The arguments of _options (what the criteria depend on) in the current context.
+    if not mappers:
+        return ()  # nothing to scope, whatever the context
+    ctx = current_context()
+    return (scope_tenant(mappers, ctx), ctx.system, with_deleted)
+
+
+class ScopedStatement:
+    """A statement built once (a query plan) and scoped once per scope it runs in.
+
+    :func:`scope_statement` would add the same criteria to it at every execution, making a
+    new statement whose cache key SQLAlchemy computes again; here each scope's variant
+    (tenant, system context, soft-deleted rows shown) is made once, by the same rule, and
+    marked, so ``scope_statement`` passes it through when the scope it was made for is the
+    current one - and scopes it again (failing closed) when it is not.
+
+    Args:
+        statement: an ORM SELECT, not scoped.
+    """
+
+    __slots__ = ("_mappers", "_statement", "_variants")
+
+    def __init__(self, statement: Any) -> None:
+        self._statement = statement
+        self._mappers = _involved_mappers(statement)
+        self._variants: dict[tuple[Any, ...], Any] = {}
+
+    def scoped(self, *, with_deleted: bool) -> Any:
+        """The statement scoped for the current context.
+
+        Raises:
+            TenantRequired: a tenant-scoped class is involved and the context has no tenant.
+        """
+        scope = _scope(self._mappers, with_deleted)
+        found = self._variants.get(scope)
+        if found is None:
+            criteria = _options(self._mappers, *scope) if scope else ()
+            found = self._statement.options(*criteria) if criteria else self._statement
+            found = found.execution_options(**{_SCOPED_FOR: (self._mappers, scope)})
+            if len(self._variants) >= _VARIANTS:
+                self._variants.clear()
+            self._variants[scope] = found
+        return found
 
 
 def _involved_mappers(statement: Any) -> tuple[Mapper[Any], ...]:

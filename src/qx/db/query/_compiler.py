@@ -28,7 +28,16 @@ from qx.core._errors import InvalidQuery, shown
 from qx.db.query._lookups import LOOKUPS, Lookup
 from qx.db.query._q import Q
 
-__all__ = ["Condition", "FieldPath", "FilterCompiler", "Step", "check", "resolve_key"]
+__all__ = [
+    "Checked",
+    "Condition",
+    "FieldPath",
+    "FilterCompiler",
+    "RelatedRows",
+    "Step",
+    "check",
+    "resolve_key",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,12 +73,48 @@ class FieldPath:
 
 @dataclass(frozen=True, slots=True)
 class Condition:
-    """A checked leaf: a field path, a lookup and the coerced value."""
+    """A checked leaf: a field path, a lookup and the coerced value.
+
+    Attributes:
+        param: the name of the bound parameter carrying the value (unique in its query).
+        type_: the column's type, which the parameter is bound with.
+    """
 
     field: FieldPath
     lookup: Lookup
     value: Any
     key: str
+    param: str = ""
+    type_: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class RelatedRows:
+    """A checked ``rel__isnull`` leaf: the relationship hops and whether rows must be absent."""
+
+    steps: tuple[RelationshipProperty[Any], ...]
+    absent: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Checked:
+    """A ``Q`` tree whose every leaf is checked; SQL is built from it later, as often as
+    needed, by :meth:`FilterCompiler.build`.
+
+    Attributes:
+        shape: what the SQL depends on (keys, lookups, connectors, ``None`` values, flags),
+            ``None`` when a value must be built into the SQL itself; equal shapes build
+            the same statement, whatever the values.
+        params: the bound parameters carrying the values, by name.
+        size: the leaves, which numbered the parameters.
+    """
+
+    connector: str
+    negated: bool
+    children: tuple[Checked | Condition | RelatedRows, ...]
+    shape: object
+    params: tuple[tuple[str, Any], ...]
+    size: int
 
 
 def _relationship_step(prop: RelationshipProperty[Any]) -> Step:
@@ -154,25 +199,38 @@ def _looks_like_lookup(mapper: Mapper[Any], parts: tuple[str, ...], owner: str) 
 
 
 def check(
-    mapper: Mapper[Any], key: str, value: Any, *, allowed: Iterable[str] | None, owner: str
+    mapper: Mapper[Any],
+    key: str,
+    value: Any,
+    *,
+    allowed: Iterable[str] | None,
+    owner: str,
+    param: str = "",
 ) -> Condition:
-    """Resolve ``key`` and coerce ``value``: a leaf ready for SQL."""
+    """Resolve ``key`` and coerce ``value``: a leaf ready for SQL, bound as ``param``."""
     field, lookup = resolve_key(mapper, key, allowed=allowed, owner=owner)
     target = mapper
     for step in field.steps:
         target = step.target
     column = target.attrs[field.column_key].columns[0]
-    return Condition(field, lookup, lookup.prepare(column, value, field.name), key)
+    prepared = lookup.prepare(column, value, field.name)
+    return Condition(field, lookup, prepared, key, param, column.type)
 
 
 class FilterCompiler:
-    """Compiles ``Q`` trees for one root entity, collecting the joins they need.
+    """Checks ``Q`` trees for one root entity (:meth:`check`) and builds their SQL
+    (:meth:`build`), collecting the joins they need.
+
+    Checking happens where a filter is written, so a bad key or value fails there; the SQL is
+    built when a statement needs it, with every value a named bound parameter, so a statement
+    built once per shape serves later values as parameters.
 
     Args:
         mapper: the root mapper.
         allowed: the allow-list of field paths (``None``: every mapped field).
         owner: name used in error messages (the repository).
-        dialect: ``"postgresql"``, ``"sqlite"``, ... (large ``in`` lists differ).
+        dialect: ``"postgresql"``, ``"sqlite"``, ... (large ``in`` lists differ); only
+            :meth:`build` uses it.
         joins: aliases already joined, by path (copied, never mutated).
     """
 
@@ -182,7 +240,7 @@ class FilterCompiler:
         *,
         allowed: Iterable[str] | None,
         owner: str,
-        dialect: str,
+        dialect: str = "",
         joins: Mapping[tuple[str, ...], tuple[Any, Any, str]] | None = None,
     ) -> None:
         self.mapper = mapper
@@ -192,29 +250,55 @@ class FilterCompiler:
         #: path -> (alias, parent entity or alias, relationship key), in join order.
         self.joins: dict[tuple[str, ...], tuple[Any, Any, str]] = dict(joins or {})
 
-    def check(self, key: str, value: Any) -> Condition:
-        """Resolve and coerce one leaf."""
-        return check(self.mapper, key, value, allowed=self.allowed, owner=self.owner)
+    def check(self, q: Q, first: int = 0) -> Checked:
+        """Check every leaf of ``q``; its parameters are numbered from ``first``."""
+        children: list[Checked | Condition | RelatedRows] = []
+        shapes: list[object] = []
+        params: list[tuple[str, Any]] = []
+        index = first
+        bound = True  # every value a parameter
+        for child in q.children:
+            if isinstance(child, Q):
+                checked = self.check(child, index)
+                index += checked.size
+                children.append(checked)
+                shapes.append(checked.shape)
+                params += checked.params
+                bound = bound and checked.shape is not None
+                continue
+            key, value = child
+            related = self._related_rows(key, value)
+            if related is not None:
+                children.append(related)
+                shapes.append((key, related.absent))
+                continue
+            name = f"qx_f{index}"
+            index += 1
+            leaf = check(
+                self.mapper, key, value, allowed=self.allowed, owner=self.owner, param=name
+            )
+            binding = leaf.lookup.binding
+            part = binding.shape(leaf.value)
+            children.append(leaf)
+            shapes.append((key, part))
+            params += binding.params(name, leaf.value)
+            bound = bound and part is not None
+        shape = (q.connector, q.negated, *shapes) if bound else None
+        return Checked(q.connector, q.negated, tuple(children), shape, tuple(params), index - first)
 
-    def compile(self, q: Q) -> ColumnElement[bool]:
-        """Return the two-valued SQL condition of ``q`` on the root entity."""
-        return self._node(q)
-
-    def _node(self, q: Q) -> ColumnElement[bool]:
-        # Q nodes always apply to the root entity; relationship hops happen in _group.
+    def build(self, checked: Checked) -> ColumnElement[bool]:
+        """Return the two-valued SQL condition of ``checked`` on the root entity."""
         root = self.mapper.class_
         parts: list[ColumnElement[bool]] = []
         leaves: list[Condition] = []
-        for child in q.children:
-            if isinstance(child, Q):
-                parts.append(self._node(child))
-                continue
-            related = self._related_rows(*child)
-            if related is not None:
-                parts.append(related)
+        for child in checked.children:
+            if isinstance(child, Checked):
+                parts.append(self.build(child))
+            elif isinstance(child, RelatedRows):
+                parts.append(_exists(child))
             else:
-                leaves.append(self.check(*child))
-        if q.connector == Q.AND:
+                leaves.append(child)
+        if checked.connector == Q.AND:
             parts[:0] = self._group(leaves, root, 0, joinable=True)
         else:
             parts[:0] = [self._group([c], root, 0, joinable=True)[0] for c in leaves]
@@ -223,10 +307,10 @@ class FilterCompiler:
         elif len(parts) == 1:
             combined = parts[0]
         else:
-            combined = and_(*parts) if q.connector == Q.AND else or_(*parts)
-        return ~combined if q.negated else combined
+            combined = and_(*parts) if checked.connector == Q.AND else or_(*parts)
+        return ~combined if checked.negated else combined
 
-    def _related_rows(self, key: Any, value: Any) -> ColumnElement[bool] | None:
+    def _related_rows(self, key: Any, value: Any) -> RelatedRows | None:
         """``rel__isnull=True``: has no related row (``False``: has one), at any depth.
 
         ``None`` when ``key`` is not an ``isnull`` on a relationship path.
@@ -253,14 +337,8 @@ class FilterCompiler:
                 f"filter {shown(name)} is not allowed on {self.owner} (allowed: {listed})",
                 field=name,
             )
-        wanted = LOOKUPS["isnull"].prepare(true(), value, name)
-        exists: Any = None
-        for prop in reversed(steps):
-            attr = getattr(prop.parent.class_, prop.key)
-            test = attr.any if prop.uselist else attr.has
-            exists = test() if exists is None else test(exists)
-        condition: ColumnElement[bool] = ~exists if wanted else exists
-        return condition
+        absent = LOOKUPS["isnull"].prepare(true(), value, name)
+        return RelatedRows(tuple(steps), bool(absent))
 
     def _advance(
         self, condition: Condition, base: Any, depth: int, joinable: bool
@@ -290,7 +368,11 @@ class FilterCompiler:
             if index == len(steps):
                 column = getattr(at, condition.field.column_key)
                 nullable = condition.field.nullable or index > depth  # outer-joined: may be NULL
-                out.append(condition.lookup.build(column, condition.value, nullable, self.dialect))
+                lookup = condition.lookup
+                value = lookup.binding.placeholder(
+                    condition.param, condition.value, condition.type_
+                )
+                out.append(lookup.build(column, value, nullable, self.dialect))
                 continue
             path = condition.field.parts[: index + 1]
             groups.setdefault(path, (at, index, []))[2].append(condition)
@@ -301,3 +383,13 @@ class FilterCompiler:
             relationship = getattr(at, step.key)
             out.append(relationship.any(criterion) if step.to_many else relationship.has(criterion))
         return out
+
+
+def _exists(related: RelatedRows) -> ColumnElement[bool]:
+    exists: Any = None
+    for prop in reversed(related.steps):
+        attr = getattr(prop.parent.class_, prop.key)
+        test = attr.any if prop.uselist else attr.has
+        exists = test() if exists is None else test(exists)
+    condition: ColumnElement[bool] = ~exists if related.absent else exists
+    return condition

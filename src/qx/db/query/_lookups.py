@@ -1,7 +1,8 @@
 """Django-style lookups: value checking and SQL building from one table.
 
-Each lookup knows how to check and coerce its value against the column type and how to build
-a SQL condition.
+Each lookup knows how to check and coerce its value against the column type, how that value
+enters a statement (:class:`Binding`: as named bound parameters, or as part of the SQL's
+shape, like ``IS NULL`` for ``None``) and how to build a SQL condition.
 
 Every SQL condition built here is *two-valued*: it is never ``NULL``, so ``NOT`` (``exclude``,
 ``~Q``) means exactly the Python ``not``. A comparison on a nullable column therefore carries
@@ -20,15 +21,16 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Final
 
-from sqlalchemy import String, Text, and_, false, literal, true
-from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy import String, Text, and_, bindparam, false, literal, true
+from sqlalchemy.sql.elements import BindParameter, ColumnElement
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
 from qx.core._errors import InvalidQuery, shown
 from qx.db._dialect import dialect_named
+from qx.db._dialect_base import LARGE_IN
 from qx.db.query._coerce import coerce_value
 
-__all__ = ["LOOKUPS", "MAX_PATTERN", "Lookup", "is_text"]
+__all__ = ["LOOKUPS", "MAX_PATTERN", "Binding", "Lookup", "is_text"]
 
 #: The longest text a contains/startswith/endswith (or case-insensitive) lookup takes.
 MAX_PATTERN: Final = 10_000
@@ -94,19 +96,139 @@ def _sequence(value: Any, field: str, lookup: str) -> list[Any]:
     return list(value)
 
 
+def _escaped(value: str) -> str:
+    # LIKE with ESCAPE '/': the pattern characters and the escape character itself.
+    return value.replace("/", "//").replace("%", "/%").replace("_", "/_")
+
+
+class Binding:
+    """How a lookup's checked value enters a statement: one bound parameter named ``key``.
+
+    A statement built from placeholders is the same for every value of the same *shape*, so
+    a query plan built once serves every later value, which is passed as ``params``.
+    Subclasses put what changes the SQL itself (``None`` as ``IS NULL``, a flag) into the
+    shape instead.
+    """
+
+    __slots__ = ()
+
+    def shape(self, value: Any) -> object:
+        """What of ``value`` the SQL depends on; ``None``: this value cannot be a parameter
+        (the statement is built for it alone)."""
+        return 0
+
+    def params(self, key: str, value: Any) -> tuple[tuple[str, Any], ...]:
+        """The bound parameters carrying ``value``."""
+        return ((key, value),)
+
+    def placeholder(self, key: str, value: Any, type_: TypeEngine[Any]) -> Any:
+        """What the lookup's ``build`` gets in place of ``value`` (the value attached, so a
+        statement built for this value runs as it is)."""
+        return bindparam(key, value, type_=type_)
+
+
+class _Optional(Binding):
+    """``None`` is ``IS NULL``: part of the shape, no parameter."""
+
+    __slots__ = ()
+
+    def shape(self, value: Any) -> object:
+        return value is None
+
+    def params(self, key: str, value: Any) -> tuple[tuple[str, Any], ...]:
+        return () if value is None else ((key, value),)
+
+    def placeholder(self, key: str, value: Any, type_: TypeEngine[Any]) -> Any:
+        return None if value is None else bindparam(key, value, type_=type_)
+
+
+class _Flag(Binding):
+    """A boolean that chooses the SQL (``isnull``): all shape."""
+
+    __slots__ = ()
+
+    def shape(self, value: Any) -> object:
+        return bool(value)
+
+    def params(self, key: str, value: Any) -> tuple[tuple[str, Any], ...]:
+        return ()
+
+    def placeholder(self, key: str, value: Any, type_: TypeEngine[Any]) -> Any:
+        return value
+
+
+class _List(Binding):
+    """One expanding parameter; an empty list is ``false`` and a very large one takes the
+    dialect's large-``IN`` form, which are built for their value."""
+
+    __slots__ = ()
+
+    def shape(self, value: Any) -> object:
+        if not value:
+            return "empty"
+        return "list" if len(value) <= LARGE_IN else None
+
+    def params(self, key: str, value: Any) -> tuple[tuple[str, Any], ...]:
+        return ((key, value),) if value and len(value) <= LARGE_IN else ()
+
+    def placeholder(self, key: str, value: Any, type_: TypeEngine[Any]) -> Any:
+        if value and len(value) <= LARGE_IN:
+            return bindparam(key, value, type_=type_, expanding=True)
+        return value
+
+
+class _Pair(Binding):
+    """Two parameters (``range``): ``key_lo`` and ``key_hi``."""
+
+    __slots__ = ()
+
+    def params(self, key: str, value: Any) -> tuple[tuple[str, Any], ...]:
+        return ((key + "_lo", value[0]), (key + "_hi", value[1]))
+
+    def placeholder(self, key: str, value: Any, type_: TypeEngine[Any]) -> Any:
+        return (
+            bindparam(key + "_lo", value[0], type_=type_),
+            bindparam(key + "_hi", value[1], type_=type_),
+        )
+
+
+class _Text(Binding):
+    """A text parameter: LIKE patterns escaped here (``ESCAPE '/'``); the case-insensitive
+    lookups compare it as plain text, folded by the dialect."""
+
+    __slots__ = ("_escape", "_plain")
+
+    def __init__(self, *, escape: bool, plain: bool) -> None:
+        self._escape = escape
+        self._plain = plain
+
+    def params(self, key: str, value: Any) -> tuple[tuple[str, Any], ...]:
+        return ((key, _escaped(value) if self._escape else value),)
+
+    def placeholder(self, key: str, value: Any, type_: TypeEngine[Any]) -> Any:
+        text = _escaped(value) if self._escape else value
+        return bindparam(key, text, type_=String() if self._plain else type_)
+
+
+_SCALAR: Final = Binding()
+
+
 @dataclass(frozen=True, slots=True)
 class Lookup:
-    """One lookup: how to check its value and build SQL.
+    """One lookup: how to check its value, bind it and build SQL.
 
     Attributes:
         name: the suffix after ``__`` (``"gte"``).
         prepare: ``(column, raw value, field) -> value`` checked and coerced.
-        build: ``(column, value, nullable, dialect) -> two-valued SQL condition``.
+        build: ``(column, placeholder, nullable, dialect) -> two-valued SQL condition``;
+            the placeholder is what ``binding`` made of the value.
+        binding: how the checked value enters the statement.
     """
 
     name: str
     prepare: Callable[[ColumnElement[Any], Any, str], Any]
     build: Callable[[ColumnElement[Any], Any, bool, str], ColumnElement[bool]]
+    binding: Binding = _SCALAR
 
 
 # -- preparation -------------------------------------------------------------------------------
@@ -197,23 +319,23 @@ def _compare(op: str) -> Callable[[ColumnElement[Any], Any, bool, str], Any]:
 
 
 def _like(kind: str, insensitive: bool) -> Callable[[ColumnElement[Any], Any, bool, str], Any]:
-    def build(column: ColumnElement[Any], value: str, nullable: bool, dialect: str) -> Any:
+    # ``value`` is the bound text, already escaped for LIKE (see _Text).
+    def build(column: ColumnElement[Any], value: Any, nullable: bool, dialect: str) -> Any:
         if not insensitive:
             if kind == "contains":
-                condition = column.contains(value, autoescape=True)
+                condition = column.contains(value, escape="/")
             elif kind == "startswith":
-                condition = column.startswith(value, autoescape=True)
+                condition = column.startswith(value, escape="/")
             else:
-                condition = column.endswith(value, autoescape=True)
+                condition = column.endswith(value, escape="/")
             return _not_null(column, nullable, condition)
         # Both sides folded by the same SQL function (see Dialect.fold): a stored value
         # always matches itself, whatever the backend's or Python's case rules are.
         fold = dialect_named(dialect).fold
         target = fold(column)
         if kind == "exact":
-            return _not_null(column, nullable, target == fold(literal(value, String())))
-        escaped = value.replace("/", "//").replace("%", "/%").replace("_", "/_")
-        needle = fold(literal(escaped, String()))
+            return _not_null(column, nullable, target == fold(value))
+        needle = fold(value)
         pattern = {
             "contains": literal("%") + needle + literal("%"),
             "startswith": needle + literal("%"),
@@ -224,7 +346,9 @@ def _like(kind: str, insensitive: bool) -> Callable[[ColumnElement[Any], Any, bo
     return build
 
 
-def _sql_in(column: ColumnElement[Any], value: list[Any], nullable: bool, dialect: str) -> Any:
+def _sql_in(column: ColumnElement[Any], value: Any, nullable: bool, dialect: str) -> Any:
+    if isinstance(value, BindParameter):  # a list of up to LARGE_IN values (see _List)
+        return _not_null(column, nullable, column.in_(value))
     return _not_null(column, nullable and bool(value), dialect_named(dialect).in_(column, value))
 
 
@@ -240,11 +364,11 @@ def _sql_isnull(column: ColumnElement[Any], value: bool, nullable: bool, _d: str
 
 def _lookups() -> dict[str, Lookup]:
     table = [
-        Lookup("exact", _prep_exact, _sql_exact),
+        Lookup("exact", _prep_exact, _sql_exact, _Optional()),
         Lookup("ne", _prep("ne"), _sql_ne),
-        Lookup("in", _prep_in, _sql_in),
-        Lookup("range", _prep_range, _sql_range),
-        Lookup("isnull", _prep_isnull, _sql_isnull),
+        Lookup("in", _prep_in, _sql_in, _List()),
+        Lookup("range", _prep_range, _sql_range, _Pair()),
+        Lookup("isnull", _prep_isnull, _sql_isnull, _Flag()),
     ]
     table += [Lookup(op, _prep(op), _compare(op)) for op in _COMPARISONS]
     for kind in ("exact", "contains", "startswith", "endswith"):
@@ -252,7 +376,8 @@ def _lookups() -> dict[str, Lookup]:
             name = ("i" if insensitive else "") + kind
             if name == "exact":
                 continue
-            table.append(Lookup(name, _prep_text(name), _like(kind, insensitive)))
+            binding = _Text(escape=kind != "exact", plain=insensitive)
+            table.append(Lookup(name, _prep_text(name), _like(kind, insensitive), binding))
     return {lookup.name: lookup for lookup in table}
 
 

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import builtins
 from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import Any, Final, Generic, Literal, Self, TypeVar, overload
+from typing import Any, Final, Generic, Literal, NamedTuple, Self, TypeVar, overload
 
-from sqlalchemy import Select, and_, delete, func, select, true, tuple_, update
+from sqlalchemy import Integer, Select, and_, bindparam, delete, func, select, true, tuple_, update
 from sqlalchemy.orm import RelationshipProperty, selectinload
 from sqlalchemy.orm.interfaces import ORMOption
 from sqlalchemy.sql.elements import ColumnElement
@@ -33,7 +33,7 @@ from qx.db._tracking import transaction_of
 from qx.db._translate import translating
 from qx.db.query._bulk import delete_owned
 from qx.db.query._coerce import coerce_value
-from qx.db.query._compiler import FilterCompiler, _resolve_path
+from qx.db.query._compiler import Checked, FilterCompiler, _resolve_path
 from qx.db.query._cursor import Boundary
 from qx.db.query._keyset import SortKey, keyset_segments, order_clauses
 from qx.db.query._page import Page
@@ -47,6 +47,20 @@ T = TypeVar("T")
 _BY_KEYS_CHUNK: Final = 10_000
 #: The largest offset (a 32-bit count: beyond it, keyset pages are the way).
 MAX_OFFSET: Final = 2**31 - 1
+# The parameters of a planned statement's window (filters' are qx_f0, qx_f1, ...).
+_LIMIT: Final = "qx_limit"
+_OFFSET: Final = "qx_offset"
+
+
+def _window(name: str, value: int) -> Any:
+    return bindparam(name, value, type_=Integer())
+
+
+class _Built(NamedTuple):
+    """A query's filters as SQL, and the joins they need (path -> alias, parent, key)."""
+
+    where: tuple[ColumnElement[bool], ...]
+    joins: Mapping[tuple[str, ...], tuple[Any, Any, str]]
 
 
 def _check_count(name: str, value: Any, maximum: int | None = None, minimum: int = 0) -> int:
@@ -64,16 +78,18 @@ class QuerySet(Generic[T]):
 
     __slots__ = (
         "_bound",
+        "_built",
+        "_checked",
         "_distinct",
-        "_joins",
+        "_extra",
         "_limit",
+        "_load_paths",
         "_loads",
         "_lock",
         "_offset",
         "_order",
         "_qs",
         "_spec",
-        "_where",
         "_with_deleted",
     )
 
@@ -81,13 +97,17 @@ class QuerySet(Generic[T]):
         self._spec = spec
         self._bound = bound
         self._qs: tuple[Q, ...] = ()
-        self._where: tuple[ColumnElement[bool], ...] = ()
-        self._joins: Mapping[tuple[str, ...], tuple[Any, Any, str]] = {}
+        #: The filters, checked; their SQL is built when a statement needs it (_built).
+        self._checked: tuple[Checked, ...] = ()
+        #: Conditions built for their values (keyset boundaries).
+        self._extra: tuple[ColumnElement[bool], ...] = ()
+        self._built: _Built | None = None
         self._order: tuple[SortKey, ...] | None = None
         self._limit: int | None = None
         self._offset: int = 0
         self._distinct = False
         self._loads: tuple[ORMOption, ...] = ()
+        self._load_paths: tuple[str, ...] = ()
         self._with_deleted = False
         self._lock = False
 
@@ -97,13 +117,15 @@ class QuerySet(Generic[T]):
         clone._spec = self._spec
         clone._bound = self._bound
         clone._qs = self._qs
-        clone._where = self._where
-        clone._joins = self._joins
+        clone._checked = self._checked
+        clone._extra = self._extra
+        clone._built = self._built
         clone._order = self._order
         clone._limit = self._limit
         clone._offset = self._offset
         clone._distinct = self._distinct
         clone._loads = self._loads
+        clone._load_paths = self._load_paths
         clone._with_deleted = self._with_deleted
         clone._lock = self._lock
         for name, value in changes.items():
@@ -122,23 +144,35 @@ class QuerySet(Generic[T]):
 
     # -- builders ---------------------------------------------------------------------------
 
-    def _compiler(self) -> FilterCompiler:
+    def _compiler(
+        self, joins: Mapping[tuple[str, ...], tuple[Any, Any, str]] | None = None
+    ) -> FilterCompiler:
         spec = self._spec
         return FilterCompiler(
             spec.mapper,
             allowed=spec.filterable,
             owner=spec.owner,
             dialect=self._bound.dialect(spec.mapper).name,
-            joins=self._joins,
+            joins=joins,
         )
 
     def _add(self, q: Q) -> Self:
         if not q:
             return self
         q = normalized(q)
-        compiler = self._compiler()
-        condition = compiler.compile(q)
-        return self._copy(qs=(*self._qs, q), where=(*self._where, condition), joins=compiler.joins)
+        spec = self._spec
+        checker = FilterCompiler(spec.mapper, allowed=spec.filterable, owner=spec.owner)
+        checked = checker.check(q, first=sum(c.size for c in self._checked))
+        return self._copy(qs=(*self._qs, q), checked=(*self._checked, checked), built=None)
+
+    def _where_parts(self) -> _Built:
+        """The filters' SQL and the joins it needs, built once per query object."""
+        built = self._built
+        if built is None:
+            compiler = self._compiler()
+            where = tuple(compiler.build(checked) for checked in self._checked) + self._extra
+            built = self._built = _Built(where, compiler.joins)
+        return built
 
     def for_update(self) -> Self:
         """Lock the rows read (``SELECT ... FOR UPDATE OF`` the entity's table on PostgreSQL)
@@ -228,26 +262,70 @@ class QuerySet(Generic[T]):
                 entity = current.class_
             assert option is not None
             options.append(option)
-        return self._copy(loads=tuple(options))
+        return self._copy(loads=tuple(options), load_paths=(*self._load_paths, *paths))
 
     # -- statements -------------------------------------------------------------------------
 
     def _sort(self) -> tuple[SortKey, ...]:
         return self._order if self._order is not None else self._spec.default_sort
 
-    def _from(self, stmt: Select[Any]) -> Select[Any]:
-        if self._joins:
+    def _from(
+        self,
+        stmt: Select[Any],
+        joins: Mapping[tuple[str, ...], tuple[Any, Any, str]] | None = None,
+    ) -> Select[Any]:
+        built = self._where_parts()
+        if joins is None:
+            joins = built.joins
+        if joins:
             # Joins start from the root, whatever the selected columns are.
             stmt = stmt.select_from(self._spec.entity)
-        for alias, parent, key in self._joins.values():
+        for alias, parent, key in joins.values():
             stmt = stmt.outerjoin(alias, getattr(parent, key).of_type(alias))
-        if self._where:
-            stmt = stmt.where(*self._where)
+        if built.where:
+            stmt = stmt.where(*built.where)
         return stmt
 
+    def _statement(self, *, reverse: bool = False) -> tuple[Any, dict[str, Any] | None]:
+        """The SELECT of this query's rows and the parameters to run it with.
+
+        Built once per shape (:class:`~qx.db.query._plans.StatementPlans`) and scoped once
+        per scope; a query whose SQL depends on its values (keyset boundaries, very large
+        ``in`` lists) is built for itself.
+        """
+        if self._lock:
+            self._bound.require_lockable()  # per run: the plan is shared by units of work
+        shapes = tuple(checked.shape for checked in self._checked)
+        if self._extra or None in shapes:
+            return self._select(reverse=reverse), None
+        shape = (
+            self._bound.dialect(self._spec.mapper).name,
+            shapes,
+            self._order,
+            reverse,
+            self._limit is not None,
+            bool(self._offset),
+            self._distinct,
+            self._load_paths,
+            self._lock,
+        )
+        plan = self._spec.plans.plan(shape, lambda: self._select(reverse=reverse, bound=True))
+        params = {name: value for checked in self._checked for name, value in checked.params}
+        if self._limit is not None:
+            params[_LIMIT] = self._limit
+        if self._offset:
+            params[_OFFSET] = self._offset
+        return plan.scoped(with_deleted=self._with_deleted), params
+
     def _select(
-        self, *, sort: Sequence[SortKey] | None = None, reverse: bool = False, window: bool = True
+        self,
+        *,
+        sort: Sequence[SortKey] | None = None,
+        reverse: bool = False,
+        window: bool = True,
+        bound: bool = False,
     ) -> Select[Any]:
+        # bound: limit and offset as named parameters, for a statement built once per shape.
         entity = self._spec.entity
         stmt = self._from(select(entity))
         if self._distinct:
@@ -260,9 +338,9 @@ class QuerySet(Generic[T]):
             )
         if window:
             if self._limit is not None:
-                stmt = stmt.limit(self._limit)
+                stmt = stmt.limit(_window(_LIMIT, self._limit) if bound else self._limit)
             if self._offset:
-                stmt = stmt.offset(self._offset)
+                stmt = stmt.offset(_window(_OFFSET, self._offset) if bound else self._offset)
         if self._loads:
             stmt = stmt.options(*self._loads)
         if self._lock:
@@ -276,11 +354,15 @@ class QuerySet(Generic[T]):
             return {WITH_DELETED: self._with_deleted, "populate_existing": True}
         return {WITH_DELETED: self._with_deleted}
 
-    async def _scalars(self, stmt: Any) -> builtins.list[Any]:
+    async def _scalars(self, stmt: Any, params: dict[str, Any] | None = None) -> builtins.list[Any]:
         session = self._bound.session
         with translating(session.sync_session):
-            result = await session.scalars(stmt, execution_options=self._options())
+            result = await session.scalars(stmt, params, execution_options=self._options())
             return builtins.list(result.all())
+
+    async def _rows(self, *, reverse: bool = False) -> builtins.list[Any]:
+        stmt, params = self._statement(reverse=reverse)
+        return await self._scalars(stmt, params)
 
     async def by_keys(self, keys: builtins.list[Any], *, refresh: bool = False) -> dict[Any, T]:
         """``{primary key: row}`` of the rows with these (single-column) keys, in chunks;
@@ -313,7 +395,7 @@ class QuerySet(Generic[T]):
 
     def _matching_pks(self) -> ColumnElement[bool]:
         """``pk IN (SELECT pk ... )``: the rows of this query, usable in UPDATE/DELETE."""
-        if not self._joins and self._limit is None and not self._offset:
+        if not self._where_parts().joins and self._limit is None and not self._offset:
             return self._where_clause()
         pks = self._pk_columns()
         target = pks[0] if len(pks) == 1 else tuple_(*pks)
@@ -328,19 +410,20 @@ class QuerySet(Generic[T]):
         return stmt
 
     def _where_clause(self) -> ColumnElement[bool]:
-        if not self._where:
+        where = self._where_parts().where
+        if not where:
             return true()
-        return and_(*self._where) if len(self._where) > 1 else self._where[0]
+        return and_(*where) if len(where) > 1 else where[0]
 
     # -- terminals --------------------------------------------------------------------------
 
     async def all(self) -> builtins.list[T]:
         """Run the query and return every row."""
-        return await self._scalars(self._select())
+        return await self._rows()
 
     async def first(self) -> T | None:
         """Return the first row in order, or ``None``."""
-        rows = await self._scalars(self.limit(1)._select())
+        rows = await self.limit(1)._rows()
         return rows[0] if rows else None
 
     async def one(self) -> T:
@@ -350,7 +433,7 @@ class QuerySet(Generic[T]):
             NotFound: no row matches.
             InvalidQuery: more than one row matches.
         """
-        rows = await self._scalars(self._copy(limit=2)._select())
+        rows = await self._copy(limit=2)._rows()
         if not rows:
             raise NotFound(entity=self._spec.info.name, key=" & ".join(map(repr, self._qs)) or "*")
         if len(rows) > 1:
@@ -434,7 +517,7 @@ class QuerySet(Generic[T]):
         spec = self._spec
         if not fields:
             fields = tuple(attr.key for attr in spec.mapper.column_attrs)
-        compiler = self._compiler()
+        compiler = self._compiler(self._where_parts().joins)
         columns = []
         for name in fields:
             if not isinstance(name, str) or not name:
@@ -449,8 +532,7 @@ class QuerySet(Generic[T]):
                     )
                 base = compiler._join(path.parts[: i + 1], base, step)
             columns.append(getattr(base, path.column_key))
-        query = self._copy(joins=compiler.joins)
-        stmt = query._from(select(*columns))
+        stmt = self._from(select(*columns), compiler.joins)
         if self._distinct:
             stmt = stmt.distinct()
         else:
@@ -495,9 +577,7 @@ class QuerySet(Generic[T]):
             if cursor is not None:
                 raise InvalidQuery("give a cursor or a page_number, not both", field="page_number")
             number = _check_count("page_number", page_number, MAX_OFFSET // size + 1, 1)
-            rows = await self._scalars(
-                self._copy(limit=size + 1, offset=(number - 1) * size)._select()
-            )
+            rows = await self._copy(limit=size + 1, offset=(number - 1) * size)._rows()
             return Page(
                 items=rows[:size],
                 page_size=size,
@@ -519,14 +599,12 @@ class QuerySet(Generic[T]):
             # beyond the boundary, then the NULLs (or the reverse) - never a scan of what lies
             # before the boundary.
             segments = [
-                self._copy(where=(*self._where, condition))
+                self._copy(extra=(*self._extra, condition), built=None)
                 for condition in keyset_segments(spec.entity, keys, values, backward=backward)
             ]
         rows = []
         for segment in segments:
-            rows += await self._scalars(
-                segment._copy(limit=size + 1 - len(rows))._select(reverse=backward)
-            )
+            rows += await segment._copy(limit=size + 1 - len(rows))._rows(reverse=backward)
             if len(rows) > size:
                 break
         more = len(rows) > size
@@ -621,7 +699,8 @@ class QuerySet(Generic[T]):
         sync = self._bound.sync
         yielded: builtins.list[Any] = []
         with translating(sync):
-            result = await session.stream_scalars(self._select(), execution_options=options)
+            stmt, params = self._statement()
+            result = await session.stream_scalars(stmt, params, execution_options=options)
             try:
                 async for row in result:
                     if len(yielded) == size:

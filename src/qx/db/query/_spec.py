@@ -25,6 +25,7 @@ from qx.db._model import EntityInfo
 from qx.db._tracking import transaction_of
 from qx.db.query._cursor import CursorCodec
 from qx.db.query._keyset import SortKey, order_clauses, resolve_sort
+from qx.db.query._plans import StatementPlans
 
 if TYPE_CHECKING:
     from qx.db._session import QxSession
@@ -56,6 +57,7 @@ class QuerySpec:
         max_limit: the largest ``limit`` or page size.
         default_order: the ORDER BY clauses of ``default_sort``, built once (SQL expressions
             are immutable; building them is a third of a query's own CPU).
+        plans: the statements of its queries, built once per shape.
     """
 
     entity: type[Any]
@@ -67,10 +69,12 @@ class QuerySpec:
     default_sort: tuple[SortKey, ...]
     max_limit: int
     default_order: tuple[ColumnElement[Any], ...] = field(init=False, repr=False, compare=False)
+    plans: StatementPlans = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         order = tuple(order_clauses(self.entity, self.default_sort))
         object.__setattr__(self, "default_order", order)  # frozen: set once, here
+        object.__setattr__(self, "plans", StatementPlans())
 
     def sort_keys(self, spec: str | Sequence[str] | None) -> tuple[SortKey, ...]:
         """Resolve a caller's sort (``"-created_at,name"``) against ``sortable``."""
@@ -132,12 +136,16 @@ class Bound:
             UnitOfWorkError: the unit of work is read-only (it may be on a replica, where
                 nothing can be locked; lock in the unit of work that writes).
         """
+        self.require_lockable()
+        return self.dialect(mapper).for_update(stmt, of=of)
+
+    def require_lockable(self) -> None:
+        """Raise ``UnitOfWorkError`` if the unit of work is read-only (see :meth:`for_update`)."""
         if transaction_of(self.sync).read_only:
             raise UnitOfWorkError(
                 "a read-only unit of work cannot lock rows (for_update): lock them in the "
                 "read-write unit of work that changes them"
             )
-        return self.dialect(mapper).for_update(stmt, of=of)
 
     def clock(self) -> Clock:
         """The clock of audit columns and soft deletes."""
