@@ -5,12 +5,15 @@ from __future__ import annotations
 from decimal import Decimal
 
 import pytest
-from sqlalchemy import BigInteger, Column, Float, Integer, Numeric, SmallInteger
+from sqlalchemy import BigInteger, Column, Float, Integer, Numeric, SmallInteger, inspect, select
+from sqlalchemy.dialects import postgresql
 
 from qx.db.query import CursorCodec, Q
 from qx.db.query._coerce import coerce_value
+from qx.db.query._compiler import FilterCompiler
 from qx.db.query._keyset import SortKey, keyset_condition, parse_sort
 from qx.db.query._lookups import LOOKUPS
+from qx.db.query._q import normalized
 from qx.errors import ConfigurationError, InvalidCursor, InvalidQuery
 from tests.models import Item
 
@@ -98,3 +101,30 @@ def test_keyset_condition_uses_row_values_when_it_can() -> None:
     text = str(keyset_condition(Item, mixed, [None, 2], backward=False).compile(
         dialect=postgresql.dialect()))  # fmt: skip
     assert "items.score IS NOT NULL" in text and "OR" in text
+
+
+def _checked(q: Q) -> tuple[object, str, dict[str, object]]:
+    """A filter's shape, its SQL (PostgreSQL) and its parameters."""
+    compiler = FilterCompiler(inspect(Item), allowed=None, owner="items", dialect="postgresql")
+    checked = compiler.check(normalized(q))
+    sql = str(select(Item.id).where(compiler.build(checked)).compile(dialect=postgresql.dialect()))
+    return checked.shape, sql, dict(checked.params)
+
+
+def test_values_are_parameters_and_what_shapes_the_sql_is_in_the_shape() -> None:
+    # Same keys and lookups, other values: one shape, the same SQL, other parameters.
+    first = _checked(Q(name__startswith="a%") & Q(rank__in=[1, 2]) & Q(score__range=(1, 5)))
+    second = _checked(Q(name__startswith="b") & Q(rank__in=[7]) & Q(score__range=(0, 9)))
+    assert first[0] == second[0] and first[1] == second[1]
+    assert first[2] == {"qx_f0": "a/%", "qx_f1": [1, 2], "qx_f2_lo": 1, "qx_f2_hi": 5}
+    assert second[2] == {"qx_f0": "b", "qx_f1": [7], "qx_f2_lo": 0, "qx_f2_hi": 9}
+    assert "ESCAPE '/'" in first[1]
+    # What changes the SQL changes the shape: None (IS NULL), isnull flags, empty lists.
+    assert _checked(Q(score=None))[0] != _checked(Q(score=3))[0]
+    assert "IS NULL" in _checked(Q(score=None))[1] and not _checked(Q(score=None))[2]
+    assert _checked(Q(score__isnull=True))[0] != _checked(Q(score__isnull=False))[0]
+    assert _checked(Q(rank__in=[]))[0] != _checked(Q(rank__in=[1]))[0]
+    assert _checked(Q(rank=1) | Q(name="x"))[0] != _checked(Q(rank=1) & Q(name="x"))[0]
+    assert _checked(~Q(rank=1))[0] != _checked(Q(rank=1))[0]
+    # A list too long for one parameter per value is built for its values: no shape.
+    assert _checked(Q(rank__in=list(range(2000))))[0] is None

@@ -19,7 +19,7 @@ Example:
 from __future__ import annotations
 
 import builtins
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, Final, Generic, Literal, NamedTuple, Self, TypeVar, overload
 
 from sqlalchemy import Integer, Select, and_, bindparam, delete, func, select, true, tuple_, update
@@ -287,33 +287,48 @@ class QuerySet(Generic[T]):
         return stmt
 
     def _statement(self, *, reverse: bool = False) -> tuple[Any, dict[str, Any] | None]:
-        """The SELECT of this query's rows and the parameters to run it with.
-
-        Built once per shape (:class:`~qx.db.query._plans.StatementPlans`) and scoped once
-        per scope; a query whose SQL depends on its values (keyset boundaries, very large
-        ``in`` lists) is built for itself.
-        """
+        """The SELECT of this query's rows and the parameters to run it with."""
         if self._lock:
             self._bound.require_lockable()  # per run: the plan is shared by units of work
+        return self._planned(
+            ("rows", reverse), lambda bound: self._select(reverse=reverse, bound=bound)
+        )
+
+    def _planned(
+        self,
+        kind: tuple[Any, ...],
+        build: Callable[[bool], Any],
+        *,
+        limit: bool = True,
+        offset: bool = True,
+    ) -> tuple[Any, dict[str, Any] | None]:
+        """The statement ``build`` makes for this query, and the parameters to run it with.
+
+        Built once per shape (:class:`~qx.db.query._plans.StatementPlans`) and scoped once
+        per scope: ``build(True)`` names the window it uses (``limit``, ``offset``: the
+        query's own) as parameters too. A
+        query whose SQL depends on its values (keyset boundaries, very large ``in`` lists)
+        is built for itself: ``build(False)``, scoped by the session.
+        """
         shapes = tuple(checked.shape for checked in self._checked)
         if self._extra or None in shapes:
-            return self._select(reverse=reverse), None
+            return build(False), None
         shape = (
+            kind,
             self._bound.dialect(self._spec.mapper).name,
             shapes,
             self._order,
-            reverse,
             self._limit is not None,
             bool(self._offset),
             self._distinct,
             self._load_paths,
             self._lock,
         )
-        plan = self._spec.plans.plan(shape, lambda: self._select(reverse=reverse, bound=True))
+        plan = self._spec.plans.plan(shape, lambda: build(True))
         params = {name: value for checked in self._checked for name, value in checked.params}
-        if self._limit is not None:
+        if limit and self._limit is not None:
             params[_LIMIT] = self._limit
-        if self._offset:
+        if offset and self._offset:
             params[_OFFSET] = self._offset
         return plan.scoped(with_deleted=self._with_deleted), params
 
@@ -442,25 +457,35 @@ class QuerySet(Generic[T]):
 
     async def count(self) -> int:
         """Return how many rows the query yields (respecting ``limit``/``offset``)."""
-        pks = self._pk_columns()
-        counted = func.count(pks[0].distinct() if self._distinct else pks[0])
-        stmt = self._from(select(counted))
+
+        def build(_bound: bool) -> Any:
+            pks = self._pk_columns()
+            counted = func.count(pks[0].distinct() if self._distinct else pks[0])
+            return self._from(select(counted))
+
+        stmt, params = self._planned(("count",), build, limit=False, offset=False)
         session = self._bound.session
         with translating(session.sync_session):
-            total = int(await session.scalar(stmt, execution_options=self._options()) or 0)
+            found = await session.scalar(stmt, params, execution_options=self._options())
+            total = int(found or 0)
         total = max(total - self._offset, 0)
         return total if self._limit is None else min(total, self._limit)
 
     async def exists(self) -> bool:
         """Return whether the query yields any row."""
-        stmt = self._from(select(self._pk_columns()[0])).limit(1)
-        if self._offset:
-            stmt = stmt.order_by(*order_clauses(self._spec.entity, self._sort())).offset(
-                self._offset
-            )
+
+        def build(bound: bool) -> Any:
+            stmt = self._from(select(self._pk_columns()[0])).limit(1)
+            if self._offset:
+                offset = _window(_OFFSET, self._offset) if bound else self._offset
+                order = order_clauses(self._spec.entity, self._sort())
+                stmt = stmt.order_by(*order).offset(offset)
+            return stmt
+
+        stmt, params = self._planned(("exists",), build, limit=False)
         session = self._bound.session
         with translating(session.sync_session):
-            found = await session.scalar(stmt, execution_options=self._options())
+            found = await session.scalar(stmt, params, execution_options=self._options())
         return found is not None
 
     @overload

@@ -30,7 +30,10 @@ from qx.db.query._plans import StatementPlans
 if TYPE_CHECKING:
     from qx.db._session import QxSession
 
-__all__ = ["Bound", "Owner", "QuerySpec"]
+__all__ = ["MAX_SORTS", "Bound", "Owner", "QuerySpec"]
+
+#: Resolved sorts kept per repository class.
+MAX_SORTS = 256
 
 
 class Owner(Protocol):
@@ -58,6 +61,8 @@ class QuerySpec:
         default_order: the ORDER BY clauses of ``default_sort``, built once (SQL expressions
             are immutable; building them is a third of a query's own CPU).
         plans: the statements of its queries, built once per shape.
+        sorts: resolved sorts by the keys as written (an API sorts by a few, on every
+            request); at most ``MAX_SORTS``, as they may come from HTTP input.
     """
 
     entity: type[Any]
@@ -70,15 +75,37 @@ class QuerySpec:
     max_limit: int
     default_order: tuple[ColumnElement[Any], ...] = field(init=False, repr=False, compare=False)
     plans: StatementPlans = field(init=False, repr=False, compare=False)
+    sorts: dict[str | tuple[str, ...], tuple[SortKey, ...]] = field(
+        init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         order = tuple(order_clauses(self.entity, self.default_sort))
         object.__setattr__(self, "default_order", order)  # frozen: set once, here
         object.__setattr__(self, "plans", StatementPlans())
+        object.__setattr__(self, "sorts", {})
 
     def sort_keys(self, spec: str | Sequence[str] | None) -> tuple[SortKey, ...]:
         """Resolve a caller's sort (``"-created_at,name"``) against ``sortable``."""
-        return resolve_sort(self.mapper, spec, allowed=self.sortable, owner=self.owner)
+        written = _written(spec)
+        found = self.sorts.get(written) if written is not None else None
+        if found is None:
+            found = resolve_sort(self.mapper, spec, allowed=self.sortable, owner=self.owner)
+            if written is not None:
+                if len(self.sorts) >= MAX_SORTS:
+                    self.sorts.clear()
+                self.sorts[written] = found
+        return found
+
+
+def _written(spec: str | Sequence[str] | None) -> str | tuple[str, ...] | None:
+    # The sort as a key for QuerySpec.sorts (a string and a list of strings are different
+    # keys: only a string is split on commas); None (not kept) for anything else.
+    if isinstance(spec, str):
+        return spec
+    if isinstance(spec, list | tuple) and all(type(key) is str for key in spec):
+        return tuple(spec)
+    return None
 
 
 class Bound:
