@@ -249,28 +249,56 @@ def coerce_value(column: ColumnElement[Any], value: Any, *, field: str) -> Any:
     """
     if value is None:
         return None
-    type_ = column.type
+    return _coercer(column.type)(value, field)
+
+
+def _unchanged(value: Any, field: str) -> Any:
+    return value
+
+
+@lru_cache(maxsize=4096)
+def _coercer(type_: TypeEngine[Any]) -> Callable[[Any, str], Any]:
+    # What coerce_value does for one column type, worked out once per type: every filter
+    # value and primary key goes through here.
     if isinstance(type_, JSON) or (
         isinstance(type_, TypeDecorator) and isinstance(type_.impl_instance, JSON)
     ):
-        raise InvalidQuery(
-            f"field {shown(field)} is JSON and cannot be filtered by value", field=field
-        )
+
+        def refuse(value: Any, field: str) -> Any:
+            raise InvalidQuery(
+                f"field {shown(field)} is JSON and cannot be filtered by value", field=field
+            )
+
+        return refuse
     if isinstance(type_, Enum):
-        allowed = list(type_.enums)
-        raw = value.name if isinstance(value, enum.Enum) and type_.enum_class else value
-        if isinstance(value, enum.Enum) and not type_.enum_class:
+        return _enum_coercer(type_)
+    # PostgreSQL dialect variants resolve through with_variant's base type: no converter.
+    convert = _converter(type_) or _unchanged
+    if isinstance(type_, TypeDecorator):
+        decorator = type_
+
+        def plain_or_value_object(value: Any, field: str) -> Any:
+            if isinstance(value, _PLAIN):
+                return convert(value, field)
+            return _value_object(decorator, value, field)
+
+        return plain_or_value_object
+    return convert
+
+
+def _enum_coercer(type_: Enum) -> Callable[[Any, str], Any]:
+    allowed = list(type_.enums)
+    enum_class = type_.enum_class
+
+    def coerce(value: Any, field: str) -> Any:
+        raw = value.name if isinstance(value, enum.Enum) and enum_class else value
+        if isinstance(value, enum.Enum) and not enum_class:
             raw = value.value
         if raw not in allowed:
             raise _bad(field, value, f"one of {allowed}")
-        return type_.enum_class[raw] if type_.enum_class else raw
-    if isinstance(type_, TypeDecorator) and not isinstance(value, _PLAIN):
-        return _value_object(type_, value, field)
-    convert = _converter(type_)
-    if convert is None:
-        # PostgreSQL dialect variants resolve through with_variant's base type.
-        return value
-    return convert(value, field)
+        return enum_class[raw] if enum_class else raw
+
+    return coerce
 
 
 #: What a request or a caller passes as a plain value: converted to the column's type.
