@@ -18,9 +18,11 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from sqlalchemy import select
 
 from qx.core import request_context, system_context
 from qx.db import UnitOfWorkFactory
+from qx.db._scoping import ScopedStatement
 from qx.db.query import Q
 from qx.errors import UnitOfWorkError
 from tests import models
@@ -215,3 +217,25 @@ async def test_q_trees_of_one_shape_bind_each_leaf_to_its_own_value(
                 and s.name.lower().startswith("a")
             }
             assert {i.name for i in found} == expected, (a, b)
+
+
+async def test_a_planned_statement_runs_only_in_the_scope_it_was_made_for(
+    uow_factory: Factory,
+) -> None:
+    stored = await _seed(uow_factory)
+    with request_context(tenant_id="t1"):
+        async with uow_factory() as uow:
+            plan = ScopedStatement(select(Item))
+            made_for_t1 = plan.scoped(with_deleted=False)
+            found = (await uow.session.scalars(made_for_t1)).all()
+            assert {item.tenant_id for item in found} == {"t1"}
+            assert len(found) == len(NAMES) - 2  # two soft-deleted
+    with request_context(tenant_id="t2"):
+        async with uow_factory() as uow:
+            # Run where it was not made for, it is scoped again: t1's rows AND t2's - none.
+            assert (await uow.session.scalars(made_for_t1)).all() == []
+            # A statement claiming a plan's mark without being its variant is scoped as any.
+            forged = select(Item).execution_options(qx_scoped_by=plan)
+            found = (await uow.session.scalars(forged)).all()
+    wanted = sorted(s.name for s in stored if s.tenant == "t2" and not s.deleted)
+    assert sorted(item.name for item in found) == wanted

@@ -59,8 +59,8 @@ __all__ = [
 WITH_DELETED: Final = "qx_with_deleted"
 """Execution option that lifts soft-delete filtering for one statement."""
 
-# Execution option of a statement ScopedStatement scoped: (mappers, scope) it was scoped for.
-_SCOPED_FOR: Final = "qx_scoped_for"
+# Execution option of a statement ScopedStatement scoped: the ScopedStatement that made it.
+_SCOPED_BY: Final = "qx_scoped_by"
 # Scoped variants kept per statement (tenants it ran for); beyond it, they are built again.
 _VARIANTS: Final = 64
 
@@ -327,8 +327,8 @@ def scope_statement(session: Session, statement: Any, execution_options: Any) ->
         (execution_options and execution_options.get(WITH_DELETED))
         or statement._execution_options.get(WITH_DELETED)
     )
-    marked = statement._execution_options.get(_SCOPED_FOR)
-    if marked is not None and marked[1] == _scope(marked[0], with_deleted):
+    maker = statement._execution_options.get(_SCOPED_BY)
+    if isinstance(maker, ScopedStatement) and maker.made(statement, with_deleted=with_deleted):
         return statement  # scoped by ScopedStatement for this very scope
     mappers = _involved_mappers(statement)
     if not mappers:
@@ -351,8 +351,8 @@ class ScopedStatement:
     :func:`scope_statement` would add the same criteria to it at every execution, making a
     new statement whose cache key SQLAlchemy computes again; here each scope's variant
     (tenant, system context, soft-deleted rows shown) is made once, by the same rule, and
-    marked, so ``scope_statement`` passes it through when the scope it was made for is the
-    current one - and scopes it again (failing closed) when it is not.
+    marked, so ``scope_statement`` passes it through when it is the variant made for the
+    current scope - and scopes it again (failing closed) when it is not.
 
     Args:
         statement: an ORM SELECT, not scoped.
@@ -376,11 +376,19 @@ class ScopedStatement:
         if found is None:
             criteria = _options(self._mappers, *scope) if scope else ()
             found = self._statement.options(*criteria) if criteria else self._statement
-            found = found.execution_options(**{_SCOPED_FOR: (self._mappers, scope)})
+            found = found.execution_options(**{_SCOPED_BY: self})
             if len(self._variants) >= _VARIANTS:
                 self._variants.clear()
             self._variants[scope] = found
         return found
+
+    def made(self, statement: Any, *, with_deleted: bool) -> bool:
+        """Whether ``statement`` is this plan's variant for the current scope.
+
+        Raises:
+            TenantRequired: a tenant-scoped class is involved and the context has no tenant.
+        """
+        return self._variants.get(_scope(self._mappers, with_deleted)) is statement
 
 
 def _involved_mappers(statement: Any) -> tuple[Mapper[Any], ...]:

@@ -306,9 +306,9 @@ class QuerySet(Generic[T]):
 
         Built once per shape (:class:`~qx.db.query._plans.StatementPlans`) and scoped once
         per scope: ``build(True)`` names the window it uses (``limit``, ``offset``: the
-        query's own) as parameters too. A
-        query whose SQL depends on its values (keyset boundaries, very large ``in`` lists)
-        is built for itself: ``build(False)``, scoped by the session.
+        query's own) as parameters too. A query whose SQL depends on its values (keyset
+        boundaries, very large ``in`` lists) is built for itself: ``build(False)``, scoped
+        by the session.
         """
         shapes = tuple(checked.shape for checked in self._checked)
         if self._extra or None in shapes:
