@@ -16,9 +16,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
+from uuid import uuid4
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import insert, select
 
 from qx.core import request_context, system_context
 from qx.db import UnitOfWorkFactory
@@ -239,3 +240,39 @@ async def test_a_planned_statement_runs_only_in_the_scope_it_was_made_for(
             found = (await uow.session.scalars(forged)).all()
     wanted = sorted(s.name for s in stored if s.tenant == "t2" and not s.deleted)
     assert sorted(item.name for item in found) == wanted
+
+
+async def test_the_parts_a_query_loads_are_scoped_like_its_roots(uow_factory: Factory) -> None:
+    # A part row of another tenant under a t1 item (what a bug or a hand-written INSERT
+    # could leave): no query shape of t1 shows it in the item's parts - a filter on the
+    # item's own columns (its root scoped by a plain WHERE, its parts by their own), one
+    # through a relationship (loader criteria), a page, and first().
+    await _seed(uow_factory)
+    with request_context(tenant_id="t1"):
+        async with uow_factory() as uow:
+            item = await uow.items.query().filter(sku="t1-0").one()
+            own = sorted(tag.label for tag in item.tags)
+            item_id = item.id
+    async with uow_factory() as uow:
+        await uow.session.execute(
+            insert(models.item_tags).values(
+                id=uuid4(), item_id=item_id, label="stranger", weight=1, tenant_id="t2"
+            )
+        )
+        await uow.commit()
+    shapes = [
+        lambda q: q.filter(sku="t1-0").all(),
+        lambda q: q.filter(Q(sku="t1-0") | Q(sku="nothing")).all(),
+        lambda q: q.filter(
+            Q(sku="t1-0") & (Q(category__name__isnull=True) | Q(category__name__isnull=False))
+        ).all(),
+        lambda q: q.filter(sku="t1-0").first(),
+        lambda q: q.filter(sku__in=["t1-0"]).page(page_number=1),
+    ]
+    for run in shapes:
+        with request_context(tenant_id="t1"):
+            async with uow_factory() as uow:
+                found = await run(uow.items.query())
+                items = getattr(found, "items", found)
+                items = items if isinstance(items, list) else [items]
+                assert [sorted(tag.label for tag in i.tags) for i in items] == [own]

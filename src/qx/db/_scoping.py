@@ -354,16 +354,25 @@ class ScopedStatement:
     marked, so ``scope_statement`` passes it through when it is the variant made for the
     current scope - and scopes it again (failing closed) when it is not.
 
+    With ``rows_of``, the statement reads that entity's rows and nothing else (no join, no
+    subquery), and the entity's relationships all load in statements of their own
+    (:func:`checks_rows_in_python`): a plain WHERE on the entity scopes it, far cheaper for
+    SQLAlchemy per execution than loader criteria, and the relationship loads get theirs
+    from ``RowsChecked`` (:attr:`checks_rows`), which the caller sets while it runs.
+
     Args:
         statement: an ORM SELECT, not scoped.
+        rows_of: the mapper whose rows alone the statement reads, if so.
     """
 
-    __slots__ = ("_mappers", "_statement", "_variants")
+    __slots__ = ("_mappers", "_statement", "_variants", "checks_rows")
 
-    def __init__(self, statement: Any) -> None:
+    def __init__(self, statement: Any, *, rows_of: Mapper[Any] | None = None) -> None:
         self._statement = statement
-        self._mappers = _involved_mappers(statement)
+        self._mappers = (rows_of,) if rows_of is not None else _involved_mappers(statement)
         self._variants: dict[tuple[Any, ...], Any] = {}
+        #: Whether relationship loads must be scoped by ``RowsChecked`` while it runs.
+        self.checks_rows = rows_of is not None
 
     def scoped(self, *, with_deleted: bool) -> Any:
         """The statement scoped for the current context.
@@ -374,8 +383,13 @@ class ScopedStatement:
         scope = _scope(self._mappers, with_deleted)
         found = self._variants.get(scope)
         if found is None:
-            criteria = _options(self._mappers, *scope) if scope else ()
-            found = self._statement.options(*criteria) if criteria else self._statement
+            found = self._statement
+            if self.checks_rows:
+                clauses = _where(self._mappers, *scope) if scope else ()
+                found = found.where(*clauses) if clauses else found
+            else:
+                criteria = _options(self._mappers, *scope) if scope else ()
+                found = found.options(*criteria) if criteria else found
             found = found.execution_options(**{_SCOPED_BY: self})
             if len(self._variants) >= _VARIANTS:
                 self._variants.clear()

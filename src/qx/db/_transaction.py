@@ -19,19 +19,21 @@ TX_KEY: Final = "qx.transaction"
 
 
 class RowsChecked:
-    """Set on the transaction while ``Repository.get`` loads one row by primary key.
+    """Set on the transaction while ``Repository.get`` loads one row by primary key, or
+    while a query whose statement scopes its root rows with a plain WHERE runs
+    (``ScopedStatement`` with ``rows_of``).
 
-    The first ORM statement the session then executes (the primary-key load) runs without
-    criteria; get() checks its row with ``visible``. Relationship loads executed meanwhile
-    get their WHERE from ``loader_where``. Any other statement (one a flush listener runs,
-    say) is scoped as usual.
+    With ``root_pending``, the first ORM statement the session then executes (get's
+    primary-key load) runs without criteria; get() checks its row with ``visible``.
+    Relationship loads executed meanwhile get their WHERE from ``loader_where``. Any other
+    statement (one a flush listener runs, say) is scoped as usual.
     """
 
     __slots__ = ("root_pending", "with_deleted")
 
-    def __init__(self, *, with_deleted: bool) -> None:
+    def __init__(self, *, with_deleted: bool, root_pending: bool = True) -> None:
         self.with_deleted = with_deleted
-        self.root_pending = True
+        self.root_pending = root_pending
 
 
 class TransactionView(Protocol):

@@ -107,6 +107,7 @@ class Checked:
             the same statement, whatever the values.
         params: the bound parameters carrying the values, by name.
         size: the leaves, which numbered the parameters.
+        local: every leaf is on the root's own columns (no join, no subquery).
     """
 
     connector: str
@@ -115,6 +116,7 @@ class Checked:
     shape: object
     params: tuple[tuple[str, Any], ...]
     size: int
+    local: bool
 
 
 def _relationship_step(prop: RelationshipProperty[Any]) -> Step:
@@ -257,6 +259,7 @@ class FilterCompiler:
         params: list[tuple[str, Any]] = []
         index = first
         bound = True  # every value a parameter
+        local = True
         for child in q.children:
             if isinstance(child, Q):
                 checked = self.check(child, index)
@@ -265,12 +268,14 @@ class FilterCompiler:
                 shapes.append(checked.shape)
                 params += checked.params
                 bound = bound and checked.shape is not None
+                local = local and checked.local
                 continue
             key, value = child
             related = self._related_rows(key, value)
             if related is not None:
                 children.append(related)
                 shapes.append((key, related.absent))
+                local = False
                 continue
             name = f"qx_f{index}"
             index += 1
@@ -283,8 +288,11 @@ class FilterCompiler:
             shapes.append((key, part))
             params += binding.params(name, leaf.value)
             bound = bound and part is not None
+            local = local and not leaf.field.steps
         shape = (q.connector, q.negated, *shapes) if bound else None
-        return Checked(q.connector, q.negated, tuple(children), shape, tuple(params), index - first)
+        return Checked(
+            q.connector, q.negated, tuple(children), shape, tuple(params), index - first, local
+        )
 
     def build(self, checked: Checked) -> ColumnElement[bool]:
         """Return the two-valued SQL condition of ``checked`` on the root entity."""

@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable
 from typing import Any, Final
 
+from sqlalchemy.orm import Mapper
+
 from qx.db._scoping import ScopedStatement
 
 __all__ = ["StatementPlans"]
@@ -30,13 +32,16 @@ class StatementPlans:
     def __init__(self) -> None:
         self._plans: dict[Hashable, ScopedStatement] = {}
 
-    def plan(self, shape: Hashable, build: Callable[[], Any]) -> ScopedStatement:
-        """The statement of ``shape``, built by ``build`` the first time."""
+    def plan(
+        self, shape: Hashable, build: Callable[[], Any], *, rows_of: Mapper[Any] | None = None
+    ) -> ScopedStatement:
+        """The statement of ``shape``, built by ``build`` the first time (``rows_of``: see
+        :class:`~qx.db._scoping.ScopedStatement`)."""
         found = self._plans.get(shape)
         if found is None:
             if len(self._plans) >= MAX_PLANS:
                 self._plans.clear()
-            found = self._plans[shape] = ScopedStatement(build())
+            found = self._plans[shape] = ScopedStatement(build(), rows_of=rows_of)
         return found
 
     def __len__(self) -> int:

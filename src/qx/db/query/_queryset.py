@@ -23,13 +23,14 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, Final, Generic, Literal, NamedTuple, Self, TypeVar, overload
 
 from sqlalchemy import Integer, Select, and_, bindparam, delete, func, select, true, tuple_, update
-from sqlalchemy.orm import RelationshipProperty, selectinload
+from sqlalchemy.orm import Mapper, RelationshipProperty, selectinload
 from sqlalchemy.orm.interfaces import ORMOption
 from sqlalchemy.sql.elements import ColumnElement
 
 from qx.core._errors import InvalidCursor, InvalidQuery, NotFound, shown
 from qx.db._scoping import WITH_DELETED
 from qx.db._tracking import transaction_of
+from qx.db._transaction import RowsChecked
 from qx.db._translate import translating
 from qx.db.query._bulk import delete_owned
 from qx.db.query._coerce import coerce_value
@@ -54,6 +55,15 @@ _OFFSET: Final = "qx_offset"
 
 def _window(name: str, value: int) -> Any:
     return bindparam(name, value, type_=Integer())
+
+
+class _Run(NamedTuple):
+    """A statement to run, its parameters, and whether its relationship loads are scoped by
+    ``RowsChecked`` (its root rows by a plain WHERE; see ``ScopedStatement``)."""
+
+    statement: Any
+    params: dict[str, Any] | None
+    checks_rows: bool = False
 
 
 class _Built(NamedTuple):
@@ -286,12 +296,22 @@ class QuerySet(Generic[T]):
             stmt = stmt.where(*built.where)
         return stmt
 
-    def _statement(self, *, reverse: bool = False) -> tuple[Any, dict[str, Any] | None]:
-        """The SELECT of this query's rows and the parameters to run it with."""
+    def _statement(self, *, reverse: bool = False, streamed: bool = False) -> _Run:
+        """The SELECT of this query's rows and the parameters to run it with.
+
+        ``streamed``: read over many awaits, so its relationship loads cannot be scoped by
+        a ``RowsChecked`` set for one call.
+        """
         if self._lock:
             self._bound.require_lockable()  # per run: the plan is shared by units of work
+        spec = self._spec
+        rows_of = None
+        if not streamed and all(c.local for c in self._checked) and spec.rows_checked:
+            rows_of = spec.mapper
         return self._planned(
-            ("rows", reverse), lambda bound: self._select(reverse=reverse, bound=bound)
+            ("rows", reverse, streamed),
+            lambda bound: self._select(reverse=reverse, bound=bound),
+            rows_of=rows_of,
         )
 
     def _planned(
@@ -301,18 +321,19 @@ class QuerySet(Generic[T]):
         *,
         limit: bool = True,
         offset: bool = True,
-    ) -> tuple[Any, dict[str, Any] | None]:
+        rows_of: Mapper[Any] | None = None,
+    ) -> _Run:
         """The statement ``build`` makes for this query, and the parameters to run it with.
 
         Built once per shape (:class:`~qx.db.query._plans.StatementPlans`) and scoped once
         per scope: ``build(True)`` names the window it uses (``limit``, ``offset``: the
         query's own) as parameters too. A query whose SQL depends on its values (keyset
         boundaries, very large ``in`` lists) is built for itself: ``build(False)``, scoped
-        by the session.
+        by the session. ``rows_of``: see ``ScopedStatement``.
         """
         shapes = tuple(checked.shape for checked in self._checked)
         if self._extra or None in shapes:
-            return build(False), None
+            return _Run(build(False), None)
         shape = (
             kind,
             self._bound.dialect(self._spec.mapper).name,
@@ -324,13 +345,13 @@ class QuerySet(Generic[T]):
             self._load_paths,
             self._lock,
         )
-        plan = self._spec.plans.plan(shape, lambda: build(True))
+        plan = self._spec.plans.plan(shape, lambda: build(True), rows_of=rows_of)
         params = {name: value for checked in self._checked for name, value in checked.params}
         if limit and self._limit is not None:
             params[_LIMIT] = self._limit
         if offset and self._offset:
             params[_OFFSET] = self._offset
-        return plan.scoped(with_deleted=self._with_deleted), params
+        return _Run(plan.scoped(with_deleted=self._with_deleted), params, plan.checks_rows)
 
     def _select(
         self,
@@ -369,15 +390,27 @@ class QuerySet(Generic[T]):
             return {WITH_DELETED: self._with_deleted, "populate_existing": True}
         return {WITH_DELETED: self._with_deleted}
 
-    async def _scalars(self, stmt: Any, params: dict[str, Any] | None = None) -> builtins.list[Any]:
+    async def _scalars(
+        self, stmt: Any, params: dict[str, Any] | None = None, *, checks_rows: bool = False
+    ) -> builtins.list[Any]:
         session = self._bound.session
-        with translating(session.sync_session):
-            result = await session.scalars(stmt, params, execution_options=self._options())
-            return builtins.list(result.all())
+        sync = session.sync_session
+        with translating(sync):
+            if not checks_rows:
+                result = await session.scalars(stmt, params, execution_options=self._options())
+                return builtins.list(result.all())
+            tx = transaction_of(sync)
+            outer = tx.rows_checked
+            tx.rows_checked = RowsChecked(with_deleted=self._with_deleted, root_pending=False)
+            try:
+                result = await session.scalars(stmt, params, execution_options=self._options())
+                return builtins.list(result.all())  # relationship loads ran: buffered
+            finally:
+                tx.rows_checked = outer
 
     async def _rows(self, *, reverse: bool = False) -> builtins.list[Any]:
-        stmt, params = self._statement(reverse=reverse)
-        return await self._scalars(stmt, params)
+        run = self._statement(reverse=reverse)
+        return await self._scalars(run.statement, run.params, checks_rows=run.checks_rows)
 
     async def by_keys(self, keys: builtins.list[Any], *, refresh: bool = False) -> dict[Any, T]:
         """``{primary key: row}`` of the rows with these (single-column) keys, in chunks;
@@ -463,7 +496,7 @@ class QuerySet(Generic[T]):
             counted = func.count(pks[0].distinct() if self._distinct else pks[0])
             return self._from(select(counted))
 
-        stmt, params = self._planned(("count",), build, limit=False, offset=False)
+        stmt, params, _ = self._planned(("count",), build, limit=False, offset=False)
         session = self._bound.session
         with translating(session.sync_session):
             found = await session.scalar(stmt, params, execution_options=self._options())
@@ -482,7 +515,7 @@ class QuerySet(Generic[T]):
                 stmt = stmt.order_by(*order).offset(offset)
             return stmt
 
-        stmt, params = self._planned(("exists",), build, limit=False)
+        stmt, params, _ = self._planned(("exists",), build, limit=False)
         session = self._bound.session
         with translating(session.sync_session):
             found = await session.scalar(stmt, params, execution_options=self._options())
@@ -724,7 +757,7 @@ class QuerySet(Generic[T]):
         sync = self._bound.sync
         yielded: builtins.list[Any] = []
         with translating(sync):
-            stmt, params = self._statement()
+            stmt, params, _ = self._statement(streamed=True)
             result = await session.stream_scalars(stmt, params, execution_options=options)
             try:
                 async for row in result:

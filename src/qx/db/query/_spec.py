@@ -22,6 +22,7 @@ from qx.core._errors import ConfigurationError, UnitOfWorkError
 from qx.db._dialect import dialect_named
 from qx.db._dialect_base import Dialect
 from qx.db._model import EntityInfo
+from qx.db._scoping import checks_rows_in_python
 from qx.db._tracking import transaction_of
 from qx.db.query._cursor import CursorCodec
 from qx.db.query._keyset import SortKey, order_clauses, resolve_sort
@@ -61,6 +62,9 @@ class QuerySpec:
         default_order: the ORDER BY clauses of ``default_sort``, built once (SQL expressions
             are immutable; building them is a third of a query's own CPU).
         plans: the statements of its queries, built once per shape.
+        rows_checked: every relationship of the entity loads in statements of its own
+            (``checks_rows_in_python``): a query reading the entity's rows alone is scoped
+            by a plain WHERE, its relationship loads by ``RowsChecked``.
         sorts: resolved sorts by the keys as written (an API sorts by a few, on every
             request); at most ``MAX_SORTS``, as they may come from HTTP input.
     """
@@ -75,6 +79,7 @@ class QuerySpec:
     max_limit: int
     default_order: tuple[ColumnElement[Any], ...] = field(init=False, repr=False, compare=False)
     plans: StatementPlans = field(init=False, repr=False, compare=False)
+    rows_checked: bool = field(init=False, repr=False, compare=False)
     sorts: dict[str | tuple[str, ...], tuple[SortKey, ...]] = field(
         init=False, repr=False, compare=False
     )
@@ -83,6 +88,7 @@ class QuerySpec:
         order = tuple(order_clauses(self.entity, self.default_sort))
         object.__setattr__(self, "default_order", order)  # frozen: set once, here
         object.__setattr__(self, "plans", StatementPlans())
+        object.__setattr__(self, "rows_checked", checks_rows_in_python(self.mapper))
         object.__setattr__(self, "sorts", {})
 
     def sort_keys(self, spec: str | Sequence[str] | None) -> tuple[SortKey, ...]:
