@@ -3,7 +3,7 @@
 Aggregates whose parts load in statements of their own (selectin) are read by primary key
 and checked in Python, and each part load gets its own tenant/soft-delete WHERE; aggregates
 with joined parts keep loader criteria on their one statement. Both must hide exactly what
-a scoped query hides.
+a scoped query hides; queries reading roots alone take the first path too.
 """
 
 from __future__ import annotations
@@ -67,6 +67,32 @@ async def test_selectin_parts_are_scoped_by_tenant_and_soft_delete(uow_factory: 
         async with uow_factory() as uow:
             loaded = await uow.folders.require(folder.id)
             assert [n.text for n in loaded.notes] == ["a1", "b-secret"]
+
+
+async def test_queries_scope_selectin_parts_as_get_does(uow_factory: Factory) -> None:
+    # A query reading the roots alone takes the same path as get (the roots scoped by a WHERE,
+    # each part load by its own): another tenant's part and a soft-deleted one stay hidden
+    # whatever the terminal, the deleted one shown with_deleted, both in a system context.
+    await _folder_with_foreign_and_deleted_notes(uow_factory)
+
+    async def parts(with_deleted: bool = False) -> list[list[str]]:
+        async with uow_factory() as uow:
+            query = uow.folders.query().with_deleted(with_deleted)
+            found = [
+                await query.all(),
+                [await query.first()],
+                (await query.page(page_number=1)).items,
+                [await query.one()],
+            ]
+            return [
+                sorted(n.text for f in rows if f is not None for n in f.notes) for rows in found
+            ]
+
+    with request_context(tenant_id="A"):
+        assert await parts() == [["a1"]] * 4
+        assert await parts(with_deleted=True) == [["a1", "a2-deleted"]] * 4
+    with system_context():
+        assert await parts() == [["a1", "b-secret"]] * 4
 
 
 async def test_a_soft_deleted_root_is_found_only_with_deleted(uow_factory: Factory) -> None:

@@ -34,6 +34,7 @@ from sqlalchemy.orm.interfaces import ORMOption
 
 from qx.core._context import RequestContext, current_context
 from qx.core._errors import TenantRequired
+from qx.db._bounded import Bounded
 from qx.db._mapping import entity_info, known_registries
 from qx.db._model import EntityInfo, JoinedPart, Unset, model_of
 from qx.db._transaction import existing_transaction
@@ -370,7 +371,7 @@ class ScopedStatement:
     def __init__(self, statement: Any, *, rows_of: Mapper[Any] | None = None) -> None:
         self._statement = statement
         self._mappers = (rows_of,) if rows_of is not None else _involved_mappers(statement)
-        self._variants: dict[tuple[Any, ...], Any] = {}
+        self._variants: Bounded[tuple[Any, ...], Any] = Bounded(_VARIANTS)
         #: Whether relationship loads must be scoped by ``RowsChecked`` while it runs.
         self.checks_rows = rows_of is not None
 
@@ -381,20 +382,17 @@ class ScopedStatement:
             TenantRequired: a tenant-scoped class is involved and the context has no tenant.
         """
         scope = _scope(self._mappers, with_deleted)
-        found = self._variants.get(scope)
-        if found is None:
-            found = self._statement
-            if self.checks_rows:
-                clauses = _where(self._mappers, *scope) if scope else ()
-                found = found.where(*clauses) if clauses else found
-            else:
-                criteria = _options(self._mappers, *scope) if scope else ()
-                found = found.options(*criteria) if criteria else found
-            found = found.execution_options(**{_SCOPED_BY: self})
-            if len(self._variants) >= _VARIANTS:
-                self._variants.clear()
-            self._variants[scope] = found
-        return found
+        return self._variants.get_or_make(scope, lambda: self._variant(scope))
+
+    def _variant(self, scope: tuple[Any, ...]) -> Any:
+        found = self._statement
+        if self.checks_rows:
+            clauses = _where(self._mappers, *scope) if scope else ()
+            found = found.where(*clauses) if clauses else found
+        else:
+            criteria = _options(self._mappers, *scope) if scope else ()
+            found = found.options(*criteria) if criteria else found
+        return found.execution_options(**{_SCOPED_BY: self})
 
     def made(self, statement: Any, *, with_deleted: bool) -> bool:
         """Whether ``statement`` is this plan's variant for the current scope.

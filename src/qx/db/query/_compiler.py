@@ -84,8 +84,8 @@ class Condition:
     lookup: Lookup
     value: Any
     key: str
-    param: str = ""
-    type_: Any = None
+    param: str
+    type_: Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,7 +207,7 @@ def check(
     *,
     allowed: Iterable[str] | None,
     owner: str,
-    param: str = "",
+    param: str,
 ) -> Condition:
     """Resolve ``key`` and coerce ``value``: a leaf ready for SQL, bound as ``param``."""
     field, lookup = resolve_key(mapper, key, allowed=allowed, owner=owner)

@@ -139,7 +139,7 @@ class _Optional(Binding):
         return () if value is None else ((key, value),)
 
     def placeholder(self, key: str, value: Any, type_: TypeEngine[Any]) -> Any:
-        return None if value is None else bindparam(key, value, type_=type_)
+        return None if value is None else super().placeholder(key, value, type_)
 
 
 class _Flag(Binding):
@@ -169,10 +169,10 @@ class _List(Binding):
         return "list" if len(value) <= LARGE_IN else None
 
     def params(self, key: str, value: Any) -> tuple[tuple[str, Any], ...]:
-        return ((key, value),) if value and len(value) <= LARGE_IN else ()
+        return ((key, value),) if self.shape(value) == "list" else ()
 
     def placeholder(self, key: str, value: Any, type_: TypeEngine[Any]) -> Any:
-        if value and len(value) <= LARGE_IN:
+        if self.shape(value) == "list":
             return bindparam(key, value, type_=type_, expanding=True)
         return value
 
@@ -186,10 +186,7 @@ class _Pair(Binding):
         return ((key + "_lo", value[0]), (key + "_hi", value[1]))
 
     def placeholder(self, key: str, value: Any, type_: TypeEngine[Any]) -> Any:
-        return (
-            bindparam(key + "_lo", value[0], type_=type_),
-            bindparam(key + "_hi", value[1], type_=type_),
-        )
+        return tuple(bindparam(name, bound, type_=type_) for name, bound in self.params(key, value))
 
 
 class _Text(Binding):
@@ -206,8 +203,8 @@ class _Text(Binding):
         return ((key, _escaped(value) if self._escape else value),)
 
     def placeholder(self, key: str, value: Any, type_: TypeEngine[Any]) -> Any:
-        text = _escaped(value) if self._escape else value
-        return bindparam(key, text, type_=String() if self._plain else type_)
+        ((name, text),) = self.params(key, value)
+        return bindparam(name, text, type_=String() if self._plain else type_)
 
 
 _SCALAR: Final = Binding()

@@ -15,6 +15,7 @@ from typing import Any, Final
 
 from sqlalchemy.orm import Mapper
 
+from qx.db._bounded import Bounded
 from qx.db._scoping import ScopedStatement
 
 __all__ = ["StatementPlans"]
@@ -24,25 +25,17 @@ __all__ = ["StatementPlans"]
 MAX_PLANS: Final = 512
 
 
-class StatementPlans:
-    """One repository class's statements, by query shape."""
+class StatementPlans(Bounded[Hashable, ScopedStatement]):
+    """One repository class's statements, by query shape (at most ``MAX_PLANS``)."""
 
-    __slots__ = ("_plans",)
+    __slots__ = ()
 
     def __init__(self) -> None:
-        self._plans: dict[Hashable, ScopedStatement] = {}
+        super().__init__(MAX_PLANS)
 
     def plan(
         self, shape: Hashable, build: Callable[[], Any], *, rows_of: Mapper[Any] | None = None
     ) -> ScopedStatement:
         """The statement of ``shape``, built by ``build`` the first time (``rows_of``: see
         :class:`~qx.db._scoping.ScopedStatement`)."""
-        found = self._plans.get(shape)
-        if found is None:
-            if len(self._plans) >= MAX_PLANS:
-                self._plans.clear()
-            found = self._plans[shape] = ScopedStatement(build(), rows_of=rows_of)
-        return found
-
-    def __len__(self) -> int:
-        return len(self._plans)
+        return self.get_or_make(shape, lambda: ScopedStatement(build(), rows_of=rows_of))

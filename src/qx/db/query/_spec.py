@@ -19,6 +19,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from qx.core._clock import Clock
 from qx.core._errors import ConfigurationError, UnitOfWorkError
+from qx.db._bounded import Bounded
 from qx.db._dialect import dialect_named
 from qx.db._dialect_base import Dialect
 from qx.db._model import EntityInfo
@@ -80,7 +81,7 @@ class QuerySpec:
     default_order: tuple[ColumnElement[Any], ...] = field(init=False, repr=False, compare=False)
     plans: StatementPlans = field(init=False, repr=False, compare=False)
     rows_checked: bool = field(init=False, repr=False, compare=False)
-    sorts: dict[str | tuple[str, ...], tuple[SortKey, ...]] = field(
+    sorts: Bounded[str | tuple[str, ...], tuple[SortKey, ...]] = field(
         init=False, repr=False, compare=False
     )
 
@@ -89,19 +90,16 @@ class QuerySpec:
         object.__setattr__(self, "default_order", order)  # frozen: set once, here
         object.__setattr__(self, "plans", StatementPlans())
         object.__setattr__(self, "rows_checked", checks_rows_in_python(self.mapper))
-        object.__setattr__(self, "sorts", {})
+        object.__setattr__(self, "sorts", Bounded(MAX_SORTS))
 
     def sort_keys(self, spec: str | Sequence[str] | None) -> tuple[SortKey, ...]:
         """Resolve a caller's sort (``"-created_at,name"``) against ``sortable``."""
+
+        def resolved() -> tuple[SortKey, ...]:
+            return resolve_sort(self.mapper, spec, allowed=self.sortable, owner=self.owner)
+
         written = _written(spec)
-        found = self.sorts.get(written) if written is not None else None
-        if found is None:
-            found = resolve_sort(self.mapper, spec, allowed=self.sortable, owner=self.owner)
-            if written is not None:
-                if len(self.sorts) >= MAX_SORTS:
-                    self.sorts.clear()
-                self.sorts[written] = found
-        return found
+        return resolved() if written is None else self.sorts.get_or_make(written, resolved)
 
 
 def _written(spec: str | Sequence[str] | None) -> str | tuple[str, ...] | None:
