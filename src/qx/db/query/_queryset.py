@@ -353,30 +353,20 @@ class QuerySet(Generic[T]):
             params[_OFFSET] = self._offset
         return _Run(plan.scoped(with_deleted=self._with_deleted), params, plan.checks_rows)
 
-    def _select(
-        self,
-        *,
-        sort: Sequence[SortKey] | None = None,
-        reverse: bool = False,
-        window: bool = True,
-        bound: bool = False,
-    ) -> Select[Any]:
+    def _select(self, *, reverse: bool = False, bound: bool = False) -> Select[Any]:
         # bound: limit and offset as named parameters, for a statement built once per shape.
         entity = self._spec.entity
         stmt = self._from(select(entity))
         if self._distinct:
             stmt = stmt.distinct()
-        if sort is None and self._order is None and not reverse:
+        if self._order is None and not reverse:
             stmt = stmt.order_by(*self._spec.default_order)
         else:
-            stmt = stmt.order_by(
-                *order_clauses(entity, self._sort() if sort is None else sort, reverse=reverse)
-            )
-        if window:
-            if self._limit is not None:
-                stmt = stmt.limit(_window(_LIMIT, self._limit) if bound else self._limit)
-            if self._offset:
-                stmt = stmt.offset(_window(_OFFSET, self._offset) if bound else self._offset)
+            stmt = stmt.order_by(*order_clauses(entity, self._sort(), reverse=reverse))
+        if self._limit is not None:
+            stmt = stmt.limit(_window(_LIMIT, self._limit) if bound else self._limit)
+        if self._offset:
+            stmt = stmt.offset(_window(_OFFSET, self._offset) if bound else self._offset)
         if self._loads:
             stmt = stmt.options(*self._loads)
         if self._lock:
