@@ -235,6 +235,11 @@ async def test_each_aggregate_is_handled_by_one_member_in_order(
             await until(shared_evenly, 30, "three members hold two partitions each")
             # Which aggregates share a partition: the test spreads over all of them.
             assert len({partition_of(settings, numbered(i, 1)) for i in idents}) >= 4
+            # Each aggregate goes to whoever holds its partition. Which members that is
+            # depends on the random ids: 18 aggregates can leave a member's two partitions
+            # unused.
+            lanes = await group.owners()
+            owner = {i: lanes[partition_of(settings, numbered(i, 1))] for i in idents}
 
             async def all_applied(upto: int) -> bool:
                 return all(len(applied.numbers(i)) >= upto for i in idents)
@@ -244,8 +249,8 @@ async def test_each_aggregate_is_handled_by_one_member_in_order(
             await until(lambda: all_applied(5), 60, "the first five events of each applied")
             for ident in idents:
                 assert applied.numbers(ident) == [1, 2, 3, 4, 5]
-                assert len(applied.members(ident)) == 1, applied.log[str(ident)]
-            assert {who for i in idents for who in applied.members(i)} == {"a", "b", "c"}
+                assert set(applied.members(ident)) == {owner[ident]}, applied.log[str(ident)]
+            assert len(set(owner.values())) >= 2  # the test spans members
 
             # A member that stops gives its partitions back as it stops (none waits out its
             # lease); the others take them at their next lease.

@@ -17,17 +17,16 @@ Example:
 from __future__ import annotations
 
 import builtins
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, TypeVar, get_args, get_origin
 from uuid import UUID
 
-from sqlalchemy import Uuid, inspect, select
+from sqlalchemy import Select, Uuid, bindparam, inspect, select
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import Mapper
+from sqlalchemy.orm import Mapper, Session
 from sqlalchemy.orm.attributes import instance_state
 from sqlalchemy.orm.base import opt_manager_of_class
-from sqlalchemy.orm.interfaces import ORMOption
 
 from qx.core._context import current_context
 from qx.core._errors import ConfigurationError, DuplicateKey, InvalidQuery, NotFound, shown
@@ -49,7 +48,7 @@ from qx.db._tracking import transaction_of
 from qx.db._transaction import RowsChecked
 from qx.db._translate import translating
 from qx.db.query._bulk import upsert_rows
-from qx.db.query._coerce import coerce_value
+from qx.db.query._coerce import coerce_value, coercer_of
 from qx.db.query._cursor import CursorCodec
 from qx.db.query._fields import column_attribute
 from qx.db.query._keyset import resolve_sort
@@ -83,7 +82,14 @@ class _Resolved:
     scoped: bool
     rows_checked: bool
     joined: JoinedPart | None
-    get_options: tuple[ORMOption, ...]
+    #: get()'s primary-key load, built once: ``session.get`` builds a statement and computes
+    #: its cache key on every call (a tenth of a one-row get's CPU). The joined part's
+    #: options are in it where get() checks rows itself (``rows_checked`` or not scoped).
+    by_key: Select[Any]
+    #: the bound parameter of each primary-key column, in ``mapper.primary_key`` order
+    key_params: tuple[str, ...]
+    #: converts a single-column key (``None`` for a composite key)
+    key_coercer: Callable[[Any, str], Any] | None
 
 
 def _resolve(cls: type[Repository[Any]]) -> _Resolved:
@@ -114,14 +120,45 @@ def _resolve(cls: type[Repository[Any]]) -> _Resolved:
         max_limit=cls.max_limit,
     )
     joined = joined_part(mapper)
+    scoped = bool(scoped_closure(mapper))
+    rows_checked = checks_rows_in_python(mapper)
+    key_params = tuple(f"qx_key_{n}" for n in range(len(keys)))
+    by_key = select(entity).where(
+        *(column == bindparam(name) for column, name in zip(keys, key_params, strict=True))
+    )
+    if joined is not None and (rows_checked or not scoped):
+        by_key = by_key.options(*joined.options)
     return _Resolved(
         spec=spec,
         uuid_pk=len(keys) == 1 and isinstance(keys[0].type, Uuid) and keys[0].type.as_uuid,
-        scoped=bool(scoped_closure(mapper)),
-        rows_checked=checks_rows_in_python(mapper),
+        scoped=scoped,
+        rows_checked=rows_checked,
         joined=joined,
-        get_options=joined.options if joined is not None else (),
+        by_key=by_key,
+        key_params=key_params,
+        key_coercer=coercer_of(keys[0]) if len(keys) == 1 else None,
     )
+
+
+_NO_OPTIONS: Mapping[str, Any] = {}
+_WITH_DELETED: Mapping[str, Any] = {WITH_DELETED: True}
+
+
+def _load_by_key(
+    session: Session,
+    resolved: _Resolved,
+    keys: tuple[Any, ...],
+    params: dict[str, Any],
+    options: Mapping[str, Any],
+) -> Any:
+    """``Session.get`` with the repository's prebuilt statement: the identity map first (an
+    expired object is refreshed there, a deleted one is ``None``), else one load."""
+    mapper = resolved.spec.mapper
+    found = session._identity_lookup(mapper, keys)
+    if found is not None:
+        return found if isinstance(found, mapper.class_) else None
+    result = session.execute(resolved.by_key, params, execution_options=options)
+    return result.unique().scalars().one_or_none()
 
 
 def _resolved(cls: type[Repository[Any]]) -> _Resolved:
@@ -198,8 +235,12 @@ class Repository(Generic[T]):
     # -- reads ------------------------------------------------------------------------------
 
     def _coerce_id(self, ident: Any) -> Any:
-        if type(ident) is UUID and self._resolved.uuid_pk:
+        resolved = self._resolved
+        if type(ident) is UUID and resolved.uuid_pk:
             return ident  # the common case needs no conversion or range check
+        single = resolved.key_coercer
+        if single is not None and ident is not None and type(ident) is not tuple:
+            return single(ident, self._info.pk_keys[0])
         columns = self._spec.mapper.primary_key
         values = ident if isinstance(ident, tuple) else (ident,)
         if len(values) != len(columns):
@@ -239,22 +280,24 @@ class Repository(Generic[T]):
                 scope_tenant(scoped_closure(self._spec.mapper), ctx)  # fail closed, found or not
         sync: QxSession = session.sync_session  # type: ignore[assignment]
         tx = transaction_of(sync)
+        keys = key if type(key) is tuple else (key,)
+        params = dict(zip(resolved.key_params, keys, strict=True))
         try:
             with LoadingByKey(sync, self._spec.mapper, (key,)):
                 if resolved.rows_checked or not scoped:
-                    # The aggregate's relationships load in statements of their own, so
-                    # SQLAlchemy's cached primary-key load reads the row as is (loader
-                    # criteria would be processed again on every execution) and visible()
-                    # checks it below. The note lets exactly that one load through unscoped
-                    # and gives each eager load it triggers a tenant/soft-delete WHERE of its
-                    # own. One owned relationship is joined into that load (see JoinedPart);
-                    # its rows are checked by visible_parts() below. An entity with nothing
-                    # to scope takes this path whatever its relationships: nothing to check.
+                    # The aggregate's relationships load in statements of their own, so the
+                    # primary-key load reads the row as is (loader criteria would be
+                    # processed again on every execution) and visible() checks it below.
+                    # The note lets exactly that one load through unscoped and gives each
+                    # eager load it triggers a tenant/soft-delete WHERE of its own. One
+                    # owned relationship is joined into that load (see JoinedPart); its rows
+                    # are checked by visible_parts() below. An entity with nothing to scope
+                    # takes this path whatever its relationships: nothing to check.
                     tx.rows_checked = RowsChecked(with_deleted=with_deleted)
-                    obj = await session.get(self._spec.entity, key, options=resolved.get_options)
+                    options: Mapping[str, Any] = _NO_OPTIONS
                 else:
-                    options = {WITH_DELETED: True} if with_deleted else {}
-                    obj = await session.get(self._spec.entity, key, execution_options=options)
+                    options = _WITH_DELETED if with_deleted else _NO_OPTIONS
+                obj = await session.run_sync(_load_by_key, resolved, keys, params, options)
         finally:
             tx.rows_checked = None
         if obj is None or (scoped and not visible(self._info, obj, ctx, with_deleted=with_deleted)):

@@ -42,7 +42,7 @@ from sqlalchemy.types import TypeDecorator, TypeEngine
 
 from qx.core._errors import InvalidQuery, shown
 
-__all__ = ["coerce_value"]
+__all__ = ["coerce_value", "coercer_of"]
 
 _TRUE = frozenset({"true", "1", "yes", "on"})
 # ASCII digits only: str.isdigit() and int() also take "²", "١٢" and other Unicode digits.
@@ -250,6 +250,13 @@ def coerce_value(column: ColumnElement[Any], value: Any, *, field: str) -> Any:
     if value is None:
         return None
     return _coercer(column.type)(value, field)
+
+
+def coercer_of(column: ColumnElement[Any]) -> Callable[[Any, str], Any]:
+    """What :func:`coerce_value` does for ``column``, as one function of ``(value, field)``
+    (``None`` not handled: callers check it first), for a caller that converts values of
+    the same column again and again."""
+    return _coercer(column.type)
 
 
 def _unchanged(value: Any, field: str) -> Any:
