@@ -20,9 +20,10 @@ Cases (PostgreSQL, the orders example, one order with 3 lines):
 
 Cases on ``bench/peers.py``'s one-table journal, its qx and SQLAlchemy ORM loops as they are
 (one op is one row, the figure is instructions per row):
-    insert-one: a transaction inserting one row; get-key: one row by primary key (300 per
-    unit of work); filter-large: one query reading 300 rows; filter-small: one query per
-    row, each finding one row by an unindexed text column (300 per unit of work).
+    insert-one: a transaction inserting one row; insert-batch: 300 rows added one by one in
+    one transaction; bulk-insert: 300 rows added at once; get-key: one row by primary key
+    (300 per unit of work); filter-large: one query reading 300 rows; filter-small: one
+    query per row, each finding one row by an unindexed text column (300 per unit of work).
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ from qx.outbox import outbox_table
 CASES = ("place", "get", "save", "list")
 PEER_CASES = {
     "insert-one": "insert one",
+    "insert-batch": "insert batch",
+    "bulk-insert": "bulk insert",
     "get-key": "get by key",
     "filter-large": "filter large",
     "filter-small": "filter small",
@@ -68,7 +71,7 @@ async def run_peer(url: str, case: str, impl: str, ops: int) -> None:
         async with db.engine.begin() as conn:
             await conn.run_sync(peers.qx_metadata.create_all)
             await conn.run_sync(peers.orm_metadata.create_all)
-            if case != "insert-one":
+            if not case.startswith(("insert", "bulk")):
                 rows = [{"level": 1, "text": peers.text_of(i)} for i in range(1, PEER_ROWS + 1)]
                 for table in (peers.qx_journal, peers.orm_journal):
                     await conn.execute(insert(table), rows)
