@@ -565,33 +565,40 @@ class QuerySet(Generic[T]):
         spec = self._spec
         if not fields:
             fields = tuple(attr.key for attr in spec.mapper.column_attrs)
-        compiler = self._compiler(self._where_parts().joins)
-        columns = []
         for name in fields:
             if not isinstance(name, str) or not name:
                 raise InvalidQuery(f"invalid field {shown(name)}", field=str(name))
-            path = _resolve_path(spec.mapper, tuple(name.split("__")), spec.owner)
-            base: Any = spec.entity
-            for i, step in enumerate(path.steps):
-                if step.to_many:
-                    raise InvalidQuery(
-                        f"cannot read through to-many relationship {shown(step.key)}",
-                        field=name,
-                    )
-                base = compiler._join(path.parts[: i + 1], base, step)
-            columns.append(getattr(base, path.column_key))
-        stmt = self._from(select(*columns), compiler.joins)
-        if self._distinct:
-            stmt = stmt.distinct()
-        else:
-            stmt = stmt.order_by(*order_clauses(spec.entity, self._sort()))
-        if self._limit is not None:
-            stmt = stmt.limit(self._limit)
-        if self._offset:
-            stmt = stmt.offset(self._offset)
+
+        def build(bound: bool) -> Any:
+            # Unknown fields and to-many paths fail here, before a plan is kept.
+            compiler = self._compiler(self._where_parts().joins)
+            columns = []
+            for name in fields:
+                path = _resolve_path(spec.mapper, tuple(name.split("__")), spec.owner)
+                base: Any = spec.entity
+                for i, step in enumerate(path.steps):
+                    if step.to_many:
+                        raise InvalidQuery(
+                            f"cannot read through to-many relationship {shown(step.key)}",
+                            field=name,
+                        )
+                    base = compiler._join(path.parts[: i + 1], base, step)
+                columns.append(getattr(base, path.column_key))
+            stmt = self._from(select(*columns), compiler.joins)
+            if self._distinct:
+                stmt = stmt.distinct()
+            else:
+                stmt = stmt.order_by(*order_clauses(spec.entity, self._sort()))
+            if self._limit is not None:
+                stmt = stmt.limit(_window(_LIMIT, self._limit) if bound else self._limit)
+            if self._offset:
+                stmt = stmt.offset(_window(_OFFSET, self._offset) if bound else self._offset)
+            return stmt
+
+        stmt, params, _ = self._planned(("values", fields), build)
         session = self._bound.session
         with translating(session.sync_session):
-            result = await session.execute(stmt, execution_options=self._options())
+            result = await session.execute(stmt, params, execution_options=self._options())
             rows = result.all()
         return fields, rows
 
