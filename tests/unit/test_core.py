@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import os
 import time
 from dataclasses import dataclass, replace
 from typing import Any
@@ -32,6 +33,31 @@ def test_new_id_is_uuid7_time_ordered_and_monotonic() -> None:
     assert ids == sorted(ids)
     assert len(set(ids)) == len(ids)
     assert abs(uuid7_timestamp_ms(ids[-1]) - time.time() * 1000) < 5_000
+
+
+def test_ids_made_after_a_fork_do_not_repeat_the_parents_random_bits() -> None:
+    # Random bytes are read a page at a time: a child that kept its parent's page would
+    # give its next ids the same random bits as the parent's next ids (and, within the
+    # same millisecond and counter, the same ids).
+    new_id()  # the parent holds a page now
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child process
+        try:
+            os.write(write, b"".join(new_id().bytes for _ in range(8)))
+        finally:
+            os._exit(0)
+    os.close(write)
+    mine = [new_id() for _ in range(8)]
+    data = b""
+    while chunk := os.read(read, 1024):
+        data += chunk
+    os.close(read)
+    os.waitpid(child, 0)
+    theirs = [UUID(bytes=data[i : i + 16]) for i in range(0, len(data), 16)]
+    assert len(theirs) == 8
+    random_bits = 0x3FFF_FFFF_FFFF_FFFF
+    assert not {i.int & random_bits for i in mine} & {i.int & random_bits for i in theirs}
 
 
 def test_request_context_layers_and_resets() -> None:
