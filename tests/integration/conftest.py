@@ -12,6 +12,7 @@ semantics), ``@pytest.mark.skip_on("memory", reason=...)``.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -95,6 +96,28 @@ async def engine_with_tables(
             for md in metadata:
                 await conn.run_sync(md.create_all)
     return engine, schema
+
+
+@contextlib.asynccontextmanager
+async def own_domain(
+    backend: str, tmp_path: Path, uow_class: Any, metadata: MetaData, **options: Any
+) -> AsyncIterator[tuple[Any, AsyncEngine]]:
+    """A unit-of-work factory for a test's own domain on ``backend``, and its engine: the
+    testing kit's in-memory factory (tables from the metadata), or a real one on an engine
+    with qx's tables and ``metadata``'s, disposed (and its schema dropped) afterwards.
+    ``options`` go to the factory."""
+    if backend == "memory":
+        memory = InMemoryUnitOfWorkFactory(uow_class, **options)
+        async with memory.store:
+            yield memory, memory.store.engine
+        return
+    engine, schema = await engine_with_tables(backend, tmp_path, metadata)
+    try:
+        yield UnitOfWorkFactory(uow_class, create_session_factory(engine), **options), engine
+    finally:
+        await engine.dispose()
+        if schema is not None:
+            await drop_schema(schema)
 
 
 async def drop_schema(schema: str) -> None:

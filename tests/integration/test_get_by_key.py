@@ -23,15 +23,13 @@ from qx.db import (
     Repository,
     UnitOfWork,
     UnitOfWorkFactory,
-    create_session_factory,
     make_metadata,
     make_registry,
     map_aggregate,
     version_column,
 )
 from qx.errors import InvalidQuery
-from qx.testing import InMemoryUnitOfWorkFactory
-from tests.integration.conftest import drop_schema, engine_with_tables
+from tests.integration.conftest import own_domain
 from tests.integration.test_query import statements
 
 keys_metadata = make_metadata()
@@ -90,18 +88,8 @@ Keyed = tuple[UnitOfWorkFactory[KeysUnitOfWork], AsyncEngine]
 
 @pytest.fixture
 async def keyed(backend: str, tmp_path: Any) -> AsyncIterator[Keyed]:
-    if backend == "memory":
-        factory = InMemoryUnitOfWorkFactory(KeysUnitOfWork)
-        async with factory.store:
-            yield factory, factory.store.engine
-        return
-    engine, schema = await engine_with_tables(backend, tmp_path, keys_metadata)
-    try:
-        yield UnitOfWorkFactory(KeysUnitOfWork, create_session_factory(engine)), engine
-    finally:
-        await engine.dispose()
-        if schema is not None:
-            await drop_schema(schema)
+    async with own_domain(backend, tmp_path, KeysUnitOfWork, keys_metadata) as made:
+        yield made
 
 
 async def _stock(keyed: Keyed) -> None:

@@ -26,7 +26,6 @@ from qx.db import (
     Repository,
     UnitOfWork,
     UnitOfWorkFactory,
-    create_session_factory,
     make_metadata,
     make_registry,
     map_aggregate,
@@ -35,9 +34,8 @@ from qx.db import (
 )
 from qx.db.query import Q
 from qx.errors import InvalidCursor, InvalidQuery, QxError
-from qx.testing import InMemoryUnitOfWorkFactory
 from tests import models
-from tests.integration.conftest import drop_schema, engine_with_tables
+from tests.integration.conftest import own_domain
 from tests.models import Item, Tag
 
 TENANT = "hostile"
@@ -360,20 +358,10 @@ class MemoUnitOfWork(UnitOfWork):
 
 @pytest.fixture
 async def memo_factory(backend: str, tmp_path: Any) -> Any:
-    if backend == "memory":
-        factory = InMemoryUnitOfWorkFactory(MemoUnitOfWork, cursor_secret="hostile-cursor-secret")
-        async with factory.store:
-            yield factory
-        return
-    engine, schema = await engine_with_tables(backend, tmp_path, memo_metadata)
-    try:
-        yield UnitOfWorkFactory(
-            MemoUnitOfWork, create_session_factory(engine), cursor_secret="hostile-cursor-secret"
-        )
-    finally:
-        await engine.dispose()
-        if schema is not None:
-            await drop_schema(schema)
+    async with own_domain(
+        backend, tmp_path, MemoUnitOfWork, memo_metadata, cursor_secret="hostile-cursor-secret"
+    ) as (factory, _):
+        yield factory
 
 
 async def test_cursors_of_long_sort_values_are_accepted_back(memo_factory: Any) -> None:

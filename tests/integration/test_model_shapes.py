@@ -25,8 +25,6 @@ from qx.core import AggregateRoot, new_id
 from qx.db import (
     Repository,
     UnitOfWork,
-    UnitOfWorkFactory,
-    create_session_factory,
     make_metadata,
     make_registry,
     map_aggregate,
@@ -35,8 +33,7 @@ from qx.db import (
     version_column,
 )
 from qx.errors import InvalidQuery
-from qx.testing import InMemoryUnitOfWorkFactory
-from tests.integration.conftest import drop_schema, engine_with_tables
+from tests.integration.conftest import own_domain
 from tests.integration.test_query import statements
 
 shapes_metadata = make_metadata()
@@ -219,18 +216,8 @@ class ShapesUnitOfWork(UnitOfWork):
 
 @pytest.fixture
 async def shapes(backend: str, tmp_path: Any) -> AsyncIterator[Any]:
-    if backend == "memory":
-        factory = InMemoryUnitOfWorkFactory(ShapesUnitOfWork)
-        async with factory.store:
-            yield factory
-        return
-    engine, schema = await engine_with_tables(backend, tmp_path, shapes_metadata)
-    try:
-        yield UnitOfWorkFactory(ShapesUnitOfWork, create_session_factory(engine))
-    finally:
-        await engine.dispose()
-        if schema is not None:
-            await drop_schema(schema)
+    async with own_domain(backend, tmp_path, ShapesUnitOfWork, shapes_metadata) as (factory, _):
+        yield factory
 
 
 async def test_parts_in_a_dict_keyed_collection(shapes: Any) -> None:

@@ -31,7 +31,7 @@ from qx.db import (
 )
 from qx.errors import InvalidCursor, InvalidQuery, UnitOfWorkError
 from qx.testing import InMemoryStore, InMemoryUnitOfWorkFactory
-from tests.integration.conftest import CURSOR_SECRET, engine_with_tables
+from tests.integration.conftest import CURSOR_SECRET, own_domain
 
 TENANT = "pantry"
 
@@ -100,23 +100,10 @@ Factory = UnitOfWorkFactory[PantryUnitOfWork]
 
 @pytest.fixture
 async def pantry(backend: str, tmp_path: Any) -> Any:
-    if backend == "memory":
-        factory: Factory = InMemoryUnitOfWorkFactory(PantryUnitOfWork, cursor_secret=CURSOR_SECRET)
-        async with factory.store:
-            yield factory
-        return
-    engine, schema = await engine_with_tables(backend, tmp_path, metadata)
-    from qx.db import create_session_factory
-    from tests.integration.conftest import drop_schema
-
-    try:
-        yield UnitOfWorkFactory(
-            PantryUnitOfWork, create_session_factory(engine), cursor_secret=CURSOR_SECRET
-        )
-    finally:
-        await engine.dispose()
-        if schema is not None:
-            await drop_schema(schema)
+    async with own_domain(
+        backend, tmp_path, PantryUnitOfWork, metadata, cursor_secret=CURSOR_SECRET
+    ) as (factory, _):
+        yield factory
 
 
 async def fill(factory: Factory, *names: str) -> list[Jar]:
