@@ -363,14 +363,20 @@ class QuerySet(Generic[T]):
             stmt = stmt.order_by(*self._spec.default_order)
         else:
             stmt = stmt.order_by(*order_clauses(entity, self._sort(), reverse=reverse))
-        if self._limit is not None:
-            stmt = stmt.limit(_window(_LIMIT, self._limit) if bound else self._limit)
-        if self._offset:
-            stmt = stmt.offset(_window(_OFFSET, self._offset) if bound else self._offset)
+        stmt = self._windowed(stmt, bound=bound)
         if self._loads:
             stmt = stmt.options(*self._loads)
         if self._lock:
             stmt = self._bound.for_update(stmt, self._spec.mapper, of=self._spec.mapper.local_table)
+        return stmt
+
+    def _windowed(self, stmt: Select[Any], *, bound: bool) -> Select[Any]:
+        """``stmt`` with the query's limit and offset: as the named parameters ``_planned``
+        passes if ``bound`` (a statement built once per shape), else as literals."""
+        if self._limit is not None:
+            stmt = stmt.limit(_window(_LIMIT, self._limit) if bound else self._limit)
+        if self._offset:
+            stmt = stmt.offset(_window(_OFFSET, self._offset) if bound else self._offset)
         return stmt
 
     def _options(self) -> dict[str, Any]:
@@ -589,11 +595,7 @@ class QuerySet(Generic[T]):
                 stmt = stmt.distinct()
             else:
                 stmt = stmt.order_by(*order_clauses(spec.entity, self._sort()))
-            if self._limit is not None:
-                stmt = stmt.limit(_window(_LIMIT, self._limit) if bound else self._limit)
-            if self._offset:
-                stmt = stmt.offset(_window(_OFFSET, self._offset) if bound else self._offset)
-            return stmt
+            return self._windowed(stmt, bound=bound)
 
         stmt, params, _ = self._planned(("values", fields), build)
         session = self._bound.session
