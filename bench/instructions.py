@@ -15,7 +15,8 @@ Cases (PostgreSQL, the orders example, one order with 3 lines):
     place: qx unit of work adding ``Order.place(...)`` (the insert fast path) vs the
         hand-written ORM adding the order and writing its outbox row;
     get: load one order with its lines; save: load, change a line, commit (qx bumps the
-        order's version itself; the hand-written ORM does it explicitly);
+        order's version itself; the hand-written ORM does it explicitly); ``--impl joined``:
+        the hand-written ORM loading the lines with ``joinedload``;
     list: a filtered, sorted page of 50 orders with their lines (as ``bench/list.py``).
 
 Cases on ``bench/peers.py``'s one-table journal, its qx and SQLAlchemy ORM loops as they are
@@ -40,6 +41,7 @@ from uuid import UUID
 from common import TENANT, HLine, HOrder, add_url_argument, bench_schema
 from sqlalchemy import insert, select
 from sqlalchemy.ext.asyncio import async_sessionmaker
+from sqlalchemy.orm import joinedload
 
 from qx.core import new_id, request_context, utcnow
 from qx.db import UnitOfWorkFactory, create_session_factory
@@ -58,6 +60,8 @@ PEER_CASES = {
 }
 PEER_ROWS = 300
 IMPLS = ("qx", "orm")
+#: for a single run: the hand-written ORM with ``joinedload`` (get, save), as bench/aggregate.py
+EXTRA_IMPLS = ("joined",)
 
 
 def _lines() -> list[OrderLine]:
@@ -160,6 +164,24 @@ async def run(url: str, case: str, impl: str, ops: int) -> None:
                 order.updated_at = utcnow()
                 await session.commit()
 
+        joined = [joinedload(HOrder.lines)]
+
+        async def joined_get(n: int) -> None:
+            async with plain() as session:
+                order = await session.get(HOrder, ids[n % len(ids)], options=joined)
+                assert order is not None
+                assert order.tenant_id == TENANT
+                assert len(order.lines) == 3
+
+        async def joined_save(n: int) -> None:
+            async with plain() as session:
+                order = await session.get(HOrder, ids[n % len(ids)], options=joined)
+                assert order is not None
+                order.lines[0].quantity += 1
+                order.version += 1
+                order.updated_at = utcnow()
+                await session.commit()
+
         async def qx_list(n: int) -> None:
             with request_context(tenant_id=TENANT):
                 async with factory() as uow:
@@ -195,6 +217,8 @@ async def run(url: str, case: str, impl: str, ops: int) -> None:
             ("get", "orm"): orm_get,
             ("save", "qx"): qx_save,
             ("save", "orm"): orm_save,
+            ("get", "joined"): joined_get,
+            ("save", "joined"): joined_save,
             ("list", "qx"): qx_list,
             ("list", "orm"): orm_list,
         }[(case, impl)]
@@ -250,7 +274,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_url_argument(parser)
     parser.add_argument("--case", choices=(*CASES, *PEER_CASES))
-    parser.add_argument("--impl", choices=IMPLS)
+    parser.add_argument("--impl", choices=(*IMPLS, *EXTRA_IMPLS))
     parser.add_argument("--ops", type=int, default=300)
     parser.add_argument(
         "--all", action="store_true", help="count every case (or --case) under callgrind"

@@ -37,8 +37,10 @@ def backend() -> str:
 class Deposit(Command[int]):
     counter_id: UUID
     # How the transaction is written, and so where the commit probe gets the transaction's
-    # id: "update" (an ORM flush: the probe asks), "outbox" (an integration event: the
-    # outbox INSERT returns it), "insert" (a new aggregate by the insert fast path).
+    # id: "update" (qx's own UPDATE of the changed root returns it), "expression" (a SQL
+    # expression assigned to the root: the flush writes it, and the probe asks), "outbox"
+    # (an integration event: the outbox INSERT returns it), "insert" (a new aggregate by
+    # the insert fast path).
     kind: str = "update"
 
 
@@ -79,6 +81,14 @@ async def ledger(engine: AsyncEngine) -> AsyncIterator[Ledger]:
             await uow.counters.add(models.Counter(name=f"deposit {command.counter_id}"))
             return 1
         counter = await uow.counters.require(command.counter_id)
+        if command.kind == "expression":  # an increment the database evaluates
+            counter.value = models.counters.c.value + 1  # type: ignore[assignment]
+            await uow.session.flush()
+            return int(
+                await uow.session.scalar(
+                    select(models.counters.c.value).where(models.counters.c.id == counter.id)
+                )
+            )
         counter.increment(integration=command.kind == "outbox")
         return counter.value
 
@@ -108,7 +118,7 @@ async def opened(ledger: Ledger) -> UUID:
     return counter.id
 
 
-KINDS = pytest.mark.parametrize("kind", ["update", "outbox", "insert"])
+KINDS = pytest.mark.parametrize("kind", ["update", "expression", "outbox", "insert"])
 
 
 @pytest.mark.timeout(60)

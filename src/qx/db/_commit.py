@@ -21,7 +21,8 @@ our transaction; from another run only an answer that rules our transaction out 
 (an id not reached yet, aborted, or running), and "committed" is unknown. The handle is
 taken with ``pg_current_xact_id_if_assigned()`` before COMMIT (one round trip; ``NULL`` for
 a transaction that wrote nothing, which has nothing to lose), or returned by qx's own first
-INSERT (:mod:`qx.db._writes`); the question is asked with ``pg_xact_status()``.
+write, an INSERT or a changed root's UPDATE (:mod:`qx.db._writes`); the question is asked
+with ``pg_xact_status()``.
 
 SQLite commits in the process: no answer is lost on a wire, but its own COMMIT can fail. A
 busy or locked database, a deferred constraint or an interrupt leave the transaction undone

@@ -4,7 +4,8 @@ The model and the shapes it holds are defined here; each part is computed once, 
 use, by the module whose rule it is (the first use comes after mapper configuration, when
 relationships and backrefs are final): the class's roles (:class:`EntityInfo`, from
 ``_mapping``), how a loaded instance gets its unmapped fields (:class:`LoadPlan`,
-``_mapping``), the insert plan (:class:`InsertPlan`, ``_insert_new``), the scoped mappers it
+``_mapping``), the insert plan (:class:`InsertPlan`, ``_insert_new``), how a changed root's row is
+written (``_root_update``), the scoped mappers it
 reaches, how its primary-key loads are checked and the part they join (:class:`JoinedPart`,
 ``_scoping``), and whether its objects are parts of an aggregate (``_session``). The model
 lives in the class manager's ``info`` dict, SQLAlchemy's place for extension data about a
@@ -15,11 +16,11 @@ instance state or class.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 from weakref import WeakKeyDictionary
 
-from sqlalchemy import Column, Table
+from sqlalchemy import Column, Table, and_, bindparam, update
 from sqlalchemy.orm import Mapper
 from sqlalchemy.orm.interfaces import ORMOption
 
@@ -29,18 +30,22 @@ from qx.db._writes import WriteStatement
 
 __all__ = [
     "MODEL_KEY",
+    "OLD_VERSION",
     "UNSET",
     "EntityInfo",
     "InsertPlan",
     "JoinedPart",
     "LoadPlan",
     "MapperModel",
+    "RootUpdatePlan",
     "Unset",
     "holds_loaded",
     "model_of",
 ]
 
 MODEL_KEY: Final = "qx"
+#: The bound parameter of a root's loaded version in its :class:`RootUpdatePlan` statements.
+OLD_VERSION: Final = "qx_loaded_version"
 
 
 class Unset:
@@ -140,6 +145,54 @@ class InsertPlan:
     generated: tuple[str, Column[Any]] | None = None
 
 
+@dataclass(slots=True)
+class RootUpdatePlan:
+    """How qx writes a root's row: its columns, and one statement per set of them.
+
+    Attributes:
+        table: the root's table.
+        columns: attribute key -> (position, column) of every column qx may write.
+        refreshed: positions of the columns with an ``onupdate`` default (SQLAlchemy would
+            fill them in when an UPDATE leaves them out).
+        quiet: relationship keys whose changes write no column of the root's row.
+        pk: the primary-key columns, in identity order.
+        version: the version column, if any.
+    """
+
+    table: Table
+    columns: dict[str, tuple[int, Column[Any]]]
+    refreshed: frozenset[int]
+    quiet: frozenset[str]
+    pk: tuple[Column[Any], ...]
+    version: Column[Any] | None
+    #: ``UPDATE`` statements by the positions of the columns they set
+    statements: dict[tuple[int, ...], WriteStatement] = field(default_factory=dict)
+
+    def statement(self, positions: tuple[int, ...]) -> WriteStatement:
+        """The UPDATE setting the columns at ``positions`` (built once per set)."""
+        found = self.statements.get(positions)
+        if found is None:
+            by_position = dict(self.columns.values())
+            where = [
+                column == bindparam(f"qx_key{n}", type_=column.type)
+                for n, column in enumerate(self.pk)
+            ]
+            if self.version is not None:
+                where.append(self.version == bindparam(OLD_VERSION, type_=self.version.type))
+            statement = (
+                update(self.table)
+                .where(and_(*where))
+                .values(
+                    {
+                        by_position[p]: bindparam(f"qx_set{p}", type_=by_position[p].type)
+                        for p in positions
+                    }
+                )
+            )
+            found = self.statements[positions] = WriteStatement(statement)
+        return found
+
+
 class JoinedPart:
     """The owned relationship ``Repository.get`` reads inside the root's own statement.
 
@@ -181,6 +234,8 @@ class MapperModel:
             (``None``: nothing).
         insert_plan: how new instances are inserted without the flush (``None``: they
             cannot be).
+        root_update: how qx writes a changed root's row (``RootUpdatePlan`` of
+            ``_root_update``; ``None``: the flush does).
         scope_closure: the tenant-scoped or soft-deletable mappers reachable from it.
         rows_checked: whether its primary-key loads may check rows in Python.
         joined_part: the owned relationship its primary-key load joins (``None``: none).
@@ -201,6 +256,7 @@ class MapperModel:
         "post_init",
         "repositories",
         "root",
+        "root_update",
         "rows_checked",
         "scope_closure",
     )
@@ -213,6 +269,7 @@ class MapperModel:
         self.entity: EntityInfo | None = None
         self.load_plan: LoadPlan | Unset | None = UNSET
         self.insert_plan: InsertPlan | Unset | None = UNSET
+        self.root_update: RootUpdatePlan | Unset | None = UNSET
         self.scope_closure: tuple[Mapper[Any], ...] | None = None
         self.rows_checked: bool | None = None
         self.joined_part: JoinedPart | Unset | None = UNSET

@@ -11,7 +11,8 @@
   aggregate version bump: any change inside an aggregate (its own columns and collections,
   its parts' columns and collections, new or deleted parts) bumps the root's version once per
   transaction, so the root's ``UPDATE … WHERE version = :loaded`` detects every concurrent
-  change to the aggregate.
+  change to the aggregate. qx writes that UPDATE itself where the flush would add nothing to
+  it (:mod:`qx.db._root_update`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from qx.core._errors import ConcurrencyConflict, TenantViolation, UnitOfWorkErro
 from qx.db._identity import HoldingIdentityMap
 from qx.db._mapping import entity_info
 from qx.db._model import EntityInfo, model_of
+from qx.db._root_update import write_root
 from qx.db._scoping import scope_statement, tenant_for_write
 from qx.db._tracking import (
     TransactionState,
@@ -441,6 +443,8 @@ def _consider_bump(
         return
     tx.mark_bumped(state)
     _bump(root, state, info, now)
+    if write_root(session, state, info):
+        return  # written and checked now: the flush has nothing left to write for it
     if info.version_key is not None:
         checked.append((info, state))
 

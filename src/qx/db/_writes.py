@@ -1,4 +1,4 @@
-"""qx's own INSERTs, which also name their transaction where the backend can.
+"""qx's own writes, which also name their transaction where the backend can.
 
 A unit of work that wrote must know its transaction's id before COMMIT, to find out what
 became of a COMMIT whose answer was lost (:mod:`qx.db._commit`). Asking costs a round trip of
@@ -12,17 +12,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import ColumnElement, Insert
+from sqlalchemy import ColumnElement, Insert, Update
 from sqlalchemy.orm import Session
 
 from qx.db._dialect import dialect_of
 from qx.db._transaction import existing_transaction
 
-__all__ = ["WriteStatement", "execute_write"]
+__all__ = ["WriteStatement", "execute_update", "execute_write"]
 
 
 class WriteStatement:
-    """An INSERT and the ``RETURNING`` variants of it qx runs, each built once and reused.
+    """An INSERT or UPDATE and the ``RETURNING`` variants of it qx runs, each built once and
+    reused.
 
     SQLAlchemy finds a statement's compiled form by its cache key, which it derives by
     walking the statement - once per statement object (the key is memoized on it). A
@@ -31,7 +32,7 @@ class WriteStatement:
     per table.
 
     Args:
-        statement: the INSERT (without ``RETURNING``).
+        statement: the INSERT or UPDATE (without ``RETURNING``).
 
     Example:
         >>> from sqlalchemy import Column, Integer, MetaData, Table, insert
@@ -45,18 +46,23 @@ class WriteStatement:
 
     __slots__ = ("_variants", "statement")
 
-    def __init__(self, statement: Insert) -> None:
+    def __init__(self, statement: Insert | Update) -> None:
         self.statement = statement
         # Keyed by the columns' ids; the columns are kept in the value, so no id is reused.
-        self._variants: dict[tuple[Any, ...], tuple[tuple[Any, ...], Insert]] = {}
+        self._variants: dict[tuple[Any, ...], tuple[tuple[Any, ...], Insert | Update]] = {}
 
-    def returning(self, columns: Sequence[ColumnElement[Any]], *, ordered: bool) -> Insert:
-        """The statement with ``RETURNING columns`` (rows in parameter order if
+    def returning(self, columns: Sequence[ColumnElement[Any]], *, ordered: bool) -> Insert | Update:
+        """The statement with ``RETURNING columns`` (an INSERT's rows in parameter order if
         ``ordered``)."""
         key = (ordered, *map(id, columns))
         found = self._variants.get(key)
         if found is None:
-            built = self.statement.returning(*columns, sort_by_parameter_order=ordered)
+            statement = self.statement
+            built = (
+                statement.returning(*columns, sort_by_parameter_order=True)
+                if ordered and isinstance(statement, Insert)
+                else statement.returning(*columns)
+            )
             found = self._variants[key] = (tuple(columns), built)
         return found[1]
 
@@ -80,16 +86,45 @@ def execute_write(
         The ``returning`` columns of each row, in the order of ``rows`` (empty without).
     """
     connection = session.connection()
-    column = dialect_of(connection).transaction_id
-    record = existing_transaction(session)
-    if record is None or record.transaction_id is not None:
-        column = None  # named already, or no record to note it in
+    column = _name_column(session, connection)
     wanted = (*returning, column) if column is not None else tuple(returning)
     if not wanted:
         connection.execute(statement.statement, rows)
         return ()
     ordered = bool(returning) and len(rows) > 1  # keys must match their rows
     fetched = connection.execute(statement.returning(wanted, ordered=ordered), rows).all()
-    if column is not None and record is not None and fetched:
-        record.transaction_id = fetched[0][-1]
+    if column is not None and fetched:
+        _note_name(session, fetched[0][-1])
     return fetched
+
+
+def execute_update(session: Session, statement: WriteStatement, params: dict[str, Any]) -> int:
+    """Execute the one-row UPDATE ``statement`` with ``params`` on the session's connection;
+    note the transaction's name from the same round trip when it is not known yet.
+
+    Returns:
+        How many rows matched its WHERE clause.
+    """
+    connection = session.connection()
+    column = _name_column(session, connection)
+    if column is None:
+        return connection.execute(statement.statement, params).rowcount
+    fetched = connection.execute(statement.returning((column,), ordered=False), params).all()
+    if fetched:
+        _note_name(session, fetched[0][-1])
+    return len(fetched)
+
+
+def _name_column(session: Session, connection: Any) -> ColumnElement[str] | None:
+    """The column a write returns to name its transaction (``None``: the backend cannot,
+    the name is known already, or the session keeps no record to note it in)."""
+    record = existing_transaction(session)
+    if record is None or record.transaction_id is not None:
+        return None
+    return dialect_of(connection).transaction_id
+
+
+def _note_name(session: Session, name: str) -> None:
+    record = existing_transaction(session)
+    assert record is not None  # _name_column found it
+    record.transaction_id = name
