@@ -1,14 +1,16 @@
-"""A changed aggregate's root row, as an application changes it, on every backend.
+"""A changed aggregate's rows, as an application changes them, on every backend.
 
 Any change inside an aggregate writes its root's row once per transaction: the version grows
-and ``updated_at`` moves, guarded by the version that was loaded. qx writes that row itself
-when the flush would add nothing to it (a part changed, or the root's plain columns), in one
-UPDATE that also names the transaction on PostgreSQL; otherwise the flush writes it (a
+and ``updated_at`` moves, guarded by the version that was loaded; a changed part writes its
+own row. qx writes such rows itself when the flush would add nothing to them (plain columns
+changed), in UPDATEs built once (the first also names the transaction on PostgreSQL), and a
+row with nothing else changed leaves the flush altogether; otherwise the flush writes it (a
 many-to-one link changed, update listeners, a column SQLAlchemy fills in, a SQL expression).
 Either way the database must end up with the same rows, the check must refuse a stale
-aggregate, and nothing of a refused unit of work may be written. A small domain of its own:
-boards owning cards, with an owner; a root with an update listener; a root with a column
-filled in on update.
+aggregate, nothing of a refused unit of work may be written, flush listeners must see every
+row, and a savepoint rolled back must leave no written value in memory. A small domain of
+its own: boards owning cards, with an owner; a root with an update listener; a root with a
+column filled in on update.
 """
 
 from __future__ import annotations
@@ -353,3 +355,72 @@ async def test_a_column_filled_in_on_update_is_filled_in(domain: Domain) -> None
     async with engine.connect() as conn:
         row = (await conn.execute(select(stamped).where(stamped.c.id == item.id))).one()
     assert (row.label, row.touched, row.version) == ("two", "by update", 2)
+
+
+async def test_a_flush_listener_sees_every_row_written(domain: Domain) -> None:
+    factory, _ = domain
+    board = await _board(domain)
+    flushed: list[list[str]] = []
+
+    def record(session: Any, _context: Any) -> None:
+        flushed.append(sorted(type(obj).__name__ for obj in session.dirty))
+
+    async with factory() as uow:
+        event.listen(uow.session.sync_session, "after_flush", record)
+        loaded = await uow.boards.require(board.id)
+        loaded.cards[0].title = "a2"
+        await uow.commit()
+    assert flushed == [["Board", "Card"]]
+
+
+async def test_a_savepoint_rolled_back_leaves_no_written_value_in_memory(
+    domain: Domain,
+) -> None:
+    factory, engine = domain
+    board = await _board(domain)
+    async with factory() as uow:
+        loaded = await uow.boards.require(board.id)
+        card = loaded.cards[0]
+        savepoint = await uow.session.begin_nested()
+        card.title = "a2"
+        await uow.session.flush()
+        await savepoint.rollback()
+        # What the objects say afterwards is what the database holds, read again.
+        assert await uow.session.run_sync(lambda _: card.title) == "a"
+        assert await uow.session.run_sync(lambda _: loaded.version) == 1
+    assert await _titles(engine, board) == ["a", "b"]
+
+
+async def test_many_changed_rows_are_written_together_and_each_checked(domain: Domain) -> None:
+    factory, engine = domain
+    made = [await _board(domain) for _ in range(3)]
+    async with factory() as uow:
+        loaded = [await uow.boards.require(board.id) for board in made]
+        with statements(engine) as seen:
+            for n, board in enumerate(loaded):
+                board.name = f"board {n}"
+                for card in board.cards:
+                    card.title = card.title * 2
+            await uow.commit()
+    # Six parts of one shape: one statement (an executemany), not one per row.
+    assert len(_updates_of(seen, cards)) == 1, seen
+    for n, board in enumerate(made):
+        row = await _row(engine, board)
+        assert (row.name, row.version) == (f"board {n}", 2)
+        assert await _titles(engine, board) == ["aa", "bb"]
+    # One of several roots changed behind the unit of work's back: refused by name, and
+    # nothing of the unit of work is written.
+    async with factory() as uow:
+        loaded = [await uow.boards.require(board.id) for board in made]
+        await uow.session.execute(
+            update(boards).where(boards.c.id == made[1].id).values(version=boards.c.version + 1)
+        )
+        for board in loaded:
+            board.name = "lost"
+            board.cards[0].title = "lost"
+        with pytest.raises(ConcurrencyConflict) as raised:
+            await uow.commit()
+    assert f"Board({made[1].id})" in raised.value.entities
+    for n, board in enumerate(made):
+        assert (await _row(engine, board)).name == f"board {n}"
+        assert await _titles(engine, board) == ["aa", "bb"]

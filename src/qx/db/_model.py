@@ -5,7 +5,7 @@ use, by the module whose rule it is (the first use comes after mapper configurat
 relationships and backrefs are final): the class's roles (:class:`EntityInfo`, from
 ``_mapping``), how a loaded instance gets its unmapped fields (:class:`LoadPlan`,
 ``_mapping``), the insert plan (:class:`InsertPlan`, ``_insert_new``), how a changed root's row is
-written (``_root_update``), the scoped mappers it
+written (``_updates``), the scoped mappers it
 reaches, how its primary-key loads are checked and the part they join (:class:`JoinedPart`,
 ``_scoping``), and whether its objects are parts of an aggregate (``_session``). The model
 lives in the class manager's ``info`` dict, SQLAlchemy's place for extension data about a
@@ -37,14 +37,14 @@ __all__ = [
     "JoinedPart",
     "LoadPlan",
     "MapperModel",
-    "RootUpdatePlan",
     "Unset",
+    "UpdatePlan",
     "holds_loaded",
     "model_of",
 ]
 
 MODEL_KEY: Final = "qx"
-#: The bound parameter of a root's loaded version in its :class:`RootUpdatePlan` statements.
+#: The bound parameter of a root's loaded version in its :class:`UpdatePlan` statements.
 OLD_VERSION: Final = "qx_loaded_version"
 
 
@@ -146,7 +146,7 @@ class InsertPlan:
 
 
 @dataclass(slots=True)
-class RootUpdatePlan:
+class UpdatePlan:
     """How qx writes a root's row: its columns, and one statement per set of them.
 
     Attributes:
@@ -234,8 +234,8 @@ class MapperModel:
             (``None``: nothing).
         insert_plan: how new instances are inserted without the flush (``None``: they
             cannot be).
-        root_update: how qx writes a changed root's row (``RootUpdatePlan`` of
-            ``_root_update``; ``None``: the flush does).
+        update_plan: how qx writes a changed root's row (``UpdatePlan`` of
+            ``_updates``; ``None``: the flush does).
         scope_closure: the tenant-scoped or soft-deletable mappers reachable from it.
         rows_checked: whether its primary-key loads may check rows in Python.
         joined_part: the owned relationship its primary-key load joins (``None``: none).
@@ -256,9 +256,9 @@ class MapperModel:
         "post_init",
         "repositories",
         "root",
-        "root_update",
         "rows_checked",
         "scope_closure",
+        "update_plan",
     )
 
     def __init__(self, mapper: Mapper[Any]) -> None:
@@ -269,7 +269,7 @@ class MapperModel:
         self.entity: EntityInfo | None = None
         self.load_plan: LoadPlan | Unset | None = UNSET
         self.insert_plan: InsertPlan | Unset | None = UNSET
-        self.root_update: RootUpdatePlan | Unset | None = UNSET
+        self.update_plan: UpdatePlan | Unset | None = UNSET
         self.scope_closure: tuple[Mapper[Any], ...] | None = None
         self.rows_checked: bool | None = None
         self.joined_part: JoinedPart | Unset | None = UNSET

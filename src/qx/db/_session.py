@@ -12,7 +12,7 @@
   its parts' columns and collections, new or deleted parts) bumps the root's version once per
   transaction, so the root's ``UPDATE … WHERE version = :loaded`` detects every concurrent
   change to the aggregate. qx writes that UPDATE itself where the flush would add nothing to
-  it (:mod:`qx.db._root_update`).
+  it (:mod:`qx.db._updates`).
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ from qx.core._errors import ConcurrencyConflict, TenantViolation, UnitOfWorkErro
 from qx.db._identity import HoldingIdentityMap
 from qx.db._mapping import entity_info
 from qx.db._model import EntityInfo, model_of
-from qx.db._root_update import write_root
 from qx.db._scoping import scope_statement, tenant_for_write
 from qx.db._tracking import (
     TransactionState,
@@ -42,6 +41,7 @@ from qx.db._tracking import (
     transaction_of,
 )
 from qx.db._translate import raise_translated
+from qx.db._updates import PlannedUpdate, planned_update, write_updates
 
 __all__ = [
     "LoadingByKey",
@@ -381,11 +381,14 @@ def _before_flush(session: QxSession, _flush: UOWTransaction, _instances: Any) -
     tx.flushed = True
     ctx = current_context()
     now = tx.clock.now()
-    # (info, state) of each version-checked root, described only if the check fails.
+    # (info, state) of each root whose version the flush checks, described only if the
+    # check fails; and the UPDATEs qx writes itself (qx.db._updates).
     checked: list[tuple[EntityInfo, InstanceState[Any]]] = []
+    writes: list[PlannedUpdate] = []
     changed, child_changed = stamp_new(session, ctx, now, tx)
 
     dirty_roots: list[Any] = []
+    dirty_parts: list[InstanceState[Any]] = []
     for obj in session.dirty:
         state = instance_state(obj)
         info = entity_info(state.mapper)
@@ -396,6 +399,7 @@ def _before_flush(session: QxSession, _flush: UOWTransaction, _instances: Any) -
             tx.track(obj)
         elif _net_modified(state):
             changed.add(state)
+            dirty_parts.append(state)
             child_changed = child_changed or in_aggregate(state.mapper)
             _hold_linked_root(session, tx, state)
             if info.updated_key is not None:
@@ -416,11 +420,27 @@ def _before_flush(session: QxSession, _flush: UOWTransaction, _instances: Any) -
             _hold_linked_root(session, tx, state)
 
     if child_changed:
-        _bump_for_parts(session, tx, dirty_roots, changed, now, checked)
+        _bump_for_parts(session, tx, dirty_roots, changed, now, checked, writes)
     else:
         for root in dirty_roots:
-            _consider_bump(session, tx, root, False, now, checked)
+            _consider_bump(session, tx, root, False, now, checked, writes)
     tx.checked = checked
+    # Roots first, then their parts, each in one order (by table, then key) so that
+    # concurrent writers lock rows alike, as the flush orders its own.
+    writes.sort(key=_row_order)
+    parts = [
+        planned
+        for state in dirty_parts
+        if not state.deleted
+        and state not in session._deleted
+        and (planned := planned_update(state, entity_info(state.mapper))) is not None
+    ]
+    parts.sort(key=_row_order)
+    write_updates(session, writes + parts)
+
+
+def _row_order(planned: PlannedUpdate) -> tuple[str, str]:
+    return (str(planned.state.mapper.local_table), str(planned.state.key))
 
 
 def _consider_bump(
@@ -430,22 +450,33 @@ def _consider_bump(
     part_changed: bool,
     now: Any,
     checked: list[tuple[EntityInfo, InstanceState[Any]]],
+    writes: list[PlannedUpdate],
 ) -> None:
     state = instance_state(root)
     if state.key is None or state.deleted or root in session.deleted:
         return  # new (its INSERT guards it) or deleted (its DELETE checks the version)
     info = entity_info(state.mapper)
     if tx.has_bumped(state):
-        if info.version_key is not None and state.modified:
-            checked.append((info, state))
+        if state.modified:  # changed again since: checked against the version written
+            _write_or_check(state, info, checked, writes)
         return
     if not (part_changed or _net_modified(state)):
         return
     tx.mark_bumped(state)
     _bump(root, state, info, now)
-    if write_root(session, state, info):
-        return  # written and checked now: the flush has nothing left to write for it
-    if info.version_key is not None:
+    _write_or_check(state, info, checked, writes)
+
+
+def _write_or_check(
+    state: InstanceState[Any],
+    info: EntityInfo,
+    checked: list[tuple[EntityInfo, InstanceState[Any]]],
+    writes: list[PlannedUpdate],
+) -> None:
+    planned = planned_update(state, info)
+    if planned is not None:
+        writes.append(planned)  # qx writes it, and checks its version itself
+    elif info.version_key is not None:
         checked.append((info, state))
 
 
@@ -456,6 +487,7 @@ def _bump_for_parts(
     changed: set[Any],
     now: Any,
     checked: list[tuple[EntityInfo, InstanceState[Any]]],
+    writes: list[PlannedUpdate],
 ) -> None:
     # Parts hold no link to their root: walk the parts of every root this transaction holds
     # (new and deleted ones too, whose parts are new or deleted with them) to find the roots
@@ -471,7 +503,7 @@ def _bump_for_parts(
         info = entity_info(state.mapper)
         if info.is_root:
             part_changed = _walk_parts(state, info, changed, claimed)
-            _consider_bump(session, tx, root, part_changed, now, checked)
+            _consider_bump(session, tx, root, part_changed, now, checked, writes)
     unclaimed = [
         s
         for s in changed
@@ -486,7 +518,7 @@ def _bump_for_parts(
         if info.is_root and id(obj) not in tx.roots:
             tx.track(obj)
             if _walk_parts(state, info, changed, claimed):
-                _consider_bump(session, tx, obj, True, now, checked)
+                _consider_bump(session, tx, obj, True, now, checked, writes)
     for part_state in unclaimed:
         if part_state not in claimed:
             info = entity_info(part_state.mapper)

@@ -98,21 +98,29 @@ def execute_write(
     return fetched
 
 
-def execute_update(session: Session, statement: WriteStatement, params: dict[str, Any]) -> int:
-    """Execute the one-row UPDATE ``statement`` with ``params`` on the session's connection;
-    note the transaction's name from the same round trip when it is not known yet.
+def execute_update(
+    session: Session, statement: WriteStatement, rows: Sequence[dict[str, Any]]
+) -> int:
+    """Execute the UPDATE ``statement`` with ``rows`` (one row when the transaction's name
+    is still to come back: see :func:`names_transaction`) on the session's connection.
 
     Returns:
-        How many rows matched its WHERE clause.
+        How many rows matched its WHERE clause, in all (``-1``: the driver cannot tell for
+        several rows).
     """
     connection = session.connection()
-    column = _name_column(session, connection)
+    column = _name_column(session, connection) if len(rows) == 1 else None
     if column is None:
-        return connection.execute(statement.statement, params).rowcount
-    fetched = connection.execute(statement.returning((column,), ordered=False), params).all()
+        return connection.execute(statement.statement, rows).rowcount
+    fetched = connection.execute(statement.returning((column,), ordered=False), rows).all()
     if fetched:
         _note_name(session, fetched[0][-1])
     return len(fetched)
+
+
+def names_transaction(session: Session) -> bool:
+    """Whether the session's next qx write is to bring its transaction's name back."""
+    return _name_column(session, session.connection()) is not None
 
 
 def _name_column(session: Session, connection: Any) -> ColumnElement[str] | None:
