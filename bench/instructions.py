@@ -24,7 +24,9 @@ Cases on ``bench/peers.py``'s one-table journal, its qx and SQLAlchemy ORM loops
     insert-one: a transaction inserting one row; insert-batch: 300 rows added one by one in
     one transaction; bulk-insert: 300 rows added at once; get-key: one row by primary key
     (300 per unit of work); filter-large: one query reading 300 rows; filter-small: one
-    query per row, each finding one row by an unindexed text column (300 per unit of work).
+    query per row, each finding one row by an unindexed text column (300 per unit of work);
+    update-whole / update-some: each row loaded by key and its two columns / one column
+    changed (300 per unit of work).
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ PEER_CASES = {
     "get-key": "get by key",
     "filter-large": "filter large",
     "filter-small": "filter small",
+    "update-whole": "update whole",
+    "update-some": "update some",
 }
 PEER_ROWS = 300
 IMPLS = ("qx", "orm")

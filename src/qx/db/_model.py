@@ -165,6 +165,10 @@ class UpdatePlan:
     quiet: frozenset[str]
     pk: tuple[Column[Any], ...]
     version: Column[Any] | None
+    #: the bound parameter of each column's new value, by position
+    set_names: tuple[str, ...] = ()
+    #: the bound parameter of each primary-key column, in identity order
+    key_names: tuple[str, ...] = ()
     #: ``UPDATE`` statements by the positions of the columns they set
     statements: dict[tuple[int, ...], WriteStatement] = field(default_factory=dict)
 
@@ -174,8 +178,8 @@ class UpdatePlan:
         if found is None:
             by_position = dict(self.columns.values())
             where = [
-                column == bindparam(f"qx_key{n}", type_=column.type)
-                for n, column in enumerate(self.pk)
+                column == bindparam(name, type_=column.type)
+                for name, column in zip(self.key_names, self.pk, strict=True)
             ]
             if self.version is not None:
                 where.append(self.version == bindparam(OLD_VERSION, type_=self.version.type))
@@ -184,7 +188,7 @@ class UpdatePlan:
                 .where(and_(*where))
                 .values(
                     {
-                        by_position[p]: bindparam(f"qx_set{p}", type_=by_position[p].type)
+                        by_position[p]: bindparam(self.set_names[p], type_=by_position[p].type)
                         for p in positions
                     }
                 )

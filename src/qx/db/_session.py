@@ -427,7 +427,6 @@ def _before_flush(session: QxSession, _flush: UOWTransaction, _instances: Any) -
     tx.checked = checked
     # Roots first, then their parts, each in one order (by table, then key) so that
     # concurrent writers lock rows alike, as the flush orders its own.
-    writes.sort(key=_row_order)
     parts = [
         planned
         for state in dirty_parts
@@ -435,12 +434,22 @@ def _before_flush(session: QxSession, _flush: UOWTransaction, _instances: Any) -
         and state not in session._deleted
         and (planned := planned_update(state, entity_info(state.mapper))) is not None
     ]
-    parts.sort(key=_row_order)
-    write_updates(session, writes + parts)
+    write_updates(session, _in_order(writes) + _in_order(parts))
 
 
-def _row_order(planned: PlannedUpdate) -> tuple[str, str]:
-    return (str(planned.state.mapper.local_table), str(planned.state.key))
+def _in_order(writes: list[PlannedUpdate]) -> list[PlannedUpdate]:
+    try:
+        return sorted(writes, key=_row_order)
+    except TypeError:  # keys of a type without an order: as text
+        return sorted(writes, key=_row_text_order)
+
+
+def _row_order(planned: PlannedUpdate) -> tuple[str, tuple[Any, ...]]:
+    return planned.order
+
+
+def _row_text_order(planned: PlannedUpdate) -> tuple[str, str]:
+    return (planned.order[0], str(planned.order[1]))
 
 
 def _consider_bump(

@@ -82,6 +82,8 @@ def _build_plan(mapper: Mapper[Any]) -> UpdatePlan | None:
         quiet=quiet,
         pk=pk,  # type: ignore[arg-type]
         version=version if isinstance(version, Column) else None,
+        set_names=tuple(f"qx_set{p}" for p in range(len(columns))),
+        key_names=tuple(f"qx_key{n}" for n in range(len(pk))),
     )
 
 
@@ -90,6 +92,8 @@ class PlannedUpdate(NamedTuple):
 
     state: InstanceState[Any]
     info: EntityInfo
+    #: the table's name and the row's key: the order rows are written in
+    order: tuple[str, tuple[Any, ...]]
     statement: WriteStatement
     params: dict[str, Any]
     #: (position, attribute key, value) of the columns it sets
@@ -137,9 +141,9 @@ def planned_update(state: InstanceState[Any], info: EntityInfo) -> PlannedUpdate
     identity = state.key[1] if state.key is not None else None
     if identity is None or len(identity) != len(plan.pk):
         return None
-    params: dict[str, Any] = {f"qx_set{p}": value for p, _, value in changed}
-    for n, value in enumerate(identity):
-        params[f"qx_key{n}"] = value
+    names = plan.set_names
+    params: dict[str, Any] = {names[p]: value for p, _, value in changed}
+    params.update(zip(plan.key_names, identity, strict=True))
     if plan.version is not None:
         version_key = info.version_key
         loaded = (
@@ -153,6 +157,7 @@ def planned_update(state: InstanceState[Any], info: EntityInfo) -> PlannedUpdate
     return PlannedUpdate(
         state,
         info,
+        (plan.table.name, identity),
         plan.statement(positions),
         params,
         changed,
