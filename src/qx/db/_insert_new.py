@@ -33,7 +33,7 @@ from qx.db._mapping import entity_info
 from qx.db._model import InsertPlan, Unset, model_of
 from qx.db._session import QxSession, in_aggregate, stamp_new
 from qx.db._tracking import members, transaction_of
-from qx.db._writes import WriteStatement, execute_write
+from qx.db._writes import WriteStatement, execute_write, own_columns
 
 __all__ = ["forget_inserted", "insert_new_aggregates"]
 
@@ -48,25 +48,15 @@ def _plan(mapper: Mapper[Any]) -> InsertPlan | None:
 
 
 def _build_plan(mapper: Mapper[Any]) -> InsertPlan | None:
-    table = mapper.local_table
-    if (
-        not isinstance(table, Table)
-        or mapper.inherits is not None
-        or mapper.polymorphic_on is not None
-        or len(mapper.tables) != 1
-        or mapper.dispatch.before_insert
-        or mapper.dispatch.after_insert
-    ):
+    own = own_columns(mapper)
+    if own is None or mapper.dispatch.before_insert or mapper.dispatch.after_insert:
         return None
-    columns = []
-    for prop in mapper.column_attrs:
-        if len(prop.columns) != 1 or prop.columns[0].table is not table:
-            return None
-        column = prop.columns[0]
-        if column.computed is not None or column.identity is not None:
-            return None
-        defaulted = column.default is not None or column.server_default is not None
-        columns.append((prop.key, column.key, defaulted))
+    table = mapper.local_table
+    assert isinstance(table, Table)  # own_columns() says so
+    columns = [
+        (key, column.key, column.default is not None or column.server_default is not None)
+        for key, column in own
+    ]
     owned, links = [], []
     info = entity_info(mapper)
     for rel in mapper.relationships:

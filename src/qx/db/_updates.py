@@ -35,7 +35,7 @@ from sqlalchemy.sql import ClauseElement
 
 from qx.db._model import OLD_VERSION, EntityInfo, Unset, UpdatePlan, model_of
 from qx.db._translate import translate_error
-from qx.db._writes import WriteStatement, execute_update, names_transaction
+from qx.db._writes import WriteStatement, execute_update, names_transaction, own_columns
 
 __all__ = ["PlannedUpdate", "planned_update", "write_updates"]
 
@@ -48,24 +48,16 @@ def _plan(mapper: Mapper[Any]) -> UpdatePlan | None:
 
 
 def _build_plan(mapper: Mapper[Any]) -> UpdatePlan | None:
+    own = own_columns(mapper)
     table = mapper.local_table
     if (
-        not isinstance(table, Table)
-        or mapper.inherits is not None
-        or mapper.polymorphic_on is not None
-        or len(mapper.tables) != 1
+        own is None
+        or not isinstance(table, Table)
         or any(c.server_onupdate is not None for c in table.c)
         or (mapper.version_id_col is not None and mapper.version_id_generator is not False)
     ):
-        return None  # SQLAlchemy generates a value for it, or the row spans tables
-    columns: dict[str, tuple[int, Column[Any]]] = {}
-    for prop in mapper.column_attrs:
-        if len(prop.columns) != 1 or prop.columns[0].table is not table:
-            return None
-        column = prop.columns[0]
-        if not isinstance(column, Column) or column.computed is not None:
-            return None
-        columns[prop.key] = (len(columns), column)
+        return None  # the row spans tables, or the database or SQLAlchemy give it values
+    columns = {key: (position, column) for position, (key, column) in enumerate(own)}
     quiet = frozenset(
         rel.key
         for rel in mapper.relationships

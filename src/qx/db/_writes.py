@@ -12,13 +12,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import ColumnElement, Insert, Update
-from sqlalchemy.orm import Session
+from sqlalchemy import Column, ColumnElement, Insert, Table, Update
+from sqlalchemy.orm import Mapper, Session
 
 from qx.db._dialect import dialect_of
 from qx.db._transaction import existing_transaction
 
-__all__ = ["WriteStatement", "execute_update", "execute_write"]
+__all__ = ["WriteStatement", "execute_update", "execute_write", "names_transaction", "own_columns"]
 
 
 class WriteStatement:
@@ -136,3 +136,28 @@ def _note_name(session: Session, name: str) -> None:
     record = existing_transaction(session)
     assert record is not None  # _name_column found it
     record.transaction_id = name
+
+
+def own_columns(mapper: Mapper[Any]) -> list[tuple[str, Column[Any]]] | None:
+    """``(attribute key, column)`` of each column of a mapper whose rows qx can write with
+    its own statements: one plain table (no inheritance), one column per attribute, none
+    the database computes; ``None`` for any other mapper (the flush writes its rows)."""
+    table = mapper.local_table
+    if (
+        not isinstance(table, Table)
+        or mapper.inherits is not None
+        or mapper.polymorphic_on is not None
+        or len(mapper.tables) != 1
+    ):
+        return None
+    columns: list[tuple[str, Column[Any]]] = []
+    for prop in mapper.column_attrs:
+        if len(prop.columns) != 1 or prop.columns[0].table is not table:
+            return None
+        column = prop.columns[0]
+        if not isinstance(column, Column) or column.computed is not None:
+            return None
+        if column.identity is not None:
+            return None
+        columns.append((prop.key, column))
+    return columns
