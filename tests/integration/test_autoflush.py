@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
 from sqlalchemy import event, func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -131,3 +131,39 @@ async def test_a_removed_row_is_gone_before_its_delete_is_flushed_and_can_be_rep
         await uow.counters.add(models.Counter(name="af0", value=7))
         await uow.commit()
     assert await values(engine) == {7: 1}
+
+
+async def test_a_load_by_a_key_just_given_to_a_loaded_row_flushes_it_first(
+    uow_factory: Factory, engine: AsyncEngine
+) -> None:
+    factory = uow_factory
+    # Loads by key skip the autoflush; a loaded row whose key was changed is a pending
+    # change such a load can read, so it must flush first - whether the key was changed
+    # in the session or while the row was detached.
+    first, second = await counters(factory, 2)
+    moved, moved_again = uuid4(), uuid4()
+    async with factory() as uow:
+        counter = await uow.counters.require(first)
+        for ident in await counters_to_touch(uow, 3):
+            (await uow.counters.require(ident)).value += 1
+        counter.id = moved
+        assert await uow.counters.get(moved) is counter
+        assert await uow.counters.get(first) is None
+        await uow.commit()
+    async with factory() as uow:
+        detached = await uow.counters.require(second)
+    detached.id = moved_again
+    async with factory() as uow:
+        uow.session.add(detached)
+        assert await uow.counters.get(moved_again) is detached
+        await uow.commit()
+    async with engine.connect() as conn:
+        found = set(await conn.scalars(select(models.counters.c.id)))
+    assert {moved, moved_again} <= found and not {first, second} & found
+
+
+async def counters_to_touch(uow: models.AppUnitOfWork, count: int) -> list[UUID]:
+    made = [models.Counter(name=f"touch{i}") for i in range(count)]
+    await uow.counters.add_many(made)
+    await uow.session.flush()
+    return [c.id for c in made]

@@ -26,6 +26,7 @@ from sqlalchemy.orm.interfaces import ORMOption
 
 from qx.core._aggregate import AggregateRoot
 from qx.core._errors import ConfigurationError
+from qx.db._transaction import watch_keys
 from qx.db._writes import WriteStatement
 
 __all__ = [
@@ -290,6 +291,7 @@ def model_of(mapper: Mapper[Any]) -> MapperModel:
     model: MapperModel | None = info.get(MODEL_KEY)
     if model is None:
         model = info[MODEL_KEY] = MapperModel(mapper)
+        watch_keys(mapper)
     return model
 
 

@@ -113,6 +113,8 @@ class TransactionState:
         connected: whether it has taken a connection (run any statement).
         transaction_id: the database's id of the transaction, once a write brought it back
             (``None``: not known yet; see ``qx.db._writes``).
+        keys_changed: a row of the session had its primary key changed in this transaction
+            (see ``qx.db._transaction.watch_keys``).
         read_only: the unit of work refuses writes (kept across transactions, like the
             clock).
         released: for each root let go of by :meth:`release` and still alive, the list it
@@ -126,6 +128,7 @@ class TransactionState:
         "clock",
         "connected",
         "flushed",
+        "keys_changed",
         "links",
         "read_only",
         "released",
@@ -144,6 +147,7 @@ class TransactionState:
         self.connected = False
         self.read_only = False
         self.transaction_id: str | None = None
+        self.keys_changed = False
         # Made by the first release: most transactions never stream.
         self.released: dict[int, tuple[ref[Any], list[RecordedEvent]]] | None = None
         self.links: WeakKeyDictionary[InstanceState[Any], RootLink] | None = None
@@ -157,6 +161,7 @@ class TransactionState:
         self.flushed = False
         self.connected = False
         self.transaction_id = None
+        self.keys_changed = False
         self.released = None
         self.links = None
 
