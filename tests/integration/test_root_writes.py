@@ -424,3 +424,21 @@ async def test_many_changed_rows_are_written_together_and_each_checked(domain: D
     for n, board in enumerate(made):
         assert (await _row(engine, board)).name == f"board {n}"
         assert await _titles(engine, board) == ["aa", "bb"]
+
+
+async def test_a_bump_undone_with_its_savepoint_is_made_again(domain: Domain) -> None:
+    factory, engine = domain
+    board = await _board(domain)
+    async with factory() as uow:
+        loaded = await uow.boards.require(board.id)
+        savepoint = await uow.session.begin_nested()
+        loaded.cards[0].title = "undone"
+        await uow.session.flush()  # the root's version goes to 2 inside the savepoint
+        await savepoint.rollback()  # and back to 1 with it
+        card = await uow.session.run_sync(lambda _: loaded.cards[1])
+        card.title = "kept"
+        await uow.commit()
+    # The change that stands is guarded and counted like any other.
+    row = await _row(engine, board)
+    assert row.version == 2
+    assert await _titles(engine, board) == ["a", "kept"]

@@ -561,3 +561,12 @@ def _note_connection(session: QxSession, _transaction: Any, _connection: Any) ->
 def _forget_transaction(session: QxSession, transaction: Any) -> None:
     if transaction.parent is None:
         transaction_of(session).reset()
+
+
+@event.listens_for(QxSession, "after_soft_rollback")
+def _forget_undone_bumps(session: QxSession, transaction: Any) -> None:
+    if transaction.nested:
+        # The savepoint's rollback undid the bumps written in it: a root changed again must
+        # be bumped again, or that change would pass unguarded. (Bumps made before the
+        # savepoint are made once more: one more version, nothing lost.)
+        transaction_of(session).bumped.clear()
