@@ -192,6 +192,14 @@ async def _titles(engine: AsyncEngine, board: Board) -> list[str]:
         return list(found)
 
 
+async def _changed_behind_its_back(uow: BoardsUnitOfWork, board: Board) -> None:
+    # Another writer's change to the board's row, in this transaction, so that every
+    # backend sees it.
+    await uow.session.execute(
+        update(boards).where(boards.c.id == board.id).values(version=boards.c.version + 1)
+    )
+
+
 def _updates_of(seen: list[str], table: Table) -> list[str]:
     return [s for s in seen if s.startswith(f"UPDATE {table.name} ")]
 
@@ -254,11 +262,7 @@ async def test_a_stale_aggregate_is_refused_and_nothing_of_it_is_written(domain:
     board = await _board(domain)
     async with factory() as uow:
         loaded = await uow.boards.require(board.id)
-        # Another writer's change, behind the object's back (in this transaction, so that
-        # every backend sees it).
-        await uow.session.execute(
-            update(boards).where(boards.c.id == board.id).values(version=boards.c.version + 1)
-        )
+        await _changed_behind_its_back(uow, board)
         loaded.cards[0].title = "lost"
         loaded.name = "lost too"
         with pytest.raises(ConcurrencyConflict) as raised:
@@ -412,9 +416,7 @@ async def test_many_changed_rows_are_written_together_and_each_checked(domain: D
     # nothing of the unit of work is written.
     async with factory() as uow:
         loaded = [await uow.boards.require(board.id) for board in made]
-        await uow.session.execute(
-            update(boards).where(boards.c.id == made[1].id).values(version=boards.c.version + 1)
-        )
+        await _changed_behind_its_back(uow, made[1])
         for board in loaded:
             board.name = "lost"
             board.cards[0].title = "lost"

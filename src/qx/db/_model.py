@@ -4,13 +4,12 @@ The model and the shapes it holds are defined here; each part is computed once, 
 use, by the module whose rule it is (the first use comes after mapper configuration, when
 relationships and backrefs are final): the class's roles (:class:`EntityInfo`, from
 ``_mapping``), how a loaded instance gets its unmapped fields (:class:`LoadPlan`,
-``_mapping``), the insert plan (:class:`InsertPlan`, ``_insert_new``), how a changed root's row is
-written (``_updates``), the scoped mappers it
-reaches, how its primary-key loads are checked and the part they join (:class:`JoinedPart`,
-``_scoping``), and whether its objects are parts of an aggregate (``_session``). The model
-lives in the class manager's ``info`` dict, SQLAlchemy's place for extension data about a
-mapped class: it goes with a discarded mapping and is one dict lookup away from any mapper,
-instance state or class.
+``_mapping``), the insert plan (:class:`InsertPlan`, ``_insert_new``), the update plan
+(:class:`UpdatePlan`, ``_updates``), the scoped mappers it reaches, how its primary-key loads
+are checked and the part they join (:class:`JoinedPart`, ``_scoping``), and whether its
+objects are parts of an aggregate (``_session``). The model lives in the class manager's
+``info`` dict, SQLAlchemy's place for extension data about a mapped class: it goes with a
+discarded mapping and is one dict lookup away from any mapper, instance state or class.
 """
 
 from __future__ import annotations
@@ -45,7 +44,7 @@ __all__ = [
 ]
 
 MODEL_KEY: Final = "qx"
-#: The bound parameter of a root's loaded version in its :class:`UpdatePlan` statements.
+#: The bound parameter of the loaded version in :class:`UpdatePlan` statements.
 OLD_VERSION: Final = "qx_loaded_version"
 
 
@@ -148,14 +147,15 @@ class InsertPlan:
 
 @dataclass(slots=True)
 class UpdatePlan:
-    """How qx writes a root's row: its columns, and one statement per set of them.
+    """How qx writes a changed row (a root's or a part's): its columns, and one UPDATE per
+    set of them.
 
     Attributes:
-        table: the root's table.
+        table: the mapped table.
         columns: attribute key -> (position, column) of every column qx may write.
         refreshed: positions of the columns with an ``onupdate`` default (SQLAlchemy would
             fill them in when an UPDATE leaves them out).
-        quiet: relationship keys whose changes write no column of the root's row.
+        quiet: relationship keys whose changes write no column of the row.
         pk: the primary-key columns, in identity order.
         version: the version column, if any.
     """
@@ -239,8 +239,8 @@ class MapperModel:
             (``None``: nothing).
         insert_plan: how new instances are inserted without the flush (``None``: they
             cannot be).
-        update_plan: how qx writes a changed root's row (``UpdatePlan`` of
-            ``_updates``; ``None``: the flush does).
+        update_plan: how qx writes a changed row without the flush (``None``: the flush
+            does).
         scope_closure: the tenant-scoped or soft-deletable mappers reachable from it.
         rows_checked: whether its primary-key loads may check rows in Python.
         joined_part: the owned relationship its primary-key load joins (``None``: none).

@@ -540,14 +540,16 @@ def _bump_for_parts(
 def _track_attached(session: QxSession, obj: Any) -> None:
     # Added, merged or re-attached roots: held like loaded ones (see TransactionState).
     state = instance_state(obj)
-    mapper = state.mapper
-    if entity_info(mapper).is_root:
+    info = entity_info(state.mapper)
+    if info.is_root:
         transaction_of(session).track(obj)
-    if state.key is not None and state.committed_state:
-        # A row whose key was changed while it was detached (no session to note it then).
-        keys = (mapper.get_property_by_column(column).key for column in mapper.primary_key)
-        if any(key in state.committed_state for key in keys):
-            transaction_of(session).keys_changed = True
+    # A row whose key was changed while it was detached (no session to note it then).
+    if (
+        state.key is not None
+        and state.committed_state
+        and any(key in state.committed_state for key in info.pk_keys)
+    ):
+        transaction_of(session).keys_changed = True
 
 
 @event.listens_for(QxSession, "after_begin")

@@ -74,9 +74,13 @@ def watch_keys(mapper: Mapper[Any]) -> None:
     walking every changed row of the session, per load: quadratic in a loop of ``require()``
     and a change (two fifths of the client's instructions over 300 rows).
     """
-    for column in mapper.primary_key:
-        prop = mapper.get_property_by_column(column)
-        event.listen(mapper.class_manager[prop.key], "set", _key_set, raw=True, propagate=True)
+    # On the hierarchy's base attributes, once: propagated to every subclass, so a key
+    # set on a subclass instance is noted once whichever class's model came first.
+    base = mapper.base_mapper
+    for column in base.primary_key:
+        attribute = base.class_manager[base.get_property_by_column(column).key]
+        if not event.contains(attribute, "set", _key_set):
+            event.listen(attribute, "set", _key_set, raw=True, propagate=True)
 
 
 def _key_set(state: InstanceState[Any], value: Any, _old: Any, _initiator: Any) -> None:
