@@ -51,6 +51,10 @@ def numbered(counter: UUID, sequence: int, *, age: float = 0.0) -> Envelope:
 def logging_router() -> tuple[EventRouter, dict[str, list[int]]]:
     router = EventRouter()
     applied: dict[str, list[int]] = {}
+    # Per aggregate: the counter's value each applying transaction wrote -> the event's
+    # number. The values order the commits (each increment is guarded by the counter's
+    # version); two subscribers' after-commit hooks may run in either order.
+    by_value: dict[str, dict[int, int]] = {}
 
     @router.on("tests.counter_changed")
     async def apply(envelope: Envelope, uow: models.AppUnitOfWork) -> None:
@@ -58,7 +62,14 @@ def logging_router() -> tuple[EventRouter, dict[str, list[int]]]:
         counter.increment()
         # After the commit only: what the database holds, not what a rolled-back try saw.
         aggregate, number = str(envelope.aggregate_id), int(envelope.sequence or 0)
-        uow.on_commit(lambda: applied.setdefault(aggregate, []).append(number))
+        value = counter.value
+
+        def committed() -> None:
+            numbers = by_value.setdefault(aggregate, {})
+            numbers[value] = number
+            applied[aggregate] = [numbers[v] for v in sorted(numbers)]
+
+        uow.on_commit(committed)
 
     return router, applied
 
