@@ -179,18 +179,12 @@ async def insert_new_aggregates(session: AsyncSession) -> list[Any] | None:
 
 
 def _write(sync: Session, steps: list[tuple[InsertPlan, list[InstanceState[Any]], bool]]) -> None:
-    connection = sync.connection()
-    for index, (plan, table_states, keyless) in enumerate(steps):
+    for plan, table_states, keyless in steps:
         generated = plan.generated if keyless else None
         rows = [_row(plan, state, generated) for state in table_states]
         returning = () if generated is None else (generated[1],)
-        if index == 0:  # names the transaction too
-            back = execute_write(sync, plan.statement, rows, returning=returning)
-        elif generated is None:
-            connection.execute(plan.statement.statement, rows)
-        else:
-            statement = plan.statement.returning(returning, ordered=len(rows) > 1)
-            back = connection.execute(statement, rows).all()
+        # The first write names the transaction too (where the backend can).
+        back = execute_write(sync, plan.statement, rows, returning=returning)
         if generated is not None:
             for state, row in zip(table_states, back, strict=True):
                 setattr(state.obj(), generated[0], row[0])
