@@ -1,0 +1,338 @@
+"""qx's own writes, as an application sees them, on every backend.
+
+qx sends the rows it writes itself (new aggregates, changed rows, commit stages' rows) to
+the driver's cursor from statements it compiled once, not through ``Connection.execute``.
+Whatever SQLAlchemy's execution gives an application must still hold: each value goes
+through its column type's conversion, cursor event listeners see (and may rewrite) every
+statement, echo logs it, the driver's errors come back as qx's typed errors with nothing
+written, a stage's statement gets its Python-side column defaults and the values bound in
+it, and a schema translation map sends the rows where it says. A small ledger of its own:
+accounts owning entries, amounts as a value object stored as cents, and an audit stage.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import pytest
+from sqlalchemy import (
+    Column,
+    DateTime,
+    ForeignKey,
+    Integer,
+    String,
+    Table,
+    TypeDecorator,
+    Uuid,
+    event,
+    insert,
+    select,
+    text,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.orm import relationship
+
+from qx.core import AggregateRoot, new_id
+from qx.db import (
+    CommitContext,
+    Repository,
+    UnitOfWork,
+    UnitOfWorkFactory,
+    audit_columns,
+    create_session_factory,
+    make_metadata,
+    make_registry,
+    map_aggregate,
+    map_entity,
+    uuid_pk,
+    version_column,
+)
+from qx.errors import DuplicateKey
+from qx.outbox import OutboxStage
+from tests.integration.conftest import own_domain
+
+ledger_metadata = make_metadata()
+registry = make_registry(ledger_metadata)
+
+
+@dataclass(frozen=True)
+class Money:
+    """An amount in cents; stored as an integer by :class:`Cents`."""
+
+    cents: int
+
+
+class Cents(TypeDecorator[Money]):
+    impl = Integer
+    cache_ok = True
+
+    def process_bind_param(self, value: Money | None, dialect: Dialect) -> int | None:
+        return None if value is None else value.cents
+
+    def process_result_value(self, value: int | None, dialect: Dialect) -> Money | None:
+        return None if value is None else Money(value)
+
+
+@dataclass(eq=False, kw_only=True)
+class Entry:
+    id: UUID = field(default_factory=new_id)
+    memo: str
+    amount: Money
+
+
+@dataclass(eq=False, kw_only=True)
+class Account(AggregateRoot):
+    id: UUID = field(default_factory=new_id)
+    name: str
+    balance: Money
+    entries: list[Entry] = field(default_factory=list)
+    version: int = 1
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+
+
+accounts = Table(
+    "wp_accounts",
+    ledger_metadata,
+    uuid_pk(),
+    Column("name", String(40), nullable=False, unique=True),
+    Column("balance", Cents(), nullable=False),
+    version_column(),
+    *audit_columns(),
+)
+entries = Table(
+    "wp_entries",
+    ledger_metadata,
+    uuid_pk(),
+    Column("account_id", Uuid(), ForeignKey("wp_accounts.id"), nullable=False),
+    Column("memo", String(40), nullable=False),
+    Column("amount", Cents(), nullable=False),
+)
+audit = Table(
+    "wp_audit",
+    ledger_metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("n", Integer, nullable=False),
+    Column("kind", String(20), nullable=False, default="auto"),
+    Column("at", DateTime(timezone=True), nullable=True, default=lambda: datetime(2026, 1, 2)),
+)
+map_entity(registry, Entry, entries)
+map_aggregate(
+    registry,
+    Account,
+    accounts,
+    properties={"entries": relationship(Entry, cascade="all, delete-orphan")},
+)
+
+
+class Accounts(Repository[Account]):
+    pass
+
+
+class LedgerUnitOfWork(UnitOfWork):
+    accounts: Accounts
+
+
+class AuditStage:
+    """Writes three audit rows per commit: one leaving ``kind`` and ``at`` to their
+    Python-side defaults, two with ``kind`` bound in the statement itself."""
+
+    name = "audit"
+    accepts = ()
+
+    async def before_commit(self, commit: CommitContext) -> int:
+        await commit.insert(insert(audit), [{"n": 1}])
+        given = datetime(2026, 1, 3)
+        await commit.insert(
+            insert(audit).values(kind="fixed"), [{"n": 2, "at": given}, {"n": 3, "at": given}]
+        )
+        return 3
+
+    async def after_commit(self, commit: CommitContext, written: int) -> None:
+        pass
+
+
+Domain = tuple[UnitOfWorkFactory[LedgerUnitOfWork], AsyncEngine]
+
+
+@pytest.fixture
+async def domain(backend: str, tmp_path: Any) -> AsyncIterator[Domain]:
+    async with own_domain(backend, tmp_path, LedgerUnitOfWork, ledger_metadata) as made:
+        yield made
+
+
+@pytest.fixture
+async def audited(backend: str, tmp_path: Any) -> AsyncIterator[Domain]:
+    async with own_domain(
+        backend,
+        tmp_path,
+        LedgerUnitOfWork,
+        ledger_metadata,
+        stages=[OutboxStage(), AuditStage()],
+    ) as made:
+        yield made
+
+
+def _account(name: str = "cash") -> Account:
+    return Account(
+        name=name,
+        balance=Money(1050),
+        entries=[Entry(memo=f"e{k}", amount=Money(100 * k + 7)) for k in range(3)],
+    )
+
+
+async def _rows(engine: AsyncEngine, statement: Any) -> Sequence[Any]:
+    async with engine.connect() as conn:
+        return (await conn.execute(statement)).all()
+
+
+async def test_values_go_through_their_column_types(domain: Domain) -> None:
+    factory, engine = domain
+    account = _account()
+    async with factory() as uow:
+        await uow.accounts.add(account)
+        await uow.commit()
+    # Stored as the type converts them: plain integers (read without the TypeDecorator).
+    raw = text("SELECT balance FROM wp_accounts")
+    assert [row[0] for row in await _rows(engine, raw)] == [1050]
+    raw_entries = text("SELECT memo, amount FROM wp_entries ORDER BY memo")
+    assert [tuple(row) for row in await _rows(engine, raw_entries)] == [
+        ("e0", 7),
+        ("e1", 107),
+        ("e2", 207),
+    ]
+    async with factory() as uow:
+        loaded = await uow.accounts.require(account.id)
+        loaded.balance = Money(2000)
+        loaded.entries[0].amount = Money(1)
+        await uow.commit()
+    assert [row[0] for row in await _rows(engine, raw)] == [2000]
+    assert sorted(row[1] for row in await _rows(engine, raw_entries)) == [1, 107, 207]
+    async with factory() as uow:
+        again = await uow.accounts.require(account.id)
+        assert again.balance == Money(2000)
+        assert sorted(entry.amount.cents for entry in again.entries) == [1, 107, 207]
+        assert again.version == 2
+
+
+async def test_cursor_listeners_see_and_may_rewrite_every_write(domain: Domain) -> None:
+    factory, engine = domain
+    before: list[tuple[str, bool]] = []
+    after: list[tuple[str, bool]] = []
+
+    def tag(
+        _conn: Any, _cursor: Any, statement: str, params: Any, _ctx: Any, many: bool
+    ) -> tuple[str, Any]:
+        # As SQL commenters do: the statement the driver gets is the listener's.
+        tagged = f"/* ledger */ {statement}"
+        before.append((tagged, many))
+        return tagged, params
+
+    def saw(_conn: Any, _cursor: Any, statement: str, _params: Any, _ctx: Any, many: bool) -> None:
+        after.append((statement, many))
+
+    event.listen(engine.sync_engine, "before_cursor_execute", tag, retval=True)
+    event.listen(engine.sync_engine, "after_cursor_execute", saw)
+    try:
+        account = _account()
+        async with factory() as uow:
+            await uow.accounts.add(account)
+            await uow.commit()
+    finally:
+        event.remove(engine.sync_engine, "before_cursor_execute", tag)
+        event.remove(engine.sync_engine, "after_cursor_execute", saw)
+    writes = [(sql, many) for sql, many in before if "INSERT INTO wp_" in sql]
+    assert [sql.split("(")[0].strip() for sql, _ in writes] == [
+        "/* ledger */ INSERT INTO wp_accounts",
+        "/* ledger */ INSERT INTO wp_entries",
+    ]
+    assert [many for _, many in writes] == [False, True]  # three entries, one executemany
+    assert after == before  # every statement the listener rewrote was sent as rewritten
+    assert len(await _rows(engine, select(entries.c.id))) == 3
+
+
+async def test_echo_logs_every_write(domain: Domain, caplog: pytest.LogCaptureFixture) -> None:
+    factory, _ = domain
+    caplog.set_level(logging.INFO, logger="sqlalchemy.engine.Engine")
+    async with factory() as uow:
+        await uow.accounts.add(_account("echoed"))
+        await uow.commit()
+    messages = [record.getMessage() for record in caplog.records]
+    inserts = [m for m in messages if m.startswith("INSERT INTO wp_")]
+    assert [m.split("(")[0].strip() for m in inserts] == [
+        "INSERT INTO wp_accounts",
+        "INSERT INTO wp_entries",
+    ]
+    assert any("'echoed'" in m for m in messages)  # the parameters too
+    assert "COMMIT" in messages
+
+
+async def test_a_refused_write_is_named_and_leaves_nothing(domain: Domain) -> None:
+    factory, engine = domain
+    async with factory() as uow:
+        await uow.accounts.add(_account("cash"))
+        await uow.commit()
+    twin = _account("cash")
+    with pytest.raises(DuplicateKey):
+        async with factory() as uow:
+            await uow.accounts.add(twin)
+            await uow.commit()
+    assert len(await _rows(engine, select(accounts.c.id))) == 1
+    assert len(await _rows(engine, select(entries.c.id))) == 3  # the first account's only
+    # The same objects, renamed, go through afterwards: nothing was left half-written.
+    twin.name = "bank"
+    async with factory() as uow:
+        await uow.accounts.add(twin)
+        await uow.commit()
+    assert len(await _rows(engine, select(entries.c.id))) == 6
+
+
+async def test_stage_rows_get_python_defaults_and_bound_values(audited: Domain) -> None:
+    factory, engine = audited
+    async with factory() as uow:
+        await uow.accounts.add(_account())
+        await uow.commit()
+    found = await _rows(engine, select(audit.c.n, audit.c.kind, audit.c.at).order_by(audit.c.n))
+    assert [(n, kind) for n, kind, _ in found] == [(1, "auto"), (2, "fixed"), (3, "fixed")]
+    assert [at.replace(tzinfo=None) for *_, at in found] == [
+        datetime(2026, 1, 2),
+        datetime(2026, 1, 3),
+        datetime(2026, 1, 3),
+    ]
+
+
+async def test_a_schema_translation_map_is_honoured(backend: str, domain: Domain) -> None:
+    if backend != "postgresql":
+        pytest.skip("schemas are PostgreSQL's; SQLite's attached databases are not set up here")
+    _, engine = domain
+    other = f"wp_{new_id().hex[:12]}"
+    async with engine.begin() as conn:
+        await conn.execute(text(f'CREATE SCHEMA "{other}"'))
+        await conn.run_sync(
+            lambda sync: ledger_metadata.create_all(
+                sync.execution_options(schema_translate_map={None: other})
+            )
+        )
+    try:
+        translated = engine.execution_options(schema_translate_map={None: other})
+        factory = UnitOfWorkFactory(LedgerUnitOfWork, create_session_factory(translated))
+        async with factory() as uow:
+            account = _account()
+            await uow.accounts.add(account)
+            await uow.commit()
+        async with factory() as uow:
+            loaded = await uow.accounts.require(account.id)
+            loaded.balance = Money(5)
+            await uow.commit()
+        moved = text(f'SELECT balance, version FROM "{other}".wp_accounts')
+        assert [tuple(row) for row in await _rows(engine, moved)] == [(5, 2)]
+        assert await _rows(engine, select(accounts.c.id)) == []  # nothing in the default schema
+    finally:
+        async with engine.begin() as conn:
+            await conn.execute(text(f'DROP SCHEMA "{other}" CASCADE'))
