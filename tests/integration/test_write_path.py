@@ -141,13 +141,15 @@ class LedgerUnitOfWork(UnitOfWork):
 
 class AuditStage:
     """Writes three audit rows per commit: one leaving ``kind`` and ``at`` to their
-    Python-side defaults, two with ``kind`` bound in the statement itself."""
+    Python-side defaults, none from an empty list, two with ``kind`` bound in the
+    statement itself."""
 
     name = "audit"
     accepts = ()
 
     async def before_commit(self, commit: CommitContext) -> int:
         await commit.insert(insert(audit), [{"n": 1}])
+        await commit.insert(insert(audit), [])  # no rows: nothing sent, not a row of defaults
         given = datetime(2026, 1, 3)
         await commit.insert(
             insert(audit).values(kind="fixed"), [{"n": 2, "at": given}, {"n": 3, "at": given}]

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Sequence
-from typing import Any, Final, Literal, NamedTuple, overload
+from typing import Any, Final, NamedTuple
 
 from sqlalchemy import Column, ColumnElement, Connection, Insert, Table, Update
 from sqlalchemy.engine.interfaces import Dialect as SADialect
@@ -119,7 +119,7 @@ def execute_write(
         return ()
     ordered = bool(returning) and len(rows) > 1  # keys must match their rows
     variant = statement.returning(wanted, ordered=ordered)
-    fetched = _run(connection, statement, variant, rows, fetch=True)
+    fetched, _ = _run(connection, statement, variant, rows, fetch=True)
     if column is not None and fetched:
         _note_name(session, fetched[0][-1])
     return fetched
@@ -138,9 +138,9 @@ def execute_update(
     connection = session.connection()
     column = _name_column(session, connection) if len(rows) == 1 else None
     if column is None:
-        return _run(connection, statement, statement.statement, rows, fetch=False)
+        return _run(connection, statement, statement.statement, rows, fetch=False)[1]
     variant = statement.returning((column,), ordered=False)
-    fetched = _run(connection, statement, variant, rows, fetch=True)
+    fetched, _ = _run(connection, statement, variant, rows, fetch=True)
     if fetched:
         _note_name(session, fetched[0][-1])
     return len(fetched)
@@ -202,27 +202,9 @@ class _Compiled(NamedTuple):
     results: tuple[Callable[[Any], Any] | None, ...]
 
 
-_BY_CONNECTION: Final = object()  # a compiled form the Connection must execute itself
+_NOT_COMPILED: Final = object()
 
 
-@overload
-def _run(
-    connection: Connection,
-    owner: WriteStatement,
-    statement: Insert | Update,
-    rows: Sequence[dict[str, Any]],
-    *,
-    fetch: Literal[True],
-) -> Sequence[Sequence[Any]]: ...
-@overload
-def _run(
-    connection: Connection,
-    owner: WriteStatement,
-    statement: Insert | Update,
-    rows: Sequence[dict[str, Any]],
-    *,
-    fetch: Literal[False],
-) -> int: ...
 def _run(
     connection: Connection,
     owner: WriteStatement,
@@ -230,9 +212,12 @@ def _run(
     rows: Sequence[dict[str, Any]],
     *,
     fetch: bool,
-) -> Sequence[Sequence[Any]] | int:
-    """Execute ``statement`` (``owner``'s or one of its variants) with ``rows``; its
-    returned rows if ``fetch``, else how many rows it matched."""
+) -> tuple[Sequence[Sequence[Any]], int]:
+    """Execute ``statement`` (``owner``'s or one of its variants) with ``rows``: the rows
+    it returned (if ``fetch``) and how many rows it matched. No rows: nothing is sent (an
+    INSERT with no parameters would write one row of defaults)."""
+    if not rows:
+        return (), 0
     dialect = connection.dialect
     many = len(rows) > 1
     keys = tuple(sorted(rows[0]))
@@ -240,12 +225,12 @@ def _run(
     if forms is None:
         forms = owner._forms[dialect] = {}
     key = (id(statement), keys, many)
-    form = forms.get(key, _BY_CONNECTION)
-    if form is _BY_CONNECTION:
+    form = forms.get(key, _NOT_COMPILED)
+    if form is _NOT_COMPILED:
         form = forms[key] = _compile(dialect, statement, keys, many=many)
     if form is None or connection.get_execution_options().get("schema_translate_map"):
         result = connection.execute(statement, rows)
-        return result.all() if fetch else result.rowcount
+        return (result.all() if fetch else ()), result.rowcount
     assert isinstance(form, _Compiled)
     sequence = dialect.execute_sequence_format
     params = [
@@ -262,21 +247,22 @@ def _run(
     cursor = connection.connection.cursor()
     try:
         _execute(connection, cursor, form.sql, params if many else params[0], many=many)
+        matched = int(cursor.rowcount)
         if not fetch:
-            return int(cursor.rowcount)
+            return (), matched
         found = cursor.fetchall()
     finally:
         cursor.close()
     converts = form.results
     if not any(converts):
-        return found
+        return found, matched
     return [
         tuple(
             value if convert is None else convert(value)
             for value, convert in zip(row, converts, strict=True)
         )
         for row in found
-    ]
+    ], matched
 
 
 def _execute(connection: Connection, cursor: Any, sql: str, params: Any, *, many: bool) -> None:
