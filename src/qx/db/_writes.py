@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Sequence
-from typing import Any, Final, NamedTuple
+from typing import Any, Final, NamedTuple, cast
 
 from sqlalchemy import Column, ColumnElement, Connection, Insert, Table, Update
 from sqlalchemy.engine.interfaces import Dialect as SADialect
@@ -196,7 +196,8 @@ class _Compiled(NamedTuple):
 
     sql: str
     #: per driver parameter, in order: the row key it takes (``None``: a constant), the
-    #: constant, and the conversion the column's type applies for the driver (or ``None``)
+    #: constant (already converted for the driver), and the conversion the column's type
+    #: applies to a row's value for the driver (or ``None``)
     params: tuple[tuple[str | None, Any, Callable[[Any], Any] | None], ...]
     #: per returned column, the conversion of its value (or ``None``)
     results: tuple[Callable[[Any], Any] | None, ...]
@@ -220,15 +221,18 @@ def _run(
         return (), 0
     dialect = connection.dialect
     many = len(rows) > 1
-    keys = tuple(sorted(rows[0]))
-    forms = owner._forms.get(dialect)
-    if forms is None:
-        forms = owner._forms[dialect] = {}
-    key = (id(statement), keys, many)
-    form = forms.get(key, _NOT_COMPILED)
-    if form is _NOT_COMPILED:
-        form = forms[key] = _compile(dialect, statement, keys, many=many)
-    if form is None or connection.get_execution_options().get("schema_translate_map"):
+    form = None
+    # A schema translation map is applied per execution: the Connection's job.
+    if not connection.get_execution_options().get("schema_translate_map"):
+        keys = tuple(sorted(rows[0]))
+        forms = owner._forms.get(dialect)
+        if forms is None:
+            forms = owner._forms[dialect] = {}
+        key = (id(statement), keys, many)
+        form = forms.get(key, _NOT_COMPILED)
+        if form is _NOT_COMPILED:
+            form = forms[key] = _compile(dialect, statement, keys, many=many)
+    if form is None:
         result = connection.execute(statement, rows)
         return (result.all() if fetch else ()), result.rowcount
     assert isinstance(form, _Compiled)
@@ -236,9 +240,11 @@ def _run(
     params = [
         sequence(
             [
-                (value if source is None else row[source])
+                value
+                if source is None
+                else row[source]
                 if convert is None
-                else convert(value if source is None else row[source])
+                else convert(row[source])
                 for source, value, convert in form.params
             ]
         )
@@ -324,11 +330,14 @@ def _compile(
     assert compiled.positiontup is not None  # positional
     for name in compiled.positiontup:
         bind = compiled.binds[name]
-        convert = processors.get(name)
+        # A positional statement without expanding IN has one processor per parameter.
+        convert = cast("Callable[[Any], Any] | None", processors.get(name))
         if bind.key in wanted:
-            params.append((bind.key, None, convert))  # type: ignore[arg-type]
+            params.append((bind.key, None, convert))
         elif bind.callable is None and not bind.required:
-            params.append((None, bind.effective_value, convert))  # type: ignore[arg-type]
+            # Bound in the statement: the same driver value on every execution.
+            value = bind.effective_value
+            params.append((None, value if convert is None else convert(value), None))
         else:
             return None  # a value from elsewhere: the Connection knows where
     results = tuple(
