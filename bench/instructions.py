@@ -14,7 +14,7 @@ and qx / hand-written ORM (lower is better for qx).
 Cases (PostgreSQL, the orders example, one order with 3 lines):
     place: qx unit of work adding ``Order.place(...)`` (the insert path) vs the
         hand-written ORM adding the order and writing its outbox row; ``--impl core``:
-        SQLAlchemy Core writing the same rows;
+        SQLAlchemy Core writing bench/place_order.py's rows, with its own function;
     get: load one order with its lines; save: load, change a line, commit (qx bumps the
         order's version itself; the hand-written ORM does it explicitly); ``--impl joined``:
         the hand-written ORM loading the lines with ``joinedload``;
@@ -42,6 +42,7 @@ from decimal import Decimal
 from uuid import UUID
 
 from common import TENANT, HLine, HOrder, add_url_argument, bench_schema
+from place_order import place_with_core
 from sqlalchemy import insert, select
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlalchemy.orm import joinedload
@@ -49,7 +50,7 @@ from sqlalchemy.orm import joinedload
 from qx.core import new_id, request_context, utcnow
 from qx.db import UnitOfWorkFactory, create_session_factory
 from qx.examples.orders.domain import Order, OrderLine
-from qx.examples.orders.infrastructure import OrdersUnitOfWork, order_lines, orders
+from qx.examples.orders.infrastructure import OrdersUnitOfWork
 from qx.outbox import outbox_table
 
 CASES = ("place", "get", "save", "list")
@@ -142,48 +143,7 @@ async def run(url: str, case: str, impl: str, ops: int) -> None:
                 await session.commit()
 
         async def core_place(n: int) -> None:
-            async with db.engine.begin() as conn:
-                order_id, now = new_id(), utcnow()
-                await conn.execute(
-                    insert(orders),
-                    {
-                        "id": order_id,
-                        "customer": f"c{n}",
-                        "status": "placed",
-                        "version": 1,
-                        "tenant_id": TENANT,
-                        "created_at": now,
-                        "updated_at": now,
-                    },
-                )
-                await conn.execute(
-                    insert(order_lines),
-                    [
-                        {
-                            "id": new_id(),
-                            "order_id": order_id,
-                            "sku": f"S{k}",
-                            "quantity": 1,
-                            "unit_price": Decimal("9.90"),
-                            "tenant_id": TENANT,
-                        }
-                        for k in range(3)
-                    ],
-                )
-                row = {
-                    "id": new_id(),
-                    "event_name": "orders.order_placed",
-                    "event_version": 1,
-                    "aggregate_type": "Order",
-                    "aggregate_id": str(order_id),
-                    "payload": {"order_id": str(order_id)},
-                    "headers": {},
-                    "occurred_at": now,
-                    "correlation_id": str(new_id()),
-                    "tenant_id": TENANT,
-                    "next_attempt_at": now,
-                }
-                await conn.execute(insert(outbox_table), [row])
+            await place_with_core(db.engine, n)
 
         async def qx_get(n: int) -> None:
             with request_context(tenant_id=TENANT):

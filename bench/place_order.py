@@ -36,6 +36,7 @@ from common import (
     versions,
 )
 from sqlalchemy import insert
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from qx.core import new_id, request_context, utcnow
 from qx.db import UnitOfWorkFactory, create_session_factory
@@ -99,6 +100,40 @@ async def place_with_orm(sessions: Any, n: int) -> None:
         await session.commit()
 
 
+async def place_with_core(engine: AsyncEngine, n: int) -> None:
+    """The same rows through SQLAlchemy Core, in one transaction."""
+    async with engine.begin() as conn:
+        order_id, now = new_id(), utcnow()
+        await conn.execute(
+            insert(orders),
+            {
+                "id": order_id,
+                "customer": f"c{n}",
+                "status": "placed",
+                "version": 1,
+                "tenant_id": TENANT,
+                "created_at": now,
+                "updated_at": now,
+            },
+        )
+        await conn.execute(
+            insert(order_lines),
+            [
+                {
+                    "id": new_id(),
+                    "order_id": order_id,
+                    "sku": s,
+                    "quantity": q,
+                    "unit_price": p,
+                    "tenant_id": TENANT,
+                }
+                for s, q, p in _lines()
+            ],
+        )
+        total = sum((q * p for _, q, p in _lines()), Decimal(0))
+        await conn.execute(insert(outbox_table), [_outbox(order_id, f"c{n}", total)])
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_url_argument(parser)
@@ -123,37 +158,8 @@ async def measure(db: BenchDatabase, args: argparse.Namespace) -> None:
     def orm_tx(n: int) -> Awaitable[None]:
         return place_with_orm(plain_sessions, n)
 
-    async def core_tx(n: int) -> None:
-        async with engine.begin() as conn:
-            order_id, now = new_id(), utcnow()
-            await conn.execute(
-                insert(orders),
-                {
-                    "id": order_id,
-                    "customer": f"c{n}",
-                    "status": "placed",
-                    "version": 1,
-                    "tenant_id": TENANT,
-                    "created_at": now,
-                    "updated_at": now,
-                },
-            )
-            await conn.execute(
-                insert(order_lines),
-                [
-                    {
-                        "id": new_id(),
-                        "order_id": order_id,
-                        "sku": s,
-                        "quantity": q,
-                        "unit_price": p,
-                        "tenant_id": TENANT,
-                    }
-                    for s, q, p in _lines()
-                ],
-            )
-            total = sum((q * p for _, q, p in _lines()), Decimal(0))
-            await conn.execute(insert(outbox_table), [_outbox(order_id, f"c{n}", total)])
+    def core_tx(n: int) -> Awaitable[None]:
+        return place_with_core(engine, n)
 
     async def asyncpg_tx(n: int) -> None:
         async with pool.acquire() as conn, conn.transaction():
