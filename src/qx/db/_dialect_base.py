@@ -46,6 +46,9 @@ class Dialect:
         read_only_options: connection execution options that make the server refuse writes
             in a transaction (PostgreSQL's ``READ ONLY``; none on SQLite, where qx's own
             check is all there is).
+        combines_inserts: whether INSERTs into several tables can go as one statement
+            (PostgreSQL: data-modifying ``WITH``), so a commit's new rows cost one round
+            trip (see ``qx.db._writes``).
     """
 
     name: ClassVar[str]
@@ -58,6 +61,7 @@ class Dialect:
     replicates: ClassVar[bool] = False
     transaction_id: ClassVar[ColumnElement[str] | None] = None
     read_only_options: ClassVar[Mapping[str, Any]] = MappingProxyType({})
+    combines_inserts: ClassVar[bool] = False
     commit_probe: CommitProbe
 
     def insert(self, table: Table) -> postgresql.Insert | sqlite.Insert:

@@ -4,7 +4,9 @@ Creating an order with its lines is the hottest write path of most services. Whe
 work holds nothing but new objects of plainly mapped classes, qx writes them with one
 multi-row Core INSERT per table (parents first, foreign keys copied from the parents as the
 flush would), then hands the objects back to the session's bookkeeping as persistent rows —
-the same rows, stamps and errors as the flush, without its per-object machinery.
+the same rows, stamps and errors as the flush, without its per-object machinery. The rows
+are held back to go with the commit stages' rows (the outbox's), as one statement where the
+backend can (``qx.db._writes``).
 
 A primary key the database generates (an autoincrement integer left ``None``) is read back
 with ``RETURNING`` in the order the rows were given, then copied into the children, as the
@@ -34,7 +36,7 @@ from qx.db._mapping import entity_info
 from qx.db._model import InsertPlan, Unset, model_of
 from qx.db._session import QxSession, in_aggregate, stamp_new
 from qx.db._tracking import members, transaction_of
-from qx.db._writes import WriteStatement, execute_write, own_columns
+from qx.db._writes import WriteStatement, defer_write, execute_write, own_columns
 
 __all__ = ["forget_inserted", "insert_new_aggregates"]
 
@@ -169,9 +171,14 @@ async def insert_new_aggregates(session: AsyncSession) -> list[Any] | None:
         by_plan[plan.table] = plan
     # Parents before children; one table needs no sorting (the usual single-root case).
     tables = list(by_table) if len(by_table) == 1 else _parents_first(tuple(by_table))
-    # All statements in one trip into the session's greenlet (each trip costs about as
-    # much CPU as a small statement).
-    await session.run_sync(_write, [(by_plan[t], by_table[t], keyless[t]) for t in tables])
+    steps = [(by_plan[t], by_table[t], keyless[t]) for t in tables]
+    if any(keyless[t] and by_plan[t].generated for t in tables):
+        # A key comes back from the database: the statements go now, in one trip into the
+        # session's greenlet (each trip costs about as much CPU as a small statement).
+        await session.run_sync(_write, steps)
+    else:
+        # Every row is known: held back, to go with the commit's next write (qx.db._writes).
+        _write(sync, steps)
     transaction_of(sync).flushed = True
     sync.expunge_all()
     for obj in new:
@@ -192,10 +199,10 @@ def _write(sync: Session, steps: list[tuple[InsertPlan, list[InstanceState[Any]]
     for plan, table_states, keyless in steps:
         generated = plan.generated if keyless else None
         rows = [_row(plan, state, generated) for state in table_states]
-        returning = () if generated is None else (generated[1],)
-        # The first write names the transaction too (where the backend can).
-        back = execute_write(sync, plan.statement, rows, returning=returning)
-        if generated is not None:
+        if generated is None:
+            defer_write(sync, plan.statement, rows)
+        else:
+            back = execute_write(sync, plan.statement, rows, returning=(generated[1],))
             for state, row in zip(table_states, back, strict=True):
                 setattr(state.obj(), generated[0], row[0])
         # What the flush's foreign-key sync does: children take their parent's key.

@@ -41,7 +41,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from qx.core._aggregate import RecordedEvent
 from qx.core._errors import ConfigurationError
 from qx.core._events import Event, IntegrationEvent
-from qx.db._writes import WriteStatement, execute_write
+from qx.db._writes import WriteStatement, execute_write, send_pending
 
 __all__ = [
     "STAGE_ENTRY_POINTS",
@@ -62,7 +62,9 @@ class CommitContext:
 
     Attributes:
         records: the events the commit settled (every dispatch round), in recording order.
-        session: the unit of work's session (flushed: generated keys are known).
+        session: the unit of work's session (flushed: generated keys are known). The new
+            aggregates' rows may still be held back, to go with the stages' rows in one
+            statement: read through :meth:`connection`, which sends them first.
         engine: the engine the unit of work commits through, or ``None`` when its session
             factory is bound to a connection (an outer transaction commits).
     """
@@ -78,14 +80,17 @@ class CommitContext:
         return self._correlation()
 
     async def connection(self) -> AsyncConnection:
-        """The transaction's connection, for statements outside the ORM."""
+        """The transaction's connection, for statements outside the ORM. The rows qx held
+        back to send with the stages' rows are sent first, so statements read them."""
+        await self.session.run_sync(send_pending)
         return await self.session.connection()
 
     async def insert(
         self, statement: Insert | WriteStatement, rows: Sequence[dict[str, Any]]
     ) -> None:
-        """INSERT ``rows`` in the transaction. Where the backend can, the same round trip
-        names the transaction, and COMMIT then needs no question of its own to be safe
+        """INSERT ``rows`` in the transaction, with the new aggregates' rows held back until
+        now (in one statement where the backend can). Where the backend can, the same round
+        trip names the transaction, and COMMIT then needs no question of its own to be safe
         against a lost answer (see ``qx.db._writes``).
 
         A stage that inserts on every commit passes a ``WriteStatement`` it built once: a

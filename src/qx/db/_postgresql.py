@@ -3,6 +3,7 @@ date and timestamp codecs, SQLSTATE-named errors, probing a lost COMMIT by trans
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from datetime import UTC, date, datetime, timedelta
 from types import MappingProxyType
@@ -17,7 +18,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from qx.db._commit import TRANSACTION_NAME_SQL, PostgresProbe
 from qx.db._dialect_base import Dialect
-from qx.db._translate import sqlstate_of
+from qx.db._translate import driver_error, sqlstate_of
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -25,6 +26,9 @@ if TYPE_CHECKING:
     from qx.settings import DatabaseSettings
 
 __all__ = ["PostgreSQL", "install_asyncpg_codecs"]
+
+#: A relation's name as a statement gives it (optionally after its schema): its last part.
+_RELATION: Final = re.compile(r'(?:(?:"[^"]+"|\w+)\s*\.\s*)?(?:"([^"]+)"|(\w+))')
 
 
 class PostgreSQL(Dialect):
@@ -36,6 +40,7 @@ class PostgreSQL(Dialect):
     locks_rows = True
     notifies = True
     replicates = True
+    combines_inserts = True
     # The top-level transaction's name (what the commit probe keeps and asks about).
     transaction_id: ClassVar[ColumnElement[str] | None] = literal_column(
         TRANSACTION_NAME_SQL, Text
@@ -58,7 +63,18 @@ class PostgreSQL(Dialect):
         return func.replace(func.lower(func.upper(decomposed)), "ß", "ss")
 
     async def lacks_table(self, connection: AsyncConnection, exc: DBAPIError, table: Table) -> bool:
-        return exc.orig is not None and sqlstate_of(exc.orig) == "42P01"  # undefined table
+        if exc.orig is None or sqlstate_of(exc.orig) != "42P01":  # undefined table
+            return False
+        # One statement may write several tables (qx.db._writes): the relation the error's
+        # position points at in the statement is the missing one.
+        position = getattr(driver_error(exc), "position", None)
+        if not position or not exc.statement:
+            return True
+        named = _RELATION.match(exc.statement, int(position) - 1)
+        if named is None:
+            return True
+        quoted, plain = named.group(1), named.group(2)
+        return quoted == table.name if quoted is not None else plain.lower() == table.name.lower()
 
     def engine_options(self, db: DatabaseSettings, url: URL) -> dict[str, Any]:
         server_settings = {"application_name": "qx"}

@@ -120,6 +120,8 @@ class TransactionState:
         released: for each root let go of by :meth:`release` and still alive, the list it
             records events into (the root itself weakly, to forget it when it goes).
         links: for each part of a released root (its state, weakly), its :class:`RootLink`.
+        pending: qx's INSERTs held back to go with the transaction's next write or with
+            COMMIT, in order (``qx.db._writes.defer_write``).
     """
 
     __slots__ = (
@@ -130,6 +132,7 @@ class TransactionState:
         "flushed",
         "keys_changed",
         "links",
+        "pending",
         "read_only",
         "released",
         "roots",
@@ -148,6 +151,7 @@ class TransactionState:
         self.read_only = False
         self.transaction_id: str | None = None
         self.keys_changed = False
+        self.pending: list[tuple[Any, list[dict[str, Any]]]] = []
         # Made by the first release: most transactions never stream.
         self.released: dict[int, tuple[ref[Any], list[RecordedEvent]]] | None = None
         self.links: WeakKeyDictionary[InstanceState[Any], RootLink] | None = None
@@ -162,6 +166,7 @@ class TransactionState:
         self.connected = False
         self.transaction_id = None
         self.keys_changed = False
+        self.pending = []
         self.released = None
         self.links = None
 

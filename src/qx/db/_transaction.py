@@ -49,6 +49,8 @@ class TransactionView(Protocol):
     roots: dict[int, Any]
     transaction_id: str | None
     keys_changed: bool
+    #: qx's INSERTs not sent yet, in order: ``(WriteStatement, rows)`` (see ``qx.db._writes``)
+    pending: list[tuple[Any, list[dict[str, Any]]]]
 
     def track(self, root: Any) -> None:
         """Hold ``root`` until the transaction ends."""

@@ -72,6 +72,7 @@ from qx.db._session import QxSession, has_writes
 from qx.db._state import UnitOfWorkState
 from qx.db._tracking import renew_transient, transaction_of
 from qx.db._translate import driver_error, translating
+from qx.db._writes import send_pending
 from qx.db.query._cursor import CursorCodec
 
 __all__ = ["UnitOfWork", "UnitOfWorkFactory", "UnitOfWorkState"]
@@ -524,9 +525,9 @@ class UnitOfWork:
         engine = self._session_factory.kw.get("bind")
         probe = dialect_of(engine).commit_probe if isinstance(engine, AsyncEngine) else None
         if probe is None or not isinstance(engine, AsyncEngine):
-            # Nothing to find out (bound to an outer connection): COMMIT flushes what is
-            # left itself, one call.
-            await session.commit()
+            # Nothing to find out (bound to an outer connection): the rows held back, then
+            # COMMIT (which flushes what is left itself), in one trip.
+            await session.run_sync(_send_and_commit)
             return
         # The handle and COMMIT in one trip into the session's greenlet (each trip costs
         # about as much CPU as a small statement).
@@ -604,9 +605,16 @@ def _driver_reason(error: BaseException) -> str:
 def _name_and_commit(
     session: Session, probe: CommitProbe, taken: list[TransactionHandle | None]
 ) -> None:
-    """Take the transaction's handle (kept in ``taken`` before anything else can fail),
+    """Send the rows held back (their statement names the transaction where the backend
+    can), take the transaction's handle (kept in ``taken`` before anything else can fail),
     then COMMIT."""
+    send_pending(session)
     taken.append(probe.handle(session))
+    session.commit()
+
+
+def _send_and_commit(session: Session) -> None:
+    send_pending(session)
     session.commit()
 
 

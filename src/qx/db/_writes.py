@@ -16,6 +16,16 @@ cache key, an execution context, a result object). On the place-order benchmark 
 was a third of the client's CPU spent executing qx's INSERTs. A statement that needs more
 than parameters (Python-side column defaults, expanding ``IN``, schema translation,
 several rows with ``RETURNING``) is executed by the ``Connection`` itself.
+
+The rows of new aggregates are held back (:func:`defer_write`) and go with the transaction's
+next qx write - a commit stage's rows, the outbox's - or just before COMMIT
+(:func:`send_pending`). Where the backend can (PostgreSQL), all of them go as one statement
+of data-modifying ``WITH`` clauses, which also names the transaction: placing an order with
+its lines and its outbox row is then BEGIN, one INSERT, COMMIT, where it was BEGIN, three
+INSERTs, COMMIT. Constraints see the rows of every table, as for separate statements (a
+foreign key is checked at the end of the statement). A step of many rows goes on its own as
+an ``executemany``: one statement per shape of rows is compiled, and many rows would make
+many shapes.
 """
 
 from __future__ import annotations
@@ -24,8 +34,19 @@ import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, Final, NamedTuple, cast
 
-from sqlalchemy import Column, ColumnElement, Connection, Insert, Table, Update
+from sqlalchemy import (
+    Column,
+    ColumnElement,
+    Connection,
+    Insert,
+    Table,
+    Update,
+    bindparam,
+    literal_column,
+    select,
+)
 from sqlalchemy.engine.interfaces import Dialect as SADialect
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Mapper, Session
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.util import _repr_params
@@ -35,11 +56,18 @@ from qx.db._transaction import existing_transaction
 
 __all__ = [
     "WriteStatement",
+    "defer_write",
     "execute_update",
     "execute_write",
     "names_transaction",
     "own_columns",
+    "send_pending",
 ]
+
+#: A step with more rows than this is not combined with others: it goes as an executemany.
+COMBINED_ROWS: Final = 16
+#: Nor are steps whose parameters would pass this (asyncpg takes 32,767 per statement).
+COMBINED_PARAMETERS: Final = 2000
 
 
 class WriteStatement:
@@ -72,8 +100,9 @@ class WriteStatement:
         # Keyed by the columns' ids; the columns are kept in the value, so no id is reused.
         self._variants: dict[tuple[Any, ...], tuple[tuple[Any, ...], Insert | Update]] = {}
         # Per backend (held weakly: engines come and go), per variant and row keys: the
-        # compiled form _run executes (None: the Connection executes it).
-        self._forms: weakref.WeakKeyDictionary[SADialect, dict[Any, _Compiled | None]] = (
+        # compiled form _run executes (None: the Connection executes it); and, on the first
+        # statement of a combined write, per shape of the steps, its compiled form.
+        self._forms: weakref.WeakKeyDictionary[SADialect, dict[Any, Any]] = (
             weakref.WeakKeyDictionary()
         )
 
@@ -100,7 +129,8 @@ def execute_write(
     *,
     returning: Sequence[ColumnElement[Any]] = (),
 ) -> Sequence[Any]:
-    """Execute ``statement`` with ``rows`` on the session's connection; note the
+    """Execute ``statement`` with ``rows`` on the session's connection, after (or, where the
+    backend can, together with) the rows held back by :func:`defer_write`; note the
     transaction's name from the same round trip when it is not known yet.
 
     Synchronous, on the session of an ``AsyncSession`` (``await session.run_sync(...)``):
@@ -112,6 +142,82 @@ def execute_write(
         The ``returning`` columns of each row, in the order of ``rows`` (empty without).
     """
     connection = session.connection()
+    steps = _take_pending(session)
+    if not returning:
+        steps.append((statement, list(rows)))
+        _send(session, connection, steps)
+        return ()
+    _send(session, connection, steps)
+    return _write(session, connection, statement, rows, returning)
+
+
+def defer_write(session: Session, statement: WriteStatement, rows: list[dict[str, Any]]) -> None:
+    """Hold ``rows`` back: they go with the transaction's next qx write, or with COMMIT
+    (:func:`send_pending`), in the order they were given. Nothing reads them before: the
+    caller writes rows that nothing of the transaction reads back before COMMIT."""
+    record = existing_transaction(session)
+    if record is None:  # not a qx session: nobody would send them later
+        execute_write(session, statement, rows)
+    elif rows:
+        record.pending.append((statement, rows))
+
+
+def send_pending(session: Session) -> None:
+    """Send the rows :func:`defer_write` held back (before COMMIT, or a statement that
+    may read them)."""
+    steps = _take_pending(session)
+    if steps:
+        _send(session, session.connection(), steps)
+
+
+def _take_pending(session: Session) -> list[tuple[WriteStatement, list[dict[str, Any]]]]:
+    # Taken before they are sent: a failed send is not sent again by the next statement.
+    record = existing_transaction(session)
+    if record is None or not record.pending:
+        return []
+    steps, record.pending = record.pending, []
+    return steps
+
+
+def _send(
+    session: Session, connection: Connection, steps: list[tuple[WriteStatement, list[Any]]]
+) -> None:
+    """Write ``steps`` in order, as one statement where the backend can."""
+    steps = [step for step in steps if step[1]]
+    if len(steps) > 1 and dialect_of(connection).combines_inserts:
+        column = _name_column(session, connection)
+        form = _combined_form(connection, steps, column)
+        if form is not None:
+            params = [
+                value
+                if source is None
+                else steps[source[0]][1][source[1]][source[2]]
+                if convert is None
+                else convert(steps[source[0]][1][source[1]][source[2]])
+                for source, value, convert in form.params
+            ]
+            fetched, _ = _cursor_run(
+                connection,
+                form.sql,
+                connection.dialect.execute_sequence_format(params),
+                many=False,
+                fetch=column is not None,
+                converts=form.results,
+            )
+            if column is not None and fetched:
+                _note_name(session, fetched[0][0])
+            return
+    for statement, rows in steps:
+        _write(session, connection, statement, rows, ())
+
+
+def _write(
+    session: Session,
+    connection: Connection,
+    statement: WriteStatement,
+    rows: Sequence[dict[str, Any]],
+    returning: Sequence[ColumnElement[Any]],
+) -> Sequence[Any]:
     column = _name_column(session, connection)
     wanted = (*returning, column) if column is not None else tuple(returning)
     if not wanted:
@@ -129,12 +235,14 @@ def execute_update(
     session: Session, statement: WriteStatement, rows: Sequence[dict[str, Any]]
 ) -> int:
     """Execute the UPDATE ``statement`` with ``rows`` (one row when the transaction's name
-    is still to come back: see :func:`names_transaction`) on the session's connection.
+    is still to come back: see :func:`names_transaction`) on the session's connection,
+    after the rows held back by :func:`defer_write`.
 
     Returns:
         How many rows matched its WHERE clause, in all (``-1``: the driver cannot tell for
         several rows).
     """
+    send_pending(session)
     connection = session.connection()
     column = _name_column(session, connection) if len(rows) == 1 else None
     if column is None:
@@ -195,10 +303,11 @@ class _Compiled(NamedTuple):
     """A write compiled for one backend and one set of row keys: what :func:`_run` sends."""
 
     sql: str
-    #: per driver parameter, in order: the row key it takes (``None``: a constant), the
-    #: constant (already converted for the driver), and the conversion the column's type
-    #: applies to a row's value for the driver (or ``None``)
-    params: tuple[tuple[str | None, Any, Callable[[Any], Any] | None], ...]
+    #: per driver parameter, in order: where it comes from (the row key; in a combined
+    #: write, ``(step, row, key)``; ``None``: a constant), the constant (already converted
+    #: for the driver), and the conversion the column's type applies to a row's value for
+    #: the driver (or ``None``)
+    params: tuple[tuple[Any, Any, Callable[[Any], Any] | None], ...]
     #: per returned column, the conversion of its value (or ``None``)
     results: tuple[Callable[[Any], Any] | None, ...]
 
@@ -250,16 +359,34 @@ def _run(
         )
         for row in rows
     ]
+    return _cursor_run(
+        connection,
+        form.sql,
+        params if many else params[0],
+        many=many,
+        fetch=fetch,
+        converts=form.results,
+    )
+
+
+def _cursor_run(
+    connection: Connection,
+    sql: str,
+    params: Any,
+    *,
+    many: bool,
+    fetch: bool,
+    converts: tuple[Callable[[Any], Any] | None, ...],
+) -> tuple[Sequence[Sequence[Any]], int]:
     cursor = connection.connection.cursor()
     try:
-        _execute(connection, cursor, form.sql, params if many else params[0], many=many)
+        _execute(connection, cursor, sql, params, many=many)
         matched = int(cursor.rowcount)
         if not fetch:
             return (), matched
         found = cursor.fetchall()
     finally:
         cursor.close()
-    converts = form.results
     if not any(converts):
         return found, matched
     return [
@@ -315,25 +442,35 @@ def _compile(
     than its parameters (then the Connection executes it)."""
     compiled = statement.compile(dialect=dialect, column_keys=list(keys), for_executemany=many)
     assert isinstance(compiled, SQLCompiler)
+    if many and compiled.effective_returning:
+        return None
+    return _compiled(dialect, compiled, {key: key for key in keys})
+
+
+def _compiled(
+    dialect: SADialect, compiled: SQLCompiler, sources: dict[str, Any]
+) -> _Compiled | None:
+    """What :func:`_run` needs of ``compiled``: each parameter taken from the row by its
+    ``sources`` entry (by bind name), or bound in the statement; ``None`` when it needs
+    more than its parameters."""
     if (
         not compiled.positional
         or compiled.insert_prefetch
         or compiled.update_prefetch
         or compiled.literal_execute_params
         or compiled.post_compile_params
-        or (many and compiled.effective_returning)
     ):
         return None
     processors = compiled._bind_processors
-    wanted = set(keys)
-    params: list[tuple[str | None, Any, Callable[[Any], Any] | None]] = []
+    params: list[tuple[Any, Any, Callable[[Any], Any] | None]] = []
     assert compiled.positiontup is not None  # positional
     for name in compiled.positiontup:
         bind = compiled.binds[name]
         # A positional statement without expanding IN has one processor per parameter.
         convert = cast("Callable[[Any], Any] | None", processors.get(name))
-        if bind.key in wanted:
-            params.append((bind.key, None, convert))
+        source = sources.get(bind.key)
+        if source is not None:
+            params.append((source, None, convert))
         elif bind.callable is None and not bind.required:
             # Bound in the statement: the same driver value on every execution.
             value = bind.effective_value
@@ -344,3 +481,65 @@ def _compile(
         column.type._cached_result_processor(dialect, None) for column in compiled._result_columns
     )
     return _Compiled(compiled.string, tuple(params), results)
+
+
+def _combined_form(
+    connection: Connection,
+    steps: list[tuple[WriteStatement, list[dict[str, Any]]]],
+    column: ColumnElement[str] | None,
+) -> _Compiled | None:
+    """The one statement writing ``steps`` (and returning the transaction's name when
+    ``column``), compiled once per shape of the steps; ``None`` when they do not combine."""
+    if (
+        any(len(rows) > COMBINED_ROWS for _, rows in steps)
+        or sum(len(rows) * len(rows[0]) for _, rows in steps) > COMBINED_PARAMETERS
+        or connection.get_execution_options().get("schema_translate_map")
+    ):
+        return None
+    shape = (
+        "combined",
+        column is not None,
+        tuple((id(owner), tuple(sorted(rows[0])), len(rows)) for owner, rows in steps),
+    )
+    forms = steps[0][0]._forms.get(connection.dialect)
+    if forms is None:
+        forms = steps[0][0]._forms[connection.dialect] = {}
+    found = forms.get(shape)
+    if found is None:
+        # The statements are kept with the form: their ids in the shape stay theirs.
+        form = _compile_combined(connection.dialect, steps, column)
+        found = forms[shape] = (form, tuple(owner for owner, _ in steps))
+    combined: _Compiled | None = found[0]
+    return combined
+
+
+def _compile_combined(
+    dialect: SADialect,
+    steps: list[tuple[WriteStatement, list[dict[str, Any]]]],
+    column: ColumnElement[str] | None,
+) -> _Compiled | None:
+    """``WITH w0 AS (INSERT ... VALUES (...), (...)), w1 AS (...) SELECT <column>``, each
+    parameter taken from ``(step, row, key)``."""
+    sources: dict[str, tuple[int, int, str]] = {}
+    parts = []
+    try:
+        for index, (owner, rows) in enumerate(steps):
+            statement = owner.statement
+            if not isinstance(statement, Insert):
+                return None
+            keys = sorted(rows[0])
+            values = []
+            for number in range(len(rows)):
+                row = {}
+                for key in keys:
+                    name = f"qx_{index}_{number}_{len(sources)}"
+                    sources[name] = (index, number, key)
+                    row[key] = bindparam(name, type_=statement.table.c[key].type)
+                values.append(row)
+            parts.append(statement.values(values).cte(f"qx_w{index}"))
+        head = literal_column("1") if column is None else column
+        compiled = select(head).add_cte(*parts).compile(dialect=dialect)
+    except (SQLAlchemyError, KeyError):
+        return None  # a statement with VALUES of its own, a key that is not a column
+    assert isinstance(compiled, SQLCompiler)
+    return _compiled(dialect, compiled, sources)
