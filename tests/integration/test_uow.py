@@ -389,3 +389,15 @@ async def test_a_read_only_unit_of_work_reads_and_refuses_writes_on_every_backen
         with pytest.raises(InvalidConsistencyToken):
             async with uow_factory.read_only(consistency_token="forged.token"):
                 pass
+
+
+async def test_a_read_only_unit_of_work_refuses_new_aggregates(uow_factory: Factory) -> None:
+    # New aggregates alone go through the insert path, not the flush: refused all the same,
+    # before anything is sent (SQLite has no read-only transactions to refuse them).
+    with request_context(tenant_id="t1"):
+        async with uow_factory.read_only() as uow:
+            await uow.orders.add(new_order("never", "A"))
+            with pytest.raises(UnitOfWorkError, match="read-only"):
+                await uow.commit()
+        async with uow_factory() as uow:
+            assert await uow.orders.query().filter(customer="never").count() == 0

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from uuid import UUID
+from uuid import UUID, SafeUUID
 
 __all__ = ["new_id", "uuid7_timestamp_ms"]
 
@@ -50,6 +50,13 @@ def _forget_page() -> None:
 
 os.register_at_fork(after_in_child=_forget_page)
 
+# ``UUID(int=...)`` checks its arguments in Python (a tenth of an id's cost): the value
+# built here is a valid 128-bit UUIDv7 by construction, so the instance is made as
+# ``UUID.__init__`` would leave it (its two slots), without the checks.
+_new_uuid = object.__new__
+_set_slot = object.__setattr__
+_UNKNOWN = SafeUUID.unknown
+
 
 def new_id() -> UUID:
     """Return a new UUIDv7, greater than every id this process returned before."""
@@ -70,7 +77,10 @@ def new_id() -> UUID:
         ms, counter = _last_ms, _counter
         rand_b = _random(8) & 0x3FFF_FFFF_FFFF_FFFF
     value = (ms & 0xFFFF_FFFF_FFFF) << 80 | 0x7 << 76 | counter << 64 | 0b10 << 62 | rand_b
-    return UUID(int=value)
+    made = _new_uuid(UUID)
+    _set_slot(made, "int", value)
+    _set_slot(made, "is_safe", _UNKNOWN)
+    return made
 
 
 def uuid7_timestamp_ms(value: UUID) -> int:

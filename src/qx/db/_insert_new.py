@@ -34,7 +34,7 @@ from sqlalchemy.sql.util import sort_tables
 from qx.core._context import current_context
 from qx.db._mapping import entity_info
 from qx.db._model import InsertPlan, Unset, model_of
-from qx.db._session import QxSession, in_aggregate, stamp_new
+from qx.db._session import QxSession, in_aggregate, refuse_writes, stamp_new
 from qx.db._tracking import members, transaction_of
 from qx.db._writes import WriteStatement, defer_write, execute_write, own_columns
 
@@ -150,8 +150,9 @@ async def insert_new_aggregates(session: AsyncSession) -> list[Any] | None:
         mapper = state.mapper
         if id(obj) not in filled and not entity_info(mapper).is_root and in_aggregate(mapper):
             return None  # a part no new root holds: the flush's rule refuses it, once
-    # What the before_flush hook does: tenant, audit and version stamps.
+    # What the before_flush hook does: the read-only check; tenant, audit and version stamps.
     tx = transaction_of(sync)
+    refuse_writes(sync, tx)
     stamp_new(sync, current_context(), tx.clock.now(), tx)
     # Found before anything is written: a value the flush would default.
     for obj, state, plan in zip(new, states, plans, strict=True):

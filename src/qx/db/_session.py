@@ -50,6 +50,7 @@ __all__ = [
     "has_writes",
     "in_aggregate",
     "key_load_sees_pending",
+    "refuse_writes",
     "stamp_new",
 ]
 
@@ -367,14 +368,21 @@ def _bump(root: Any, state: InstanceState[Any], info: EntityInfo, now: Any) -> N
         setattr(root, info.updated_key, now)
 
 
-@event.listens_for(QxSession, "before_flush")
-def _before_flush(session: QxSession, _flush: UOWTransaction, _instances: Any) -> None:
-    tx = transaction_of(session)
+def refuse_writes(session: Session, tx: TransactionState) -> None:
+    """Raise ``UnitOfWorkError`` if a read-only unit of work has anything to write: every
+    write path asks here before it sends anything (SQLite has no read-only transactions to
+    refuse it)."""
     if tx.read_only and (session.new or session.deleted or session.dirty):
         raise UnitOfWorkError(
             "a read-only unit of work cannot write (use the factory's read-write units of "
             "work for commands)"
         )
+
+
+@event.listens_for(QxSession, "before_flush")
+def _before_flush(session: QxSession, _flush: UOWTransaction, _instances: Any) -> None:
+    tx = transaction_of(session)
+    refuse_writes(session, tx)
     tx.flushed = True
     ctx = current_context()
     now = tx.clock.now()
