@@ -1,10 +1,13 @@
 """The insert fast path: a transaction that only creates aggregates skips the ORM flush.
 
-Creating an order with its lines is the hottest write path of most services. When a unit of
-work holds nothing but new objects of plainly mapped classes, qx writes them with one
+Creating an order with its lines is the hottest write path of most services. A repository
+notes the new objects it is given on the transaction rather than handing them to the session
+(whatever else uses the session takes them in first: ``QxSession.take_in_new``). When a
+unit of work holds nothing but new objects of plainly mapped classes, qx writes them with one
 multi-row Core INSERT per table (parents first, foreign keys copied from the parents as the
-flush would), then hands the objects back to the session's bookkeeping as persistent rows —
-the same rows, stamps and errors as the flush, without its per-object machinery. The rows
+flush would), then leaves the objects detached with their identity, as flushed rows are
+once the session closes - the same rows, stamps and errors as the flush, without its
+per-object machinery. The rows
 are held back to go with the commit stages' rows (the outbox's), as one statement where the
 backend can (``qx.db._writes``).
 
@@ -38,7 +41,7 @@ from qx.db._session import QxSession, in_aggregate, refuse_writes, stamp_new
 from qx.db._tracking import members, transaction_of
 from qx.db._writes import WriteStatement, defer_write, execute_write, own_columns
 
-__all__ = ["forget_inserted", "insert_new_aggregates"]
+__all__ = ["forget_inserted", "insert_new_aggregates", "writes_directly"]
 
 _MISSING: Final = object()
 
@@ -48,6 +51,12 @@ def _plan(mapper: Mapper[Any]) -> InsertPlan | None:
     if isinstance(model.insert_plan, Unset):
         model.insert_plan = _build_plan(mapper)
     return model.insert_plan
+
+
+def writes_directly(mapper: Mapper[Any]) -> bool:
+    """Whether new instances of ``mapper`` can be written by this path (a plain mapping,
+    no insert listeners); the session's state decides at commit."""
+    return _plan(mapper) is not None
 
 
 def _build_plan(mapper: Mapper[Any]) -> InsertPlan | None:
@@ -97,9 +106,7 @@ def _build_plan(mapper: Mapper[Any]) -> InsertPlan | None:
     )
 
 
-def _eligible_session(sync: Any) -> bool:
-    if sync.identity_map or sync.dirty or sync.deleted or not sync.new:
-        return False
+def _no_flush_listeners(sync: Session) -> bool:
     dispatch = sync.dispatch
     # qx's own before_flush is the only flush listener the fast path reproduces.
     return (
@@ -109,8 +116,43 @@ def _eligible_session(sync: Any) -> bool:
     )
 
 
+def _new_objects(sync: QxSession) -> tuple[list[Any], bool] | None:
+    """The new objects to write, and whether they are the session's (else the ones
+    repositories added, with their parts); ``None`` when the flush must write them."""
+    if sync.identity_map or sync.new or sync.deleted:
+        # The session holds objects of its own (loaded ones: dirty or deleted objects are
+        # among them): everything goes through its bookkeeping.
+        sync.take_in_new()
+        if sync.identity_map or not sync.new or not _no_flush_listeners(sync):
+            return None
+        return list(sync.new), True
+    unattached = transaction_of(sync).unattached
+    if not unattached or not _no_flush_listeners(sync):
+        return None
+    found: list[Any] = []
+    seen: set[int] = set()
+    # Each root then its parts, in the order added and held: the order the session's
+    # cascade finds them, and so the order their rows are inserted (which a collection
+    # without ORDER BY loads them in, on most backends).
+    stack = list(reversed(unattached.values()))
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        found.append(obj)
+        state = instance_state(obj)
+        plan = _plan(state.mapper)
+        if plan is None or state.key is not None or state.session_id is not None:
+            return None  # a part of another kind, or stored already: the flush's case
+        for key, _ in reversed(plan.owned):
+            stack.extend(reversed(list(members(state.dict.get(key)))))
+    return found, False
+
+
 async def insert_new_aggregates(session: AsyncSession) -> list[Any] | None:
-    """Insert the session's new objects without a flush; ``None`` when not applicable.
+    """Insert the new objects of the unit of work without a flush; ``None`` when not
+    applicable (then the flush writes them).
 
     Called by the unit of work at commit, before the regular flush. On success the objects
     are written (in this transaction) and detached-with-identity, like flushed rows after the
@@ -118,9 +160,12 @@ async def insert_new_aggregates(session: AsyncSession) -> list[Any] | None:
     transient again (:func:`forget_inserted`), as a rolled-back flush would.
     """
     sync = session.sync_session
-    if not isinstance(sync, QxSession) or not _eligible_session(sync):
+    if not isinstance(sync, QxSession):
         return None
-    new = list(sync.new)
+    found = _new_objects(sync)
+    if found is None:
+        return None
+    new, attached = found
     states = [instance_state(obj) for obj in new]
     plans: list[InsertPlan] = []
     keyless: dict[Table, bool] = {}  # per table: its rows leave the key to the database
@@ -153,7 +198,7 @@ async def insert_new_aggregates(session: AsyncSession) -> list[Any] | None:
     # What the before_flush hook does: the read-only check; tenant, audit and version stamps.
     tx = transaction_of(sync)
     refuse_writes(sync, tx)
-    stamp_new(sync, current_context(), tx.clock.now(), tx)
+    stamp_new(new, sync, current_context(), tx.clock.now(), tx)
     # Found before anything is written: a value the flush would default.
     for obj, state, plan in zip(new, states, plans, strict=True):
         values = state.dict
@@ -180,8 +225,11 @@ async def insert_new_aggregates(session: AsyncSession) -> list[Any] | None:
     else:
         # Every row is known: held back, to go with the commit's next write (qx.db._writes).
         _write(sync, steps)
-    transaction_of(sync).flushed = True
-    sync.expunge_all()
+    tx.flushed = True
+    if attached:
+        sync.expunge_all()
+    else:
+        tx.unattached = {}
     for obj in new:
         make_transient_to_detached(obj)
     return new

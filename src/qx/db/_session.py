@@ -120,8 +120,20 @@ class QxSession(Session):
 
     @_translated
     def flush(self, objects: Any = None) -> None:
-        """``Session.flush``; a stale version is ``ConcurrencyConflict`` naming the roots."""
+        """``Session.flush`` (also the autoflush of every query) of everything, the new
+        objects repositories added included; a stale version is ``ConcurrencyConflict``
+        naming the roots."""
+        self.take_in_new()
         super().flush(objects)
+
+    def take_in_new(self) -> None:
+        """Add the new objects repositories added to the session (with their parts, by
+        cascade), as ``Session.add`` would have when they were added: before anything but
+        the commit's insert path uses them (a flush, a load by key)."""
+        record = transaction_of(self)
+        if record.unattached:
+            held, record.unattached = record.unattached, {}
+            self.add_all(list(held.values()))
 
     @_translated
     def commit(self) -> None:
@@ -147,6 +159,8 @@ def key_load_sees_pending(session: Session, mapper: Mapper[Any], keys: Iterable[
         mapper: the mapper loaded.
         keys: primary-key values (a tuple per key for a composite key).
     """
+    if isinstance(session, QxSession):
+        session.take_in_new()
     new = session.new
     if not (new or session.identity_map.check_modified()):
         return False  # nothing pending: the autoflush is a no-op anyway
@@ -195,8 +209,10 @@ def has_writes(session: QxSession) -> bool:
     """Return whether the transaction flushed, or holds unflushed changes."""
     # check_modified() reads the identity map's modified set; ``session.dirty`` would diff
     # every loaded object's attributes, which a read-only unit of work pays on every exit.
+    record = transaction_of(session)
     return (
-        transaction_of(session).flushed
+        record.flushed
+        or bool(record.unattached)
         or session.identity_map.check_modified()
         or bool(session.new or session.deleted)
     )
@@ -294,13 +310,14 @@ def _check_tenant(
 
 
 def stamp_new(
-    session: Session, ctx: RequestContext, now: Any, tx: TransactionState
+    new: Iterable[Any], session: Session, ctx: RequestContext, now: Any, tx: TransactionState
 ) -> tuple[set[InstanceState[Any]], bool]:
-    """Stamp tenant, audit and version columns of new objects; return them and whether a
-    new part of an aggregate is among them."""
+    """Stamp tenant, audit and version columns of the ``new`` objects (the session's, or
+    those the insert path writes); return their states and whether a new part of an
+    aggregate is among them."""
     changed: set[InstanceState[Any]] = set()
     child_changed = False
-    for obj in session.new:
+    for obj in new:
         state = instance_state(obj)
         info = entity_info(state.mapper)
         changed.add(state)
@@ -372,7 +389,7 @@ def refuse_writes(session: Session, tx: TransactionState) -> None:
     """Raise ``UnitOfWorkError`` if a read-only unit of work has anything to write: every
     write path asks here before it sends anything (SQLite has no read-only transactions to
     refuse it)."""
-    if tx.read_only and (session.new or session.deleted or session.dirty):
+    if tx.read_only and (tx.unattached or session.new or session.deleted or session.dirty):
         raise UnitOfWorkError(
             "a read-only unit of work cannot write (use the factory's read-write units of "
             "work for commands)"
@@ -390,7 +407,7 @@ def _before_flush(session: QxSession, _flush: UOWTransaction, _instances: Any) -
     # check fails; and the UPDATEs qx writes itself (qx.db._updates).
     checked: list[tuple[EntityInfo, InstanceState[Any]]] = []
     writes: list[PlannedUpdate] = []
-    changed, child_changed = stamp_new(session, ctx, now, tx)
+    changed, child_changed = stamp_new(session.new, session, ctx, now, tx)
 
     dirty_roots: list[Any] = []
     dirty_parts: list[InstanceState[Any]] = []

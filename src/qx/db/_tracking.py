@@ -122,6 +122,10 @@ class TransactionState:
         links: for each part of a released root (its state, weakly), its :class:`RootLink`.
         pending: qx's INSERTs held back to go with the transaction's next write or with
             COMMIT, in order (``qx.db._writes.defer_write``).
+        unattached: new objects a repository added, by ``id()``, not given to the session
+            yet: the commit writes them without the session's per-object bookkeeping
+            (``qx.db._insert_new``), and anything else the session does first takes them
+            in (``QxSession.take_in_new``), as if they had been added to it.
     """
 
     __slots__ = (
@@ -138,6 +142,7 @@ class TransactionState:
         "roots",
         "rows_checked",
         "transaction_id",
+        "unattached",
     )
 
     def __init__(self, clock: Clock = _SYSTEM_CLOCK) -> None:
@@ -152,6 +157,7 @@ class TransactionState:
         self.transaction_id: str | None = None
         self.keys_changed = False
         self.pending: list[tuple[Any, list[dict[str, Any]]]] = []
+        self.unattached: dict[int, Any] = {}
         # Made by the first release: most transactions never stream.
         self.released: dict[int, tuple[ref[Any], list[RecordedEvent]]] | None = None
         self.links: WeakKeyDictionary[InstanceState[Any], RootLink] | None = None
@@ -167,12 +173,20 @@ class TransactionState:
         self.transaction_id = None
         self.keys_changed = False
         self.pending = []
+        self.unattached = {}
         self.released = None
         self.links = None
 
     def track(self, root: Any) -> None:
         """Hold ``root`` until the transaction ends."""
         self.roots[id(root)] = root
+
+    def add_new(self, obj: Any, *, root: bool) -> None:
+        """Note a new object a repository added (see ``unattached``); a root is held until
+        the transaction ends, as if the session had taken it in."""
+        self.unattached[id(obj)] = obj
+        if root:
+            self.roots[id(obj)] = obj
 
     def has_bumped(self, state: InstanceState[Any]) -> bool:
         """Whether the root of ``state`` was versioned (bumped or inserted) already."""

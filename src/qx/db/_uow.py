@@ -380,7 +380,7 @@ class UnitOfWork:
             if (
                 isinstance(obj, AggregateRoot)
                 and obj.has_pending_events()
-                and instance_state(obj).session_id == session_id
+                and (instance_state(obj).session_id == session_id or id(obj) in tx.unattached)
             ):
                 batch.extend(obj.collect_events())
         batch.sort(key=lambda record: record.seq)
@@ -489,7 +489,7 @@ class UnitOfWork:
         try:
             await self._drain_events(records)
             with translating(sync):
-                if records or sync.new:
+                if records or sync.new or transaction_of(sync).unattached:
                     self._refuse_unclaimed(records)
                     inserted = await insert_new_aggregates(session)
                     if inserted is None:
