@@ -96,9 +96,22 @@ class QxSession(Session):
         self.identity_map = HoldingIdentityMap(transaction_of(self))
 
     def expunge_all(self) -> None:
-        """``Session.expunge_all``; the new identity map holds loaded roots too."""
-        super().expunge_all()  # (also run by close())
-        self.identity_map = HoldingIdentityMap(transaction_of(self))
+        """``Session.expunge_all`` (also the first step of ``close()``): every object leaves
+        the session, and the transaction's hold on the roots it loaded ends with it - a
+        root out of the session has no events for this transaction to collect."""
+        retired = self.identity_map
+        states = retired.all_states() + list(self._new)
+        retired._kill()
+        self.identity_map = _new_map(self, retired)
+        self._new = {}
+        self._deleted = {}
+        # SQLAlchemy's expunge_all detaches every state its map holds (10 lines of Python
+        # each), and each object dies later; an object dying while its map lives also
+        # discards itself from it. Retiring the map first, then dropping the hold, costs an
+        # object nobody else holds neither: it dies now, its map gone.
+        del retired
+        transaction_of(self).roots.clear()
+        _detach(self, states)
 
     @_translated
     def execute(self, statement: Any, params: Any = None, **kw: Any) -> Any:
@@ -396,6 +409,31 @@ def refuse_writes(session: Session, tx: TransactionState) -> None:
         )
 
 
+def _new_map(session: Session, before: Any) -> HoldingIdentityMap:
+    """The identity map replacing ``before`` in ``session``."""
+    after = before if isinstance(before, HoldingIdentityMap) else None
+    return HoldingIdentityMap(transaction_of(session), after=after)
+
+
+def _detach(session: Session, states: list[InstanceState[Any]]) -> None:
+    """Detach ``states`` of a retired identity map from ``session``, as
+    ``InstanceState._detach_states`` does: those whose object is alive."""
+    dispatch = session.dispatch
+    if (
+        dispatch.persistent_to_detached
+        or dispatch.deleted_to_detached
+        or dispatch.pending_to_transient
+        or dispatch.persistent_to_transient
+    ):
+        # It tells the listeners (not of objects that died: neither does a plain session).
+        InstanceState._detach_states([s for s in states if s.obj() is not None], session)
+        return
+    # With no listener to tell, detaching is these two attributes of each state - which a
+    # dead object's state has set already: its cleanup did the same.
+    for state in states:
+        state.session_id = state._strong_obj = None
+
+
 @event.listens_for(QxSession, "before_flush")
 def _before_flush(session: QxSession, _flush: UOWTransaction, _instances: Any) -> None:
     tx = transaction_of(session)
@@ -546,7 +584,7 @@ def _bump_for_parts(
     for obj in list(session.identity_map.values()):
         state = instance_state(obj)
         info = entity_info(state.mapper)
-        if info.is_root and id(obj) not in tx.roots:
+        if info.is_root and instance_state(obj) not in tx.roots:
             tx.track(obj)
             if _walk_parts(state, info, changed, claimed):
                 _consider_bump(session, tx, obj, True, now, checked, writes)

@@ -104,7 +104,10 @@ class TransactionState:
     Attributes:
         clock: the clock of audit columns and soft deletes.
         rows_checked: set while ``Repository.get`` reads one row it checks itself.
-        roots: every aggregate root seen, held strongly, in the order first seen.
+        roots: every aggregate root seen, held strongly, in the order first seen, by its
+            instance state (by identity: never the application's ``__eq__``). The same dict
+            for the record's life - emptied when a transaction ends - so the identity map
+            fills it without going through the record.
         bumped: identity keys (persistent roots) and states (roots inserted in this
             transaction) whose version needs no further bump until the transaction ends.
         checked: ``(info, state)`` of the roots whose version the last flush checked, to
@@ -148,7 +151,7 @@ class TransactionState:
     def __init__(self, clock: Clock = _SYSTEM_CLOCK) -> None:
         self.clock = clock
         self.rows_checked: RowsChecked | None = None
-        self.roots: dict[int, Any] = {}
+        self.roots: dict[InstanceState[Any], Any] = {}
         self.bumped: set[Any] = set()
         self.checked: list[tuple[EntityInfo, InstanceState[Any]]] = []
         self.flushed = False
@@ -165,7 +168,7 @@ class TransactionState:
     def reset(self) -> None:
         """Forget the transaction that ended (the clock stays)."""
         self.rows_checked = None
-        self.roots = {}
+        self.roots.clear()
         self.bumped = set()
         self.checked = []
         self.flushed = False
@@ -179,14 +182,14 @@ class TransactionState:
 
     def track(self, root: Any) -> None:
         """Hold ``root`` until the transaction ends."""
-        self.roots[id(root)] = root
+        self.roots[instance_state(root)] = root
 
     def add_new(self, obj: Any, *, root: bool) -> None:
         """Note a new object a repository added (see ``unattached``); a root is held until
         the transaction ends, as if the session had taken it in."""
         self.unattached[id(obj)] = obj
         if root:
-            self.roots[id(obj)] = obj
+            self.roots[instance_state(obj)] = obj
 
     def has_bumped(self, state: InstanceState[Any]) -> bool:
         """Whether the root of ``state`` was versioned (bumped or inserted) already."""
@@ -214,7 +217,7 @@ class TransactionState:
                 continue
             if state in self.bumped and state.key is not None:
                 self.bumped.add(state.key)  # a reload of the same row is the same aggregate
-            self.roots.pop(id(root), None)
+            self.roots.pop(state, None)
             if isinstance(root, AggregateRoot):
                 key = id(root)
                 # The weak reference's callback forgets a root that died with nothing

@@ -45,8 +45,9 @@ class TransactionView(Protocol):
     rows_checked: RowsChecked | None
     connected: bool
     flushed: bool
-    #: the roots held until the transaction ends, by ``id()``
-    roots: dict[int, Any]
+    #: the roots held until the transaction ends, by instance state (one dict, emptied when
+    #: a transaction ends)
+    roots: dict[InstanceState[Any], Any]
     transaction_id: str | None
     keys_changed: bool
     #: qx's INSERTs not sent yet, in order: ``(WriteStatement, rows)`` (see ``qx.db._writes``)
