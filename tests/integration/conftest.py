@@ -13,7 +13,8 @@ semantics), ``@pytest.mark.skip_on("memory", reason=...)``.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+import gc
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,18 @@ def backend(request: pytest.FixtureRequest) -> str:
     name = str(request.param)
     skip_unless_runs_on(request.node, name)
     return name
+
+
+@pytest.fixture
+def collector_off() -> Iterator[None]:
+    """The cyclic garbage collector off for the test: what is freed is freed by reference
+    counting, at once."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 def skip_unless_runs_on(node: pytest.Item, backend: str) -> None:

@@ -9,9 +9,7 @@ that dispatched events, after a failed block.
 
 from __future__ import annotations
 
-import gc
 import weakref
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -22,16 +20,6 @@ from qx.errors import UnitOfWorkError
 from tests import models
 
 Factory = UnitOfWorkFactory[models.AppUnitOfWork]
-
-
-@pytest.fixture
-def collector_off() -> Iterator[None]:
-    gc.collect()
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
 
 
 async def _opened(factory: Factory) -> Any:

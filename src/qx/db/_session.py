@@ -98,7 +98,8 @@ class QxSession(Session):
     def expunge_all(self) -> None:
         """``Session.expunge_all`` (also the first step of ``close()``): every object leaves
         the session, and the transaction's hold on the roots it loaded ends with it - a
-        root out of the session has no events for this transaction to collect."""
+        root out of the session has no events for this transaction to collect (new roots
+        added through a repository stay: see ``TransactionState.let_go``)."""
         retired = self.identity_map
         states = retired.all_states() + list(self._new)
         retired._kill()
@@ -110,7 +111,7 @@ class QxSession(Session):
         # discards itself from it. Retiring the map first, then dropping the hold, costs an
         # object nobody else holds neither: it dies now, its map gone.
         del retired
-        transaction_of(self).roots.clear()
+        transaction_of(self).let_go()
         _detach(self, states)
 
     @_translated

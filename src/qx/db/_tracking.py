@@ -191,6 +191,17 @@ class TransactionState:
         if root:
             self.roots[instance_state(obj)] = obj
 
+    def let_go(self) -> None:
+        """Stop holding the roots the session held: it let go of its objects
+        (``expunge_all``). The new roots a repository added and the session has not taken in
+        yet stay held - they are the unit of work's own, written at commit with their
+        events."""
+        self.roots.clear()
+        for obj in self.unattached.values():  # empty after a commit: nothing to do at close
+            state = instance_state(obj)
+            if entity_info(state.mapper).is_root:
+                self.roots[state] = obj
+
     def has_bumped(self, state: InstanceState[Any]) -> bool:
         """Whether the root of ``state`` was versioned (bumped or inserted) already."""
         return state in self.bumped or (state.key is not None and state.key in self.bumped)
