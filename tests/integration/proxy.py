@@ -14,7 +14,9 @@ class Proxy:
     ``cut_at(marker)`` makes a connection die around the first client message holding
     ``marker`` (say ``b"COMMIT"``): the message reaches the server and its answer is lost,
     or (``deliver=False``) the message is lost too; ``refuse=True`` refuses every connection
-    after the cut."""
+    after the cut; ``hold_server=True`` delivers the message and drops the client at once
+    while the server's end stays open (its session lives on, answering nobody), as when
+    only the client's side of the path died. ``sent`` is every byte clients sent."""
 
     def __init__(self, target_host: str, target_port: int) -> None:
         self.target = (target_host, target_port)
@@ -24,14 +26,22 @@ class Proxy:
         self._open.set()
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
-        self._cut: tuple[bytes, bool, bool] | None = None
+        self._cut: tuple[bytes, bool, bool, bool] | None = None
+        self.sent = bytearray()
         self.refusing = False
         self.cuts = 0
         self.cut_made = asyncio.Event()  # set by the first cut
 
-    def cut_at(self, marker: bytes, *, deliver: bool = True, refuse: bool = False) -> None:
+    def cut_at(
+        self,
+        marker: bytes,
+        *,
+        deliver: bool = True,
+        refuse: bool = False,
+        hold_server: bool = False,
+    ) -> None:
         """Kill the next connection whose client sends ``marker`` (see the class)."""
-        self._cut = (marker, deliver, refuse)
+        self._cut = (marker, deliver, refuse, hold_server)
 
     def _count_cut(self) -> None:
         self.cuts += 1
@@ -94,8 +104,11 @@ class Proxy:
         answer_lost: asyncio.Event,
         client: asyncio.StreamWriter | None = None,
     ) -> None:
+        hold = False
         try:
             while data := await reader.read(65536):
+                if client is not None:
+                    self.sent += data
                 await self._open.wait()
                 if answer_lost.is_set():
                     # The server answered the cut message: the client never hears it.
@@ -109,17 +122,24 @@ class Proxy:
                 cut = self._cut
                 if client is not None and cut is not None and cut[0] in data:
                     self._cut = None
-                    _, deliver, refuse = cut
+                    _, deliver, refuse, hold = cut
                     self.refusing = refuse
                     if not deliver:  # lost on the way: the server sees the client vanish
                         self._count_cut()
                         writer.close()
                         client.close()
                         return
+                    if hold:  # delivered; the client's end dies, the server's lives on
+                        writer.write(data)
+                        await writer.drain()
+                        self._count_cut()
+                        client.close()
+                        return
                     answer_lost.set()
                 writer.write(data)
                 await writer.drain()
         finally:
-            with contextlib.suppress(Exception):
-                writer.close()
-            self._writers.discard(writer)
+            if not hold:
+                with contextlib.suppress(Exception):
+                    writer.close()
+                self._writers.discard(writer)

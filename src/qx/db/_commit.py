@@ -24,6 +24,18 @@ a transaction that wrote nothing, which has nothing to lose), or returned by qx'
 write, an INSERT or a changed root's UPDATE (:mod:`qx.db._writes`); the question is asked
 with ``pg_xact_status()``.
 
+A transaction that is one statement (the new aggregates' rows and the outbox's, held back to
+COMMIT: see :mod:`qx.db._writes`) is sent without BEGIN and COMMIT: the server commits the
+statement on its own, in one round trip instead of three. Its answer can be lost the same
+way, and no transaction id comes back before it. Its handle is instead a row it writes whose
+key was made for it (an outbox row's new event id), and the server session that ran it (its
+backend's process id and start time, read once per connection, and the server run). After a
+lost answer a fresh connection ends that backend if it is still there
+(``pg_terminate_backend``: the statement has then committed, or never will) and waits until
+it is gone; then the row, present or not, is the answer. On another server run the backend
+is gone with its run, and the row answers at once (a key made for the statement is not
+given again).
+
 SQLite commits in the process: no answer is lost on a wire, but its own COMMIT can fail. A
 busy or locked database, a deferred constraint or an interrupt leave the transaction undone
 (safe to retry); an I/O error, a full disk or a corrupt file can come after the commit record
@@ -45,10 +57,10 @@ import enum
 import logging
 import time
 from collections.abc import Awaitable
-from typing import Final, NamedTuple, Protocol
+from typing import Any, Final, NamedTuple, Protocol
 
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy import Column, Connection, Select, literal, select, text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
 
 from qx.db._driver import fetch_row
@@ -56,11 +68,14 @@ from qx.db._transaction import existing_transaction
 from qx.db._translate import lost_connection
 
 __all__ = [
+    "BACKEND_KEY",
     "COMMIT_PROBE_SECONDS",
     "LOCAL_HANDLE",
     "UNDONE",
+    "Backend",
     "CommitProbe",
     "PostgresProbe",
+    "RowHandle",
     "TransactionHandle",
     "past_cancellation",
 ]
@@ -115,6 +130,30 @@ _STATUS = text(
 _TAKE_ID = text("SELECT pg_current_xact_id()")
 
 
+class Backend(NamedTuple):
+    """The server session behind a connection: what a probe needs to end it.
+
+    Attributes:
+        pid: the backend's process id.
+        started: when it started (Unix seconds, as text: a process id is reused).
+        server: the server run (see :class:`TransactionHandle`).
+    """
+
+    pid: int
+    started: str
+    server: str
+
+
+#: Where the PostgreSQL strategy keeps a connection's :class:`Backend`, in the pool
+#: record's ``info`` (SQLAlchemy's per-connection dict for extensions), read at connect.
+BACKEND_KEY: Final = "qx.backend"
+#: What :data:`BACKEND_KEY` holds, read in one round trip when a connection is made.
+BACKEND_SQL: Final = (
+    f"SELECT pid, extract(epoch FROM backend_start)::text, {_RUN} "
+    "FROM pg_stat_activity WHERE pid = pg_backend_pid()"
+)
+
+
 class TransactionHandle(NamedTuple):
     """A transaction named so that a server can be asked about it after its COMMIT was lost.
 
@@ -132,6 +171,27 @@ class TransactionHandle(NamedTuple):
         transaction, _, server = name.partition("@")
         return cls(transaction, server)
 
+    def __str__(self) -> str:
+        return f"transaction {self.transaction}"
+
+
+class RowHandle(NamedTuple):
+    """A transaction of one statement, sent without BEGIN: named by a row it writes whose
+    key was made for it, and by the backend that ran it.
+
+    Attributes:
+        found: ``SELECT 1`` of that row by its key (value bound).
+        row: ``table(column=value)``, for messages.
+        backend: the server session that ran the statement.
+    """
+
+    found: Select[Any]
+    row: str
+    backend: Backend
+
+    def __str__(self) -> str:
+        return f"the one-statement transaction writing {self.row}"
+
 
 #: The handle of a transaction nobody can be asked about (an SQLite file's).
 LOCAL_HANDLE: Final = TransactionHandle("", "")
@@ -142,6 +202,14 @@ class CommitProbe(Protocol):
 
     def ambiguous(self, error: BaseException) -> bool:
         """Whether a COMMIT that failed with ``error`` may have committed all the same."""
+
+    def lone_handle(
+        self, connection: Connection, column: Column[Any], value: Any
+    ) -> RowHandle | None:
+        """A handle on a transaction about to be sent as one statement without BEGIN on
+        ``connection``, that writes a row whose unique ``column`` is ``value`` (made for
+        this statement). ``None``: the backend cannot tell such a transaction's fate, and
+        it is sent in a transaction of its own."""
 
     def handle(self, session: Session) -> TransactionHandle | None:
         """A handle on the session's transaction, taken just before COMMIT (``None``:
@@ -154,7 +222,7 @@ class CommitProbe(Protocol):
     async def outcome(
         self,
         engine: AsyncEngine,
-        handle: TransactionHandle,
+        handle: TransactionHandle | RowHandle,
         *,
         session: AsyncSession,
         deadline: float,
@@ -203,10 +271,19 @@ class PostgresProbe:
         name = _transaction_name(session)
         return None if name is None else TransactionHandle.parse(name)
 
+    def lone_handle(
+        self, connection: Connection, column: Column[Any], value: Any
+    ) -> RowHandle | None:
+        backend = connection.connection.info.get(BACKEND_KEY)
+        if not isinstance(backend, Backend):
+            return None  # a connection made elsewhere: its backend is not known
+        found = select(literal(1)).select_from(column.table).where(column == value)
+        return RowHandle(found, f"{column.table.name}({column.key}={str(value)[:80]})", backend)
+
     async def outcome(
         self,
         engine: AsyncEngine,
-        handle: TransactionHandle,
+        handle: TransactionHandle | RowHandle,
         *,
         session: AsyncSession,
         deadline: float,
@@ -219,12 +296,15 @@ class PostgresProbe:
             try:
                 async with asyncio.timeout(max(deadline - time.monotonic(), 0.01)):
                     async with engine.connect() as conn, conn.begin():
-                        answer = (
-                            await conn.execute(_STATUS, {"xid": int(handle.transaction)})
-                        ).one()
-                        status, server, standby = answer
-                        if not standby:  # a standby's history may still grow: ask again
-                            verdict = _verdict(handle, status, server)
+                        if isinstance(handle, RowHandle):
+                            verdict = await _row_verdict(conn, handle)
+                        else:
+                            answer = (
+                                await conn.execute(_STATUS, {"xid": int(handle.transaction)})
+                            ).one()
+                            status, server, standby = answer
+                            if not standby:  # a standby's history may still grow: ask again
+                                verdict = _verdict(handle, status, server)
                         if verdict is _Verdict.COMMITTED:
                             # A primary shows its own commits as committed before its
                             # synchronous standbys have them (and a client was told). This
@@ -234,7 +314,7 @@ class PostgresProbe:
                             # survives a failover to them.
                             await conn.execute(_TAKE_ID)
             except Exception as exc:  # the server may be away a little longer
-                logger.info("asking about transaction %s failed (%s)", handle.transaction, exc)
+                logger.info("asking about %s failed (%s)", handle, exc)
                 verdict = _Verdict.ASK_AGAIN
             if verdict is not _Verdict.ASK_AGAIN:
                 return verdict.value  # type: ignore[no-any-return]
@@ -242,6 +322,31 @@ class PostgresProbe:
                 return None
             await asyncio.sleep(pause)
             pause = min(pause * 2, 1.0)
+
+
+# Ends the backend that ran a one-statement transaction if it is still there: a row back
+# means it was (and may still be finishing: ask again until it is gone).
+_END_BACKEND = text(
+    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+    "WHERE pid = :pid AND extract(epoch FROM backend_start)::text = :started"
+)
+_SERVER = text(f"SELECT {_RUN}, pg_is_in_recovery()")
+
+
+async def _row_verdict(conn: AsyncConnection, handle: RowHandle) -> _Verdict:
+    """What one primary says of a one-statement transaction: once the backend that ran it
+    is gone, whether its row is there."""
+    server, standby = (await conn.execute(_SERVER)).one()
+    if standby:
+        return _Verdict.ASK_AGAIN  # its history may still grow
+    backend = handle.backend
+    if server == backend.server:
+        ended = await conn.execute(_END_BACKEND, {"pid": backend.pid, "started": backend.started})
+        if ended.first() is not None:
+            return _Verdict.ASK_AGAIN  # ended now, or on its way out: ask once it is gone
+    # Gone (or gone with its server run): its statement committed or never will.
+    found = (await conn.execute(handle.found)).first()
+    return _Verdict.COMMITTED if found is not None else _Verdict.NOT_COMMITTED
 
 
 def _transaction_name(session: Session) -> str | None:

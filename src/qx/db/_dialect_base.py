@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from datetime import datetime
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 
-from sqlalchemy import Table, false
+from sqlalchemy import Connection, Table, false
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError
@@ -63,6 +64,13 @@ class Dialect:
     read_only_options: ClassVar[Mapping[str, Any]] = MappingProxyType({})
     combines_inserts: ClassVar[bool] = False
     commit_probe: CommitProbe
+
+    def alone(self, connection: Connection) -> AbstractContextManager[None] | None:
+        """A context in which ``connection``'s next statement is a transaction of its own,
+        sent without BEGIN and committed by the server (``None``: not on this backend, or
+        not with the connection's transaction settings). Only for a statement that is
+        everything a transaction writes (see ``qx.db._writes.send_alone``)."""
+        return None
 
     def insert(self, table: Table) -> postgresql.Insert | sqlite.Insert:
         """This backend's ``INSERT`` construct (with ``on_conflict_do_nothing/update``)."""

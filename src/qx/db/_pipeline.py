@@ -41,7 +41,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from qx.core._aggregate import RecordedEvent
 from qx.core._errors import ConfigurationError
 from qx.core._events import Event, IntegrationEvent
-from qx.db._writes import WriteStatement, execute_write, send_pending
+from qx.db._writes import WriteStatement, defer_write, send_pending
 
 __all__ = [
     "STAGE_ENTRY_POINTS",
@@ -88,16 +88,21 @@ class CommitContext:
     async def insert(
         self, statement: Insert | WriteStatement, rows: Sequence[dict[str, Any]]
     ) -> None:
-        """INSERT ``rows`` in the transaction, with the new aggregates' rows held back until
-        now (in one statement where the backend can). Where the backend can, the same round
-        trip names the transaction, and COMMIT then needs no question of its own to be safe
-        against a lost answer (see ``qx.db._writes``).
+        """INSERT ``rows`` in the transaction. They are held back, like the new aggregates'
+        rows, and sent with them just before COMMIT (or before a statement of the
+        transaction: :meth:`connection` sends them first), as one statement where the
+        backend can. Where the backend can, that statement names the transaction, and
+        COMMIT then needs no question of its own to be safe against a lost answer; where
+        it is all the transaction writes and one of its rows has a key made for it
+        (``WriteStatement(..., fresh_key=...)``), it is sent as a transaction of its own,
+        without BEGIN and COMMIT (see ``qx.db._writes``). So a database error of these
+        rows is raised by the commit, after the stages ran.
 
         A stage that inserts on every commit passes a ``WriteStatement`` it built once: a
         bare ``Insert`` is walked again each time to find its compiled form."""
         if not isinstance(statement, WriteStatement):
             statement = WriteStatement(statement)
-        await self.session.run_sync(execute_write, statement, rows)
+        await self.session.run_sync(defer_write, statement, list(rows))
 
 
 @runtime_checkable

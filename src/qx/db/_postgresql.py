@@ -4,19 +4,26 @@ date and timestamp codecs, SQLSTATE-named errors, probing a lost COMMIT by trans
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, date, datetime, timedelta
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 
-from sqlalchemy import Table, Text, any_, bindparam, event, func, literal_column
+from sqlalchemy import Connection, Table, Text, any_, bindparam, event, func, literal_column
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql.elements import ColumnElement
 
-from qx.db._commit import TRANSACTION_NAME_SQL, PostgresProbe
+from qx.db._commit import (
+    BACKEND_KEY,
+    BACKEND_SQL,
+    TRANSACTION_NAME_SQL,
+    Backend,
+    PostgresProbe,
+)
 from qx.db._dialect_base import Dialect
 from qx.db._translate import driver_error, sqlstate_of
 
@@ -49,6 +56,22 @@ class PostgreSQL(Dialect):
 
     def __init__(self) -> None:
         self.commit_probe = PostgresProbe()
+
+    def alone(self, connection: Connection) -> AbstractContextManager[None] | None:
+        driver = connection.connection.dbapi_connection
+        # SQLAlchemy's asyncpg adapter sends BEGIN (with the isolation level, READ ONLY,
+        # DEFERRABLE the connection was given) before its first statement, unless it is in
+        # autocommit. A statement on its own runs at the server's default level: only a
+        # connection that asked for nothing else may send one.
+        if (
+            connection.dialect.driver != self.driver
+            or driver is None
+            or driver.isolation_level is not None
+            or driver.readonly
+            or driver.deferrable
+        ):
+            return None
+        return _autocommit(driver)
 
     def insert(self, table: Table) -> postgresql.Insert:
         return postgresql.insert(table)
@@ -99,8 +122,21 @@ class PostgreSQL(Dialect):
         return driver == self.driver
 
 
-def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+@contextmanager
+def _autocommit(driver: Any) -> Iterator[None]:
+    driver.autocommit = True
+    try:
+        yield
+    finally:
+        driver.autocommit = False
+
+
+def _on_connect(dbapi_connection: Any, record: Any) -> None:
     dbapi_connection.run_async(install_asyncpg_codecs)
+    # Who this connection's server session is: a probe ends it after a one-statement
+    # transaction's answer was lost (qx.db._commit).
+    pid, started, server = dbapi_connection.run_async(lambda driver: driver.fetchrow(BACKEND_SQL))
+    record.info[BACKEND_KEY] = Backend(pid, started, server)
 
 
 # -- asyncpg: dates and timestamps as themselves, never as infinity ---------------------------

@@ -16,7 +16,7 @@ import uuid
 from functools import cache
 from typing import TYPE_CHECKING, Any, Final
 
-from sqlalchemy import Table, event, func, literal, select
+from sqlalchemy import Column, Connection, Table, event, func, literal, select
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.dialects.sqlite import aiosqlite
 from sqlalchemy.engine import URL
@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.pool import AsyncAdaptedQueuePool
 from sqlalchemy.sql.elements import ColumnElement
 
-from qx.db._commit import LOCAL_HANDLE, UNDONE, TransactionHandle
+from qx.db._commit import LOCAL_HANDLE, UNDONE, RowHandle, TransactionHandle
 from qx.db._commit_marker import FENCE, MARK, PURGE
 from qx.db._dialect_base import Dialect
 from qx.db._transaction import existing_transaction
@@ -168,6 +168,13 @@ class LocalProbe:
         state = sqlstate_of(driver_error(error))
         return state is None or not state.startswith(UNDONE)
 
+    def lone_handle(
+        self, connection: Connection, column: Column[Any], value: Any
+    ) -> RowHandle | None:
+        # In the process: BEGIN and COMMIT cost no round trip, and a statement committed on
+        # its own could not be fenced.
+        return None
+
     def handle(self, session: Session) -> TransactionHandle | None:
         # Flush first, so an error of the writes is not taken for one of the COMMIT.
         session.flush()
@@ -199,12 +206,12 @@ class LocalProbe:
     async def outcome(
         self,
         engine: AsyncEngine,
-        handle: TransactionHandle,
+        handle: TransactionHandle | RowHandle,
         *,
         session: AsyncSession,
         deadline: float,
     ) -> bool | None:
-        if handle.server != _MARKED:
+        if not isinstance(handle, TransactionHandle) or handle.server != _MARKED:
             return None  # nobody to ask: an in-memory database, or no marker written
         # A COMMIT that failed may leave its transaction open, holding the file's write lock
         # that the fence needs: end it first (a local file: a rollback cannot hang on a

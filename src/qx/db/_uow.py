@@ -33,6 +33,8 @@ from types import TracebackType
 from typing import Any, Generic, Self, TypeVar, get_args, get_origin, get_type_hints
 
 from pydantic import SecretStr
+from sqlalchemy import Table
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import instance_state
@@ -60,6 +62,7 @@ from qx.core._telemetry import active_tracer, span
 from qx.db._commit import (
     COMMIT_PROBE_SECONDS,
     CommitProbe,
+    RowHandle,
     TransactionHandle,
     past_cancellation,
 )
@@ -72,7 +75,7 @@ from qx.db._session import QxSession, has_writes
 from qx.db._state import UnitOfWorkState
 from qx.db._tracking import renew_transient, transaction_of
 from qx.db._translate import driver_error, translating
-from qx.db._writes import send_pending
+from qx.db._writes import WriteStatement, held_rows, send_alone, send_pending
 from qx.db.query._cursor import CursorCodec
 
 __all__ = ["UnitOfWork", "UnitOfWorkFactory", "UnitOfWorkState"]
@@ -527,31 +530,41 @@ class UnitOfWork:
         if probe is None or not isinstance(engine, AsyncEngine):
             # Nothing to find out (bound to an outer connection): the rows held back, then
             # COMMIT (which flushes what is left itself), in one trip.
-            await session.run_sync(_send_and_commit)
+            held: list[tuple[WriteStatement, list[dict[str, Any]]]] = []
+            try:
+                await session.run_sync(_send_and_commit, held)
+            except Exception as exc:
+                await _explain_absent(session, exc, held)
+                raise
             return
         # The handle and COMMIT in one trip into the session's greenlet (each trip costs
         # about as much CPU as a small statement).
-        taken: list[TransactionHandle | None] = []
+        taken: list[TransactionHandle | RowHandle | None] = []
+        sent: list[tuple[WriteStatement, list[dict[str, Any]]]] = []
         try:
-            await session.run_sync(_name_and_commit, probe, taken)
+            await session.run_sync(_name_and_commit, probe, taken, sent)
         except Exception as exc:
+            await _explain_absent(session, exc, sent)
             handle = taken[0] if taken else None
             if handle is None or not probe.ambiguous(exc):
                 raise  # the handle failed, nothing to find out, or a plain refusal
             deadline = time.monotonic() + self._probe_seconds
             committed = await probe.outcome(engine, handle, session=session, deadline=deadline)
             if committed:
-                logger.warning(
-                    "the connection failed before COMMIT's answer; transaction %s committed",
-                    handle.transaction,
-                )
+                logger.warning("the connection failed before COMMIT's answer; %s committed", handle)
                 with contextlib.suppress(Exception):
                     await session.close()
                 return
             if committed is False:
                 raise TransientError(
-                    f"the connection failed during COMMIT and transaction {handle.transaction} "
-                    "did not commit; safe to retry"
+                    f"the connection failed during COMMIT and {handle} did not commit; "
+                    "safe to retry"
+                ) from exc
+            if isinstance(handle, RowHandle):
+                raise CommitOutcomeUnknown(
+                    f"the connection failed before the answer ({_driver_reason(exc)}) and "
+                    f"whether {handle} committed is not known after {self._probe_seconds:g}s; "
+                    "retrying could apply it twice"
                 ) from exc
             if not handle.transaction:  # nobody to ask (an SQLite file)
                 raise CommitOutcomeUnknown(
@@ -603,19 +616,48 @@ def _driver_reason(error: BaseException) -> str:
 
 
 def _name_and_commit(
-    session: Session, probe: CommitProbe, taken: list[TransactionHandle | None]
+    session: Session,
+    probe: CommitProbe,
+    taken: list[TransactionHandle | RowHandle | None],
+    sent: list[tuple[WriteStatement, list[dict[str, Any]]]],
 ) -> None:
-    """Send the rows held back (their statement names the transaction where the backend
-    can), take the transaction's handle (kept in ``taken`` before anything else can fail),
-    then COMMIT."""
-    send_pending(session)
-    taken.append(probe.handle(session))
+    """Send the rows held back (noted in ``sent``): as the whole transaction, one statement
+    without BEGIN, where they are all it writes and the backend can; else in it (their
+    statement names the transaction where the backend can). Take the handle a probe asks
+    about if the answer is lost (kept in ``taken`` before anything else can fail), then
+    COMMIT (nothing to send after a statement that committed itself)."""
+    sent.extend(held_rows(session))
+    if not send_alone(session, probe.lone_handle, taken):
+        send_pending(session)
+        taken.append(probe.handle(session))
     session.commit()
 
 
-def _send_and_commit(session: Session) -> None:
+def _send_and_commit(
+    session: Session, sent: list[tuple[WriteStatement, list[dict[str, Any]]]]
+) -> None:
+    sent.extend(held_rows(session))
     send_pending(session)
     session.commit()
+
+
+async def _explain_absent(
+    session: AsyncSession,
+    error: BaseException,
+    sent: list[tuple[WriteStatement, list[dict[str, Any]]]],
+) -> None:
+    """Raise the ``ConfigurationError`` a held write asks for when its table does not
+    exist and ``error`` says so (``WriteStatement.absent``: the outbox's "run qx's
+    migrations")."""
+    if not isinstance(error, DBAPIError):
+        return
+    for owner, _ in sent:
+        table = owner.statement.table
+        if owner.absent is None or not isinstance(table, Table):
+            continue
+        connection = await session.connection()
+        if await dialect_of(connection).lacks_table(connection, error, table):
+            raise ConfigurationError(owner.absent) from error
 
 
 def _warn_unhandled(batch: list[RecordedEvent], session_factory: Any) -> None:

@@ -59,8 +59,10 @@ __all__ = [
     "defer_write",
     "execute_update",
     "execute_write",
+    "held_rows",
     "names_transaction",
     "own_columns",
+    "send_alone",
     "send_pending",
 ]
 
@@ -82,6 +84,14 @@ class WriteStatement:
 
     Args:
         statement: the INSERT or UPDATE (without ``RETURNING``).
+        fresh_key: a unique column each row it writes gets a value made for that write
+            (a new UUID, as the outbox's event ids): a row found by it is this write's. A
+            commit whose held rows include such a row can be sent as one statement without
+            BEGIN and COMMIT, and still be asked about when its answer is lost
+            (:func:`send_alone`).
+        absent: what to do when the statement's table does not exist (the message of the
+            ``ConfigurationError`` the commit raises then); ``None``: the driver's error, as
+            translated.
 
     Example:
         >>> from sqlalchemy import Column, Integer, MetaData, Table, insert
@@ -93,10 +103,14 @@ class WriteStatement:
         True
     """
 
-    __slots__ = ("_forms", "_variants", "statement")
+    __slots__ = ("_forms", "_variants", "absent", "fresh_key", "statement")
 
-    def __init__(self, statement: Insert | Update) -> None:
+    def __init__(
+        self, statement: Insert | Update, *, fresh_key: str | None = None, absent: str | None = None
+    ) -> None:
         self.statement = statement
+        self.fresh_key = fresh_key
+        self.absent = absent
         # Keyed by the columns' ids; the columns are kept in the value, so no id is reused.
         self._variants: dict[tuple[Any, ...], tuple[tuple[Any, ...], Insert | Update]] = {}
         # Per backend (held weakly: engines come and go), per variant and row keys: the
@@ -168,6 +182,73 @@ def send_pending(session: Session) -> None:
     steps = _take_pending(session)
     if steps:
         _send(session, session.connection(), steps)
+
+
+def send_alone(
+    session: Session,
+    name: Callable[[Connection, Column[Any], Any], Any],
+    taken: list[Any],
+) -> bool:
+    """Send the rows held back as a transaction of their own: one statement, without BEGIN
+    and COMMIT (PostgreSQL: one round trip where a transaction takes three), when they are
+    everything the transaction writes - nothing was sent in it yet, nothing else is to be
+    flushed, they go as one statement, and one of them has a key made for it
+    (``WriteStatement.fresh_key``) - and the backend can. ``name(connection, column,
+    value)`` gives the handle a probe asks about if the answer is lost, by that row
+    (``None``: not this way); it is kept in ``taken`` before anything is sent.
+
+    Returns:
+        Whether they were sent (and committed); if not, nothing was sent.
+    """
+    record = existing_transaction(session)
+    if (
+        record is None
+        or record.connected
+        or not record.pending
+        or session.identity_map
+        or session.new
+        or session.deleted
+    ):
+        return False
+    steps = [step for step in record.pending if step[1]]
+    witness = next(
+        (
+            (owner.statement.table.c[owner.fresh_key], rows[0][owner.fresh_key])
+            for owner, rows in steps
+            if owner.fresh_key is not None and owner.fresh_key in rows[0]
+        ),
+        None,
+    )
+    if witness is None:
+        return False
+    connection = session.connection()
+    dialect = dialect_of(connection)
+    alone = dialect.alone(connection)
+    if alone is None:
+        return False
+    # One statement, as _send will send it: one row, or the steps combined.
+    if len(steps) == 1:
+        if len(steps[0][1]) != 1:
+            return False
+    elif (
+        not dialect.combines_inserts
+        or _combined_form(connection, steps, _name_column(session, connection)) is None
+    ):
+        return False
+    handle = name(connection, witness[0], witness[1])
+    if handle is None:
+        return False
+    taken.append(handle)
+    record.pending = []
+    with alone:
+        _send(session, connection, steps)
+    return True
+
+
+def held_rows(session: Session) -> list[tuple[WriteStatement, list[dict[str, Any]]]]:
+    """The rows held back, by statement, in order (not sent yet)."""
+    record = existing_transaction(session)
+    return [] if record is None else list(record.pending)
 
 
 def _take_pending(session: Session) -> list[tuple[WriteStatement, list[dict[str, Any]]]]:

@@ -18,14 +18,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import insert
-from sqlalchemy.exc import DBAPIError
 
 from qx.core._aggregate import RecordedEvent
 from qx.core._context import current_context
-from qx.core._errors import ConfigurationError
 from qx.core._events import Event, IntegrationEvent
 from qx.core._telemetry import trace_headers
-from qx.db._dialect import dialect_of
 from qx.db._mapping import entity_info
 from qx.db._pipeline import CommitContext
 from qx.db._writes import WriteStatement
@@ -35,8 +32,18 @@ from qx.outbox._wakeup import RelayWakeup
 
 __all__ = ["OutboxStage", "build_outbox_rows"]
 
-# Built once: a statement object keeps its cache key (see WriteStatement).
-_INSERT = WriteStatement(insert(outbox_table))
+# Built once: a statement object keeps its cache key (see WriteStatement). An outbox row's
+# key is its event's id, made new for the event: found by it after a lost answer, the row
+# is this commit's (a commit of nothing else can go as one statement, without BEGIN).
+_INSERT = WriteStatement(
+    insert(outbox_table),
+    fresh_key="id",
+    absent=(
+        f"the database has no {outbox_table.name} table: run qx's migrations "
+        "(qx db upgrade, or await qx.migrations.upgrade(engine)) or add "
+        "include_qx_tables(metadata) to the metadata your migrations create"
+    ),
+)
 
 
 class OutboxStage:
@@ -116,18 +123,5 @@ def build_outbox_rows(
 
 
 async def _write_outbox(commit: CommitContext, rows: list[dict[str, Any]]) -> None:
-    """INSERT the outbox rows; a database without qx's tables is a configuration mistake
-    with a known fix, not a bare "no such table"."""
-    try:
-        # Core on the session's connection: the outbox is a table, not a mapped class, so
-        # the ORM's execute machinery would only add overhead.
-        await commit.insert(_INSERT, rows)
-    except DBAPIError as exc:
-        connection = await commit.connection()
-        if await dialect_of(connection).lacks_table(connection, exc, outbox_table):
-            raise ConfigurationError(
-                f"the database has no {outbox_table.name} table: run qx's migrations "
-                "(qx db upgrade, or await qx.migrations.upgrade(engine)) or add "
-                "include_qx_tables(metadata) to the metadata your migrations create"
-            ) from exc
-        raise
+    """INSERT the outbox rows (held back to go with the commit's other rows)."""
+    await commit.insert(_INSERT, rows)
