@@ -180,17 +180,22 @@ class RowHandle(NamedTuple):
     key was made for it, and by the backend that ran it.
 
     Attributes:
-        found: ``SELECT 1`` of that row by its key (value bound).
-        row: ``table(column=value)``, for messages.
+        column: a unique column of the row's table.
+        value: the row's value there, made for this statement.
         backend: the server session that ran the statement.
     """
 
-    found: Select[Any]
-    row: str
+    column: Column[Any]
+    value: Any
     backend: Backend
 
+    def found(self) -> Select[Any]:
+        """``SELECT 1`` of the row (built only when asked: most answers are not lost)."""
+        return select(literal(1)).select_from(self.column.table).where(self.column == self.value)
+
     def __str__(self) -> str:
-        return f"the one-statement transaction writing {self.row}"
+        row = f"{self.column.table.name}({self.column.key}={str(self.value)[:80]})"
+        return f"the one-statement transaction writing {row}"
 
 
 #: The handle of a transaction nobody can be asked about (an SQLite file's).
@@ -277,8 +282,7 @@ class PostgresProbe:
         backend = connection.connection.info.get(BACKEND_KEY)
         if not isinstance(backend, Backend):
             return None  # a connection made elsewhere: its backend is not known
-        found = select(literal(1)).select_from(column.table).where(column == value)
-        return RowHandle(found, f"{column.table.name}({column.key}={str(value)[:80]})", backend)
+        return RowHandle(column, value, backend)
 
     async def outcome(
         self,
@@ -345,7 +349,7 @@ async def _row_verdict(conn: AsyncConnection, handle: RowHandle) -> _Verdict:
         if ended.first() is not None:
             return _Verdict.ASK_AGAIN  # ended now, or on its way out: ask once it is gone
     # Gone (or gone with its server run): its statement committed or never will.
-    found = (await conn.execute(handle.found)).first()
+    found = (await conn.execute(handle.found())).first()
     return _Verdict.COMMITTED if found is not None else _Verdict.NOT_COMMITTED
 
 
