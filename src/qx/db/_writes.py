@@ -230,10 +230,7 @@ def send_alone(
     if len(steps) == 1:
         if len(steps[0][1]) != 1:
             return False
-    elif (
-        not dialect.combines_inserts
-        or _combined_form(connection, steps, _name_column(session, connection)) is None
-    ):
+    elif not dialect.combines_inserts or _combined_form(connection, steps, None) is None:
         return False
     handle = name(connection, witness[0], witness[1])
     if handle is None:
@@ -241,7 +238,8 @@ def send_alone(
     taken.append(handle)
     record.pending = []
     with alone:
-        _send(session, connection, steps)
+        # Not named: the statement is the transaction, asked about by its row.
+        _send(session, connection, steps, named=False)
     return True
 
 
@@ -261,12 +259,17 @@ def _take_pending(session: Session) -> list[tuple[WriteStatement, list[dict[str,
 
 
 def _send(
-    session: Session, connection: Connection, steps: list[tuple[WriteStatement, list[Any]]]
+    session: Session,
+    connection: Connection,
+    steps: list[tuple[WriteStatement, list[Any]]],
+    *,
+    named: bool = True,
 ) -> None:
-    """Write ``steps`` in order, as one statement where the backend can."""
+    """Write ``steps`` in order, as one statement where the backend can (bringing the
+    transaction's name back, if not known yet, unless not ``named``)."""
     steps = [step for step in steps if step[1]]
     if len(steps) > 1 and dialect_of(connection).combines_inserts:
-        column = _name_column(session, connection)
+        column = _name_column(session, connection) if named else None
         form = _combined_form(connection, steps, column)
         if form is not None:
             fetched, _ = _cursor_run(
@@ -281,7 +284,7 @@ def _send(
                 _note_name(session, fetched[0][0])
             return
     for statement, rows in steps:
-        _write(session, connection, statement, rows, ())
+        _write(session, connection, statement, rows, (), named=named)
 
 
 def _write(
@@ -290,8 +293,10 @@ def _write(
     statement: WriteStatement,
     rows: Sequence[dict[str, Any]],
     returning: Sequence[ColumnElement[Any]],
+    *,
+    named: bool = True,
 ) -> Sequence[Any]:
-    column = _name_column(session, connection)
+    column = _name_column(session, connection) if named else None
     wanted = (*returning, column) if column is not None else tuple(returning)
     if not wanted:
         _run(connection, statement, statement.statement, rows, fetch=False)
