@@ -75,6 +75,12 @@ class DatabaseSettings(BaseModel):
         replica_wait: seconds a read with a consistency token waits for a replica to
             replay it before it reads on the primary.
         replica_retry: seconds a replica that refused a connection is left out.
+        single_statement_commits: send a commit that is one statement without BEGIN and
+            COMMIT (PostgreSQL; see "A commit that is one statement" in the failures
+            guide). Turn off behind a pooler in transaction mode (PgBouncer), where a
+            connection's server session changes between transactions: after a lost answer
+            qx ends the server session that ran the statement, found by what it was when
+            the connection was made.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -94,6 +100,7 @@ class DatabaseSettings(BaseModel):
     replica_max_lag: float = Field(default=10.0, ge=0)
     replica_wait: float = Field(default=1.0, ge=0)
     replica_retry: float = Field(default=5.0, ge=0)
+    single_statement_commits: bool = True
 
 
 class BrokerSettings(BaseModel):

@@ -114,6 +114,7 @@ class Desk:
     factory: UnitOfWorkFactory[DeskUnitOfWork]
     proxied: AsyncEngine  # through the proxy
     engine: AsyncEngine  # direct
+    search_path: str
 
 
 @pytest.fixture
@@ -137,7 +138,7 @@ async def desk(tmp_path: Path) -> AsyncIterator[Desk]:
         stages=[OutboxStage(wake_relays=False)],
     )
     try:
-        yield Desk(proxy, factory, proxied, engine)
+        yield Desk(proxy, factory, proxied, engine, schema)
     finally:
         await proxied.dispose()
         await proxy.stop()
@@ -202,6 +203,29 @@ async def test_a_unit_that_read_first_or_asked_for_an_isolation_level_keeps_its_
     assert b"ISOLATION LEVEL REPEATABLE READ" in desk.proxy.sent
     assert b"COMMIT" in desk.proxy.sent
     assert (await stored(desk.engine, "repeatable"))[0] == 1
+
+    # Turned off (a pooler in transaction mode): a transaction, as before.
+    pooled = create_engine(
+        DatabaseSettings(
+            url=desk.proxied.url.render_as_string(hide_password=False),
+            search_path=desk.search_path,
+            single_statement_commits=False,
+        )
+    )
+    try:
+        desk.proxy.sent.clear()
+        await open_ticket(
+            UnitOfWorkFactory(
+                DeskUnitOfWork,
+                create_session_factory(pooled),
+                stages=[OutboxStage(wake_relays=False)],
+            ),
+            Ticket.open("pooled"),
+        )
+        assert b"BEGIN" in desk.proxy.sent and b"COMMIT" in desk.proxy.sent
+        assert (await stored(desk.engine, "pooled"))[0] == 1
+    finally:
+        await pooled.dispose()
 
     # Without an integration event no row has a key made for it: nothing to ask about
     # after a lost answer, so the rows go in a transaction (whose id the probe can ask).

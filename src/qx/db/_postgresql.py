@@ -116,6 +116,10 @@ class PostgreSQL(Dialect):
 
     def prepare_engine(self, engine: AsyncEngine, db: DatabaseSettings, url: URL) -> None:
         event.listen(engine.sync_engine, "connect", _on_connect)
+        if db.single_statement_commits:
+            # Who each connection's server session is: without it a commit is never sent
+            # as one statement on its own (the probe would not know what to end).
+            event.listen(engine.sync_engine, "connect", _note_backend)
 
     def decodes_aware_timestamps(self, driver: str) -> bool:
         # asyncpg decodes timestamptz to aware UTC datetimes whatever the session's TimeZone.
@@ -131,10 +135,13 @@ def _autocommit(driver: Any) -> Iterator[None]:
         driver.autocommit = False
 
 
-def _on_connect(dbapi_connection: Any, record: Any) -> None:
+def _on_connect(dbapi_connection: Any, _record: Any) -> None:
     dbapi_connection.run_async(install_asyncpg_codecs)
-    # Who this connection's server session is: a probe ends it after a one-statement
-    # transaction's answer was lost (qx.db._commit).
+
+
+def _note_backend(dbapi_connection: Any, record: Any) -> None:
+    # A probe ends this server session after a one-statement transaction's answer was lost
+    # (qx.db._commit).
     pid, started, server = dbapi_connection.run_async(lambda driver: driver.fetchrow(BACKEND_SQL))
     record.info[BACKEND_KEY] = Backend(pid, started, server)
 
