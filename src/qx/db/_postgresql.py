@@ -4,8 +4,8 @@ date and timestamp codecs, SQLSTATE-named errors, probing a lost COMMIT by trans
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from datetime import UTC, date, datetime, timedelta
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar, Final
@@ -71,7 +71,7 @@ class PostgreSQL(Dialect):
             or driver.deferrable
         ):
             return None
-        return _autocommit(driver)
+        return _Autocommit(driver)
 
     def insert(self, table: Table) -> postgresql.Insert:
         return postgresql.insert(table)
@@ -126,13 +126,20 @@ class PostgreSQL(Dialect):
         return driver == self.driver
 
 
-@contextmanager
-def _autocommit(driver: Any) -> Iterator[None]:
-    driver.autocommit = True
-    try:
-        yield
-    finally:
-        driver.autocommit = False
+class _Autocommit:
+    """The adapter in autocommit for the block (a class: a generator-based context manager
+    cost a tenth of what the one-statement commit saves in client CPU)."""
+
+    __slots__ = ("driver",)
+
+    def __init__(self, driver: Any) -> None:
+        self.driver = driver
+
+    def __enter__(self) -> None:
+        self.driver.autocommit = True
+
+    def __exit__(self, *_: object) -> None:
+        self.driver.autocommit = False
 
 
 def _on_connect(dbapi_connection: Any, _record: Any) -> None:

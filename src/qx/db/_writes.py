@@ -205,9 +205,8 @@ def send_alone(
         record is None
         or record.connected
         or not record.pending
-        or session.identity_map
+        or session.identity_map  # loaded objects (the deleted are among them)
         or session.new
-        or session.deleted
     ):
         return False
     steps = [step for step in record.pending if step[1]]
@@ -226,20 +225,26 @@ def send_alone(
     alone = dialect.alone(connection)
     if alone is None:
         return False
-    # One statement, as _send will send it: one row, or the steps combined.
+    # One statement: one row, or the steps combined (not named: the statement is the
+    # transaction, asked about by its row).
+    form = None
     if len(steps) == 1:
         if len(steps[0][1]) != 1:
             return False
-    elif not dialect.combines_inserts or _combined_form(connection, steps, None) is None:
-        return False
+    else:
+        form = _combined_form(connection, steps, None) if dialect.combines_inserts else None
+        if form is None:
+            return False
     handle = name(connection, witness[0], witness[1])
     if handle is None:
         return False
     taken.append(handle)
     record.pending = []
     with alone:
-        # Not named: the statement is the transaction, asked about by its row.
-        _send(session, connection, steps, named=False)
+        if form is None:
+            _write(session, connection, steps[0][0], steps[0][1], (), named=False)
+        else:
+            _send_combined(session, connection, steps, form, None)
     return True
 
 
@@ -262,29 +267,37 @@ def _send(
     session: Session,
     connection: Connection,
     steps: list[tuple[WriteStatement, list[Any]]],
-    *,
-    named: bool = True,
 ) -> None:
     """Write ``steps`` in order, as one statement where the backend can (bringing the
-    transaction's name back, if not known yet, unless not ``named``)."""
+    transaction's name back, if not known yet)."""
     steps = [step for step in steps if step[1]]
     if len(steps) > 1 and dialect_of(connection).combines_inserts:
-        column = _name_column(session, connection) if named else None
+        column = _name_column(session, connection)
         form = _combined_form(connection, steps, column)
         if form is not None:
-            fetched, _ = _cursor_run(
-                connection,
-                form.sql,
-                _sequence(connection.dialect, form.values(steps)),
-                many=False,
-                fetch=column is not None,
-                converts=form.results,
-            )
-            if column is not None and fetched:
-                _note_name(session, fetched[0][0])
+            _send_combined(session, connection, steps, form, column)
             return
     for statement, rows in steps:
-        _write(session, connection, statement, rows, (), named=named)
+        _write(session, connection, statement, rows, ())
+
+
+def _send_combined(
+    session: Session,
+    connection: Connection,
+    steps: list[tuple[WriteStatement, list[Any]]],
+    form: _Compiled,
+    column: ColumnElement[str] | None,
+) -> None:
+    fetched, _ = _cursor_run(
+        connection,
+        form.sql,
+        _sequence(connection.dialect, form.values(steps)),
+        many=False,
+        fetch=column is not None,
+        converts=form.results,
+    )
+    if column is not None and fetched:
+        _note_name(session, fetched[0][0])
 
 
 def _write(
