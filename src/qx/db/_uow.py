@@ -74,7 +74,7 @@ from qx.db._repository import Repository
 from qx.db._session import QxSession, has_writes
 from qx.db._state import UnitOfWorkState
 from qx.db._tracking import renew_transient, transaction_of
-from qx.db._translate import driver_error, translating
+from qx.db._translate import driver_error, lost_connection, translating
 from qx.db._writes import WriteStatement, held_rows, send_alone, send_pending
 from qx.db.query._cursor import CursorCodec
 
@@ -648,8 +648,9 @@ async def _explain_absent(
 ) -> None:
     """Raise the ``ConfigurationError`` a held write asks for when its table does not
     exist and ``error`` says so (``WriteStatement.absent``: the outbox's "run qx's
-    migrations")."""
-    if not isinstance(error, DBAPIError):
+    migrations"). Not for a connection that failed: that says nothing of a table, and the
+    session's connection is the one that failed (the commit probe asks on a fresh one)."""
+    if not isinstance(error, DBAPIError) or lost_connection(error):
         return
     for owner, _ in sent:
         table = owner.statement.table
