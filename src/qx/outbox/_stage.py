@@ -70,7 +70,8 @@ class OutboxStage:
         if not any(isinstance(record.event, IntegrationEvent) for record in commit.records):
             return 0  # no correlation id generated, no context looked up
         rows = build_outbox_rows(commit.records, correlation_id=commit.correlation_id)
-        await _write_outbox(commit, rows)
+        # Held back to go with the commit's other rows (a missing table: _INSERT's absent).
+        await commit.insert(_INSERT, rows)
         return len(rows)
 
     async def after_commit(self, commit: CommitContext, written: int) -> None:
@@ -120,8 +121,3 @@ def build_outbox_rows(
             )
         )
     return rows
-
-
-async def _write_outbox(commit: CommitContext, rows: list[dict[str, Any]]) -> None:
-    """INSERT the outbox rows (held back to go with the commit's other rows)."""
-    await commit.insert(_INSERT, rows)
