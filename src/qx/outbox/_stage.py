@@ -75,13 +75,18 @@ class OutboxStage:
         return len(rows)
 
     async def after_commit(self, commit: CommitContext, written: int) -> None:
-        """Wake the relays (once the NOTIFY, sent after COMMIT, is committed too)."""
+        """Wake the relays: a NOTIFY is sent after this COMMIT, without waiting for it."""
         if not self.wake_relays or commit.engine is None:
             return  # bound to a connection: an outer transaction commits, not this one
         wakeup = self._wakeup
         if wakeup is None or wakeup.engine is not commit.engine:
             wakeup = self._wakeup = RelayWakeup(commit.engine)
-        await wakeup.committed()
+        wakeup.committed()
+
+    async def settled(self) -> None:
+        """Return once every wake-up asked for has been sent (tests, an orderly shutdown)."""
+        if self._wakeup is not None:
+            await self._wakeup.settled()
 
     def __repr__(self) -> str:
         return f"OutboxStage(wake_relays={self.wake_relays})"

@@ -6,15 +6,20 @@ is flushed), so every writer that inserted an outbox row would commit one at a t
 therefore sends no NOTIFY from the writer's transaction. After a unit of work that wrote
 outbox rows has committed, its factory's wake-up sends ``NOTIFY qx_outbox`` on a pooled
 connection of its own, in a transaction of its own that is committed asynchronously (no
-flush to wait for under the lock), and never more than one at a time per factory: commits
-that land while one is on its way share the next. ``commit()`` returns once that NOTIFY is
-sent, so no task outlives the units of work it serves (``bench/writers.py`` measured no
-cost against a wake-up left running in the background). The relays LISTEN on the channel
-and poll every ``poll_interval`` anyway, so a lost wake-up costs latency, never an event.
+flush to wait for under the lock).
+
+``commit()`` does not wait for it. The wake-up is one sender per factory and event loop:
+the first commit starts it, commits that land while a NOTIFY is on its way ask for one more
+(sent after it, on the same connection, so after their COMMIT), and the sender returns its
+connection and ends once nobody asked. Waiting for it cost a quarter of place order's
+throughput once the commit itself was one round trip (bench/place_order.py, c=1 and c=8).
+The relays LISTEN on the channel and poll every ``poll_interval`` anyway, so a lost
+wake-up (a sender cancelled because the loop closes) costs latency, never an event.
 
 Example:
     >>> wakeup = RelayWakeup(engine)            # doctest: +SKIP
-    >>> await wakeup.committed()                # after a commit that wrote outbox rows
+    >>> wakeup.committed()                      # after a commit that wrote outbox rows
+    >>> await wakeup.settled()                  # only to wait for it (tests, shutdown)
 """
 
 from __future__ import annotations
@@ -47,47 +52,67 @@ class RelayWakeup:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
         self.enabled = dialect_of(engine).notifies
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # True while a sender will still look at _again before it ends: set and cleared
+        # with no await between the check and the decision, so no request falls between.
+        self._sending = False
         self._again = False
 
-    async def committed(self) -> None:
-        """Outbox rows just committed: return once a NOTIFY sent after that commit is
-        committed too. Commits that land while one is on its way share the next one."""
+    def committed(self) -> None:
+        """Outbox rows just committed: a NOTIFY will be sent after that commit, without
+        waiting for it. Commits that land while one is on its way share the next one."""
         if not self.enabled:
             return
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._send())
-        else:
+        loop = asyncio.get_running_loop()
+        if self._sending and self._loop is loop:
             self._again = True
-        # Shielded: a cancelled caller leaves the NOTIFY to finish for the others.
-        await asyncio.shield(self._task)
+            return
+        # None on its way (or only on a loop that closed: its sender never finishes).
+        self._sending, self._again, self._loop = True, False, loop
+        task = loop.create_task(self._send(), name="qx-relay-wakeup")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def settled(self) -> None:
+        """Return once no NOTIFY is on its way (each commit's has been sent)."""
+        loop = asyncio.get_running_loop()
+        tasks = [task for task in self._tasks if task.get_loop() is loop]
+        if tasks:
+            await asyncio.wait(tasks)  # a cancelled caller does not cancel them
 
     async def _send(self) -> None:
+        conn = raw = None
+        pool = self.engine.sync_engine.pool
         try:
-            while True:
-                self._again = False
-                await self._notify()
-                if not self._again:
-                    return
-        except Exception as exc:
-            # The relays' poll finds the rows; a wake-up is only a shortcut.
-            logger.debug("could not wake the outbox relays (%s); they will poll", exc)
-
-    async def _notify(self) -> None:
-        conn = await self.engine.connect()
-        raw = None
-        try:
+            conn = await self.engine.connect()
             raw = await conn.get_raw_connection()
             # On the driver, outside any transaction SQLAlchemy would begin: the statement
             # is its own transaction, one round trip in the simple protocol.
             driver = raw.driver_connection
             assert driver is not None  # a checked-out connection
-            await driver.execute(_NOTIFY)
-        except BaseException:
+            while True:
+                self._again = False
+                await driver.execute(_NOTIFY)
+                if not self._again:
+                    break
+        except BaseException as exc:
+            self._sending = False
             # Cancelled (the loop is closing) or failed: close the socket at once, never
             # hand a connection in an unknown state back to the pool.
             terminate(raw)
-            with contextlib.suppress(Exception):
-                await conn.invalidate()
-            raise
-        await conn.close()
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await conn.invalidate()
+            if not isinstance(exc, Exception):
+                raise
+            # The relays' poll finds the rows; a wake-up is only a shortcut.
+            logger.debug("could not wake the outbox relays (%s); they will poll", exc)
+            return
+        self._sending = False
+        if self.engine.sync_engine.pool is pool:
+            await conn.close()
+        else:
+            # The engine was disposed meanwhile (a program ending, a test's teardown): its
+            # old pool is not used again and would drop the connection unclosed.
+            await conn.invalidate()
