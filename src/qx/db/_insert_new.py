@@ -248,18 +248,24 @@ def _write(sync: Session, steps: list[tuple[InsertPlan, list[InstanceState[Any]]
     for plan, table_states, keyless in steps:
         generated = plan.generated if keyless else None
         rows = [_row(plan, state, generated) for state in table_states]
+        # Values written into the objects' dicts, not set through their attributes: the
+        # objects are about to be marked committed as a whole (make_transient_to_detached),
+        # so the history and events an attribute set records would be dropped unread (a
+        # tenth of a bulk insert's client instructions).
         if generated is None:
             defer_write(sync, plan.statement, rows)
         else:
             back = execute_write(sync, plan.statement, rows, returning=(generated[1],))
+            key = generated[0]
             for state, row in zip(table_states, back, strict=True):
-                setattr(state.obj(), generated[0], row[0])
+                state.dict[key] = row[0]
         # What the flush's foreign-key sync does: children take their parent's key.
         for state in table_states:
             for key, pairs in plan.owned:
                 for child in members(state.dict.get(key)):
+                    values = instance_state(child).dict
                     for parent_key, child_key in pairs:
-                        setattr(child, child_key, state.dict.get(parent_key))
+                        values[child_key] = state.dict.get(parent_key)
 
 
 def _row(

@@ -75,13 +75,13 @@ class OutboxStage:
         return len(rows)
 
     async def after_commit(self, commit: CommitContext, written: int) -> None:
-        """Wake the relays: a NOTIFY is sent after this COMMIT, without waiting for it."""
+        """Wake the relays: a NOTIFY is sent after this COMMIT (not waited for)."""
         if not self.wake_relays or commit.engine is None:
             return  # bound to a connection: an outer transaction commits, not this one
         wakeup = self._wakeup
         if wakeup is None or wakeup.engine is not commit.engine:
             wakeup = self._wakeup = RelayWakeup(commit.engine)
-        wakeup.committed()
+        await wakeup.committed()
 
     async def settled(self) -> None:
         """Return once every wake-up asked for has been sent (tests, an orderly shutdown)."""

@@ -8,17 +8,21 @@ outbox rows has committed, its factory's wake-up sends ``NOTIFY qx_outbox`` on a
 connection of its own, in a transaction of its own that is committed asynchronously (no
 flush to wait for under the lock).
 
-``commit()`` does not wait for it. The wake-up is one sender per factory and event loop:
-the first commit starts it, commits that land while a NOTIFY is on its way ask for one more
-(sent after it, on the same connection, so after their COMMIT), and the sender returns its
-connection and ends once nobody asked. Waiting for it cost a quarter of place order's
-throughput once the commit itself was one round trip (bench/place_order.py, c=1 and c=8).
-The relays LISTEN on the channel and poll every ``poll_interval`` anyway, so a lost
-wake-up (a sender cancelled because the loop closes) costs latency, never an event.
+``commit()`` does not wait for it to be sent. The wake-up is one sender per factory and
+event loop: the first commit takes a connection for it from the pool (where the commit's own
+just went back: no round trip) and hands it to the sender; commits that land while a NOTIFY
+is on its way ask for one more (sent after it, on the same connection, so after their
+COMMIT), and the sender returns its connection and ends once nobody asked. Waiting for the
+NOTIFY cost a quarter of place order's throughput once the commit itself was one round trip
+(bench/place_order.py, c=1 and c=8). The relays LISTEN on the channel and poll every
+``poll_interval`` anyway, so a lost wake-up (the program ended, cancelling the sender) costs
+latency, never an event. The connection is taken by the commit, not by the sender, so a
+program ending right after its commit cuts a NOTIFY on its way, which the driver cleans up,
+never a connection being made, which it does not.
 
 Example:
     >>> wakeup = RelayWakeup(engine)            # doctest: +SKIP
-    >>> wakeup.committed()                      # after a commit that wrote outbox rows
+    >>> await wakeup.committed()                # after a commit that wrote outbox rows
     >>> await wakeup.settled()                  # only to wait for it (tests, shutdown)
 """
 
@@ -28,7 +32,8 @@ import asyncio
 import contextlib
 import logging
 
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy import Pool
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from qx.db._dialect import dialect_of
 from qx.outbox._table import NOTIFY_CHANNEL
@@ -59,9 +64,10 @@ class RelayWakeup:
         self._sending = False
         self._again = False
 
-    def committed(self) -> None:
-        """Outbox rows just committed: a NOTIFY will be sent after that commit, without
-        waiting for it. Commits that land while one is on its way share the next one."""
+    async def committed(self) -> None:
+        """Outbox rows just committed: a NOTIFY will be sent after that commit. Returns
+        once a sender holds the connection to send it on (the commit's own, just back in
+        the pool: no round trip); commits that land while one is on its way share the next."""
         if not self.enabled:
             return
         loop = asyncio.get_running_loop()
@@ -70,7 +76,19 @@ class RelayWakeup:
             return
         # None on its way (or only on a loop that closed: its sender never finishes).
         self._sending, self._again, self._loop = True, False, loop
-        task = loop.create_task(self._send(), name="qx-relay-wakeup")
+        pool = self.engine.sync_engine.pool
+        try:
+            # Taken here, not by the sender: a program that ends right after its commit
+            # then cuts a NOTIFY on its way, never a connection being made (asyncpg leaves
+            # a connect it was cancelled in half made, and says so when the loop closes).
+            conn = await self.engine.connect()
+        except BaseException as exc:
+            self._sending = False
+            if not isinstance(exc, Exception):
+                raise
+            logger.debug("could not wake the outbox relays (%s); they will poll", exc)
+            return
+        task = loop.create_task(self._send(conn, pool), name="qx-relay-wakeup")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -81,11 +99,9 @@ class RelayWakeup:
         if tasks:
             await asyncio.wait(tasks)  # a cancelled caller does not cancel them
 
-    async def _send(self) -> None:
-        conn = raw = None
-        pool = self.engine.sync_engine.pool
+    async def _send(self, conn: AsyncConnection, pool: Pool) -> None:
+        raw = None
         try:
-            conn = await self.engine.connect()
             raw = await conn.get_raw_connection()
             # On the driver, outside any transaction SQLAlchemy would begin: the statement
             # is its own transaction, one round trip in the simple protocol.
@@ -101,9 +117,8 @@ class RelayWakeup:
             # Cancelled (the loop is closing) or failed: close the socket at once, never
             # hand a connection in an unknown state back to the pool.
             terminate(raw)
-            if conn is not None:
-                with contextlib.suppress(Exception):
-                    await conn.invalidate()
+            with contextlib.suppress(Exception):
+                await conn.invalidate()
             if not isinstance(exc, Exception):
                 raise
             # The relays' poll finds the rows; a wake-up is only a shortcut.
