@@ -92,7 +92,11 @@ async def make_backend_engine(
     await admin.dispose()
     engine = create_engine(
         DatabaseSettings(url=base, **settings),
-        connect_args={"server_settings": {"search_path": schema, "application_name": "qx-test"}},
+        # The schema in the name too: a test that ends sessions by name ends only its own
+        # (make test runs two test files at once, on the same database).
+        connect_args={
+            "server_settings": {"search_path": schema, "application_name": f"qx-test {schema}"}
+        },
     )
     return engine, schema
 

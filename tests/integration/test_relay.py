@@ -206,7 +206,7 @@ async def test_relay_wakes_on_notify_and_survives_a_killed_connection(
                 text(
                     "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
                     "WHERE datname = current_database() AND pid <> pg_backend_pid() "
-                    "AND application_name = 'qx-test'"
+                    "AND application_name = current_setting('application_name')"
                 )
             )
         assert killed
