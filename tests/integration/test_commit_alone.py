@@ -3,7 +3,8 @@ still found out (PostgreSQL, through a TCP proxy).
 
 A unit of work that only creates aggregates and records integration events writes all its
 rows in one statement; qx sends it as a transaction of its own (one round trip instead of
-three). If the connection dies around it, nobody can ask about a transaction id that never
+three). A unit of work whose first statement is a load by key, with nothing to write yet,
+sends that read on its own as well (no BEGIN, so no ROLLBACK at its close). If the connection dies around it, nobody can ask about a transaction id that never
 came back: qx asks instead for the outbox row the statement wrote (its key is the new
 event's id), once the server session that ran the statement is gone - ended by the probe
 if it still runs, so that a statement still waiting on a lock cannot commit after the probe
@@ -232,6 +233,79 @@ async def test_a_unit_that_read_first_or_asked_for_an_isolation_level_keeps_its_
     desk.proxy.sent.clear()
     await open_ticket(desk.factory, Ticket(title="no event"))
     assert b"BEGIN" in desk.proxy.sent and b"COMMIT" in desk.proxy.sent
+
+
+async def test_a_unit_that_only_gets_by_key_reads_without_begin(desk: Desk) -> None:
+    """Its first statement is a read with nothing to write: it goes on its own (no BEGIN,
+    and no ROLLBACK at the close), its parts' load too; the aggregate is whole."""
+    ticket = Ticket.open("read me", "first", "second")
+    await open_ticket(desk.factory, ticket)
+    desk.proxy.sent.clear()
+    async with desk.factory() as uow:
+        found = await uow.tickets.require(ticket.id)
+        assert (found.title, sorted(n.text for n in found.notes)) == (
+            "read me",
+            ["first", "second"],
+        )
+        assert await uow.tickets.get(ticket.id) is found  # the identity map: no statement
+    assert desk.proxy.sent, "the read went through the proxy"
+    assert b"BEGIN" not in desk.proxy.sent and b"ROLLBACK" not in desk.proxy.sent
+
+
+async def test_what_follows_a_read_alone_is_in_the_transaction(desk: Desk) -> None:
+    """After the read on its own, the next statement begins the transaction: a change
+    commits once, with its version checked; one not committed is rolled back."""
+    ticket = Ticket.open("before", "a note")
+    await open_ticket(desk.factory, ticket)
+    desk.proxy.sent.clear()
+    async with desk.factory() as uow:
+        found = await uow.tickets.require(ticket.id)
+        found.title = "after"
+        await uow.commit()
+    assert b"BEGIN" in desk.proxy.sent and b"COMMIT" in desk.proxy.sent
+    async with desk.engine.connect() as conn:
+        row = (await conn.execute(select(tickets.c.title, tickets.c.version))).one()
+    assert tuple(row) == ("after", 2)
+
+    async with desk.factory() as uow:
+        await uow.tickets.require(ticket.id)
+        await uow.session.execute(text("UPDATE ca_tickets SET title = 'never committed'"))
+        # left without commit(): rolled back
+    assert (await stored(desk.engine, "after"))[0] == 1
+    assert (await stored(desk.engine, "never committed"))[0] == 0
+
+
+async def test_a_get_with_changes_pending_or_an_isolation_level_stays_in_the_transaction(
+    desk: Desk,
+) -> None:
+    """An autoflush before the read would send the changes: they must not go outside the
+    transaction (and commit on their own). A connection that asked for an isolation level
+    reads at that level, in its transaction."""
+    ticket = Ticket.open("kept")
+    await open_ticket(desk.factory, ticket)
+    desk.proxy.sent.clear()
+    async with desk.factory() as uow:
+        await uow.tickets.add(Ticket.open("pending, then abandoned"))
+        assert await uow.tickets.get(ticket.id) is not None
+        # left without commit(): the new ticket must not be stored
+    assert b"BEGIN" in desk.proxy.sent
+    assert (await stored(desk.engine, "pending, then abandoned")) == (0, 0, [])
+    async with desk.factory() as uow:
+        added = Ticket(title="read back, then abandoned")
+        await uow.tickets.add(added)
+        # Reading the new ticket by its key flushes it first (the read must see it).
+        assert await uow.tickets.get(added.id) is added
+    assert (await stored(desk.engine, "read back, then abandoned"))[0] == 0
+
+    repeatable = UnitOfWorkFactory(
+        DeskUnitOfWork,
+        create_session_factory(desk.proxied.execution_options(isolation_level="REPEATABLE READ")),
+        stages=[OutboxStage(wake_relays=False)],
+    )
+    desk.proxy.sent.clear()
+    async with repeatable() as uow:
+        assert await uow.tickets.get(ticket.id) is not None
+    assert b"ISOLATION LEVEL REPEATABLE READ" in desk.proxy.sent
 
 
 @pytest.mark.timeout(60)

@@ -44,7 +44,7 @@ from qx.db._scoping import (
     visible,
     visible_parts,
 )
-from qx.db._session import LoadingByKey, QxSession
+from qx.db._session import LoadingByKey, QxSession, read_alone
 from qx.db._tracking import transaction_of
 from qx.db._transaction import RowsChecked
 from qx.db._translate import translating
@@ -158,8 +158,13 @@ def _load_by_key(
     found = session._identity_lookup(mapper, keys)
     if found is not None:
         return found if isinstance(found, mapper.class_) else None
-    result = session.execute(resolved.by_key, params, execution_options=options)
-    return result.unique().scalars().one_or_none()
+    alone = read_alone(session)
+    if alone is None:
+        result = session.execute(resolved.by_key, params, execution_options=options)
+        return result.unique().scalars().one_or_none()
+    with alone:  # its eager loads too, each a statement of its own as in READ COMMITTED
+        result = session.execute(resolved.by_key, params, execution_options=options)
+        return result.unique().scalars().one_or_none()
 
 
 def _resolved(cls: type[Repository[Any]]) -> _Resolved:

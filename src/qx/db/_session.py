@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager
 from itertools import chain
 from typing import Any, Final, TypeVar
 
@@ -30,6 +31,7 @@ from sqlalchemy.orm.attributes import instance_state
 from qx.core._clock import SystemClock
 from qx.core._context import RequestContext, current_context
 from qx.core._errors import ConcurrencyConflict, TenantViolation, UnitOfWorkError
+from qx.db._dialect import dialect_of
 from qx.db._identity import HoldingIdentityMap
 from qx.db._mapping import entity_info
 from qx.db._model import EntityInfo, model_of
@@ -230,6 +232,25 @@ def has_writes(session: QxSession) -> bool:
         or session.identity_map.check_modified()
         or bool(session.new or session.deleted)
     )
+
+
+def read_alone(session: Session) -> AbstractContextManager[None] | None:
+    """The block in which the transaction's first statement, a read, goes on its own
+    (PostgreSQL: without BEGIN, so the unit of work that only reads is one round trip where
+    BEGIN, the read and the ROLLBACK at its close took three); ``None``: in the transaction.
+
+    Only for a read that is the first statement of a transaction with nothing to write (an
+    autoflush would send the writes in the block), on a connection that asked for no
+    isolation level, READ ONLY or DEFERRABLE (``Dialect.alone``). Under READ COMMITTED, the
+    server's default, every statement of a transaction reads a snapshot of its own: one
+    that runs before BEGIN reads the same rows. Whatever comes next begins the transaction
+    as usual.
+    """
+    record = existing_transaction(session)
+    if record is None or record.connected or has_writes(session):  # type: ignore[arg-type]
+        return None
+    connection = session.connection()
+    return dialect_of(connection).alone(connection)
 
 
 def _net_modified(state: InstanceState[Any]) -> bool:
