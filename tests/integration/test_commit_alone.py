@@ -3,8 +3,9 @@ still found out (PostgreSQL, through a TCP proxy).
 
 A unit of work that only creates aggregates and records integration events writes all its
 rows in one statement; qx sends it as a transaction of its own (one round trip instead of
-three). A unit of work whose first statement is a load by key, with nothing to write yet,
-sends that read on its own as well (no BEGIN, so no ROLLBACK at its close). If the connection dies around it, nobody can ask about a transaction id that never
+three). A unit of work whose first statement is a read (a load by key, a query that locks
+nothing), with nothing to write yet, sends that read on its own as well (no BEGIN, so no
+ROLLBACK at its close). If the connection dies around it, nobody can ask about a transaction id that never
 came back: qx asks instead for the outbox row the statement wrote (its key is the new
 event's id), once the server session that ran the statement is gone - ended by the probe
 if it still runs, so that a statement still waiting on a lock cannot commit after the probe
@@ -102,7 +103,8 @@ map_aggregate(
 
 
 class Tickets(Repository[Ticket]):
-    pass
+    filterable = frozenset({"title"})
+    sortable = frozenset({"title"})
 
 
 class DeskUnitOfWork(UnitOfWork):
@@ -250,6 +252,24 @@ async def test_a_unit_that_only_gets_by_key_reads_without_begin(desk: Desk) -> N
         assert await uow.tickets.get(ticket.id) is found  # the identity map: no statement
     assert desk.proxy.sent, "the read went through the proxy"
     assert b"BEGIN" not in desk.proxy.sent and b"ROLLBACK" not in desk.proxy.sent
+
+
+async def test_a_unit_that_only_queries_reads_without_begin_unless_it_locks(desk: Desk) -> None:
+    """A query as the first statement goes on its own too (its parts' load as well); one
+    that locks its rows (``for_update``) needs the transaction the locks last for."""
+    await open_ticket(desk.factory, Ticket.open("listed", "a", "b"))
+    await open_ticket(desk.factory, Ticket.open("listed too", "c"))
+    desk.proxy.sent.clear()
+    async with desk.factory() as uow:
+        found = await uow.tickets.query().order_by("title").all()
+        assert [(t.title, len(t.notes)) for t in found] == [("listed", 2), ("listed too", 1)]
+    assert b"BEGIN" not in desk.proxy.sent and b"ROLLBACK" not in desk.proxy.sent
+
+    desk.proxy.sent.clear()
+    async with desk.factory() as uow:
+        locked = await uow.tickets.query().filter(title="listed").for_update().all()
+        assert [t.title for t in locked] == ["listed"]
+    assert b"BEGIN" in desk.proxy.sent and b"FOR UPDATE" in desk.proxy.sent
 
 
 async def test_what_follows_a_read_alone_is_in_the_transaction(desk: Desk) -> None:

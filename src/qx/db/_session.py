@@ -24,6 +24,7 @@ from itertools import chain
 from typing import Any, Final, TypeVar
 
 from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import InstanceState, Mapper, PassiveFlag, Session, UOWTransaction
 from sqlalchemy.orm import attributes as orm_attributes
 from sqlalchemy.orm.attributes import instance_state
@@ -251,6 +252,17 @@ def read_alone(session: Session) -> AbstractContextManager[None] | None:
         return None
     connection = session.connection()
     return dialect_of(connection).alone(connection)
+
+
+async def read_alone_async(session: AsyncSession) -> AbstractContextManager[None] | None:
+    """:func:`read_alone` for a read sent from the event loop's side of an ``AsyncSession``
+    (a query's), with the same rules."""
+    sync = session.sync_session
+    record = existing_transaction(sync)
+    if record is None or record.connected or has_writes(sync):  # type: ignore[arg-type]
+        return None
+    connection = (await session.connection()).sync_connection
+    return None if connection is None else dialect_of(connection).alone(connection)
 
 
 def _net_modified(state: InstanceState[Any]) -> bool:
