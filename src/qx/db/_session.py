@@ -235,7 +235,7 @@ def has_writes(session: QxSession) -> bool:
     )
 
 
-def read_alone(session: Session) -> AbstractContextManager[None] | None:
+def read_alone(session: Session, mapper: Mapper[Any]) -> AbstractContextManager[None] | None:
     """The block in which the transaction's first statement, a read, goes on its own
     (PostgreSQL: without BEGIN, so the unit of work that only reads is one round trip where
     BEGIN, the read and the ROLLBACK at its close took three); ``None``: in the transaction.
@@ -245,23 +245,25 @@ def read_alone(session: Session) -> AbstractContextManager[None] | None:
     isolation level, READ ONLY or DEFERRABLE (``Dialect.alone``). Under READ COMMITTED, the
     server's default, every statement of a transaction reads a snapshot of its own: one
     that runs before BEGIN reads the same rows. Whatever comes next begins the transaction
-    as usual.
+    as usual. ``mapper``: the class read, for a session that binds classes to engines.
     """
     record = existing_transaction(session)
     if record is None or record.connected or has_writes(session):  # type: ignore[arg-type]
         return None
-    connection = session.connection()
+    connection = session.connection(bind_arguments={"mapper": mapper})
     return dialect_of(connection).alone(connection)
 
 
-async def read_alone_async(session: AsyncSession) -> AbstractContextManager[None] | None:
+async def read_alone_async(
+    session: AsyncSession, mapper: Mapper[Any]
+) -> AbstractContextManager[None] | None:
     """:func:`read_alone` for a read sent from the event loop's side of an ``AsyncSession``
     (a query's), with the same rules."""
     sync = session.sync_session
     record = existing_transaction(sync)
     if record is None or record.connected or has_writes(sync):  # type: ignore[arg-type]
         return None
-    connection = (await session.connection()).sync_connection
+    connection = (await session.connection(bind_arguments={"mapper": mapper})).sync_connection
     return None if connection is None else dialect_of(connection).alone(connection)
 
 

@@ -396,7 +396,7 @@ class QuerySet(Generic[T]):
         with translating(sync):
             # A first statement that reads, locks nothing and has nothing to write before
             # it goes without BEGIN where the backend can (qx.db._session.read_alone).
-            alone = None if self._lock else await read_alone_async(session)
+            alone = None if self._lock else await read_alone_async(session, self._spec.mapper)
             if alone is not None:
                 with alone:
                     return await self._fetch(session, stmt, params, checks_rows=checks_rows)
