@@ -149,6 +149,15 @@ async def desk(tmp_path: Path) -> AsyncIterator[Desk]:
         await drop_schema(schema)
 
 
+def repeatable_read(desk: Desk) -> UnitOfWorkFactory[DeskUnitOfWork]:
+    """Units of work on the desk's proxied engine at REPEATABLE READ."""
+    return UnitOfWorkFactory(
+        DeskUnitOfWork,
+        create_session_factory(desk.proxied.execution_options(isolation_level="REPEATABLE READ")),
+        stages=[OutboxStage(wake_relays=False)],
+    )
+
+
 async def stored(engine: AsyncEngine, title: str) -> tuple[int, int, list[UUID]]:
     """Tickets titled ``title``, their notes, and the outbox rows' event ids for them."""
     async with engine.connect() as conn:
@@ -196,11 +205,7 @@ async def test_a_unit_that_read_first_or_asked_for_an_isolation_level_keeps_its_
     assert (await stored(desk.engine, "after a read"))[0] == 1
 
     # A statement on its own would run at the server's default level, not the one asked.
-    repeatable = UnitOfWorkFactory(
-        DeskUnitOfWork,
-        create_session_factory(desk.proxied.execution_options(isolation_level="REPEATABLE READ")),
-        stages=[OutboxStage(wake_relays=False)],
-    )
+    repeatable = repeatable_read(desk)
     desk.proxy.sent.clear()
     await open_ticket(repeatable, Ticket.open("repeatable"))
     assert b"ISOLATION LEVEL REPEATABLE READ" in desk.proxy.sent
@@ -317,11 +322,7 @@ async def test_a_get_with_changes_pending_or_an_isolation_level_stays_in_the_tra
         assert await uow.tickets.get(added.id) is added
     assert (await stored(desk.engine, "read back, then abandoned"))[0] == 0
 
-    repeatable = UnitOfWorkFactory(
-        DeskUnitOfWork,
-        create_session_factory(desk.proxied.execution_options(isolation_level="REPEATABLE READ")),
-        stages=[OutboxStage(wake_relays=False)],
-    )
+    repeatable = repeatable_read(desk)
     desk.proxy.sent.clear()
     async with repeatable() as uow:
         assert await uow.tickets.get(ticket.id) is not None

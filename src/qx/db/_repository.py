@@ -158,11 +158,7 @@ def _load_by_key(
     found = session._identity_lookup(mapper, keys)
     if found is not None:
         return found if isinstance(found, mapper.class_) else None
-    alone = read_alone(session, mapper)
-    if alone is None:
-        result = session.execute(resolved.by_key, params, execution_options=options)
-        return result.unique().scalars().one_or_none()
-    with alone:  # its eager loads too, each a statement of its own as in READ COMMITTED
+    with read_alone(session, mapper):  # its eager loads too, as in READ COMMITTED
         result = session.execute(resolved.by_key, params, execution_options=options)
         return result.unique().scalars().one_or_none()
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from itertools import chain
 from typing import Any, Final, TypeVar
 
@@ -235,36 +235,46 @@ def has_writes(session: QxSession) -> bool:
     )
 
 
-def read_alone(session: Session, mapper: Mapper[Any]) -> AbstractContextManager[None] | None:
-    """The block in which the transaction's first statement, a read, goes on its own
-    (PostgreSQL: without BEGIN, so the unit of work that only reads is one round trip where
-    BEGIN, the read and the ROLLBACK at its close took three); ``None``: in the transaction.
+#: The block of a read that goes in the transaction (nothing to do around it; reusable).
+_IN_TRANSACTION: Final = nullcontext()
 
-    Only for a read that is the first statement of a transaction with nothing to write (an
+
+def read_alone(session: Session, mapper: Mapper[Any]) -> AbstractContextManager[None]:
+    """The block in which a read goes: on its own where it is the transaction's first
+    statement (PostgreSQL: without BEGIN, so the unit of work that only reads is one round
+    trip where BEGIN, the read and the ROLLBACK at its close took three), else in the
+    transaction.
+
+    On its own only for the first statement of a transaction with nothing to write (an
     autoflush would send the writes in the block), on a connection that asked for no
     isolation level, READ ONLY or DEFERRABLE (``Dialect.alone``). Under READ COMMITTED, the
     server's default, every statement of a transaction reads a snapshot of its own: one
     that runs before BEGIN reads the same rows. Whatever comes next begins the transaction
     as usual. ``mapper``: the class read, for a session that binds classes to engines.
     """
-    record = existing_transaction(session)
-    if record is None or record.connected or has_writes(session):  # type: ignore[arg-type]
-        return None
+    if not _first_statement(session):
+        return _IN_TRANSACTION
     connection = session.connection(bind_arguments={"mapper": mapper})
-    return dialect_of(connection).alone(connection)
+    return dialect_of(connection).alone(connection) or _IN_TRANSACTION
 
 
 async def read_alone_async(
-    session: AsyncSession, mapper: Mapper[Any]
-) -> AbstractContextManager[None] | None:
+    session: AsyncSession, mapper: Mapper[Any], *, locks: bool = False
+) -> AbstractContextManager[None]:
     """:func:`read_alone` for a read sent from the event loop's side of an ``AsyncSession``
-    (a query's), with the same rules."""
-    sync = session.sync_session
-    record = existing_transaction(sync)
-    if record is None or record.connected or has_writes(sync):  # type: ignore[arg-type]
-        return None
+    (a query's), with the same rules; a read that ``locks`` its rows goes in the
+    transaction its locks last for."""
+    if locks or not _first_statement(session.sync_session):
+        return _IN_TRANSACTION
     connection = (await session.connection(bind_arguments={"mapper": mapper})).sync_connection
-    return None if connection is None else dialect_of(connection).alone(connection)
+    alone = None if connection is None else dialect_of(connection).alone(connection)
+    return alone or _IN_TRANSACTION
+
+
+def _first_statement(session: Session) -> bool:
+    # Nothing ran in the transaction and nothing is to be written before the read.
+    record = existing_transaction(session)
+    return not (record is None or record.connected or has_writes(session))  # type: ignore[arg-type]
 
 
 def _net_modified(state: InstanceState[Any]) -> bool:

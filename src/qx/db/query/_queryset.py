@@ -23,7 +23,6 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, Final, Generic, Literal, NamedTuple, Self, TypeVar, overload
 
 from sqlalchemy import Integer, Select, and_, bindparam, delete, func, select, true, tuple_, update
-from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapper, RelationshipProperty, selectinload
 from sqlalchemy.orm.interfaces import ORMOption
 from sqlalchemy.sql.elements import ColumnElement
@@ -393,29 +392,23 @@ class QuerySet(Generic[T]):
     ) -> builtins.list[Any]:
         session = self._bound.session
         sync = session.sync_session
-        with translating(sync):
-            # A first statement that reads, locks nothing and has nothing to write before
-            # it goes without BEGIN where the backend can (qx.db._session.read_alone).
-            alone = None if self._lock else await read_alone_async(session, self._spec.mapper)
-            if alone is not None:
-                with alone:
-                    return await self._fetch(session, stmt, params, checks_rows=checks_rows)
-            return await self._fetch(session, stmt, params, checks_rows=checks_rows)
-
-    async def _fetch(
-        self, session: AsyncSession, stmt: Any, params: dict[str, Any] | None, *, checks_rows: bool
-    ) -> builtins.list[Any]:
-        if not checks_rows:
-            result = await session.scalars(stmt, params, execution_options=self._options())
-            return builtins.list(result.all())
-        tx = transaction_of(session.sync_session)
-        outer = tx.rows_checked
-        tx.rows_checked = RowsChecked(with_deleted=self._with_deleted, root_pending=False)
-        try:
-            result = await session.scalars(stmt, params, execution_options=self._options())
-            return builtins.list(result.all())  # relationship loads ran: buffered
-        finally:
-            tx.rows_checked = outer
+        # A first statement that reads, locks nothing and has nothing to write before it
+        # goes without BEGIN where the backend can (qx.db._session.read_alone).
+        with (
+            translating(sync),
+            await read_alone_async(session, self._spec.mapper, locks=self._lock),
+        ):
+            if not checks_rows:
+                result = await session.scalars(stmt, params, execution_options=self._options())
+                return builtins.list(result.all())
+            tx = transaction_of(sync)
+            outer = tx.rows_checked
+            tx.rows_checked = RowsChecked(with_deleted=self._with_deleted, root_pending=False)
+            try:
+                result = await session.scalars(stmt, params, execution_options=self._options())
+                return builtins.list(result.all())  # relationship loads ran: buffered
+            finally:
+                tx.rows_checked = outer
 
     async def _rows(self, *, reverse: bool = False) -> builtins.list[Any]:
         run = self._statement(reverse=reverse)
