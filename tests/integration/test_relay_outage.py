@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from urllib.parse import urlsplit
 
 import pytest
@@ -14,7 +14,7 @@ from qx.core import new_id
 from qx.db import UnitOfWorkFactory
 from qx.errors import BrokerUnavailable
 from qx.outbox import Envelope, OutboxRelay, RelayState, outbox_table
-from qx.outbox.publishers import Publisher, publisher_from_settings
+from qx.outbox.publishers import Probed, Publisher, publisher_from_settings
 from qx.settings import BrokerSettings, RelaySettings
 from tests import models
 from tests.integration.helpers import drop_stream
@@ -71,25 +71,37 @@ async def until(condition: object, seconds: float, what: str = "condition") -> N
 
 
 class Watched:
-    """Delegates to a real publisher and counts what it raised."""
+    """Delegates to a real publisher and counts what it raised; ``calls`` names each call
+    and its outcome in order (``publish``/``probe`` then ``ok``, ``down`` or ``error``)."""
 
     def __init__(self, inner: Publisher) -> None:
         self.inner = inner
         self.unavailable = 0
         self.other: list[BaseException] = []
+        self.calls: list[str] = []
+
+    async def probe(self) -> None:
+        assert isinstance(self.inner, Probed)  # a wrapper can do what it wraps can
+        await self._watch("probe", self.inner.probe())
 
     async def connect(self) -> None:
         await self.inner.connect()
 
     async def publish(self, envelope: Envelope) -> None:
+        await self._watch("publish", self.inner.publish(envelope))
+
+    async def _watch(self, call: str, running: Awaitable[None]) -> None:
         try:
-            await self.inner.publish(envelope)
+            await running
         except BrokerUnavailable:
             self.unavailable += 1
+            self.calls.append(f"{call} down")
             raise
         except BaseException as exc:
             self.other.append(exc)
+            self.calls.append(f"{call} error")
             raise
+        self.calls.append(f"{call} ok")
 
     async def close(self) -> None:
         await self.inner.close()
@@ -101,7 +113,9 @@ async def test_broker_outage_counts_no_attempt_and_dead_letters_nothing(
 ) -> None:
     # With max_attempts=2, a cut that outlasts many publish attempts used to dead-letter the
     # head of every aggregate and publish their later rows past them. An unreachable broker
-    # is no message's fault: attempts stay 0, nothing dies, order holds.
+    # is no message's fault: attempts stay 0, nothing dies, order holds. And the relay does
+    # not call itself relaying again (nor claim rows) before the broker has answered: the
+    # NATS client reconnects by itself, so connect() returning proved nothing.
     proxy, settings, direct_url = proxied_nats
     async with uow_factory() as uow:
         counters = [models.Counter(name=f"o{i}") for i in range(5)]
@@ -129,13 +143,23 @@ async def test_broker_outage_counts_no_attempt_and_dead_letters_nothing(
         await until(all_published, 15)
         await proxy.stop()  # the broker is gone
         await bump_all(uow_factory, counters, 4)
+        seen: set[RelayState] = set()
 
-        # More failed tries than max_attempts allows a message.
+        # More failed tries than max_attempts allows a message; a health check polling the
+        # relay meanwhile.
         async def tried_often() -> bool:
-            return publisher.unavailable >= 5
+            if publisher.unavailable >= 8:
+                return True
+            if publisher.unavailable:
+                seen.add(relay.state)
+            return False
 
         await until(tried_often, 30)
-        assert relay.state is RelayState.BROKER_DOWN
+        assert relay.state is RelayState.BROKER_DOWN and seen <= {RelayState.BROKER_DOWN}
+        # Once down, only probes until the broker answers: no row claimed and tried.
+        assert "probe down" in publisher.calls, publisher.calls
+        during = publisher.calls[publisher.calls.index("probe down") :]
+        assert set(during) == {"probe down"}, during
         rows = await outbox(engine)
         assert all(r["dead_at"] is None and r["attempts"] == 0 for r in rows), rows
         assert sum(r["published_at"] is None for r in rows) == 20

@@ -42,6 +42,9 @@ class _Counting(Connecting):
         await asyncio.sleep(0)  # another caller gets in here without the lock
         self._open_now = True
 
+    async def _ping(self) -> None:
+        """Never called here."""
+
 
 async def test_relays_sharing_a_publisher_open_one_connection() -> None:
     publisher = _Counting()

@@ -172,6 +172,7 @@ EXPECTED = {
         "KafkaPublisher",
         "LogPublisher",
         "NatsPublisher",
+        "Probed",
         "Publisher",
         "RabbitPublisher",
         "RedisPublisher",

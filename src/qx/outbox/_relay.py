@@ -70,7 +70,7 @@ from qx.outbox._store import (
 )
 from qx.outbox._table import NOTIFY_CHANNEL
 from qx.outbox._tx import terminate
-from qx.outbox.publishers._port import Described, Publisher
+from qx.outbox.publishers._port import Described, Probed, Publisher
 from qx.settings import RelaySettings
 
 __all__ = ["BatchResult", "OutboxRelay", "RelayMetrics"]
@@ -171,6 +171,9 @@ class OutboxRelay:
         self._reconnect = reconnect_backoff(self.settings)
         # Checked once: an isinstance() of a Protocol is slow.
         self._described = publisher if isinstance(publisher, Described) else None
+        # After an outage the relay is back only when the broker answers: connect() returning
+        # is no answer for a client that reconnects by itself or connects lazily.
+        self._reach = publisher.probe if isinstance(publisher, Probed) else publisher.connect
 
     @property
     def state(self) -> RelayState:
@@ -347,10 +350,10 @@ class OutboxRelay:
             "broker", "broker unavailable (%s); rows wait untried, next try in %.1fs", exc, delay
         )
 
-    def _broker_up(self) -> None:
+    def _broker_up(self, how: str = "the broker acknowledged") -> None:
         self._outages = 0
         if self._machine.state is RelayState.BROKER_DOWN:
-            self._machine.to(RelayState.RELAYING, "the broker acknowledged")
+            self._machine.to(RelayState.RELAYING, how)
 
     async def _record(self) -> None:
         """Write the marks gathered so far (one short transaction)."""
@@ -478,13 +481,15 @@ class OutboxRelay:
         claimed = False
         if self._outage_until <= time.monotonic():
             while self._room() and not self._stop.is_set():
+                down = self._machine.state is RelayState.BROKER_DOWN
+                connect = self._reach if down else self.publisher.connect
                 try:
-                    await asyncio.wait_for(self.publisher.connect(), self.settings.connect_timeout)
+                    await asyncio.wait_for(connect(), self.settings.connect_timeout)
                 except Exception as exc:
                     self._broker_down(exc)  # rows wait in the table, untried
                     break
-                if self._machine.state is RelayState.BROKER_DOWN:
-                    self._machine.to(RelayState.RELAYING, "reconnected")
+                if down:
+                    self._broker_up("the broker answered")
                 self._claimed_at = time.monotonic()
                 claim = await self._claim()  # with the marks gathered so far
                 claimed = True

@@ -7,7 +7,7 @@ installed only when it is used (``qx[nats]``, ``qx[rabbitmq]``, ``qx[redis]``, `
 from qx.outbox.publishers._inprocess import LogPublisher
 from qx.outbox.publishers._kafka import KafkaPublisher
 from qx.outbox.publishers._nats import NatsPublisher
-from qx.outbox.publishers._port import Described, Publisher, publish_many
+from qx.outbox.publishers._port import Described, Probed, Publisher, publish_many
 from qx.outbox.publishers._rabbitmq import RabbitPublisher
 from qx.outbox.publishers._redis import RedisPublisher
 from qx.outbox.publishers._select import publisher_from_settings
@@ -17,6 +17,7 @@ __all__ = [
     "KafkaPublisher",
     "LogPublisher",
     "NatsPublisher",
+    "Probed",
     "Publisher",
     "RabbitPublisher",
     "RedisPublisher",

@@ -71,6 +71,10 @@ class KafkaPublisher(Connecting):
     def connected(self) -> bool:
         return self._producer is not None
 
+    async def _ping(self) -> None:
+        # A metadata request to any broker the client knows (it raises if none answered).
+        await self._producer.client.fetch_all_metadata()
+
     async def _open(self) -> None:
         try:
             from aiokafka import AIOKafkaProducer

@@ -119,6 +119,12 @@ class NatsPublisher(Connecting):
     def connected(self) -> bool:
         return self._nc is not None and not self._nc.is_closed
 
+    async def _ping(self) -> None:
+        # A client reconnecting by itself is still open: only a live link carries a PING.
+        if not self._nc.is_connected:
+            raise BrokerUnavailable(f"NATS at {self.settings.url} is not connected")
+        await self._nc.flush(timeout=self.settings.publish_timeout)
+
     async def _open(self) -> None:
         """Connect (reconnecting forever in the background) and ensure the stream.
 

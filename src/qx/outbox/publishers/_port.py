@@ -13,7 +13,7 @@ from typing import Protocol, runtime_checkable
 
 from qx.outbox._envelope import Envelope
 
-__all__ = ["Described", "Publisher", "publish_many"]
+__all__ = ["Described", "Probed", "Publisher", "publish_many"]
 
 
 @runtime_checkable
@@ -45,6 +45,26 @@ class Described(Protocol):
     def destination(self, envelope: Envelope) -> str:
         """The subject, exchange or stream ``envelope`` is published to."""
         ...
+
+
+@runtime_checkable
+class Probed(Protocol):
+    """A publisher that can ask its broker for an answer now (optional: qx's broker
+    publishers have it).
+
+    A relay that found the broker down calls ``probe()`` before it claims rows again, and
+    names itself ``relaying`` only once the broker has answered. Without it the relay takes
+    ``connect()`` returning as that answer, which a client that reconnects by itself (NATS,
+    aio-pika's robust connection) or creates connections lazily (Redis, Kafka) gives at once
+    while the broker is still gone.
+    """
+
+    async def probe(self) -> None:
+        """Return once the broker has answered a round trip sent now.
+
+        Raises:
+            BrokerUnavailable: it did not (no connection, reconnecting, silent, refused).
+        """
 
 
 async def publish_many(

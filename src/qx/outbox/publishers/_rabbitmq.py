@@ -47,6 +47,12 @@ class RabbitPublisher(Connecting):
     def connected(self) -> bool:
         return self._exchange is not None
 
+    async def _ping(self) -> None:
+        # The exchange declared again, as it is: a round trip on the channel, which the
+        # robust connection closes while it reconnects. (A passive declare would not do:
+        # aio-pika answers it from its cache.)
+        await self._exchange.declare(timeout=self.settings.publish_timeout)
+
     async def _open(self) -> None:
         """Connect (robustly: aio-pika reconnects) and declare the exchange."""
         try:

@@ -42,6 +42,9 @@ class RedisPublisher(Connecting):
     def connected(self) -> bool:
         return self._client is not None
 
+    async def _ping(self) -> None:
+        await self._client.ping()
+
     async def _open(self) -> None:
         """Create the client and check the server answers."""
         try:
