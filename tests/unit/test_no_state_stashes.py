@@ -45,6 +45,8 @@ DICT_WRITERS = {
     "db/_model.py": "LoadPlan.apply gives a loaded dataclass the defaults __init__ would have",
     "db/_insert_new.py": "a key the database generated, and the parent keys copied into new "
     "parts, are the mapped fields' own values, written as a flush's are (marked committed next)",
+    "db/query/_untracked.py": "an untracked read fills the instances it builds with their "
+    "mapped fields' values, and the stand-in for the state SQLAlchemy would keep there",
 }
 # Names under which qx code holds a session or a mapper: no attribute is ever set on them.
 FOREIGN_OBJECTS = {"session", "sync", "sync_session", "mapper", "manager", "class_manager"}

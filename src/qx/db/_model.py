@@ -237,6 +237,8 @@ class MapperModel:
         entity: the class's roles, once computed.
         load_plan: what a loaded instance needs that ``__init__`` would have given it
             (``None``: nothing).
+        read_plan: what an untracked read selects and builds (``qx.db.query._untracked``;
+            ``None``: not built yet).
         insert_plan: how new instances are inserted without the flush (``None``: they
             cannot be).
         update_plan: how qx writes a changed row without the flush (``None``: the flush
@@ -259,6 +261,7 @@ class MapperModel:
         "load_plan",
         "mapper",
         "post_init",
+        "read_plan",
         "repositories",
         "root",
         "rows_checked",
@@ -273,6 +276,7 @@ class MapperModel:
         self.post_init = False
         self.entity: EntityInfo | None = None
         self.load_plan: LoadPlan | Unset | None = UNSET
+        self.read_plan: Any = None
         self.insert_plan: InsertPlan | Unset | None = UNSET
         self.update_plan: UpdatePlan | Unset | None = UNSET
         self.scope_closure: tuple[Mapper[Any], ...] | None = None

@@ -41,6 +41,7 @@ from qx.db.query._keyset import SortKey, keyset_segments, order_clauses
 from qx.db.query._page import Page
 from qx.db.query._q import Q, normalized
 from qx.db.query._spec import Bound, QuerySpec
+from qx.db.query._untracked import read_plan, untracked_rows
 
 __all__ = ["QuerySet"]
 
@@ -101,6 +102,7 @@ class QuerySet(Generic[T]):
         "_order",
         "_qs",
         "_spec",
+        "_untracked",
         "_with_deleted",
     )
 
@@ -121,6 +123,7 @@ class QuerySet(Generic[T]):
         self._load_paths: tuple[str, ...] = ()
         self._with_deleted = False
         self._lock = False
+        self._untracked = False
 
     def _copy(self, **changes: Any) -> Self:
         # Spelled out rather than looped over __slots__: queries are built on every request.
@@ -139,6 +142,7 @@ class QuerySet(Generic[T]):
         clone._load_paths = self._load_paths
         clone._with_deleted = self._with_deleted
         clone._lock = self._lock
+        clone._untracked = self._untracked
         for name, value in changes.items():
             setattr(clone, "_" + name, value)
         return clone
@@ -198,7 +202,34 @@ class QuerySet(Generic[T]):
             >>> product = await uow.products.query().filter(sku="A").for_update().one()
             ...                                                         # doctest: +SKIP
         """
+        if self._untracked:
+            raise InvalidQuery("untracked() rows cannot be locked for update", field="untracked")
         return self._copy(lock=True)
+
+    def untracked(self, flag: bool = True) -> Self:
+        """Read rows that no unit of work tracks: for a page, a report, a query handler.
+
+        The rows are instances of the entity with their parts loaded (and what ``load()``
+        names), read under the same tenant and soft-delete scoping, without what tracking
+        costs (an identity-map entry, committed values and instrumented collections per
+        object: most of the client's time reading a page of aggregates). They are values:
+        changes to them are never saved, and assigning a mapped attribute, reading one that
+        was not read or adding them to a unit of work raises ``UnitOfWorkError``; each read
+        builds its own objects (a row is one object within one read). ``stream()`` and
+        ``for_update()`` refuse it, as does a relationship through an association table.
+
+        Raises:
+            InvalidQuery: the query locks rows, or the class is mapped with inheritance.
+
+        Example:
+            >>> page = await uow.orders.query().order_by("-created_at").limit(50).untracked().all()
+            ...                                                         # doctest: +SKIP
+        """
+        if flag and self._lock:
+            raise InvalidQuery("untracked() rows cannot be locked for update", field="untracked")
+        if flag:
+            read_plan(self._spec.mapper)  # a class it cannot read fails here
+        return self._copy(untracked=bool(flag))
 
     def filter(self, *conditions: Q, **lookups: Any) -> Self:
         """Keep rows matching every condition (``field__lookup=value`` or ``Q`` objects).
@@ -307,10 +338,16 @@ class QuerySet(Generic[T]):
             self._bound.require_lockable()  # per run: the plan is shared by units of work
         spec = self._spec
         rows_of = None
-        if not streamed and all(c.local for c in self._checked) and spec.rows_checked:
+        untracked = self._untracked
+        if (
+            not streamed
+            and not untracked  # its rows and their parts: each statement scoped whole
+            and all(c.local for c in self._checked)
+            and spec.rows_checked
+        ):
             rows_of = spec.mapper
         return self._planned(
-            ("rows", reverse, streamed),
+            ("rows", reverse, streamed, untracked),
             lambda bound: self._select(reverse=reverse, bound=bound),
             rows_of=rows_of,
         )
@@ -357,7 +394,10 @@ class QuerySet(Generic[T]):
     def _select(self, *, reverse: bool = False, bound: bool = False) -> Select[Any]:
         # bound: limit and offset as named parameters, for a statement built once per shape.
         entity = self._spec.entity
-        stmt = self._from(select(entity))
+        if self._untracked:
+            stmt = self._from(select(*read_plan(self._spec.mapper).columns))
+        else:
+            stmt = self._from(select(entity))
         if self._distinct:
             stmt = stmt.distinct()
         if self._order is None and not reverse:
@@ -365,7 +405,7 @@ class QuerySet(Generic[T]):
         else:
             stmt = stmt.order_by(*order_clauses(entity, self._sort(), reverse=reverse))
         stmt = self._windowed(stmt, bound=bound)
-        if self._loads:
+        if self._loads and not self._untracked:
             stmt = stmt.options(*self._loads)
         if self._lock:
             stmt = self._bound.for_update(stmt, self._spec.mapper, of=self._spec.mapper.local_table)
@@ -412,7 +452,25 @@ class QuerySet(Generic[T]):
 
     async def _rows(self, *, reverse: bool = False) -> builtins.list[Any]:
         run = self._statement(reverse=reverse)
+        if self._untracked:
+            return await self._untracked_rows(run)
         return await self._scalars(run.statement, run.params, checks_rows=run.checks_rows)
+
+    async def _untracked_rows(self, run: _Run) -> builtins.list[Any]:
+        session = self._bound.session
+        options = self._options()
+
+        async def execute(stmt: Any, params: dict[str, Any] | None) -> Sequence[Any]:
+            return (await session.execute(stmt, params, execution_options=options)).all()
+
+        # Its part loads too go without BEGIN when the first read does (read_alone_async).
+        with (
+            translating(session.sync_session),
+            await read_alone_async(session, self._spec.mapper, locks=False),
+        ):
+            rows = await execute(run.statement, run.params)
+            plan = read_plan(self._spec.mapper)
+            return await untracked_rows(plan, rows, execute, self._load_paths)
 
     async def by_keys(self, keys: builtins.list[Any], *, refresh: bool = False) -> dict[Any, T]:
         """``{primary key: row}`` of the rows with these (single-column) keys, in chunks;
@@ -757,6 +815,10 @@ class QuerySet(Generic[T]):
         ``qx.db._tracking.TransactionState.release``).
         """
         size = _check_count("chunk_size", chunk_size, 100_000, minimum=1)
+        if self._untracked:
+            raise InvalidQuery(
+                "untracked() reads are read whole: use all() or pages", field="untracked"
+            )
         session = self._bound.session
         options = {**self._options(), "yield_per": size}
         sync = self._bound.sync
