@@ -18,7 +18,8 @@ Cases (PostgreSQL, the orders example, one order with 3 lines):
     get: load one order with its lines; save: load, change a line, commit (qx bumps the
         order's version itself; the hand-written ORM does it explicitly); ``--impl joined``:
         the hand-written ORM loading the lines with ``joinedload``;
-    list: a filtered, sorted page of 50 orders with their lines (as ``bench/list.py``).
+    list: a filtered, sorted page of 50 orders with their lines (as ``bench/list.py``);
+        ``--impl untracked``: qx's query with ``untracked()``.
 
 Cases on ``bench/peers.py``'s one-table journal, its qx and SQLAlchemy ORM loops as they are
 (one op is one row, the figure is instructions per row):
@@ -67,8 +68,8 @@ PEER_CASES = {
 PEER_ROWS = 300
 IMPLS = ("qx", "orm")
 #: for a single run: the hand-written ORM with ``joinedload`` (get, save), as bench/aggregate.py;
-#: SQLAlchemy Core (place), as bench/place_order.py
-EXTRA_IMPLS = ("joined", "core")
+#: SQLAlchemy Core (place), as bench/place_order.py; qx's untracked() query (list)
+EXTRA_IMPLS = ("joined", "core", "untracked")
 
 
 def _lines() -> list[OrderLine]:
@@ -204,6 +205,19 @@ async def run(url: str, case: str, impl: str, ops: int) -> None:
                     )
                     assert len(found) == 50, len(found)
 
+        async def untracked_list(n: int) -> None:
+            with request_context(tenant_id=TENANT):
+                async with factory() as uow:
+                    found = await (
+                        uow.orders.query()
+                        .filter(status="placed", customer__startswith="c1")
+                        .order_by("-created_at")
+                        .limit(50)
+                        .untracked()
+                        .all()
+                    )
+                    assert len(found) == 50, len(found)
+
         async def orm_list(n: int) -> None:
             async with plain() as session:
                 stmt = (
@@ -232,6 +246,7 @@ async def run(url: str, case: str, impl: str, ops: int) -> None:
             ("save", "joined"): joined_save,
             ("list", "qx"): qx_list,
             ("list", "orm"): orm_list,
+            ("list", "untracked"): untracked_list,
         }[(case, impl)]
         for n in range(20):  # warm caches (statement cache, type adapters) in every run
             await work(n)

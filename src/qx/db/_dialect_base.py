@@ -8,7 +8,7 @@ from datetime import datetime
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 
-from sqlalchemy import Connection, Table, false
+from sqlalchemy import Connection, Table, bindparam, false
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError
@@ -83,6 +83,12 @@ class Dialect:
         if len(values) <= LARGE_IN:
             return column.in_(values)
         return self.large_in(column, values)
+
+    def in_list(self, column: ColumnElement[Any], name: str) -> ColumnElement[bool]:
+        """``column IN`` the list bound as parameter ``name``, in a statement built once:
+        SQLAlchemy's expanding parameter (one placeholder per value, rendered per run) where
+        the backend has no arrays."""
+        return column.in_(bindparam(name, expanding=True))
 
     def large_in(self, column: ColumnElement[Any], values: Sequence[Any]) -> ColumnElement[bool]:
         """``column IN values`` for more values than :data:`LARGE_IN`, without a parameter

@@ -76,6 +76,11 @@ class PostgreSQL(Dialect):
     def insert(self, table: Table) -> postgresql.Insert:
         return postgresql.insert(table)
 
+    def in_list(self, column: ColumnElement[Any], name: str) -> ColumnElement[bool]:
+        # One array parameter: the statement's text is the same for any number of values
+        # (no placeholders rendered per run, one prepared statement).
+        return column == any_(bindparam(name, type_=postgresql.ARRAY(column.type)))
+
     def large_in(self, column: ColumnElement[Any], values: Sequence[Any]) -> ColumnElement[bool]:
         array = bindparam(None, list(values), type_=postgresql.ARRAY(column.type))
         return column == any_(array)

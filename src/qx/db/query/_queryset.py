@@ -470,7 +470,8 @@ class QuerySet(Generic[T]):
         ):
             rows = await execute(run.statement, run.params)
             plan = read_plan(self._spec.mapper)
-            return await untracked_rows(plan, rows, execute, self._load_paths)
+            dialect = self._bound.dialect(self._spec.mapper)
+            return await untracked_rows(plan, rows, execute, dialect, self._load_paths)
 
     async def by_keys(self, keys: builtins.list[Any], *, refresh: bool = False) -> dict[Any, T]:
         """``{primary key: row}`` of the rows with these (single-column) keys, in chunks;

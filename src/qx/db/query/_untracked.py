@@ -29,6 +29,7 @@ from sqlalchemy.orm import Mapper, RelationshipProperty
 from sqlalchemy.orm.properties import ColumnProperty
 
 from qx.core._errors import InvalidQuery, UnitOfWorkError
+from qx.db._dialect_base import Dialect
 from qx.db._mapping import _load_plan, entity_info
 from qx.db._model import LoadPlan, model_of
 
@@ -73,7 +74,7 @@ class NotTracked:
         )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Relation:
     """How one relationship's objects are read for a batch of parents.
 
@@ -82,8 +83,8 @@ class Relation:
         target: the related class's mapper.
         parent_keys: the parent's attributes whose values the related rows match.
         match: positions, in the target's selected columns, of the columns matched.
-        statement: the target's columns ``WHERE`` matched ``IN :qx_parents``, in the
-            relationship's order.
+        remote: the target's attributes matched.
+        order_by: the relationship's order.
         uselist: a collection (else one object or ``None``).
         collection: the collection class (``None``: a list).
     """
@@ -92,9 +93,27 @@ class Relation:
     target: Mapper[Any]
     parent_keys: tuple[str, ...]
     match: tuple[int, ...]
-    statement: Select[Any]
+    remote: tuple[Any, ...]
+    order_by: tuple[Any, ...]
     uselist: bool
     collection: Any
+    statements: dict[str, Select[Any]] = field(default_factory=dict)
+
+    def statement(self, dialect: Dialect) -> Select[Any]:
+        """The target's columns ``WHERE`` matched ``IN :qx_parents``, in the relationship's
+        order (built once per backend: PostgreSQL binds the parents as one array)."""
+        found = self.statements.get(dialect.name)
+        if found is None:
+            remote = self.remote
+            parents: Any = bindparam(_PARENTS, expanding=True)
+            where = (
+                dialect.in_list(remote[0], _PARENTS)
+                if len(remote) == 1
+                else tuple_(*remote).in_(parents)
+            )
+            found = select(*read_plan(self.target).columns).where(where).order_by(*self.order_by)
+            self.statements[dialect.name] = found
+        return found
 
 
 @dataclass(slots=True)
@@ -187,29 +206,24 @@ def _relation(mapper: Mapper[Any], key: str) -> Relation:
     missing = [k for k in remote_keys if k not in plan.keys]
     if not pairs or missing:
         raise InvalidQuery(f"untracked() cannot read {name}: no column pairs it", field=key)
-    remote = [getattr(target.class_, k) for k in remote_keys]
-    parents: Any = bindparam(_PARENTS, expanding=True)
-    where = remote[0].in_(parents) if len(remote) == 1 else tuple_(*remote).in_(parents)
-    statement = select(*plan.columns).where(where)
-    if prop.order_by:
-        statement = statement.order_by(*prop.order_by)
     return Relation(
         key=key,
         target=target,
         parent_keys=parent_keys,
         match=tuple(plan.keys.index(k) for k in remote_keys),
-        statement=statement,
+        remote=tuple(getattr(target.class_, k) for k in remote_keys),
+        order_by=tuple(prop.order_by or ()),
         uselist=bool(prop.uselist),
         collection=prop.collection_class,
     )
 
 
 async def untracked_rows(
-    plan: ReadPlan, rows: Sequence[Any], run: Run, paths: Iterable[str] = ()
+    plan: ReadPlan, rows: Sequence[Any], run: Run, dialect: Dialect, paths: Iterable[str] = ()
 ) -> list[Any]:
     """Instances of ``plan``'s class built from ``rows`` (the plan's columns, in order), their
     parts and the relationships ``paths`` names (``"lines"``, ``"lines__product"``) loaded by
-    ``run``.
+    ``run`` on ``dialect``'s backend.
 
     Raises:
         InvalidQuery: a relationship that cannot be read untracked.
@@ -217,7 +231,7 @@ async def untracked_rows(
     built: dict[tuple[Any, ...], Any] = {}
     objects = _build(plan, rows, built)
     tree = _tree(paths)
-    await _fill(plan, list(built.values()), run, tree, built)
+    await _fill(plan, list(built.values()), run, dialect, tree, built)
     return objects
 
 
@@ -260,6 +274,7 @@ async def _fill(
     plan: ReadPlan,
     parents: list[Any],
     run: Run,
+    dialect: Dialect,
     tree: dict[str, Any],
     built: dict[tuple[Any, ...], Any],
 ) -> None:
@@ -272,8 +287,9 @@ async def _fill(
         by_parent: dict[Any, list[Any]] = {}
         children: dict[int, Any] = {}
         values = _values(own, relation.parent_keys)
+        statement = relation.statement(dialect)
         for start in range(0, len(values), CHUNK):
-            rows = await run(relation.statement, {_PARENTS: values[start : start + CHUNK]})
+            rows = await run(statement, {_PARENTS: values[start : start + CHUNK]})
             made = _build(target, rows, built)
             single = relation.match[0] if len(relation.match) == 1 else None
             for row, child in zip(rows, made, strict=True):
@@ -286,7 +302,7 @@ async def _fill(
             value = _value(parent, relation.parent_keys)
             found = by_parent.get(value, []) if value is not None else []
             parent.__dict__[key] = _collected(relation, found)
-        await _fill(target, list(children.values()), run, tree.get(key, {}), built)
+        await _fill(target, list(children.values()), run, dialect, tree.get(key, {}), built)
 
 
 def _value(obj: Any, keys: tuple[str, ...]) -> Any:
