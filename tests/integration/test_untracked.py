@@ -338,6 +338,11 @@ async def test_an_untracked_read_equals_the_tracked_read_of_the_same_query(
             page = await uow.shops.query().order_by("name").untracked().page(page_size=3)
             assert [snapshot(s) for s in page.items] == [snapshot(s) for s in tracked_page.items]
             assert page.next_cursor == tracked_page.next_cursor
+            keys = [s.id for s in tracked_page.items]
+            by_key = await uow.shops.query().untracked().by_keys(keys)
+            assert {k: snapshot(v) for k, v in by_key.items()} == {
+                s.id: snapshot(s) for s in tracked_page.items
+            }
 
 
 async def test_an_untracked_row_is_a_value_nothing_saves(shop: tuple[Any, Any]) -> None:

@@ -491,10 +491,16 @@ class QuerySet(Generic[T]):
         found: dict[Any, T] = {}
         for start in range(0, len(keys), _BY_KEYS_CHUNK):
             chunk = keys[start : start + _BY_KEYS_CHUNK]
-            stmt = select(self._spec.entity).where(dialect.in_(column, chunk))
-            if refresh:
-                stmt = stmt.execution_options(populate_existing=True)
-            for obj in await self._scalars(stmt):
+            matched = dialect.in_(column, chunk)
+            if self._untracked:
+                stmt = select(*read_plan(self._spec.mapper).columns).where(matched)
+                rows = await self._untracked_rows(_Run(stmt, None))
+            else:
+                stmt = select(self._spec.entity).where(matched)
+                if refresh:
+                    stmt = stmt.execution_options(populate_existing=True)
+                rows = await self._scalars(stmt)
+            for obj in rows:
                 found[getattr(obj, pk)] = obj
         return found
 
