@@ -93,6 +93,7 @@ def test_keyset_pages_tile_the_unpaginated_result(
             async with factory() as uow:
                 query = uow.items.query().order_by(*sort) if sort else uow.items.query()
                 expected = [item.sku for item in await query.all()]
+                assert [item.sku for item in await query.untracked().all()] == expected
                 forward, cursor, pages = [], None, []
                 while True:
                     page = await query.page(page_size=size, cursor=cursor)
@@ -273,8 +274,15 @@ def test_filters_agree_with_python_evaluation(
         with request_context(tenant_id=TENANT):
             async with factory() as uow:
                 found = await uow.items.query().filter(to_q(expr)).values_list("sku", flat=True)
+                # The same rows untracked, each with its own parts (in the relationship's
+                # order: by label).
+                untracked = await uow.items.query().filter(to_q(expr)).untracked().all()
         expected = {f"s{i}" for i, row in enumerate(rows) if oracle(expr, row)}
         assert set(found) == expected
         assert len(found) == len(set(found))  # relation filters never duplicate roots
+        assert sorted(item.sku for item in untracked) == sorted(found)
+        for item in untracked:
+            stored = rows[int(item.sku[1:])]
+            assert [tag.label for tag in item.tags] == sorted(stored["tags"])
 
     database.run(body)
