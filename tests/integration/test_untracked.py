@@ -106,6 +106,8 @@ class Shop(AggregateRoot):
     email: Email
     supplier_id: UUID | None = None
     supplier: Supplier | None = None
+    partner_id: UUID | None = None
+    partner: Supplier | None = None
     labels: list[Label] = field(default_factory=list)
     products: list[Product] = field(default_factory=list)
     openings: dict[str, Opening] = field(default_factory=dict)
@@ -129,6 +131,7 @@ shops = Table(
     Column("name", String(40), nullable=False),
     Column("email", EmailType(), nullable=False),
     Column("supplier_id", Uuid(), ForeignKey("ut_suppliers.id"), nullable=True),
+    Column("partner_id", Uuid(), ForeignKey("ut_suppliers.id"), nullable=True),
     version_column(),
     tenant_column(),
     soft_delete_column(),
@@ -184,7 +187,9 @@ map_aggregate(
     shops,
     post_init="run",
     properties={
-        "supplier": relationship(Supplier),
+        "supplier": relationship(Supplier, foreign_keys=[shops.c.supplier_id]),
+        # Not part of the shop, but loaded with every one: untracked reads it too.
+        "partner": relationship(Supplier, foreign_keys=[shops.c.partner_id], lazy="selectin"),
         "labels": relationship(Label, secondary=shop_labels),
         "products": relationship(Product, cascade="all, delete-orphan", order_by=products.c.sku),
         "openings": relationship(
@@ -229,6 +234,7 @@ def snapshot(obj: Any, loaded: tuple[str, ...] = ()) -> Any:
             "products": [snapshot(p) for p in obj.products],
             "openings": sorted((day, snapshot(o)) for day, o in obj.openings.items()),
             "supplier": snapshot(obj.supplier) if "supplier" in loaded else "not read",
+            "partner": snapshot(obj.partner),
         }  # fmt: skip
     if isinstance(obj, Product):
         return (obj.id, obj.sku, obj.tenant_id, obj.deleted_at, [snapshot(p) for p in obj.prices])
@@ -252,6 +258,7 @@ async def seed(factory: Any, rng: random.Random) -> list[Shop]:
                     name = rng.choice("abc") + rng.choice("xyz") + str(n)
                     shop = Shop(name=name, email=Email(f"{name}@{tenant}.example"))
                     shop.supplier = rng.choice([None, *common])
+                    shop.partner = rng.choice([None, *common])
                     for k in range(rng.randint(0, 4)):
                         product = Product(sku=f"{rng.choice('PQ')}{k}")
                         for currency in rng.sample(["EUR", "USD", "CHF"], rng.randint(0, 3)):
@@ -386,9 +393,9 @@ async def test_one_object_per_row_within_one_read_and_one_select_per_level(
         async with factory() as uow:
             with statements(engine) as seen:
                 found = await uow.shops.query().load("supplier").untracked().all()
-            # shops; their products, openings and supplier; the products' prices.
+            # shops; their partner, products, openings and supplier; the products' prices.
             selects = [s for s in seen if s.lstrip().upper().startswith("SELECT")]
-            assert len(selects) == 5, selects
+            assert len(selects) == 6, selects
             if backend == "postgresql":
                 assert not any(s.strip().upper().startswith("BEGIN") for s in seen), seen
             by_supplier: dict[UUID, Any] = {}

@@ -9,8 +9,9 @@ its ``__dict__``, then loads its parts the way ``selectin`` would (one SELECT pe
 level, ``IN`` the parents' keys) and sets them as plain lists, sets, dicts or single objects.
 
 A :class:`ReadPlan` per mapper (held by its ``MapperModel``, built at the first untracked read)
-says which columns to select and which relationships to follow: the aggregate's owned parts
-always, others when the query names them in ``load()``.
+says which columns to select and which relationships to follow: those a tracked read loads
+with every instance (the aggregate's owned parts, and any the mapping loads eagerly), others
+when the query names them in ``load()``.
 
 The instances are values: they are never flushed, and every read builds its own (within one
 read, a row is one object). Where SQLAlchemy keeps an instance's state they hold a stand-in
@@ -38,6 +39,8 @@ __all__ = ["NotTracked", "ReadPlan", "read_plan", "untracked_rows"]
 #: Parent keys per relationship SELECT (as SQLAlchemy's selectin loading chunks them).
 CHUNK: Final = 500
 _PARENTS: Final = "qx_parents"
+#: Loader strategies that read a relationship with its parent.
+_EAGER: Final = frozenset({"selectin", "joined", "subquery", "immediate"})
 
 #: Runs a statement with parameters; returns its rows.
 Run = Callable[[Any, dict[str, Any] | None], Awaitable[Sequence[Any]]]
@@ -126,7 +129,8 @@ class ReadPlan:
         keys: their attribute names, in the same order.
         pk: positions of the primary key among them.
         load: what ``__init__`` would have given a loaded instance (defaults, ``__post_init__``).
-        owned: the relationships read with every instance (the aggregate's parts).
+        eager: the relationships read with every instance: the aggregate's owned parts and
+            the others the mapping loads eagerly, as a tracked read does.
         stand_in: what the instances hold where SQLAlchemy keeps an instance's state.
         relations: every relationship read so far, by key (built on first use).
     """
@@ -137,7 +141,7 @@ class ReadPlan:
     keys: tuple[str, ...]
     pk: tuple[int, ...]
     load: LoadPlan | None
-    owned: tuple[str, ...]
+    eager: tuple[str, ...]
     stand_in: NotTracked
     relations: dict[str, Relation] = field(default_factory=dict)
 
@@ -182,7 +186,14 @@ def _plan(mapper: Mapper[Any]) -> ReadPlan:
         keys=keys,
         pk=tuple(keys.index(key) for key in pk_keys),
         load=_load_plan(mapper),
-        owned=entity_info(mapper).owned,
+        eager=tuple(
+            dict.fromkeys(
+                (
+                    *entity_info(mapper).owned,
+                    *(rel.key for rel in mapper.relationships if rel.lazy in _EAGER),
+                )
+            )
+        ),
         stand_in=NotTracked(cls),
     )
 
@@ -280,7 +291,7 @@ async def _fill(
 ) -> None:
     if not parents:
         return
-    for key in dict.fromkeys((*plan.owned, *tree)):
+    for key in dict.fromkeys((*plan.eager, *tree)):
         relation = plan.relation(key)
         target = read_plan(relation.target)
         own = [p for p in parents if key not in p.__dict__]  # read before, in this read
