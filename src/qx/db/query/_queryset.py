@@ -209,10 +209,11 @@ class QuerySet(Generic[T]):
     def untracked(self, flag: bool = True) -> Self:
         """Read rows that no unit of work tracks: for a page, a report, a query handler.
 
-        The rows are instances of the entity with their parts loaded (and what ``load()``
-        names), read under the same tenant and soft-delete scoping, without what tracking
-        costs (an identity-map entry, committed values and instrumented collections per
-        object: most of the client's time reading a page of aggregates). They are values:
+        The rows are instances of the entity with what a tracked read loads with them (its
+        parts, and relationships mapped eager) and what ``load()`` names, read under the
+        same tenant and soft-delete scoping, without what tracking costs (an identity-map
+        entry, committed values and instrumented collections per object: most of the
+        client's time reading a page of aggregates). They are values:
         changes to them are never saved, and assigning a mapped attribute, reading one that
         was not read or adding them to a unit of work raises ``UnitOfWorkError``; each read
         builds its own objects (a row is one object within one read). ``stream()`` and
