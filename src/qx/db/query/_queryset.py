@@ -59,6 +59,11 @@ def _window(name: str, value: int) -> Any:
     return bindparam(name, value, type_=Integer())
 
 
+def _locked_untracked() -> InvalidQuery:
+    # Locks are taken to change what is read; an untracked row cannot change.
+    return InvalidQuery("untracked() rows cannot be locked for update", field="untracked")
+
+
 class _Run(NamedTuple):
     """A statement to run, its parameters, and whether its relationship loads are scoped by
     ``RowsChecked`` (its root rows by a plain WHERE; see ``ScopedStatement``)."""
@@ -203,7 +208,7 @@ class QuerySet(Generic[T]):
             ...                                                         # doctest: +SKIP
         """
         if self._untracked:
-            raise InvalidQuery("untracked() rows cannot be locked for update", field="untracked")
+            raise _locked_untracked()
         return self._copy(lock=True)
 
     def untracked(self, flag: bool = True) -> Self:
@@ -213,11 +218,11 @@ class QuerySet(Generic[T]):
         parts, and relationships mapped eager) and what ``load()`` names, read under the
         same tenant and soft-delete scoping, without what tracking costs (an identity-map
         entry, committed values and instrumented collections per object: most of the
-        client's time reading a page of aggregates). They are values:
-        changes to them are never saved, and assigning a mapped attribute, reading one that
-        was not read or adding them to a unit of work raises ``UnitOfWorkError``; each read
-        builds its own objects (a row is one object within one read). ``stream()`` and
-        ``for_update()`` refuse it, as does a relationship through an association table.
+        client's time reading a page of aggregates). They are values: changes to them are
+        never saved, and assigning a mapped attribute, reading one that was not read or
+        adding them to a unit of work raises ``UnitOfWorkError``; each read builds its own
+        objects (a row is one object within one read). ``stream()`` and ``for_update()``
+        refuse it, as does a relationship through an association table.
 
         Raises:
             InvalidQuery: the query locks rows, or the class is mapped with inheritance.
@@ -226,9 +231,9 @@ class QuerySet(Generic[T]):
             >>> page = await uow.orders.query().order_by("-created_at").limit(50).untracked().all()
             ...                                                         # doctest: +SKIP
         """
-        if flag and self._lock:
-            raise InvalidQuery("untracked() rows cannot be locked for update", field="untracked")
         if flag:
+            if self._lock:
+                raise _locked_untracked()
             read_plan(self._spec.mapper)  # a class it cannot read fails here
         return self._copy(untracked=bool(flag))
 

@@ -57,6 +57,12 @@ class Probed(Protocol):
     ``connect()`` returning as that answer, which a client that reconnects by itself (NATS,
     aio-pika's robust connection) or creates connections lazily (Redis, Kafka) gives at once
     while the broker is still gone.
+
+    Example:
+        >>> publisher = publisher_from_settings(settings)              # doctest: +SKIP
+        >>> isinstance(publisher, Probed)                               # doctest: +SKIP
+        True
+        >>> await publisher.probe()  # BrokerUnavailable while it is gone  # doctest: +SKIP
     """
 
     async def probe(self) -> None:
