@@ -16,11 +16,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mappin
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from decimal import Decimal
+from typing import Any
 from uuid import UUID
 
 import asyncpg
 import sqlalchemy
-from sqlalchemy import text
+from sqlalchemy import Select, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import registry, relationship
 
@@ -131,6 +132,34 @@ _hand.map_imperatively(
         )
     },
 )
+
+
+def qx_page(uow: Any, *, untracked: bool = False) -> Any:
+    """The list page bench/list.py and bench/instructions.py read through qx: placed orders
+    of customers ``c1...``, newest first, 50 (``untracked``: as values)."""
+    query = (
+        uow.orders.query()
+        .filter(status="placed", customer__startswith="c1")
+        .order_by("-created_at")
+        .limit(50)
+    )
+    return query.untracked() if untracked else query
+
+
+def hand_page() -> Select[tuple[HOrder]]:
+    """The same page as a hand-written SQLAlchemy select (built per request, as a handler
+    would)."""
+    return (
+        select(HOrder)
+        .where(
+            HOrder.tenant_id == TENANT,
+            HOrder.deleted_at.is_(None),
+            HOrder.status == "placed",
+            HOrder.customer.startswith("c1", autoescape=True),
+        )
+        .order_by(HOrder.created_at.desc(), HOrder.id.desc())
+        .limit(50)
+    )
 
 
 def save_table(path: str | None, title: str, columns: list[str], rows: list[list[object]]) -> None:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import os
 import re
 import subprocess
@@ -42,9 +43,9 @@ import sys
 from decimal import Decimal
 from uuid import UUID
 
-from common import TENANT, HLine, HOrder, add_url_argument, bench_schema
+from common import TENANT, HLine, HOrder, add_url_argument, bench_schema, hand_page, qx_page
 from place_order import place_with_core
-from sqlalchemy import insert, select
+from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlalchemy.orm import joinedload
 
@@ -193,45 +194,15 @@ async def run(url: str, case: str, impl: str, ops: int) -> None:
                 order.updated_at = utcnow()
                 await session.commit()
 
-        async def qx_list(n: int) -> None:
+        async def qx_list(n: int, *, untracked: bool = False) -> None:
             with request_context(tenant_id=TENANT):
                 async with factory() as uow:
-                    found = await (
-                        uow.orders.query()
-                        .filter(status="placed", customer__startswith="c1")
-                        .order_by("-created_at")
-                        .limit(50)
-                        .all()
-                    )
-                    assert len(found) == 50, len(found)
-
-        async def untracked_list(n: int) -> None:
-            with request_context(tenant_id=TENANT):
-                async with factory() as uow:
-                    found = await (
-                        uow.orders.query()
-                        .filter(status="placed", customer__startswith="c1")
-                        .order_by("-created_at")
-                        .limit(50)
-                        .untracked()
-                        .all()
-                    )
+                    found = await qx_page(uow, untracked=untracked).all()
                     assert len(found) == 50, len(found)
 
         async def orm_list(n: int) -> None:
             async with plain() as session:
-                stmt = (
-                    select(HOrder)
-                    .where(
-                        HOrder.tenant_id == TENANT,
-                        HOrder.deleted_at.is_(None),
-                        HOrder.status == "placed",
-                        HOrder.customer.startswith("c1", autoescape=True),
-                    )
-                    .order_by(HOrder.created_at.desc(), HOrder.id.desc())
-                    .limit(50)
-                )
-                found = (await session.scalars(stmt)).all()
+                found = (await session.scalars(hand_page())).all()
                 assert len(found) == 50
 
         work = {
@@ -246,7 +217,7 @@ async def run(url: str, case: str, impl: str, ops: int) -> None:
             ("save", "joined"): joined_save,
             ("list", "qx"): qx_list,
             ("list", "orm"): orm_list,
-            ("list", "untracked"): untracked_list,
+            ("list", "untracked"): functools.partial(qx_list, untracked=True),
         }[(case, impl)]
         for n in range(20):  # warm caches (statement cache, type adapters) in every run
             await work(n)

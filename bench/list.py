@@ -19,15 +19,16 @@ import asyncio
 from common import (
     TENANT,
     BenchDatabase,
-    HOrder,
     add_url_argument,
     bench_schema,
     best_of,
+    hand_page,
+    qx_page,
     ratio_rows,
     save_table,
     versions,
 )
-from sqlalchemy import select, text
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from qx.core import request_context
@@ -76,43 +77,19 @@ async def main() -> None:
         async def qx_list(_n: int) -> None:
             with request_context(tenant_id=TENANT):
                 async with factory() as uow:
-                    found = await (
-                        uow.orders.query()
-                        .filter(status="placed", customer__startswith="c1")
-                        .order_by("-created_at")
-                        .limit(50)
-                        .all()
-                    )
+                    found = await qx_page(uow).all()
                     assert len(found) == 50
 
         async def qx_untracked(_n: int) -> None:
             with request_context(tenant_id=TENANT):
                 async with factory() as uow:
-                    found = await (
-                        uow.orders.query()
-                        .filter(status="placed", customer__startswith="c1")
-                        .order_by("-created_at")
-                        .limit(50)
-                        .untracked()
-                        .all()
-                    )
+                    found = await qx_page(uow, untracked=True).all()
                     assert len(found) == 50
                     assert len(found[-1].lines) == 3
 
         async def hand_list(_n: int) -> None:
             async with plain() as session:
-                stmt = (
-                    select(HOrder)
-                    .where(
-                        HOrder.tenant_id == TENANT,
-                        HOrder.deleted_at.is_(None),
-                        HOrder.status == "placed",
-                        HOrder.customer.startswith("c1", autoescape=True),
-                    )
-                    .order_by(HOrder.created_at.desc(), HOrder.id.desc())
-                    .limit(50)
-                )
-                found = (await session.scalars(stmt)).all()
+                found = (await session.scalars(hand_page())).all()
                 # Held until the session closes, as a handler serialising the page holds them
                 # (and as qx's unit of work does).
                 assert len(found) == 50
