@@ -20,7 +20,7 @@ from typing import Any
 from uuid import UUID
 
 import pytest
-from sqlalchemy import Column, ForeignKey, Numeric, String, Table, TypeDecorator, Uuid, update
+from sqlalchemy import Column, ForeignKey, Numeric, String, Table, Uuid, update
 from sqlalchemy.orm import attribute_keyed_dict, relationship
 
 from qx.core import AggregateRoot, new_id, request_context, utcnow
@@ -39,26 +39,11 @@ from qx.db import (
 from qx.db.query import Q
 from qx.errors import InvalidQuery, TenantRequired, UnitOfWorkError
 from tests.integration.conftest import own_domain
+from tests.integration.test_model_shapes import EmailAddress, EmailType
 from tests.integration.test_query import statements
 
 shop_metadata = make_metadata()
 shop_registry = make_registry(shop_metadata)
-
-
-@dataclass(frozen=True)
-class Email:
-    value: str
-
-
-class EmailType(TypeDecorator[Email]):
-    impl = String(100)
-    cache_ok = True
-
-    def process_bind_param(self, value: Any, dialect: Any) -> str | None:
-        return None if value is None else value.value
-
-    def process_result_value(self, value: Any, dialect: Any) -> Email | None:
-        return None if value is None else Email(value)
 
 
 @dataclass(eq=False, kw_only=True)
@@ -103,7 +88,7 @@ class Opening:
 class Shop(AggregateRoot):
     id: UUID = field(default_factory=new_id)
     name: str
-    email: Email
+    email: EmailAddress
     supplier_id: UUID | None = None
     supplier: Supplier | None = None
     partner_id: UUID | None = None
@@ -256,7 +241,7 @@ async def seed(factory: Any, rng: random.Random) -> list[Shop]:
                 await uow.suppliers.add_many(common)
                 for n in range(rng.randint(6, 12)):
                     name = rng.choice("abc") + rng.choice("xyz") + str(n)
-                    shop = Shop(name=name, email=Email(f"{name}@{tenant}.example"))
+                    shop = Shop(name=name, email=EmailAddress(f"{name}@{tenant}.example"))
                     shop.supplier = rng.choice([None, *common])
                     shop.partner = rng.choice([None, *common])
                     for k in range(rng.randint(0, 4)):
@@ -436,11 +421,11 @@ async def test_an_untracked_read_sees_what_the_unit_of_work_has_not_written_yet(
     factory, _ = shop
     with request_context(tenant_id="t1"):
         async with factory() as uow:
-            kept = Shop(name="kept", email=Email("k@t1.example"))
+            kept = Shop(name="kept", email=EmailAddress("k@t1.example"))
             await uow.shops.add(kept)
             await uow.commit()
         async with factory() as uow:
-            await uow.shops.add(Shop(name="pending", email=Email("p@t1.example")))
+            await uow.shops.add(Shop(name="pending", email=EmailAddress("p@t1.example")))
             (await uow.shops.require(kept.id)).name = "renamed"
             for name in ("pending", "renamed"):
                 tracked = await uow.shops.query().filter(name=name).all()

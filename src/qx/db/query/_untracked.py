@@ -108,11 +108,10 @@ class Relation:
         found = self.statements.get(dialect.name)
         if found is None:
             remote = self.remote
-            parents: Any = bindparam(_PARENTS, expanding=True)
             where = (
                 dialect.in_list(remote[0], _PARENTS)
                 if len(remote) == 1
-                else tuple_(*remote).in_(parents)
+                else tuple_(*remote).in_(bindparam(_PARENTS, expanding=True))
             )
             found = select(*read_plan(self.target).columns).where(where).order_by(*self.order_by)
             self.statements[dialect.name] = found
@@ -299,10 +298,10 @@ async def _fill(
         children: dict[int, Any] = {}
         values = _values(own, relation.parent_keys)
         statement = relation.statement(dialect)
+        single = relation.match[0] if len(relation.match) == 1 else None
         for start in range(0, len(values), CHUNK):
             rows = await run(statement, {_PARENTS: values[start : start + CHUNK]})
             made = _build(target, rows, built)
-            single = relation.match[0] if len(relation.match) == 1 else None
             for row, child in zip(rows, made, strict=True):
                 matched = (
                     row[single] if single is not None else tuple(row[i] for i in relation.match)
